@@ -1,0 +1,199 @@
+"""AdapterMixin: what every adapter layer shares.
+
+An adapter layer is a frozen ``base_layer`` plus a small trainable delta. The mixin owns the base
+layer's bookkeeping (freezing, pass-through of ``weight``/``bias``/``in_features``/``out_features``),
+the merge state machine, turning the adapter off and on, and ``to_linear()``. A method (LoRA, DoRA,
+...) supplies only its delta: how to fold it into a dense weight and back out again.
+
+The base is read through four small hooks, so that a quantized base reuses all of this:
+
+- ``_compute_weight()``: the dense (out, in) weight in compute dtype, possibly aliasing the base's
+  storage (never mutated through this reference).
+- ``_read_base_weight()``: a fresh dense copy that the caller may mutate.
+- ``_write_base_weight(weight)``: store a dense weight back into the base.
+- ``_base_matmul(x)``: ``x @ W0^T`` without bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AdapterMixin:
+    """Base layer handling, merge state machine and enable/disable for adapter layers.
+
+    Mixed into an ``nn.Module`` subclass that sets ``self.base_layer`` and calls
+    :meth:`_init_adapter_state`. Subclasses implement :meth:`_merge_weight_` and
+    :meth:`_unmerge_weight_` (in-place edits of a dense copy of ``W0``) and :meth:`delta_weight`.
+
+    State: ``merged`` is True while the delta lives inside the base weight; then
+    ``forward(x) == base_layer(x)``. A merged layer is always enabled: disabling a merged layer
+    raises, and :meth:`disable_adapter` unmerges for the duration of the block.
+    """
+
+    base_layer: nn.Module
+    #: names of the trainable adapter tensors, in the order ``adapter_parameters()`` yields them
+    adapter_parameter_names: tuple[str, ...] = ()
+
+    def _init_adapter_state(self, base_layer: nn.Module) -> None:
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.merged = False
+        self._adapter_enabled = True
+
+    # ---- pass-through to the base layer -------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (``W0``, or ``W0`` with the delta folded in while merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias ``b``."""
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    # ---- hooks onto the base weight (dense nn.Linear versions) --------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: the base weight's dtype for a dense base."""
+        return self.base_layer.weight.dtype
+
+    def _compute_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def _read_base_weight(self) -> Tensor:
+        return self.base_layer.weight.detach().clone()
+
+    def _write_base_weight(self, weight: Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+
+    def _base_matmul(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.base_layer.weight)
+
+    def _base_weight_key(self) -> tuple:
+        """A cheap key that changes whenever the base weight changes (in place or replaced)."""
+        weight = self.base_layer.weight
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+
+    # ---- what a method supplies ---------------------------------------------------------
+    def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
+        """The update as a dense (out, in) tensor: the merged weight is ``W0 + delta_weight()``."""
+        raise NotImplementedError
+
+    def _merge_weight_(self, weight: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _unmerge_weight_(self, weight: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- merge state machine ------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the adapter into the base weight in place; ``forward`` then costs one matmul.
+
+        Raises ``ValueError`` if the layer is already merged or its adapter is disabled.
+        """
+        if self.merged:
+            raise ValueError(f"merge(): {type(self).__name__} is already merged; call unmerge() first")
+        if not self._adapter_enabled:
+            raise ValueError(
+                f"merge(): the adapter of this {type(self).__name__} is disabled; enable it first"
+            )
+        with torch.no_grad():
+            weight = self._read_base_weight()
+            self._merge_weight_(weight)
+            self._write_base_weight(weight)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight (exact up to float rounding).
+
+        Raises ``ValueError`` if the layer is not merged.
+        """
+        if not self.merged:
+            raise ValueError(f"unmerge(): {type(self).__name__} is not merged; nothing to unmerge")
+        with torch.no_grad():
+            weight = self._read_base_weight()
+            self._unmerge_weight_(weight)
+            self._write_base_weight(weight)
+        self.merged = False
+
+    # ---- enable / disable ---------------------------------------------------------------
+    @property
+    def adapter_enabled(self) -> bool:
+        """False while the layer behaves exactly as its base layer."""
+        return self._adapter_enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"adapter_enabled must be a bool, got {enabled!r}")
+        if self.merged and not enabled:
+            raise ValueError(
+                "adapter_enabled: cannot disable the adapter of a merged layer; unmerge() first "
+                "or use the disable_adapter() context manager, which unmerges for you"
+            )
+        self._adapter_enabled = enabled
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[nn.Module]:
+        """Context manager: inside the block the layer computes ``base_layer(x)`` only.
+
+        A merged layer is unmerged on entry and merged again on exit.
+        """
+        was_merged = self.merged
+        was_enabled = self._adapter_enabled
+        if was_merged:
+            self.unmerge()
+        self._adapter_enabled = False
+        try:
+            yield self
+        finally:
+            self._adapter_enabled = was_enabled
+            if was_merged:
+                self.merge()
+
+    # ---- conversion ---------------------------------------------------------------------
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` whose weight is ``W0`` with the adapter merged (a new module).
+
+        A quantized base is dequantized, so the result is the exact float merge. The layer itself
+        is left unchanged.
+        """
+        with torch.no_grad():
+            weight = self._read_base_weight()
+            if not self.merged and self._adapter_enabled:
+                self._merge_weight_(weight)
+            bias = self.bias
+            linear = nn.Linear(
+                self.in_features, self.out_features, bias=bias is not None, device="meta"
+            )
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable adapter tensors (``lora_A``, ``lora_B``, and ``magnitude`` for DoRA)."""
+        for name in self.adapter_parameter_names:
+            yield getattr(self, name)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input: expected shape (*, in_features={self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )

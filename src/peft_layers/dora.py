@@ -1,0 +1,274 @@
+r"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024), at LoRA's cost.
+
+With ``W' = W0 + s B A`` and ``n = ||W'||`` per output row (L2 over in_features, float32,
+detached, clamped below at ``epsilon``), DoRA computes
+
+    y = (m / n) * (x W'^T) + b
+
+where ``m`` (out_features,) is the trainable magnitude, initialised to ``n`` so a fresh layer equals
+its base. ``n`` is never computed from a materialised ``W'``; it comes from the factored identity
+
+    n^2 = ||W0||^2 + 2 s rowsum(B * (A W0^T)^T) + s^2 rowsum((B (A A^T)) * B)
+
+in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight changes) and
+``A W0^T`` is the base layer applied to the ``r`` rows of ``A``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoRALinear, _check_positive
+
+
+def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """DoRA's norm is computed in float32, or float64 when the layer computes in float64."""
+    return torch.promote_types(compute_dtype, torch.float32)
+
+
+def factored_row_norm(
+    base_row_norm_sq: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    base_times_A: Tensor,
+    scaling: float,
+    epsilon: float,
+) -> Tensor:
+    r"""Row norms of ``W' = W0 + s B A`` without forming ``W'``.
+
+    .. math::
+        n_i^2 = \|W_{0,i}\|^2 + \sum_k B_{ik}\,\big(2 s (A W_0^\top)_{ki} + s^2 (B A A^\top)_{ik}\big)
+
+    Args:
+        base_row_norm_sq: ``||W0_i||^2``, shape (out,), in the norm dtype (float32 or float64).
+        lora_A: (r, in). lora_B: (out, r).
+        base_times_A: ``A W0^T``, shape (r, out).
+        scaling: ``s``. epsilon: lower clamp of ``n``.
+
+    Returns:
+        ``n``, shape (out,), in ``base_row_norm_sq``'s dtype, clamped to ``>= epsilon``. In float32
+        the factored form carries an absolute error of about ``eps32 * ||W0_i||^2`` in ``n_i^2``;
+        only a row that nearly cancels (``n_i << ||W0_i||``) notices it.
+    """
+    dtype = base_row_norm_sq.dtype
+    a = lora_A.to(dtype)
+    b = lora_B.to(dtype)
+    gram = a @ a.t()
+    # 2 s (A W0^T)^T + s^2 B (A A^T), then the row-wise dot with B
+    mixed = torch.addmm(base_times_A.t().to(dtype), b, gram, beta=2 * scaling, alpha=scaling * scaling)
+    norm_sq = base_row_norm_sq + (b * mixed).sum(dim=1)
+    return norm_sq.clamp_min_(0).sqrt_().clamp_min_(epsilon)
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """DoRA's forward and backward on 2-D inputs with dropout inactive.
+
+    Forward: ``z = x W^T + s (x A^T) B^T``, ``n`` from :func:`factored_row_norm` (with ``A W^T``
+    computed from the same ``W``), ``g = m / n``, ``y = b + g * z`` in one fused op.
+    Backward, with ``G`` the output gradient and ``n`` constant (detached):
+    ``dm = sum_rows(G * z) / n``, ``Gs = G * g``, ``dB = s Gs^T (x A^T)``, ``dT = s Gs B``,
+    ``dA = dT^T x``, ``dx = Gs W + dT A`` (accumulated in place), ``db = sum_rows(G)``.
+    ``W`` is fetched again through ``weight_fn`` in backward rather than saved.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        magnitude: Tensor,
+        bias: Tensor | None,
+        scaling: float,
+        epsilon: float,
+        base_row_norm_sq: Tensor,
+        weight_fn: Callable[[], Tensor],
+    ) -> Tensor:
+        weight = weight_fn()
+        z = x @ weight.t()
+        base_times_A = lora_A @ weight.t()
+        del weight
+        t = x @ lora_A.t()
+        z.addmm_(t, lora_B.t(), alpha=scaling)
+        norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
+        gain = (magnitude.to(norm.dtype) / norm).to(z.dtype)
+        out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
+        ctx.save_for_backward(x, t, z, lora_A, lora_B, gain, norm)
+        ctx.scaling = scaling
+        ctx.weight_fn = weight_fn
+        ctx.magnitude_dtype = magnitude.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, t, z, lora_A, lora_B, gain, norm = ctx.saved_tensors
+        need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
+        scaling = ctx.scaling
+        grad_x = grad_A = grad_B = grad_m = grad_bias = None
+        if need_m:
+            grad_m = ((grad_out * z).sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)
+        if need_bias:
+            grad_bias = grad_out.sum(0)
+        grad_z = grad_out * gain
+        grad_t = (grad_z @ lora_B).mul_(scaling)
+        if need_A:
+            grad_A = grad_t.t() @ x
+        if need_B:
+            grad_B = (grad_z.t() @ t).mul_(scaling)
+        if need_x:
+            grad_x = grad_z @ ctx.weight_fn()
+            grad_x.addmm_(grad_t, lora_A)
+        return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None
+
+
+class DoRALinear(LoRALinear):
+    r"""A drop-in ``nn.Linear`` with DoRA: LoRA's direction update plus a per-row magnitude.
+
+    .. math::
+        W' = W_0 + s B A,\quad n = \mathrm{sg}(\max(\|W'\|_{\text{row}}, \epsilon)),\quad
+        y = \frac{m}{n} \odot (x W'^\top) + b
+
+    With dropout active (training, ``dropout > 0``), the update reads ``d = dropout(x)``::
+
+        y = x W0^T + b + (m/n - 1) * (d W0^T) + (m/n) * s * (d A^T) B^T
+
+    (the official DoRA code's and Hugging Face PEFT's form), which costs one more base matmul.
+    Without dropout, the base output is reused and ``n`` costs one ``r``-row pass of the base.
+
+    Takes :class:`LoRALinear`'s arguments plus ``epsilon`` (> 0), the lower clamp of ``n``.
+
+    Attributes:
+        magnitude: ``m``, (out_features,), initialised to ``||W0 + s B A||`` per row.
+    """
+
+    adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B", "magnitude")
+    #: when True, ``A W0^T`` is computed in the same base call as the input (rows stacked), which
+    #: saves a pass over a base whose weight has to be decoded (quantized bases).
+    _norm_rides_with_input: bool = False
+
+    def __init__(self, in_features: int, out_features: int, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
+        super().__init__(in_features, out_features, epsilon=epsilon, **kwargs)
+
+    def _init_adapter(self, base_layer: nn.Module, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
+        _check_positive("epsilon", epsilon)
+        self.epsilon = float(epsilon)
+        self._base_row_norm_sq: Tensor | None = None
+        self._base_row_norm_key: tuple | None = None
+        self._merge_gain: Tensor | None = None
+        self._merge_zero_rows: tuple[Tensor, Tensor] | None = None
+        super()._init_adapter(base_layer, **kwargs)
+
+    def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        super()._create_adapter_parameters(device, dtype)
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+
+    def reset_adapter_parameters(self) -> None:
+        """Re-initialise ``A``, ``B`` as ``init`` says, then ``m = ||W0 + s B A||`` per row."""
+        super().reset_adapter_parameters()
+        with torch.no_grad():
+            self.magnitude.copy_(self.weight_norm())
+
+    # ---- the norm -------------------------------------------------------------------------
+    def base_row_norm_sq(self) -> Tensor:
+        """``||W0||^2`` per output row in the norm dtype; cached, refreshed when the base changes."""
+        key = self._base_weight_key()
+        if self._base_row_norm_key != key or self._base_row_norm_sq is None:
+            with torch.no_grad():
+                weight = self._compute_weight()
+                dtype = norm_dtype_for(weight.dtype)
+                self._base_row_norm_sq = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
+            self._base_row_norm_key = key
+        return self._base_row_norm_sq
+
+    def weight_norm(self) -> Tensor:
+        """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
+        if self.merged:
+            raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
+        with torch.no_grad():
+            lora_A, lora_B, _ = self._adapter_tensors()
+            return factored_row_norm(
+                self.base_row_norm_sq(), lora_A, lora_B, self._base_matmul(lora_A),
+                self.scaling, self.epsilon,
+            )
+
+    # ---- the delta ------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """``(m/n - 1) W0 + (m/n) s B A``, so that ``W0 + delta = (m/n) W'``; (out, in)."""
+        norm = self.weight_norm()
+        gain = (self.magnitude.to(norm.dtype) / norm).to(self.lora_A.dtype)
+        base = self._compute_weight().to(gain.dtype)
+        return (gain - 1)[:, None] * base + gain[:, None] * super().delta_weight()
+
+    def _merge_weight_(self, weight: Tensor) -> None:
+        self._add_lora_product_(weight, self.scaling)
+        norm = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype))
+        gain = self.magnitude.to(norm.dtype) / norm.clamp_min(self.epsilon)
+        zero = (gain == 0).nonzero().flatten()
+        # a row with m = 0 merges to zeros; keep its W' so that unmerge() can restore it
+        self._merge_zero_rows = (zero, weight[zero].clone()) if zero.numel() else None
+        self._merge_gain = gain
+        weight.mul_(gain.to(weight.dtype)[:, None])
+
+    def _unmerge_weight_(self, weight: Tensor) -> None:
+        gain = self._merge_gain
+        assert gain is not None, "unmerge without merge"
+        weight.div_(torch.where(gain == 0, 1.0, gain).to(weight.dtype)[:, None])
+        if self._merge_zero_rows is not None:
+            rows, saved = self._merge_zero_rows
+            weight[rows] = saved
+        self._add_lora_product_(weight, -self.scaling)
+        self._merge_gain = None
+        self._merge_zero_rows = None
+
+    # ---- forward -------------------------------------------------------------------------
+    def _adapter_forward(self, x: Tensor) -> Tensor:
+        lora_A, lora_B, bias = self._adapter_tensors()
+        if self._dropout_active() or (torch.is_grad_enabled() and self._base_weight_trainable()):
+            return self._dropout_forward(x, lora_A, lora_B, bias)
+        if torch.is_grad_enabled():
+            return _DoRAFunction.apply(
+                x, lora_A, lora_B, self.magnitude, bias, self.scaling, self.epsilon,
+                self.base_row_norm_sq(), self._compute_weight,
+            )
+        return self._inference_forward(x, lora_A, lora_B, bias)
+
+    def _gain(self, lora_A: Tensor, lora_B: Tensor, base_times_A: Tensor, dtype: torch.dtype) -> Tensor:
+        """``m / n`` per output row in ``dtype``, differentiable in ``m`` only."""
+        norm = factored_row_norm(
+            self.base_row_norm_sq(), lora_A.detach(), lora_B.detach(), base_times_A.detach(),
+            self.scaling, self.epsilon,
+        )
+        return (self.magnitude.to(norm.dtype) / norm).to(dtype)
+
+    def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
+        if self._norm_rides_with_input:
+            both = self._base_matmul(torch.cat([x, lora_A]))
+            z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
+        else:
+            z = self._base_matmul(x)
+            base_times_A = self._base_matmul(lora_A)
+        z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+        z.mul_(self._gain(lora_A, lora_B, base_times_A, z.dtype))
+        return z.add_(bias) if bias is not None else z
+
+    def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
+        # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
+        base_out = self._base_matmul(x)
+        with torch.no_grad():
+            base_times_A = self._base_matmul(lora_A)
+        gain = self._gain(lora_A, lora_B, base_times_A, base_out.dtype)
+        if self._dropout_active():
+            x_drop = self.lora_dropout(x)
+            base_drop = self._base_matmul(x_drop)
+        else:
+            x_drop, base_drop = x, base_out
+        update = (x_drop @ lora_A.t()) @ lora_B.t()
+        out = base_out + (gain - 1) * base_drop + gain * self.scaling * update
+        return out + bias if bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, epsilon={self.epsilon:g}"

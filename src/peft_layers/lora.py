@@ -1,0 +1,338 @@
+"""LoRA and LoRA+ layers.
+
+LoRA (Hu et al., 2021) keeps ``W0`` frozen and learns a rank-``r`` update::
+
+    y = x W0^T + b + s * (dropout(x) A^T) B^T,    s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+with ``A`` of shape (r, in) and ``B`` of shape (out, r). ``B`` starts at zero, so a fresh layer
+computes exactly what its base computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import AdapterMixin
+
+LORA_INITS = ("kaiming", "gaussian", "pissa")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+        raise ValueError(
+            f"rank: expected an int in [1, min(in_features, out_features)] = [1, {limit}], "
+            f"got {rank!r}"
+        )
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def _check_features(in_features: Any, out_features: Any) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
+
+
+def adapter_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """Adapter tensors are float32, or float64 over a float64 base (half bases train fp32 adapters)."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """``x W^T + b + s (x_d A^T) B^T`` on 2-D inputs, with hand-written backward.
+
+    Against autograd's version it saves temporaries: the adapter product is added into the base
+    output in place, the input gradient ``g W + s (g B) A`` is accumulated in place, and ``W`` is
+    fetched again in backward through ``weight_fn`` rather than saved, so a quantized base keeps no
+    dense copy alive between forward and backward. ``W`` itself gets no gradient (it is frozen).
+    ``x_drop`` is the dropped-out input, or None when it is ``x`` itself.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        x_drop: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        bias: Tensor | None,
+        scaling: float,
+        weight_fn: Callable[[], Tensor],
+    ) -> Tensor:
+        weight = weight_fn()
+        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        del weight
+        x_a = x if x_drop is None else x_drop
+        t = x_a @ lora_A.t()
+        out.addmm_(t, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x_a, t, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.weight_fn = weight_fn
+        ctx.shared_input = x_drop is None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_a, t, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+        scaling = ctx.scaling
+        grad_x = grad_x_drop = grad_A = grad_B = grad_bias = None
+        grad_t = (grad_out @ lora_B).mul_(scaling)
+        if need_A:
+            grad_A = grad_t.t() @ x_a
+        if need_B:
+            grad_B = (grad_out.t() @ t).mul_(scaling)
+        if need_x:
+            grad_x = grad_out @ ctx.weight_fn()
+            if ctx.shared_input:
+                grad_x.addmm_(grad_t, lora_A)
+        if need_x_drop:
+            grad_x_drop = grad_t @ lora_A
+        if need_bias:
+            grad_bias = grad_out.sum(0)
+        return grad_x, grad_x_drop, grad_A, grad_B, grad_bias, None, None
+
+
+class LoRALinear(AdapterMixin, nn.Module):
+    r"""A drop-in ``nn.Linear`` with a trainable low-rank update (LoRA).
+
+    .. math::
+        y = x W_0^\top + b + s\,(\mathrm{dropout}(x) A^\top) B^\top, \qquad
+        s = \alpha / r \ \ (\text{rsLoRA: } \alpha / \sqrt{r})
+
+    Args:
+        in_features, out_features: sizes of the base ``nn.Linear`` built for the layer.
+        rank: ``r``, in ``[1, min(in_features, out_features)]``.
+        alpha: ``alpha > 0``.
+        dropout: probability in ``[0, 1)`` applied to the input of the update only.
+        bias: whether the base layer has a bias.
+        use_rslora: use ``s = alpha / sqrt(r)`` (Kalajdzievski, 2023).
+        init: ``"kaiming"`` (A kaiming-uniform with ``a = sqrt(5)``, B = 0), ``"gaussian"``
+            (A ~ N(0, 1/r^2), B = 0) or ``"pissa"`` (A, B from the top-r singular triplets of
+            ``W0``, and ``W0`` replaced in place by the residual ``W0 - s B A``).
+        device, dtype: of the base layer. Adapter tensors are float32 (float64 over a float64
+            base) whatever the base dtype; the layer computes in the base's dtype and returns
+            the input's dtype.
+
+    Attributes:
+        base_layer: the frozen base ``nn.Linear``; ``weight`` and ``bias`` pass through to it.
+        lora_A: (rank, in_features). lora_B: (out_features, rank), zeros at init.
+        scaling: ``s``. merged: whether the update lives inside ``base_layer.weight``.
+    """
+
+    adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **method_kwargs: Any,
+    ) -> None:
+        nn.Module.__init__(self)
+        _check_features(in_features, out_features)
+        base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_adapter(
+            base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+            **method_kwargs,
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> LoRALinear:
+        """Wrap an existing ``nn.Linear`` (no copy of its weight) in this adapter layer.
+
+        Takes the keyword arguments of the constructor except ``in_features``, ``out_features``,
+        ``bias``, ``device`` and ``dtype``, which come from ``linear``. ``init="pissa"`` rewrites
+        ``linear.weight`` in place.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"linear: expected an nn.Linear, got {type(linear).__name__}"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_adapter(linear, **kwargs)
+        return layer
+
+    def _init_adapter(
+        self,
+        base_layer: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        _check_rank(rank, base_layer.in_features, base_layer.out_features)
+        _check_positive("alpha", alpha)
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora: expected a bool, got {use_rslora!r}")
+        if init not in LORA_INITS:
+            raise ValueError(f"init: expected one of {LORA_INITS}, got {init!r}")
+        self._init_adapter_state(base_layer)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.init = init
+        self.lora_dropout = nn.Dropout(float(dropout))
+        self._create_adapter_parameters(
+            _module_device(base_layer), adapter_dtype_for(self.compute_dtype)
+        )
+        self.reset_adapter_parameters()
+
+    def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability on the input of the update."""
+        return self.lora_dropout.p
+
+    def reset_adapter_parameters(self) -> None:
+        """Re-initialise the adapter as ``init`` says (the base is touched only by PiSSA)."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                self.lora_B.zero_()
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+                self.lora_B.zero_()
+            else:
+                self._init_pissa()
+
+    def _init_pissa(self) -> None:
+        # PiSSA (Meng et al., 2024): W0 = U S V^T; s B A = U_r S_r V_r^T; W0 <- W0 - s B A.
+        if self.merged:
+            raise ValueError("init='pissa': cannot re-initialise a merged layer; unmerge() first")
+        weight = self._read_base_weight()
+        u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)
+        root = (singular[: self.rank] / self.scaling).sqrt()
+        self.lora_A.copy_(vh[: self.rank] * root[:, None])
+        self.lora_B.copy_(u[:, : self.rank] * root[None, :])
+        weight.sub_((self.lora_B @ self.lora_A).to(weight.dtype), alpha=self.scaling)
+        self._write_base_weight(weight)
+
+    # ---- the delta ------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """``s * B @ A``, shape (out_features, in_features), differentiable."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def _merge_weight_(self, weight: Tensor) -> None:
+        self._add_lora_product_(weight, self.scaling)
+
+    def _unmerge_weight_(self, weight: Tensor) -> None:
+        self._add_lora_product_(weight, -self.scaling)
+
+    def _add_lora_product_(self, weight: Tensor, factor: float) -> None:
+        """``weight += factor * B @ A`` in place, in the adapter's precision."""
+        if weight.dtype == self.lora_A.dtype:
+            weight.addmm_(self.lora_B, self.lora_A, alpha=factor)
+        else:
+            weight.add_((self.lora_B @ self.lora_A).to(weight.dtype), alpha=factor)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``, in ``x``'s dtype."""
+        self._check_input(x)
+        if self.merged or not self._adapter_enabled:
+            return self.base_layer(x.to(self.compute_dtype)).to(x.dtype)
+        x2d = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        out = self._adapter_forward(x2d)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _dropout_active(self) -> bool:
+        return self.training and self.lora_dropout.p > 0
+
+    def _adapter_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A``, ``B`` and the base bias in compute dtype (casts are differentiable)."""
+        dtype = self.compute_dtype
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        return self.lora_A.to(dtype), self.lora_B.to(dtype), bias
+
+    def _base_weight_trainable(self) -> bool:
+        return bool(getattr(self.base_layer.weight, "requires_grad", False))
+
+    def _adapter_forward(self, x: Tensor) -> Tensor:
+        lora_A, lora_B, bias = self._adapter_tensors()
+        x_drop = self.lora_dropout(x) if self._dropout_active() else None
+        if torch.is_grad_enabled() and not self._base_weight_trainable():
+            return _LoRAFunction.apply(
+                x, x_drop, lora_A, lora_B, bias, self.scaling, self._compute_weight
+            )
+        out = self.base_layer(x)
+        t = (x if x_drop is None else x_drop) @ lora_A.t()
+        return out.addmm_(t, lora_B.t(), alpha=self.scaling)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"merged={self.merged}"
+        )
+
+
+class LoRAPlusLinear(LoRALinear):
+    r"""A :class:`LoRALinear` that carries LoRA+'s learning-rate ratio (Hayou et al., 2024).
+
+    LoRA+ trains ``B`` at ``lr * lr_ratio`` and ``A`` at ``lr``; the forward is plain LoRA.
+    ``lr_ratio`` (> 0, default 16) is read by :meth:`param_groups` and by
+    ``peft_layers.loraplus_param_groups``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, lr_ratio: float = 16.0, **kwargs: Any) -> None:
+        super().__init__(in_features, out_features, lr_ratio=lr_ratio, **kwargs)
+
+    def _init_adapter(self, base_layer: nn.Module, *, lr_ratio: float = 16.0, **kwargs: Any) -> None:
+        _check_positive("lr_ratio", lr_ratio)
+        super()._init_adapter(base_layer, **kwargs)
+        self.lr_ratio = float(lr_ratio)
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups for this layer's adapter: ``A`` at ``lr``, ``B`` at ``lr * lr_ratio``."""
+        _check_positive("lr", lr)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, Real) or weight_decay < 0:
+            raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+        return [
+            {"params": [self.lora_A], "lr": lr, "weight_decay": weight_decay},
+            {"params": [self.lora_B], "lr": lr * self.lr_ratio, "weight_decay": weight_decay},
+        ]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lr_ratio={self.lr_ratio:g}"
