@@ -90,7 +90,8 @@ class _DoRAFunction(torch.autograd.Function):
     ) -> Tensor:
         weight = weight_fn()
         z = x @ weight.t()
-        base_times_A = lora_A @ weight.t()
+        # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
+        base_times_A = (weight @ lora_A.t()).t()
         del weight
         t = x @ lora_A.t()
         z.addmm_(t, lora_B.t(), alpha=scaling)
@@ -191,9 +192,13 @@ class DoRALinear(LoRALinear):
         with torch.no_grad():
             lora_A, lora_B, _ = self._adapter_tensors()
             return factored_row_norm(
-                self.base_row_norm_sq(), lora_A, lora_B, self._base_matmul(lora_A),
+                self.base_row_norm_sq(), lora_A, lora_B, self._base_times_A(lora_A),
                 self.scaling, self.epsilon,
             )
+
+    def _base_times_A(self, lora_A: Tensor) -> Tensor:
+        """``A W0^T``, shape (r, out), computed as ``(W0 A^T)^T`` (the faster orientation)."""
+        return (self._compute_weight() @ lora_A.t()).t()
 
     # ---- the delta ------------------------------------------------------------------------
     def delta_weight(self) -> Tensor:
@@ -250,7 +255,7 @@ class DoRALinear(LoRALinear):
             z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
         else:
             z = self._base_matmul(x)
-            base_times_A = self._base_matmul(lora_A)
+            base_times_A = self._base_times_A(lora_A)
         z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         z.mul_(self._gain(lora_A, lora_B, base_times_A, z.dtype))
         return z.add_(bias) if bias is not None else z
@@ -259,7 +264,7 @@ class DoRALinear(LoRALinear):
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
         with torch.no_grad():
-            base_times_A = self._base_matmul(lora_A)
+            base_times_A = self._base_times_A(lora_A)
         gain = self._gain(lora_A, lora_B, base_times_A, base_out.dtype)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)

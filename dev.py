@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Set-up, demo, tests and benchmarks with nothing but Python 3.10+.
+
+    python3 dev.py setup   # .venv with CPU PyTorch, the package (editable) and its test extras; runs the demo
+    python3 dev.py test    # the test suite (sets up first on a fresh clone)
+    python3 dev.py bench   # the benchmarks and their report (table + plot)
+
+PyTorch is installed first, pinned to a CPU build, only where the venv has none: a bare ``torch``
+requirement on a machine without torch pulls a CUDA build of several GB. To use your own build
+(e.g. CUDA), install it into .venv before running ``setup``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".peft_layers-installed"
+TORCH_PIN = os.environ.get("PEFT_LAYERS_TORCH", "torch==2.13.0")
+
+
+def run(*args: str | Path) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+
+
+def install() -> None:
+    """Create .venv and install into it, unless pyproject.toml is unchanged since the last install."""
+    if STAMP.exists() and STAMP.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime:
+        return
+    if not PYTHON.exists():
+        venv.create(VENV, with_pip=True)
+    has_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
+    if not has_torch:
+        run(PYTHON, "-m", "pip", "install", "--quiet", TORCH_PIN)
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,bench]")
+    STAMP.touch()
+
+
+def main(argv: list[str]) -> int:
+    command = argv[1] if len(argv) > 1 else "help"
+    if command == "setup":
+        install()
+        run(PYTHON, "examples/demo.py")
+    elif command == "demo":
+        install()
+        run(PYTHON, "examples/demo.py")
+    elif command == "test":
+        install()
+        # exit code 5 (no test collected) is a failure too: check=True raises on any non-zero code
+        run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *argv[2:])
+    elif command == "bench":
+        install()
+        (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+        run(PYTHON, "-m", "pytest", "benchmarks", "--benchmark-only",
+            "--benchmark-json=benchmarks/results/latest.json", *argv[2:])
+        run(PYTHON, "benchmarks/report.py", "benchmarks/results/latest.json")
+    else:
+        print(__doc__)
+        return 0 if command == "help" else 2
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv))
+    except subprocess.CalledProcessError as error:
+        sys.exit(error.returncode or 1)
