@@ -93,7 +93,7 @@ class _DoRAFunction(torch.autograd.Function):
         # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
         base_times_A = (weight @ lora_A.t()).t()
         del weight
-        t = x @ lora_A.t()
+        t = x @ lora_A.t().contiguous()
         z.addmm_(t, lora_B.t(), alpha=scaling)
         norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
         gain = (magnitude.to(norm.dtype) / norm).to(z.dtype)
@@ -256,7 +256,7 @@ class DoRALinear(LoRALinear):
         else:
             z = self._base_matmul(x)
             base_times_A = self._base_times_A(lora_A)
-        z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+        z.addmm_(x @ lora_A.t().contiguous(), lora_B.t(), alpha=self.scaling)
         z.mul_(self._gain(lora_A, lora_B, base_times_A, z.dtype))
         return z.add_(bias) if bias is not None else z
 
