@@ -1,0 +1,373 @@
+"""LoRALinear and LoRAPlusLinear against the float64 reference of tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import (
+    F64,
+    assert_close64,
+    assert_run_close,
+    f64,
+    lora_ref,
+    randomize_adapter,
+    run_layer,
+    run_reference,
+)
+from torch import nn
+
+import peft_layers as pl
+
+LORA_CLASSES = [pl.LoRALinear, pl.LoRAPlusLinear]
+# input shapes for in_features = 12: 1-D, 2-D, 3-D
+LEADING = [(), (5,), (2, 3)]
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _layer(cls, in_f=12, out_f=10, dtype=torch.float32, **kw) -> nn.Module:
+    kw.setdefault("rank", 3)
+    kw.setdefault("alpha", 6.0)
+    layer = cls(in_f, out_f, dtype=dtype, **kw)
+    randomize_adapter(layer)
+    return layer
+
+
+def _x(leading, in_f=12, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*leading, in_f, dtype=torch.float64).to(dtype)
+
+
+# ---- forward and gradients ------------------------------------------------------------------
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", LEADING)
+def test_train_forward_and_grads_match_reference(cls, dtype, bias, leading):
+    layer = _layer(cls, dtype=dtype, bias=bias)
+    x = _x(leading, dtype=dtype)
+    g = torch.randn(*leading, 10, dtype=torch.float64)
+    got = run_layer(layer, x, g)
+    ref = run_reference(layer, x, g)
+    assert got.out.dtype == dtype and got.out.shape == (*leading, 10)
+    assert_run_close(got, ref, RTOL[dtype], ("x", "lora_A", "lora_B"))
+    assert got.grads["weight"] is None
+    assert got.grads["bias"] is None
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trainable_bias_gets_reference_gradient(cls, dtype):
+    layer = _layer(cls, dtype=dtype)
+    layer.base_layer.bias.requires_grad_(True)
+    x = _x((4, 3), dtype=dtype)
+    g = torch.randn(4, 3, 10, dtype=torch.float64)
+    assert_run_close(run_layer(layer, x, g), run_reference(layer, x, g), RTOL[dtype],
+                     ("x", "lora_A", "lora_B", "bias"))
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", LEADING)
+def test_no_grad_forward_matches_reference(cls, dtype, bias, leading):
+    layer = _layer(cls, dtype=dtype, bias=bias)
+    x = _x(leading, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+    expected = lora_ref(f64(x), f64(layer.weight), f64(layer.bias), f64(layer.lora_A),
+                        f64(layer.lora_B), layer.scaling)
+    assert y.dtype == dtype
+    assert_close64(y, expected, RTOL[dtype], what="no-grad output")
+
+
+def test_eval_mode_ignores_dropout():
+    layer = _layer(pl.LoRALinear, dropout=0.5).eval()
+    x = _x((6,))
+    expected = lora_ref(f64(x), f64(layer.weight), f64(layer.bias), f64(layer.lora_A),
+                        f64(layer.lora_B), layer.scaling)
+    assert_close64(layer(x), expected, 1e-5, what="eval output with dropout=0.5")
+
+
+# ---- dropout: the same mask in layer and reference ------------------------------------------
+def _capture_dropout(layer):
+    """Record what ``layer.lora_dropout`` returns (the real nn.Dropout's d) on each call."""
+    seen: list[torch.Tensor] = []
+    handle = layer.lora_dropout.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().clone()))
+    return seen, handle
+
+
+def _mask_from(d: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The 0/1 mask behind ``d = dropout(x)``; checks ``d == x * mask / (1 - p)`` on the way."""
+    mask = (d != 0).to(torch.float64)
+    assert 0 < mask.mean() < 1, "the dropout mask should drop some entries and keep some"
+    assert_close64(d, f64(x).reshape(d.shape) * mask / (1 - p), 1e-6, what="captured dropout")
+    return mask
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("leading", [(7,), (2, 4)])
+def test_dropout_train_matches_reference_with_same_mask(cls, dtype, leading):
+    p = 0.3
+    layer = _layer(cls, dtype=dtype, dropout=p).train()
+    x = _x(leading, dtype=dtype)
+    g = torch.randn(*leading, 10, dtype=torch.float64)
+    seen, handle = _capture_dropout(layer)
+    got = run_layer(layer, x, g)
+    handle.remove()
+    assert len(seen) == 1
+    mask = _mask_from(seen[0], x, p).reshape(x.shape)
+    ref = run_reference(layer, x, g, dropout_mask=mask, p=p)
+    assert_run_close(got, ref, RTOL[dtype], ("x", "lora_A", "lora_B"))
+
+
+def test_dropout_train_no_grad_matches_reference_with_same_mask():
+    p = 0.4
+    layer = _layer(pl.LoRALinear, dropout=p).train()
+    x = _x((9,))
+    seen, handle = _capture_dropout(layer)
+    with torch.no_grad():
+        y = layer(x)
+    handle.remove()
+    mask = _mask_from(seen[0], x, p)
+    ref = run_reference(layer, x, dropout_mask=mask, p=p)
+    assert_close64(y, ref.out, 1e-5, what="no-grad dropout output")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias_trainable", [False, True])
+def test_unfrozen_base_weight_gets_reference_gradient(dropout, bias_trainable):
+    layer = _layer(pl.LoRALinear, dropout=dropout).train()
+    layer.base_layer.weight.requires_grad_(True)
+    layer.base_layer.bias.requires_grad_(bias_trainable)
+    x = _x((6,))
+    g = torch.randn(6, 10, dtype=torch.float64)
+    seen, handle = _capture_dropout(layer)
+    got = run_layer(layer, x, g)
+    handle.remove()
+    mask = _mask_from(seen[0], x, dropout) if dropout else None
+    ref = run_reference(layer, x, g, dropout_mask=mask, p=dropout)
+    keys = ("x", "lora_A", "lora_B", "weight") + (("bias",) if bias_trainable else ())
+    assert_run_close(got, ref, 1e-5, keys)
+
+
+# ---- half precision ------------------------------------------------------------------------
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+def test_half_input_into_fp32_layer(half, cls):
+    layer = _layer(cls)
+    x = _x((4, 3), dtype=half)
+    g = torch.randn(4, 3, 10, dtype=torch.float64)
+    got = run_layer(layer, x, g)
+    assert got.out.dtype == half
+    assert got.grads["x"].dtype == half
+    assert got.grads["lora_A"].dtype == torch.float32
+    ref = run_reference(layer, x, g)  # the reference sees the same (half-rounded) input values
+    assert_run_close(got, ref, 1e-2, ("x", "lora_A", "lora_B"))
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+def test_bf16_base_trains_fp32_adapters(cls):
+    base = nn.Linear(16, 12, dtype=torch.bfloat16)
+    layer = cls.from_linear(base, rank=4, alpha=8.0)
+    assert layer.weight is base.weight and layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
+    randomize_adapter(layer)
+    x = _x((5,), in_f=16, dtype=torch.bfloat16)
+    g = torch.randn(5, 12, dtype=torch.float64)
+    got = run_layer(layer, x, g)
+    assert got.out.dtype == torch.bfloat16
+    assert got.grads["lora_A"].dtype == torch.float32
+    assert got.grads["lora_B"].dtype == torch.float32
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
+    # the layer computes in bf16 (A and B rounded to bf16): ~3 significant digits
+    assert_run_close(got, run_reference(layer, x, g), 3e-2, ("x", "lora_A", "lora_B"))
+
+
+# ---- properties ----------------------------------------------------------------------------
+shapes = st.tuples(st.integers(1, 24), st.integers(1, 24)).flatmap(
+    lambda io: st.tuples(st.just(io[0]), st.just(io[1]), st.integers(1, min(io)))
+)
+
+
+@given(shape=shapes, init=st.sampled_from(["kaiming", "gaussian"]), bias=st.booleans(),
+       tokens=st.integers(1, 6), grad=st.booleans(), cls=st.sampled_from(LORA_CLASSES))
+def test_fresh_layer_equals_base_exactly(shape, init, bias, tokens, grad, cls):
+    in_f, out_f, rank = shape
+    layer = cls(in_f, out_f, rank=rank, alpha=2.0 * rank, bias=bias, init=init)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.count_nonzero(layer.lora_A) > 0
+    x = torch.randn(tokens, in_f, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_init_distributions():
+    """kaiming: A ~ U(-1/sqrt(in), 1/sqrt(in)) (a = sqrt(5)); gaussian: std 1/r (lora.py's choice)."""
+    layer = pl.LoRALinear(400, 300, rank=64, init="kaiming")
+    bound = 1 / math.sqrt(400)
+    assert float(layer.lora_A.detach().abs().max()) <= bound
+    assert float(layer.lora_A.detach().abs().max()) > 0.95 * bound
+    assert abs(float(layer.lora_A.detach().std()) - bound / math.sqrt(3)) < 0.02 * bound
+    layer = pl.LoRALinear(400, 300, rank=64, init="gaussian")
+    assert abs(float(layer.lora_A.detach().std()) - 1 / 64) < 0.02 / 64
+
+
+@given(rank=st.integers(1, 16), alpha=st.floats(0.01, 100.0), rs=st.booleans())
+def test_scaling_and_rslora(rank, alpha, rs):
+    layer = pl.LoRALinear(16, 16, rank=rank, alpha=alpha, use_rslora=rs)
+    expected = alpha / math.sqrt(rank) if rs else alpha / rank
+    assert layer.scaling == pytest.approx(expected, rel=1e-12)
+    randomize_adapter(layer)
+    # the forward uses this scaling (compare with the reference given the independent value)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = layer(x)
+    assert_close64(y, lora_ref(f64(x), f64(layer.weight), f64(layer.bias), f64(layer.lora_A),
+                               f64(layer.lora_B), expected), 1e-5, what="rsLoRA output")
+
+
+@given(shape=shapes, bias=st.booleans(), rs=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       cls=st.sampled_from(LORA_CLASSES + [pl.DoRALinear]))
+def test_pissa_starts_at_base_with_residual_weight(shape, bias, rs, dtype, cls):
+    in_f, out_f, rank = shape
+    base = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    w_old = base.weight.detach().to(F64).clone()
+    x = torch.randn(4, in_f, dtype=dtype)
+    with torch.no_grad():
+        y_base = base(x)
+    layer = cls.from_linear(base, rank=rank, alpha=3.0, use_rslora=rs, init="pissa")
+    s = layer.scaling
+    a, b = f64(layer.lora_A), f64(layer.lora_B)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    # W0 was replaced (in place) by the residual: W0_new + s B A == W0_old
+    assert layer.weight is base.weight
+    assert_close64(f64(layer.weight) + s * b @ a, w_old, tol, what="W0_new + s B A")
+    # s B A is the rank-r truncated SVD of W0_old, split evenly between A and B
+    u, sv, vh = torch.linalg.svd(w_old, full_matrices=False)
+    assert_close64(s * b @ a, (u[:, :rank] * sv[:rank]) @ vh[:rank], tol, what="s B A")
+    assert_close64(a @ a.T, torch.diag(sv[:rank] / s), tol, what="A A^T")
+    assert_close64(b.T @ b, torch.diag(sv[:rank] / s), tol, what="B^T B")
+    # the residual keeps the remaining singular values
+    rest = torch.linalg.svdvals(f64(layer.weight))
+    expected_rest = torch.cat([sv[rank:], torch.zeros(rank, dtype=F64)])
+    assert_close64(rest, expected_rest, tol, atol=tol * float(sv[0]), what="residual singular values")
+    # the layer starts equal to its base
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert_close64(layer(x), f64(y_base), tol, atol=tol * (1 + float(y_base.abs().max())),
+                           what="PiSSA layer vs base")
+
+
+# ---- LoRA+ ---------------------------------------------------------------------------------
+def test_loraplus_param_groups():
+    layer = pl.LoRAPlusLinear(8, 6, rank=2, lr_ratio=4.0)
+    assert layer.lr_ratio == 4.0
+    groups = layer.param_groups(1e-3, weight_decay=0.1)
+    by_param = {id(p): grp for grp in groups for p in grp["params"]}
+    assert set(by_param) == {id(layer.lora_A), id(layer.lora_B)}
+    assert by_param[id(layer.lora_A)]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(layer.lora_B)]["lr"] == pytest.approx(4e-3)
+    assert all(grp["weight_decay"] == 0.1 for grp in groups)
+    assert all(grp["weight_decay"] == 0.0 for grp in layer.param_groups(0.5))
+    # the groups drive a real optimizer: one SGD step moves B 4x as far per unit gradient as A
+    opt = torch.optim.SGD(layer.param_groups(0.1))
+    layer.lora_A.grad = torch.ones_like(layer.lora_A)
+    layer.lora_B.grad = torch.ones_like(layer.lora_B)
+    a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    opt.step()
+    assert torch.allclose(a0 - layer.lora_A, torch.full_like(a0, 0.1))
+    assert torch.allclose(b0 - layer.lora_B, torch.full_like(b0, 0.4))
+    assert "lr_ratio=4" in repr(layer)
+
+
+def test_loraplus_default_ratio_and_forward_is_lora():
+    layer = pl.LoRAPlusLinear(8, 6, rank=2)
+    assert layer.lr_ratio == 16.0
+    assert isinstance(layer, pl.LoRALinear)
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3, float("nan"), float("inf"), True, "0.1"])
+def test_loraplus_bad_lr(lr):
+    layer = pl.LoRAPlusLinear(8, 6, rank=2)
+    with pytest.raises(ValueError, match="lr"):
+        layer.param_groups(lr)
+
+
+def test_loraplus_bad_weight_decay():
+    layer = pl.LoRAPlusLinear(8, 6, rank=2)
+    with pytest.raises(ValueError, match="weight_decay"):
+        layer.param_groups(1e-3, weight_decay=-0.1)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+BAD_ARGS = [
+    ({"rank": 0}, "rank"),
+    ({"rank": -1}, "rank"),
+    ({"rank": 9}, "rank"),          # > min(in=12, out=8)
+    ({"rank": 2.0}, "rank"),
+    ({"rank": True}, "rank"),
+    ({"alpha": 0.0}, "alpha"),
+    ({"alpha": -1.0}, "alpha"),
+    ({"alpha": float("nan")}, "alpha"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"init": "xavier"}, "init"),
+]
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear])
+@pytest.mark.parametrize("kwargs, name", BAD_ARGS)
+def test_bad_constructor_arguments(cls, kwargs, name):
+    value = next(iter(kwargs.values()))
+    with pytest.raises(ValueError) as info:
+        cls(12, 8, **kwargs)
+    message = str(info.value)
+    assert message.startswith(name) or f"{name}:" in message or f"{name} " in message, message
+    assert repr(value) in message, message
+    with pytest.raises(ValueError, match=name):
+        cls.from_linear(nn.Linear(12, 8), **kwargs)
+
+
+def test_rank_error_states_allowed_range():
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        pl.LoRALinear(12, 8, rank=9)
+    # rank == min(in, out) is allowed
+    assert pl.LoRALinear(12, 8, rank=8).rank == 8
+
+
+@pytest.mark.parametrize("lr_ratio", [0, -2.0, float("inf")])
+def test_bad_lr_ratio(lr_ratio):
+    with pytest.raises(ValueError, match="lr_ratio"):
+        pl.LoRAPlusLinear(8, 8, rank=2, lr_ratio=lr_ratio)
+    with pytest.raises(ValueError, match="lr_ratio"):
+        pl.LoRAPlusLinear.from_linear(nn.Linear(8, 8), rank=2, lr_ratio=lr_ratio)
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear])
+@pytest.mark.parametrize("in_f, out_f, name", [(0, 4, "in_features"), (4, -1, "out_features"), (4.0, 4, "in_features")])
+def test_bad_features(cls, in_f, out_f, name):
+    with pytest.raises(ValueError, match=name):
+        cls(in_f, out_f, rank=1)
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear])
+@pytest.mark.parametrize("obj", [nn.Conv1d(4, 4, 1), nn.Bilinear(4, 4, 4), torch.zeros(4, 4)])
+def test_from_linear_rejects_non_linear(cls, obj):
+    with pytest.raises(TypeError, match="linear"):
+        cls.from_linear(obj, rank=1)
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear])
+@pytest.mark.parametrize("shape", [(3, 11), (12, 3), (13,), ()])
+def test_wrong_input_last_dim(cls, shape):
+    layer = cls(12, 8, rank=2)
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match="in_features=12") as info:
+        layer(x)
+    assert str(tuple(shape)) in str(info.value)
+    with torch.no_grad(), pytest.raises(ValueError, match="input"):
+        layer(x)
