@@ -7,6 +7,20 @@ backend over bitsandbytes. See ``docs/`` for the user guide and the math.
 from .adapter import AdapterMixin
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear
+from .model import (
+    adapter_state_dict,
+    inject_adapters,
+    inject_lora,
+    load_adapter_state_dict,
+    merge_adapters,
+    merge_and_unload,
+    prepare_for_kbit_training,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload,
+    unmerge_adapters,
+)
+from .optim import create_loraplus_optimizer, loraplus_param_groups
 
 __version__ = "0.1.0"
 
@@ -15,4 +29,17 @@ __all__ = [
     "DoRALinear",
     "LoRALinear",
     "LoRAPlusLinear",
+    "adapter_state_dict",
+    "create_loraplus_optimizer",
+    "inject_adapters",
+    "inject_lora",
+    "load_adapter_state_dict",
+    "loraplus_param_groups",
+    "merge_adapters",
+    "merge_and_unload",
+    "prepare_for_kbit_training",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapters",
 ]

@@ -180,9 +180,10 @@ class LoRALinear(AdapterMixin, nn.Module):
         ``bias``, ``device`` and ``dtype``, which come from ``linear``. ``init="pissa"`` rewrites
         ``linear.weight`` in place.
         """
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or type(linear).__module__.startswith("bitsandbytes"):
             raise TypeError(
-                f"linear: expected an nn.Linear, got {type(linear).__name__}"
+                f"linear: expected an nn.Linear, got {type(linear).__name__} "
+                "(quantized layers take QLoRALinear or QDoRALinear)"
             )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

@@ -1,0 +1,560 @@
+"""Model surgery: put adapter layers into a model, take them out, merge, count, freeze.
+
+``inject_adapters(model, targets, method=...)`` replaces the matching linear layers of ``model`` in
+place with adapter layers that wrap them (no weight is copied). Everything else is frozen. The
+functions here only walk the module tree and swap modules; the math lives in the layers.
+
+Names are the dotted paths of ``model.named_modules()`` ("layers.0.attn.q_proj"). A module that
+is reachable under several names (a shared module) gets one adapter, installed under every name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoRALinear, LoRAPlusLinear
+from .dora import DoRALinear
+
+#: a target or exclude specification: a name suffix, a list of them, a compiled regex (full match
+#: on the dotted name), or a callable ``(name, module) -> bool``
+TargetSpec = Union[str, Iterable[str], "re.Pattern[str]", Callable[[str, nn.Module], bool]]
+
+METHODS = ("lora", "lora_plus", "dora", "qlora", "qdora")
+BIAS_MODES = ("none", "all", "adapter_only")
+
+
+def _quantized_classes() -> dict[str, type[LoRALinear]]:
+    # qlora.py pulls in the quantization backend; import it only when a quantized method is used
+    from .qlora import QDoRALinear, QLoRALinear
+
+    return {"qlora": QLoRALinear, "qdora": QDoRALinear}
+
+
+def method_class(method: str) -> type[LoRALinear]:
+    """The layer class of ``method`` ("lora", "lora_plus", "dora", "qlora" or "qdora")."""
+    if method == "lora":
+        return LoRALinear
+    if method == "lora_plus":
+        return LoRAPlusLinear
+    if method == "dora":
+        return DoRALinear
+    if method in ("qlora", "qdora"):
+        return _quantized_classes()[method]
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+def method_of(layer: LoRALinear) -> str:
+    """The method name of an adapter layer, the inverse of :func:`method_class`."""
+    # a quantized layer exists only if qlora.py was imported; don't import it (and bitsandbytes) here
+    qlora = sys.modules.get(f"{__package__}.qlora")
+    if qlora is not None and isinstance(layer, qlora.QDoRALinear):
+        return "qdora"
+    if qlora is not None and isinstance(layer, qlora.QLoRALinear):
+        return "qlora"
+    if isinstance(layer, DoRALinear):
+        return "dora"
+    if isinstance(layer, LoRAPlusLinear):
+        return "lora_plus"
+    if isinstance(layer, LoRALinear):
+        return "lora"
+    raise TypeError(f"layer: expected an adapter layer (a LoRALinear), got {type(layer).__name__}")
+
+
+def _is_bnb_linear(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+
+
+def _is_quantized_base(module: nn.Module) -> bool:
+    return _is_bnb_linear(module) or _is_quantized_linear(module)
+
+
+def _accepts(module: nn.Module, method: str) -> bool:
+    """Whether ``method`` can wrap ``module``: nn.Linear always; quantized layers for q-methods."""
+    if isinstance(module, LoRALinear):
+        return False
+    if method in ("qlora", "qdora"):
+        return isinstance(module, nn.Linear) or _is_quantized_base(module)
+    return isinstance(module, nn.Linear) and not _is_bnb_linear(module)
+
+
+# ---- name matching ---------------------------------------------------------------------------
+def _suffix_matches(suffix: str, name: str) -> bool:
+    """``suffix`` equals ``name`` or its last dotted components ("q_proj" ~ "l.0.q_proj")."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _spec_parts(spec: TargetSpec, argument: str) -> list[Any]:
+    """Split a spec into parts that are each checked for matching something."""
+    if isinstance(spec, (str, re.Pattern)) or callable(spec):
+        return [spec]
+    if isinstance(spec, Iterable):
+        parts = list(spec)
+        if not parts:
+            raise ValueError(f"{argument}: expected at least one name, got an empty {type(spec).__name__}")
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(
+                    f"{argument}: a list must hold name suffixes (str), got {part!r} "
+                    f"({type(part).__name__})"
+                )
+        return parts
+    raise TypeError(
+        f"{argument}: expected a name suffix, a list of them, a compiled regex or a callable "
+        f"(name, module) -> bool, got {type(spec).__name__}"
+    )
+
+
+def _part_matches(part: Any, name: str, module: nn.Module) -> bool:
+    if isinstance(part, str):
+        return _suffix_matches(part, name)
+    if isinstance(part, re.Pattern):
+        return part.fullmatch(name) is not None
+    return bool(part(name, module))
+
+
+def _describe(part: Any) -> str:
+    if isinstance(part, re.Pattern):
+        return f"re.compile({part.pattern!r})"
+    if isinstance(part, str):
+        return repr(part)
+    return getattr(part, "__qualname__", repr(part))
+
+
+def _nearest_names(part: Any, names: list[str]) -> list[str]:
+    """``names`` ordered by likeness to ``part`` (most alike first)."""
+    key = part.pattern if isinstance(part, re.Pattern) else part if isinstance(part, str) else ""
+
+    def likeness(name: str) -> float:
+        last = name.rsplit(".", 1)[-1]
+        return max(
+            difflib.SequenceMatcher(None, key, name).ratio(),
+            difflib.SequenceMatcher(None, key, last).ratio(),
+        )
+
+    return sorted(names, key=likeness, reverse=True)
+
+
+def pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
+    """The first key of ``patterns`` that matches ``name`` as Hugging Face PEFT matches
+    ``rank_pattern``/``alpha_pattern`` keys: the key is a regex that must match a whole dotted
+    tail of the name (``re.match(rf"(.*\\.)?({key})$", name)``)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _check_pattern(argument: str, patterns: Any, kind: type) -> dict[str, Any]:
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, Mapping):
+        raise TypeError(f"{argument}: expected a dict from name pattern to {kind.__name__}, got {patterns!r}")
+    for key, value in patterns.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{argument}: keys must be name patterns (str), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ValueError(f"{argument}: key {key!r} is not a valid regex ({error})") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise TypeError(f"{argument}: value for {key!r} must be a {kind.__name__}, got {value!r}")
+    return dict(patterns)
+
+
+# ---- walking the tree --------------------------------------------------------------------------
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every dotted name of every module, grouped by module identity (shared modules have several)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _inside_adapter(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` lies inside an adapter layer (its ``base_layer`` or deeper)."""
+    parts = name.split(".")
+    module = model
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, LoRALinear):
+            return True
+    return False
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Each adapter layer of ``model`` once, with its first dotted name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _adapter_layers_or_raise(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
+    layers = list(iter_adapter_layers(model))
+    if not layers:
+        raise ValueError(f"{caller}: model has no adapter layers; call inject_adapters() first")
+    return layers
+
+
+# ---- inject ------------------------------------------------------------------------------------
+def inject_adapters(
+    model: nn.Module,
+    targets: TargetSpec,
+    *,
+    method: str = "lora",
+    bias: str = "none",
+    exclude: TargetSpec | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    **layer_kwargs: Any,
+) -> nn.Module:
+    """Replace the linear layers that ``targets`` names with adapter layers, in place.
+
+    Each match ``lin`` becomes ``method_class(method).from_linear(lin, **layer_kwargs)``, so the
+    model computes ``y = lin(x) + delta(x)`` there, with the delta of the method (LoRA:
+    ``s (x A^T) B^T``). Then every parameter of ``model`` is frozen except the adapter tensors and
+    the biases that ``bias`` names.
+
+    Args:
+        model: any ``nn.Module``; changed in place and returned.
+        targets: a name suffix matched on whole dotted components (``"q_proj"`` matches
+            ``"layers.0.attn.q_proj"``, not ``"layers.0.attn.xq_proj"``), a list of them (each
+            must match something), a compiled regex (full match on the dotted name), or a
+            callable ``(name, module) -> bool``.
+        method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``. The last two
+            also take bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers.
+        bias: ``"none"`` (no bias trains), ``"all"`` (every bias of the model trains) or
+            ``"adapter_only"`` (the biases of the wrapped layers train).
+        exclude: names to leave alone, in the same forms as ``targets``.
+        rank_pattern, alpha_pattern: per-layer ``rank``/``alpha``, keyed by name patterns matched
+            as Hugging Face PEFT matches them (see :func:`pattern_key`); the first matching key wins.
+        **layer_kwargs: passed to the layer's ``from_linear`` (``rank``, ``alpha``, ``dropout``,
+            ``use_rslora``, ``init``, ``epsilon``, ``lr_ratio``, ``quant``, ...).
+
+    A module reachable under several names is wrapped once, and that one adapter layer is put
+    under every name. Raises ``ValueError`` if a target matches nothing (the message lists the
+    linear layers, nearest first), if a match already is an adapter layer or lies inside one, and
+    ``TypeError`` if a match is not a linear layer the method can wrap. Nothing is changed when an
+    error is raised.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    cls = method_class(method)
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
+    rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
+    alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
+    target_parts = _spec_parts(targets, "targets")
+    exclude_parts = _spec_parts(exclude, "exclude") if exclude is not None else []
+
+    all_names = _module_names(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    linear_names = [n for n, m in modules.items() if _accepts(m, method) and not _inside_adapter(model, n)]
+
+    chosen: dict[int, list[str]] = {}
+    for part in target_parts:
+        hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
+        if not hits:
+            nearest = _nearest_names(part, linear_names)[:20]
+            raise ValueError(
+                f"targets: {_describe(part)} matches no module of {type(model).__name__}; "
+                f"its linear layers are (nearest first): {nearest}"
+            )
+        for name in hits:
+            module = modules[name]
+            if any(_part_matches(e, name, module) for e in exclude_parts):
+                continue
+            if isinstance(module, LoRALinear) or _inside_adapter(model, name):
+                raise ValueError(
+                    f"targets: {name!r} already has an adapter ({type(module).__name__}); "
+                    "injecting twice into a layer is not allowed (unload() first)"
+                )
+            if not _accepts(module, method):
+                allowed = "nn.Linear"
+                if method in ("qlora", "qdora"):
+                    allowed += ", bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
+                raise TypeError(
+                    f"targets: {_describe(part)} matches {name!r}, a {type(module).__name__}; "
+                    f"method {method!r} wraps {allowed} only"
+                )
+            chosen.setdefault(id(module), [])
+    if not chosen:
+        raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
+
+    # build every new layer before touching the model, so a bad argument changes nothing
+    replacements: list[tuple[list[str], LoRALinear]] = []
+    for module_id in chosen:
+        names = all_names[module_id]
+        first = names[0]
+        kwargs = dict(layer_kwargs)
+        key = pattern_key(rank_pattern, first)
+        if key is not None:
+            kwargs["rank"] = rank_pattern[key]
+        key = pattern_key(alpha_pattern, first)
+        if key is not None:
+            kwargs["alpha"] = alpha_pattern[key]
+        replacements.append((names, cls.from_linear(modules[first], **kwargs)))
+
+    for names, layer in replacements:
+        for name in names:
+            _set_module(model, name, layer)
+    _freeze_all_but_adapters(model, bias)
+    return model
+
+
+def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
+    """:func:`inject_adapters` with ``method="lora"``: the plain LoRA layers of the model."""
+    return inject_adapters(model, targets, method="lora", **kwargs)
+
+
+def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
+    model.requires_grad_(False)
+    for _, layer in iter_adapter_layers(model):
+        for parameter in layer.adapter_parameters():
+            parameter.requires_grad_(True)
+        if bias == "adapter_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, parameter in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                parameter.requires_grad_(True)
+
+
+# ---- merge / unload --------------------------------------------------------------------------
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter layer: ``W0 <- W0 + delta`` (see ``layer.merge()``); returns ``model``.
+
+    Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled.
+    """
+    layers = _adapter_layers_or_raise(model, "merge_adapters()")
+    bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
+    if bad:
+        raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of its base weight; returns ``model``.
+
+    Raises ``ValueError`` (changing nothing) if no layer is merged.
+    """
+    layers = _adapter_layers_or_raise(model, "unmerge_adapters()")
+    merged = [layer for _, layer in layers if layer.merged]
+    if not merged:
+        raise ValueError("unmerge_adapters(): no adapter layer is merged")
+    for layer in merged:
+        layer.unmerge()
+    return model
+
+
+def _replace_layers(model: nn.Module, build: Callable[[LoRALinear], nn.Module]) -> None:
+    names = _module_names(model)
+    layers = _adapter_layers_or_raise(model, "unload")
+    new_modules = [(names[id(layer)], build(layer)) for _, layer in layers]
+    for layer_names, new in new_modules:
+        for name in layer_names:
+            _set_module(model, name, new)
+
+
+def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta``.
+
+    The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
+    is the dtype of the new weights; by default the layer's compute dtype (the base weight's
+    dtype for a dense base). The new layers are frozen like the bases they replace.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+
+    def build(layer: LoRALinear) -> nn.Module:
+        linear = layer.to_linear()
+        return linear.to(dtype or layer.compute_dtype)
+
+    _replace_layers(model, build)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the original layers back and drop the adapters (merged layers are unmerged first).
+
+    For a layer built from an ``nn.Linear`` the original module object comes back. A quantized
+    layer gives back its quantized base.
+    """
+
+    def build(layer: LoRALinear) -> nn.Module:
+        if layer.merged:
+            layer.unmerge()
+        return layer.base_layer
+
+    _replace_layers(model, build)
+    return model
+
+
+# ---- counting ----------------------------------------------------------------------------------
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "QuantizedLinear"
+
+
+def _value_count(module: nn.Module, name: str, parameter: Tensor) -> int:
+    """How many weight values ``parameter`` stands for (packed storage counts what it encodes)."""
+    if name == "weight" and _is_quantized_linear(module):
+        return module.out_features * module.in_features
+    if type(parameter).__name__ == "Params4bit":
+        # two 4-bit values per byte of storage, as Hugging Face PEFT counts them
+        return parameter.numel() * 2 * parameter.element_size()
+    return parameter.numel()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` numbers of parameter values in ``model``.
+
+    Shared parameters count once. A packed 4-bit weight counts the values it encodes, so the
+    numbers equal Hugging Face PEFT's ``get_nb_trainable_parameters()`` for the same model; a
+    ``QuantizedLinear`` counts ``out_features * in_features`` for its weight, stored as a parameter
+    or as buffers.
+    """
+    trainable = total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            count = _value_count(module, name, parameter)
+            total += count
+            if parameter.requires_grad:
+                trainable += count
+        if _is_quantized_linear(module) and not isinstance(getattr(module, "weight", None), nn.Parameter):
+            total += module.out_features * module.in_features
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: N || all params: M || trainable%: P`` (Hugging Face PEFT's line)."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
+# ---- adapter state dict ----------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter entries of ``model.state_dict()``: ``"<path>.lora_A"``, ``"<path>.lora_B"``,
+    and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached."""
+    state: dict[str, Tensor] = {}
+    for name, layer in iter_adapter_layers(model):
+        prefix = f"{name}." if name else ""
+        for parameter_name in layer.adapter_parameter_names:
+            state[prefix + parameter_name] = getattr(layer, parameter_name).detach()
+    return state
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
+) -> nn.Module:
+    """Copy adapter tensors from ``state_dict`` (keys as :func:`adapter_state_dict` gives them).
+
+    Everything is checked before anything is copied: with ``strict``, missing and unexpected keys
+    raise; a shape that does not fit, a non-floating tensor, a non-tensor value, or a merged target
+    layer always raise. On error the model is unchanged. Returns ``model``.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
+    expected = adapter_state_dict(model)
+    if not expected:
+        raise ValueError("load_adapter_state_dict(): model has no adapter layers; inject_adapters() first")
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"state_dict: keys do not fit the model's adapters; missing: {missing}, unexpected: {unexpected}"
+        )
+    for key in sorted(set(expected) & set(state_dict)):
+        value = state_dict[key]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state_dict[{key!r}]: expected a Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise ValueError(f"state_dict[{key!r}]: expected a floating tensor, got dtype {value.dtype}")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"state_dict[{key!r}]: shape {tuple(value.shape)} does not fit the model's "
+                f"{tuple(expected[key].shape)}"
+            )
+    merged = [name for name, layer in iter_adapter_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"load_adapter_state_dict(): unmerge these layers first: {merged}")
+    with torch.no_grad():
+        for key in sorted(set(expected) & set(state_dict)):
+            expected[key].copy_(state_dict[key])
+    return model
+
+
+# ---- k-bit training --------------------------------------------------------------------------
+def _is_norm(module: nn.Module) -> bool:
+    norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    if hasattr(nn, "RMSNorm"):
+        norm_types += (nn.RMSNorm,)
+    return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        return getter()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module
+    return None
+
+
+def _require_grad_hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    return output.requires_grad_(True)
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """Get a (quantized) model ready for adapter training; returns ``model``.
+
+    - freezes every parameter (inject adapters afterwards: they are created trainable);
+    - casts fp16/bf16 parameters of normalisation layers (LayerNorm, RMSNorm, GroupNorm, batch
+      norms, and modules whose class name contains "norm") to float32, for stable statistics;
+    - makes the output of the input embeddings require grad (a forward hook), so that activation
+      checkpointed blocks, whose inputs would otherwise not require grad, still backpropagate into
+      the adapters inside them. Without an embedding layer, nothing is hooked.
+    - with ``gradient_checkpointing=True``, calls the model's ``gradient_checkpointing_enable()``
+      (Hugging Face models have it; other models raise ``ValueError``: wrap blocks with
+      ``torch.utils.checkpoint.checkpoint`` yourself).
+    """
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
+    model.requires_grad_(False)
+    for module in model.modules():
+        if _is_norm(module):
+            for parameter in module.parameters(recurse=False):
+                if parameter.dtype in (torch.float16, torch.bfloat16):
+                    parameter.data = parameter.data.float()
+    embeddings = _input_embeddings(model)
+    if embeddings is not None and not getattr(embeddings, "_peft_layers_grad_hook", False):
+        embeddings.register_forward_hook(_require_grad_hook)
+        embeddings._peft_layers_grad_hook = True
+    if gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise ValueError(
+                f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
+                "wrap its blocks with torch.utils.checkpoint.checkpoint instead"
+            )
+        enable()
+    return model

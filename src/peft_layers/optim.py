@@ -1,0 +1,100 @@
+"""LoRA+ optimizer set-up (Hayou et al., 2024): ``B`` learns ``lr_ratio`` times faster than ``A``.
+
+LoRA+ observes that with ``B = 0`` at init, equal learning rates for ``A`` and ``B`` are
+inefficient for wide layers, and trains ``B`` at ``lr * lr_ratio`` (16 by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lora import LoRAPlusLinear
+from .model import iter_adapter_layers
+
+DEFAULT_LR_RATIO = 16.0
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, Real) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+
+
+def loraplus_param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    lr_ratio: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+ over every trainable parameter of ``model``.
+
+    - ``lora_B`` of each adapter layer: ``lr * ratio``, with ``weight_decay``. ``ratio`` is the
+      layer's own ``lr_ratio`` for a :class:`LoRAPlusLinear`, else ``lr_ratio``, else 16.
+    - ``lora_A`` and other trainable matrices: ``lr``, with ``weight_decay``.
+    - DoRA magnitudes, biases and other 1-D parameters (norm weights): ``lr``, no weight decay.
+
+    Frozen parameters are left out. Empty groups are dropped. Each group has ``params``, ``lr``
+    and ``weight_decay``, and a ``name`` saying what it holds.
+    """
+    _check_number("lr", lr, positive=True)
+    if lr_ratio is not None:
+        _check_number("lr_ratio", lr_ratio, positive=True)
+    _check_number("weight_decay", weight_decay, positive=False)
+    default_ratio = float(lr_ratio) if lr_ratio is not None else DEFAULT_LR_RATIO
+
+    b_by_ratio: dict[float, list[nn.Parameter]] = {}
+    placed: set[int] = set()
+    for _, layer in iter_adapter_layers(model):
+        if not layer.lora_B.requires_grad or id(layer.lora_B) in placed:
+            continue
+        ratio = layer.lr_ratio if isinstance(layer, LoRAPlusLinear) else default_ratio
+        b_by_ratio.setdefault(ratio, []).append(layer.lora_B)
+        placed.add(id(layer.lora_B))
+
+    decayed: list[nn.Parameter] = []
+    not_decayed: list[nn.Parameter] = []
+    for parameter in model.parameters():
+        if not parameter.requires_grad or id(parameter) in placed:
+            continue
+        (decayed if parameter.dim() >= 2 else not_decayed).append(parameter)
+
+    groups = [
+        {"name": "lora_A and other matrices", "params": decayed, "lr": lr, "weight_decay": weight_decay},
+        {"name": "biases, norms, magnitudes", "params": not_decayed, "lr": lr, "weight_decay": 0.0},
+    ]
+    for ratio, params in b_by_ratio.items():
+        groups.append(
+            {"name": f"lora_B (lr x {ratio:g})", "params": params, "lr": lr * ratio, "weight_decay": weight_decay}
+        )
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError("model: has no trainable parameters; inject_adapters() first")
+    return groups
+
+
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: Callable[..., torch.optim.Optimizer],
+    *,
+    lr: float,
+    lr_ratio: float | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """``optimizer_cls(loraplus_param_groups(model, lr, ...), lr=lr, **kwargs)``.
+
+    ``weight_decay`` in ``kwargs`` goes to the groups (not to biases, norms and magnitudes); the
+    other keyword arguments go to the optimizer. Works with any ``torch.optim`` optimizer: an
+    optimizer without weight decay simply ignores the groups' key.
+    """
+    if not callable(optimizer_cls):
+        raise TypeError(f"optimizer_cls: expected an optimizer class, got {optimizer_cls!r}")
+    weight_decay = kwargs.pop("weight_decay", 0.0)
+    groups = loraplus_param_groups(model, lr, lr_ratio=lr_ratio, weight_decay=weight_decay)
+    return optimizer_cls(groups, lr=lr, **kwargs)

@@ -1,0 +1,112 @@
+"""LoRA+ parameter groups and optimizer factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peft_layers as pl
+from peft_layers.model import iter_adapter_layers
+
+from models import tiny_model, tokens
+
+
+def lm_loss(model: nn.Module) -> torch.Tensor:
+    batch = tokens()
+    logits = model(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def group_of(groups: list[dict], parameter: torch.Tensor) -> dict:
+    (group,) = [g for g in groups if any(p is parameter for p in g["params"])]
+    return group
+
+
+def test_groups_place_every_trainable_parameter_once() -> None:
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], method="dora", bias="all", rank=4)
+    groups = pl.loraplus_param_groups(model, 1e-3, lr_ratio=8.0, weight_decay=0.1)
+    placed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert len(placed) == len(set(placed))
+    for _, layer in iter_adapter_layers(model):
+        assert group_of(groups, layer.lora_B)["lr"] == pytest.approx(8e-3)
+        assert group_of(groups, layer.lora_B)["weight_decay"] == 0.1
+        assert group_of(groups, layer.lora_A)["lr"] == 1e-3
+        assert group_of(groups, layer.lora_A)["weight_decay"] == 0.1
+        assert group_of(groups, layer.magnitude)["weight_decay"] == 0.0
+        assert group_of(groups, layer.bias)["weight_decay"] == 0.0
+
+
+def test_layer_ratio_wins_then_argument_then_default() -> None:
+    model = pl.inject_adapters(tiny_model(), "q_proj", method="lora_plus", lr_ratio=4.0, rank=2)
+    pl.inject_lora(model, "k_proj", rank=2)
+    groups = pl.loraplus_param_groups(model, 1.0, lr_ratio=2.0)
+    layers = dict(iter_adapter_layers(model))
+    assert group_of(groups, layers["layers.0.attn.q_proj"].lora_B)["lr"] == 4.0
+    assert group_of(groups, layers["layers.0.attn.k_proj"].lora_B)["lr"] == 2.0
+    groups = pl.loraplus_param_groups(model, 1.0)
+    assert group_of(groups, layers["layers.1.attn.k_proj"].lora_B)["lr"] == 16.0
+
+
+def test_sgd_step_moves_b_at_ratio_times_a() -> None:
+    model = pl.inject_lora(tiny_model(), ["q_proj", "up_proj"], rank=4)
+    with torch.no_grad():
+        for _, layer in iter_adapter_layers(model):
+            layer.lora_B.normal_(std=0.1)  # so A gets a gradient too
+    lr, ratio = 1e-2, 16.0
+    optimizer = pl.create_loraplus_optimizer(model, torch.optim.SGD, lr=lr, lr_ratio=ratio)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    lm_loss(model).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        step_lr = lr * ratio if name.endswith("lora_B") else lr
+        torch.testing.assert_close(parameter.detach(), before[name] - step_lr * grads[name], rtol=0, atol=1e-7)
+
+
+def test_adam_first_step_sizes_are_in_ratio() -> None:
+    # Adam's first step moves every element by lr * sign(grad) (up to eps): B by lr * ratio
+    model = pl.inject_lora(tiny_model(), "v_proj", rank=4)
+    with torch.no_grad():
+        for _, layer in iter_adapter_layers(model):
+            layer.lora_B.normal_(std=0.1)
+    optimizer = pl.create_loraplus_optimizer(model, torch.optim.Adam, lr=1e-3, lr_ratio=10.0, eps=1e-12)
+    layer = model.layers[0].attn.v_proj
+    a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    lm_loss(model).backward()
+    optimizer.step()
+    step_a = (layer.lora_A.detach() - a0).abs()
+    step_b = (layer.lora_B.detach() - b0).abs()
+    torch.testing.assert_close(step_a.median(), torch.tensor(1e-3), rtol=1e-3, atol=0)
+    torch.testing.assert_close(step_b.median(), torch.tensor(1e-2), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Rprop, torch.optim.Adagrad])
+def test_any_torch_optimizer_trains(optimizer_cls: type) -> None:
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj", "up_proj"], rank=4)
+    optimizer = pl.create_loraplus_optimizer(model, optimizer_cls, lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(5):
+        loss = lm_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_bad_arguments() -> None:
+    model = pl.inject_lora(tiny_model(), "q_proj")
+    with pytest.raises(ValueError, match="lr"):
+        pl.loraplus_param_groups(model, 0.0)
+    with pytest.raises(ValueError, match="lr_ratio"):
+        pl.loraplus_param_groups(model, 1e-3, lr_ratio=-1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        pl.loraplus_param_groups(model, 1e-3, weight_decay=-0.1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        pl.loraplus_param_groups(tiny_model().requires_grad_(False), 1e-3)
+    with pytest.raises(TypeError, match="optimizer_cls"):
+        pl.create_loraplus_optimizer(model, "adam", lr=1e-3)
