@@ -1,0 +1,1037 @@
+"""Adapter files in the Hugging Face PEFT layout: ``save_adapter`` and ``load_adapter``.
+
+A saved adapter is a directory with two files:
+
+- ``adapter_model.safetensors``: for every adapter layer at module path ``p``,
+  ``base_model.model.<p>.lora_A.weight`` (r, in), ``base_model.model.<p>.lora_B.weight`` (out, r)
+  and, for DoRA, ``base_model.model.<p>.lora_magnitude_vector`` (out,) (no ``.weight``). With a
+  trained bias (``bias="all"``/``"adapter_only"``) also ``<p>.base_layer.bias`` for adapter layers
+  and ``<q>.bias`` for other modules, as Hugging Face PEFT names them.
+- ``adapter_config.json``: a Hugging Face ``LoraConfig`` (``peft_type: "LORA"``, ``r``,
+  ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora``, ``rank_pattern``, ...). Layers
+  whose rank or alpha differ from ``r``/``lora_alpha`` are listed in ``rank_pattern``/
+  ``alpha_pattern`` under ``"^" + re.escape(path)``, which Hugging Face's pattern matching
+  (``re.match(rf"(.*\\.)?({key})$", name)``) can only match to that one module. What a
+  ``LoraConfig`` cannot say (LoRA+, a quantized base, a non-default DoRA epsilon) goes in our own
+  field ``"peft_layers"``, which Hugging Face PEFT ignores (with a warning).
+
+Several adapters share one directory tree the way Hugging Face PEFT lays them out: the adapter
+named ``"default"`` (``adapter_name=None``) lives at the root, an adapter named ``"math"`` in
+``<directory>/math/``.
+
+A save is atomic per file and rolled back as a pair: both files are written to temporary files
+in the target directory and fsynced, then renamed over the old ones; if the second rename fails
+the first is undone. A load reads and checks everything (keys, shapes, ranks, dtypes, the config
+against the tensors, the tensors against the model) before it changes the model; if adapters
+have to be injected first and anything fails after that, the injection is undone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .dora import DoRALinear
+from .lora import LoRALinear, LoRAPlusLinear
+from .model import METHODS, inject_adapters, iter_adapter_layers, method_of, pattern_key
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_BIN_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+DEFAULT_ADAPTER = "default"
+#: the prefix Hugging Face PEFT puts before every module path in the weights file
+KEY_PREFIX = "base_model.model."
+#: version of our ``"peft_layers"`` config field
+FORMAT_VERSION = 1
+
+_DORA_EPSILON = 1e-8
+_LORA_PLUS_RATIO = 16.0
+#: Hugging Face ``bias`` values and ours (``inject_adapters(bias=...)``)
+_BIAS_FROM_HF = {"none": "none", "all": "all", "lora_only": "adapter_only"}
+_BIAS_TO_HF = {ours: theirs for theirs, ours in _BIAS_FROM_HF.items()}
+#: ``init_lora_weights`` values that leave the base weight alone: any start of A, B will do,
+#: since the file overwrites them
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: LoraConfig fields that change what the adapter computes in ways we do not support
+_UNSUPPORTED_FIELDS = (
+    "fan_in_fan_out", "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
+    "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
+)
+
+
+# ---- what a file holds -----------------------------------------------------------------------
+@dataclass
+class ModuleAdapter:
+    """The adapter tensors of one module in a file, in our naming.
+
+    ``lora_A`` (rank, in), ``lora_B`` (out, rank), ``magnitude`` (out,) or None, ``bias`` (out,) or
+    None (the base layer's bias, saved when biases were trained); ``rank`` and ``alpha`` as the
+    config gives them for this module.
+    """
+
+    path: str
+    lora_A: Tensor
+    lora_B: Tensor
+    magnitude: Tensor | None
+    bias: Tensor | None
+    rank: int
+    alpha: float
+
+
+@dataclass
+class AdapterFile:
+    """An adapter directory read and checked by :func:`read_adapter`, not yet tied to a model.
+
+    Attributes:
+        directory: where the files are. config: the parsed ``adapter_config.json``.
+        method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``.
+        modules: module path -> its :class:`ModuleAdapter`, in file order.
+        other_biases: module path -> bias of a module that is not an adapter layer
+            (``bias="all"``).
+        use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
+        any start that leaves the base alone, or "pissa"), layer_kwargs (method-specific keyword
+        arguments for the layer classes: ``epsilon``, ``lr_ratio``, ``quant``, ...).
+    """
+
+    directory: Path
+    config: dict[str, Any]
+    method: str
+    modules: dict[str, ModuleAdapter]
+    other_biases: dict[str, Tensor]
+    use_rslora: bool
+    dropout: float
+    bias_mode: str
+    init: str
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.method in ("dora", "qdora")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The adapter tensors under the keys of ``adapter_state_dict(model)``
+        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``)."""
+        state: dict[str, Tensor] = {}
+        for path, module in self.modules.items():
+            prefix = f"{path}." if path else ""
+            state[prefix + "lora_A"] = module.lora_A
+            state[prefix + "lora_B"] = module.lora_B
+            if module.magnitude is not None:
+                state[prefix + "magnitude"] = module.magnitude
+        return state
+
+    def scaling(self, path: str) -> float:
+        """``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``) of the module at ``path``."""
+        module = self.modules[path]
+        return module.alpha / (math.sqrt(module.rank) if self.use_rslora else module.rank)
+
+
+# ---- directories -------------------------------------------------------------------------------
+def _check_adapter_name(adapter_name: Any) -> str:
+    if adapter_name is None:
+        return DEFAULT_ADAPTER
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name: expected a str or None, got {type(adapter_name).__name__}")
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not adapter_name or adapter_name in (".", "..") or any(s in adapter_name for s in separators):
+        raise ValueError(
+            f"adapter_name: expected a folder name (non-empty, no path separator, not '.' or '..'), "
+            f"got {adapter_name!r}"
+        )
+    return adapter_name
+
+
+def _check_directory(directory: Any) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
+    return Path(directory)
+
+
+def adapter_directory(directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Where the adapter ``adapter_name`` lives under ``directory``: the root for ``None`` or
+    ``"default"``, ``<directory>/<adapter_name>/`` otherwise (Hugging Face PEFT's layout)."""
+    root = _check_directory(directory)
+    name = _check_adapter_name(adapter_name)
+    return root if name == DEFAULT_ADAPTER else root / name
+
+
+def list_adapters(directory: str | os.PathLike) -> list[str]:
+    """The names of the adapters saved under ``directory``: ``"default"`` if the root holds an
+    ``adapter_config.json``, then every direct subfolder that holds one, sorted."""
+    root = _check_directory(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"directory: {str(root)!r} is not a directory")
+    names = [DEFAULT_ADAPTER] if (root / CONFIG_NAME).is_file() else []
+    names += sorted(
+        sub.name for sub in root.iterdir()
+        if sub.is_dir() and sub.name != DEFAULT_ADAPTER and (sub / CONFIG_NAME).is_file()
+    )
+    return names
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a valid JSON adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        data = path.read_bytes()
+        try:
+            tensors = load(data)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ValueError(f"{path}: not a valid safetensors file, truncated or corrupt ({error})") from None
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and unpickler errors of every kind
+            raise ValueError(f"{path}: not a valid torch weights file, truncated or corrupt ({error})") from None
+        if not isinstance(tensors, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError(f"{path}: expected a dict of name -> Tensor")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return dict(tensors)
+
+
+def _config_value(config: Mapping[str, Any], name: str, default: Any, path: Path) -> Any:
+    value = config.get(name, default)
+    return default if value is None and default is not None else value
+
+
+def _check_int(value: Any, name: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: {name} must be an int > 0, got {value!r}")
+    return value
+
+
+def _check_alpha(value: Any, name: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{path}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_patterns(config: Mapping[str, Any], name: str, path: Path, check) -> dict[str, Any]:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{path}: {name} must be an object of name pattern -> value, got {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ValueError(f"{path}: {name} key {key!r} is not a valid regex ({error})") from None
+        check(value, f"{name}[{key!r}]", path)
+    return patterns
+
+
+def _target_matches(target_modules: Any, name: str) -> bool:
+    """Hugging Face PEFT's ``target_modules`` rule: a string is a regex that must match the whole
+    name; a list holds exact names and name suffixes (whole dotted components)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _parse_our_field(config: Mapping[str, Any], use_dora: bool, path: Path) -> tuple[str, dict[str, Any]]:
+    """The method and its layer keyword arguments, from ``"peft_layers"`` or from ``use_dora``."""
+    ours = config.get("peft_layers")
+    if ours is None:
+        return ("dora" if use_dora else "lora"), {}
+    if not isinstance(ours, dict):
+        raise ValueError(f"{path}: peft_layers must be an object, got {ours!r}")
+    version = ours.get("version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: peft_layers.version {version!r} is not supported (this peft_layers reads 1 to "
+            f"{FORMAT_VERSION}); upgrade peft_layers"
+        )
+    method = ours.get("method", "dora" if use_dora else "lora")
+    if method not in METHODS:
+        raise ValueError(f"{path}: peft_layers.method must be one of {METHODS}, got {method!r}")
+    if (method in ("dora", "qdora")) != use_dora:
+        raise ValueError(f"{path}: peft_layers.method {method!r} contradicts use_dora={use_dora}")
+    kwargs: dict[str, Any] = {}
+    if "epsilon" in ours:
+        if method not in ("dora", "qdora"):
+            raise ValueError(f"{path}: peft_layers.epsilon is set, but method {method!r} is not DoRA")
+        kwargs["epsilon"] = _check_alpha(ours["epsilon"], "peft_layers.epsilon", path)
+    if "lr_ratio" in ours:
+        if method != "lora_plus":
+            raise ValueError(f"{path}: peft_layers.lr_ratio is set, but method {method!r} is not lora_plus")
+        kwargs["lr_ratio"] = _check_alpha(ours["lr_ratio"], "peft_layers.lr_ratio", path)
+    quant = ours.get("quant")
+    if method in ("qlora", "qdora"):
+        if quant is not None:
+            kwargs.update(_parse_quant(quant, path))
+    elif quant is not None:
+        raise ValueError(f"{path}: peft_layers.quant is set, but method {method!r} is not quantized")
+    return method, kwargs
+
+
+def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(quant, dict):
+        raise ValueError(f"{path}: peft_layers.quant must be an object, got {quant!r}")
+    kwargs: dict[str, Any] = {}
+    scheme = quant.get("scheme")
+    if scheme not in ("nf4", "fp4", "int8"):
+        raise ValueError(f"{path}: peft_layers.quant.scheme must be 'nf4', 'fp4' or 'int8', got {scheme!r}")
+    kwargs["quant"] = scheme
+    if quant.get("blocksize") is not None:
+        kwargs["blocksize"] = _check_int(quant["blocksize"], "peft_layers.quant.blocksize", path)
+    if quant.get("double_quant") is not None:
+        if not isinstance(quant["double_quant"], bool):
+            raise ValueError(f"{path}: peft_layers.quant.double_quant must be a bool, got {quant['double_quant']!r}")
+        kwargs["double_quant"] = quant["double_quant"]
+    if quant.get("compute_dtype") is not None:
+        name = quant["compute_dtype"]
+        if name not in _DTYPES:
+            raise ValueError(
+                f"{path}: peft_layers.quant.compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}"
+            )
+        kwargs["compute_dtype"] = _DTYPES[name]
+    return kwargs
+
+
+def _split_key(key: str, path: Path) -> tuple[str, str]:
+    """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
+    magnitude, base_bias (``<p>.base_layer.bias``) and bias (``<q>.bias``)."""
+    if not key.startswith(KEY_PREFIX):
+        raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
+    rest = key[len(KEY_PREFIX):]
+    for suffix, kind in (
+        ("lora_A.weight", "lora_A"),
+        ("lora_B.weight", "lora_B"),
+        ("lora_magnitude_vector", "magnitude"),
+        ("base_layer.bias", "base_bias"),
+        ("bias", "bias"),
+    ):
+        if rest == suffix or rest.endswith("." + suffix):
+            module = rest[: -len(suffix)].rstrip(".")
+            if kind == "bias" and re.search(r"(^|\.)lora_[A-Za-z_]+$", module):
+                break  # lora_B.bias and the like: a LoRA bias, which we do not support
+            return module, kind
+    raise ValueError(
+        f"{path}: unexpected key {key!r}; this layout has <path>.lora_A.weight, <path>.lora_B.weight, "
+        "<path>.lora_magnitude_vector and, with trained biases, <path>.base_layer.bias / <path>.bias"
+    )
+
+
+def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
+    """Read and check an adapter saved by :func:`save_adapter` or by Hugging Face PEFT.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or, if there is none,
+    ``adapter_model.bin`` through ``torch.load(weights_only=True)``) from
+    :func:`adapter_directory` ``(directory, adapter_name)``. Checks that the config is a
+    ``"LORA"`` config we can reproduce, that every key has the layout's form, that every module has
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) with matching ranks, a magnitude (out,) exactly
+    when the config says DoRA, a rank equal to the config's (``r`` or its ``rank_pattern``), and
+    that every tensor is floating point and finite.
+
+    Raises ``FileNotFoundError`` if a file is missing and ``ValueError`` naming the file for
+    anything else.
+    """
+    folder = adapter_directory(directory, adapter_name)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        root = _check_directory(directory)
+        found = list_adapters(root) if root.is_dir() else []
+        raise FileNotFoundError(
+            f"{config_path}: no adapter config here (adapter_name={adapter_name!r}); "
+            f"adapters found under {str(root)!r}: {found}"
+        )
+    weights_path = folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        weights_path = folder / WEIGHTS_BIN_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {WEIGHTS_BIN_NAME}")
+    config = _read_config(config_path)
+    tensors = _read_tensors(weights_path)
+    return _parse(folder, config_path, config, weights_path, tensors)
+
+
+def _parse(
+    folder: Path, config_path: Path, config: dict[str, Any], weights_path: Path, tensors: dict[str, Tensor]
+) -> AdapterFile:
+    cp = config_path
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{cp}: peft_type must be 'LORA', got {peft_type!r}; only LoRA/DoRA adapters are supported")
+    for name in _UNSUPPORTED_FIELDS:
+        if config.get(name) not in (None, False, [], {}, ""):
+            raise ValueError(f"{cp}: {name}={config[name]!r} is not supported by peft_layers")
+    r = _check_int(config.get("r", 8), "r", cp)
+    lora_alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha", cp)
+    use_dora = _config_value(config, "use_dora", False, cp)
+    use_rslora = _config_value(config, "use_rslora", False, cp)
+    for name, value in (("use_dora", use_dora), ("use_rslora", use_rslora)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{cp}: {name} must be true or false, got {value!r}")
+    dropout = _config_value(config, "lora_dropout", 0.0, cp)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{cp}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    bias = _config_value(config, "bias", "none", cp)
+    if bias not in _BIAS_FROM_HF:
+        raise ValueError(f"{cp}: bias must be one of {tuple(_BIAS_FROM_HF)}, got {bias!r}")
+    init_weights = _config_value(config, "init_lora_weights", True, cp)
+    if init_weights == "pissa":
+        init = "pissa"
+    elif any(init_weights is v or (isinstance(v, str) and init_weights == v) for v in _PLAIN_INITS):
+        init = "kaiming"
+    else:
+        raise ValueError(
+            f"{cp}: init_lora_weights={init_weights!r} changes the base weights in a way peft_layers "
+            f"does not reproduce; supported: {list(_PLAIN_INITS) + ['pissa']}"
+        )
+    rank_pattern = _check_patterns(config, "rank_pattern", cp, _check_int)
+    alpha_pattern = _check_patterns(config, "alpha_pattern", cp, _check_alpha)
+    target_modules = config.get("target_modules")
+    if target_modules is not None and not (
+        isinstance(target_modules, str)
+        or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))
+    ):
+        raise ValueError(f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}")
+    method, layer_kwargs = _parse_our_field(config, use_dora, cp)
+    if method == "lora_plus":
+        layer_kwargs.setdefault("lr_ratio", _LORA_PLUS_RATIO)
+
+    # group the tensors by module
+    wp = weights_path
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, kind = _split_key(key, wp)
+        grouped.setdefault(module, {})[kind] = tensor
+    other_biases = {}
+    modules: dict[str, ModuleAdapter] = {}
+    for module, parts in grouped.items():
+        if "lora_A" not in parts and "lora_B" not in parts:
+            if set(parts) - {"bias"}:
+                raise ValueError(f"{wp}: module {module!r} has {sorted(parts)} but no lora_A/lora_B")
+            other_biases[module] = parts["bias"]
+            continue
+        for kind in ("lora_A", "lora_B"):
+            if kind not in parts:
+                raise ValueError(f"{wp}: missing key {KEY_PREFIX}{module}.{kind}.weight")
+        if "bias" in parts:
+            raise ValueError(f"{wp}: unexpected key {KEY_PREFIX}{module}.bias for an adapter module (expected .base_layer.bias)")
+        a, b, m = parts["lora_A"], parts["lora_B"], parts.get("magnitude")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{wp}: {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                "(r, in) and (out, r) with one r"
+            )
+        if use_dora and m is None:
+            raise ValueError(f"{wp}: missing key {KEY_PREFIX}{module}.lora_magnitude_vector (the config says use_dora)")
+        if not use_dora and m is not None:
+            raise ValueError(
+                f"{wp}: unexpected key {KEY_PREFIX}{module}.lora_magnitude_vector: the config says "
+                "use_dora=false, but the file holds DoRA magnitudes"
+            )
+        if m is not None and tuple(m.shape) != (b.shape[0],):
+            raise ValueError(f"{wp}: {module!r}: lora_magnitude_vector {tuple(m.shape)} should be ({b.shape[0]},)")
+        base_bias = parts.get("base_bias")
+        if base_bias is not None and tuple(base_bias.shape) != (b.shape[0],):
+            raise ValueError(f"{wp}: {module!r}: base_layer.bias {tuple(base_bias.shape)} should be ({b.shape[0]},)")
+        key = pattern_key(rank_pattern, module)
+        rank = rank_pattern[key] if key is not None else r
+        if a.shape[0] != rank:
+            raise ValueError(
+                f"{wp}: {module!r} has rank {a.shape[0]} but {cp.name} gives it rank {rank} "
+                f"({'rank_pattern[' + repr(key) + ']' if key is not None else 'r'})"
+            )
+        key = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
+        if target_modules is not None and not _target_matches(target_modules, module):
+            raise ValueError(f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}")
+        modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha)
+    if not modules:
+        raise ValueError(f"{wp}: holds no adapter tensors")
+    if other_biases and bias != "all":
+        raise ValueError(
+            f"{wp}: holds biases of non-adapter modules {sorted(other_biases)} but {cp.name} says bias={bias!r}"
+        )
+    return AdapterFile(
+        directory=folder, config=config, method=method, modules=modules, other_biases=other_biases,
+        use_rslora=use_rslora, dropout=float(dropout), bias_mode=_BIAS_FROM_HF[bias], init=init,
+        layer_kwargs=layer_kwargs,
+    )
+
+
+# ---- saving ------------------------------------------------------------------------------------
+def _anchored(path: str) -> str:
+    """A ``rank_pattern`` key that Hugging Face's ``re.match(rf"(.*\\.)?({key})$", name)`` and
+    :func:`pattern_key` match to ``path`` only: ``^`` fails after a non-empty prefix."""
+    return "^" + re.escape(path)
+
+
+def _most_common(values: list[Any]) -> Any:
+    """The most frequent value; ties go to the one seen first."""
+    counts = Counter(values)
+    best = max(counts.values())
+    return next(v for v in values if counts[v] == best)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _quant_info(layer: LoRALinear) -> dict[str, Any]:
+    """The quantization of a quantized layer's base: ``scheme``, ``blocksize``, ``double_quant``,
+    ``compute_dtype``, read from a ``QuantizedLinear`` or a bitsandbytes layer."""
+    base = layer.base_layer
+    if hasattr(base, "scheme"):
+        return {
+            "scheme": base.scheme,
+            "blocksize": getattr(base, "blocksize", None),
+            "double_quant": getattr(base, "double_quant", None),
+            "compute_dtype": _dtype_name(getattr(base, "compute_dtype", layer.compute_dtype)),
+        }
+    weight = getattr(base, "weight", None)
+    if hasattr(weight, "quant_type"):  # bitsandbytes Params4bit
+        return {
+            "scheme": weight.quant_type,
+            "blocksize": getattr(weight, "blocksize", None),
+            "double_quant": getattr(weight, "compress_statistics", None),
+            "compute_dtype": _dtype_name(getattr(base, "compute_dtype", None) or layer.compute_dtype),
+        }
+    return {"scheme": "int8", "blocksize": None, "double_quant": None, "compute_dtype": _dtype_name(layer.compute_dtype)}
+
+
+def _uniform(layers: list[tuple[str, LoRALinear]], what: str, value_of) -> Any:
+    values = {name: value_of(layer) for name, layer in layers}
+    distinct = list(dict.fromkeys(map(repr, values.values())))
+    if len(distinct) > 1:
+        by_value: dict[str, list[str]] = {}
+        for name, value in values.items():
+            by_value.setdefault(repr(value), []).append(name)
+        raise ValueError(
+            f"save_adapter(): one adapter file holds one {what} for all layers, but the model mixes "
+            f"{by_value}; save the groups as separate adapters"
+        )
+    return next(iter(values.values()))
+
+
+def _bias_mode(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> str:
+    """Our bias mode, read from which biases train: every bias -> "all", the adapter layers'
+    biases only -> "adapter_only", none -> "none"."""
+    adapter_biases = [layer.bias for _, layer in layers if layer.bias is not None]
+    if not any(b.requires_grad for b in adapter_biases):
+        return "none"
+    other = [
+        p for name, p in _plain_named_parameters(model) if name == "bias" or name.endswith(".bias")
+    ]
+    if other and all(p.requires_grad for p in other):
+        return "all"
+    return "adapter_only"
+
+
+def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of ``model`` that are not inside an adapter layer, under their first names."""
+    prefixes = tuple(f"{name}." for name, _ in iter_adapter_layers(model))
+    for name, parameter in model.named_parameters():
+        if not name.startswith(prefixes):
+            yield name, parameter
+
+
+def _plain_module_names(model: nn.Module) -> list[str]:
+    """The module names a Hugging Face PEFT model built on the plain base would see: every name
+    of ``model`` except those inside adapter layers."""
+    names = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        parent, inside = model, False
+        for part in name.split(".")[:-1] if name else []:
+            parent = getattr(parent, part)
+            if isinstance(parent, LoRALinear):
+                inside = True
+                break
+        if not inside:
+            names.append(name)
+    return names
+
+
+def _target_modules(paths: list[str], plain_names: list[str]) -> list[str] | str:
+    """The exact paths as a list, or, if a list would also match another module (a path that is a
+    dotted suffix of another module's name), a full-match regex of exactly these paths."""
+    wanted = set(paths)
+    others = [n for n in plain_names if n and n not in wanted]
+    if any(n.endswith("." + p) for n in others for p in paths):
+        return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+    return sorted(paths)
+
+
+def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors (Hugging Face keys) and the config of ``model``'s adapter."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers = list(iter_adapter_layers(model))
+    if not layers:
+        raise ValueError("save_adapter(): model has no adapter layers; inject_adapters() first")
+    if any(name == "" for name, _ in layers):
+        raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
+    method = _uniform(layers, "method", method_of)
+    use_rslora = _uniform(layers, "use_rslora", lambda layer: layer.use_rslora)
+    pissa = _uniform(layers, "init (pissa or not)", lambda layer: layer.init == "pissa")
+    ours: dict[str, Any] = {}
+    if method in ("dora", "qdora"):
+        epsilon = _uniform(layers, "DoRA epsilon", lambda layer: layer.epsilon)
+        if epsilon != _DORA_EPSILON:
+            ours["epsilon"] = epsilon
+    if method == "lora_plus":
+        ours["lr_ratio"] = _uniform(layers, "LoRA+ lr_ratio", lambda layer: layer.lr_ratio)
+    if method in ("qlora", "qdora"):
+        ours["quant"] = _uniform(layers, "quantization", _quant_info)
+
+    ranks = [layer.rank for _, layer in layers]
+    alphas = [layer.alpha for _, layer in layers]
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    rank_pattern = {_anchored(name): layer.rank for name, layer in layers if layer.rank != r}
+    alpha_pattern = {_anchored(name): layer.alpha for name, layer in layers if layer.alpha != alpha}
+    bias = _bias_mode(model, layers)
+
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers:
+        prefix = KEY_PREFIX + name
+        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A
+        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B
+        if isinstance(layer, DoRALinear):
+            tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude
+        if bias != "none" and layer.bias is not None:
+            tensors[f"{prefix}.base_layer.bias"] = layer.bias
+    if bias == "all":
+        for name, parameter in _plain_named_parameters(model):
+            if name == "bias" or name.endswith(".bias"):
+                tensors[KEY_PREFIX + name] = parameter
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+    config: dict[str, Any] = {
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": None,
+        "bias": _BIAS_TO_HF[bias],
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": "pissa" if pissa else True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": _most_common([layer.dropout for _, layer in layers]),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": None,
+        "target_modules": _target_modules([name for name, _ in layers], _plain_module_names(model)),
+        "task_type": None,
+        "use_dora": method in ("dora", "qdora"),
+        "use_rslora": use_rslora,
+    }
+    if method not in ("lora", "dora") or ours:
+        config["peft_layers"] = {"version": FORMAT_VERSION, "method": method, **ours}
+    return tensors, config
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
+    """Replace ``directory/<name>`` by ``files[name]`` for every name, all or nothing.
+
+    Each file goes to a temporary file in ``directory`` and is fsynced; then the temporary files
+    are renamed over the targets (``os.replace``, atomic per file) and the directory is fsynced.
+    An existing target is first hard-linked (or copied) aside, so that if a later rename fails the
+    earlier ones are undone. A crash between two renames (power loss) can leave one new and one
+    old file; ``load_adapter`` then finds them inconsistent in most cases (ranks, keys, DoRA).
+    """
+    tag = uuid.uuid4().hex[:12]
+    temps: dict[str, Path] = {}
+    backups: dict[str, Path] = {}
+    replaced: list[str] = []
+    try:
+        for name, data in files.items():
+            temp = directory / f".{name}.{tag}.tmp"
+            temps[name] = temp
+            with open(temp, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for name in files:
+            target = directory / name
+            if target.exists():
+                backup = directory / f".{name}.{tag}.bak"
+                try:
+                    os.link(target, backup)
+                except OSError:
+                    shutil.copy2(target, backup)
+                backups[name] = backup
+        for name in files:
+            os.replace(temps[name], directory / name)
+            replaced.append(name)
+        _fsync_directory(directory)
+    except BaseException:
+        for name in reversed(replaced):
+            target = directory / name
+            if name in backups:
+                os.replace(backups.pop(name), target)
+            else:
+                target.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in [*temps.values(), *backups.values()]:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> Path:
+    """Save ``model``'s adapter layers as a Hugging Face PEFT adapter; returns the folder.
+
+    Writes ``adapter_model.safetensors`` and ``adapter_config.json`` to ``directory`` (created if
+    missing) for ``adapter_name=None`` or ``"default"``, else to ``directory/<adapter_name>/``, the
+    layout of Hugging Face PEFT's ``save_pretrained``. The files load in
+    ``peft.PeftModel.from_pretrained(base, directory)`` and in :func:`load_adapter`.
+
+    Each adapter layer is saved once, under its first module name. The config's ``r`` and
+    ``lora_alpha`` are the most common rank and alpha; other layers get ``rank_pattern``/
+    ``alpha_pattern`` entries. Trained biases are saved when they train (``requires_grad``):
+    those of the adapter layers (``bias="lora_only"``), or every bias (``bias="all"``).
+
+    The save is atomic (see :func:`_write_atomically`): on any error, the files that were in the
+    folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
+    layers, or if its layers mix what one file cannot hold (methods, use_rslora, quantization,
+    DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA).
+    """
+    folder = adapter_directory(directory, adapter_name)
+    tensors, config = _build_files(model)
+    from safetensors.torch import save
+
+    files = {
+        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder, files)
+    return folder
+
+
+# ---- loading -----------------------------------------------------------------------------------
+@dataclass
+class _FillPlan:
+    """What a load will copy: checked completely before anything is copied."""
+
+    layers: list[tuple[LoRALinear, ModuleAdapter]]
+    biases: list[tuple[Tensor, Tensor]]
+
+
+def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
+    where = f"{adapter.directory}: {path!r}"
+    if layer.merged:
+        raise ValueError(f"{where}: the layer is merged; unmerge() it before loading adapter weights into it")
+    is_dora_layer = isinstance(layer, DoRALinear)
+    if adapter.is_dora and not is_dora_layer:
+        raise ValueError(
+            f"{where}: the file is a DoRA adapter (it has lora_magnitude_vector), but the model's layer is "
+            f"a {type(layer).__name__} without a magnitude; loading it as plain LoRA would drop the "
+            "magnitudes and change the outputs. Inject with method='dora' (or 'qdora')"
+        )
+    if not adapter.is_dora and is_dora_layer:
+        raise ValueError(
+            f"{where}: the model's layer is a {type(layer).__name__}, but the file is a plain LoRA adapter "
+            "with no lora_magnitude_vector to load into it. Inject with method='lora' (or 'qlora')"
+        )
+    if module.rank != layer.rank:
+        raise ValueError(f"{where}: the file has rank {module.rank}, the model's layer has rank {layer.rank}")
+    for name, tensor in (("lora_A", module.lora_A), ("lora_B", module.lora_B), ("magnitude", module.magnitude)):
+        if tensor is not None and tuple(tensor.shape) != tuple(getattr(layer, name).shape):
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(getattr(layer, name).shape)} in the model (in_features={layer.in_features}, "
+                f"out_features={layer.out_features}, rank={layer.rank})"
+            )
+    if (adapter.init == "pissa") != (layer.init == "pissa"):
+        raise ValueError(
+            f"{where}: the file's adapter is {'' if adapter.init == 'pissa' else 'not '}relative to a PiSSA "
+            f"residual base (init_lora_weights), the model's layer has init={layer.init!r}; the outputs "
+            "would be wrong. Load into a model without adapters so the file's init is reproduced"
+        )
+    if module.bias is not None and (layer.bias is None or tuple(layer.bias.shape) != tuple(module.bias.shape)):
+        found = None if layer.bias is None else tuple(layer.bias.shape)
+        raise ValueError(f"{where}: the file has a bias of shape {tuple(module.bias.shape)}, the model's layer {found}")
+
+
+def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Tensor, Tensor]]:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan = []
+    for path, tensor in adapter.other_biases.items():
+        module = modules.get(path)
+        bias = getattr(module, "bias", None) if module is not None else None
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != tuple(tensor.shape):
+            found = "no module" if module is None else f"bias {None if not isinstance(bias, Tensor) else tuple(bias.shape)}"
+            raise ValueError(
+                f"{adapter.directory}: the file has a bias {tuple(tensor.shape)} for {path!r}; the model has {found} there"
+            )
+        plan.append((bias, tensor))
+    return plan
+
+
+def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
+    """Match the file's modules to the model's adapter layers and check every tensor fits."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layers = list(iter_adapter_layers(model))
+    layer_names = [name for name, _ in layers]
+    planned: dict[int, tuple[LoRALinear, ModuleAdapter]] = {}
+    for path, module in adapter.modules.items():
+        target = modules.get(path)
+        if target is None:
+            raise ValueError(
+                f"{adapter.directory}: unexpected key: the file has an adapter for {path!r}, but the model has "
+                f"no module of that name; its adapter layers are {layer_names}"
+            )
+        if not isinstance(target, LoRALinear):
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, a {type(target).__name__} that is "
+                f"not an adapter layer; the model's adapter layers are {layer_names}. To inject the file's "
+                "adapters, load into the model without adapters (unload() first)"
+            )
+        if id(target) in planned:  # a shared layer, saved under two of its names
+            first = planned[id(target)][1]
+            if not all(
+                (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                for x, y in ((first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude))
+            ):
+                raise ValueError(
+                    f"{adapter.directory}: {first.path!r} and {path!r} name one shared layer but hold different tensors"
+                )
+            continue
+        _check_fits(target, module, adapter, path)
+        planned[id(target)] = (target, module)
+    missing = [name for name, layer in layers if id(layer) not in planned]
+    if missing:
+        raise ValueError(
+            f"{adapter.directory}: missing keys: the model's adapter layers {missing} have no tensors in the file "
+            f"(it has {list(adapter.modules)})"
+        )
+    return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter))
+
+
+def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
+    with torch.no_grad():
+        for layer, module in plan.layers:
+            layer.lora_A.copy_(module.lora_A)
+            layer.lora_B.copy_(module.lora_B)
+            if module.magnitude is not None:
+                layer.magnitude.copy_(module.magnitude)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+            layer.alpha = module.alpha
+            layer.use_rslora = adapter.use_rslora
+            if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
+                layer.epsilon = adapter.layer_kwargs["epsilon"]
+            if isinstance(layer, LoRAPlusLinear) and "lr_ratio" in adapter.layer_kwargs:
+                layer.lr_ratio = adapter.layer_kwargs["lr_ratio"]
+        for bias, tensor in plan.biases:
+            bias.copy_(tensor)
+
+
+_FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
+_QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _inject_kwargs(
+    adapter: AdapterFile, method: str, overrides: dict[str, Any], aliases: dict[str, list[str]]
+) -> dict[str, Any]:
+    """``inject_adapters`` keyword arguments that rebuild the file's layers (ranks, alphas, ...).
+
+    ``aliases[path]`` lists every name of the module at ``path``; ``inject_adapters`` looks up a
+    shared module's rank under its first name, which need not be the one in the file."""
+    ranks = [m.rank for m in adapter.modules.values()]
+    alphas = [m.alpha for m in adapter.modules.values()]
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    kwargs: dict[str, Any] = {
+        "rank": r,
+        "alpha": alpha,
+        "rank_pattern": {_anchored(a): m.rank for p, m in adapter.modules.items() if m.rank != r for a in aliases[p]},
+        "alpha_pattern": {
+            _anchored(a): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha for a in aliases[p]
+        },
+        "use_rslora": adapter.use_rslora,
+        "init": adapter.init,
+        "dropout": adapter.dropout,
+        "bias": adapter.bias_mode,
+    }
+    for key, value in adapter.layer_kwargs.items():
+        if (
+            (key == "epsilon" and method in ("dora", "qdora"))
+            or (key == "lr_ratio" and method == "lora_plus")
+            or (key in _QUANT_KWARGS and method in ("qlora", "qdora"))
+        ):
+            kwargs[key] = value
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
+    given = sorted(set(inject_kwargs) & set(_FROM_FILE))
+    if given:
+        raise TypeError(f"load_adapter(): {given} come from the adapter file and cannot be passed")
+    overrides = dict(inject_kwargs)
+    method = overrides.pop("method", adapter.method)
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if adapter.is_dora and method not in ("dora", "qdora"):
+        raise ValueError(
+            f"method: {method!r} cannot hold the DoRA adapter in {adapter.directory} (it has "
+            "lora_magnitude_vector); use 'dora' or 'qdora'"
+        )
+    if not adapter.is_dora and method in ("dora", "qdora"):
+        raise ValueError(
+            f"method: {method!r} needs DoRA magnitudes, but the adapter in {adapter.directory} is plain "
+            "LoRA; use 'lora', 'lora_plus' or 'qlora'"
+        )
+
+    # check the planned layers against the model's modules before touching anything
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, module in adapter.modules.items():
+        target = modules.get(path) if path else None
+        if target is None:
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module of that name"
+            )
+        in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
+        if not isinstance(in_features, int) or not isinstance(out_features, int):
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, but the model's module there is a "
+                f"{type(target).__name__}, not a linear layer"
+            )
+        want = ((module.rank, in_features), (out_features, module.rank))
+        if (tuple(module.lora_A.shape), tuple(module.lora_B.shape)) != want:
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: lora_A {tuple(module.lora_A.shape)} and lora_B "
+                f"{tuple(module.lora_B.shape)} do not fit the model's layer (in_features={in_features}, "
+                f"out_features={out_features}): expected {want[0]} and {want[1]}"
+            )
+        if module.rank > min(in_features, out_features):
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds min(in, out) = {min(in_features, out_features)}"
+            )
+        bias = getattr(target, "bias", None)
+        if module.bias is not None and (not isinstance(bias, Tensor) or bias.shape != module.bias.shape):
+            raise ValueError(f"{adapter.directory}: {path!r}: the file has a bias, the model's layer has none that fits")
+    _plan_other_biases(model, adapter)
+    aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
+    kwargs = _inject_kwargs(adapter, method, overrides, aliases)
+    paths = set(adapter.modules)
+    target_ids = {id(modules[p]) for p in paths}
+    # every name of every target, so that a shared module (several names) can be put back
+    originals = [(name, m) for name, m in modules.items() if name and id(m) in target_ids]
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_weights = []
+    if adapter.init == "pissa":  # PiSSA rewrites the base weight in place
+        for path in paths:
+            weight = getattr(modules[path], "weight", None)
+            if isinstance(weight, Tensor) and weight.is_floating_point():
+                saved_weights.append((weight, weight.detach().clone()))
+    try:
+        # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
+        _apply(_plan_fill(model, adapter), adapter)
+    except BaseException:
+        for name, module in originals:
+            _set_module(model, name, module)
+        for parameter, flag in grad_flags:
+            parameter.requires_grad_(flag)
+        with torch.no_grad():
+            for weight, saved in saved_weights:
+                weight.copy_(saved)
+        raise
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    **inject_kwargs: Any,
+) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` or Hugging Face PEFT into ``model``.
+
+    The files are read from ``directory`` (``adapter_name=None`` or ``"default"``) or
+    ``directory/<adapter_name>/``; see :func:`read_adapter` for the checks on the files alone.
+
+    - If ``model`` has adapter layers, the file fills them: every adapter layer must have its
+      tensors in the file and every module in the file must be an adapter layer of the model,
+      with the same rank and shapes; a DoRA file needs DoRA layers and a LoRA file plain LoRA
+      layers. The layers take the file's ``alpha`` and ``use_rslora`` (they define the function);
+      dropout and the base are left as they are. ``inject_kwargs`` are not allowed then.
+    - If ``model`` has no adapter layers, the file's modules are wrapped first with
+      ``inject_adapters``: the method from the file (``use_dora`` -> ``"dora"``, or our
+      ``"peft_layers"`` field: ``"lora_plus"``, ``"qlora"``, ``"qdora"`` with the recorded
+      quantization), each module with its rank and alpha, the file's ``use_rslora``,
+      ``lora_dropout`` and ``bias`` mode. ``inject_kwargs`` (``method``, ``quant``, ``dropout``,
+      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes (targets,
+      ranks, alphas, ``use_rslora``, ``init``). ``init_lora_weights="pissa"`` re-creates the PiSSA
+      residual of the base as Hugging Face PEFT does. The caller's RNG is not advanced.
+
+    Everything is checked before the model changes; on any error the model is as it was (an
+    injection is undone). Returns ``model``.
+
+    Raises:
+        FileNotFoundError: the adapter folder or its files do not exist.
+        ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
+            config against tensors) or files that do not fit the model.
+        TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    adapter = read_adapter(directory, adapter_name=adapter_name)
+    if next(iter_adapter_layers(model), None) is not None:
+        if inject_kwargs:
+            raise TypeError(
+                f"load_adapter(): {sorted(inject_kwargs)} apply only when the model has no adapter layers "
+                "(the file's adapters are injected then); this model has adapter layers, which the file fills"
+            )
+        _apply(_plan_fill(model, adapter), adapter)
+    else:
+        _inject_and_fill(model, adapter, inject_kwargs)
+    return model
