@@ -1,0 +1,87 @@
+"""Speed and memory of the full-precision layers (issue 2): LoRA, DoRA and their merged forms
+against the frozen ``nn.Linear`` and Hugging Face PEFT, at (tokens, in, out) = (512, 1024, 1024)
+and (512, 4096, 4096), fp32, rank 16, two threads.
+
+Two kinds of timing, both recorded by pytest-benchmark:
+
+- ``test_train_step`` / ``test_forward``: one benchmark per variant, run one after another with
+  the variants of a shape adjacent (pytest-benchmark's usual per-test statistics, grouped by shape).
+- ``test_paired``: all variants of a shape in one benchmark, interleaved round by round
+  (``harness.paired_rounds``); the per-variant times land in ``extra_info["times"]``. ``report.py``
+  takes its ratios from these, round by round, and shows the sequential ratios beside them.
+
+``test_peak_memory`` records, for one train step per variant, the peak tensor bytes and the number
+of allocations as large as the fp32 (out, in) weight (``extra_info["peak_bytes"]``,
+``extra_info["weight_sized"]``). Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import (
+    SHAPES,
+    Case,
+    build_dense_variant,
+    paired_rounds,
+    step_memory,
+    rounds_for,
+    shape_id,
+)
+
+TRAIN_VARIANTS = ("linear", "lora", "dora", "hf_lora", "hf_dora")
+FORWARD_VARIANTS = ("linear", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged")
+# linear_copy is an A/A control: a second, identical nn.Linear; its ratio to linear is the noise
+PAIRED_VARIANTS = {
+    "train": ("linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora"),
+    "forward": ("linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged"),
+}
+
+
+def _case(variant: str, shape: tuple[int, int, int]) -> Case:
+    tokens, in_features, out_features = shape
+    return Case(variant, build_dense_variant(variant, in_features, out_features), tokens)
+
+
+def _params(variants: tuple[str, ...]) -> list:
+    return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
+
+
+@pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
+def test_train_step(benchmark, shape, variant):
+    case = _case(variant, shape)
+    benchmark.group = f"train {shape_id(shape)}"
+    benchmark.extra_info.update(suite="layers", kind="train", shape=shape_id(shape), variant=variant)
+    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 30, 10), warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
+def test_forward(benchmark, shape, variant):
+    case = _case(variant, shape)
+    benchmark.group = f"forward {shape_id(shape)}"
+    benchmark.extra_info.update(suite="layers", kind="forward", shape=shape_id(shape), variant=variant)
+    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 50, 12), warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kind"),
+    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in ("train", "forward")],
+)
+def test_paired(benchmark, shape, kind):
+    cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS[kind]}
+    one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
+    benchmark.group = f"paired {kind} {shape_id(shape)}"
+    benchmark.extra_info.update(suite="layers", kind=kind, shape=shape_id(shape), mode="paired", times=times)
+    rounds = rounds_for(shape, 100, 25) if kind == "train" else rounds_for(shape, 150, 30)
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+
+
+@pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
+def test_peak_memory(benchmark, shape, variant):
+    case = _case(variant, shape)
+    case.train_step()  # first step outside: lazy caches and optimizer state exist before measuring
+    benchmark.group = f"memory {shape_id(shape)}"
+    benchmark.extra_info.update(suite="layers", kind="memory", shape=shape_id(shape), variant=variant)
+    weight_bytes = 4 * shape[1] * shape[2]
+    memory = benchmark.pedantic(lambda: step_memory(case.train_step, weight_bytes), rounds=1, iterations=1)
+    benchmark.extra_info.update(memory)

@@ -1,0 +1,59 @@
+"""pytest set-up for the benchmark suites (``pytest benchmarks --benchmark-only``).
+
+The suites live in ``bench_*.py`` files so that the unit-test run (``pytest tests``, and plain
+``pytest``, whose ``testpaths`` is ``tests``) never collects them; this conftest is loaded only when
+pytest is pointed at ``benchmarks/``, and collects those files here. Every run uses two intra-op
+threads (the target machine has two cores) and records the library versions in the JSON's
+``machine_info``, which ``report.py`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import THREADS, configure_torch
+
+configure_torch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # peft/bitsandbytes import torch.jit.script_method, deprecated in torch 2.13: not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _version(module: str) -> str:
+    try:
+        imported = __import__(module)
+    except Exception as error:  # bitsandbytes can fail on import for reasons of its own
+        return f"unavailable ({type(error).__name__})"
+    return str(getattr(imported, "__version__", "unknown"))
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    import torch
+
+    machine_info["libraries"] = {
+        "torch": torch.__version__,
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "peft_layers": _version("peft_layers"),
+    }
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["platform"] = platform.platform()
+    machine_info["rounds_scale"] = os.environ.get("PEFT_LAYERS_BENCH_ROUNDS_SCALE", "1")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"peft_layers benchmarks: torch threads = {THREADS}; ratios by benchmarks/report.py"

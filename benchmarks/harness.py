@@ -1,0 +1,271 @@
+"""Shared pieces of the benchmark suites: shapes, layer variants, timed steps, memory accounting.
+
+A *variant* is one layer built over the same frozen weight: the plain ``nn.Linear``, our adapter
+layers, and Hugging Face PEFT's over an identical base. A :class:`Case` holds one variant with its
+own input, output gradient and optimizer, and exposes the two timed operations:
+
+- ``train_step()``: forward, loss, backward with the input requiring grad, then an SGD step on
+  the adapter parameters (the adapter changes every step, so no cache keyed on A, B or m can
+  hit). The loss is ``sum(y * G)`` for a fixed random ``G``, applied as ``y.backward(G)``: the
+  gradient of any loss reaches the layer as such a ``G``, and skipping a loss kernel keeps a
+  constant cost out of both sides of every ratio (which would push them towards 1).
+  ``nn.Linear`` has no trainable parameter, so its step is forward + backward to the input.
+- ``forward()``: the no-grad forward (``torch.no_grad()``, eval mode).
+
+Nothing here asserts a timing: these are measurements, not tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+#: (tokens, in_features, out_features)
+SHAPES: tuple[tuple[int, int, int], ...] = ((512, 1024, 1024), (512, 4096, 4096))
+RANK = 16
+ALPHA = 32.0
+LR = 1e-3
+THREADS = 2
+SEED = 0
+
+
+def shape_id(shape: tuple[int, int, int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def configure_torch() -> None:
+    """Two intra-op threads (the target machine has two cores), fp32, no autograd anomaly mode."""
+    torch.set_num_threads(THREADS)
+    torch.set_default_dtype(torch.float32)
+
+
+def rounds_scale() -> float:
+    """``PEFT_LAYERS_BENCH_ROUNDS_SCALE`` (default 1) multiplies every round count: 0.2 for a smoke run."""
+    value = float(os.environ.get("PEFT_LAYERS_BENCH_ROUNDS_SCALE", "1"))
+    if not value > 0:
+        raise ValueError(f"PEFT_LAYERS_BENCH_ROUNDS_SCALE: expected a number > 0, got {value!r}")
+    return value
+
+
+def rounds_for(shape: tuple[int, int, int], small: int, large: int) -> int:
+    """``small`` rounds for the 1024 shape, ``large`` for the 4096 one, scaled, at least 3."""
+    base = small if shape[1] * shape[2] <= 1024 * 1024 else large
+    return max(3, round(base * rounds_scale()))
+
+
+# ---- building the variants ------------------------------------------------------------------
+def make_linear(in_features: int, out_features: int, *, seed: int = SEED) -> nn.Linear:
+    """A frozen ``nn.Linear`` whose values depend only on ``seed`` (every variant gets a copy)."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(in_features)
+        linear.weight.copy_(torch.rand(out_features, in_features, generator=generator) * 2 * bound - bound)
+        linear.bias.copy_(torch.rand(out_features, generator=generator) * 2 * bound - bound)
+    linear.requires_grad_(False)
+    return linear
+
+
+def perturb_adapter_(layer: nn.Module, *, seed: int = SEED + 1) -> None:
+    """Give every ``lora_B`` small random values, so the adapter is not the identity at step 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in layer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-3)
+
+
+class _Holder(nn.Module):
+    """The smallest model Hugging Face PEFT can wrap: one linear layer called ``proj``."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def hf_peft_layer(base: nn.Module, *, use_dora: bool) -> nn.Module:
+    """Hugging Face PEFT's LoRA/DoRA layer over ``base`` (rank 16, alpha 32), the layer itself."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0, use_dora=use_dora)
+    model = get_peft_model(_Holder(base), config)
+    return model.base_model.model.proj
+
+
+def build_dense_variant(name: str, in_features: int, out_features: int) -> nn.Module:
+    """One variant over a fresh copy of the seeded weight.
+
+    ``linear``/``linear_copy`` (the A/A control), ``lora``, ``dora``, ``hf_lora``, ``hf_dora``,
+    ``lora_merged``, ``dora_merged``.
+    """
+    import peft_layers as pl
+
+    linear = make_linear(in_features, out_features)
+    if name in ("linear", "linear_copy"):
+        return linear
+    if name in ("lora", "lora_merged"):
+        layer: nn.Module = pl.LoRALinear.from_linear(linear, rank=RANK, alpha=ALPHA)
+    elif name in ("dora", "dora_merged"):
+        layer = pl.DoRALinear.from_linear(linear, rank=RANK, alpha=ALPHA)
+    elif name == "hf_lora":
+        layer = hf_peft_layer(linear, use_dora=False)
+    elif name == "hf_dora":
+        layer = hf_peft_layer(linear, use_dora=True)
+    else:
+        raise ValueError(f"variant: unknown dense variant {name!r}")
+    perturb_adapter_(layer)
+    if name.endswith("_merged"):
+        layer.merge()
+    return layer
+
+
+# ---- the timed operations ---------------------------------------------------------------------
+@dataclass
+class Case:
+    """One variant ready to time: its layer, inputs, output gradient and optimizer."""
+
+    name: str
+    layer: nn.Module
+    tokens: int
+    x_train: Tensor = field(init=False)
+    x_forward: Tensor = field(init=False)
+    grad_out: Tensor = field(init=False)
+    optimizer: torch.optim.Optimizer | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(SEED + 2)
+        in_features, out_features = _features(self.layer)
+        x = torch.randn(self.tokens, in_features, generator=generator)
+        self.x_train = x.clone().requires_grad_(True)
+        self.x_forward = x.clone()
+        self.grad_out = torch.randn(self.tokens, out_features, generator=generator) / self.tokens
+        params = [p for p in self.layer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=LR) if params else None
+
+    def train_step(self) -> None:
+        """Forward + loss ``sum(y * G)`` + backward (input requires grad) + SGD step."""
+        self.layer.train()
+        out = self.layer(self.x_train)
+        out.backward(self.grad_out)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.x_train.grad = None
+
+    def forward(self) -> None:
+        """No-grad forward in eval mode."""
+        self.layer.eval()
+        with torch.no_grad():
+            self.layer(self.x_forward)
+
+    def operation(self, kind: str) -> Callable[[], None]:
+        if kind == "train":
+            return self.train_step
+        if kind == "forward":
+            return self.forward
+        raise ValueError(f"kind: expected 'train' or 'forward', got {kind!r}")
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    return int(layer.in_features), int(layer.out_features)
+
+
+# ---- paired (interleaved) timing --------------------------------------------------------------
+def paired_rounds(
+    operations: dict[str, Callable[[], None]], *, warmup: int = 2
+) -> tuple[Callable[[], None], dict[str, list[float]]]:
+    """A function that runs one round of every operation, and the per-operation times it collects.
+
+    Round ``i`` runs the operations in the listed order rotated by ``i``, so no variant always
+    follows the same neighbour. Each operation is timed on its own with ``perf_counter``; ratios
+    are then taken round by round (``t_candidate[i] / t_baseline[i]``), which cancels the slow
+    drifts (frequency, neighbours on a shared host) that separate runs minutes apart would see.
+    ``warmup`` rounds run at once and are not recorded.
+    """
+    names = list(operations)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for name in names:
+            operations[name]()
+    counter = [0]
+
+    def one_round() -> None:
+        start = counter[0] % len(names)
+        counter[0] += 1
+        for name in names[start:] + names[:start]:
+            begin = time.perf_counter()
+            operations[name]()
+            times[name].append(time.perf_counter() - begin)
+
+    return one_round, times
+
+
+# ---- memory ------------------------------------------------------------------------------------
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes held by tensor storages created inside the ``with`` block.
+
+    Every aten op's outputs are inspected; a storage not seen before and not shared with one of
+    the op's inputs (views and in-place results share theirs) counts as an allocation of
+    ``storage.nbytes()``, released when the storage is freed (a weak reference to the storage's
+    Python object, which lives exactly as long as the storage). CPU has no
+    ``torch.cuda.max_memory_allocated``; this counts the same thing for tensors, ignoring
+    allocator slack and kernels' private scratch space.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        #: nbytes of every allocation, in order
+        self.allocations: list[int] = []
+        self._live: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Iterable[type], args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, Tensor)
+        }
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in inputs or key in self._live:
+                continue
+            nbytes = storage.nbytes()
+            self._live[key] = nbytes
+            self.current += nbytes
+            self.allocations.append(nbytes)
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+
+def step_memory(step: Callable[[], None], weight_bytes: int) -> dict[str, int]:
+    """Tensor memory of one call of ``step``: ``peak_bytes`` allocated beyond what existed before,
+    and ``weight_sized`` = how many allocations held at least ``weight_bytes`` (an out x in weight)."""
+    with PeakTensorMemory() as meter:
+        step()
+    return {
+        "peak_bytes": meter.peak,
+        "weight_sized": sum(nbytes >= weight_bytes for nbytes in meter.allocations),
+        "allocations": len(meter.allocations),
+    }

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Ratios, targets and a plot from a pytest-benchmark JSON of the peft_layers benchmark suites.
+
+    python benchmarks/report.py [benchmarks/results/latest.json] [--out-dir DIR] [--no-plot]
+
+Prints a markdown report and writes ``report.md`` and ``report.png`` (the plot only if matplotlib
+is installed) into ``--out-dir``, by default the JSON's directory.
+
+How a ratio is estimated (docs/benchmarks.md says why):
+
+- **paired** (the verdict): from ``test_paired``, where every variant of a shape ran once per
+  round, interleaved. The ratio of round ``i`` is ``t_num[i] / t_den[i]``; the estimate is the
+  median over rounds, with a distribution-free 95% confidence interval for that median (order
+  statistics of the binomial(n, 1/2)).
+- **sequential** (a cross-check): median time of ``test_<kind>[num]`` over median time of
+  ``test_<kind>[den]``, two pytest-benchmark runs made one after the other.
+
+A target is met (PASS) when the paired median is at or below it; "(CI)" flags a verdict whose
+interval still contains the target. "within noise" targets pass unless the paired interval lies
+entirely above 1.02. Memory rows compare one train step: peak tensor bytes (informational) and the
+number of allocations as large as the fp32 (out, in) weight, which carries the memory targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+NOISE = 1.02
+
+LARGE = "512x4096x4096"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``numerator / denominator`` for one kind of operation, with an optional target."""
+
+    label: str
+    suite: str
+    kind: str  # "train" or "forward"
+    numerator: str
+    denominator: str
+    #: None (informational), a number, a {shape: number} dict, or "noise"
+    target: Any = None
+    note: str = ""
+
+    def target_for(self, shape: str) -> float | str | None:
+        if isinstance(self.target, dict):
+            return self.target.get(shape)
+        return self.target
+
+
+LAYER_RATIOS = (
+    Ratio("LoRA / nn.Linear", "layers", "train", "lora", "linear", {"512x1024x1024": 1.15, LARGE: 1.05}),
+    Ratio("LoRA / nn.Linear", "layers", "forward", "lora", "linear", {"512x1024x1024": 1.15, LARGE: 1.05}),
+    Ratio("DoRA / LoRA", "layers", "train", "dora", "lora", 1.15),
+    Ratio("DoRA / LoRA", "layers", "forward", "dora", "lora", 1.15),
+    Ratio("DoRA / HF PEFT DoRA", "layers", "train", "dora", "hf_dora", 0.75),
+    Ratio("merged LoRA / nn.Linear", "layers", "forward", "lora_merged", "linear", "noise"),
+    Ratio("merged DoRA / nn.Linear", "layers", "forward", "dora_merged", "linear", "noise"),
+    Ratio("LoRA / HF PEFT LoRA", "layers", "train", "lora", "hf_lora"),
+    Ratio("LoRA / HF PEFT LoRA", "layers", "forward", "lora", "hf_lora"),
+    Ratio("DoRA / HF PEFT DoRA", "layers", "forward", "dora", "hf_dora"),
+    Ratio("HF PEFT LoRA / nn.Linear", "layers", "train", "hf_lora", "linear", note="issue 2 saw 1.17 / 1.0"),
+    Ratio("HF PEFT DoRA / HF PEFT LoRA", "layers", "train", "hf_dora", "hf_lora", note="issue 2 saw 1.6-1.8"),
+    Ratio("HF PEFT DoRA / HF PEFT LoRA", "layers", "forward", "hf_dora", "hf_lora", note="issue 2 saw 2.3-2.6"),
+    Ratio("A/A control: nn.Linear / nn.Linear", "layers", "train", "linear_copy", "linear", note="noise floor"),
+    Ratio("A/A control: nn.Linear / nn.Linear", "layers", "forward", "linear_copy", "linear", note="noise floor"),
+)
+
+QUANT_RATIOS = (
+    Ratio("QLoRA / QuantizedLinear", "quant", "train", "qlora", "quantized", 1.10),
+    Ratio("QLoRA / HF PEFT QLoRA", "quant", "train", "qlora", "hf_qlora", 1.00),
+    Ratio("QDoRA / QLoRA", "quant", "train", "qdora", "qlora", 1.20),
+    Ratio("QLoRA / QuantizedLinear", "quant", "forward", "qlora", "quantized", 1.10),
+    Ratio("QDoRA / QuantizedLinear", "quant", "forward", "qdora", "quantized", 1.10),
+    Ratio("QDoRA / HF PEFT QDoRA", "quant", "train", "qdora", "hf_qdora"),
+    Ratio("QLoRA / HF PEFT QLoRA", "quant", "forward", "qlora", "hf_qlora"),
+    Ratio("QDoRA / HF PEFT QDoRA", "quant", "forward", "qdora", "hf_qdora"),
+    Ratio("QuantizedLinear / bnb Linear4bit", "quant", "train", "quantized", "bnb_4bit"),
+    Ratio("QuantizedLinear / bnb Linear4bit", "quant", "forward", "quantized", "bnb_4bit"),
+    Ratio("HF PEFT QLoRA / bnb Linear4bit", "quant", "train", "hf_qlora", "bnb_4bit", note="issue 3 saw 1.15-1.2"),
+    Ratio("HF PEFT QDoRA / HF PEFT QLoRA", "quant", "train", "hf_qdora", "hf_qlora", note="issue 3 saw 1.35-1.95"),
+    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "train", "quantized_copy", "quantized", note="noise floor"),
+    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "forward", "quantized_copy", "quantized", note="noise floor"),
+)
+
+#: (label, suite, numerator, denominator, most extra (out, in)-sized allocations allowed, why)
+MEMORY_RATIOS = (
+    ("DoRA vs LoRA", "layers", "dora", "lora", 0, "issue 2: none beyond LoRA's"),
+    ("HF PEFT DoRA vs LoRA", "layers", "hf_dora", "lora", None, ""),
+    ("LoRA vs nn.Linear", "layers", "lora", "linear", None, ""),
+    ("QDoRA vs QLoRA", "quant", "qdora", "qlora", 1, "issue 3: at most one"),
+    ("HF PEFT QDoRA vs QLoRA", "quant", "hf_qdora", "qlora", None, ""),
+    ("QLoRA vs QuantizedLinear", "quant", "qlora", "quantized", None, ""),
+)
+
+
+# ---- reading the JSON ----------------------------------------------------------------------------
+@dataclass
+class Results:
+    paired: dict[tuple[str, str, str], dict[str, list[float]]]  # (suite, kind, shape) -> variant -> times
+    sequential: dict[tuple[str, str, str, str], list[float]]  # (suite, kind, shape, variant) -> times
+    memory: dict[tuple[str, str, str], dict[str, int]]  # (suite, shape, variant) -> step_memory()
+    meta: dict[str, Any]
+
+    def shapes(self) -> list[str]:
+        found = {key[2] for key in self.paired} | {key[2] for key in self.sequential} | {key[1] for key in self.memory}
+        return sorted(found, key=lambda s: [int(n) for n in s.split("x")])
+
+
+def load(path: Path) -> Results:
+    data = json.loads(path.read_text())
+    paired: dict = {}
+    sequential: dict = {}
+    memory: dict = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        suite, kind, shape = info.get("suite"), info.get("kind"), info.get("shape")
+        if not (suite and kind and shape):
+            continue
+        if info.get("mode") == "paired":
+            paired[(suite, kind, shape)] = info["times"]
+        elif kind == "memory":
+            if "peak_bytes" in info:
+                memory[(suite, shape, info["variant"])] = {
+                    "peak_bytes": int(info["peak_bytes"]), "weight_sized": int(info.get("weight_sized", -1)),
+                }
+        else:
+            stats = bench["stats"]
+            sequential[(suite, kind, shape, info["variant"])] = stats.get("data") or [stats["median"]]
+    return Results(paired, sequential, memory, data)
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: order statistics ``(k, n - k + 1)``, ``k`` the
+    largest with ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. None when n is too small."""
+    n = len(values)
+    ordered = sorted(values)
+    tail = (1 - confidence) / 2
+    cumulative = 0.0
+    k = 0
+    while k < n:
+        p = math.comb(n, k) / 2**n
+        if cumulative + p > tail:
+            break
+        cumulative += p
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
+@dataclass
+class Measured:
+    paired: float | None
+    ci: tuple[float, float] | None
+    rounds: int
+    sequential: float | None
+
+
+def measure(results: Results, ratio: Ratio, shape: str) -> Measured | None:
+    paired = ci = None
+    rounds = 0
+    times = results.paired.get((ratio.suite, ratio.kind, shape), {})
+    if ratio.numerator in times and ratio.denominator in times:
+        per_round = [n / d for n, d in zip(times[ratio.numerator], times[ratio.denominator]) if d > 0]
+        if per_round:
+            paired = statistics.median(per_round)
+            ci = median_ci(per_round)
+            rounds = len(per_round)
+    sequential = None
+    num = results.sequential.get((ratio.suite, ratio.kind, shape, ratio.numerator))
+    den = results.sequential.get((ratio.suite, ratio.kind, shape, ratio.denominator))
+    if num and den:
+        sequential = statistics.median(num) / statistics.median(den)
+    if paired is None and sequential is None:
+        return None
+    return Measured(paired, ci, rounds, sequential)
+
+
+def verdict(target: float | str | None, measured: Measured) -> str:
+    value = measured.paired if measured.paired is not None else measured.sequential
+    if target is None or value is None:
+        return ""
+    low, high = measured.ci if measured.ci else (value, value)
+    if target == "noise":
+        return "MISS" if low > NOISE else "PASS"
+    ok = value <= target
+    flag = " (CI)" if low <= target <= high else ""
+    return ("PASS" if ok else "MISS") + flag
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _target_text(target: float | str | None) -> str:
+    if target is None:
+        return "-"
+    if target == "noise":
+        return f"within noise (CI not above {NOISE})"
+    return f"<= {target:.2f}"
+
+
+# ---- the report ----------------------------------------------------------------------------------
+def ratio_rows(results: Results) -> list[dict[str, Any]]:
+    rows = []
+    for ratio in LAYER_RATIOS + QUANT_RATIOS:
+        for shape in results.shapes():
+            measured = measure(results, ratio, shape)
+            if measured is None:
+                continue
+            target = ratio.target_for(shape)
+            rows.append(
+                {
+                    "ratio": ratio, "shape": shape, "measured": measured, "target": target,
+                    "verdict": verdict(target, measured),
+                }
+            )
+    return rows
+
+
+def header(results: Results) -> list[str]:
+    meta = results.meta
+    machine = meta.get("machine_info", {})
+    libraries = machine.get("libraries", {})
+    cpu = machine.get("cpu", {})
+    commit = meta.get("commit_info", {})
+    libs = ", ".join(f"{name} {version}" for name, version in libraries.items())
+    return [
+        f"- date: {meta.get('datetime', '?')}",
+        f"- machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, "
+        f"{machine.get('cpu_count', cpu.get('count', '?'))} cores, torch threads "
+        f"{machine.get('torch_threads', '?')}, {machine.get('platform', machine.get('system', ''))}",
+        f"- libraries: {libs or '?'}",
+        f"- commit: {commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}; "
+        f"rounds scale {machine.get('rounds_scale', '1')}",
+    ]
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| ratio | step | shape | paired median [95% CI] | rounds | sequential | target | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio, measured = row["ratio"], row["measured"]
+        ci = f" [{measured.ci[0]:.3f}, {measured.ci[1]:.3f}]" if measured.ci else ""
+        target = _target_text(row["target"]) if row["target"] is not None else (ratio.note or "-")
+        lines.append(
+            f"| {ratio.label} | {ratio.kind} | {row['shape']} | {_fmt(measured.paired)}{ci} | "
+            f"{measured.rounds} | {_fmt(measured.sequential)} | {target} | {row['verdict'] or '-'} |"
+        )
+    return lines
+
+
+def time_table(results: Results) -> list[str]:
+    lines = [
+        "| suite | step | shape | variant | paired median ms | sequential median ms | sequential rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted(
+        {(s, k, sh, v) for (s, k, sh), times in results.paired.items() for v in times}
+        | set(results.sequential),
+        key=lambda key: (key[0], key[1] != "train", [int(n) for n in key[2].split("x")]),
+    )
+    for suite, kind, shape, variant in keys:
+        paired = results.paired.get((suite, kind, shape), {}).get(variant)
+        sequential = results.sequential.get((suite, kind, shape, variant))
+        lines.append(
+            f"| {suite} | {kind} | {shape} | {variant} | "
+            f"{_fmt(statistics.median(paired) * 1e3 if paired else None, 2)} | "
+            f"{_fmt(statistics.median(sequential) * 1e3 if sequential else None, 2)} | "
+            f"{len(sequential) if sequential else '-'} |"
+        )
+    return lines
+
+
+def memory_rows(results: Results) -> list[dict[str, Any]]:
+    rows = []
+    for label, suite, numerator, denominator, target, note in MEMORY_RATIOS:
+        for shape in results.shapes():
+            num = results.memory.get((suite, shape, numerator))
+            den = results.memory.get((suite, shape, denominator))
+            if num is None or den is None:
+                continue
+            extra = num["weight_sized"] - den["weight_sized"]
+            rows.append(
+                {
+                    "label": label, "shape": shape, "num": num, "den": den,
+                    "ratio": num["peak_bytes"] / den["peak_bytes"] if den["peak_bytes"] else math.inf,
+                    "extra": extra, "target": target, "note": note,
+                    "verdict": "" if target is None else ("PASS" if extra <= target else "MISS"),
+                }
+            )
+    return rows
+
+
+def memory_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| one train step | shape | peak MiB | peak ratio | (out, in)-sized allocations | extra | target | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        num, den = row["num"], row["den"]
+        target = "-" if row["target"] is None else f"<= {row['target']} ({row['note']})"
+        lines.append(
+            f"| {row['label']} | {row['shape']} | {num['peak_bytes'] / 2**20:.1f} / {den['peak_bytes'] / 2**20:.1f} | "
+            f"{row['ratio']:.2f} | {num['weight_sized']} / {den['weight_sized']} | {row['extra']:+d} | "
+            f"{target} | {row['verdict'] or '-'} |"
+        )
+    return lines
+
+
+def render(results: Results, rows: list[dict[str, Any]], mem_rows: list[dict[str, Any]]) -> str:
+    misses = [r for r in rows if r["verdict"].startswith("MISS")] + [r for r in mem_rows if r["verdict"] == "MISS"]
+    passes = [r for r in rows if r["verdict"].startswith("PASS")] + [r for r in mem_rows if r["verdict"] == "PASS"]
+    parts = [
+        "# peft_layers benchmark report",
+        "",
+        *header(results),
+        "",
+        f"Targets: {len(passes)} PASS, {len(misses)} MISS. Ratios are candidate time / baseline time "
+        "(lower is faster); the verdict uses the paired median.",
+        "",
+        "## Speed ratios",
+        "",
+        *ratio_table(rows),
+        "",
+        "## Peak memory",
+        "",
+        *(memory_table(mem_rows) if mem_rows else ["(no memory benchmarks in this run)"]),
+        "",
+        "## Times",
+        "",
+        *time_table(results),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Paired ratios with their intervals and targets, one panel per shape; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r["measured"].paired is not None]
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(n) for n in s.split("x")])
+    if not shapes:
+        return False
+    height = max(len([r for r in rows if r["shape"] == s]) for s in shapes)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 0.38 * height + 1.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        panel = [r for r in rows if r["shape"] == shape]
+        labels = [f"{r['ratio'].label} ({r['ratio'].kind})" for r in panel]
+        values = [r["measured"].paired for r in panel]
+        low = [v - (r["measured"].ci[0] if r["measured"].ci else v) for v, r in zip(values, panel)]
+        high = [(r["measured"].ci[1] if r["measured"].ci else v) - v for v, r in zip(values, panel)]
+        colors = [
+            "tab:red" if r["verdict"].startswith("MISS") else "tab:green" if r["verdict"] else "tab:gray"
+            for r in panel
+        ]
+        y = list(range(len(panel)))
+        ax.barh(y, values, xerr=[low, high], color=colors, alpha=0.8, capsize=2)
+        for position, r in zip(y, panel):
+            target = r["target"]
+            value = NOISE if target == "noise" else target
+            if isinstance(value, (int, float)):
+                ax.plot([value, value], [position - 0.4, position + 0.4], color="black", linewidth=2)
+        ax.axvline(1.0, color="black", linewidth=0.6, linestyle=":")
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("time ratio (paired median, 95% CI); black tick = target")
+        ax.set_title(shape)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT_JSON, help="pytest-benchmark JSON")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where report.md/.png go (default: the JSON's directory)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    if not args.json.is_file():
+        print(f"report.py: no such file {args.json}; run `python3 dev.py bench` first", file=sys.stderr)
+        return 2
+    results = load(args.json)
+    rows = ratio_rows(results)
+    mem_rows = memory_rows(results)
+    text = render(results, rows, mem_rows)
+    out_dir = args.out_dir or args.json.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    print(text)
+    if not args.no_plot:
+        png = out_dir / "report.png"
+        if plot(rows, png):
+            print(f"plot: {png}")
+        else:
+            print("plot: skipped (matplotlib is not installed)")
+    print(f"report: {out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
