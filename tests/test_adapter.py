@@ -1,0 +1,343 @@
+"""AdapterMixin behaviour shared by every adapter layer: pass-through, freezing, the merge state
+machine, enable/disable, to_linear(), adapter_parameters(), extra_repr, delta_weight()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import (
+    F64,
+    assert_close64,
+    dora_ref,
+    f64,
+    lora_ref,
+    materialised_weight,
+    randomize_adapter,
+)
+from torch import nn
+
+import peft_layers as pl
+
+CLASSES = [pl.LoRALinear, pl.LoRAPlusLinear, pl.DoRALinear]
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+ADAPTER_NAMES = {pl.LoRALinear: ("lora_A", "lora_B"), pl.LoRAPlusLinear: ("lora_A", "lora_B"),
+                 pl.DoRALinear: ("lora_A", "lora_B", "magnitude")}
+
+
+def _layer(cls, in_f=12, out_f=10, dtype=torch.float32, bias=True, **kw):
+    kw.setdefault("rank", 3)
+    kw.setdefault("alpha", 6.0)
+    layer = cls(in_f, out_f, dtype=dtype, bias=bias, **kw)
+    randomize_adapter(layer)
+    return layer
+
+
+def _reference_out(layer, x):
+    """Float64 reference output of the (unmerged, enabled) adapter from its current tensors."""
+    args = (f64(x), f64(layer.weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B))
+    if isinstance(layer, pl.DoRALinear):
+        return dora_ref(*args, f64(layer.magnitude), layer.scaling, layer.epsilon)
+    return lora_ref(*args, layer.scaling)
+
+
+def _base_out(w0, b, x):
+    y = f64(x) @ f64(w0).T
+    return y if b is None else y + f64(b)
+
+
+# ---- pass-through and freezing --------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_wraps_without_copy_and_freezes(cls, bias):
+    linear = nn.Linear(12, 10, bias=bias)
+    assert linear.weight.requires_grad
+    ptr = linear.weight.data_ptr()
+    layer = cls.from_linear(linear, rank=2)
+    assert layer.base_layer is linear
+    assert layer.weight is linear.weight and layer.weight.data_ptr() == ptr
+    assert layer.bias is linear.bias
+    assert (layer.in_features, layer.out_features) == (12, 10)
+    assert not linear.weight.requires_grad
+    assert bias is False or not linear.bias.requires_grad
+    assert layer.lora_A.shape == (2, 12) and layer.lora_B.shape == (10, 2)
+    assert isinstance(layer, pl.LoRALinear) and isinstance(layer, pl.AdapterMixin)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_constructor_builds_a_frozen_base(cls):
+    layer = cls(7, 5, rank=2, bias=False, dtype=torch.float64)
+    assert isinstance(layer.base_layer, nn.Linear)
+    assert layer.bias is None and layer.weight.dtype == torch.float64
+    assert not layer.weight.requires_grad
+    assert layer.lora_A.dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_adapter_parameters_are_exactly_the_trainable_ones(cls):
+    layer = _layer(cls)
+    names = ADAPTER_NAMES[cls]
+    params = list(layer.adapter_parameters())
+    assert [id(p) for p in params] == [id(getattr(layer, n)) for n in names]
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params)
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == set(names)
+    assert set(layer.state_dict()) == set(names) | {"base_layer.weight", "base_layer.bias"}
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_extra_repr(cls):
+    layer = cls(12, 10, rank=4, alpha=8.0, use_rslora=True)
+    text = repr(layer)
+    for part in ("rank=4", "alpha=8", "scaling=4", "merged=False", "in_features=12", "out_features=10"):
+        assert part in text, (part, text)
+    layer.merge()
+    assert "merged=True" in repr(layer)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_training_step_changes_only_adapter_tensors(cls):
+    layer = _layer(cls, dropout=0.1).train()
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = F.mse_loss(layer(torch.randn(2, 4, 12)), torch.randn(2, 4, 10))
+        opt.zero_grad()
+        loss.backward()
+        assert layer.weight.grad is None and layer.bias.grad is None
+        opt.step()
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    for name in ADAPTER_NAMES[cls]:
+        assert not torch.equal(getattr(layer, name), before[name]), f"{name} did not train"
+
+
+# ---- merge state machine --------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES)
+def test_merge_twice_and_unmerge_unmerged_raise(cls):
+    layer = _layer(cls)
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    assert layer.merged
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    assert torch.equal(layer.weight, w) and layer.merged  # a failed merge changes nothing
+    layer.unmerge()
+    assert not layer.merged
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+
+
+@given(cls=st.sampled_from(CLASSES), dtype=st.sampled_from([torch.float32, torch.float64]),
+       in_f=st.integers(1, 20), out_f=st.integers(1, 20), rank=st.integers(1, 20), bias=st.booleans(),
+       scale=st.floats(0.01, 2.0), seed=st.integers(0, 2**16), tokens=st.integers(1, 4))
+def test_merged_output_equals_unmerged_and_unmerge_restores(cls, dtype, in_f, out_f, rank, bias, scale, seed,
+                                                            tokens):
+    rank = min(rank, in_f, out_f)
+    layer = cls(in_f, out_f, rank=rank, alpha=2.0, bias=bias, dtype=dtype)
+    randomize_adapter(layer, scale=scale, seed=seed)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(tokens, in_f, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        expected = _reference_out(layer, x)
+        layer.merge()
+        y_merged = layer(x)
+        assert torch.equal(y_merged, layer.base_layer(x))  # merged forward is one base call
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close64(y_merged, expected, tol, what="merged output")
+    assert_close64(y_merged, f64(y), tol, what="merged vs unmerged")
+    layer.unmerge()
+    # W0 back to rounding: the error of W0 + s B A (times the DoRA gain) and back, per entry
+    upd = (layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)).abs()
+    gain = 1.0
+    if cls is pl.DoRALinear:
+        w_prime = materialised_weight(w0, layer.lora_A, layer.lora_B, layer.scaling)
+        g = f64(layer.magnitude) / w_prime.norm(dim=1).clamp_min(layer.epsilon)
+        gain = torch.maximum(g, 1 / g)[:, None]
+    bound = 8 * EPS[dtype] * gain * (f64(w0).abs() + upd)
+    err = (f64(layer.weight) - f64(w0)).abs()
+    assert torch.all(err <= bound), float((err / bound).max())
+    with torch.no_grad():
+        assert_close64(layer(x), f64(y), tol, what="output after unmerge")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_merge_unmerge_cycles_do_not_drift(cls):
+    layer = _layer(cls, dtype=torch.float64)
+    w0 = layer.weight.detach().clone()
+    for _ in range(5):
+        layer.merge()
+        layer.unmerge()
+    assert_close64(layer.weight, w0, 1e-13, what="W0 after 5 cycles")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_merged_layer_has_no_adapter_gradient(cls):
+    layer = _layer(cls)
+    layer.merge()
+    x = torch.randn(3, 12, requires_grad=True)
+    layer(x).sum().backward()
+    assert all(p.grad is None for p in layer.adapter_parameters())
+    assert_close64(x.grad, f64(layer.weight).sum(0).expand(3, 12), 1e-6, what="input grad of merged layer")
+
+
+def test_bf16_base_merge_stays_bf16_and_close():
+    for cls in CLASSES:
+        layer = cls.from_linear(nn.Linear(16, 12, dtype=torch.bfloat16), rank=4)
+        randomize_adapter(layer, scale=0.1)
+        x = torch.randn(3, 16, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+            layer.merge()
+            assert layer.weight.dtype == torch.bfloat16
+            assert_close64(layer(x), f64(y), 3e-2, what=f"{cls.__name__} bf16 merged")
+
+
+# ---- delta_weight ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_delta_weight_gives_the_merged_weight(cls, dtype):
+    layer = _layer(cls, dtype=dtype)
+    x = torch.randn(4, 12, dtype=dtype)
+    delta = layer.delta_weight()
+    assert delta.shape == (10, 12)
+    assert delta.requires_grad  # differentiable in the adapter tensors
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        y = F.linear(x, layer.weight + delta, layer.bias)
+    assert_close64(y, _reference_out(layer, x), tol, what="F.linear(x, W0 + delta)")
+    if cls is pl.DoRALinear:
+        w_prime = materialised_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+        expected = (f64(layer.magnitude) / w_prime.norm(dim=1))[:, None] * w_prime - f64(layer.weight)
+    else:
+        expected = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    assert_close64(delta, expected, tol, what="delta_weight")
+    layer.merge()
+    if cls is pl.DoRALinear:
+        with pytest.raises(ValueError, match="merged"):
+            layer.delta_weight()
+    else:
+        assert_close64(layer.delta_weight(), expected, tol, what="delta_weight of a merged LoRA")
+
+
+# ---- enable / disable -----------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("grad", [True, False])
+def test_disable_adapter_context(cls, grad):
+    layer = _layer(cls)
+    x = torch.randn(2, 3, 12)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+        with layer.disable_adapter() as inner:
+            assert inner is layer
+            assert not layer.adapter_enabled
+            assert torch.equal(layer(x), layer.base_layer(x))
+            assert_close64(layer(x), _base_out(layer.weight, layer.bias, x), 1e-6, what="disabled")
+        assert layer.adapter_enabled
+        assert torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_disable_adapter_on_a_merged_layer(cls):
+    layer = _layer(cls)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        y_merged = layer(x)
+        with layer.disable_adapter():
+            assert not layer.merged and not layer.adapter_enabled
+            assert_close64(layer.weight, f64(w0), 1e-6, what="W0 inside disable_adapter")
+            assert_close64(layer(x), _base_out(w0, layer.bias, x), 1e-6, what="base output inside")
+        assert layer.merged and layer.adapter_enabled
+        assert_close64(layer(x), f64(y_merged), 1e-6, what="merged again after the block")
+        assert_close64(layer(x), f64(y), 1e-5, what="merged vs unmerged")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_disable_adapter_restores_state_after_an_exception(cls):
+    layer = _layer(cls)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="boom"), layer.disable_adapter():
+        raise RuntimeError("boom")
+    assert layer.merged and layer.adapter_enabled
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_adapter_enabled_flag(cls):
+    layer = _layer(cls)
+    x = torch.randn(4, 12, requires_grad=True)
+    y = layer(x)
+    layer.adapter_enabled = False
+    y_off = layer(x)
+    assert torch.equal(y_off, layer.base_layer(x))
+    y_off.sum().backward()
+    assert all(p.grad is None for p in layer.adapter_parameters())
+    with pytest.raises(ValueError, match="disabled"):
+        layer.merge()
+    assert not layer.merged
+    # nested context on a disabled layer keeps it disabled afterwards
+    with layer.disable_adapter():
+        pass
+    assert not layer.adapter_enabled
+    layer.adapter_enabled = True
+    assert torch.equal(layer(x), y)
+    with pytest.raises(TypeError, match="bool"):
+        layer.adapter_enabled = 0
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        layer.adapter_enabled = False
+    assert layer.adapter_enabled and layer.merged
+    layer.adapter_enabled = True  # no-op on a merged layer
+
+
+# ---- to_linear ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("state", ["unmerged", "merged", "disabled"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_to_linear(cls, state, bias):
+    layer = _layer(cls, bias=bias)
+    if state == "merged":
+        layer.merge()
+    elif state == "disabled":
+        layer.adapter_enabled = False
+    w_before = layer.weight.detach().clone()
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        y = layer(x)
+    linear = layer.to_linear()
+    assert type(linear) is nn.Linear
+    assert (linear.in_features, linear.out_features) == (12, 10)
+    assert (linear.bias is None) == (not bias)
+    assert not any(p.requires_grad for p in linear.parameters())
+    with torch.no_grad():
+        assert_close64(linear(x), f64(y), 1e-5, what="to_linear output")
+    # the layer is unchanged, and the new module owns its tensors
+    assert torch.equal(layer.weight, w_before)
+    assert layer.merged == (state == "merged")
+    assert layer.adapter_enabled == (state != "disabled")
+    assert linear.weight.data_ptr() != layer.weight.data_ptr()
+    if bias:
+        assert linear.bias.data_ptr() != layer.bias.data_ptr()
+    with torch.no_grad():
+        linear.weight.zero_()
+    assert torch.equal(layer.weight, w_before)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_to_linear_matches_reference_merge(cls):
+    layer = _layer(cls, dtype=torch.float64)
+    linear = layer.to_linear()
+    w_prime = materialised_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    if cls is pl.DoRALinear:
+        w_prime = (f64(layer.magnitude) / w_prime.norm(dim=1))[:, None] * w_prime
+    assert linear.weight.dtype == F64
+    assert_close64(linear.weight, w_prime, 1e-12, what="to_linear weight")
+    assert torch.equal(linear.bias, layer.bias)
