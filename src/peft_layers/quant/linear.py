@@ -1,0 +1,574 @@
+"""QuantizedLinear: a frozen linear layer whose weight is stored in 4 or 8 bits.
+
+Schemes (``scheme=``):
+
+- ``"nf4"`` / ``"fp4"``: blockwise absmax 4-bit (QLoRA). The flattened weight is cut into blocks of
+  ``blocksize`` values; value ``i`` of block ``k`` is stored as the 4-bit index ``q_i`` of one of 16
+  levels ``c`` and read back as ``w_i = c[q_i] * absmax_k``. With ``double_quant`` the float32
+  ``absmax`` is itself stored in 8 bits (blocks of 256, mean offset subtracted, dynamic map).
+- ``"int8"``: row-wise absmax int8 (LLM.int8() weight format): ``w_ij = q_ij * absmax_i / 127``.
+  ``blocksize`` and ``double_quant`` do not apply; they are recorded as None and False.
+
+Storage is bitsandbytes' own layout, held as the module's parameter and buffers so that
+``state_dict``, ``.to(device)`` and ``copy.deepcopy`` cover all of it:
+
+=================  =====================================  ====================================
+name               4-bit                                  int8
+=================  =====================================  ====================================
+``weight``         uint8 ``(ceil(out*in/2), 1)``, two     int8 ``(out, in)`` (bnb's ``CB``)
+                   codes per byte (``Params4bit.data``)
+``absmax``         float32 ``(blocks,)``, or uint8 with   float32 ``(out,)`` (bnb's ``SCB``)
+                   double quantization
+``code``           float32 ``(16,)``, the levels          --
+``nested_absmax``  float32 ``(ceil(blocks/256),)``        --
+``nested_code``    float32 ``(256,)``, the dynamic map    --
+``offset``         float32 scalar, mean of absmax         --
+``bias``           frozen Parameter or None               frozen Parameter or None
+=================  =====================================  ====================================
+
+bitsandbytes does the arithmetic when it can be imported; otherwise the pure-PyTorch codec in
+:mod:`peft_layers.quant.reference` (bit-identical on the CPU) takes over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _bnb
+from . import reference as ref
+
+QUANT_SCHEMES = ("nf4", "fp4", "int8")
+#: block sizes bitsandbytes' quantize_4bit accepts
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# How forward() multiplies on the CPU, per scheme: "dequantize" = dequantize (bitsandbytes' kernel)
+# + F.linear in compute dtype; "bnb" = bitsandbytes' own matmul. Measured with
+# /tmp/quant_scratch/bench_paths.py (2 threads, float32, x of 512 rows; see docs/quantization.md):
+#   PLACEHOLDER
+_CPU_PATH = {"nf4": "dequantize", "fp4": "dequantize", "int8": "dequantize"}
+
+
+def _check_scheme(scheme: Any) -> None:
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"scheme: expected one of {QUANT_SCHEMES}, got {scheme!r}")
+
+
+def _check_blocksize(blocksize: Any) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(
+            f"blocksize: expected a power of two bitsandbytes supports, one of {BLOCKSIZES}, "
+            f"got {blocksize!r}"
+        )
+
+
+def _check_compute_dtype(compute_dtype: Any) -> None:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+
+
+def _check_features(in_features: Any, out_features: Any) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """``x W^T + b`` for 2-D ``x`` with ``W`` quantized.
+
+    Backward gives ``x`` (and ``b``, if it requires grad) a gradient: ``grad_x = grad W``. ``W`` is
+    dequantized again in backward instead of being saved, so no dense copy of the weight stays
+    alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, bias: Tensor | None, layer: QuantizedLinear
+    ) -> Tensor:
+        ctx.layer = layer
+        ctx.version = layer.version
+        return layer._matmul_2d(x, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        layer: QuantizedLinear = ctx.layer
+        if layer.version != ctx.version:
+            raise RuntimeError(
+                "QuantizedLinear: the quantized weight changed (requantize_, load_state_dict or "
+                ".to) between forward and backward; the gradient would use the wrong weight"
+            )
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        grad_x = grad_out @ layer.dequantize() if need_x else None
+        grad_bias = grad_out.sum(0) if need_bias else None
+        return grad_x, grad_bias, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen ``nn.Linear`` replacement with a 4-bit (NF4/FP4) or int8 weight.
+
+    ``y = x W^T + b`` with ``W = dequantize()``; computed in ``compute_dtype`` and returned in the
+    input's dtype. Nothing requires grad; gradients flow to the input only.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: whether the layer holds a bias (zeros until loaded or quantized from a Linear).
+        scheme: "nf4", "fp4" or "int8".
+        blocksize: values per absmax block for 4-bit, one of :data:`BLOCKSIZES` (ignored by int8).
+        double_quant: quantize the 4-bit absmax values to 8 bits as well (ignored by int8).
+        compute_dtype: dtype of dequantized weights and of the matmul.
+        device: where the storage lives.
+
+    The constructor builds a layer whose weight is all zeros; :meth:`from_linear` quantizes an
+    ``nn.Linear`` and :meth:`from_bnb` wraps a bitsandbytes layer. A constructed layer of the same
+    configuration loads any such layer's ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        scheme: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        _check_scheme(scheme)
+        _check_compute_dtype(compute_dtype)
+        if scheme == "int8":
+            blocksize, double_quant = None, False
+        else:
+            _check_blocksize(blocksize)
+            if not isinstance(double_quant, bool):
+                raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.blocksize: int | None = blocksize
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        #: changes whenever the stored weight may have changed (requantize_, load_state_dict, .to)
+        self.version = 0
+        self._allocate(device)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def _allocate(self, device: torch.device | str | None) -> None:
+        """Storage for an all-zero weight, shaped as quantization will fill it."""
+        out_f, in_f = self.out_features, self.in_features
+        if self.scheme == "int8":
+            self.weight = nn.Parameter(
+                torch.zeros(out_f, in_f, dtype=torch.int8, device=device), requires_grad=False
+            )
+            self.register_buffer("absmax", torch.zeros(out_f, device=device))
+            return
+        numel = out_f * in_f
+        n_blocks = -(-numel // self.blocksize)
+        zero_code = 0x77 if self.scheme == "nf4" else 0x00  # the code of 0.0, twice
+        self.weight = nn.Parameter(
+            torch.full(((numel + 1) // 2, 1), zero_code, dtype=torch.uint8, device=device),
+            requires_grad=False,
+        )
+        self.register_buffer("code", ref.four_bit_code(self.scheme).to(device))
+        if self.double_quant:
+            n_nested = -(-n_blocks // ref.DOUBLE_QUANT_BLOCKSIZE)
+            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("nested_absmax", torch.zeros(n_nested, device=device))
+            self.register_buffer("nested_code", ref.dynamic_map().to(device))
+            self.register_buffer("offset", torch.zeros((), device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, device=device))
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        scheme: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> QuantizedLinear:
+        """Quantize ``linear.weight`` (the bias is copied as is, frozen).
+
+        4-bit goes through ``bitsandbytes.functional.quantize_4bit`` (float32 input), int8 through
+        ``int8_vectorwise_quant``; without bitsandbytes, through the reference codec (same bits).
+        ``linear`` itself is not modified.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            scheme=scheme,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            device=linear.weight.device,
+        )
+        layer.requantize_(linear.weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, module: nn.Module, compute_dtype: torch.dtype | None = None) -> QuantizedLinear:
+        """Wrap a quantized ``bitsandbytes.nn.Linear4bit`` or ``Linear8bitLt`` without requantizing.
+
+        The packed codes and quantization statistics are taken over as they are (the tensors are
+        shared, not copied). ``compute_dtype`` defaults to the module's ``compute_dtype`` (4-bit)
+        if set, else float32.
+
+        bitsandbytes >= 0.48 repacks a 4-bit weight in place into a CPU-only layout on the first
+        eval-mode forward on an AVX512-BF16 CPU (``quant_state.packing_format_for_cpu``), with
+        the absmax rounded to bfloat16 and double quantization dropped. Such a weight is unpacked
+        here into the standard layout; with double quantization the bfloat16 absmax values are
+        quantized again (blocks of 256), so the result differs from the original by the bfloat16
+        rounding of absmax (relative 2^-9) plus the 8-bit quantization of absmax.
+
+        ``Linear8bitLt``'s outlier threshold is not carried over: this layer multiplies by the
+        dequantized weight, which keeps full-precision inputs anyway.
+        """
+        modules = _bnb.load()
+        bnb = modules[0] if modules is not None else None
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            return cls._from_linear4bit(module, compute_dtype)
+        if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
+            return cls._from_linear8bit(module, compute_dtype)
+        raise TypeError(
+            "module: expected a quantized bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, "
+            f"got {type(module).__name__}"
+            + ("" if bnb is not None else " (bitsandbytes cannot be imported here)")
+        )
+
+    @classmethod
+    def _from_linear4bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
+        weight = module.weight
+        state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if state is None:
+            raise ValueError(
+                "module: this Linear4bit is not quantized yet (its weight has no quant_state); "
+                "move it to a device first, e.g. module.to('cpu')"
+            )
+        if compute_dtype is None:
+            compute_dtype = getattr(module, "compute_dtype", None) or torch.float32
+        nested = getattr(state, "nested", False)
+        data = weight.data
+        if getattr(state, "packing_format_for_cpu", False):
+            nested = getattr(state, "original_nested", False)
+            data, absmax = _undo_cpu_repack(data, state)
+        else:
+            absmax = state.absmax
+            if data.dtype != torch.uint8:  # quant_storage other than uint8 (e.g. for FSDP)
+                data = data.view(torch.uint8).reshape(-1, 1)
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            scheme=state.quant_type,
+            blocksize=state.blocksize,
+            double_quant=bool(nested),
+            compute_dtype=compute_dtype,
+            device=data.device,
+        )
+        if tuple(state.shape) != (module.out_features, module.in_features):
+            raise ValueError(
+                f"module: quant_state.shape {tuple(state.shape)} does not match "
+                f"(out_features, in_features) = {(module.out_features, module.in_features)}"
+            )
+        if getattr(state, "packing_format_for_cpu", False):
+            layer._store_4bit(data, absmax.float())  # re-applies double quantization if nested
+        else:
+            layer.weight = nn.Parameter(data, requires_grad=False)
+            layer.absmax = absmax
+            layer.code = state.code
+            if nested:
+                if state.state2.blocksize != ref.DOUBLE_QUANT_BLOCKSIZE:
+                    raise ValueError(
+                        f"module: nested blocksize {state.state2.blocksize} is not supported; "
+                        f"expected {ref.DOUBLE_QUANT_BLOCKSIZE}"
+                    )
+                layer.nested_absmax = state.state2.absmax
+                layer.nested_code = state.state2.code
+                layer.offset = torch.as_tensor(state.offset, dtype=torch.float32, device=data.device)
+        layer._take_bias(module)
+        return layer
+
+    @classmethod
+    def _from_linear8bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
+        lt_state = module.state
+        codes = lt_state.CB if lt_state.CB is not None else getattr(module.weight, "CB", None)
+        if codes is None and module.weight.dtype == torch.int8:
+            codes = module.weight.data
+        row_absmax = lt_state.SCB if lt_state.SCB is not None else getattr(module.weight, "SCB", None)
+        if codes is None or row_absmax is None or codes.dtype != torch.int8:
+            raise ValueError(
+                "module: this Linear8bitLt holds no int8 weight (has_fp16_weights=True, or not "
+                "moved to a device yet); only quantized Linear8bitLt layers can be wrapped"
+            )
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            scheme="int8",
+            compute_dtype=compute_dtype or torch.float32,
+            device=codes.device,
+        )
+        layer.weight = nn.Parameter(codes, requires_grad=False)
+        layer.absmax = row_absmax
+        layer._take_bias(module)
+        return layer
+
+    def _take_bias(self, module: nn.Module) -> None:
+        if module.bias is not None:
+            self.bias = nn.Parameter(module.bias.data, requires_grad=False)
+
+    # ---- the weight ---------------------------------------------------------------------
+    def requantize_(self, weight: Tensor) -> None:
+        """Re-encode a dense ``(out, in)`` weight into this layer (same scheme and settings).
+
+        The storage tensors are replaced (never written in place, so a bitsandbytes module this
+        layer wraps is left alone); ``version`` increments.
+        """
+        expected = (self.out_features, self.in_features)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != expected:
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"weight: expected a tensor of shape {expected}, got {shape}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+        with torch.no_grad():
+            dense = weight.detach().to(device=self.weight.device, dtype=torch.float32).contiguous()
+            if not bool(torch.isfinite(dense).all()):
+                raise ValueError("weight: expected finite values, got NaN or inf")
+            if self.scheme == "int8":
+                self._store_int8(dense)
+            else:
+                self._store_4bit(*self._quantize_4bit(dense))
+        self.version += 1
+
+    def _quantize_4bit(self, dense: Tensor) -> tuple[Tensor, Tensor]:
+        """(packed codes, float32 absmax) of a float32 weight."""
+        modules = _bnb.load()
+        if modules is None:
+            return ref.quantize_4bit(dense, self.scheme, self.blocksize)
+        packed, state = modules[1].quantize_4bit(
+            dense, blocksize=self.blocksize, compress_statistics=False, quant_type=self.scheme
+        )
+        return packed, state.absmax
+
+    def _store_4bit(self, packed: Tensor, absmax: Tensor) -> None:
+        """Store packed codes and a float32 absmax, double-quantizing the absmax if configured."""
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.code = ref.four_bit_code(self.scheme).to(packed.device)
+        if not self.double_quant:
+            self.absmax = absmax
+            return
+        offset = absmax.mean()
+        modules = _bnb.load()
+        if modules is None:
+            nested_code = ref.dynamic_map().to(absmax.device)
+            qabsmax, nested_absmax = ref.quantize_blockwise(
+                absmax - offset, nested_code, ref.DOUBLE_QUANT_BLOCKSIZE
+            )
+        else:
+            qabsmax, nested = modules[1].quantize_blockwise(
+                absmax - offset, blocksize=ref.DOUBLE_QUANT_BLOCKSIZE
+            )
+            nested_absmax, nested_code = nested.absmax, nested.code
+        self.absmax = qabsmax
+        self.nested_absmax = nested_absmax
+        self.nested_code = nested_code
+        self.offset = offset
+
+    def _store_int8(self, dense: Tensor) -> None:
+        modules = _bnb.load()
+        if modules is None:
+            codes, absmax = ref.quantize_int8_rowwise(dense)
+        else:
+            source = dense if dense.device.type == "cpu" else dense.half()  # CUDA kernel: fp16 only
+            codes, absmax, _ = modules[1].int8_vectorwise_quant(source)
+            codes[absmax == 0] = 0  # a zero row: bitsandbytes computes 0 * (127 / 0)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.absmax = absmax.float()
+
+    def _bnb_quant_state(self, functional: Any, dtype: torch.dtype) -> Any:
+        """A bitsandbytes QuantState over this layer's tensors (no copies)."""
+        nested = None
+        if self.double_quant:
+            nested = functional.QuantState(
+                absmax=self.nested_absmax,
+                code=self.nested_code,
+                blocksize=ref.DOUBLE_QUANT_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+        return functional.QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.scheme,
+            dtype=dtype,
+            offset=self.offset if self.double_quant else None,
+            state2=nested,
+        )
+
+    def _reference_state(self) -> ref.Quantized4bit:
+        return ref.Quantized4bit(
+            packed=self.weight,
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            quant_type=self.scheme,
+            blocksize=self.blocksize,
+            code=self.code,
+            nested_absmax=self.nested_absmax if self.double_quant else None,
+            nested_code=self.nested_code if self.double_quant else None,
+            offset=self.offset if self.double_quant else None,
+        )
+
+    @torch.no_grad()
+    def dequantize(self) -> Tensor:
+        """A fresh dense ``(out, in)`` weight in ``compute_dtype`` (the caller may modify it).
+
+        4-bit: ``W_i = code[q_i] * absmax[i // blocksize]``; int8: ``W_ij = q_ij * absmax_i / 127``.
+        """
+        dtype = self.compute_dtype
+        # bitsandbytes' kernels produce 16/32-bit floats; float64 is the exact float32 result cast
+        kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
+        modules = _bnb.load()
+        if self.scheme == "int8":
+            if modules is None:
+                weight = ref.dequantize_int8_rowwise(self.weight, self.absmax)
+            else:
+                weight = modules[1].int8_vectorwise_dequant(self.weight, self.absmax)
+            return weight.to(dtype)
+        # bitsandbytes 0.50's CPU dequantize_4bit kernel reads the absmax of a block that spans
+        # two rows from the wrong place (in_features not a multiple of blocksize); the reference
+        # codec is exact there.
+        on_cpu = self.weight.device.type == "cpu"
+        if modules is None or (on_cpu and self.in_features % self.blocksize):
+            return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
+        functional = modules[1]
+        state = self._bnb_quant_state(functional, kernel_dtype)
+        return functional.dequantize_4bit(self.weight, state).to(dtype)
+
+    # ---- the matmul ---------------------------------------------------------------------
+    def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x W^T + b`` for 2-D ``x`` in compute dtype, without autograd."""
+        modules = _bnb.load()
+        if modules is not None and x.device.type == "cuda" and x.shape[0] > 0:
+            bnb, functional = modules
+            if self.scheme == "int8":
+                lt_state = bnb.MatmulLtState()
+                lt_state.CB, lt_state.SCB = self.weight, self.absmax
+                lt_state.has_fp16_weights, lt_state.is_training = False, False
+                return bnb.matmul(x, self.weight, bias=bias, state=lt_state).to(x.dtype)
+            if x.dtype != torch.float64:
+                state = self._bnb_quant_state(functional, x.dtype)
+                return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
+        if (
+            modules is not None
+            and _CPU_PATH[self.scheme] == "bnb"
+            and x.device.type == "cpu"
+            and x.shape[0] > 0
+            and x.dtype != torch.float64
+        ):
+            bnb = modules[0]
+            lt_state = bnb.MatmulLtState()
+            lt_state.CB, lt_state.SCB = self.weight, self.absmax
+            lt_state.has_fp16_weights, lt_state.is_training = False, False
+            return bnb.matmul(x, self.weight, bias=bias, state=lt_state).to(x.dtype)
+        return F.linear(x, self.dequantize(), bias)
+
+    def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"input: expected a floating-point tensor, got {kind}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}"
+            )
+        x2 = x.to(self.compute_dtype).reshape(-1, self.in_features)
+        if bias is not None:
+            bias = bias.to(self.compute_dtype)
+        out = _QuantizedMatmul.apply(x2, bias, self)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, in ``x``'s dtype."""
+        return self._apply_matmul(x, self.bias).to(x.dtype)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x W^T`` without bias, in ``compute_dtype``; differentiable with respect to ``x`` only."""
+        return self._apply_matmul(x, None)
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, absmax, nested absmax, offset, code tables and bias."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        code = state_dict.get(prefix + "code")
+        if self.scheme != "int8" and isinstance(code, Tensor):
+            expected = ref.four_bit_code(self.scheme)
+            if code.shape != expected.shape or not torch.equal(code.detach().cpu().float(), expected):
+                raise ValueError(
+                    f"state_dict: '{prefix}code' holds other levels than scheme={self.scheme!r}; "
+                    "build the QuantizedLinear with the scheme the state_dict was saved with"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.version += 1
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> QuantizedLinear:
+        # .to(device) moves every tensor; a dtype cast (.half(), .to(torch.bfloat16)) must not
+        # round the float32 statistics, so buffers keep their dtype (only the bias is cast).
+        before = dict(self._buffers)
+        super()._apply(fn, *args, **kwargs)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self.version += 1
+        return self
+
+    def extra_repr(self) -> str:
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={self.scheme!r}"
+        )
+        if self.scheme != "int8":
+            text += f", blocksize={self.blocksize}, double_quant={self.double_quant}"
+        return text + f", compute_dtype={self.compute_dtype}"
+
+
+def _undo_cpu_repack(data: Tensor, state: Any) -> tuple[Tensor, Tensor]:
+    """Standard packed codes and float32 absmax of a weight in bitsandbytes' AVX512 CPU layout.
+
+    The repacked weight is ``(out, in/2)`` uint8: the codes, viewed as ``(out/32, 32, in/2, 2)``,
+    are transposed to ``(out/32, in/2, 32, 2)`` and each run of 64 codes is stored as 32 bytes,
+    code ``j`` in the low nibble and code ``32 + j`` in the high nibble of byte ``j``. ``absmax``
+    becomes bfloat16 of shape ``(in/blocksize, out)``.
+    """
+    out_f, half_in = data.shape
+    block_n = 32
+    raw = data.view(torch.uint8).reshape(-1, block_n)
+    runs = torch.cat([raw & 0xF, raw >> 4], dim=1)
+    codes = runs.reshape(out_f // block_n, half_in, block_n, 2).transpose(1, 2).reshape(out_f, 2 * half_in)
+    absmax = state.absmax.t().reshape(-1).float()
+    return ref.pack_4bit(codes), absmax

@@ -1,0 +1,387 @@
+"""A pure-PyTorch NF4/FP4 codec that agrees bit for bit with bitsandbytes on the CPU.
+
+No bitsandbytes import: this module is what :class:`~peft_layers.quant.QuantizedLinear` falls back
+to when bitsandbytes cannot be imported, and the second implementation the tests hold
+bitsandbytes against.
+
+The format (bitsandbytes' ``quantize_4bit`` with ``compress_statistics``):
+
+- The weight ``w`` is flattened (row-major) and cut into blocks of ``blocksize`` values; the last
+  block may be short. Each block ``k`` keeps ``absmax_k = max |w_i|`` and every value becomes the
+  index of the nearest of 16 levels ``c_j`` (``NF4_CODE`` or ``FP4_CODE``) to ``w_i / absmax_k``::
+
+      q_i = argmin_j |w_i / absmax_k - c_j|,        w_i ~ c[q_i] * absmax_k
+
+- Two 4-bit indices share a byte, the even-positioned value in the high nibble:
+  ``byte_m = (q_{2m} << 4) | q_{2m+1}`` (an odd count is padded with the index of 0.0).
+- Double quantization stores the float32 ``absmax`` as 8 bits: subtract the mean ``offset``, cut
+  into blocks of 256, keep each block's ``nested_absmax`` and quantize ``(absmax - offset) /
+  nested_absmax`` to the nearest-ish entry of the 256-entry dynamic map (:func:`dynamic_map`)::
+
+      absmax_k ~ dynamic_map[qa_k] * nested_absmax[k // 256] + offset
+
+Rounding follows bitsandbytes exactly, quirks included (see :func:`quantize_4bit` and
+:func:`quantize_blockwise`), because the point of this module is bit-exact agreement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DOUBLE_QUANT_BLOCKSIZE",
+    "FP4_CODE",
+    "NF4_CODE",
+    "Quantized4bit",
+    "dequantize",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "dequantize_int8_rowwise",
+    "dynamic_map",
+    "four_bit_code",
+    "pack_4bit",
+    "quantize",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "quantize_int8_rowwise",
+    "unpack_4bit",
+]
+
+#: block size of the second (8-bit) quantization of the absmax values
+DOUBLE_QUANT_BLOCKSIZE = 256
+
+# The 16 NormalFloat levels of the QLoRA paper (Dettmers et al., 2023): quantiles of N(0, 1) with
+# equal mass per bin, an exact zero, normalised to [-1, 1]. These are bitsandbytes' float32 values.
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2) in bit-pattern order: index j has sign
+# bit j >> 3 and magnitude bits j & 7 -> 0, 0.0625, 8, 12, 4, 6, 2, 3; divided by 12 in float32.
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+FP4_CODE = torch.tensor(_FP4_MAGNITUDES + tuple(-m for m in _FP4_MAGNITUDES), dtype=torch.float32)
+FP4_CODE = FP4_CODE / FP4_CODE.abs().max()
+
+# Quantization sorts the levels and rounds to the nearest; FP4 holds both +0 (index 0) and -0
+# (index 8). bitsandbytes' order puts index 0 before index 8, so a scaled value in
+# (-0.0026, 0] gets index 0 and one in (0, 0.0026] gets index 8 (-0.0). We keep that order.
+_FP4_SORTED_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+_FOUR_BIT_TYPES = ("nf4", "fp4")
+
+
+def four_bit_code(quant_type: str) -> Tensor:
+    """The 16 float32 levels ``c_j`` of ``quant_type`` ("nf4" or "fp4"), indexed by the 4-bit code."""
+    if quant_type == "nf4":
+        return NF4_CODE.clone()
+    if quant_type == "fp4":
+        return FP4_CODE.clone()
+    raise ValueError(f"quant_type: expected one of {_FOUR_BIT_TYPES}, got {quant_type!r}")
+
+
+def _sorted_levels(quant_type: str) -> tuple[Tensor, Tensor]:
+    """(midpoints between adjacent sorted levels, code index of each sorted level)."""
+    code = four_bit_code(quant_type)
+    if quant_type == "nf4":
+        order = torch.arange(16)
+    else:
+        order = torch.tensor(_FP4_SORTED_ORDER)
+    levels = code[order]
+    return (levels[:-1] + levels[1:]) / 2, order
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
+    """The dynamic 8-bit quantization map of Dettmers (2016), as bitsandbytes builds it.
+
+    For each exponent ``e = 0 .. max_exponent_bits - 1`` the map holds ``10^(e - max_exponent_bits
+    + 1) * m`` for the midpoints ``m`` of ``2^(e + total_bits - 1 - max_exponent_bits) + 1`` (twice
+    that when unsigned) evenly spaced points on [0.1, 1], with both signs when ``signed``; then 0 and
+    1, zero padding to ``2^total_bits`` entries, sorted. Values are computed in float32 exactly as
+    bitsandbytes does, so the map is bit-identical to ``bitsandbytes.functional.create_dynamic_map``.
+    """
+    values: list[float] = []
+    non_sign_bits = total_bits - 1
+    extra_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+
+    def level(exponent: int, count: int) -> None:
+        points = torch.linspace(0.1, 1, count, dtype=torch.float32)
+        midpoints = (points[:-1] + points[1:]) / 2.0
+        scale = 10 ** (exponent - max_exponent_bits + 1)
+        values.extend((scale * midpoints).tolist())
+        if signed:
+            values.extend((-scale * midpoints).tolist())
+
+    for exponent in range(max_exponent_bits):
+        shift = exponent + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        level(exponent, int(2**shift + 1))
+    if extra_items > 0:
+        level(max_exponent_bits - 1, extra_items + 1)
+    values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        raise ValueError(
+            f"dynamic_map: signed={signed}, max_exponent_bits={max_exponent_bits}, "
+            f"total_bits={total_bits} give {len(values)} values, not {2**total_bits}"
+        )
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# ---- packing --------------------------------------------------------------------------------
+def pack_4bit(codes: Tensor) -> Tensor:
+    """Pack 4-bit codes (any shape, values 0..15) two per byte, the first in the high nibble.
+
+    Returns a uint8 tensor of shape ``(ceil(n / 2), 1)``, bitsandbytes' ``Params4bit`` layout; an
+    odd count is padded with code 0.
+    """
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
+
+
+def unpack_4bit(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` 4-bit codes of a packed tensor (inverse of :func:`pack_4bit`), as int64."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
+    return codes[:numel].long()
+
+
+# ---- blockwise 4-bit ------------------------------------------------------------------------
+def _blocks(numel: int, blocksize: int) -> tuple[int, int]:
+    """(number of blocks, length of the last block)."""
+    n_blocks = -(-numel // blocksize)
+    tail = numel - (n_blocks - 1) * blocksize
+    return n_blocks, tail
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2:
+        raise ValueError(f"blocksize: expected an int >= 2, got {blocksize!r}")
+
+
+def _block_absmax(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """(values zero-padded to whole blocks as (blocks, blocksize), absmax per block)."""
+    n_blocks, _ = _blocks(flat.numel(), blocksize)
+    padded = torch.zeros(n_blocks * blocksize, dtype=flat.dtype, device=flat.device)
+    padded[: flat.numel()] = flat
+    padded = padded.view(n_blocks, blocksize)
+    return padded, padded.abs().amax(dim=1)
+
+
+def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Tensor, Tensor]:
+    """Blockwise absmax 4-bit quantization: ``(packed codes, float32 absmax per block)``.
+
+    ``weight`` (any shape, float16/bfloat16/float32) is read as float32 and flattened row-major.
+    Scaling and rounding reproduce bitsandbytes' CPU kernel bit for bit:
+
+    - a full block is scaled by the float32 reciprocal, ``w * (1 / max(absmax, 1e-38))``; the short
+      last block (if any) is divided, ``w / max(absmax, 1e-38)``; the result is clamped to [-1, 1];
+    - a scaled value ``x`` gets the sorted level ``k`` with ``mid_{k-1} < x <= mid_k`` (midpoints
+      ``mid`` of adjacent sorted levels, float32): a value exactly halfway goes to the lower level.
+
+    ``packed`` is uint8 of shape ``(ceil(n / 2), 1)`` (see :func:`pack_4bit`).
+    """
+    _check_blocksize(blocksize)
+    midpoints, order = _sorted_levels(quant_type)
+    flat = weight.detach().reshape(-1).float()
+    numel = flat.numel()
+    padded, absmax = _block_absmax(flat, blocksize)
+    safe = absmax.clamp(min=1e-38)
+    scaled = padded * (1.0 / safe).unsqueeze(1)
+    _, tail = _blocks(numel, blocksize)
+    if tail != blocksize:
+        scaled[-1] = padded[-1] / safe[-1]
+    scaled = scaled.clamp_(-1.0, 1.0).reshape(-1)[:numel]
+    sorted_index = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
+    codes = order.to(scaled.device)[sorted_index]
+    if numel % 2:  # the padding nibble is the code of 0.0, as bitsandbytes pads with a scaled 0
+        zero = order[torch.bucketize(torch.zeros(1), midpoints)].to(codes.device)
+        codes = torch.cat([codes, zero])
+    return pack_4bit(codes), absmax
+
+
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``w_i = c[q_i] * absmax[i // blocksize]`` (one float32 product), reshaped to ``shape``, cast to ``dtype``."""
+    _check_blocksize(blocksize)
+    numel = math.prod(shape)
+    code = four_bit_code(quant_type).to(packed.device)
+    values = code[unpack_4bit(packed, numel)]
+    n_blocks, _ = _blocks(numel, blocksize)
+    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=packed.device)
+    padded[:numel] = values
+    out = (padded.view(n_blocks, blocksize) * absmax.float().view(-1, 1)).reshape(-1)[:numel]
+    return out.reshape(shape).to(dtype)
+
+
+# ---- blockwise 8-bit with the dynamic map (the double quantization of absmax) ---------------
+_LUT_SIZE = 65536
+
+
+def _lookup_table(code: Tensor) -> Tensor:
+    """bitsandbytes' CPU 8-bit quantizer rounds through a 65536-entry table over [-1, 1].
+
+    Grid point ``g_i = -1 + 2 i / 65535`` (float32) maps to the number of code midpoints strictly
+    below it, i.e. the first code whose upper midpoint is >= ``g_i``.
+    """
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device=code.device) * 2.0 / (_LUT_SIZE - 1) - 1.0
+    return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
+
+
+def quantize_blockwise(
+    values: Tensor, code: Tensor | None = None, blocksize: int = DOUBLE_QUANT_BLOCKSIZE
+) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization against a sorted 256-entry ``code``: ``(uint8 indices, absmax)``.
+
+    Matches bitsandbytes' CPU kernel bit for bit, which is not exact nearest rounding: each block's
+    values are scaled by the float32 reciprocal of their absmax, clamped to [-1, 1], mapped to a
+    grid index ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each step rounded to float32) and looked up
+    in :func:`_lookup_table`. A block whose absmax is 0 stores index 0. NaNs do not enter absmax.
+    ``code`` defaults to :func:`dynamic_map`.
+    """
+    _check_blocksize(blocksize)
+    if code is None:
+        code = dynamic_map()
+    code = code.to(device=values.device, dtype=torch.float32)
+    flat = values.detach().reshape(-1).float()
+    numel = flat.numel()
+    padded, _ = _block_absmax(flat, blocksize)
+    absmax = torch.nan_to_num(padded, nan=0.0).abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = (padded * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
+    grid_index = ((scaled + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    indices = _lookup_table(code)[grid_index]
+    indices[absmax == 0] = 0
+    return indices.reshape(-1)[:numel].reshape(values.shape), absmax
+
+
+def dequantize_blockwise(
+    indices: Tensor, absmax: Tensor, code: Tensor | None = None, blocksize: int = DOUBLE_QUANT_BLOCKSIZE
+) -> Tensor:
+    """``v_i = code[q_i] * absmax[i // blocksize]`` in float32, shaped like ``indices``."""
+    _check_blocksize(blocksize)
+    if code is None:
+        code = dynamic_map()
+    flat = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]
+    numel = flat.numel()
+    n_blocks, _ = _blocks(numel, blocksize)
+    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=indices.device)
+    padded[:numel] = flat
+    out = (padded.view(n_blocks, blocksize) * absmax.float().view(-1, 1)).reshape(-1)[:numel]
+    return out.reshape(indices.shape)
+
+
+# ---- the whole codec --------------------------------------------------------------------------
+@dataclass
+class Quantized4bit:
+    """Everything a 4-bit quantized tensor holds, named as in bitsandbytes' ``QuantState``.
+
+    ``absmax`` is float32 per block, or uint8 when ``nested_absmax`` is set (double quantization:
+    ``absmax_k = nested_code[absmax_k] * nested_absmax[k // 256] + offset``).
+    """
+
+    packed: Tensor
+    absmax: Tensor
+    shape: torch.Size
+    quant_type: str
+    blocksize: int
+    code: Tensor
+    nested_absmax: Tensor | None = None
+    nested_code: Tensor | None = None
+    offset: Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def quantize(
+    weight: Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> Quantized4bit:
+    """Quantize ``weight`` as bitsandbytes' ``quantize_4bit(..., compress_statistics=double_quant)``.
+
+    With ``double_quant`` the float32 absmax is replaced by ``quantize_blockwise(absmax - offset)``
+    in blocks of 256, ``offset = mean(absmax)`` (float32 ``torch.mean``).
+    """
+    packed, absmax = quantize_4bit(weight, quant_type, blocksize)
+    code = four_bit_code(quant_type).to(packed.device)
+    state = Quantized4bit(packed, absmax, torch.Size(weight.shape), quant_type, blocksize, code)
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = dynamic_map().to(packed.device)
+        state.absmax, state.nested_absmax = quantize_blockwise(
+            absmax - offset, nested_code, DOUBLE_QUANT_BLOCKSIZE
+        )
+        state.nested_code = nested_code
+        state.offset = offset
+    return state
+
+
+def dequantize(state: Quantized4bit, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The dense tensor of ``state``, as bitsandbytes' ``dequantize_4bit`` computes it on the CPU."""
+    absmax = state.absmax
+    if state.double_quant:
+        absmax = dequantize_blockwise(
+            state.absmax, state.nested_absmax, state.nested_code, DOUBLE_QUANT_BLOCKSIZE
+        )
+        absmax = absmax + state.offset
+    return dequantize_4bit(
+        state.packed, absmax, state.shape, state.quant_type, state.blocksize, dtype
+    )
+
+
+# ---- row-wise int8 (LLM.int8() weight format) -------------------------------------------------
+# bitsandbytes dequantizes with the float32 reciprocal of 127 written as this literal
+_INV_127 = 7.874015718698502e-3
+
+
+def quantize_int8_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise absmax int8: ``(codes int8 (out, in), absmax float32 (out,))``.
+
+    ``codes = round(w * (127 / absmax_row))`` (round half to even), as bitsandbytes'
+    ``int8_vectorwise_quant``; a zero row gets zero codes instead of bitsandbytes' 0 * inf.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    codes = torch.round(w * (127.0 / absmax).unsqueeze(1))
+    codes[absmax == 0] = 0
+    return codes.to(torch.int8), absmax
+
+
+def dequantize_int8_rowwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``w = codes * absmax_row / 127``, computed as bitsandbytes does (float32, times ``1/127``)."""
+    return (codes * absmax.float().view(-1, 1) * _INV_127).to(dtype)
