@@ -342,8 +342,9 @@ class QuantizedLinear(nn.Module):
     def requantize_(self, weight: Tensor) -> None:
         """Re-encode a dense ``(out, in)`` weight into this layer (same scheme and settings).
 
-        The storage tensors are replaced (never written in place, so a bitsandbytes module this
-        layer wraps is left alone); ``version`` increments.
+        New storage tensors replace the old ones (nothing is written in place, so a bitsandbytes
+        module this layer wraps is left alone; ``self.weight`` stays the same Parameter object);
+        ``version`` increments.
         """
         expected = (self.out_features, self.in_features)
         if not isinstance(weight, Tensor) or tuple(weight.shape) != expected:
@@ -373,7 +374,7 @@ class QuantizedLinear(nn.Module):
 
     def _store_4bit(self, packed: Tensor, absmax: Tensor) -> None:
         """Store packed codes and a float32 absmax, double-quantizing the absmax if configured."""
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight.data = packed  # same Parameter object, new storage
         self.code = ref.four_bit_code(self.scheme).to(packed.device)
         if not self.double_quant:
             self.absmax = absmax
@@ -403,7 +404,7 @@ class QuantizedLinear(nn.Module):
             source = dense if dense.device.type == "cpu" else dense.half()  # CUDA kernel: fp16 only
             codes, absmax, _ = modules[1].int8_vectorwise_quant(source)
             codes[absmax == 0] = 0  # a zero row: bitsandbytes computes 0 * (127 / 0)
-        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight.data = codes
         self.absmax = absmax.float()
 
     def _bnb_quant_state(self, functional: Any, dtype: torch.dtype) -> Any:
@@ -456,11 +457,12 @@ class QuantizedLinear(nn.Module):
             else:
                 weight = modules[1].int8_vectorwise_dequant(self.weight, self.absmax)
             return weight.to(dtype)
-        # bitsandbytes 0.50's CPU dequantize_4bit kernel reads the absmax of a block that spans
-        # two rows from the wrong place (in_features not a multiple of blocksize); the reference
-        # codec is exact there.
+        # On the CPU, bitsandbytes 0.50's dequantize_4bit kernel reads the absmax of a block that
+        # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
+        # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
+        # shape). The reference codec gives the same bits in both cases, without either problem.
         on_cpu = self.weight.device.type == "cpu"
-        if modules is None or (on_cpu and self.in_features % self.blocksize):
+        if modules is None or (on_cpu and (self.in_features % self.blocksize or self.blocksize >= 2048)):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
         functional = modules[1]
         state = self._bnb_quant_state(functional, kernel_dtype)

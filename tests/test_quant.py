@@ -1,0 +1,591 @@
+"""peft_layers.quant: the reference codec against bitsandbytes, and QuantizedLinear.
+
+The reference codec must agree with bitsandbytes bit for bit (codes, absmax, nested statistics,
+dequantized values). QuantizedLinear is checked against float64 formulas on its dequantized
+weight, against the known NF4/FP4/int8 error bounds, and for its byte count, state handling and
+errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from peft_layers import quant
+from peft_layers.quant import QUANT_SCHEMES, QuantizedLinear, _bnb
+from peft_layers.quant import reference as ref
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+F64 = torch.float64
+FOUR_BIT = ("nf4", "fp4")
+
+
+def _weight(out_f: int, in_f: int, seed: int = 0, scale: float = 0.05) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, in_f, generator=gen) * scale
+
+
+def _linear(out_f: int = 48, in_f: int = 128, seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def _bnb_dequant_is_kernel(in_f: int, blocksize: int) -> bool:
+    """Shapes where bitsandbytes' CPU dequantize_4bit runs its (correct) C++ kernel; elsewhere it
+    either reads wrong absmax (blocks spanning rows) or falls back to a torch.compile'd function,
+    which is slow to compile, so the tests compare with a float64 formula there instead."""
+    return in_f % blocksize == 0 and blocksize < 2048
+
+
+def _dequant_formula(state: ref.Quantized4bit) -> torch.Tensor:
+    """``code[q_i] * absmax_k`` in float64, rounded once to float32.
+
+    A float64 product of two float32 numbers is exact, so rounding it to float32 gives the correctly
+    rounded float32 product, which is what a float32 kernel computes.
+    """
+    n = state.shape.numel()
+    codes = ref.unpack_4bit(state.packed, n)
+    absmax = state.absmax.to(F64)
+    if state.double_quant:
+        nested = state.nested_code.to(F64)[state.absmax.long()]
+        block = torch.arange(state.absmax.numel()) // ref.DOUBLE_QUANT_BLOCKSIZE
+        absmax = (nested * state.nested_absmax.to(F64)[block]).float().to(F64)  # float32 product
+        absmax = (absmax + state.offset.to(F64)).float().to(F64)  # then a float32 sum
+    values = state.code.to(F64)[codes] * absmax[torch.arange(n) // state.blocksize]
+    return values.float().reshape(state.shape)
+
+
+# ---- the tables -------------------------------------------------------------------------------
+def test_tables_equal_bitsandbytes_and_known_values():
+    assert torch.equal(ref.NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(ref.FP4_CODE, bnbF.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(ref.dynamic_map(), bnbF.create_dynamic_map())
+    # QLoRA's NF4: 16 sorted levels, exact -1, 0, 1; a value from the paper's appendix
+    assert ref.NF4_CODE.numel() == 16 and bool((ref.NF4_CODE.diff() > 0).all())
+    assert ref.NF4_CODE[[0, 7, 15]].tolist() == [-1.0, 0.0, 1.0]
+    assert ref.NF4_CODE[8].item() == pytest.approx(0.07958029955625534, abs=0)
+    # FP4 (e2m1, bias 2) magnitudes 0, 1/16, 8, 12, 4, 6, 2, 3 over 12; sign in bit 3
+    expected = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3], dtype=F64) / 12
+    assert torch.equal(ref.FP4_CODE[:8], expected.float())
+    assert torch.equal(ref.FP4_CODE[8:], -expected.float())
+    dyn = ref.dynamic_map()
+    assert dyn.numel() == 256 and bool((dyn.diff() > 0).all())
+    assert dyn[-1].item() == 1.0 and 0.0 in dyn.tolist()
+    assert dyn[0].item() == pytest.approx(-0.99296875, rel=1e-6)
+
+
+def test_pack_order_is_high_nibble_first():
+    codes = torch.tensor([1, 2, 15, 0, 7])
+    packed = ref.pack_4bit(codes)
+    assert packed.shape == (3, 1) and packed.dtype == torch.uint8
+    assert packed.flatten().tolist() == [0x12, 0xF0, 0x70]
+    assert torch.equal(ref.unpack_4bit(packed, 5), codes)
+
+
+# ---- bit-exact agreement with bitsandbytes -----------------------------------------------------
+def _assert_same_as_bnb(weight: torch.Tensor, scheme: str, blocksize: int, double_quant: bool) -> None:
+    packed, state = bnbF.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=scheme
+    )
+    mine = ref.quantize(weight, scheme, blocksize, double_quant)
+    assert torch.equal(mine.packed, packed)
+    assert torch.equal(mine.absmax, state.absmax)
+    assert torch.equal(mine.code, state.code)
+    if double_quant:
+        assert torch.equal(mine.nested_absmax, state.state2.absmax)
+        assert torch.equal(mine.nested_code, state.state2.code)
+        assert torch.equal(mine.offset, state.offset)
+    dense = ref.dequantize(mine)
+    assert torch.equal(dense, _dequant_formula(mine))
+    if _bnb_dequant_is_kernel(weight.shape[-1], blocksize):
+        assert torch.equal(dense, bnbF.dequantize_4bit(packed, state))
+
+
+@settings(max_examples=25)
+@given(
+    out_f=st.integers(1, 24),
+    in_f=st.integers(1, 160),
+    blocksize=st.sampled_from(quant.BLOCKSIZES),
+    scheme=st.sampled_from(FOUR_BIT),
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**16),
+    log_scale=st.floats(-6, 3),
+)
+def test_reference_bit_exact_with_bitsandbytes(out_f, in_f, blocksize, scheme, double_quant, seed, log_scale):
+    weight = _weight(out_f, in_f, seed, scale=10.0**log_scale)
+    _assert_same_as_bnb(weight, scheme, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "shape, blocksize",
+    [((96, 128), 64), ((64, 256), 128), ((33, 100), 64), ((7, 13), 32), ((300, 1024), 256), ((40, 2048), 2048)],
+)
+def test_reference_bit_exact_on_layer_shapes(scheme, double_quant, shape, blocksize):
+    # more blocks than one nested block of 256 (300 * 1024 / 256 = 1200 absmax values)
+    _assert_same_as_bnb(_weight(*shape, seed=sum(shape)), scheme, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+def test_reference_ties_round_like_bitsandbytes(scheme):
+    # every block holds 1.0 (absmax 1, so scaling is exact) and values at, and one float32 step
+    # either side of, each midpoint between adjacent levels: the tie-breaking cases
+    levels = torch.sort(ref.four_bit_code(scheme)).values
+    mids = (levels[:-1] + levels[1:]) / 2
+    up = torch.nextafter(mids, torch.full_like(mids, 2.0))
+    down = torch.nextafter(mids, torch.full_like(mids, -2.0))
+    values = torch.cat([mids, up, down, levels, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    blocks = values.split(31)
+    weight = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(31 - b.numel())]) for b in blocks])
+    _assert_same_as_bnb(weight.reshape(-1, 32), scheme, 32, double_quant=False)
+
+
+def test_blockwise_8bit_matches_bitsandbytes_cpu_kernel():
+    # bitsandbytes' CPU 8-bit quantizer rounds through a 65536-entry table, not exactly to the
+    # nearest code; a dense sweep of [-1, 1] (absmax 1 per block) covers every table entry
+    sweep = torch.linspace(-1, 1, 255 * 1100)
+    blocks = sweep.reshape(-1, 255)
+    values = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
+    code = bnbF.create_dynamic_map()
+    for x in (values, torch.randn(10_000) * 3, torch.zeros(300), torch.randn(1000).abs() - 0.5):
+        q, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, code, 256)
+        mine_q, mine_absmax = ref.quantize_blockwise(x, code, 256)
+        assert torch.equal(mine_q, q) and torch.equal(mine_absmax, absmax)
+        assert torch.equal(ref.dequantize_blockwise(mine_q, mine_absmax, code, 256), bnbF.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=256))
+
+
+def test_int8_reference_matches_bitsandbytes():
+    weight = _weight(40, 72, seed=3)
+    weight[5] = 0.0  # a zero row
+    codes, absmax, _ = bnbF.int8_vectorwise_quant(weight.clone())
+    codes[5] = 0
+    mine_codes, mine_absmax = ref.quantize_int8_rowwise(weight)
+    assert torch.equal(mine_codes, codes) and torch.equal(mine_absmax, absmax)
+    assert torch.equal(ref.dequantize_int8_rowwise(mine_codes, mine_absmax), bnbF.int8_vectorwise_dequant(codes, absmax))
+
+
+# ---- QuantizedLinear: storage and dequantization ---------------------------------------------
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape, blocksize", [((48, 128), 64), ((30, 100), 64), ((17, 9), 32), ((8, 4096), 4096)])
+def test_from_linear_stores_bitsandbytes_format(scheme, double_quant, shape, blocksize):
+    linear = _linear(*shape)
+    layer = QuantizedLinear.from_linear(linear, scheme, blocksize, double_quant)
+    packed, state = bnbF.quantize_4bit(
+        linear.weight.detach(), blocksize=blocksize, compress_statistics=double_quant, quant_type=scheme
+    )
+    assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, packed)
+    assert torch.equal(layer.absmax, state.absmax)
+    if double_quant:
+        assert torch.equal(layer.nested_absmax, state.state2.absmax)
+        assert torch.equal(layer.offset, state.offset)
+    # exact dequantization also where bitsandbytes' CPU kernel is off (blocks spanning rows)
+    expected = _dequant_formula(ref.quantize(linear.weight.detach(), scheme, blocksize, double_quant))
+    assert torch.equal(layer.dequantize(), expected)
+    assert all(not p.requires_grad for p in layer.parameters())
+    assert torch.equal(layer.bias, linear.bias) and layer.bias is not linear.bias
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantization_error_within_known_bound(scheme, double_quant):
+    """Per block k: |w - deq| <= absmax_k * h + |absmax_k - absmax'_k|, where h is the largest
+    half-gap between adjacent levels and absmax' the (double-quantized) stored absmax; the nested
+    error itself is within nested_absmax * (half-gap of the dynamic map + the 2/65535 table step)."""
+    out_f, in_f, blocksize = 64, 192, 64
+    weight = _weight(out_f, in_f, seed=7)
+    weight[3, :64] *= 40  # a block with a far larger absmax
+    layer = QuantizedLinear.from_linear(_linear(out_f, in_f), scheme, blocksize, double_quant)
+    layer.requantize_(weight)
+    levels = torch.sort(ref.four_bit_code(scheme)).values.to(F64)
+    half_gap = (levels.diff().max() / 2).item()
+    blocks = weight.to(F64).reshape(-1, blocksize)
+    absmax_true = blocks.abs().amax(dim=1)
+    state = layer._reference_state()
+    if double_quant:
+        stored = ref.dequantize_blockwise(state.absmax, state.nested_absmax, state.nested_code).to(F64)
+        stored = stored + state.offset.item()
+        dyn = ref.dynamic_map().to(F64)
+        nested_bound = state.nested_absmax.to(F64) * ((dyn.diff().max() / 2).item() + 2 / 65535)
+        block_of = torch.arange(absmax_true.numel()) // 256
+        assert bool(((stored - absmax_true).abs() <= nested_bound[block_of] * (1 + 1e-6) + 1e-7).all())
+    else:
+        stored = state.absmax.to(F64)
+        assert torch.equal(stored, absmax_true)
+    err = (layer.dequantize().to(F64).reshape(-1, blocksize) - blocks).abs()
+    bound = absmax_true * half_gap + (stored - absmax_true).abs()
+    slack = 4 * torch.finfo(torch.float32).eps * absmax_true.max()
+    assert bool((err <= bound.unsqueeze(1) + slack).all())
+    # the bound is tight: some value comes within 60% of it
+    assert bool((err.amax(dim=1) >= 0.6 * absmax_true * half_gap).any())
+
+
+def test_int8_error_within_half_step():
+    weight = _weight(32, 80, seed=11)
+    layer = QuantizedLinear.from_linear(_linear(32, 80), "int8")
+    layer.requantize_(weight)
+    row_absmax = weight.abs().amax(dim=1, keepdim=True).to(F64)
+    err = (layer.dequantize().to(F64) - weight.to(F64)).abs()
+    assert bool((err <= row_absmax / 254 * (1 + 1e-5)).all())
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.absmax, weight.abs().amax(dim=1))
+
+
+# ---- forward, matmul, gradients -------------------------------------------------------------
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (0,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_float64_reference(scheme, lead, bias):
+    linear = _linear(40, 96, bias=bias)
+    layer = QuantizedLinear.from_linear(linear, scheme)
+    x = torch.randn(*lead, 96)
+    y = layer(x)
+    w = layer.dequantize().to(F64)
+    expected = x.to(F64) @ w.T + (0 if linear.bias is None else linear.bias.to(F64))
+    assert y.shape == (*lead, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y.to(F64), expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(layer.matmul(x).to(F64), x.to(F64) @ w.T, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_gradient_to_input_matches_float64_reference(scheme):
+    layer = QuantizedLinear.from_linear(_linear(40, 96), scheme)
+    x = torch.randn(4, 3, 96, requires_grad=True)
+    grad_out = torch.randn(4, 3, 40)
+    (layer(x) * grad_out).sum().backward()
+    w = layer.dequantize().to(F64)
+    torch.testing.assert_close(x.grad.to(F64), grad_out.to(F64) @ w, rtol=2e-6, atol=2e-6)
+    assert all(p.grad is None for p in layer.parameters())
+    x.grad = None
+    (layer.matmul(x) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad.to(F64), grad_out.to(F64) @ w, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_gradcheck_in_float64(scheme):
+    layer = QuantizedLinear.from_linear(_linear(6, 64), scheme, compute_dtype=F64)
+    layer.bias.requires_grad_(True)  # a user who unfreezes the bias gets its gradient too
+    x = torch.randn(3, 64, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((6,), 3.0))  # bias stays float32
+
+
+def test_dequantized_weight_is_not_saved_for_backward(monkeypatch):
+    layer = QuantizedLinear.from_linear(_linear(64, 128), "nf4")
+    calls = []
+    original = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self: calls.append(1) or original(self))
+    saved = []
+    x = torch.randn(8, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not any(t.shape == (64, 128) for t in saved)
+    assert len(calls) == 1
+    y.sum().backward()
+    assert len(calls) == 2  # backward dequantizes again
+
+
+def test_backward_after_requantize_raises():
+    layer = QuantizedLinear.from_linear(_linear(16, 64), "nf4")
+    x = torch.randn(2, 64, requires_grad=True)
+    y = layer(x)
+    layer.requantize_(torch.randn(16, 64))
+    with pytest.raises(RuntimeError, match="changed"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+def test_half_compute_dtype_returns_input_dtype(compute_dtype):
+    layer = QuantizedLinear.from_linear(_linear(32, 64), "nf4", compute_dtype=compute_dtype)
+    w = layer.dequantize()
+    assert w.dtype == compute_dtype
+    assert torch.equal(w, QuantizedLinear.from_linear(_linear(32, 64), "nf4").dequantize().to(compute_dtype))
+    x = torch.randn(5, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    expected = x.to(F64) @ w.to(F64).T + layer.bias.to(F64)
+    torch.testing.assert_close(y.to(F64), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_forward_vs_its_dequantization():
+    linear = _linear(48, 256)
+    layer = QuantizedLinear.from_linear(linear, "int8")
+    x = torch.randn(3, 7, 256) * 4
+    w = bnbF.int8_vectorwise_dequant(layer.weight, layer.absmax).to(F64)
+    expected = x.to(F64) @ w.T + linear.bias.to(F64)
+    torch.testing.assert_close(layer(x).to(F64), expected, rtol=2e-6, atol=2e-6)
+    # and it is close to the float layer: |y - y_float| <= sum_k |x_k| * absmax_row / 254
+    bound = x.abs().to(F64) @ (linear.weight.abs().amax(dim=1, keepdim=True).to(F64) / 254).expand(48, 256).T
+    assert bool(((layer(x).to(F64) - linear(x).to(F64)).abs() <= bound + 1e-5).all())
+
+
+# ---- memory ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+def test_nbytes_4bit_counts_everything(scheme):
+    layer = QuantizedLinear.from_linear(_linear(1024, 1024), scheme)
+    n = 1024 * 1024
+    blocks = n // 64
+    expected = n // 2 + blocks + 4 * (blocks // 256) + 4 * 256 + 4 * 16 + 4 + 4 * 1024
+    #          codes  absmax  nested absmax          dynamic map code  offset  bias
+    assert layer.nbytes == expected
+    assert (layer.nbytes - 4 * 1024) / n <= 0.53
+    plain = QuantizedLinear.from_linear(_linear(1024, 1024, bias=False), scheme, double_quant=False)
+    assert plain.nbytes == n // 2 + 4 * blocks + 4 * 16
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+def test_nbytes_4096_square_under_053_bytes_per_weight(scheme):
+    # same storage shapes as a quantized layer (checked against from_linear at 1024 above)
+    built = QuantizedLinear(4096, 4096, bias=False, scheme=scheme)
+    quantized = QuantizedLinear.from_linear(_linear(256, 1024, bias=False), scheme)
+    small = QuantizedLinear(1024, 256, bias=False, scheme=scheme)
+    assert {k: v.shape for k, v in quantized.state_dict().items()} == {
+        k: v.shape for k, v in small.state_dict().items()
+    }
+    assert built.nbytes / 4096**2 <= 0.53
+
+
+def test_nbytes_int8():
+    layer = QuantizedLinear.from_linear(_linear(512, 1024), "int8")
+    n = 512 * 1024
+    assert layer.nbytes == n + 4 * 512 + 4 * 512  # codes, row absmax, bias
+    assert layer.nbytes - 4 * 512 - 4 * 512 <= 1.01 * n
+
+
+# ---- state: state_dict, .to, deepcopy, requantize_, version -----------------------------------
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_round_trip_into_fresh_layer(scheme, double_quant):
+    layer = QuantizedLinear.from_linear(_linear(24, 64), scheme, 32, double_quant)
+    fresh = QuantizedLinear(64, 24, scheme=scheme, blocksize=32, double_quant=double_quant)
+    version = fresh.version
+    assert not torch.equal(fresh.dequantize(), layer.dequantize())
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.version != version
+    assert torch.equal(fresh.dequantize(), layer.dequantize())
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+    assert set(fresh.state_dict()) == set(layer.state_dict())
+
+
+def test_state_dict_of_other_config_is_rejected():
+    nf4 = QuantizedLinear.from_linear(_linear(24, 64), "nf4")
+    with pytest.raises(ValueError, match="scheme='fp4'"):
+        QuantizedLinear(64, 24, scheme="fp4").load_state_dict(nf4.state_dict())
+    with pytest.raises(RuntimeError, match="nested_absmax"):
+        QuantizedLinear(64, 24, scheme="nf4", double_quant=False).load_state_dict(nf4.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        QuantizedLinear(64, 24, scheme="nf4", blocksize=32).load_state_dict(nf4.state_dict())
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_to_moves_every_tensor_and_keeps_statistics_dtype(scheme):
+    layer = QuantizedLinear.from_linear(_linear(24, 64), scheme)
+    dense = layer.dequantize()
+    dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+    version = layer.version
+    layer.to(torch.float16)
+    assert layer.version != version
+    assert layer.bias.dtype == torch.float16
+    assert {k: v.dtype for k, v in layer.state_dict().items() if k != "bias"} == {
+        k: v for k, v in dtypes.items() if k != "bias"
+    }
+    assert torch.equal(layer.dequantize(), dense)
+    layer.to("meta")
+    assert all(t.device.type == "meta" for t in layer.state_dict().values())
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_deepcopy_is_independent(scheme):
+    layer = QuantizedLinear.from_linear(_linear(24, 64), scheme)
+    twin = copy.deepcopy(layer)
+    assert torch.equal(twin.dequantize(), layer.dequantize())
+    assert twin.weight.data_ptr() != layer.weight.data_ptr()
+    before = layer.dequantize()
+    twin.requantize_(torch.randn(24, 64))
+    assert torch.equal(layer.dequantize(), before)
+    assert not torch.equal(twin.dequantize(), before)
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_requantize_equals_from_linear_and_bumps_version(scheme):
+    layer = QuantizedLinear.from_linear(_linear(24, 64, seed=1), scheme)
+    target = _linear(24, 64, seed=2)
+    weight_param = layer.weight
+    version = layer.version
+    layer.requantize_(target.weight)
+    assert layer.version == version + 1
+    assert layer.weight is weight_param
+    assert torch.equal(layer.dequantize(), QuantizedLinear.from_linear(target, scheme).dequantize())
+
+
+def test_dequantize_returns_fresh_tensor():
+    layer = QuantizedLinear.from_linear(_linear(24, 64), "int8", compute_dtype=torch.float32)
+    first = layer.dequantize()
+    first.zero_()
+    assert layer.dequantize().abs().sum() > 0
+
+
+def test_extra_repr():
+    text = repr(QuantizedLinear.from_linear(_linear(24, 64), "nf4", 32, False))
+    assert "in_features=64, out_features=24, bias=True, scheme='nf4', blocksize=32, double_quant=False" in text
+    assert "blocksize" not in repr(QuantizedLinear(64, 24, scheme="int8"))
+
+
+# ---- without bitsandbytes ------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_fallback_without_bitsandbytes_gives_the_same_layer(scheme, monkeypatch):
+    linear = _linear(40, 96)
+    with_bnb = QuantizedLinear.from_linear(linear, scheme)
+    monkeypatch.setattr(_bnb, "AVAILABLE", False)
+    assert _bnb.load() is None
+    without = QuantizedLinear.from_linear(linear, scheme)
+    for key, value in with_bnb.state_dict().items():
+        assert torch.equal(without.state_dict()[key], value), key
+    assert torch.equal(without.dequantize(), with_bnb.dequantize())
+    x = torch.randn(4, 96, requires_grad=True)
+    torch.testing.assert_close(without(x), with_bnb(x), rtol=0, atol=0)
+    without(x).sum().backward()
+    with pytest.raises(TypeError, match="cannot be imported"):
+        QuantizedLinear.from_bnb(linear)
+
+
+# ---- wrapping bitsandbytes layers ----------------------------------------------------------
+def _linear4bit(scheme: str, double_quant: bool, out_f: int = 64, in_f: int = 128, blocksize: int = 64):
+    torch.manual_seed(5)
+    dense = nn.Linear(in_f, out_f)
+    module = bnb.nn.Linear4bit(in_f, out_f, quant_type=scheme, compress_statistics=double_quant)
+    module.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type=scheme,
+        compress_statistics=double_quant, blocksize=blocksize, module=module,
+    )
+    module.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return module.to("cpu"), dense
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_bnb_linear4bit_shares_storage(scheme, double_quant):
+    module, _ = _linear4bit(scheme, double_quant)
+    state = module.weight.quant_state
+    layer = QuantizedLinear.from_bnb(module)
+    assert (layer.scheme, layer.blocksize, layer.double_quant) == (scheme, 64, double_quant)
+    assert layer.weight.data_ptr() == module.weight.data_ptr()
+    assert layer.absmax is state.absmax
+    assert torch.equal(layer.dequantize(), bnbF.dequantize_4bit(module.weight.data, state))
+    module.train()  # bitsandbytes' training-mode forward: dequantize + matmul, no repack
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), module(x), rtol=1e-6, atol=1e-6)
+    assert not getattr(state, "packing_format_for_cpu", False)
+
+
+def test_from_bnb_linear8bit():
+    torch.manual_seed(5)
+    dense = nn.Linear(128, 64)
+    module = bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False)
+    module.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    module.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    module = module.to("cpu")
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.scheme == "int8" and layer.weight.dtype == torch.int8
+    expected = bnbF.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+    assert torch.equal(layer.dequantize(), expected)
+    x = torch.randn(3, 128)
+    expected_out = x.to(F64) @ expected.to(F64).T + dense.bias.to(F64)
+    torch.testing.assert_close(layer(x).to(F64), expected_out, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_bnb_undoes_cpu_repack(scheme, double_quant):
+    """bitsandbytes repacks a 4-bit weight in place on its first CPU eval forward (AVX512-BF16);
+    forced here through its own packing function, which runs on any CPU."""
+    module, _ = _linear4bit(scheme, double_quant)
+    original_codes = module.weight.data.clone()
+    original = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    state = module.weight.quant_state
+    plain_absmax = (
+        bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+    ).clone()
+    module.weight.data, module.weight.quant_state = bnbF._convert_weight_packed_for_cpu(
+        module.weight.data, module.weight.quant_state
+    )
+    assert module.weight.quant_state.packing_format_for_cpu
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.double_quant == double_quant
+    assert torch.equal(layer.weight, original_codes)  # the codes come back exactly
+    bf16_absmax = plain_absmax.to(torch.bfloat16).float()
+    if double_quant:  # re-double-quantized bf16 absmax: original up to bf16 + 8-bit rounding
+        torch.testing.assert_close(layer.dequantize(), original, rtol=0, atol=2e-2 * original.abs().max().item())
+    else:  # absmax is the bf16 rounding of the original: exact formula
+        assert torch.equal(layer.absmax, bf16_absmax)
+        assert torch.equal(
+            layer.dequantize(), ref.dequantize_4bit(original_codes, bf16_absmax, (64, 128), scheme, 64)
+        )
+    rel = ((layer.dequantize() - original).norm() / original.norm()).item()
+    assert rel < 5e-3
+
+
+@pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
+def test_from_bnb_after_real_eval_forward_and_no_repack_by_us():
+    module, _ = _linear4bit("nf4", True)
+    original = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    ours_before = QuantizedLinear.from_bnb(module)
+    module.eval()
+    with torch.no_grad():
+        module(torch.randn(2, 128))  # bitsandbytes repacks here
+    assert module.weight.quant_state.packing_format_for_cpu
+    # the layer wrapped before the repack keeps its own tensors, untouched
+    assert torch.equal(ours_before.dequantize(), original)
+    after = QuantizedLinear.from_bnb(module)
+    assert ((after.dequantize() - original).norm() / original.norm()).item() < 5e-3
+    # our eval forward never repacks
+    after.eval()
+    codes = after.weight.clone()
+    with torch.no_grad():
+        after(torch.randn(2, 128))
+    assert torch.equal(after.weight, codes) and after.weight.shape == (64 * 128 // 2, 1)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def test_bad_arguments_name_argument_and_allowed_values():
+    linear = _linear(8, 64)
+    with pytest.raises(ValueError, match=r"scheme: expected one of \('nf4', 'fp4', 'int8'\), got 'int4'"):
+        QuantizedLinear.from_linear(linear, "int4")
+    for blocksize in (48, 100, 16, 8192, True, 64.0):
+        with pytest.raises(ValueError, match=r"blocksize: expected a power of two .*32, 64.*4096.*got"):
+            QuantizedLinear.from_linear(linear, "nf4", blocksize=blocksize)
+    QuantizedLinear.from_linear(linear, "int8", blocksize=48)  # int8 ignores blocksize
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QuantizedLinear.from_linear(linear, "nf4", compute_dtype=torch.int8)
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
+        QuantizedLinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(TypeError, match="Linear4bit.*Linear8bitLt.*got Linear"):
+        QuantizedLinear.from_bnb(linear)
+    with pytest.raises(ValueError, match="in_features"):
+        QuantizedLinear(0, 4)
+
+
+def test_bad_input_and_weight():
+    layer = QuantizedLinear.from_linear(_linear(8, 64), "nf4")
+    with pytest.raises(ValueError, match=r"input: expected shape \(\*, in_features=64\), got \(3, 63\)"):
+        layer(torch.randn(3, 63))
+    with pytest.raises(ValueError, match="in_features=64"):
+        layer.matmul(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weight: expected a tensor of shape \(8, 64\), got \(64, 8\)"):
+        layer.requantize_(torch.randn(64, 8))
+    with pytest.raises(ValueError, match="finite"):
+        layer.requantize_(torch.full((8, 64), float("nan")))
+    with pytest.raises(ValueError, match="not quantized yet"):
+        QuantizedLinear.from_bnb(bnb.nn.Linear4bit(64, 8))  # quantized only by .to(device)
