@@ -4,8 +4,10 @@ LoRA, LoRA+, DoRA, QLoRA and QDoRA layers, the model surgery around them and a q
 backend over bitsandbytes. See ``docs/`` for the user guide and the math.
 """
 
+from . import quant
 from .adapter import AdapterMixin
 from .dora import DoRALinear
+from .io import load_adapter, save_adapter
 from .lora import LoRALinear, LoRAPlusLinear
 from .model import (
     adapter_state_dict,
@@ -21,6 +23,7 @@ from .model import (
     unmerge_adapters,
 )
 from .optim import create_loraplus_optimizer, loraplus_param_groups
+from .qlora import QDoRALinear, QLoRALinear
 
 __version__ = "0.1.0"
 
@@ -29,16 +32,21 @@ __all__ = [
     "DoRALinear",
     "LoRALinear",
     "LoRAPlusLinear",
+    "QDoRALinear",
+    "QLoRALinear",
     "adapter_state_dict",
     "create_loraplus_optimizer",
     "inject_adapters",
     "inject_lora",
+    "load_adapter",
     "load_adapter_state_dict",
     "loraplus_param_groups",
     "merge_adapters",
     "merge_and_unload",
     "prepare_for_kbit_training",
     "print_trainable_parameters",
+    "quant",
+    "save_adapter",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",

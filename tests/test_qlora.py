@@ -1,0 +1,292 @@
+"""QLoRALinear and QDoRALinear: LoRA and DoRA over a quantized base."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import peft_layers as pl
+from peft_layers.model import iter_adapter_layers
+from peft_layers.qlora import QDoRALinear, QLoRALinear
+from peft_layers.quant import QuantizedLinear
+
+from models import tiny_model, tokens
+from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
+
+bnb = pytest.importorskip("bitsandbytes")
+
+SCHEMES = ("nf4", "fp4", "int8")
+IN, OUT, TOKENS = 128, 96, 10
+
+
+def make_linear(seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT, bias=bias)
+
+
+def reference(layer: QLoRALinear, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 output and gradients on the dequantized base weight."""
+    w0 = f64(layer.base_layer.dequantize())
+    b = f64(layer.bias)
+    x64, a64, b64 = f64(x, True), f64(layer.lora_A, True), f64(layer.lora_B, True)
+    if isinstance(layer, QDoRALinear):
+        m64 = f64(layer.magnitude, True)
+        y = dora_ref(x64, w0, b, a64, b64, m64, layer.scaling, layer.epsilon)
+    else:
+        m64 = None
+        y = lora_ref(x64, w0, b, a64, b64, layer.scaling)
+    (y * grad_out.to(torch.float64)).sum().backward()
+    out = {"out": y.detach(), "x": x64.grad, "lora_A": a64.grad, "lora_B": b64.grad}
+    if m64 is not None:
+        out["magnitude"] = m64.grad
+    return out
+
+
+def run(layer: QLoRALinear, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    for p in layer.adapter_parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    (y * grad_out).sum().backward()
+    out = {"out": y.detach(), "x": x.grad, "lora_A": layer.lora_A.grad, "lora_B": layer.lora_B.grad}
+    if isinstance(layer, QDoRALinear):
+        out["magnitude"] = layer.magnitude.grad
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_forward_and_gradients_match_float64_reference(cls: type, scheme: str) -> None:
+    layer = cls.from_linear(make_linear(), quant=scheme, rank=4, alpha=8.0)
+    randomize_adapter(layer, scale=0.3)
+    x = torch.randn(2, TOKENS, IN)
+    grad_out = torch.randn(2, TOKENS, OUT)
+    expected = reference(layer, x, grad_out)
+    got = run(layer, x, grad_out)
+    for key, value in expected.items():
+        assert_close64(got[key], value, rtol=2e-5, what=key)
+    with torch.no_grad():
+        no_grad = layer(x)
+    # int8's no-grad path may use bitsandbytes' int8 matmul, which also rounds the input
+    assert_close64(no_grad, expected["out"], rtol=2e-2 if scheme == "int8" else 2e-5, what="no-grad output")
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_from_linear_quantizes_and_keeps_no_float_copy(cls: type) -> None:
+    linear = make_linear()
+    layer = cls.from_linear(linear, quant="nf4", rank=4)
+    assert isinstance(layer.base_layer, QuantizedLinear)
+    assert isinstance(layer, pl.LoRALinear)
+    for name, tensor in layer.state_dict().items():
+        assert not (tensor.is_floating_point() and tensor.numel() >= OUT * IN), name
+    # a fresh layer equals its (quantized) base
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_qdora_magnitude_starts_at_row_norms_of_dequantized_weight() -> None:
+    layer = QDoRALinear.from_linear(make_linear(), quant="nf4", rank=4)
+    expected = layer.base_layer.dequantize().to(torch.float64).norm(dim=1)
+    assert_close64(layer.magnitude, expected, rtol=1e-6)
+    assert not torch.allclose(expected, make_linear().weight.detach().double().norm(dim=1), rtol=1e-4)
+
+
+def _bnb_linear4bit(linear: nn.Linear, quant_type: str = "nf4") -> nn.Module:
+    module = bnb.nn.Linear4bit(IN, OUT, bias=linear.bias is not None, compute_dtype=torch.float32, quant_type=quant_type)
+    module.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return module.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_wraps_bnb_linear4bit_without_requantizing(cls: type) -> None:
+    module = _bnb_linear4bit(make_linear())
+    expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    layer = cls.from_linear(module, rank=4)
+    torch.testing.assert_close(layer.base_layer.dequantize(), expected, rtol=0, atol=0)
+    randomize_adapter(layer, scale=0.3)
+    x, grad_out = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+    expected_run = reference(layer, x, grad_out)
+    got = run(layer, x, grad_out)
+    for key, value in expected_run.items():
+        assert_close64(got[key], value, rtol=2e-5, what=key)
+
+
+def test_wraps_bnb_linear8bitlt() -> None:
+    linear = make_linear()
+    module = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False)
+    module.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    module = module.to("cpu")
+    layer = QLoRALinear.from_linear(module, rank=4)
+    # row-wise int8: every value within half a step (absmax_row / 127 / 2) of the original, plus
+    # the fp16 rounding bitsandbytes applies to the weight before quantizing it (2^-11 relative)
+    error = (layer.base_layer.dequantize() - linear.weight.detach()).abs()
+    absmax = linear.weight.detach().abs().amax(dim=1, keepdim=True)
+    assert bool((error <= absmax / 127 / 2 + absmax * 2.0**-11).all())
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_train_eval_train_merge_stays_right_after_a_cpu_repack() -> None:
+    """bitsandbytes repacks a 4-bit weight in place on its first CPU eval forward (on CPUs with
+    AVX512-BF16); our layer must read the right weight through train -> eval -> train -> merge."""
+    linear = make_linear()
+    module = _bnb_linear4bit(linear)
+    true_weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    repack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if repack is not None:
+        try:  # what bitsandbytes' eval forward does on such a CPU; may not run on this one
+            packed, state = repack(module.weight.data, module.weight.quant_state)
+            module.weight.data = packed
+            module.weight.quant_state = state
+            module.weight.quant_state.packing_format_for_cpu = True
+        except Exception:  # noqa: BLE001 - an unsupported CPU: the plain layout is tested below
+            pass
+    layer = QDoRALinear.from_linear(module, rank=4)
+    # the repacked layout keeps absmax in bfloat16: the weight comes back to within its rounding
+    torch.testing.assert_close(layer.base_layer.dequantize(), true_weight, rtol=2.0**-8, atol=1e-7)
+    true_weight = layer.base_layer.dequantize()
+    # and it must not move through the sequence below (HF PEFT's QDoRA reads a scrambled one)
+    optimizer = torch.optim.SGD(layer.adapter_parameters(), lr=0.1)
+    x, grad_out = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+
+    def check(stage: str) -> None:
+        with torch.no_grad():
+            w0, b = true_weight.double(), layer.bias.double()
+            expected = dora_ref(x.double(), w0, b, layer.lora_A.double(), layer.lora_B.double(),
+                                layer.magnitude.double(), layer.scaling, layer.epsilon)
+            assert_close64(layer(x), expected, rtol=2e-5, what=stage)
+
+    for stage in ("train", "eval", "train"):
+        layer.train(stage == "train")
+        if stage == "train":
+            (layer(x) * grad_out).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        check(stage)
+    merged = layer.to_linear()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_to_linear_is_the_exact_float_merge(cls: type) -> None:
+    layer = cls.from_linear(make_linear(), quant="nf4", rank=4)
+    randomize_adapter(layer, scale=0.3)
+    x = torch.randn(TOKENS, IN)
+    merged = layer.to_linear()
+    assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+        w0 = layer.base_layer.dequantize()
+        torch.testing.assert_close(merged.weight, w0 + layer.delta_weight(), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_requantizes_with_a_warning_and_loses_part_of_the_update() -> None:
+    layer = QLoRALinear.from_linear(make_linear(), quant="nf4", rank=4)
+    w0 = layer.base_layer.dequantize()
+    with torch.no_grad():  # a delta of 7% of the weight's norm
+        layer.lora_B.normal_()
+        layer.lora_B.mul_(0.07 * w0.norm() / layer.delta_weight().norm())
+    intended = layer.delta_weight().detach()
+    version = layer.base_layer.version
+    with pytest.warns(UserWarning, match="requantized"):
+        layer.merge()
+    assert layer.base_layer.version != version
+    realised = layer.base_layer.dequantize() - w0
+    cosine = torch.nn.functional.cosine_similarity(realised.flatten(), intended.flatten(), dim=0)
+    assert 0.3 < cosine < 0.95  # rounding keeps part of the update, not all of it (docs report it)
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        expected = x @ layer.base_layer.dequantize().t() + layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="requantized"):
+        layer.unmerge()
+
+
+def test_qdora_norm_cache_follows_requantization() -> None:
+    layer = QDoRALinear.from_linear(make_linear(), quant="nf4", rank=4)
+    first = layer.base_row_norm_sq().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.base_layer.requantize_(layer.base_layer.dequantize() * 2)
+    torch.testing.assert_close(layer.base_row_norm_sq(), first * 4, rtol=1e-2, atol=0)
+
+
+class _BigTensorCounter(TorchDispatchMode):
+    """Counts op outputs of at least ``size`` elements that own new storage."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.count = size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size and t.untyped_storage().data_ptr() not in storages:
+                self.count += 1
+        return out
+
+
+def _count_step(layer: QLoRALinear, size: int) -> int:
+    x = torch.randn(4, IN, requires_grad=True)
+    layer(x)  # caches (||W0||^2) are built outside the count
+    with _BigTensorCounter(size) as counter:
+        (layer(x) ** 2).sum().backward()
+    return counter.count
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_qdora_step_creates_no_more_big_tensors_than_qlora(scheme: str) -> None:
+    linear = make_linear()
+    qlora = QLoRALinear.from_linear(copy.deepcopy(linear), quant=scheme, rank=4)
+    qdora = QDoRALinear.from_linear(copy.deepcopy(linear), quant=scheme, rank=4)
+    randomize_adapter(qlora)
+    randomize_adapter(qdora)
+    lora_count = _count_step(qlora, OUT * IN)
+    dora_count = _count_step(qdora, OUT * IN)
+    assert lora_count >= 1  # the decoded weight itself is seen: the counter works
+    assert dora_count <= lora_count
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="quant"):
+        QLoRALinear.from_linear(make_linear(), quant="nf3")
+    with pytest.raises(ValueError, match="blocksize"):
+        QLoRALinear.from_linear(make_linear(), quant="nf4", blocksize=48)
+    with pytest.raises(TypeError, match="Embedding"):
+        QLoRALinear.from_linear(bnb.nn.StableEmbedding(10, 8))
+    with pytest.raises(TypeError, match="QLoRALinear"):
+        pl.LoRALinear.from_linear(_bnb_linear4bit(make_linear()))
+    with pytest.raises(ValueError, match="input"):
+        QLoRALinear(IN, OUT, rank=2)(torch.randn(3, IN + 1))
+
+
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_inject_quantized_methods_and_merge_and_unload(method: str) -> None:
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "up_proj"], method=method, quant="nf4", rank=4)
+    layers = dict(iter_adapter_layers(model))
+    assert len(layers) == 4 and all(pl.model.method_of(layer) == method for layer in layers.values())
+    randomize_adapter(layers["layers.0.attn.q_proj"], scale=0.2)
+    trainable, total = pl.trainable_parameters(model)
+    expected = sum(l.rank * (l.in_features + l.out_features) + (l.out_features if method == "qdora" else 0)
+                   for l in layers.values())
+    assert trainable == expected
+    batch = tokens()
+    with torch.no_grad():
+        adapted = model(batch)
+        pl.merge_and_unload(model, dtype=torch.float64)
+        assert model.layers[0].attn.q_proj.weight.dtype == torch.float64
+        model.double()
+        torch.testing.assert_close(model(batch).float(), adapted, rtol=1e-4, atol=1e-4)
