@@ -422,7 +422,8 @@ def _parse(
     # group the tensors by module
     wp = weights_path
     grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key in sorted(tensors):  # safetensors hands keys back in no fixed order
+        tensor = tensors[key]
         module, kind = _split_key(key, wp)
         grouped.setdefault(module, {})[kind] = tensor
     other_biases = {}

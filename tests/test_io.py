@@ -1,0 +1,758 @@
+"""Adapter files: save_adapter / load_adapter in the Hugging Face PEFT layout, both ways.
+
+Outputs after a load are compared with the model that was saved (same code, so bitwise equal),
+with a float64 reference built from the base weights and the file's tensors, and with Hugging Face
+PEFT itself (``peft`` is a test dependency). Every failure test checks that the model (every
+tensor, every module object, every requires_grad flag) or the old files are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+import peft_layers.io as io
+from peft_layers.dora import DoRALinear
+from peft_layers.io import list_adapters, load_adapter, read_adapter, save_adapter
+from peft_layers.lora import LoRALinear, LoRAPlusLinear
+from peft_layers.model import adapter_state_dict, inject_adapters, iter_adapter_layers, method_of, pattern_key
+
+from reference import F64, direct_row_norm, dora_ref, lora_ref
+
+try:
+    import peft_layers.qlora  # noqa: F401
+
+    HAS_QLORA = True
+except ImportError:  # pragma: no cover - while qlora.py / quant/ are being written
+    HAS_QLORA = False
+needs_qlora = pytest.mark.skipif(not HAS_QLORA, reason="peft_layers.qlora does not import yet")
+try:
+    import peft  # noqa: F401
+
+    HAS_PEFT = True
+except ImportError:  # pragma: no cover - peft is a test dependency
+    HAS_PEFT = False
+needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+
+PATHS = ("fc", "block.fc", "block.out")
+METHODS = [
+    "lora", "lora_plus", "dora",
+    pytest.param("qlora", marks=needs_qlora), pytest.param("qdora", marks=needs_qlora),
+]
+
+
+class Net(nn.Module):
+    """fc (16 -> 32) -> gelu -> block.fc (32 -> 24) -> gelu -> block.out (24 -> 16, no bias) -> norm.
+
+    "fc" is a dotted suffix of "block.fc": name matching has to be exact.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(32, 24)
+        self.block.out = nn.Linear(24, 16, bias=False)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.gelu(self.fc(x))
+        x = nn.functional.gelu(self.block.fc(x))
+        return self.norm(self.block.out(x))
+
+
+def base_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():  # a LayerNorm that is not the identity, so its bias shows in outputs
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def inputs(seed: int = 5) -> Tensor:
+    return torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize(model: nn.Module, seed: int = 3) -> nn.Module:
+    """Non-zero B, A redrawn, magnitudes off ||W'||: adapters that change every output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in iter_adapter_layers(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.3)
+            if isinstance(layer, DoRALinear):
+                layer.magnitude.mul_(0.5 + torch.rand(layer.magnitude.shape, generator=generator))
+    return model
+
+
+def adapted(method: str = "lora", seed: int = 0, **kwargs) -> Net:
+    kwargs.setdefault("rank", 4)
+    kwargs.setdefault("alpha", 8.0)
+    kwargs.setdefault("rank_pattern", {"^block\\.out": 2})
+    if method in ("qlora", "qdora"):
+        kwargs.setdefault("quant", "nf4")
+        kwargs.setdefault("blocksize", 32)
+    model = inject_adapters(base_net(seed), list(PATHS), method=method, **kwargs)
+    return randomize(model).eval()
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed load must leave alone: tensors, module objects, grad flags, attributes."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "modules": [(name, id(m)) for name, m in model.named_modules(remove_duplicate=False)],
+        "grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
+        "layers": [
+            (name, layer.rank, layer.alpha, layer.use_rslora, layer.init, layer.merged)
+            for name, layer in iter_adapter_layers(model)
+        ],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["grad"] == before["grad"]
+    assert after["layers"] == before["layers"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---- a float64 reference for Net with adapters ------------------------------------------------
+def net_reference(base: Net, adapters: dict[str, dict], x: Tensor) -> Tensor:
+    """Net's output in float64 from the plain base's weights and, per path, ``A``, ``B``, ``s``
+    and (DoRA) ``m``: LoRA and DoRA written out from DESIGN.md (tests/reference.py)."""
+
+    def layer(path: str, h: Tensor) -> Tensor:
+        linear = base.get_submodule(path)
+        w = linear.weight.detach().to(F64)
+        b = None if linear.bias is None else linear.bias.detach().to(F64)
+        if path not in adapters:
+            return h @ w.t() + (0 if b is None else b)
+        ad = adapters[path]
+        a, bm = ad["A"].to(F64), ad["B"].to(F64)
+        if "m" in ad:
+            return dora_ref(h, w, b, a, bm, ad["m"].to(F64), ad["s"], 1e-8)
+        return lora_ref(h, w, b, a, bm, ad["s"])
+
+    h = x.to(F64)
+    h = nn.functional.gelu(layer("fc", h))
+    h = nn.functional.gelu(layer("block.fc", h))
+    h = layer("block.out", h)
+    norm = base.norm
+    return nn.functional.layer_norm(
+        h, (16,), norm.weight.detach().to(F64), norm.bias.detach().to(F64), norm.eps
+    )
+
+
+def adapters_of(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, layer in iter_adapter_layers(model):
+        entry = {"A": layer.lora_A.detach(), "B": layer.lora_B.detach(), "s": layer.scaling}
+        if isinstance(layer, DoRALinear):
+            entry["m"] = layer.magnitude.detach()
+        out[name] = entry
+    return out
+
+
+def close64(actual: Tensor, expected: Tensor, rtol: float = 2e-5) -> None:
+    expected = expected.detach().to(F64)
+    atol = rtol * float(expected.abs().max())
+    torch.testing.assert_close(actual.detach().to(F64), expected, rtol=rtol, atol=atol)
+
+
+# ---- round trips --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip_into_a_plain_model(method: str, tmp_path: Path) -> None:
+    model = adapted(method, use_rslora=method == "dora", alpha_pattern={"^fc": 3.0})
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    x = inputs()
+    assert torch.equal(loaded(x), model(x))
+    assert [(n, method_of(l), l.rank, l.alpha, l.use_rslora) for n, l in iter_adapter_layers(loaded)] == [
+        (n, method_of(l), l.rank, l.alpha, l.use_rslora) for n, l in iter_adapter_layers(model)
+    ]
+    expected, got = adapter_state_dict(model), adapter_state_dict(loaded)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    if method in ("qlora", "qdora"):
+        for (_, a), (_, b) in zip(iter_adapter_layers(model), iter_adapter_layers(loaded)):
+            assert io._quant_info(a) == io._quant_info(b)
+            assert torch.equal(a.base_layer.dequantize(), b.base_layer.dequantize())
+    else:
+        close64(loaded(x), net_reference(base_net(), adapters_of(model), x))
+    if method == "lora_plus":
+        assert all(layer.lr_ratio == 16.0 for _, layer in iter_adapter_layers(loaded))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_round_trip_fills_existing_layers(method: str, tmp_path: Path) -> None:
+    model = adapted(method, alpha=4.0)
+    save_adapter(model, tmp_path)
+    # same structure, other random adapters and another alpha: the file decides A, B, m and alpha
+    target = inject_adapters(base_net(), list(PATHS), method=method, rank=4, alpha=32.0,
+                             rank_pattern={"^block\\.out": 2})
+    randomize(target, seed=9)
+    load_adapter(target, tmp_path)
+    x = inputs()
+    assert torch.equal(target.eval()(x), model(x))
+    assert all(layer.alpha == 4.0 for _, layer in iter_adapter_layers(target))
+
+
+def test_config_fields_and_patterns(tmp_path: Path) -> None:
+    model = adapted("dora", alpha_pattern={"^block\\.fc": 5.0}, dropout=0.1)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True and config["use_rslora"] is False
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["lora_dropout"] == 0.1
+    assert config["rank_pattern"] == {r"^block\.out": 2}
+    assert config["alpha_pattern"] == {r"^block\.fc": 5.0}
+    assert config["target_modules"] == sorted(PATHS)
+    assert config["bias"] == "none" and config["fan_in_fan_out"] is False and config["init_lora_weights"] is True
+    assert "peft_layers" not in config  # plain DoRA: a pure Hugging Face config
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "base_model.model.fc.lora_A.weight": (4, 16), "base_model.model.fc.lora_B.weight": (32, 4),
+        "base_model.model.fc.lora_magnitude_vector": (32,),
+        "base_model.model.block.fc.lora_A.weight": (4, 32), "base_model.model.block.fc.lora_B.weight": (24, 4),
+        "base_model.model.block.fc.lora_magnitude_vector": (24,),
+        "base_model.model.block.out.lora_A.weight": (2, 24), "base_model.model.block.out.lora_B.weight": (16, 2),
+        "base_model.model.block.out.lora_magnitude_vector": (16,),
+    }
+    # the anchored keys pick exactly one module each under Hugging Face's matching rule
+    for name, layer in iter_adapter_layers(model):
+        key = pattern_key(config["rank_pattern"], name)
+        assert (config["rank_pattern"][key] if key else config["r"]) == layer.rank
+        key = pattern_key(config["alpha_pattern"], name)
+        assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == layer.alpha
+
+
+@given(
+    ranks=st.lists(st.integers(1, 8), min_size=3, max_size=3),
+    alphas=st.lists(st.sampled_from([1.0, 2.5, 8.0, 16.0]), min_size=3, max_size=3),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+)
+def test_round_trip_property(ranks: list[int], alphas: list[float], rslora: bool, dora: bool, tmp_path_factory) -> None:
+    folder = tmp_path_factory.mktemp("prop")
+    model = base_net()
+    for path, rank, alpha in zip(PATHS, ranks, alphas):
+        inject_adapters(model, re.compile(re.escape(path)), method="dora" if dora else "lora", rank=rank, alpha=alpha, use_rslora=rslora)
+    randomize(model).eval()
+    save_adapter(model, folder)
+    loaded = load_adapter(base_net(), folder).eval()
+    x = inputs()
+    assert torch.equal(loaded(x), model(x))
+    assert [(l.rank, l.alpha, l.scaling) for _, l in iter_adapter_layers(loaded)] == [
+        (l.rank, l.alpha, l.scaling) for _, l in iter_adapter_layers(model)
+    ]
+    close64(loaded(x), net_reference(base_net(), adapters_of(model), x))
+
+
+def test_rng_is_not_advanced_by_an_injecting_load(tmp_path: Path) -> None:
+    save_adapter(adapted("lora"), tmp_path)
+    target = base_net()
+    state = torch.get_rng_state()
+    load_adapter(target, tmp_path)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_trained_biases_round_trip(tmp_path: Path) -> None:
+    for bias, saved in (("adapter_only", "lora_only"), ("all", "all")):
+        folder = tmp_path / bias
+        model = adapted("lora", bias=bias)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if p.requires_grad and p.dim() == 1:
+                    p.add_(0.25)  # "trained" biases
+        save_adapter(model, folder)
+        assert json.loads((folder / "adapter_config.json").read_text())["bias"] == saved
+        keys = set(load_file(folder / "adapter_model.safetensors"))
+        assert "base_model.model.fc.base_layer.bias" in keys
+        assert ("base_model.model.norm.bias" in keys) == (bias == "all")
+        loaded = load_adapter(base_net(), folder).eval()
+        x = inputs()
+        assert torch.equal(loaded(x), model(x))
+
+
+# ---- the documented layout, written by hand ---------------------------------------------------------
+def write_hf(folder: Path, tensors: dict[str, Tensor], config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def handwritten(dora: bool, seed: int = 11) -> tuple[dict[str, Tensor], dict, dict[str, dict]]:
+    """Tensors and config in Hugging Face PEFT's documented layout: r=4, alpha=8, block.out at
+    rank 2 through a suffix rank_pattern key and alpha 3 through a regex alpha_pattern key."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"fc": (16, 32, 4), "block.fc": (32, 24, 4), "block.out": (24, 16, 2)}
+    alphas = {"fc": 8.0, "block.fc": 8.0, "block.out": 3.0}
+    tensors, expected = {}, {}
+    base = base_net()
+    for path, (fan_in, fan_out, r) in shapes.items():
+        a = torch.randn(r, fan_in, generator=gen) * 0.3
+        b = torch.randn(fan_out, r, generator=gen) * 0.3
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b
+        expected[path] = {"A": a, "B": b, "s": alphas[path] / r}
+        if dora:
+            w0 = base.get_submodule(path).weight.detach()
+            m = direct_row_norm(w0, a, b, alphas[path] / r) * (0.5 + torch.rand(fan_out, generator=gen, dtype=F64))
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = m.float()
+            expected[path]["m"] = m.float()
+    config = {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc", "out"],
+        "rank_pattern": {"out": 2}, "alpha_pattern": {r"block\.o.t": 3}, "use_dora": dora,
+        "use_rslora": False, "lora_dropout": 0.05, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "modules_to_save": None, "task_type": None,
+    }
+    return tensors, config, expected
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_handwritten_hf_layout_loads_with_reference_outputs(dora: bool, tmp_path: Path) -> None:
+    tensors, config, expected = handwritten(dora)
+    write_hf(tmp_path, tensors, config)
+    model = load_adapter(base_net(), tmp_path).eval()
+    assert {n: (method_of(l), l.rank, l.alpha, l.dropout) for n, l in iter_adapter_layers(model)} == {
+        "fc": ("dora" if dora else "lora", 4, 8.0, 0.05),
+        "block.fc": ("dora" if dora else "lora", 4, 8.0, 0.05),
+        "block.out": ("dora" if dora else "lora", 2, 3.0, 0.05),
+    }
+    x = inputs()
+    close64(model(x), net_reference(base_net(), expected, x))
+    # and the same numbers through a model that already has the layers (fill, not inject)
+    filled = inject_adapters(base_net(), list(PATHS), method="dora" if dora else "lora", rank=4,
+                             alpha=1.0, rank_pattern={"out": 2})
+    load_adapter(filled, tmp_path)
+    assert torch.equal(filled.eval()(x), model(x))
+
+
+def test_bin_weights_load(tmp_path: Path) -> None:
+    tensors, config, expected = handwritten(dora=True)
+    tmp_path.mkdir(exist_ok=True)
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = load_adapter(base_net(), tmp_path).eval()
+    x = inputs()
+    close64(model(x), net_reference(base_net(), expected, x))
+
+
+# ---- several adapters in one tree ---------------------------------------------------------------------
+def test_subfolder_adapters(tmp_path: Path) -> None:
+    default, math_ = adapted("lora"), adapted("dora", seed=0, rank=2)
+    randomize(math_, seed=21)
+    save_adapter(default, tmp_path)
+    assert save_adapter(math_, tmp_path, adapter_name="math") == tmp_path / "math"
+    assert (tmp_path / "math" / "adapter_config.json").is_file()
+    assert list_adapters(tmp_path) == ["default", "math"]
+    x = inputs()
+    assert torch.equal(load_adapter(base_net(), tmp_path).eval()(x), default(x))
+    assert torch.equal(load_adapter(base_net(), tmp_path, adapter_name="default").eval()(x), default(x))
+    assert torch.equal(load_adapter(base_net(), tmp_path, adapter_name="math").eval()(x), math_(x))
+    with pytest.raises(FileNotFoundError, match=r"\['default', 'math'\]"):
+        load_adapter(base_net(), tmp_path, adapter_name="code")
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ValueError, match="adapter_name"):
+            save_adapter(default, tmp_path, adapter_name=bad)
+    with pytest.raises(TypeError, match="adapter_name"):
+        load_adapter(base_net(), tmp_path, adapter_name=3)
+
+
+# ---- Hugging Face PEFT both ways --------------------------------------------------------------------
+def hf_model(config_kwargs: dict, seed: int = 0):
+    import peft
+
+    model = peft.get_peft_model(base_net(seed), peft.LoraConfig(**config_kwargs))
+    generator = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                if "magnitude" in name:
+                    parameter.mul_(0.5 + torch.rand(parameter.shape, generator=generator))
+                else:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+HF_CASES = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+}
+
+
+@needs_peft
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_our_files_load_in_peft(case: str, tmp_path: Path) -> None:
+    import peft
+
+    method = "dora" if case == "dora" else "lora"
+    model = adapted(method, use_rslora=case == "rslora", alpha_pattern={"^fc": 3.0})
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    for name, layer in iter_adapter_layers(model):
+        hf_layer = theirs.base_model.model.get_submodule(name)
+        assert hf_layer.r["default"] == layer.rank and hf_layer.scaling["default"] == pytest.approx(layer.scaling)
+    x = inputs()
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_peft
+def test_our_regex_target_modules_adapt_only_our_modules_in_peft(tmp_path: Path) -> None:
+    import peft
+
+    # only the top "fc": a list ["fc"] would also match "block.fc" in Hugging Face's matching
+    model = randomize(inject_adapters(base_net(), re.compile("fc"), rank=4)).eval()
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)
+    theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    assert isinstance(theirs.base_model.model.block.fc, nn.Linear)
+    assert hasattr(theirs.base_model.model.fc, "lora_A")
+    x = inputs()
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(load_adapter(base_net(), tmp_path).eval()(x), model(x))
+
+
+@needs_peft
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_peft_files_load_in_ours(case: str, tmp_path: Path) -> None:
+    theirs = hf_model({
+        "r": 4, "lora_alpha": 8, "target_modules": ["fc", "out"], "rank_pattern": {"out": 2},
+        "alpha_pattern": {"^fc": 3}, **HF_CASES[case],
+    })
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(base_net(), tmp_path).eval()
+    assert [(n, method_of(l), l.rank, l.alpha, l.use_rslora) for n, l in iter_adapter_layers(ours)] == [
+        ("fc", "dora" if case == "dora" else "lora", 4, 3.0, case == "rslora"),
+        ("block.fc", "dora" if case == "dora" else "lora", 4, 8.0, case == "rslora"),
+        ("block.out", "dora" if case == "dora" else "lora", 2, 8.0, case == "rslora"),
+    ]
+    x = inputs()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_peft
+def test_peft_subfolder_and_bias_files_load_in_ours(tmp_path: Path) -> None:
+    import peft
+
+    theirs = hf_model({"r": 4, "lora_alpha": 8, "target_modules": ["fc", "out"], "bias": "lora_only"})
+    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["block.fc"], use_dora=True))
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B.other" in name:
+                parameter.normal_()
+            if name.endswith("fc.base_layer.bias") and "block" not in name:
+                parameter.add_(0.5)  # the trained bias of bias="lora_only" (block.out has none)
+    theirs.save_pretrained(tmp_path, selected_adapters=["default", "other"])
+    assert list_adapters(tmp_path) == ["default", "other"]
+    x = inputs()
+    expected_default = theirs(x)
+    theirs.set_adapter("other")
+    expected_other = theirs(x)
+    ours = load_adapter(base_net(), tmp_path).eval()
+    torch.testing.assert_close(ours(x), expected_default, rtol=1e-5, atol=1e-5)
+    other = load_adapter(base_net(), tmp_path, adapter_name="other").eval()
+    assert [(n, method_of(l)) for n, l in iter_adapter_layers(other)] == [("block.fc", "dora")]
+    # the other adapter sees the biases trained with the default one: they live in the base
+    with torch.no_grad():
+        other.fc.bias.add_(0.5)
+    torch.testing.assert_close(other(x), expected_other, rtol=1e-5, atol=1e-5)
+
+
+# ---- bad files: the model stays as it was ----------------------------------------------------------
+@pytest.fixture
+def saved_lora(tmp_path: Path) -> Path:
+    save_adapter(adapted("lora"), tmp_path / "lora")
+    return tmp_path / "lora"
+
+
+def edit_tensors(folder: Path, change) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def edit_config(folder: Path, change) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change(config)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def targets() -> list[nn.Module]:
+    """A plain model (load injects) and one with LoRA layers (load fills)."""
+    with_layers = inject_adapters(base_net(), list(PATHS), rank=4, rank_pattern={"^block\\.out": 2})
+    return [base_net(), randomize(with_layers, seed=8)]
+
+
+def assert_load_fails(folder: Path, error: type, match: str, **kwargs) -> None:
+    for model in targets():
+        before = snapshot(model)
+        with pytest.raises(error, match=match):
+            load_adapter(model, folder, **kwargs)
+        assert_unchanged(model, before)
+
+
+def test_truncated_safetensors(saved_lora: Path) -> None:
+    path = saved_lora / "adapter_model.safetensors"
+    data = path.read_bytes()
+    for cut in (len(data) - 3, len(data) // 2, 6):
+        path.write_bytes(data[:cut])
+        assert_load_fails(saved_lora, ValueError, "adapter_model.safetensors.*truncated or corrupt")
+
+
+def test_corrupt_header(saved_lora: Path) -> None:
+    path = saved_lora / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+    assert_load_fails(saved_lora, ValueError, "truncated or corrupt")
+
+
+def test_truncated_bin(saved_lora: Path) -> None:
+    tensors = load_file(saved_lora / "adapter_model.safetensors")
+    (saved_lora / "adapter_model.safetensors").unlink()
+    torch.save(tensors, saved_lora / "adapter_model.bin")
+    data = (saved_lora / "adapter_model.bin").read_bytes()
+    (saved_lora / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    assert_load_fails(saved_lora, ValueError, "adapter_model.bin.*truncated or corrupt")
+
+
+def test_corrupt_json(saved_lora: Path) -> None:
+    (saved_lora / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    assert_load_fails(saved_lora, ValueError, "adapter_config.json.*not a valid JSON")
+    (saved_lora / "adapter_config.json").write_text("[1, 2]")
+    assert_load_fails(saved_lora, ValueError, "expected a JSON object")
+
+
+def test_wrong_rank_in_config(saved_lora: Path) -> None:
+    edit_config(saved_lora, lambda c: c.update(r=8))
+    assert_load_fails(saved_lora, ValueError, r"'(block\.)?fc' has rank 4 but adapter_config.json gives it rank 8")
+
+
+def test_rank_that_does_not_fit_the_model(saved_lora: Path) -> None:
+    def to_rank_3(tensors):
+        tensors["base_model.model.fc.lora_A.weight"] = tensors["base_model.model.fc.lora_A.weight"][:3]
+        tensors["base_model.model.fc.lora_B.weight"] = tensors["base_model.model.fc.lora_B.weight"][:, :3].contiguous()
+
+    edit_tensors(saved_lora, to_rank_3)
+    edit_config(saved_lora, lambda c: c["rank_pattern"].update({"^fc": 3}))
+    read_adapter(saved_lora)  # a consistent file ...
+    model = targets()[1]  # ... that does not fit layers of rank 4
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'fc': the file has rank 3, the model's layer has rank 4"):
+        load_adapter(model, saved_lora)
+    assert_unchanged(model, before)
+
+
+def test_shapes_that_do_not_fit_the_model(saved_lora: Path) -> None:
+    def widen(tensors):
+        tensors["base_model.model.fc.lora_A.weight"] = torch.randn(4, 20)
+
+    edit_tensors(saved_lora, widen)
+    assert_load_fails(saved_lora, ValueError, "'fc'.*do not fit|'fc': lora_A has shape")
+
+
+def test_missing_key(saved_lora: Path) -> None:
+    edit_tensors(saved_lora, lambda t: t.pop("base_model.model.block.fc.lora_B.weight"))
+    assert_load_fails(saved_lora, ValueError, "missing key base_model.model.block.fc.lora_B.weight")
+
+
+def test_missing_module_for_existing_layers(saved_lora: Path) -> None:
+    edit_tensors(saved_lora, lambda t: [t.pop(k) for k in list(t) if ".block.out." in k])
+    edit_config(saved_lora, lambda c: c.update(rank_pattern={}))
+    model = targets()[1]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"missing keys: the model's adapter layers \['block.out'\]"):
+        load_adapter(model, saved_lora)
+    assert_unchanged(model, before)
+
+
+def test_extra_key(saved_lora: Path) -> None:
+    edit_tensors(saved_lora, lambda t: t.update({"base_model.model.fc.lora_C.weight": torch.zeros(2)}))
+    assert_load_fails(saved_lora, ValueError, "unexpected key 'base_model.model.fc.lora_C.weight'")
+
+
+def test_extra_module(saved_lora: Path) -> None:
+    def add_head(tensors):
+        tensors["base_model.model.head.lora_A.weight"] = torch.zeros(4, 16)
+        tensors["base_model.model.head.lora_B.weight"] = torch.zeros(16, 4)
+
+    edit_tensors(saved_lora, add_head)
+    edit_config(saved_lora, lambda c: c["target_modules"].append("head"))
+    assert_load_fails(saved_lora, ValueError, "adapter for 'head'.*no module")
+
+
+def test_non_float_and_non_finite_tensors(saved_lora: Path) -> None:
+    key = "base_model.model.fc.lora_B.weight"
+    original = load_file(saved_lora / "adapter_model.safetensors")[key]
+    edit_tensors(saved_lora, lambda t: t.update({key: original.to(torch.int32)}))
+    assert_load_fails(saved_lora, ValueError, "dtype torch.int32")
+    edit_tensors(saved_lora, lambda t: t.update({key: original.clone().fill_(math.nan)}))
+    assert_load_fails(saved_lora, ValueError, "NaN")
+
+
+def test_not_a_lora_config(saved_lora: Path) -> None:
+    edit_config(saved_lora, lambda c: c.update(peft_type="IA3"))
+    assert_load_fails(saved_lora, ValueError, "peft_type must be 'LORA'")
+    edit_config(saved_lora, lambda c: c.update(peft_type="LORA", fan_in_fan_out=True))
+    assert_load_fails(saved_lora, ValueError, "fan_in_fan_out")
+
+
+def test_dora_file_is_never_loaded_as_lora(tmp_path: Path) -> None:
+    save_adapter(adapted("dora"), tmp_path)
+    lora_layers = targets()[1]
+    before = snapshot(lora_layers)
+    with pytest.raises(ValueError, match="DoRA adapter.*would drop the magnitudes"):
+        load_adapter(lora_layers, tmp_path)
+    assert_unchanged(lora_layers, before)
+    plain = base_net()
+    before = snapshot(plain)
+    with pytest.raises(ValueError, match="cannot hold the DoRA adapter"):
+        load_adapter(plain, tmp_path, method="lora")
+    assert_unchanged(plain, before)
+    # a config that hides the magnitudes (use_dora false) is caught by its keys
+    edit_config(tmp_path, lambda c: c.update(use_dora=False))
+    with pytest.raises(ValueError, match="unexpected key .*lora_magnitude_vector"):
+        load_adapter(plain, tmp_path)
+    assert_unchanged(plain, before)
+
+
+def test_lora_file_is_not_loaded_into_dora_layers(saved_lora: Path) -> None:
+    dora = randomize(inject_adapters(base_net(), list(PATHS), method="dora", rank=4,
+                                     rank_pattern={"^block\\.out": 2}))
+    before = snapshot(dora)
+    with pytest.raises(ValueError, match="plain LoRA adapter.*no lora_magnitude_vector"):
+        load_adapter(dora, saved_lora)
+    assert_unchanged(dora, before)
+    plain = base_net()
+    with pytest.raises(ValueError, match="needs DoRA magnitudes"):
+        load_adapter(plain, saved_lora, method="dora")
+    edit_config(saved_lora, lambda c: c.update(use_dora=True))
+    with pytest.raises(ValueError, match="missing key .*lora_magnitude_vector"):
+        load_adapter(plain, saved_lora)
+
+
+def test_merged_layers_and_inject_kwargs_are_refused(saved_lora: Path) -> None:
+    model = targets()[1]
+    model.fc.merge()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="merged"):
+        load_adapter(model, saved_lora)
+    assert_unchanged(model, before)
+    with pytest.raises(TypeError, match="apply only when the model has no adapter layers"):
+        load_adapter(model, saved_lora, dropout=0.1)
+    with pytest.raises(TypeError, match="come from the adapter file"):
+        load_adapter(base_net(), saved_lora, rank=2)
+
+
+def test_failure_after_injection_is_undone(saved_lora: Path, monkeypatch) -> None:
+    model = base_net()
+    model.norm.weight.requires_grad_(True)  # inject would freeze it: the rollback must not
+    before = snapshot(model)
+
+    def boom(plan, adapter):
+        raise RuntimeError("simulated failure while copying")
+
+    monkeypatch.setattr(io, "_apply", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_adapter(model, saved_lora)
+    assert_unchanged(model, before)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_pissa_file_recreates_the_residual_and_rolls_it_back(tmp_path: Path, monkeypatch) -> None:
+    model = inject_adapters(base_net(), list(PATHS), rank=4, rank_pattern={"^block\\.out": 2}, init="pissa")
+    randomize(model).eval()
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    x = inputs()
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    plain_lora = targets()[1]  # layers whose base is not a PiSSA residual
+    with pytest.raises(ValueError, match="PiSSA"):
+        load_adapter(plain_lora, tmp_path)
+    monkeypatch.setattr(io, "_apply", lambda plan, adapter: (_ for _ in ()).throw(RuntimeError("late")))
+    fresh = base_net()
+    before = snapshot(fresh)
+    with pytest.raises(RuntimeError, match="late"):
+        load_adapter(fresh, tmp_path)
+    assert_unchanged(fresh, before)  # the base weights PiSSA rewrote are back
+
+
+# ---- atomic save ---------------------------------------------------------------------------------
+def test_crash_mid_save_leaves_the_old_files(tmp_path: Path, monkeypatch) -> None:
+    save_adapter(adapted("lora"), tmp_path)
+    old = folder_bytes(tmp_path)
+    new_model = adapted("dora", seed=0)
+    model_before = snapshot(new_model)
+    real_replace = os.replace
+
+    for failing_call in (1, 2):
+        calls = {"n": 0}
+
+        def replace(src, dst, _failing=failing_call, _calls=calls):
+            _calls["n"] += 1
+            if _calls["n"] == _failing:
+                raise OSError("simulated crash")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OSError, match="simulated crash"):
+            save_adapter(new_model, tmp_path)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert folder_bytes(tmp_path) == old, f"crash at rename {failing_call}"
+        assert_unchanged(new_model, model_before)
+
+    import safetensors.torch
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(new_model, tmp_path)
+    monkeypatch.undo()
+    assert folder_bytes(tmp_path) == old
+    # a save that goes through replaces both files and leaves no temporary files behind
+    save_adapter(new_model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert read_adapter(tmp_path).method == "dora"
+
+
+def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no adapter layers"):
+        save_adapter(base_net(), tmp_path)
+    mixed = inject_adapters(base_net(), re.compile("fc"), method="dora", rank=2)
+    inject_adapters(mixed, ["block.fc"], method="lora", rank=2)
+    with pytest.raises(ValueError, match="mixes"):
+        save_adapter(mixed, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_our_field_for_methods_hf_cannot_name(tmp_path: Path) -> None:
+    save_adapter(adapted("lora_plus", lr_ratio=4.0), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_layers"] == {"version": 1, "method": "lora_plus", "lr_ratio": 4.0}
+    loaded = load_adapter(base_net(), tmp_path)
+    assert all(isinstance(l, LoRAPlusLinear) and l.lr_ratio == 4.0 for _, l in iter_adapter_layers(loaded))
+    edit_config(tmp_path, lambda c: c["peft_layers"].update(version=99))
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        load_adapter(base_net(), tmp_path)
