@@ -341,3 +341,17 @@ def test_to_linear_matches_reference_merge(cls):
     assert linear.weight.dtype == F64
     assert_close64(linear.weight, w_prime, 1e-12, what="to_linear weight")
     assert torch.equal(linear.bias, layer.bias)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("leading", [(0,), (2, 0)])
+def test_empty_batch(cls, leading):
+    layer = _layer(cls)
+    x = torch.randn(*leading, 12, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*leading, 10)
+    y.sum().backward()
+    for p in layer.adapter_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    with torch.no_grad():
+        assert layer(x).shape == (*leading, 10)

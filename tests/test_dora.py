@@ -378,11 +378,11 @@ def test_norm_cache_refreshes_on_write_through_data():
 # ---- a fresh layer equals its base ----------------------------------------------------------
 @given(in_f=st.integers(1, 24), out_f=st.integers(1, 24), rank=st.integers(1, 24),
        init=st.sampled_from(["kaiming", "gaussian"]), bias=st.booleans(), grad=st.booleans(),
-       tokens=st.integers(1, 5))
-def test_fresh_layer_equals_base(in_f, out_f, rank, init, bias, grad, tokens):
+       leading=st.sampled_from([(), (1,), (4,), (2, 3)]))
+def test_fresh_layer_equals_base(in_f, out_f, rank, init, bias, grad, leading):
     rank = min(rank, in_f, out_f)
     layer = pl.DoRALinear(in_f, out_f, rank=rank, init=init, bias=bias)
-    x = torch.randn(tokens, in_f, requires_grad=grad)
+    x = torch.randn(*leading, in_f, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         y = layer(x)
         # m = n exactly (same factored computation), so the gain is exactly 1 and B = 0:
@@ -400,10 +400,12 @@ def _zero_row_layer(dtype=torch.float32, dropout=0.0):
     with torch.no_grad():
         base.weight[2] = 0.0
         base.weight[7] = 0.0
+        base.weight[4] *= 1e-6         # a tiny but non-zero row: n ~ 1e-6, far above epsilon
     layer = pl.DoRALinear.from_linear(base, rank=3, alpha=6.0, dropout=dropout)
     randomize_adapter(layer)
     with torch.no_grad():
         layer.lora_B[2] = 0.0          # W'_2 = 0: the norm is clamped at epsilon
+        layer.lora_B[4] = 0.0          # W'_4 tiny
         layer.magnitude[5] = 0.0       # m = 0 on a non-zero row
         layer.magnitude[7] = 0.0       # m = 0 on a zero W0 row with a live B row
     return layer

@@ -194,13 +194,13 @@ shapes = st.tuples(st.integers(1, 24), st.integers(1, 24)).flatmap(
 
 
 @given(shape=shapes, init=st.sampled_from(["kaiming", "gaussian"]), bias=st.booleans(),
-       tokens=st.integers(1, 6), grad=st.booleans(), cls=st.sampled_from(LORA_CLASSES))
-def test_fresh_layer_equals_base_exactly(shape, init, bias, tokens, grad, cls):
+       leading=st.sampled_from([(), (1,), (5,), (2, 3)]), grad=st.booleans(), cls=st.sampled_from(LORA_CLASSES))
+def test_fresh_layer_equals_base_exactly(shape, init, bias, leading, grad, cls):
     in_f, out_f, rank = shape
     layer = cls(in_f, out_f, rank=rank, alpha=2.0 * rank, bias=bias, init=init)
     assert torch.count_nonzero(layer.lora_B) == 0
     assert torch.count_nonzero(layer.lora_A) > 0
-    x = torch.randn(tokens, in_f, requires_grad=grad)
+    x = torch.randn(*leading, in_f, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         assert torch.equal(layer(x), layer.base_layer(x))
 
