@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -242,6 +242,52 @@ def test_config_fields_and_patterns(tmp_path: Path) -> None:
         assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == layer.alpha
 
 
+@needs_qlora
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"quant": "fp4", "blocksize": 64, "double_quant": False, "compute_dtype": torch.bfloat16},
+        {"quant": "int8"},
+    ],
+    ids=["fp4-bf16", "int8"],
+)
+def test_quantization_is_recorded_and_reproduced(quant: dict, tmp_path: Path) -> None:
+    model = adapted("qdora", **quant)
+    save_adapter(model, tmp_path)
+    ours = json.loads((tmp_path / "adapter_config.json").read_text())["peft_layers"]
+    expected = {
+        "scheme": quant["quant"],
+        "blocksize": quant.get("blocksize"),
+        "double_quant": quant.get("double_quant", False),
+        "compute_dtype": "bfloat16" if "compute_dtype" in quant else "float32",
+    }
+    assert ours == {"version": 1, "method": "qdora", "quant": expected}
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    for (_, a), (_, b) in zip(iter_adapter_layers(model), iter_adapter_layers(loaded)):
+        assert (a.base_layer.scheme, a.base_layer.blocksize, a.base_layer.double_quant, a.compute_dtype) == (
+            b.base_layer.scheme, b.base_layer.blocksize, b.base_layer.double_quant, b.compute_dtype
+        )
+    x = inputs()
+    assert torch.equal(loaded(x), model(x))
+
+
+@needs_qlora
+@needs_peft
+def test_quantized_adapter_over_a_float_base_in_peft_and_ours(tmp_path: Path) -> None:
+    import peft
+
+    save_adapter(adapted("qlora"), tmp_path)
+    # the adapter tensors are plain LoRA: both libraries can put them on the float base
+    float_ours = load_adapter(base_net(), tmp_path, method="lora").eval()
+    assert all(method_of(l) == "lora" for _, l in iter_adapter_layers(float_ours))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it ignores our "peft_layers" field
+        theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    x = inputs()
+    torch.testing.assert_close(theirs(x), float_ours(x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=10)
 @given(
     ranks=st.lists(st.integers(1, 8), min_size=3, max_size=3),
     alphas=st.lists(st.sampled_from([1.0, 2.5, 8.0, 16.0]), min_size=3, max_size=3),
