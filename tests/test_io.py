@@ -743,6 +743,18 @@ def test_pissa_file_recreates_the_residual_and_rolls_it_back(tmp_path: Path, mon
     assert_unchanged(fresh, before)  # the base weights PiSSA rewrote are back
 
 
+@needs_peft
+def test_pissa_file_means_the_same_in_peft(tmp_path: Path) -> None:
+    import peft
+
+    # both libraries rebuild the PiSSA residual W0 - U_r S_r V_r^T of the plain base on load
+    model = randomize(inject_adapters(base_net(), list(PATHS), rank=4, init="pissa")).eval()
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    x = inputs()
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 # ---- atomic save ---------------------------------------------------------------------------------
 def test_crash_mid_save_leaves_the_old_files(tmp_path: Path, monkeypatch) -> None:
     save_adapter(adapted("lora"), tmp_path)

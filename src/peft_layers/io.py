@@ -219,7 +219,8 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     return dict(tensors)
 
 
-def _config_value(config: Mapping[str, Any], name: str, default: Any, path: Path) -> Any:
+def _config_value(config: Mapping[str, Any], name: str, default: Any) -> Any:
+    """``config[name]``, with ``default`` for a missing key or a null value."""
     value = config.get(name, default)
     return default if value is None and default is not None else value
 
@@ -386,18 +387,18 @@ def _parse(
             raise ValueError(f"{cp}: {name}={config[name]!r} is not supported by peft_layers")
     r = _check_int(config.get("r", 8), "r", cp)
     lora_alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha", cp)
-    use_dora = _config_value(config, "use_dora", False, cp)
-    use_rslora = _config_value(config, "use_rslora", False, cp)
+    use_dora = _config_value(config, "use_dora", False)
+    use_rslora = _config_value(config, "use_rslora", False)
     for name, value in (("use_dora", use_dora), ("use_rslora", use_rslora)):
         if not isinstance(value, bool):
             raise ValueError(f"{cp}: {name} must be true or false, got {value!r}")
-    dropout = _config_value(config, "lora_dropout", 0.0, cp)
+    dropout = _config_value(config, "lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"{cp}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    bias = _config_value(config, "bias", "none", cp)
+    bias = _config_value(config, "bias", "none")
     if bias not in _BIAS_FROM_HF:
         raise ValueError(f"{cp}: bias must be one of {tuple(_BIAS_FROM_HF)}, got {bias!r}")
-    init_weights = _config_value(config, "init_lora_weights", True, cp)
+    init_weights = _config_value(config, "init_lora_weights", True)
     if init_weights == "pissa":
         init = "pissa"
     elif any(init_weights is v or (isinstance(v, str) and init_weights == v) for v in _PLAIN_INITS):
@@ -732,8 +733,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     ``alpha_pattern`` entries. Trained biases are saved when they train (``requires_grad``):
     those of the adapter layers (``bias="lora_only"``), or every bias (``bias="all"``).
 
-    The save is atomic (see :func:`_write_atomically`): on any error, the files that were in the
-    folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
+    The save is atomic: both files are written to temporary files in the folder and fsynced, then
+    renamed over the old ones (a failed second rename undoes the first). On any error, the files
+    that were in the folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
     layers, or if its layers mix what one file cannot hold (methods, use_rslora, quantization,
     DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA).
     """
