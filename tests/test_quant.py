@@ -274,7 +274,7 @@ def test_gradcheck_in_float64(scheme):
     layer = QuantizedLinear.from_linear(_linear(6, 64), scheme, compute_dtype=F64)
     layer.bias.requires_grad_(True)  # a user who unfreezes the bias gets its gradient too
     x = torch.randn(3, 64, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,), fast_mode=True)
     layer(x).sum().backward()
     torch.testing.assert_close(layer.bias.grad, torch.full((6,), 3.0))  # bias stays float32
 
@@ -326,6 +326,32 @@ def test_int8_forward_vs_its_dequantization():
     # and it is close to the float layer: |y - y_float| <= sum_k |x_k| * absmax_row / 254
     bound = x.abs().to(F64) @ (linear.weight.abs().amax(dim=1, keepdim=True).to(F64) / 254).expand(48, 256).T
     assert bool(((layer(x).to(F64) - linear(x).to(F64)).abs() <= bound + 1e-5).all())
+
+
+def test_int8_activations_opt_in_is_bitsandbytes_int8_matmul():
+    linear = _linear(64, 256)
+    layer = QuantizedLinear.from_linear(linear, "int8")
+    x = torch.randn(2, 5, 256)
+    x[0, 1] = 0.0  # an all-zero row must give exactly the bias
+    exact = layer(x)
+    layer.int8_activations = True
+    fast = layer(x)
+    lt_state = bnb.MatmulLtState()
+    lt_state.CB, lt_state.SCB = layer.weight, layer.absmax
+    lt_state.has_fp16_weights, lt_state.is_training = False, False
+    with torch.no_grad():
+        expected = bnb.matmul(x.reshape(10, 256), layer.weight, bias=layer.bias, state=lt_state)
+    assert torch.equal(fast, expected.reshape(2, 5, 64))
+    assert torch.equal(fast[0, 1], linear.bias.detach())
+    # activations quantized to int8 (through float16): |x_j - x'_j| <= max|x_row| / 254 + fp16 rounding
+    w = layer.dequantize().to(F64)
+    step = x.abs().amax(dim=-1, keepdim=True).to(F64) * (1 / 254 + 2**-10)
+    bound = step * w.abs().sum(dim=1)
+    assert bool(((fast - exact).abs().to(F64) <= bound + 1e-4).all())
+    assert not torch.equal(fast, exact)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()  # the gradient still uses the dequantized weight
+    torch.testing.assert_close(xg.grad.to(F64), torch.ones(2, 5, 64, dtype=F64) @ w, rtol=2e-6, atol=2e-6)
 
 
 # ---- memory ---------------------------------------------------------------------------------

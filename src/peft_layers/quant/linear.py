@@ -48,11 +48,33 @@ QUANT_SCHEMES = ("nf4", "fp4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# How forward() multiplies on the CPU, per scheme: "dequantize" = dequantize (bitsandbytes' kernel)
-# + F.linear in compute dtype; "bnb" = bitsandbytes' own matmul. Measured with
-# /tmp/quant_scratch/bench_paths.py (2 threads, float32, x of 512 rows; see docs/quantization.md):
-#   PLACEHOLDER
-_CPU_PATH = {"nf4": "dequantize", "fp4": "dequantize", "int8": "dequantize"}
+# How the matmul runs. Measured on this project's 2-core AVX512 (VNNI, BF16) CPU with
+# /tmp/quant_scratch/bench_paths.py: x (512, in) float32, 2 threads, minimum of 15 interleaved
+# rounds (the machine was shared), times relative to a dense float32 F.linear of the same shape:
+#
+#                                             1024 x 1024        4096 x 4096
+#   dense float32 F.linear                    31.6 ms  1.00x     207 ms  1.00x
+#   nf4 dequantize + F.linear                 30.5 ms  0.96x     285 ms  1.37x
+#   nf4 bnb.matmul_4bit (standard layout)     44.0 ms  1.39x     274 ms  1.32x
+#   nf4 bnb Linear4bit eval (repacked, bf16)  26.2 ms  0.83x     125 ms  0.60x
+#   fp4: the same within noise (1.70x / 1.76x / 0.89x; 1.41x / 1.26x / 0.61x)
+#   int8 dequantize + F.linear                28.1 ms  0.89x     349 ms  1.68x
+#   int8 bnb.matmul (int8 activations)        14.6 ms  0.46x      70 ms  0.34x
+#
+# 4-bit on the CPU: dequantize + F.linear. bnb.matmul_4bit on the standard layout does the same
+# work (dequantize, then F.linear). The one faster bitsandbytes path, Linear4bit's eval kernel
+# (2.3x faster at 4096 here; issue 3 measured it 2.4x slower on its machine), needs the weight
+# repacked into its AVX512-BF16 layout, which we must never trigger: that layout drops double
+# quantization (0.531 bytes/weight, over our 0.53 budget), rounds absmax to bfloat16 and multiplies
+# in bfloat16 (3.2e-3 relative error against x @ dequantize()^T, against 2.6e-7 for ours).
+#
+# int8: bitsandbytes' int8 path (LLM.int8(), threshold 0) is 2x to 5x faster, but it quantizes the
+# activations to int8 as well: 8.7e-3 relative error against x @ dequantize()^T. Then forward()
+# no longer equals the dequantized weight's product, which QLoRA's merge (to_linear() == unmerged
+# output) and the float64 references rely on. So the exact path is the default on every device,
+# and ``int8_activations = True`` opts into bitsandbytes' int8 kernel (CPU and CUDA).
+#
+# CUDA, 4-bit: bnb.matmul_4bit (its gemv kernel for a single row, else dequantize + matmul).
 
 
 def _check_scheme(scheme: Any) -> None:
@@ -159,6 +181,9 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = compute_dtype
         #: changes whenever the stored weight may have changed (requantize_, load_state_dict, .to)
         self.version = 0
+        #: int8 only: multiply with bitsandbytes' int8 kernel, activations quantized to int8 too
+        #: (faster, but no longer exactly x @ dequantize()^T; see docs/quantization.md)
+        self.int8_activations = False
         self._allocate(device)
         if bias:
             self.bias = nn.Parameter(
@@ -472,28 +497,19 @@ class QuantizedLinear(nn.Module):
     def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x W^T + b`` for 2-D ``x`` in compute dtype, without autograd."""
         modules = _bnb.load()
-        if modules is not None and x.device.type == "cuda" and x.shape[0] > 0:
+        if modules is not None and x.shape[0] > 0 and x.dtype != torch.float64:
             bnb, functional = modules
-            if self.scheme == "int8":
-                lt_state = bnb.MatmulLtState()
-                lt_state.CB, lt_state.SCB = self.weight, self.absmax
-                lt_state.has_fp16_weights, lt_state.is_training = False, False
-                return bnb.matmul(x, self.weight, bias=bias, state=lt_state).to(x.dtype)
-            if x.dtype != torch.float64:
+            if self.scheme == "int8" and self.int8_activations:
+                # LLM.int8() without outliers, as bnb.matmul runs it in eval: x row-wise to int8
+                # (through float16), an int32 GEMM, both scales applied to the result
+                codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x.to(torch.float16))
+                codes_x[absmax_x == 0] = 0  # an all-zero row: 0 * (127 / 0) in bitsandbytes
+                return torch.ops.bitsandbytes.int8_scaled_mm.default(
+                    codes_x, self.weight, absmax_x, self.absmax, bias=bias, dtype=x.dtype
+                )
+            if self.scheme != "int8" and x.device.type == "cuda":
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
-        if (
-            modules is not None
-            and _CPU_PATH[self.scheme] == "bnb"
-            and x.device.type == "cpu"
-            and x.shape[0] > 0
-            and x.dtype != torch.float64
-        ):
-            bnb = modules[0]
-            lt_state = bnb.MatmulLtState()
-            lt_state.CB, lt_state.SCB = self.weight, self.absmax
-            lt_state.has_fp16_weights, lt_state.is_training = False, False
-            return bnb.matmul(x, self.weight, bias=bias, state=lt_state).to(x.dtype)
         return F.linear(x, self.dequantize(), bias)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
