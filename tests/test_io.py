@@ -421,6 +421,33 @@ def test_subfolder_adapters(tmp_path: Path) -> None:
         load_adapter(base_net(), tmp_path, adapter_name=3)
 
 
+def test_shared_module_is_saved_once_and_injected_under_every_name(tmp_path: Path) -> None:
+    model = base_net()
+    model.alias = model.fc  # one module, two names
+    inject_adapters(model, list(PATHS), rank=4, rank_pattern={"^fc": 2})
+    randomize(model)
+    assert model.alias is model.fc
+    save_adapter(model, tmp_path)
+    assert not any(".alias." in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    fresh = base_net()
+    fresh.alias = fresh.fc
+    load_adapter(fresh, tmp_path)
+    assert fresh.alias is fresh.fc and isinstance(fresh.fc, LoRALinear) and fresh.fc.rank == 2
+    x = inputs()
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    assert torch.equal(fresh.alias(torch.ones(1, 16)), model.alias(torch.ones(1, 16)))
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no adapter config"):
+        load_adapter(base_net(), tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        list_adapters(tmp_path / "nothing")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="neither adapter_model.safetensors nor adapter_model.bin"):
+        load_adapter(base_net(), tmp_path)
+
+
 # ---- Hugging Face PEFT both ways --------------------------------------------------------------------
 def hf_model(config_kwargs: dict, seed: int = 0):
     import peft
@@ -811,6 +838,11 @@ def test_our_field_for_methods_hf_cannot_name(tmp_path: Path) -> None:
     assert config["peft_layers"] == {"version": 1, "method": "lora_plus", "lr_ratio": 4.0}
     loaded = load_adapter(base_net(), tmp_path)
     assert all(isinstance(l, LoRAPlusLinear) and l.lr_ratio == 4.0 for _, l in iter_adapter_layers(loaded))
+    save_adapter(adapted("dora", epsilon=1e-6), tmp_path / "eps")
+    config = json.loads((tmp_path / "eps" / "adapter_config.json").read_text())
+    assert config["peft_layers"] == {"version": 1, "method": "dora", "epsilon": 1e-6}
+    loaded = load_adapter(base_net(), tmp_path / "eps")
+    assert all(l.epsilon == 1e-6 for _, l in iter_adapter_layers(loaded))
     edit_config(tmp_path, lambda c: c["peft_layers"].update(version=99))
     with pytest.raises(ValueError, match="version 99 is not supported"):
         load_adapter(base_net(), tmp_path)
