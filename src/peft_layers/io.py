@@ -64,7 +64,9 @@ _BIAS_TO_HF = {ours: theirs for theirs, ours in _BIAS_FROM_HF.items()}
 #: ``init_lora_weights`` values that leave the base weight alone: any start of A, B will do,
 #: since the file overwrites them
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
 #: LoraConfig fields that change what the adapter computes in ways we do not support
 _UNSUPPORTED_FIELDS = (
     "fan_in_fan_out", "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
@@ -201,19 +203,25 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         try:
             tensors = load(data)
         except Exception as error:  # safetensors raises its own SafetensorError
-            raise ValueError(f"{path}: not a valid safetensors file, truncated or corrupt ({error})") from None
+            raise ValueError(
+                f"{path}: not a valid safetensors file, truncated or corrupt ({error})"
+            ) from None
     else:
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle, zip and unpickler errors of every kind
-            raise ValueError(f"{path}: not a valid torch weights file, truncated or corrupt ({error})") from None
+            raise ValueError(
+                f"{path}: not a valid torch weights file, truncated or corrupt ({error})"
+            ) from None
         if not isinstance(tensors, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
         ):
             raise ValueError(f"{path}: expected a dict of name -> Tensor")
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point"
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
     return dict(tensors)
@@ -306,7 +314,9 @@ def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
         kwargs["blocksize"] = _check_int(quant["blocksize"], "peft_layers.quant.blocksize", path)
     if quant.get("double_quant") is not None:
         if not isinstance(quant["double_quant"], bool):
-            raise ValueError(f"{path}: peft_layers.quant.double_quant must be a bool, got {quant['double_quant']!r}")
+            raise ValueError(
+                f"{path}: peft_layers.quant.double_quant must be a bool, got {quant['double_quant']!r}"
+            )
         kwargs["double_quant"] = quant["double_quant"]
     if quant.get("compute_dtype") is not None:
         name = quant["compute_dtype"]
@@ -369,7 +379,9 @@ def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = Non
     if not weights_path.is_file():
         weights_path = folder / WEIGHTS_BIN_NAME
         if not weights_path.is_file():
-            raise FileNotFoundError(f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {WEIGHTS_BIN_NAME}")
+            raise FileNotFoundError(
+                f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {WEIGHTS_BIN_NAME}"
+            )
     config = _read_config(config_path)
     tensors = _read_tensors(weights_path)
     return _parse(folder, config_path, config, weights_path, tensors)
@@ -381,7 +393,9 @@ def _parse(
     cp = config_path
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"{cp}: peft_type must be 'LORA', got {peft_type!r}; only LoRA/DoRA adapters are supported")
+        raise ValueError(
+            f"{cp}: peft_type must be 'LORA', got {peft_type!r}; only LoRA/DoRA adapters are supported"
+        )
     for name in _UNSUPPORTED_FIELDS:
         if config.get(name) not in (None, False, [], {}, ""):
             raise ValueError(f"{cp}: {name}={config[name]!r} is not supported by peft_layers")
@@ -415,7 +429,9 @@ def _parse(
         isinstance(target_modules, str)
         or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))
     ):
-        raise ValueError(f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}")
+        raise ValueError(
+            f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
+        )
     method, layer_kwargs = _parse_our_field(config, use_dora, cp)
     if method == "lora_plus":
         layer_kwargs.setdefault("lr_ratio", _LORA_PLUS_RATIO)
@@ -439,7 +455,10 @@ def _parse(
             if kind not in parts:
                 raise ValueError(f"{wp}: missing key {KEY_PREFIX}{module}.{kind}.weight")
         if "bias" in parts:
-            raise ValueError(f"{wp}: unexpected key {KEY_PREFIX}{module}.bias for an adapter module (expected .base_layer.bias)")
+            raise ValueError(
+                f"{wp}: unexpected key {KEY_PREFIX}{module}.bias for an adapter module "
+                "(expected .base_layer.bias)"
+            )
         a, b, m = parts["lora_A"], parts["lora_B"], parts.get("magnitude")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
@@ -447,7 +466,9 @@ def _parse(
                 "(r, in) and (out, r) with one r"
             )
         if use_dora and m is None:
-            raise ValueError(f"{wp}: missing key {KEY_PREFIX}{module}.lora_magnitude_vector (the config says use_dora)")
+            raise ValueError(
+                f"{wp}: missing key {KEY_PREFIX}{module}.lora_magnitude_vector (the config says use_dora)"
+            )
         if not use_dora and m is not None:
             raise ValueError(
                 f"{wp}: unexpected key {KEY_PREFIX}{module}.lora_magnitude_vector: the config says "
@@ -468,7 +489,9 @@ def _parse(
         key = pattern_key(alpha_pattern, module)
         alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
         if target_modules is not None and not _target_matches(target_modules, module):
-            raise ValueError(f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}")
+            raise ValueError(
+                f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
+            )
         modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha)
     if not modules:
         raise ValueError(f"{wp}: holds no adapter tensors")
@@ -520,7 +543,10 @@ def _quant_info(layer: LoRALinear) -> dict[str, Any]:
             "double_quant": getattr(weight, "compress_statistics", None),
             "compute_dtype": _dtype_name(getattr(base, "compute_dtype", None) or layer.compute_dtype),
         }
-    return {"scheme": "int8", "blocksize": None, "double_quant": None, "compute_dtype": _dtype_name(layer.compute_dtype)}
+    return {
+        "scheme": "int8", "blocksize": None, "double_quant": None,
+        "compute_dtype": _dtype_name(layer.compute_dtype),
+    }
 
 
 def _uniform(layers: list[tuple[str, LoRALinear]], what: str, value_of) -> Any:
@@ -794,7 +820,9 @@ def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, 
         )
     if module.bias is not None and (layer.bias is None or tuple(layer.bias.shape) != tuple(module.bias.shape)):
         found = None if layer.bias is None else tuple(layer.bias.shape)
-        raise ValueError(f"{where}: the file has a bias of shape {tuple(module.bias.shape)}, the model's layer {found}")
+        raise ValueError(
+            f"{where}: the file has a bias of shape {tuple(module.bias.shape)}, the model's layer {found}"
+        )
 
 
 def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Tensor, Tensor]]:
@@ -804,9 +832,11 @@ def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Ten
         module = modules.get(path)
         bias = getattr(module, "bias", None) if module is not None else None
         if not isinstance(bias, Tensor) or tuple(bias.shape) != tuple(tensor.shape):
-            found = "no module" if module is None else f"bias {None if not isinstance(bias, Tensor) else tuple(bias.shape)}"
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else None
+            found = "no module" if module is None else f"bias {shape}"
             raise ValueError(
-                f"{adapter.directory}: the file has a bias {tuple(tensor.shape)} for {path!r}; the model has {found} there"
+                f"{adapter.directory}: the file has a bias {tuple(tensor.shape)} for {path!r}; "
+                f"the model has {found} there"
             )
         plan.append((bias, tensor))
     return plan
@@ -833,12 +863,14 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
             )
         if id(target) in planned:  # a shared layer, saved under two of its names
             first = planned[id(target)][1]
+            pairs = ((first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude))
             if not all(
                 (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-                for x, y in ((first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude))
+                for x, y in pairs
             ):
                 raise ValueError(
-                    f"{adapter.directory}: {first.path!r} and {path!r} name one shared layer but hold different tensors"
+                    f"{adapter.directory}: {first.path!r} and {path!r} name one shared layer "
+                    "but hold different tensors"
                 )
             continue
         _check_fits(target, module, adapter, path)
@@ -893,7 +925,9 @@ def _inject_kwargs(
     kwargs: dict[str, Any] = {
         "rank": r,
         "alpha": alpha,
-        "rank_pattern": {_anchored(a): m.rank for p, m in adapter.modules.items() if m.rank != r for a in aliases[p]},
+        "rank_pattern": {
+            _anchored(a): m.rank for p, m in adapter.modules.items() if m.rank != r for a in aliases[p]
+        },
         "alpha_pattern": {
             _anchored(a): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha for a in aliases[p]
         },
@@ -938,7 +972,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         target = modules.get(path) if path else None
         if target is None:
             raise ValueError(
-                f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module of that name"
+                f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module "
+                "of that name"
             )
         in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):
@@ -955,11 +990,14 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         if module.rank > min(in_features, out_features):
             raise ValueError(
-                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds min(in, out) = {min(in_features, out_features)}"
+                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds "
+                f"min(in, out) = {min(in_features, out_features)}"
             )
         bias = getattr(target, "bias", None)
         if module.bias is not None and (not isinstance(bias, Tensor) or bias.shape != module.bias.shape):
-            raise ValueError(f"{adapter.directory}: {path!r}: the file has a bias, the model's layer has none that fits")
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: the file has a bias, the model's layer has none that fits"
+            )
     _plan_other_biases(model, adapter)
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
