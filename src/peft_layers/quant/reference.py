@@ -237,11 +237,19 @@ def dequantize_4bit(
     _check_blocksize(blocksize)
     numel = math.prod(shape)
     code = four_bit_code(quant_type).to(packed.device)
-    values = code[unpack_4bit(packed, numel)]
+    # one lookup per byte: the 256 possible bytes decode to (code[high], code[low])
+    byte_values = torch.arange(256, device=packed.device)
+    pairs = torch.stack([code[byte_values >> 4], code[byte_values & 0xF]], dim=1)
+    raw = packed.reshape(-1)
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    values = pairs.index_select(0, raw.int()).reshape(-1)
     n_blocks, _ = _blocks(numel, blocksize)
-    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=packed.device)
-    padded[:numel] = values
-    out = (padded.view(n_blocks, blocksize) * absmax.float().view(-1, 1)).reshape(-1)[:numel]
+    if values.numel() != n_blocks * blocksize:
+        padded = values.new_zeros(n_blocks * blocksize)
+        padded[:numel] = values[:numel]
+        values = padded
+    out = values.view(n_blocks, blocksize).mul_(absmax.float().view(-1, 1)).reshape(-1)[:numel]
     return out.reshape(shape).to(dtype)
 
 
