@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, register_random, settings
 
 # deterministic by default so CI never flakes on a rare example; HYPOTHESIS_PROFILE=explore
 # searches fresh examples (more of them) on a developer machine
@@ -24,6 +24,24 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class _TorchGlobalRandom:
+    """torch's global RNG seen as a ``random.Random``-like object, so that hypothesis seeds it
+    the same way before every example (a failing example then replays to the same tensors)."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def getstate(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def setstate(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+
+_TORCH_RANDOM = _TorchGlobalRandom()  # hypothesis keeps only a weak reference
+register_random(_TORCH_RANDOM)
 
 
 @pytest.fixture(autouse=True)

@@ -83,6 +83,21 @@ def dora_ref_merged_form(
     return y if b is None else y + b
 
 
+def factored_error_bound(w0: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """A forward-error bound on DoRA's factored ``n^2`` (dora.factored_row_norm), per row, float64.
+
+    decisions.md: the factored n^2 carries an absolute error of about eps32 * ||W0_i||^2. Made
+    precise: (number of terms summed) * eps * (the same formula on |W0|, |A|, |B|), the classic
+    dot-product bound. For a well-conditioned cancelling row all three terms are ~||W0_i||^2, so
+    this is O((in + r) eps32 ||W0_i||^2); a wrong coefficient or term is off by O(1) relative.
+    """
+    eps = torch.finfo(torch.promote_types(w0.dtype, torch.float32)).eps
+    aa, ba, wa = f64(a).abs(), f64(b).abs(), f64(w0).abs()
+    abs_terms = (wa.square().sum(1) + 2 * s * (ba * (aa @ wa.T).T).sum(1)
+                 + s * s * ((ba @ (aa @ aa.T)) * ba).sum(1))
+    return (w0.shape[1] + a.shape[0] + 2) * eps * abs_terms
+
+
 @dataclass
 class RefRun:
     """Output and gradients of one reference forward/backward."""

@@ -15,6 +15,7 @@ from reference import (
     dora_ref,
     dora_ref_merged_form,
     f64,
+    factored_error_bound,
     randomize_adapter,
     run_layer,
     run_reference,
@@ -231,21 +232,6 @@ def _factored(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, eps:
     return factored_row_norm(sq, a, b, (w0 @ a.t().to(w0.dtype)).t(), s, eps)
 
 
-def _factored_error_bound(w0, a, b, s):
-    """A forward-error bound on the factored ``n^2``, per row.
-
-    decisions.md: the factored n^2 carries an absolute error of about eps32 * ||W0_i||^2. Made
-    precise: (number of terms summed) * eps * (the same formula on |W0|, |A|, |B|), the classic
-    dot-product bound. For a well-conditioned cancelling row all three terms are ~||W0_i||^2, so
-    this is O((in + r) eps32 ||W0_i||^2); a wrong coefficient or term is off by O(1) relative.
-    """
-    eps = torch.finfo(torch.promote_types(w0.dtype, torch.float32)).eps
-    aa, ba, wa = f64(a).abs(), f64(b).abs(), f64(w0).abs()
-    abs_terms = (wa.square().sum(1) + 2 * s * (ba * (aa @ wa.T).T).sum(1)
-                 + s * s * ((ba @ (aa @ aa.T)) * ba).sum(1))
-    return (w0.shape[1] + a.shape[0] + 2) * eps * abs_terms
-
-
 @given(in_f=st.integers(1, 40), out_f=st.integers(1, 40), rank=st.integers(1, 8),
        s=st.floats(0.05, 8.0), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_factored_norm_equals_direct_norm(in_f, out_f, rank, s, seed, dtype):
@@ -257,7 +243,7 @@ def test_factored_norm_equals_direct_norm(in_f, out_f, rank, s, seed, dtype):
     assert n.dtype == dtype
     n_ref = direct_row_norm(w0, a, b, s)
     err_sq = (n.double().square() - n_ref.square()).abs()
-    assert torch.all(err_sq <= _factored_error_bound(w0, a, b, s))
+    assert torch.all(err_sq <= factored_error_bound(w0, a, b, s))
     # rows far from cancelling (most random rows) agree to the dtype's precision
     fine = n_ref.square() > 0.1 * (f64(w0).square().sum(1) + (s * f64(b) @ f64(a)).square().sum(1))
     assert_close64(n[fine], n_ref[fine], 1e-5 if dtype == torch.float32 else 1e-12,
@@ -280,7 +266,7 @@ def test_factored_norm_near_cancelling_rows(in_f, out_f, rank, s, residual, seed
 
     n = _factored(w0, a, b, s).double()
     n_ref = direct_row_norm(w0, a, b, s)  # exact W' of the fp32 values, in float64
-    tol_sq = _factored_error_bound(w0, a, b, s)
+    tol_sq = factored_error_bound(w0, a, b, s)
     err_sq = (n.square() - n_ref.square()).abs()
     assert torch.all(err_sq <= tol_sq), (err_sq / tol_sq).max()
     assert torch.all(torch.isfinite(n)) and torch.all(n >= 0)
