@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -128,7 +127,8 @@ def test_reference_bit_exact_with_bitsandbytes(out_f, in_f, blocksize, scheme, d
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(
     "shape, blocksize",
-    [((96, 128), 64), ((64, 256), 128), ((33, 100), 64), ((7, 13), 32), ((300, 1024), 256), ((40, 2048), 2048)],
+    [((96, 128), 64), ((64, 256), 128), ((33, 100), 64), ((7, 13), 32), ((300, 1024), 256),
+     ((40, 2048), 2048)],
 )
 def test_reference_bit_exact_on_layer_shapes(scheme, double_quant, shape, blocksize):
     # more blocks than one nested block of 256 (300 * 1024 / 256 = 1200 absmax values)
@@ -160,7 +160,8 @@ def test_blockwise_8bit_matches_bitsandbytes_cpu_kernel():
         q, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, code, 256)
         mine_q, mine_absmax = ref.quantize_blockwise(x, code, 256)
         assert torch.equal(mine_q, q) and torch.equal(mine_absmax, absmax)
-        assert torch.equal(ref.dequantize_blockwise(mine_q, mine_absmax, code, 256), bnbF.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=256))
+        theirs = bnbF.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=256)
+        assert torch.equal(ref.dequantize_blockwise(mine_q, mine_absmax, code, 256), theirs)
 
 
 def test_int8_reference_matches_bitsandbytes():
@@ -170,13 +171,16 @@ def test_int8_reference_matches_bitsandbytes():
     codes[5] = 0
     mine_codes, mine_absmax = ref.quantize_int8_rowwise(weight)
     assert torch.equal(mine_codes, codes) and torch.equal(mine_absmax, absmax)
-    assert torch.equal(ref.dequantize_int8_rowwise(mine_codes, mine_absmax), bnbF.int8_vectorwise_dequant(codes, absmax))
+    theirs = bnbF.int8_vectorwise_dequant(codes, absmax)
+    assert torch.equal(ref.dequantize_int8_rowwise(mine_codes, mine_absmax), theirs)
 
 
 # ---- QuantizedLinear: storage and dequantization ---------------------------------------------
 @pytest.mark.parametrize("scheme", FOUR_BIT)
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape, blocksize", [((48, 128), 64), ((30, 100), 64), ((17, 9), 32), ((8, 4096), 4096)])
+@pytest.mark.parametrize(
+    "shape, blocksize", [((48, 128), 64), ((30, 100), 64), ((17, 9), 32), ((8, 4096), 4096)]
+)
 def test_from_linear_stores_bitsandbytes_format(scheme, double_quant, shape, blocksize):
     linear = _linear(*shape)
     layer = QuantizedLinear.from_linear(linear, scheme, blocksize, double_quant)
@@ -463,7 +467,8 @@ def test_dequantize_returns_fresh_tensor():
 
 def test_extra_repr():
     text = repr(QuantizedLinear.from_linear(_linear(24, 64), "nf4", 32, False))
-    assert "in_features=64, out_features=24, bias=True, scheme='nf4', blocksize=32, double_quant=False" in text
+    expected = "in_features=64, out_features=24, bias=True, scheme='nf4', blocksize=32, double_quant=False"
+    assert expected in text
     assert "blocksize" not in repr(QuantizedLinear(64, 24, scheme="int8"))
 
 
@@ -551,7 +556,8 @@ def test_from_bnb_undoes_cpu_repack(scheme, double_quant):
     assert torch.equal(layer.weight, original_codes)  # the codes come back exactly
     bf16_absmax = plain_absmax.to(torch.bfloat16).float()
     if double_quant:  # re-double-quantized bf16 absmax: original up to bf16 + 8-bit rounding
-        torch.testing.assert_close(layer.dequantize(), original, rtol=0, atol=2e-2 * original.abs().max().item())
+        atol = 2e-2 * original.abs().max().item()
+        torch.testing.assert_close(layer.dequantize(), original, rtol=0, atol=atol)
     else:  # absmax is the bf16 rounding of the original: exact formula
         assert torch.equal(layer.absmax, bf16_absmax)
         assert torch.equal(

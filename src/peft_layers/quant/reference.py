@@ -233,7 +233,7 @@ def dequantize_4bit(
     blocksize: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``w_i = c[q_i] * absmax[i // blocksize]`` (one float32 product), reshaped to ``shape``, cast to ``dtype``."""
+    """``w_i = c[q_i] * absmax[i // blocksize]`` (one float32 product), as ``shape`` in ``dtype``."""
     _check_blocksize(blocksize)
     numel = math.prod(shape)
     code = four_bit_code(quant_type).to(packed.device)
