@@ -200,4 +200,8 @@ class QDoRALinear(DoRALinear, QLoRALinear):
     Takes :class:`QLoRALinear`'s arguments plus ``epsilon``.
     """
 
-    _norm_rides_with_input = True
+    @property
+    def _norm_rides_with_input(self) -> bool:  # type: ignore[override]
+        # A's rows ride along with x through the base matmul, saving a decode of the weight,
+        # unless that matmul rounds its input to int8 (int8_activations): the norm must be exact
+        return not getattr(self.base_layer, "int8_activations", False)
