@@ -206,3 +206,21 @@ def assert_run_close(got: RefRun, ref: RefRun, rtol: float, keys: tuple[str, ...
         assert got.grads[key] is not None, f"{key}: no gradient"
         assert ref.grads[key] is not None, f"{key}: no reference gradient"
         assert_close64(got.grads[key], ref.grads[key], rtol, what=f"grad of {key}")
+
+
+def second_order_or_error(layer: torch.nn.Module, x: Tensor, ref_fn) -> None:
+    """d/dA sum(d loss/dB), loss = ||y||^2, from the layer and from ``ref_fn(A, B)`` (float64).
+
+    A layer may refuse double backward (RuntimeError); if it answers, the answer must be right.
+    """
+    y = layer(x)
+    g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
+    try:
+        h, = torch.autograd.grad(g_b.sum(), layer.lora_A, allow_unused=True)
+    except RuntimeError:
+        return
+    a64, b64 = f64(layer.lora_A, True), f64(layer.lora_B, True)
+    g_b_ref, = torch.autograd.grad(ref_fn(a64, b64).square().sum(), b64, create_graph=True)
+    h_ref, = torch.autograd.grad(g_b_ref.sum(), a64)
+    assert h is not None, "second-order gradient silently missing"
+    assert_close64(h, h_ref, 1e-10, what="second-order gradient d/dA sum(dL/dB)")

@@ -17,6 +17,7 @@ from reference import (
     randomize_adapter,
     run_layer,
     run_reference,
+    second_order_or_error,
 )
 from torch import nn
 
@@ -379,3 +380,14 @@ def test_wrong_input_last_dim(cls, shape):
     assert str(tuple(shape)) in str(info.value)
     with torch.no_grad(), pytest.raises(ValueError, match="input"):
         layer(x)
+
+
+# ---- second order ---------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "lora.py: _LoRAFunction.backward is not once_differentiable yet saves t = x A^T without a "
+    "graph, so double backward (create_graph=True) silently drops the terms through t"))
+def test_double_backward_is_right_or_refused():
+    layer = _layer(pl.LoRALinear, dtype=torch.float64)
+    x = _x((3,), dtype=torch.float64)
+    second_order_or_error(layer, x, lambda a, b: lora_ref(f64(x), f64(layer.weight), f64(layer.bias), a, b,
+                                                        layer.scaling))
