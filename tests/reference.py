@@ -211,13 +211,15 @@ def assert_run_close(got: RefRun, ref: RefRun, rtol: float, keys: tuple[str, ...
 def second_order_or_error(layer: torch.nn.Module, x: Tensor, ref_fn) -> None:
     """d/dA sum(d loss/dB), loss = ||y||^2, from the layer and from ``ref_fn(A, B)`` (float64).
 
-    A layer may refuse double backward (RuntimeError); if it answers, the answer must be right.
+    A layer may refuse double backward (a RuntimeError, when the graph of the first gradient is
+    built or used); if it answers, the answer must be right.
     """
     y = layer(x)
-    g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
     try:
+        g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
         h, = torch.autograd.grad(g_b.sum(), layer.lora_A, allow_unused=True)
-    except RuntimeError:
+    except RuntimeError as error:
+        assert "double backward" in str(error)  # a refusal that says what it refuses
         return
     a64, b64 = f64(layer.lora_A, True), f64(layer.lora_B, True)
     g_b_ref, = torch.autograd.grad(ref_fn(a64, b64).square().sum(), b64, create_graph=True)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import (
+    dora_ref,
     F64,
     assert_close64,
     assert_run_close,
@@ -383,11 +384,28 @@ def test_wrong_input_last_dim(cls, shape):
 
 
 # ---- second order ---------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "lora.py: _LoRAFunction.backward is not once_differentiable yet saves t = x A^T without a "
-    "graph, so double backward (create_graph=True) silently drops the terms through t"))
 def test_double_backward_is_right_or_refused():
     layer = _layer(pl.LoRALinear, dtype=torch.float64)
     x = _x((3,), dtype=torch.float64)
     second_order_or_error(layer, x, lambda a, b: lora_ref(f64(x), f64(layer.weight), f64(layer.bias), a, b,
                                                         layer.scaling))
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_double_backward_with_a_trainable_base_is_right(cls):
+    # the refusal's advice: with the base weight trainable the layer runs plain autograd ops
+    layer = _layer(cls, dtype=torch.float64)
+    layer.base_layer.weight.requires_grad_(True)
+    x = _x((3,), dtype=torch.float64)
+    y = layer(x)
+    g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
+    h, = torch.autograd.grad(g_b.sum(), layer.lora_A)
+    a64, b64 = f64(layer.lora_A, True), f64(layer.lora_B, True)
+    if cls is pl.DoRALinear:
+        y_ref = dora_ref(f64(x), f64(layer.weight), f64(layer.bias), a64, b64, f64(layer.magnitude),
+                         layer.scaling, layer.epsilon)
+    else:
+        y_ref = lora_ref(f64(x), f64(layer.weight), f64(layer.bias), a64, b64, layer.scaling)
+    g_ref, = torch.autograd.grad(y_ref.square().sum(), b64, create_graph=True)
+    h_ref, = torch.autograd.grad(g_ref.sum(), a64)
+    assert_close64(h, h_ref, 1e-10, what="second-order gradient")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lora import LoRALinear, _check_positive
+from .lora import LoRALinear, _check_positive, _refuse_double_backward
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -106,6 +106,7 @@ class _DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        _refuse_double_backward()
         x, t, z, lora_A, lora_B, gain, norm = ctx.saved_tensors
         need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
@@ -175,7 +176,13 @@ class DoRALinear(LoRALinear):
 
     # ---- the norm -------------------------------------------------------------------------
     def base_row_norm_sq(self) -> Tensor:
-        """``||W0||^2`` per output row in the norm dtype; cached, refreshed when the base changes."""
+        """``||W0||^2`` per output row in the norm dtype; cached, refreshed when the base changes.
+
+        The cache is keyed by the weight's storage, autograd version counter, dtype, device and
+        shape (by ``version`` for a quantized base), so in-place ops, ``load_state_dict``,
+        ``.to()`` and replacing the parameter all refresh it. A write through ``weight.data``
+        bypasses the version counter: call :meth:`reset_norm_cache` after one.
+        """
         key = self._base_weight_key()
         if self._base_row_norm_key != key or self._base_row_norm_sq is None:
             with torch.no_grad():
@@ -184,6 +191,11 @@ class DoRALinear(LoRALinear):
                 self._base_row_norm_sq = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
             self._base_row_norm_key = key
         return self._base_row_norm_sq
+
+    def reset_norm_cache(self) -> None:
+        """Drop the cached ``||W0||^2``; the next forward recomputes it from the base weight."""
+        self._base_row_norm_sq = None
+        self._base_row_norm_key = None
 
     def weight_norm(self) -> Tensor:
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
     limit = min(in_features, out_features)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 < rank <= limit:
         raise ValueError(
             f"rank: expected an int in [1, min(in_features, out_features)] = [1, {limit}], "
             f"got {rank!r}"
@@ -54,6 +54,20 @@ def _check_features(in_features: Any, out_features: Any) -> None:
 def adapter_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     """Adapter tensors are float32, or float64 over a float64 base (half bases train fp32 adapters)."""
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def _refuse_double_backward() -> None:
+    """Raise inside a fused backward that was asked to build a graph (``create_graph=True``).
+
+    The fused functions save intermediate products without a graph, so their backward is not
+    itself differentiable; refusing is better than silently dropping second-order terms.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) through a LoRA/DoRA layer's fused training step is "
+            "not supported; for second-order gradients run the layer with its base weight "
+            "trainable (base_layer.weight.requires_grad_(True)), which uses plain autograd ops"
+        )
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -99,6 +113,7 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        _refuse_double_backward()
         x_a, t, lora_A, lora_B = ctx.saved_tensors
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
@@ -209,7 +224,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         if init not in LORA_INITS:
             raise ValueError(f"init: expected one of {LORA_INITS}, got {init!r}")
         self._init_adapter_state(base_layer)
-        self.rank = rank
+        self.rank = int(rank)
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
         self.init = init
