@@ -200,9 +200,14 @@ class LoRALinear(AdapterMixin, nn.Module):
                 f"linear: expected an nn.Linear, got {type(linear).__name__} "
                 "(quantized layers take QLoRALinear or QDoRALinear)"
             )
+        return cls._wrap(linear, **kwargs)
+
+    @classmethod
+    def _wrap(cls, base_layer: nn.Module, **kwargs: Any) -> LoRALinear:
+        """A new layer of this class around ``base_layer`` (checked by the caller)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_adapter(linear, **kwargs)
+        layer._init_adapter(base_layer, **kwargs)
         return layer
 
     def _init_adapter(

@@ -135,10 +135,7 @@ class QLoRALinear(LoRALinear):
         base = quantized_base(
             linear, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
         )
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._init_adapter(base, **kwargs)
-        return layer
+        return cls._wrap(base, **kwargs)
 
     # ---- the base-weight hooks of AdapterMixin, over quantized storage ------------------------
     @property
