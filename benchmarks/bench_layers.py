@@ -22,6 +22,7 @@ import pytest
 from harness import (
     SHAPES,
     Case,
+    OthersCpuShare,
     build_dense_variant,
     paired_rounds,
     step_memory,
@@ -52,7 +53,7 @@ def test_train_step(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"train {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="train", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 30, 10), warmup_rounds=3, iterations=1)
+    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
@@ -60,7 +61,7 @@ def test_forward(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="forward", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 50, 12), warmup_rounds=3, iterations=1)
+    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
 
 
 @pytest.mark.parametrize(
@@ -72,8 +73,10 @@ def test_paired(benchmark, shape, kind):
     one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
     benchmark.group = f"paired {kind} {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind=kind, shape=shape_id(shape), mode="paired", times=times)
-    rounds = rounds_for(shape, 100, 25) if kind == "train" else rounds_for(shape, 150, 30)
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    rounds = rounds_for(shape, 60, 15) if kind == "train" else rounds_for(shape, 80, 20)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))

@@ -22,6 +22,7 @@ from harness import (
     RANK,
     SHAPES,
     Case,
+    OthersCpuShare,
     hf_peft_layer,
     make_linear,
     paired_rounds,
@@ -97,7 +98,7 @@ def test_train_step(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"quant train {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="train", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
+    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
@@ -105,7 +106,7 @@ def test_forward(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"quant forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="forward", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 30, 8), warmup_rounds=2, iterations=1)
+    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize(
@@ -117,8 +118,10 @@ def test_paired(benchmark, shape, kind):
     one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
     benchmark.group = f"quant paired {kind} {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind=kind, shape=shape_id(shape), mode="paired", times=times)
-    rounds = rounds_for(shape, 60, 12) if kind == "train" else rounds_for(shape, 80, 15)
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    rounds = rounds_for(shape, 50, 12) if kind == "train" else rounds_for(shape, 60, 15)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(MEMORY_VARIANTS))

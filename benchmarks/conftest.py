@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from harness import THREADS, configure_torch
+from harness import THREADS, configure_torch, load_average
 
 configure_torch()
+
+_LOAD_AT_START = pytest.StashKey[object]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,9 +29,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # a file named on the command line is collected by pytest itself; collecting it here too
+    # would run it twice
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_LOAD_AT_START] = load_average()
+
+
+
 
 
 def _version(module: str) -> str:
@@ -52,6 +63,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["platform"] = platform.platform()
+    # other processes on a small machine slow the adapters' many small kernels more than one big
+    # GEMM (a busy core stalls every parallel region): the report prints these next to the ratios
+    machine_info["load_average_start"] = config.stash.get(_LOAD_AT_START, None)
+    machine_info["load_average_end"] = load_average()
     machine_info["rounds_scale"] = os.environ.get("PEFT_LAYERS_BENCH_ROUNDS_SCALE", "1")
 
 

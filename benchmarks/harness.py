@@ -63,6 +63,46 @@ def rounds_for(shape: tuple[int, int, int], small: int, large: int) -> int:
     return max(3, round(base * rounds_scale()))
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): how busy the machine was."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(all CPU time, busy CPU time, this process's CPU time) in seconds since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [float(v) for v in stat.readline().split()[1:9]]  # user .. steal; guest is in user
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields) / tick
+    busy = total - (fields[3] + fields[4]) / tick  # minus idle and iowait
+    times = os.times()
+    return total, busy, times.user + times.system
+
+
+class OthersCpuShare:
+    """Context manager: the share of the machine's CPU time that other processes (and the
+    hypervisor's steal) took while the block ran, in [0, 1]; None where /proc/stat is missing.
+    0 means the benchmark had the machine to itself."""
+
+    def __enter__(self) -> OthersCpuShare:
+        self.share: float | None = None
+        self._start = _cpu_counters()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _cpu_counters()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return
+        total, busy, ours = (b - a for a, b in zip(self._start, end))
+        self.share = round(min(1.0, max(0.0, (busy - ours) / total)), 3)
+
+
 # ---- building the variants ------------------------------------------------------------------
 def make_linear(in_features: int, out_features: int, *, seed: int = SEED) -> nn.Linear:
     """A frozen ``nn.Linear`` whose values depend only on ``seed`` (every variant gets a copy)."""

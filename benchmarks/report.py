@@ -34,6 +34,8 @@ from typing import Any
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 NOISE = 1.02
+#: above this share of CPU time taken by other processes during the paired runs, the report warns
+BUSY_SHARE = 0.10
 
 LARGE = "512x4096x4096"
 
@@ -121,6 +123,7 @@ def load(path: Path) -> Results:
     paired: dict = {}
     sequential: dict = {}
     memory: dict = {}
+    shares: list[float] = []
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         suite, kind, shape = info.get("suite"), info.get("kind"), info.get("shape")
@@ -128,6 +131,8 @@ def load(path: Path) -> Results:
             continue
         if info.get("mode") == "paired":
             paired[(suite, kind, shape)] = info["times"]
+            if info.get("others_cpu_share") is not None:
+                shares.append(float(info["others_cpu_share"]))
         elif kind == "memory":
             if "peak_bytes" in info:
                 memory[(suite, shape, info["variant"])] = {
@@ -136,6 +141,7 @@ def load(path: Path) -> Results:
         else:
             stats = bench["stats"]
             sequential[(suite, kind, shape, info["variant"])] = stats.get("data") or [stats["median"]]
+    data["paired_others_cpu_share"] = shares
     return Results(paired, sequential, memory, data)
 
 
@@ -236,6 +242,26 @@ def header(results: Results) -> list[str]:
     cpu = machine.get("cpu", {})
     commit = meta.get("commit_info", {})
     libs = ", ".join(f"{name} {version}" for name, version in libraries.items())
+    shares = meta.get("paired_others_cpu_share") or []
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    load_line = (
+        f"- load average (1 min): {start[0] if start else '?'} at start, {end[0] if end else '?'} at end"
+        + (
+            f"; other processes took {100 * min(shares):.0f}-{100 * max(shares):.0f}% of the CPU time "
+            "during the paired runs"
+            if shares else ""
+        )
+    )
+    warning = []
+    if shares and max(shares) > BUSY_SHARE:
+        warning = [
+            "",
+            f"**Warning: the machine was busy with other work (other processes took up to "
+            f"{100 * max(shares):.0f}% of the CPU time during the paired runs).** A busy core stalls "
+            "every parallel region, which costs the adapters' many small kernels more than one "
+            "large GEMM: ratios against the frozen layer read high. Rerun on a quiet machine "
+            "before trusting a MISS.",
+        ]
     return [
         f"- date: {meta.get('datetime', '?')}",
         f"- machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, "
@@ -244,6 +270,8 @@ def header(results: Results) -> list[str]:
         f"- libraries: {libs or '?'}",
         f"- commit: {commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}; "
         f"rounds scale {machine.get('rounds_scale', '1')}",
+        load_line,
+        *warning,
     ]
 
 
