@@ -53,7 +53,9 @@ def test_train_step(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"train {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="train", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
@@ -61,7 +63,9 @@ def test_forward(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="forward", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(case.forward, rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,7 @@ def test_paired(benchmark, shape, kind):
     one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
     benchmark.group = f"paired {kind} {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind=kind, shape=shape_id(shape), mode="paired", times=times)
-    rounds = rounds_for(shape, 60, 15) if kind == "train" else rounds_for(shape, 80, 20)
+    rounds = rounds_for(shape, 150, 30) if kind == "train" else rounds_for(shape, 200, 40)
     with OthersCpuShare() as others:
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share

@@ -98,7 +98,9 @@ def test_train_step(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"quant train {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="train", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
@@ -106,7 +108,9 @@ def test_forward(benchmark, shape, variant):
     case = _case(variant, shape)
     benchmark.group = f"quant forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="forward", shape=shape_id(shape), variant=variant)
-    benchmark.pedantic(case.forward, rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(case.forward, rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
 
 
 @pytest.mark.parametrize(
@@ -118,7 +122,7 @@ def test_paired(benchmark, shape, kind):
     one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
     benchmark.group = f"quant paired {kind} {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind=kind, shape=shape_id(shape), mode="paired", times=times)
-    rounds = rounds_for(shape, 50, 12) if kind == "train" else rounds_for(shape, 60, 15)
+    rounds = rounds_for(shape, 120, 25) if kind == "train" else rounds_for(shape, 150, 30)
     with OthersCpuShare() as others:
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share

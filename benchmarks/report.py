@@ -34,6 +34,10 @@ from typing import Any
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 NOISE = 1.02
+VARIANT_ORDER = (
+    "linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged",
+    "quantized", "quantized_copy", "qlora", "qdora", "bnb_4bit", "hf_qlora", "hf_qdora",
+)
 #: above this share of CPU time taken by other processes during the paired runs, the report warns
 BUSY_SHARE = 0.10
 
@@ -124,6 +128,7 @@ def load(path: Path) -> Results:
     sequential: dict = {}
     memory: dict = {}
     shares: list[float] = []
+    busy: dict = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         suite, kind, shape = info.get("suite"), info.get("kind"), info.get("shape")
@@ -141,7 +146,10 @@ def load(path: Path) -> Results:
         else:
             stats = bench["stats"]
             sequential[(suite, kind, shape, info["variant"])] = stats.get("data") or [stats["median"]]
+            if info.get("others_cpu_share") is not None:
+                busy[(suite, kind, shape, info["variant"])] = float(info["others_cpu_share"])
     data["paired_others_cpu_share"] = shares
+    data["sequential_others_cpu_share"] = busy
     return Results(paired, sequential, memory, data)
 
 
@@ -209,6 +217,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def _target_text(target: float | str | None) -> str:
     if target is None:
         return "-"
@@ -252,6 +264,11 @@ def header(results: Results) -> list[str]:
             if shares else ""
         )
     )
+    sequential_busy = list((meta.get("sequential_others_cpu_share") or {}).values())
+    if sequential_busy:
+        load_line += (
+            f", {100 * min(sequential_busy):.0f}-{100 * max(sequential_busy):.0f}% during the sequential ones"
+        )
     warning = []
     if shares and max(shares) > BUSY_SHARE:
         warning = [
@@ -293,14 +310,18 @@ def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def time_table(results: Results) -> list[str]:
     lines = [
-        "| suite | step | shape | variant | paired median ms | sequential median ms | sequential rounds |",
-        "|---|---|---|---|---|---|---|",
+        "| suite | step | shape | variant | paired median ms | sequential median ms | sequential rounds | others' CPU share, sequential |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted(
         {(s, k, sh, v) for (s, k, sh), times in results.paired.items() for v in times}
         | set(results.sequential),
-        key=lambda key: (key[0], key[1] != "train", [int(n) for n in key[2].split("x")]),
+        key=lambda key: (
+            key[0], key[1] != "train", [int(n) for n in key[2].split("x")],
+            VARIANT_ORDER.index(key[3]) if key[3] in VARIANT_ORDER else len(VARIANT_ORDER), key[3],
+        ),
     )
+    busy = results.meta.get("sequential_others_cpu_share") or {}
     for suite, kind, shape, variant in keys:
         paired = results.paired.get((suite, kind, shape), {}).get(variant)
         sequential = results.sequential.get((suite, kind, shape, variant))
@@ -308,7 +329,7 @@ def time_table(results: Results) -> list[str]:
             f"| {suite} | {kind} | {shape} | {variant} | "
             f"{_fmt(statistics.median(paired) * 1e3 if paired else None, 2)} | "
             f"{_fmt(statistics.median(sequential) * 1e3 if sequential else None, 2)} | "
-            f"{len(sequential) if sequential else '-'} |"
+            f"{len(sequential) if sequential else '-'} | {_share(busy.get((suite, kind, shape, variant)))} |"
         )
     return lines
 
