@@ -54,7 +54,7 @@ def test_train_step(benchmark, shape, variant):
     benchmark.group = f"train {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="train", shape=shape_id(shape), variant=variant)
     with OthersCpuShare() as others:
-        benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
+        benchmark.pedantic(case.operation("train"), rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share
 
 
@@ -64,7 +64,7 @@ def test_forward(benchmark, shape, variant):
     benchmark.group = f"forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="forward", shape=shape_id(shape), variant=variant)
     with OthersCpuShare() as others:
-        benchmark.pedantic(case.forward, rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
+        benchmark.pedantic(case.operation("forward"), rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share
 
 
@@ -86,9 +86,10 @@ def test_paired(benchmark, shape, kind):
 @pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
 def test_peak_memory(benchmark, shape, variant):
     case = _case(variant, shape)
-    case.train_step()  # first step outside: lazy caches and optimizer state exist before measuring
+    step = case.operation("train")
+    step()  # first step outside: lazy caches and optimizer state exist before measuring
     benchmark.group = f"memory {shape_id(shape)}"
     benchmark.extra_info.update(suite="layers", kind="memory", shape=shape_id(shape), variant=variant)
     weight_bytes = 4 * shape[1] * shape[2]
-    memory = benchmark.pedantic(lambda: step_memory(case.train_step, weight_bytes), rounds=1, iterations=1)
+    memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)
     benchmark.extra_info.update(memory)

@@ -99,7 +99,7 @@ def test_train_step(benchmark, shape, variant):
     benchmark.group = f"quant train {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="train", shape=shape_id(shape), variant=variant)
     with OthersCpuShare() as others:
-        benchmark.pedantic(case.train_step, rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
+        benchmark.pedantic(case.operation("train"), rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share
 
 
@@ -109,7 +109,7 @@ def test_forward(benchmark, shape, variant):
     benchmark.group = f"quant forward {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="forward", shape=shape_id(shape), variant=variant)
     with OthersCpuShare() as others:
-        benchmark.pedantic(case.forward, rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
+        benchmark.pedantic(case.operation("forward"), rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share
 
 
@@ -131,9 +131,10 @@ def test_paired(benchmark, shape, kind):
 @pytest.mark.parametrize(("shape", "variant"), _params(MEMORY_VARIANTS))
 def test_peak_memory(benchmark, shape, variant):
     case = _case(variant, shape)
-    case.train_step()  # first step outside: lazy caches and optimizer state exist before measuring
+    step = case.operation("train")
+    step()  # first step outside: lazy caches and optimizer state exist before measuring
     benchmark.group = f"quant memory {shape_id(shape)}"
     benchmark.extra_info.update(suite="quant", kind="memory", shape=shape_id(shape), variant=variant)
     weight_bytes = 4 * shape[1] * shape[2]
-    memory = benchmark.pedantic(lambda: step_memory(case.train_step, weight_bytes), rounds=1, iterations=1)
+    memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)
     benchmark.extra_info.update(memory)

@@ -196,8 +196,8 @@ class Case:
         self.optimizer = torch.optim.SGD(params, lr=LR) if params else None
 
     def train_step(self) -> None:
-        """Forward + loss ``sum(y * G)`` + backward (input requires grad) + SGD step."""
-        self.layer.train()
+        """Forward + loss ``sum(y * G)`` + backward (input requires grad) + SGD step (train mode:
+        set by :meth:`operation`, outside the timed call)."""
         out = self.layer(self.x_train)
         out.backward(self.grad_out)
         if self.optimizer is not None:
@@ -206,15 +206,19 @@ class Case:
         self.x_train.grad = None
 
     def forward(self) -> None:
-        """No-grad forward in eval mode."""
-        self.layer.eval()
+        """No-grad forward (eval mode: set by :meth:`operation`, outside the timed call)."""
         with torch.no_grad():
             self.layer(self.x_forward)
 
     def operation(self, kind: str) -> Callable[[], None]:
+        """The timed call for ``kind`` ("train" or "forward"), with the layer put in train or eval
+        mode once, here: ``Module.train()`` walks every submodule, and timing that walk would
+        charge layers with many submodules (Hugging Face PEFT's) for bookkeeping."""
         if kind == "train":
+            self.layer.train()
             return self.train_step
         if kind == "forward":
+            self.layer.eval()
             return self.forward
         raise ValueError(f"kind: expected 'train' or 'forward', got {kind!r}")
 
