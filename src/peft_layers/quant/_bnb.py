@@ -6,6 +6,7 @@ exercise the pure-PyTorch fallback (:mod:`peft_layers.quant.reference`).
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 AVAILABLE: bool | None = None
@@ -17,8 +18,17 @@ def load() -> tuple[ModuleType, ModuleType] | None:
     global AVAILABLE, _MODULES
     if AVAILABLE is None:
         try:
-            import bitsandbytes
-            import bitsandbytes.functional
+            # bitsandbytes logs a warning at import on AVX512-BF16 CPUs when its optional
+            # "kernels" package is missing; that kernel serves the repacked CPU layout, which we
+            # never use (see linear.py), so the warning would only mislead
+            quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                import bitsandbytes
+                import bitsandbytes.functional
+            finally:
+                quiet.setLevel(level)
         # not only ImportError: a wheel whose native library fails to load raises at import time
         except Exception:  # noqa: BLE001
             AVAILABLE = False
