@@ -18,8 +18,9 @@ How a ratio is estimated (docs/benchmarks.md says why):
 A target is met (PASS) when the paired median is at or below it; "(CI)" flags a verdict whose
 interval still contains the target. A "within noise" target (merged forward) passes when the
 paired interval reaches down to the upper end of the A/A control's interval (a second, identical
-baseline timed as a variant), or to 1.01 if that is higher. Memory rows compare one train step: peak tensor bytes (informational) and the
-number of allocations as large as the fp32 (out, in) weight, which carries the memory targets.
+baseline timed as a variant), or to 1.01 if that is higher. Memory rows compare one train step:
+peak tensor bytes (informational) and the number of allocations as large as the fp32 (out, in)
+weight, which carries the memory targets.
 """
 
 from __future__ import annotations
@@ -96,8 +97,10 @@ QUANT_RATIOS = (
     Ratio("QuantizedLinear / bnb Linear4bit", "quant", "forward", "quantized", "bnb_4bit"),
     Ratio("HF PEFT QLoRA / bnb Linear4bit", "quant", "train", "hf_qlora", "bnb_4bit", note="issue 3 saw 1.15-1.2"),
     Ratio("HF PEFT QDoRA / HF PEFT QLoRA", "quant", "train", "hf_qdora", "hf_qlora", note="issue 3 saw 1.35-1.95"),
-    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "train", "quantized_copy", "quantized", note="noise floor"),
-    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "forward", "quantized_copy", "quantized", note="noise floor"),
+    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "train", "quantized_copy", "quantized",
+          note="noise floor"),
+    Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "forward", "quantized_copy", "quantized",
+          note="noise floor"),
 )
 
 #: (label, suite, numerator, denominator, most extra (out, in)-sized allocations allowed, why)
@@ -331,7 +334,8 @@ def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def time_table(results: Results) -> list[str]:
     lines = [
-        "| suite | step | shape | variant | paired median ms | sequential median ms | sequential rounds | others' CPU share, sequential |",
+        "| suite | step | shape | variant | paired median ms | sequential median ms | sequential rounds "
+        "| others' CPU share, sequential |",
         "|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted(
@@ -474,7 +478,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="?", type=Path, default=DEFAULT_JSON, help="pytest-benchmark JSON")
-    parser.add_argument("--out-dir", type=Path, default=None, help="where report.md/.png go (default: the JSON's directory)")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="where report.md/.png go (default: the JSON's directory)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
     if not args.json.is_file():
