@@ -564,3 +564,30 @@ def test_double_backward_is_right_or_refused():
     x = _x((3,), dtype=torch.float64)
     second_order_or_error(layer, x, lambda a, b: dora_ref(
         f64(x), f64(layer.weight), f64(layer.bias), a, b, f64(layer.magnitude), layer.scaling, layer.epsilon))
+
+
+# ---- the no-grad forward keeps n while the base, A and B stay as they are --------------------
+def test_no_grad_norm_cache_follows_every_change():
+    layer = _layer()
+    x = _x((5,))
+    optimizer = torch.optim.SGD(layer.adapter_parameters(), lr=0.5)
+
+    def check(what):
+        with torch.no_grad():
+            assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what=what)
+
+    check("first call")
+    check("second call (cached n)")
+    layer(x).square().sum().backward()  # a training step moves A and B
+    optimizer.step()
+    check("after an optimizer step")
+    with torch.no_grad():
+        layer.lora_B.mul_(-2.0)  # an in-place edit
+    check("after an in-place edit of B")
+    layer.load_state_dict({k: v * 1.5 for k, v in layer.state_dict().items()})
+    check("after load_state_dict")
+    layer.alpha = layer.alpha * 3  # scaling changes
+    check("after a change of alpha")
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(0.5)
+    check("after a change of the base")

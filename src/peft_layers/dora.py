@@ -162,6 +162,7 @@ class DoRALinear(LoRALinear):
         self._base_row_norm_key: tuple | None = None
         self._merge_gain: Tensor | None = None
         self._merge_zero_rows: tuple[Tensor, Tensor] | None = None
+        self._inference_norm_cache: tuple[tuple, Tensor] | None = None
         super()._init_adapter(base_layer, **kwargs)
 
     def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -193,9 +194,11 @@ class DoRALinear(LoRALinear):
         return self._base_row_norm_sq
 
     def reset_norm_cache(self) -> None:
-        """Drop the cached ``||W0||^2``; the next forward recomputes it from the base weight."""
+        """Drop the cached norms (``||W0||^2``, and ``n`` of the no-grad forward); the next forward
+        recomputes them."""
         self._base_row_norm_sq = None
         self._base_row_norm_key = None
+        self._inference_norm_cache = None
 
     def weight_norm(self) -> Tensor:
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
@@ -261,16 +264,40 @@ class DoRALinear(LoRALinear):
         )
         return (self.magnitude.to(norm.dtype) / norm).to(dtype)
 
+    def _inference_norm_key(self) -> tuple:
+        """What the no-grad norm depends on: the base, A, B (storage and version), s, epsilon."""
+        return (
+            self._base_weight_key(),
+            self.lora_A.data_ptr(), self.lora_A._version,
+            self.lora_B.data_ptr(), self.lora_B._version,
+            self.scaling, self.epsilon, self.compute_dtype,
+        )
+
     def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
-        if self._norm_rides_with_input:
-            both = self._base_matmul(torch.cat([x, lora_A]))
-            z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
-        else:
+        # Without grad, A and B only change between calls through an optimizer step or a load,
+        # both of which bump their version counters; so n is kept until they (or the base)
+        # change. Serving an unmerged adapter (a quantized base cannot merge without loss) then
+        # costs no extra pass over the base. A training step never uses this cache.
+        key = self._inference_norm_key()
+        if self._inference_norm_cache is not None and self._inference_norm_cache[0] == key:
+            norm = self._inference_norm_cache[1]
             z = self._base_matmul(x)
-            base_times_A = self._base_times_A(lora_A)
+        else:
+            if self._norm_rides_with_input:
+                both = self._base_matmul(torch.cat([x, lora_A]))
+                z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
+            else:
+                z = self._base_matmul(x)
+                base_times_A = self._base_times_A(lora_A)
+            norm = factored_row_norm(
+                self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon
+            )
+            self._inference_norm_cache = (key, norm)
         z.addmm_(x @ lora_A.t().contiguous(), lora_B.t(), alpha=self.scaling)
-        z.mul_(self._gain(lora_A, lora_B, base_times_A, z.dtype))
-        return z.add_(bias) if bias is not None else z
+        gain = (self.magnitude.to(norm.dtype) / norm).to(z.dtype)
+        if bias is None:
+            return z.mul_(gain)
+        return torch.addcmul(bias, z, gain, out=z)  # y = b + g * z in one pass, in place
 
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
