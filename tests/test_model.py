@@ -369,3 +369,18 @@ def test_prepare_for_kbit_training_casts_norms_and_enables_checkpointed_training
     assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0 for _, layer in iter_adapter_layers(model))
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         pl.prepare_for_kbit_training(tiny_model(), gradient_checkpointing=True)
+
+
+def test_many_layers_go_through_the_progress_bar_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    from peft_layers.model import PROGRESS_MIN_LAYERS
+
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(PROGRESS_MIN_LAYERS + 3)))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear), rank=2)
+    assert len(adapter_names(model)) == PROGRESS_MIN_LAYERS + 3
+    pl.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)  # B = 0: the merge is the base
+    assert capsys.readouterr().err == ""  # not a terminal: tqdm stays silent

@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .lora import LoRALinear, LoRAPlusLinear
 from .dora import DoRALinear
@@ -169,6 +170,18 @@ def _check_pattern(argument: str, patterns: Any, kind: type) -> dict[str, Any]:
 
 
 # ---- walking the tree --------------------------------------------------------------------------
+#: from this many layers on, long model-level operations show a progress bar (on a terminal only)
+PROGRESS_MIN_LAYERS = 32
+
+
+def _progress(items: list, description: str) -> Iterable:
+    """``items`` wrapped in a tqdm bar when there are many of them (quantizing a large model
+    takes a while); tqdm itself hides the bar when stderr is not a terminal."""
+    if len(items) < PROGRESS_MIN_LAYERS:
+        return items
+    return tqdm(items, desc=description, unit="layer", disable=None, leave=False)
+
+
 def _module_names(model: nn.Module) -> dict[int, list[str]]:
     """Every dotted name of every module, grouped by module identity (shared modules have several)."""
     names: dict[int, list[str]] = {}
@@ -295,7 +308,7 @@ def inject_adapters(
 
     # build every new layer before touching the model, so a bad argument changes nothing
     replacements: list[tuple[list[str], LoRALinear]] = []
-    for module_id in chosen:
+    for module_id in _progress(list(chosen), f"inject_adapters({method})"):
         names = all_names[module_id]
         first = names[0]
         kwargs = dict(layer_kwargs)
@@ -361,10 +374,10 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_layers(model: nn.Module, build: Callable[[LoRALinear], nn.Module]) -> None:
+def _replace_layers(model: nn.Module, build: Callable[[LoRALinear], nn.Module], caller: str) -> None:
     names = _module_names(model)
-    layers = _adapter_layers_or_raise(model, "unload")
-    new_modules = [(names[id(layer)], build(layer)) for _, layer in layers]
+    layers = _adapter_layers_or_raise(model, caller)
+    new_modules = [(names[id(layer)], build(layer)) for _, layer in _progress(layers, caller)]
     for layer_names, new in new_modules:
         for name in layer_names:
             _set_module(model, name, new)
@@ -384,7 +397,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         linear = layer.to_linear()
         return linear.to(dtype or layer.compute_dtype)
 
-    _replace_layers(model, build)
+    _replace_layers(model, build, "merge_and_unload()")
     return model
 
 
@@ -400,7 +413,7 @@ def unload(model: nn.Module) -> nn.Module:
             layer.unmerge()
         return layer.base_layer
 
-    _replace_layers(model, build)
+    _replace_layers(model, build, "unload()")
     return model
 
 
