@@ -22,12 +22,13 @@ import pytest
 from harness import (
     SHAPES,
     Case,
-    OthersCpuShare,
     build_dense_variant,
-    paired_rounds,
-    step_memory,
+    measure_memory,
     rounds_for,
     shape_id,
+    shape_params,
+    time_paired,
+    time_sequential,
 )
 
 TRAIN_VARIANTS = ("linear", "lora", "dora", "hf_lora", "hf_dora")
@@ -44,28 +45,16 @@ def _case(variant: str, shape: tuple[int, int, int]) -> Case:
     return Case(variant, build_dense_variant(variant, in_features, out_features), tokens)
 
 
-def _params(variants: tuple[str, ...]) -> list:
-    return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
-
-
-@pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(TRAIN_VARIANTS))
 def test_train_step(benchmark, shape, variant):
-    case = _case(variant, shape)
-    benchmark.group = f"train {shape_id(shape)}"
-    benchmark.extra_info.update(suite="layers", kind="train", shape=shape_id(shape), variant=variant)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(case.operation("train"), rounds=rounds_for(shape, 20, 6), warmup_rounds=3, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_sequential(benchmark, _case(variant, shape), suite="layers", kind="train", shape=shape,
+                    rounds=rounds_for(shape, 20, 6), warmup_rounds=3)
 
 
-@pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(FORWARD_VARIANTS))
 def test_forward(benchmark, shape, variant):
-    case = _case(variant, shape)
-    benchmark.group = f"forward {shape_id(shape)}"
-    benchmark.extra_info.update(suite="layers", kind="forward", shape=shape_id(shape), variant=variant)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(case.operation("forward"), rounds=rounds_for(shape, 30, 8), warmup_rounds=3, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_sequential(benchmark, _case(variant, shape), suite="layers", kind="forward", shape=shape,
+                    rounds=rounds_for(shape, 30, 8), warmup_rounds=3)
 
 
 @pytest.mark.parametrize(
@@ -74,22 +63,10 @@ def test_forward(benchmark, shape, variant):
 )
 def test_paired(benchmark, shape, kind):
     cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS[kind]}
-    one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
-    benchmark.group = f"paired {kind} {shape_id(shape)}"
-    benchmark.extra_info.update(suite="layers", kind=kind, shape=shape_id(shape), mode="paired", times=times)
     rounds = rounds_for(shape, 150, 30) if kind == "train" else rounds_for(shape, 200, 40)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_paired(benchmark, cases, suite="layers", kind=kind, shape=shape, rounds=rounds)
 
 
-@pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(TRAIN_VARIANTS))
 def test_peak_memory(benchmark, shape, variant):
-    case = _case(variant, shape)
-    step = case.operation("train")
-    step()  # first step outside: lazy caches and optimizer state exist before measuring
-    benchmark.group = f"memory {shape_id(shape)}"
-    benchmark.extra_info.update(suite="layers", kind="memory", shape=shape_id(shape), variant=variant)
-    weight_bytes = 4 * shape[1] * shape[2]
-    memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)
-    benchmark.extra_info.update(memory)
+    measure_memory(benchmark, _case(variant, shape), suite="layers", shape=shape)

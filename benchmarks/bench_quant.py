@@ -22,14 +22,15 @@ from harness import (
     RANK,
     SHAPES,
     Case,
-    OthersCpuShare,
     hf_peft_layer,
     make_linear,
-    paired_rounds,
+    measure_memory,
     perturb_adapter_,
     rounds_for,
     shape_id,
-    step_memory,
+    shape_params,
+    time_paired,
+    time_sequential,
 )
 
 quant = pytest.importorskip("peft_layers.quant", exc_type=ImportError)
@@ -89,28 +90,16 @@ def _case(variant: str, shape: tuple[int, int, int]) -> Case:
     return Case(variant, build_quant_variant(variant, in_features, out_features), tokens)
 
 
-def _params(variants: tuple[str, ...]) -> list:
-    return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
-
-
-@pytest.mark.parametrize(("shape", "variant"), _params(TRAIN_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(TRAIN_VARIANTS))
 def test_train_step(benchmark, shape, variant):
-    case = _case(variant, shape)
-    benchmark.group = f"quant train {shape_id(shape)}"
-    benchmark.extra_info.update(suite="quant", kind="train", shape=shape_id(shape), variant=variant)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(case.operation("train"), rounds=rounds_for(shape, 15, 4), warmup_rounds=2, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_sequential(benchmark, _case(variant, shape), suite="quant", kind="train", shape=shape,
+                    rounds=rounds_for(shape, 15, 4), warmup_rounds=2)
 
 
-@pytest.mark.parametrize(("shape", "variant"), _params(FORWARD_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(FORWARD_VARIANTS))
 def test_forward(benchmark, shape, variant):
-    case = _case(variant, shape)
-    benchmark.group = f"quant forward {shape_id(shape)}"
-    benchmark.extra_info.update(suite="quant", kind="forward", shape=shape_id(shape), variant=variant)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(case.operation("forward"), rounds=rounds_for(shape, 20, 5), warmup_rounds=2, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_sequential(benchmark, _case(variant, shape), suite="quant", kind="forward", shape=shape,
+                    rounds=rounds_for(shape, 20, 5), warmup_rounds=2)
 
 
 @pytest.mark.parametrize(
@@ -119,22 +108,10 @@ def test_forward(benchmark, shape, variant):
 )
 def test_paired(benchmark, shape, kind):
     cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS}
-    one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
-    benchmark.group = f"quant paired {kind} {shape_id(shape)}"
-    benchmark.extra_info.update(suite="quant", kind=kind, shape=shape_id(shape), mode="paired", times=times)
     rounds = rounds_for(shape, 120, 25) if kind == "train" else rounds_for(shape, 150, 30)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_paired(benchmark, cases, suite="quant", kind=kind, shape=shape, rounds=rounds)
 
 
-@pytest.mark.parametrize(("shape", "variant"), _params(MEMORY_VARIANTS))
+@pytest.mark.parametrize(("shape", "variant"), shape_params(MEMORY_VARIANTS))
 def test_peak_memory(benchmark, shape, variant):
-    case = _case(variant, shape)
-    step = case.operation("train")
-    step()  # first step outside: lazy caches and optimizer state exist before measuring
-    benchmark.group = f"quant memory {shape_id(shape)}"
-    benchmark.extra_info.update(suite="quant", kind="memory", shape=shape_id(shape), variant=variant)
-    weight_bytes = 4 * shape[1] * shape[2]
-    memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)
-    benchmark.extra_info.update(memory)
+    measure_memory(benchmark, _case(variant, shape), suite="quant", shape=shape)

@@ -313,3 +313,49 @@ def step_memory(step: Callable[[], None], weight_bytes: int) -> dict[str, int]:
         "weight_sized": sum(nbytes >= weight_bytes for nbytes in meter.allocations),
         "allocations": len(meter.allocations),
     }
+
+
+# ---- the timed bodies the suites share ----------------------------------------------------------
+def shape_params(variants: tuple[str, ...]) -> list[Any]:
+    """``pytest.param(shape, variant)`` for every shape and variant, with readable ids."""
+    import pytest
+
+    return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
+
+
+def time_sequential(
+    benchmark: Any, case: Case, *, suite: str, kind: str, shape: tuple[int, int, int],
+    rounds: int, warmup_rounds: int,
+) -> None:
+    """One pytest-benchmark of ``case``'s ``kind`` step ("train" or "forward"), with metadata."""
+    prefix = "" if suite == "layers" else f"{suite} "
+    benchmark.group = f"{prefix}{kind} {shape_id(shape)}"
+    benchmark.extra_info.update(suite=suite, kind=kind, shape=shape_id(shape), variant=case.name)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(case.operation(kind), rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
+
+
+def time_paired(
+    benchmark: Any, cases: dict[str, Case], *, suite: str, kind: str, shape: tuple[int, int, int], rounds: int,
+) -> None:
+    """All ``cases`` interleaved round by round (see :func:`paired_rounds`), times in extra_info."""
+    one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
+    prefix = "" if suite == "layers" else f"{suite} "
+    benchmark.group = f"{prefix}paired {kind} {shape_id(shape)}"
+    benchmark.extra_info.update(suite=suite, kind=kind, shape=shape_id(shape), mode="paired", times=times)
+    with OthersCpuShare() as others:
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["others_cpu_share"] = others.share
+
+
+def measure_memory(benchmark: Any, case: Case, *, suite: str, shape: tuple[int, int, int]) -> None:
+    """Peak tensor bytes and weight-sized allocations of one train step (after a first one)."""
+    step = case.operation("train")
+    step()  # first step outside: lazy caches and optimizer state exist before measuring
+    prefix = "" if suite == "layers" else f"{suite} "
+    benchmark.group = f"{prefix}memory {shape_id(shape)}"
+    benchmark.extra_info.update(suite=suite, kind="memory", shape=shape_id(shape), variant=case.name)
+    weight_bytes = 4 * shape[1] * shape[2]
+    memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)
+    benchmark.extra_info.update(memory)
