@@ -170,23 +170,6 @@ def test_dropout_with_stored_mask_matches_reference():
     assert not torch.allclose(got.out.double(), run_reference(layer, x, g).out, rtol=1e-3)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.25])
-@pytest.mark.parametrize("bias_trainable", [False, True])
-def test_unfrozen_base_weight_gets_reference_gradient(dropout, bias_trainable):
-    layer = _layer(dropout=dropout).train()
-    layer.base_layer.weight.requires_grad_(True)
-    layer.base_layer.bias.requires_grad_(bias_trainable)
-    x = _x((6,))
-    g = torch.randn(6, 10, dtype=torch.float64)
-    seen, handle = _capture_dropout(layer)
-    got = run_layer(layer, x, g)
-    handle.remove()
-    mask = _mask_from(seen[0], x, dropout) if dropout else None
-    ref = run_reference(layer, x, g, dropout_mask=mask, p=dropout)
-    keys = DORA_GRADS + ("weight",) + (("bias",) if bias_trainable else ())
-    assert_run_close(got, ref, 1e-5, keys)
-
-
 # ---- half precision ------------------------------------------------------------------------
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad", [True, False])

@@ -139,10 +139,12 @@ def test_dropout_train_no_grad_matches_reference_with_same_mask():
     assert_close64(y, ref.out, 1e-5, what="no-grad dropout output")
 
 
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias_trainable", [False, True])
-def test_unfrozen_base_weight_gets_reference_gradient(dropout, bias_trainable):
-    layer = _layer(pl.LoRALinear, dropout=dropout).train()
+def test_unfrozen_base_weight_gets_reference_gradient(cls, dropout, bias_trainable):
+    # a user who unfreezes W0 gets plain autograd ops, and W0 (and b) the right gradient
+    layer = _layer(cls, dropout=dropout).train()
     layer.base_layer.weight.requires_grad_(True)
     layer.base_layer.bias.requires_grad_(bias_trainable)
     x = _x((6,))
@@ -153,6 +155,7 @@ def test_unfrozen_base_weight_gets_reference_gradient(dropout, bias_trainable):
     mask = _mask_from(seen[0], x, dropout) if dropout else None
     ref = run_reference(layer, x, g, dropout_mask=mask, p=dropout)
     keys = ("x", "lora_A", "lora_B", "weight") + (("bias",) if bias_trainable else ())
+    keys += ("magnitude",) if cls is pl.DoRALinear else ()
     assert_run_close(got, ref, 1e-5, keys)
 
 
