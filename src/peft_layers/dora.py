@@ -64,6 +64,11 @@ def factored_row_norm(
     return norm_sq.clamp_min_(0).sqrt_().clamp_min_(epsilon)
 
 
+def magnitude_gain(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """DoRA's per-row gain ``m / n``, divided in the norm's dtype and returned in ``dtype``."""
+    return (magnitude.to(norm.dtype) / norm).to(dtype)
+
+
 class _DoRAFunction(torch.autograd.Function):
     """DoRA's forward and backward on 2-D inputs with dropout inactive.
 
@@ -96,7 +101,7 @@ class _DoRAFunction(torch.autograd.Function):
         t = x @ lora_A.t().contiguous()
         z.addmm_(t, lora_B.t(), alpha=scaling)
         norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
-        gain = (magnitude.to(norm.dtype) / norm).to(z.dtype)
+        gain = magnitude_gain(magnitude, norm, z.dtype)
         out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
         ctx.save_for_backward(x, t, z, lora_A, lora_B, gain, norm)
         ctx.scaling = scaling
@@ -219,7 +224,7 @@ class DoRALinear(LoRALinear):
     def delta_weight(self) -> Tensor:
         """``(m/n - 1) W0 + (m/n) s B A``, so that ``W0 + delta = (m/n) W'``; (out, in)."""
         norm = self.weight_norm()
-        gain = (self.magnitude.to(norm.dtype) / norm).to(self.lora_A.dtype)
+        gain = magnitude_gain(self.magnitude, norm, self.lora_A.dtype)
         base = self._compute_weight().to(gain.dtype)
         return (gain - 1)[:, None] * base + gain[:, None] * super().delta_weight()
 
@@ -256,14 +261,6 @@ class DoRALinear(LoRALinear):
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 
-    def _gain(self, lora_A: Tensor, lora_B: Tensor, base_times_A: Tensor, dtype: torch.dtype) -> Tensor:
-        """``m / n`` per output row in ``dtype``, differentiable in ``m`` only."""
-        norm = factored_row_norm(
-            self.base_row_norm_sq(), lora_A.detach(), lora_B.detach(), base_times_A.detach(),
-            self.scaling, self.epsilon,
-        )
-        return (self.magnitude.to(norm.dtype) / norm).to(dtype)
-
     def _inference_norm_key(self) -> tuple:
         """What the no-grad norm depends on: the base, A, B (storage and version), s, epsilon."""
         return (
@@ -294,7 +291,7 @@ class DoRALinear(LoRALinear):
             )
             self._inference_norm_cache = (key, norm)
         z.addmm_(x @ lora_A.t().contiguous(), lora_B.t(), alpha=self.scaling)
-        gain = (self.magnitude.to(norm.dtype) / norm).to(z.dtype)
+        gain = magnitude_gain(self.magnitude, norm, z.dtype)
         if bias is None:
             return z.mul_(gain)
         return torch.addcmul(bias, z, gain, out=z)  # y = b + g * z in one pass, in place
@@ -302,9 +299,11 @@ class DoRALinear(LoRALinear):
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
-        with torch.no_grad():
-            base_times_A = self._base_times_A(lora_A)
-        gain = self._gain(lora_A, lora_B, base_times_A, base_out.dtype)
+        with torch.no_grad():  # n is detached: no gradient flows through the norm
+            norm = factored_row_norm(
+                self.base_row_norm_sq(), lora_A, lora_B, self._base_times_A(lora_A), self.scaling, self.epsilon
+            )
+        gain = magnitude_gain(self.magnitude, norm, base_out.dtype)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)
             base_drop = self._base_matmul(x_drop)
