@@ -45,7 +45,15 @@ from torch import Tensor, nn
 
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear
-from .model import METHODS, inject_adapters, iter_adapter_layers, method_of, pattern_key
+from .model import (
+    METHODS,
+    _inside_adapter,
+    _set_module,
+    inject_adapters,
+    iter_adapter_layers,
+    method_of,
+    pattern_key,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_BIN_NAME = "adapter_model.bin"
@@ -588,17 +596,7 @@ def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
 def _plain_module_names(model: nn.Module) -> list[str]:
     """The module names a Hugging Face PEFT model built on the plain base would see: every name
     of ``model`` except those inside adapter layers."""
-    names = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        parent, inside = model, False
-        for part in name.split(".")[:-1] if name else []:
-            parent = getattr(parent, part)
-            if isinstance(parent, LoRALinear):
-                inside = True
-                break
-        if not inside:
-            names.append(name)
-    return names
+    return [name for name, _ in model.named_modules(remove_duplicate=False) if not _inside_adapter(model, name)]
 
 
 def _target_modules(paths: list[str], plain_names: list[str]) -> list[str] | str:
@@ -905,11 +903,6 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
 
 _FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
 _QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _inject_kwargs(

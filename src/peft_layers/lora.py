@@ -51,6 +51,11 @@ def _check_features(in_features: Any, out_features: Any) -> None:
             raise ValueError(f"{name}: expected an int > 0, got {value!r}")
 
 
+def is_bitsandbytes_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes layer (its quantized Linears subclass ``nn.Linear``)."""
+    return type(module).__module__.startswith("bitsandbytes")
+
+
 def adapter_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     """Adapter tensors are float32, or float64 over a float64 base (half bases train fp32 adapters)."""
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -195,7 +200,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         ``bias``, ``device`` and ``dtype``, which come from ``linear``. ``init="pissa"`` rewrites
         ``linear.weight`` in place.
         """
-        if not isinstance(linear, nn.Linear) or type(linear).__module__.startswith("bitsandbytes"):
+        if not isinstance(linear, nn.Linear) or is_bitsandbytes_module(linear):
             raise TypeError(
                 f"linear: expected an nn.Linear, got {type(linear).__name__} "
                 "(quantized layers take QLoRALinear or QDoRALinear)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -20,8 +19,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .lora import LoRALinear, LoRAPlusLinear
 from .dora import DoRALinear
+from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
+from .qlora import QDoRALinear, QLoRALinear
+from .quant import QuantizedLinear
 
 #: a target or exclude specification: a name suffix, a list of them, a compiled regex (full match
 #: on the dotted name), or a callable ``(name, module) -> bool``
@@ -31,49 +32,29 @@ METHODS = ("lora", "lora_plus", "dora", "qlora", "qdora")
 BIAS_MODES = ("none", "all", "adapter_only")
 
 
-def _quantized_classes() -> dict[str, type[LoRALinear]]:
-    # qlora.py pulls in the quantization backend; import it only when a quantized method is used
-    from .qlora import QDoRALinear, QLoRALinear
-
-    return {"qlora": QLoRALinear, "qdora": QDoRALinear}
+_METHOD_CLASSES: dict[str, type[LoRALinear]] = {
+    "lora": LoRALinear,
+    "lora_plus": LoRAPlusLinear,
+    "dora": DoRALinear,
+    "qlora": QLoRALinear,
+    "qdora": QDoRALinear,
+}
 
 
 def method_class(method: str) -> type[LoRALinear]:
     """The layer class of ``method`` ("lora", "lora_plus", "dora", "qlora" or "qdora")."""
-    if method == "lora":
-        return LoRALinear
-    if method == "lora_plus":
-        return LoRAPlusLinear
-    if method == "dora":
-        return DoRALinear
-    if method in ("qlora", "qdora"):
-        return _quantized_classes()[method]
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method not in _METHOD_CLASSES:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return _METHOD_CLASSES[method]
 
 
 def method_of(layer: LoRALinear) -> str:
     """The method name of an adapter layer, the inverse of :func:`method_class`."""
-    # a quantized layer exists only if qlora.py was imported; don't import it (and bitsandbytes) here
-    qlora = sys.modules.get(f"{__package__}.qlora")
-    if qlora is not None and isinstance(layer, qlora.QDoRALinear):
-        return "qdora"
-    if qlora is not None and isinstance(layer, qlora.QLoRALinear):
-        return "qlora"
-    if isinstance(layer, DoRALinear):
-        return "dora"
-    if isinstance(layer, LoRAPlusLinear):
-        return "lora_plus"
-    if isinstance(layer, LoRALinear):
-        return "lora"
+    # most derived first: QDoRALinear is a DoRALinear and a QLoRALinear, every class a LoRALinear
+    for method in ("qdora", "qlora", "dora", "lora_plus", "lora"):
+        if isinstance(layer, _METHOD_CLASSES[method]):
+            return method
     raise TypeError(f"layer: expected an adapter layer (a LoRALinear), got {type(layer).__name__}")
-
-
-def _is_bnb_linear(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
-
-
-def _is_quantized_base(module: nn.Module) -> bool:
-    return _is_bnb_linear(module) or _is_quantized_linear(module)
 
 
 def _accepts(module: nn.Module, method: str) -> bool:
@@ -81,8 +62,8 @@ def _accepts(module: nn.Module, method: str) -> bool:
     if isinstance(module, LoRALinear):
         return False
     if method in ("qlora", "qdora"):
-        return isinstance(module, nn.Linear) or _is_quantized_base(module)
-    return isinstance(module, nn.Linear) and not _is_bnb_linear(module)
+        return isinstance(module, (nn.Linear, QuantizedLinear))
+    return isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)
 
 
 # ---- name matching ---------------------------------------------------------------------------
@@ -418,13 +399,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 # ---- counting ----------------------------------------------------------------------------------
-def _is_quantized_linear(module: nn.Module) -> bool:
-    return type(module).__name__ == "QuantizedLinear"
-
-
 def _value_count(module: nn.Module, name: str, parameter: Tensor) -> int:
     """How many weight values ``parameter`` stands for (packed storage counts what it encodes)."""
-    if name == "weight" and _is_quantized_linear(module):
+    if name == "weight" and isinstance(module, QuantizedLinear):
         return module.out_features * module.in_features
     if type(parameter).__name__ == "Params4bit":
         # two 4-bit values per byte of storage, as Hugging Face PEFT counts them
@@ -451,8 +428,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
             total += count
             if parameter.requires_grad:
                 trainable += count
-        if _is_quantized_linear(module) and not isinstance(getattr(module, "weight", None), nn.Parameter):
-            total += module.out_features * module.in_features
     return trainable, total
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .dora import DoRALinear
-from .lora import LoRALinear, _check_features
+from .lora import LoRALinear, _check_features, is_bitsandbytes_module
 from .quant import QUANT_SCHEMES, QuantizedLinear
 
 REQUANTIZE_WARNING = (
@@ -31,18 +31,6 @@ REQUANTIZE_WARNING = (
     "norm keeps about 0.6 cosine with the intended one). For an exact merge use to_linear() or "
     "peft_layers.merge_and_unload(), which dequantize instead."
 )
-
-
-def _is_bitsandbytes(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
-
-
-def _is_bnb_quantized(module: nn.Module) -> bool:
-    if not _is_bitsandbytes(module):
-        return False
-    import bitsandbytes as bnb  # only reached with a bitsandbytes module in hand
-
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quantized_base(
@@ -59,9 +47,9 @@ def quantized_base(
     quantization and to the module's own for a wrapped one."""
     if isinstance(linear, QuantizedLinear):
         return linear
-    if _is_bnb_quantized(linear):
+    if is_bitsandbytes_module(linear):  # from_bnb rejects kinds other than Linear4bit/Linear8bitLt
         return QuantizedLinear.from_bnb(linear, compute_dtype=compute_dtype)
-    if isinstance(linear, nn.Linear) and not _is_bitsandbytes(linear):
+    if isinstance(linear, nn.Linear):
         if quant not in QUANT_SCHEMES:
             raise ValueError(f"quant: expected one of {QUANT_SCHEMES}, got {quant!r}")
         return QuantizedLinear.from_linear(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
 
@@ -92,12 +93,6 @@ def _check_blocksize(blocksize: Any) -> None:
 def _check_compute_dtype(compute_dtype: Any) -> None:
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-
-
-def _check_features(in_features: Any, out_features: Any) -> None:
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
 
 
 class _QuantizedMatmul(torch.autograd.Function):
