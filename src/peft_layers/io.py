@@ -49,6 +49,7 @@ from .model import (
     METHODS,
     _inside_adapter,
     _set_module,
+    _suffix_matches,
     inject_adapters,
     iter_adapter_layers,
     method_of,
@@ -271,7 +272,7 @@ def _target_matches(target_modules: Any, name: str) -> bool:
     name; a list holds exact names and name suffixes (whole dotted components)."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return any(_suffix_matches(t, name) for t in target_modules)
 
 
 def _parse_our_field(config: Mapping[str, Any], use_dora: bool, path: Path) -> tuple[str, dict[str, Any]]:
@@ -533,27 +534,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _quant_info(layer: LoRALinear) -> dict[str, Any]:
-    """The quantization of a quantized layer's base: ``scheme``, ``blocksize``, ``double_quant``,
-    ``compute_dtype``, read from a ``QuantizedLinear`` or a bitsandbytes layer."""
+    """The quantization of a quantized layer's base (always a ``QuantizedLinear``: bitsandbytes
+    layers are wrapped into one): ``scheme``, ``blocksize``, ``double_quant``, ``compute_dtype``."""
     base = layer.base_layer
-    if hasattr(base, "scheme"):
-        return {
-            "scheme": base.scheme,
-            "blocksize": getattr(base, "blocksize", None),
-            "double_quant": getattr(base, "double_quant", None),
-            "compute_dtype": _dtype_name(getattr(base, "compute_dtype", layer.compute_dtype)),
-        }
-    weight = getattr(base, "weight", None)
-    if hasattr(weight, "quant_type"):  # bitsandbytes Params4bit
-        return {
-            "scheme": weight.quant_type,
-            "blocksize": getattr(weight, "blocksize", None),
-            "double_quant": getattr(weight, "compress_statistics", None),
-            "compute_dtype": _dtype_name(getattr(base, "compute_dtype", None) or layer.compute_dtype),
-        }
     return {
-        "scheme": "int8", "blocksize": None, "double_quant": None,
-        "compute_dtype": _dtype_name(layer.compute_dtype),
+        "scheme": base.scheme,
+        "blocksize": base.blocksize,
+        "double_quant": base.double_quant,
+        "compute_dtype": _dtype_name(base.compute_dtype),
     }
 
 

@@ -257,7 +257,7 @@ def inject_adapters(
     modules = dict(model.named_modules(remove_duplicate=False))
     linear_names = [n for n, m in modules.items() if _accepts(m, method) and not _inside_adapter(model, n)]
 
-    chosen: dict[int, list[str]] = {}
+    chosen: dict[int, None] = {}  # ids of the modules to wrap, in order of first match
     for part in target_parts:
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
@@ -283,7 +283,7 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, a {type(module).__name__}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            chosen.setdefault(id(module), [])
+            chosen[id(module)] = None
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
 
