@@ -160,13 +160,13 @@ class QLoRALinear(LoRALinear):
 
     def merge(self) -> None:
         """Fold the adapter into the quantized base: dequantize, add, requantize (lossy, warns)."""
+        super().merge()  # raises first on a bad state: no warning for a merge that did not happen
         self._warn_requantize("merge()")
-        super().merge()
 
     def unmerge(self) -> None:
         """Take the adapter back out: dequantize, subtract, requantize (lossy, warns)."""
+        super().unmerge()  # raises first on a bad state: no warning for a merge that did not happen
         self._warn_requantize("unmerge()")
-        super().unmerge()
 
 
 class QDoRALinear(DoRALinear, QLoRALinear):
