@@ -412,3 +412,28 @@ def test_double_backward_with_a_trainable_base_is_right(cls):
     g_ref, = torch.autograd.grad(y_ref.square().sum(), b64, create_graph=True)
     h_ref, = torch.autograd.grad(g_ref.sum(), a64)
     assert_close64(h, h_ref, 1e-10, what="second-order gradient")
+
+
+# ---- the fused training step's plumbing -----------------------------------------------------
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_scaled_mm_ignores_its_shape_donor(trans_a):
+    # the backward passes t and B as addmm's beta=0 first argument: their values must never leak in
+    from peft_layers.lora import _scaled_mm
+
+    a = torch.randn(6, 5, dtype=torch.float64)
+    b = torch.randn(5 if not trans_a else 6, 4, dtype=torch.float64)
+    a = a.t() if trans_a else a
+    donor = torch.full((a.shape[0], 4), float("nan"), dtype=torch.float64)
+    got = _scaled_mm(a, b, 2.5, shape_of=donor)
+    expected = torch.einsum("ik,kj->ij", a, b) * 2.5
+    assert_close64(got, expected, 1e-12, what="scaling * a @ b")
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_two_dim_input_in_compute_dtype_adds_no_graph_nodes(cls):
+    # reshape and cast are skipped when not needed: the output's grad_fn is the fused function
+    layer = _layer(cls)
+    x = torch.randn(4, 12, requires_grad=True)
+    assert "Function" in type(layer(x).grad_fn).__name__
+    y = layer(torch.randn(2, 4, 12, requires_grad=True))
+    assert y.shape == (2, 4, 10) and "View" in type(y.grad_fn).__name__

@@ -260,10 +260,11 @@ def test_forward_matches_float64_reference(scheme, lead, bias):
 
 
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
-def test_gradient_to_input_matches_float64_reference(scheme):
+@pytest.mark.parametrize("lead", [(4, 3), (5,)])  # a 2-D input skips the reshape nodes
+def test_gradient_to_input_matches_float64_reference(scheme, lead):
     layer = QuantizedLinear.from_linear(_linear(40, 96), scheme)
-    x = torch.randn(4, 3, 96, requires_grad=True)
-    grad_out = torch.randn(4, 3, 40)
+    x = torch.randn(*lead, 96, requires_grad=True)
+    grad_out = torch.randn(*lead, 40)
     (layer(x) * grad_out).sum().backward()
     w = layer.dequantize().to(F64)
     torch.testing.assert_close(x.grad.to(F64), grad_out.to(F64) @ w, rtol=2e-6, atol=2e-6)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lora import LoRALinear, _check_positive, _refuse_double_backward
+from .lora import LoRALinear, _check_positive, _refuse_double_backward, _scaled_mm
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -98,7 +98,7 @@ class _DoRAFunction(torch.autograd.Function):
         # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
         base_times_A = (weight @ lora_A.t()).t()
         del weight
-        t = x @ lora_A.t().contiguous()
+        t = x @ lora_A.t()
         z.addmm_(t, lora_B.t(), alpha=scaling)
         norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm, z.dtype)
@@ -121,11 +121,11 @@ class _DoRAFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_out.sum(0)
         grad_z = grad_out * gain
-        grad_t = (grad_z @ lora_B).mul_(scaling)
+        grad_t = _scaled_mm(grad_z, lora_B, scaling, shape_of=t)
         if need_A:
             grad_A = grad_t.t() @ x
         if need_B:
-            grad_B = (grad_z.t() @ t).mul_(scaling)
+            grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B)
         if need_x:
             grad_x = grad_z @ ctx.weight_fn()
             grad_x.addmm_(grad_t, lora_A)
@@ -290,7 +290,7 @@ class DoRALinear(LoRALinear):
                 self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon
             )
             self._inference_norm_cache = (key, norm)
-        z.addmm_(x @ lora_A.t().contiguous(), lora_B.t(), alpha=self.scaling)
+        z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         gain = magnitude_gain(self.magnitude, norm, z.dtype)
         if bias is None:
             return z.mul_(gain)

@@ -75,6 +75,16 @@ def _refuse_double_backward() -> None:
         )
 
 
+def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:
+    """``scaling * (a @ b)`` in one BLAS call.
+
+    ``addmm`` with ``beta=0`` never reads its first argument (documented: NaN and inf in it are
+    not propagated); ``shape_of`` is any tensor of the result's shape, dtype and device, so no
+    zeros are allocated for it.
+    """
+    return torch.addmm(shape_of, a, b, beta=0, alpha=scaling)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """``x W^T + b + s (x_d A^T) B^T`` on 2-D inputs, with hand-written backward.
 
@@ -84,8 +94,9 @@ class _LoRAFunction(torch.autograd.Function):
     dense copy alive between forward and backward. ``W`` itself gets no gradient (it is frozen).
     ``x_drop`` is the dropped-out input, or None when it is ``x`` itself.
 
-    ``x A^T`` is computed against a contiguous copy of ``A^T`` (r * in elements): CPU BLAS runs
-    that layout 25-40% faster than the transposed view.
+    The scalings ride inside the small GEMMs (:func:`_scaled_mm`): on a CPU, every extra
+    elementwise op after a large GEMM costs far more than its size suggests (see
+    ``docs/benchmarks.md``).
     """
 
     @staticmethod
@@ -100,7 +111,7 @@ class _LoRAFunction(torch.autograd.Function):
         weight_fn: Callable[[], Tensor],
     ) -> Tensor:
         x_a = x if x_drop is None else x_drop
-        t = x_a @ lora_A.t().contiguous()
+        t = x_a @ lora_A.t()
         # the small product (and bias) first; the big GEMM then accumulates into it (beta=1),
         # which costs less than a separate read-modify-write pass over the output
         if bias is not None:
@@ -123,11 +134,11 @@ class _LoRAFunction(torch.autograd.Function):
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
         grad_x = grad_x_drop = grad_A = grad_B = grad_bias = None
-        grad_t = (grad_out @ lora_B).mul_(scaling)
+        grad_t = _scaled_mm(grad_out, lora_B, scaling, shape_of=t)
         if need_A:
             grad_A = grad_t.t() @ x_a
         if need_B:
-            grad_B = (grad_out.t() @ t).mul_(scaling)
+            grad_B = _scaled_mm(grad_out.t(), t, scaling, shape_of=lora_B)
         if need_x:
             if ctx.shared_input:
                 grad_x = (grad_t @ lora_A).addmm_(grad_out, ctx.weight_fn())
@@ -304,11 +315,15 @@ class LoRALinear(AdapterMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in_features) -> (*, out_features)``, in ``x``'s dtype."""
         self._check_input(x)
+        compute_dtype = self.compute_dtype
         if self.merged or not self._adapter_enabled:
-            return self.base_layer(x.to(self.compute_dtype)).to(x.dtype)
-        x2d = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = self._adapter_forward(x2d)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return self.base_layer(x.to(compute_dtype)).to(x.dtype)
+        # reshape and cast only when needed: each is a node in the autograd graph otherwise
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = self._adapter_forward(x2d if x.dtype == compute_dtype else x2d.to(compute_dtype))
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _dropout_active(self) -> bool:
         return self.training and self.lora_dropout.p > 0
@@ -332,7 +347,7 @@ class LoRALinear(AdapterMixin, nn.Module):
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._compute_weight
             )
         out = self.base_layer(x)
-        t = (x if x_drop is None else x_drop) @ lora_A.t().contiguous()
+        t = (x if x_drop is None else x_drop) @ lora_A.t()
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
     def extra_repr(self) -> str:

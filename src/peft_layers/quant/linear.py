@@ -514,15 +514,19 @@ class QuantizedLinear(nn.Module):
             raise ValueError(
                 f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}"
             )
-        x2 = x.to(self.compute_dtype).reshape(-1, self.in_features)
-        if bias is not None:
+        # reshape and cast only when needed: each is a node in the autograd graph otherwise
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
         out = _QuantizedMatmul.apply(x2, bias, self)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, in ``x``'s dtype."""
-        return self._apply_matmul(x, self.bias).to(x.dtype)
+        out = self._apply_matmul(x, self.bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def matmul(self, x: Tensor) -> Tensor:
         """``x W^T`` without bias, in ``compute_dtype``; differentiable with respect to ``x`` only."""
