@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 
 from harness import (
+    KINDS,
     SHAPES,
     Case,
     build_dense_variant,
@@ -59,11 +60,11 @@ def test_forward(benchmark, shape, variant):
 
 @pytest.mark.parametrize(
     ("shape", "kind"),
-    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in ("train", "forward")],
+    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in KINDS],
 )
 def test_paired(benchmark, shape, kind):
-    cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS[kind]}
-    rounds = rounds_for(shape, 150, 30) if kind == "train" else rounds_for(shape, 200, 40)
+    cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS["forward" if kind == "forward" else "train"]}
+    rounds = rounds_for(shape, 150, 30) if kind.startswith("train") else rounds_for(shape, 200, 40)
     time_paired(benchmark, cases, suite="layers", kind=kind, shape=shape, rounds=rounds)
 
 

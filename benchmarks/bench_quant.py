@@ -19,6 +19,7 @@ from torch import nn
 
 from harness import (
     ALPHA,
+    KINDS,
     RANK,
     SHAPES,
     Case,
@@ -104,11 +105,11 @@ def test_forward(benchmark, shape, variant):
 
 @pytest.mark.parametrize(
     ("shape", "kind"),
-    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in ("train", "forward")],
+    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in KINDS],
 )
 def test_paired(benchmark, shape, kind):
     cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS}
-    rounds = rounds_for(shape, 120, 25) if kind == "train" else rounds_for(shape, 150, 30)
+    rounds = rounds_for(shape, 120, 25) if kind.startswith("train") else rounds_for(shape, 150, 30)
     time_paired(benchmark, cases, suite="quant", kind=kind, shape=shape, rounds=rounds)
 
 

@@ -2,14 +2,17 @@
 
 A *variant* is one layer built over the same frozen weight: the plain ``nn.Linear``, our adapter
 layers, and Hugging Face PEFT's over an identical base. A :class:`Case` holds one variant with its
-own input, output gradient and optimizer, and exposes the two timed operations:
+own input, output gradient and optimizer, and exposes the timed operations:
 
-- ``train_step()``: forward, loss, backward with the input requiring grad, then an SGD step on
-  the adapter parameters (the adapter changes every step, so no cache keyed on A, B or m can
-  hit). The loss is ``sum(y * G)`` for a fixed random ``G``, applied as ``y.backward(G)``: the
-  gradient of any loss reaches the layer as such a ``G``, and skipping a loss kernel keeps a
-  constant cost out of both sides of every ratio (which would push them towards 1).
-  ``nn.Linear`` has no trainable parameter, so its step is forward + backward to the input.
+- ``train_step()`` (kind ``"train"``, the step issues 2 and 3 define): forward, loss, backward
+  with the input requiring grad, then an SGD step on the adapter parameters (the adapter changes
+  every step, so no cache keyed on A, B or m can hit). The loss is ``sum(y * G)`` for a fixed
+  random ``G``, the cheapest loss there is: one product and a sum, whose gradient reaches the
+  layer as ``G``. ``nn.Linear`` has no trainable parameter, so its step is forward, loss and
+  backward to the input.
+- ``train_step_no_loss()`` (kind ``"train_noloss"``, a stricter cross-check): the same step with
+  the loss kernel left out, as ``y.backward(G)``. A cost common to both sides of a ratio pulls it
+  towards 1; without it the adapters' extra work shows undiluted.
 - ``forward()``: the no-grad forward (``torch.no_grad()``, eval mode).
 
 Nothing here asserts a timing: these are measurements, not tests.
@@ -33,6 +36,8 @@ from torch.utils._pytree import tree_flatten
 #: (tokens, in_features, out_features)
 SHAPES: tuple[tuple[int, int, int], ...] = ((512, 1024, 1024), (512, 4096, 4096))
 RANK = 16
+#: the timed operations of a Case: the train step, the same without its loss kernel, the forward
+KINDS = ("train", "train_noloss", "forward")
 ALPHA = 32.0
 LR = 1e-3
 THREADS = 2
@@ -198,8 +203,15 @@ class Case:
     def train_step(self) -> None:
         """Forward + loss ``sum(y * G)`` + backward (input requires grad) + SGD step (train mode:
         set by :meth:`operation`, outside the timed call)."""
-        out = self.layer(self.x_train)
-        out.backward(self.grad_out)
+        (self.layer(self.x_train) * self.grad_out).sum().backward()
+        self._finish_step()
+
+    def train_step_no_loss(self) -> None:
+        """:meth:`train_step` without the loss kernel: ``y.backward(G)``."""
+        self.layer(self.x_train).backward(self.grad_out)
+        self._finish_step()
+
+    def _finish_step(self) -> None:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -211,16 +223,19 @@ class Case:
             self.layer(self.x_forward)
 
     def operation(self, kind: str) -> Callable[[], None]:
-        """The timed call for ``kind`` ("train" or "forward"), with the layer put in train or eval
+        """The timed call for ``kind`` (see :data:`KINDS`), with the layer put in train or eval
         mode once, here: ``Module.train()`` walks every submodule, and timing that walk would
         charge layers with many submodules (Hugging Face PEFT's) for bookkeeping."""
         if kind == "train":
             self.layer.train()
             return self.train_step
+        if kind == "train_noloss":
+            self.layer.train()
+            return self.train_step_no_loss
         if kind == "forward":
             self.layer.eval()
             return self.forward
-        raise ValueError(f"kind: expected 'train' or 'forward', got {kind!r}")
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:
@@ -327,7 +342,7 @@ def time_sequential(
     benchmark: Any, case: Case, *, suite: str, kind: str, shape: tuple[int, int, int],
     rounds: int, warmup_rounds: int,
 ) -> None:
-    """One pytest-benchmark of ``case``'s ``kind`` step ("train" or "forward"), with metadata."""
+    """One pytest-benchmark of ``case``'s ``kind`` step (one of :data:`KINDS`), with metadata."""
     prefix = "" if suite == "layers" else f"{suite} "
     benchmark.group = f"{prefix}{kind} {shape_id(shape)}"
     benchmark.extra_info.update(suite=suite, kind=kind, shape=shape_id(shape), variant=case.name)

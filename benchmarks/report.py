@@ -53,7 +53,7 @@ class Ratio:
 
     label: str
     suite: str
-    kind: str  # "train" or "forward"
+    kind: str  # "train", "train_noloss" or "forward"
     numerator: str
     denominator: str
     #: None (informational), a number, a {shape: number} dict, or "noise"
@@ -102,6 +102,26 @@ QUANT_RATIOS = (
     Ratio("A/A control: QuantizedLinear / QuantizedLinear", "quant", "forward", "quantized_copy", "quantized",
           note="noise floor"),
 )
+
+def _without_loss(ratios: tuple[Ratio, ...]) -> tuple[Ratio, ...]:
+    """The train ratios that carry a target (and the A/A controls) again, for the loss-free step:
+    informational, a stricter view of the same targets (see harness.Case.train_step_no_loss)."""
+    return tuple(
+        Ratio(r.label, r.suite, "train_noloss", r.numerator, r.denominator,
+              note=r.note if r.numerator.endswith("_copy") else f"stricter view of {_target_text_plain(r)}")
+        for r in ratios
+        if r.kind == "train" and (r.target is not None or r.numerator.endswith("_copy"))
+    )
+
+
+def _target_text_plain(ratio: Ratio) -> str:
+    if isinstance(ratio.target, dict):
+        return "<= " + " / ".join(f"{v:.2f}" for v in ratio.target.values())
+    return f"<= {ratio.target:.2f}"
+
+
+LAYER_RATIOS = LAYER_RATIOS + _without_loss(LAYER_RATIOS)
+QUANT_RATIOS = QUANT_RATIOS + _without_loss(QUANT_RATIOS)
 
 #: (label, suite, numerator, denominator, most extra (out, in)-sized allocations allowed, why)
 MEMORY_RATIOS = (
