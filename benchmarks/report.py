@@ -103,6 +103,7 @@ QUANT_RATIOS = (
           note="noise floor"),
 )
 
+
 def _without_loss(ratios: tuple[Ratio, ...]) -> tuple[Ratio, ...]:
     """The train ratios that carry a target (and the A/A controls) again, for the loss-free step:
     informational, a stricter view of the same targets (see harness.Case.train_step_no_loss)."""
