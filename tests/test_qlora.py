@@ -260,6 +260,24 @@ def test_qdora_step_creates_no_more_big_tensors_than_qlora(scheme: str) -> None:
     assert dora_count <= lora_count
 
 
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_a_train_step_decodes_the_base_once_per_pass_it_needs(cls: type, input_grad: bool, monkeypatch) -> None:
+    # forward decodes W once; backward decodes it again only for the input's gradient
+    layer = cls.from_linear(make_linear(), quant="nf4", rank=4)
+    randomize_adapter(layer)
+    layer(torch.randn(4, IN))  # caches (||W0||^2) are built outside the count
+    calls = []
+    original = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self: calls.append(1) or original(self))
+    x = torch.randn(4, IN, requires_grad=input_grad)
+    y = layer(x)
+    assert len(calls) == 1
+    (y * torch.randn(4, OUT)).sum().backward()
+    assert len(calls) == (2 if input_grad else 1)
+    assert layer.lora_A.grad is not None and (x.grad is not None) == input_grad
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="quant"):
         QLoRALinear.from_linear(make_linear(), quant="nf3")
