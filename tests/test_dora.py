@@ -549,7 +549,7 @@ def test_double_backward_is_right_or_refused():
         f64(x), f64(layer.weight), f64(layer.bias), a, b, f64(layer.magnitude), layer.scaling, layer.epsilon))
 
 
-# ---- the no-grad forward keeps n while the base, A and B stay as they are --------------------
+# ---- the no-grad forward keeps m / n while the base, A, B and m stay as they are -------------
 def test_no_grad_norm_cache_follows_every_change():
     layer = _layer()
     x = _x((5,))
@@ -560,13 +560,18 @@ def test_no_grad_norm_cache_follows_every_change():
             assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what=what)
 
     check("first call")
-    check("second call (cached n)")
-    layer(x).square().sum().backward()  # a training step moves A and B
+    check("second call (cached m / n)")
+    layer(x).square().sum().backward()  # a training step moves A, B and m
     optimizer.step()
     check("after an optimizer step")
     with torch.no_grad():
         layer.lora_B.mul_(-2.0)  # an in-place edit
     check("after an in-place edit of B")
+    with torch.no_grad():
+        layer.magnitude.mul_(0.75)
+    check("after an in-place edit of m")
+    layer.magnitude = nn.Parameter(layer.magnitude.detach() * 2)
+    check("after replacing m")
     layer.load_state_dict({k: v * 1.5 for k, v in layer.state_dict().items()})
     check("after load_state_dict")
     layer.alpha = layer.alpha * 3  # scaling changes

@@ -167,7 +167,7 @@ class DoRALinear(LoRALinear):
         self._base_row_norm_key: tuple | None = None
         self._merge_gain: Tensor | None = None
         self._merge_zero_rows: tuple[Tensor, Tensor] | None = None
-        self._inference_norm_cache: tuple[tuple, Tensor] | None = None
+        self._inference_gain_cache: tuple[tuple, Tensor] | None = None
         super()._init_adapter(base_layer, **kwargs)
 
     def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -199,11 +199,11 @@ class DoRALinear(LoRALinear):
         return self._base_row_norm_sq
 
     def reset_norm_cache(self) -> None:
-        """Drop the cached norms (``||W0||^2``, and ``n`` of the no-grad forward); the next forward
-        recomputes them."""
+        """Drop the cached norms (``||W0||^2``, and ``m / n`` of the no-grad forward); the next
+        forward recomputes them."""
         self._base_row_norm_sq = None
         self._base_row_norm_key = None
-        self._inference_norm_cache = None
+        self._inference_gain_cache = None
 
     def weight_norm(self) -> Tensor:
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
@@ -261,23 +261,25 @@ class DoRALinear(LoRALinear):
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 
-    def _inference_norm_key(self) -> tuple:
-        """What the no-grad norm depends on: the base, A, B (storage and version), s, epsilon."""
+    def _inference_gain_key(self) -> tuple:
+        """What the no-grad gain ``m / n`` depends on: the base, A, B and m (storage and version),
+        s, epsilon and the compute dtype."""
         return (
             self._base_weight_key(),
             self.lora_A.data_ptr(), self.lora_A._version,
             self.lora_B.data_ptr(), self.lora_B._version,
+            self.magnitude.data_ptr(), self.magnitude._version,
             self.scaling, self.epsilon, self.compute_dtype,
         )
 
     def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
-        # Without grad, A and B only change between calls through an optimizer step or a load,
-        # both of which bump their version counters; so n is kept until they (or the base)
+        # Without grad, A, B and m only change between calls through an optimizer step or a load,
+        # both of which bump their version counters; so m / n is kept until they (or the base)
         # change. Serving an unmerged adapter (a quantized base cannot merge without loss) then
         # costs no extra pass over the base. A training step never uses this cache.
-        key = self._inference_norm_key()
-        if self._inference_norm_cache is not None and self._inference_norm_cache[0] == key:
-            norm = self._inference_norm_cache[1]
+        key = self._inference_gain_key()
+        if self._inference_gain_cache is not None and self._inference_gain_cache[0] == key:
+            gain = self._inference_gain_cache[1]
             z = self._base_matmul(x)
         else:
             if self._norm_rides_with_input:
@@ -289,9 +291,9 @@ class DoRALinear(LoRALinear):
             norm = factored_row_norm(
                 self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon
             )
-            self._inference_norm_cache = (key, norm)
+            gain = magnitude_gain(self.magnitude, norm, z.dtype)
+            self._inference_gain_cache = (key, gain)
         z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
-        gain = magnitude_gain(self.magnitude, norm, z.dtype)
         if bias is None:
             return z.mul_(gain)
         return torch.addcmul(bias, z, gain, out=z)  # y = b + g * z in one pass, in place
