@@ -549,6 +549,20 @@ def test_double_backward_is_right_or_refused():
         f64(x), f64(layer.weight), f64(layer.bias), a, b, f64(layer.magnitude), layer.scaling, layer.epsilon))
 
 
+def test_layer_built_under_inference_mode_caches_nothing_and_stays_right():
+    # inference tensors have no version counter: every cache keyed on one must miss, not crash
+    with torch.inference_mode():
+        layer = _layer().eval()
+        x = _x((5,))
+        for what in ("first call", "second call"):
+            assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what=what)
+        layer.base_layer.weight.mul_(0.5)
+        layer.magnitude.add_(0.25)
+        assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what="after in-place edits")
+        direct = (f64(layer.weight) + layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)).norm(dim=1)
+        assert_close64(layer.weight_norm(), direct, 1e-5, what="weight_norm after the base changed")
+
+
 # ---- the no-grad forward keeps m / n while the base, A, B and m stay as they are -------------
 def test_no_grad_norm_cache_follows_every_change():
     layer = _layer()

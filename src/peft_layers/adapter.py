@@ -24,6 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def version_key(tensor: Tensor) -> tuple[int, int] | None:
+    """``(storage pointer, autograd version counter)`` of ``tensor``: it changes on every in-place
+    write and when the tensor is replaced. None for an inference tensor (one created under
+    ``torch.inference_mode()``), which has no version counter, so a cache keyed on it must miss."""
+    if tensor.is_inference():
+        return None
+    return tensor.data_ptr(), tensor._version
+
+
 class AdapterMixin:
     """Base layer handling, merge state machine and enable/disable for adapter layers.
 
@@ -84,10 +93,12 @@ class AdapterMixin:
     def _base_matmul(self, x: Tensor) -> Tensor:
         return F.linear(x, self.base_layer.weight)
 
-    def _base_weight_key(self) -> tuple:
-        """A cheap key that changes whenever the base weight changes (in place or replaced)."""
+    def _base_weight_key(self) -> tuple | None:
+        """A cheap key that changes whenever the base weight changes (in place or replaced), or
+        None when no such key exists (see :func:`version_key`): nothing may be cached then."""
         weight = self.base_layer.weight
-        return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        version = version_key(weight)
+        return None if version is None else (*version, weight.dtype, weight.device, tuple(weight.shape))
 
     # ---- what a method supplies ---------------------------------------------------------
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapter import version_key
 from .lora import LoRALinear, _check_positive, _refuse_double_backward, _scaled_mm
 
 
@@ -190,7 +191,7 @@ class DoRALinear(LoRALinear):
         bypasses the version counter: call :meth:`reset_norm_cache` after one.
         """
         key = self._base_weight_key()
-        if self._base_row_norm_key != key or self._base_row_norm_sq is None:
+        if key is None or self._base_row_norm_key != key or self._base_row_norm_sq is None:
             with torch.no_grad():
                 weight = self._compute_weight()
                 dtype = norm_dtype_for(weight.dtype)
@@ -261,16 +262,16 @@ class DoRALinear(LoRALinear):
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 
-    def _inference_gain_key(self) -> tuple:
+    def _inference_gain_key(self) -> tuple | None:
         """What the no-grad gain ``m / n`` depends on: the base, A, B and m (storage and version),
-        s, epsilon and the compute dtype."""
-        return (
+        s, epsilon and the compute dtype; None when one of them has no key (an inference tensor)."""
+        parts = (
             self._base_weight_key(),
-            self.lora_A.data_ptr(), self.lora_A._version,
-            self.lora_B.data_ptr(), self.lora_B._version,
-            self.magnitude.data_ptr(), self.magnitude._version,
-            self.scaling, self.epsilon, self.compute_dtype,
+            version_key(self.lora_A), version_key(self.lora_B), version_key(self.magnitude),
         )
+        if any(part is None for part in parts):
+            return None
+        return (*parts, self.scaling, self.epsilon, self.compute_dtype)
 
     def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # Without grad, A, B and m only change between calls through an optimizer step or a load,
@@ -278,8 +279,9 @@ class DoRALinear(LoRALinear):
         # change. Serving an unmerged adapter (a quantized base cannot merge without loss) then
         # costs no extra pass over the base. A training step never uses this cache.
         key = self._inference_gain_key()
-        if self._inference_gain_cache is not None and self._inference_gain_cache[0] == key:
-            gain = self._inference_gain_cache[1]
+        cache = self._inference_gain_cache
+        if key is not None and cache is not None and cache[0] == key:
+            gain = cache[1]
             z = self._base_matmul(x)
         else:
             if self._norm_rides_with_input:
@@ -292,7 +294,7 @@ class DoRALinear(LoRALinear):
                 self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon
             )
             gain = magnitude_gain(self.magnitude, norm, z.dtype)
-            self._inference_gain_cache = (key, gain)
+            self._inference_gain_cache = None if key is None else (key, gain)
         z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         if bias is None:
             return z.mul_(gain)
