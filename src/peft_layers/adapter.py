@@ -16,12 +16,41 @@ The base is read through four small hooks, so that a quantized base reuses all o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (never for a device type it does not
+    know, such as ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def autocast_dtype(device_type: str, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` asks matmuls on ``device_type`` to run in, or None when it is
+    off there (or the layer computes in float64, which autocast leaves alone, as it does for
+    ``nn.Linear``)."""
+    if compute_dtype == torch.float64 or not autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+@contextmanager
+def autocast_off(device_type: str) -> Iterator[None]:
+    """Turn ``torch.autocast`` off on ``device_type`` for the block, where it is on: for the
+    computations that must keep their own precision (DoRA's norm, initialisation)."""
+    if autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
 
 
 def version_key(tensor: Tensor) -> tuple[int, int] | None:
@@ -82,6 +111,13 @@ class AdapterMixin:
 
     def _compute_weight(self) -> Tensor:
         return self.base_layer.weight
+
+    def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
+        """A function returning ``_compute_weight()`` in ``dtype`` (another dtype only under
+        ``torch.autocast``), for the fused functions to fetch ``W0`` when they need it."""
+        if dtype == self.compute_dtype:
+            return self._compute_weight
+        return lambda: self._compute_weight().to(dtype)
 
     def _read_base_weight(self) -> Tensor:
         return self.base_layer.weight.detach().clone()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import version_key
+from .adapter import autocast_enabled, autocast_off, version_key
 from .lora import LoRALinear, _check_positive, _refuse_double_backward, _scaled_mm
 
 
@@ -55,6 +55,10 @@ def factored_row_norm(
         the factored form carries an absolute error of about ``eps32 * ||W0_i||^2`` in ``n_i^2``;
         only a row that nearly cancels (``n_i << ||W0_i||``) notices it.
     """
+    device_type = base_row_norm_sq.device.type
+    if autocast_enabled(device_type):  # the norm keeps its own dtype under autocast
+        with autocast_off(device_type):
+            return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
     dtype = base_row_norm_sq.dtype
     a = lora_A.to(dtype)
     b = lora_B.to(dtype)
@@ -210,8 +214,8 @@ class DoRALinear(LoRALinear):
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
         if self.merged:
             raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
-        with torch.no_grad():
-            lora_A, lora_B, _ = self._adapter_tensors()
+        with torch.no_grad(), autocast_off(self.lora_A.device.type):
+            lora_A, lora_B, _ = self._adapter_tensors(self.compute_dtype)
             return factored_row_norm(
                 self.base_row_norm_sq(), lora_A, lora_B, self._base_times_A(lora_A),
                 self.scaling, self.epsilon,
@@ -252,33 +256,33 @@ class DoRALinear(LoRALinear):
 
     # ---- forward -------------------------------------------------------------------------
     def _adapter_forward(self, x: Tensor) -> Tensor:
-        lora_A, lora_B, bias = self._adapter_tensors()
+        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         if self._dropout_active() or (torch.is_grad_enabled() and self._base_weight_trainable()):
             return self._dropout_forward(x, lora_A, lora_B, bias)
         if torch.is_grad_enabled():
             return _DoRAFunction.apply(
                 x, lora_A, lora_B, self.magnitude, bias, self.scaling, self.epsilon,
-                self.base_row_norm_sq(), self._compute_weight,
+                self.base_row_norm_sq(), self._weight_fn(x.dtype),
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 
-    def _inference_gain_key(self) -> tuple | None:
-        """What the no-grad gain ``m / n`` depends on: the base, A, B and m (storage and version),
-        s, epsilon and the compute dtype; None when one of them has no key (an inference tensor)."""
+    def _inference_gain_key(self, dtype: torch.dtype) -> tuple | None:
+        """What the no-grad gain ``m / n`` in ``dtype`` depends on: the base, A, B and m (storage
+        and version), s and epsilon; None when one of them has no key (an inference tensor)."""
         parts = (
             self._base_weight_key(),
             version_key(self.lora_A), version_key(self.lora_B), version_key(self.magnitude),
         )
         if any(part is None for part in parts):
             return None
-        return (*parts, self.scaling, self.epsilon, self.compute_dtype)
+        return (*parts, self.scaling, self.epsilon, dtype)
 
     def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # Without grad, A, B and m only change between calls through an optimizer step or a load,
         # both of which bump their version counters; so m / n is kept until they (or the base)
         # change. Serving an unmerged adapter (a quantized base cannot merge without loss) then
         # costs no extra pass over the base. A training step never uses this cache.
-        key = self._inference_gain_key()
+        key = self._inference_gain_key(x.dtype)
         cache = self._inference_gain_cache
         if key is not None and cache is not None and cache[0] == key:
             gain = cache[1]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import AdapterMixin
+from .adapter import AdapterMixin, autocast_dtype, autocast_off
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -274,7 +274,7 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     def reset_adapter_parameters(self) -> None:
         """Re-initialise the adapter as ``init`` says (the base is touched only by PiSSA)."""
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(self.lora_A.device.type):
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 self.lora_B.zero_()
@@ -316,24 +316,31 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """``(*, in_features) -> (*, out_features)``, in ``x``'s dtype."""
+        """``(*, in_features) -> (*, out_features)``, in ``x``'s dtype.
+
+        Under ``torch.autocast`` the layer computes in the autocast dtype and returns it, as
+        ``nn.Linear`` does; the adapter parameters stay float32 and get float32 gradients, and
+        DoRA's norm is still computed in float32.
+        """
         self._check_input(x)
-        compute_dtype = self.compute_dtype
+        dtype = autocast_dtype(x.device.type, self.compute_dtype)
+        out_dtype = x.dtype if dtype is None else dtype
+        dtype = dtype or self.compute_dtype
         if self.merged or not self._adapter_enabled:
-            return self.base_layer(x.to(compute_dtype)).to(x.dtype)
+            out = self.base_layer(x if x.dtype == dtype else x.to(dtype))
+            return out if out.dtype == out_dtype else out.to(out_dtype)
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = self._adapter_forward(x2d if x.dtype == compute_dtype else x2d.to(compute_dtype))
+        out = self._adapter_forward(x2d if x.dtype == dtype else x2d.to(dtype))
         if x.dim() != 2:
             out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
 
     def _dropout_active(self) -> bool:
         return self.training and self.lora_dropout.p > 0
 
-    def _adapter_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``A``, ``B`` and the base bias in compute dtype (casts are differentiable)."""
-        dtype = self.compute_dtype
+    def _adapter_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A``, ``B`` and the base bias in ``dtype`` (casts are differentiable)."""
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
@@ -343,11 +350,12 @@ class LoRALinear(AdapterMixin, nn.Module):
         return bool(getattr(self.base_layer.weight, "requires_grad", False))
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
-        lora_A, lora_B, bias = self._adapter_tensors()
+        """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
+        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
         if torch.is_grad_enabled() and not self._base_weight_trainable():
             return _LoRAFunction.apply(
-                x, x_drop, lora_A, lora_B, bias, self.scaling, self._compute_weight
+                x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype)
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapter import autocast_dtype
 from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
@@ -120,7 +121,7 @@ class _QuantizedMatmul(torch.autograd.Function):
                 ".to) between forward and backward; the gradient would use the wrong weight"
             )
         need_x, need_bias = ctx.needs_input_grad[:2]
-        grad_x = grad_out @ layer.dequantize() if need_x else None
+        grad_x = grad_out @ layer._weight_in(grad_out.dtype) if need_x else None
         grad_bias = grad_out.sum(0) if need_bias else None
         return grad_x, grad_bias, None
 
@@ -488,8 +489,14 @@ class QuantizedLinear(nn.Module):
         return functional.dequantize_4bit(self.weight, state).to(dtype)
 
     # ---- the matmul ---------------------------------------------------------------------
+    def _weight_in(self, dtype: torch.dtype) -> Tensor:
+        """:meth:`dequantize`, cast to ``dtype`` when that differs (only under ``torch.autocast``)."""
+        weight = self.dequantize()
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
     def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``x W^T + b`` for 2-D ``x`` in compute dtype, without autograd."""
+        """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
+        without autograd."""
         modules = _bnb.load()
         if modules is not None and x.shape[0] > 0 and x.dtype != torch.float64:
             bnb, functional = modules
@@ -504,7 +511,7 @@ class QuantizedLinear(nn.Module):
             if self.scheme != "int8" and x.device.type == "cuda":
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
-        return F.linear(x, self.dequantize(), bias)
+        return F.linear(x, self._weight_in(x.dtype), bias)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -514,22 +521,30 @@ class QuantizedLinear(nn.Module):
             raise ValueError(
                 f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}"
             )
+        dtype = autocast_dtype(x.device.type, self.compute_dtype) or self.compute_dtype
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if x2.dtype != self.compute_dtype:
-            x2 = x2.to(self.compute_dtype)
-        if bias is not None and bias.dtype != self.compute_dtype:
-            bias = bias.to(self.compute_dtype)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         out = _QuantizedMatmul.apply(x2, bias, self)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, in ``x``'s dtype."""
+        """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, in ``x``'s dtype.
+
+        Under ``torch.autocast`` it computes in the autocast dtype and returns it, as
+        ``nn.Linear`` does (the decoded weight is cast to it).
+        """
         out = self._apply_matmul(x, self.bias)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        if out.dtype == x.dtype or autocast_dtype(x.device.type, self.compute_dtype) is not None:
+            return out
+        return out.to(x.dtype)
 
     def matmul(self, x: Tensor) -> Tensor:
-        """``x W^T`` without bias, in ``compute_dtype``; differentiable with respect to ``x`` only."""
+        """``x W^T`` without bias, in ``compute_dtype`` (under ``torch.autocast``: in its dtype);
+        differentiable with respect to ``x`` only."""
         return self._apply_matmul(x, None)
 
     # ---- bookkeeping --------------------------------------------------------------------

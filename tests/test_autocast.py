@@ -1,0 +1,145 @@
+"""Under ``torch.autocast`` every layer behaves as ``nn.Linear`` does: it computes in the autocast
+dtype and returns it, while the adapter parameters stay float32 and get float32 gradients.
+
+Each case is checked against a float64 reference on the same weights, with a tolerance of a few
+bfloat16 roundings (relative to the tensor's scale).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
+from torch import nn
+
+import peft_layers as pl
+from peft_layers.quant import QuantizedLinear
+
+AUTOCAST = torch.bfloat16
+IN, OUT, TOKENS = 32, 24, 6
+RTOL = 3e-2  # bfloat16 keeps 8 bits: a product of two rounded operands is off by ~1e-2
+DENSE = [pl.LoRALinear, pl.LoRAPlusLinear, pl.DoRALinear]
+QUANTIZED = [pl.QLoRALinear, pl.QDoRALinear]
+
+
+def _layer(cls: type) -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT)
+    layer = cls.from_linear(linear, rank=4, alpha=8.0) if cls in DENSE else cls.from_linear(linear, rank=4)
+    randomize_adapter(layer, scale=0.3)
+    return layer
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor:
+    base = layer.base_layer
+    return f64(base.dequantize() if isinstance(base, QuantizedLinear) else base.weight)
+
+
+def _reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Float64 output and ``(output * g).sum()`` gradients, ``g`` = ones."""
+    x64 = f64(x, True)
+    params = {name: f64(getattr(layer, name), True) for name in layer.adapter_parameter_names}
+    if "magnitude" in params:
+        y = dora_ref(x64, _base_weight(layer), f64(layer.bias), params["lora_A"], params["lora_B"],
+                     params["magnitude"], layer.scaling, layer.epsilon)
+    else:
+        y = lora_ref(x64, _base_weight(layer), f64(layer.bias), params["lora_A"], params["lora_B"], layer.scaling)
+    y.sum().backward()
+    grads = {name: p.grad for name, p in params.items()}
+    grads["x"] = x64.grad
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: bool) -> None:
+    layer = _layer(cls).train()
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    expected, expected_grads = _reference(layer, x)
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        y = layer(x)
+        if backward_inside:
+            y.float().sum().backward()
+    if not backward_inside:
+        y.float().sum().backward()
+    assert y.dtype == AUTOCAST
+    assert_close64(y, expected, RTOL, what="output")
+    assert x.grad.dtype == torch.float32
+    assert_close64(x.grad, expected_grads.pop("x"), RTOL, what="input gradient")
+    for name, grad in expected_grads.items():
+        parameter = getattr(layer, name)
+        assert parameter.dtype == parameter.grad.dtype == torch.float32, name
+        assert_close64(parameter.grad, grad, RTOL, what=f"{name} gradient")
+
+
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+def test_no_grad_forward_computes_in_the_autocast_dtype_and_leaves_no_trace(cls: type) -> None:
+    layer = _layer(cls).eval()
+    x = torch.randn(2, TOKENS, IN)
+    expected, _ = _reference(layer, x)
+    with torch.no_grad():
+        for _ in range(2):  # the second call reads DoRA's cached gain
+            with torch.autocast("cpu", dtype=AUTOCAST):
+                y = layer(x)
+            assert y.dtype == AUTOCAST
+            assert_close64(y, expected, RTOL, what="autocast output")
+        # nothing kept from the autocast calls (DoRA's gain is cached per dtype) lowers float32
+        assert_close64(layer(x), expected, 1e-5, what="float32 output after autocast calls")
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear])
+def test_merged_and_disabled_layers_follow_autocast_like_their_base(cls: type) -> None:
+    layer = _layer(cls).eval()
+    x = torch.randn(TOKENS, IN)
+    expected, _ = _reference(layer, x)
+    with torch.no_grad():
+        with layer.disable_adapter(), torch.autocast("cpu", dtype=AUTOCAST):
+            base_out = layer(x)
+        assert base_out.dtype == AUTOCAST
+        assert_close64(base_out, f64(x) @ _base_weight(layer).T + f64(layer.bias), RTOL, what="disabled")
+        if cls is not pl.QLoRALinear:  # a quantized merge requantizes: not the adapter's output
+            layer.merge()
+            with torch.autocast("cpu", dtype=AUTOCAST):
+                merged = layer(x)
+            assert merged.dtype == AUTOCAST
+            assert_close64(merged, expected, RTOL, what="merged")
+
+
+def test_quantized_linear_follows_autocast_and_its_backward_runs_outside() -> None:
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(nn.Linear(IN, OUT), "nf4")
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    w = f64(layer.dequantize())
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        y = layer(x)
+        z = layer.matmul(x)
+    assert y.dtype == z.dtype == AUTOCAST
+    assert_close64(y, f64(x) @ w.T + f64(layer.bias), RTOL, what="forward")
+    assert_close64(z, f64(x) @ w.T, RTOL, what="matmul")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert_close64(x.grad, torch.ones(TOKENS, OUT, dtype=torch.float64) @ w, RTOL, what="input gradient")
+
+
+@pytest.mark.parametrize("cls", [pl.DoRALinear, pl.QDoRALinear])
+def test_dora_norm_and_initialisation_keep_float32_under_autocast(cls: type) -> None:
+    layer = _layer(cls)
+    outside = layer.weight_norm()
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        inside = layer.weight_norm()
+        layer.reset_adapter_parameters()
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.magnitude, layer.weight_norm(), rtol=1e-6, atol=0)
+
+
+def test_float64_layer_ignores_autocast_like_nn_linear() -> None:
+    layer = pl.DoRALinear(IN, OUT, rank=4, dtype=torch.float64)
+    randomize_adapter(layer)
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+    with torch.no_grad():
+        plain = layer(x)
+        with torch.autocast("cpu", dtype=AUTOCAST):
+            inside = layer(x)
+    assert inside.dtype == torch.float64
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
