@@ -1,8 +1,11 @@
-"""Under ``torch.autocast`` every layer behaves as ``nn.Linear`` does: it computes in the autocast
-dtype and returns it, while the adapter parameters stay float32 and get float32 gradients.
+"""The layers in the set-ups people train with: ``torch.autocast``, ``torch.compile`` and
+activation checkpointing.
 
-Each case is checked against a float64 reference on the same weights, with a tolerance of a few
-bfloat16 roundings (relative to the tensor's scale).
+Under ``torch.autocast`` every layer behaves as ``nn.Linear`` does: it computes in the autocast
+dtype and returns it, while the adapter parameters stay float32 and get float32 gradients. Each
+autocast case is checked against a float64 reference on the same weights, with a tolerance of a
+few bfloat16 roundings (relative to the tensor's scale). Compiled and checkpointed layers are
+checked against the eager layer, itself checked against float64 references elsewhere.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import pytest
 import torch
 from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import peft_layers as pl
 from peft_layers.quant import QuantizedLinear
@@ -143,3 +147,32 @@ def test_float64_layer_ignores_autocast_like_nn_linear() -> None:
             inside = layer(x)
     assert inside.dtype == torch.float64
     torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+
+
+def _compiled(layer: nn.Module) -> nn.Module:
+    # dynamo traces the fused autograd functions (aot_eager: no C++ compiler needed)
+    return torch.compile(layer, backend="aot_eager")
+
+
+def _checkpointed(layer: nn.Module):
+    return lambda x: checkpoint(layer, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("wrap", [_compiled, _checkpointed], ids=["compile", "checkpoint"])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear])
+def test_compiled_and_checkpointed_layers_train_like_eager(cls: type, wrap) -> None:
+    layer = _layer(cls).train()
+    x = torch.randn(TOKENS, IN)
+    grads = []
+    outputs = []
+    for run in (wrap(layer), layer):
+        for p in layer.adapter_parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append([xi.grad] + [p.grad.clone() for p in layer.adapter_parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
