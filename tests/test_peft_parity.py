@@ -49,3 +49,41 @@ def test_training_trajectory_equals_hugging_face_peft(use_dora: bool, use_rslora
     theirs_losses = trajectory(theirs, 25, target)
     assert ours_losses[-1] < 0.7 * ours_losses[0]
     torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(theirs_losses), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_llama_trained_under_autocast_round_trips_through_hugging_face_peft(method: str, tmp_path) -> None:
+    # the whole path on a real architecture: inject into a (tiny, randomly initialised) Llama,
+    # train a few bf16-autocast steps, save; Hugging Face PEFT and our loader rebuild the same model
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    base = transformers.LlamaForCausalLM(config).eval()
+    model = pl.inject_adapters(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], method=method,
+                               rank=4, alpha=8.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    losses = []
+    model.train()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the adapters train
+    model.eval()
+    pl.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    reloaded = pl.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    merged = pl.merge_and_unload(copy.deepcopy(model))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the adapter changed the model
+        torch.testing.assert_close(theirs(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0, atol=0)
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
