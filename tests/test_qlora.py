@@ -269,7 +269,7 @@ def test_a_train_step_decodes_the_base_once_per_pass_it_needs(cls: type, input_g
     layer(torch.randn(4, IN))  # caches (||W0||^2) are built outside the count
     calls = []
     original = QuantizedLinear.dequantize
-    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *args: calls.append(1) or original(self, *args))
     x = torch.randn(4, IN, requires_grad=input_grad)
     y = layer(x)
     assert len(calls) == 1

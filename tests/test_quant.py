@@ -288,7 +288,7 @@ def test_dequantized_weight_is_not_saved_for_backward(monkeypatch):
     layer = QuantizedLinear.from_linear(_linear(64, 128), "nf4")
     calls = []
     original = QuantizedLinear.dequantize
-    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *args: calls.append(1) or original(self, *args))
     saved = []
     x = torch.randn(8, 128, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -622,3 +622,19 @@ def test_bad_input_and_weight():
         layer.requantize_(torch.full((8, 64), float("nan")))
     with pytest.raises(ValueError, match="not quantized yet"):
         QuantizedLinear.from_bnb(bnb.nn.Linear4bit(64, 8))  # quantized only by .to(device)
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("in_features", [128, 96])  # 96: blocks span rows, the reference codec decodes
+def test_dequantize_into_another_dtype_equals_decode_then_cast(scheme, dtype, in_features):
+    layer = QuantizedLinear.from_linear(_linear(40, in_features), scheme)
+    direct = layer.dequantize(dtype)
+    assert direct.dtype == dtype
+    torch.testing.assert_close(direct, layer.dequantize().to(dtype), rtol=0, atol=0)
+
+
+def test_dequantize_rejects_a_non_float_dtype():
+    layer = QuantizedLinear.from_linear(_linear(40, 128), "nf4")
+    with pytest.raises(TypeError, match="dtype"):
+        layer.dequantize(torch.int8)

@@ -15,7 +15,9 @@ hooks of :class:`~peft_layers.adapter.AdapterMixin` to the quantized storage:
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,6 +135,9 @@ class QLoRALinear(LoRALinear):
 
     def _compute_weight(self) -> Tensor:
         return self.base_layer.dequantize()
+
+    def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
+        return functools.partial(self.base_layer.dequantize, dtype)  # decodes straight into dtype
 
     def _read_base_weight(self) -> Tensor:
         return self.base_layer.dequantize()

@@ -121,7 +121,7 @@ class _QuantizedMatmul(torch.autograd.Function):
                 ".to) between forward and backward; the gradient would use the wrong weight"
             )
         need_x, need_bias = ctx.needs_input_grad[:2]
-        grad_x = grad_out @ layer._weight_in(grad_out.dtype) if need_x else None
+        grad_x = grad_out @ layer.dequantize(grad_out.dtype) if need_x else None
         grad_bias = grad_out.sum(0) if need_bias else None
         return grad_x, grad_bias, None
 
@@ -462,12 +462,17 @@ class QuantizedLinear(nn.Module):
         )
 
     @torch.no_grad()
-    def dequantize(self) -> Tensor:
-        """A fresh dense ``(out, in)`` weight in ``compute_dtype`` (the caller may modify it).
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """A fresh dense ``(out, in)`` weight in ``dtype`` (default ``compute_dtype``); the caller
+        may modify it.
 
         4-bit: ``W_i = code[q_i] * absmax[i // blocksize]``; int8: ``W_ij = q_ij * absmax_i / 127``.
+        A 4-bit weight decodes straight into a 16-bit ``dtype``, with the same bits as decoding to
+        float32 and casting.
         """
-        dtype = self.compute_dtype
+        dtype = dtype or self.compute_dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         # bitsandbytes' kernels produce 16/32-bit floats; float64 is the exact float32 result cast
         kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
         modules = _bnb.load()
@@ -489,11 +494,6 @@ class QuantizedLinear(nn.Module):
         return functional.dequantize_4bit(self.weight, state).to(dtype)
 
     # ---- the matmul ---------------------------------------------------------------------
-    def _weight_in(self, dtype: torch.dtype) -> Tensor:
-        """:meth:`dequantize`, cast to ``dtype`` when that differs (only under ``torch.autocast``)."""
-        weight = self.dequantize()
-        return weight if weight.dtype == dtype else weight.to(dtype)
-
     def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
         without autograd."""
@@ -511,7 +511,7 @@ class QuantizedLinear(nn.Module):
             if self.scheme != "int8" and x.device.type == "cuda":
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
-        return F.linear(x, self._weight_in(x.dtype), bias)
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
