@@ -1,11 +1,12 @@
-"""The layers in the set-ups people train with: ``torch.autocast``, ``torch.compile`` and
-activation checkpointing.
+"""The layers in the set-ups people train with: ``torch.autocast``, ``torch.compile``,
+activation checkpointing and DDP.
 
 Under ``torch.autocast`` every layer behaves as ``nn.Linear`` does: it computes in the autocast
 dtype and returns it, while the adapter parameters stay float32 and get float32 gradients. Each
 autocast case is checked against a float64 reference on the same weights, with a tolerance of a
 few bfloat16 roundings (relative to the tensor's scale). Compiled and checkpointed layers are
-checked against the eager layer, itself checked against float64 references elsewhere.
+checked against the eager layer, itself checked against float64 references elsewhere; two DDP
+processes against one process that sees the whole batch.
 """
 
 from __future__ import annotations
@@ -176,3 +177,60 @@ def test_compiled_and_checkpointed_layers_train_like_eager(cls: type, wrap) -> N
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+_DDP_SCRIPT = r"""
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import peft_layers as pl
+
+def model():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    return pl.inject_adapters(net, ["0", "2"], method=sys.argv[2], rank=2)
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 16, generator=g) for _ in range(3)]
+
+def train(net, step_inputs):
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for x in step_inputs:
+        net(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+def worker(rank):
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
+    net = model()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    train(ddp, [x[rank * 4:(rank + 1) * 4] for x in batches()])  # each rank gets half the batch
+    if rank == 0:
+        torch.save({k: v for k, v in net.state_dict().items() if "lora" in k or "magnitude" in k},
+                   sys.argv[1] + ".pt")
+    dist.barrier()  # both ranks leave together: gloo aborts a rank whose peer tore down first
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, nprocs=2)
+    single = model()
+    train(single, batches())  # the mean loss over the whole batch: what DDP's averaging computes
+    ddp = torch.load(sys.argv[1] + ".pt")
+    for key, value in ddp.items():
+        torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-5, atol=1e-6)
+    print("ok", len(ddp))
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(method: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "rendezvous"), method],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[:1] == ["ok"] and int(run.stdout.split()[1]) >= 4
