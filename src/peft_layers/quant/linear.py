@@ -535,7 +535,7 @@ class QuantizedLinear(nn.Module):
         """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, in ``x``'s dtype.
 
         Under ``torch.autocast`` it computes in the autocast dtype and returns it, as
-        ``nn.Linear`` does (the decoded weight is cast to it).
+        ``nn.Linear`` does (the weight is decoded into that dtype).
         """
         out = self._apply_matmul(x, self.bias)
         if out.dtype == x.dtype or autocast_dtype(x.device.type, self.compute_dtype) is not None:
