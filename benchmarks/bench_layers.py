@@ -21,12 +21,10 @@ import pytest
 
 from harness import (
     KINDS,
-    SHAPES,
     Case,
     build_dense_variant,
     measure_memory,
     rounds_for,
-    shape_id,
     shape_params,
     time_paired,
     time_sequential,
@@ -58,10 +56,7 @@ def test_forward(benchmark, shape, variant):
                     rounds=rounds_for(shape, 30, 8), warmup_rounds=3)
 
 
-@pytest.mark.parametrize(
-    ("shape", "kind"),
-    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in KINDS],
-)
+@pytest.mark.parametrize(("shape", "kind"), shape_params(KINDS))
 def test_paired(benchmark, shape, kind):
     cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS["forward" if kind == "forward" else "train"]}
     rounds = rounds_for(shape, 150, 30) if kind.startswith("train") else rounds_for(shape, 200, 40)

@@ -21,14 +21,12 @@ from harness import (
     ALPHA,
     KINDS,
     RANK,
-    SHAPES,
     Case,
     hf_peft_layer,
     make_linear,
     measure_memory,
     perturb_adapter_,
     rounds_for,
-    shape_id,
     shape_params,
     time_paired,
     time_sequential,
@@ -103,10 +101,7 @@ def test_forward(benchmark, shape, variant):
                     rounds=rounds_for(shape, 20, 5), warmup_rounds=2)
 
 
-@pytest.mark.parametrize(
-    ("shape", "kind"),
-    [pytest.param(shape, kind, id=f"{shape_id(shape)}-{kind}") for shape in SHAPES for kind in KINDS],
-)
+@pytest.mark.parametrize(("shape", "kind"), shape_params(KINDS))
 def test_paired(benchmark, shape, kind):
     cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS}
     rounds = rounds_for(shape, 120, 25) if kind.startswith("train") else rounds_for(shape, 150, 30)

@@ -332,7 +332,8 @@ def step_memory(step: Callable[[], None], weight_bytes: int) -> dict[str, int]:
 
 # ---- the timed bodies the suites share ----------------------------------------------------------
 def shape_params(variants: tuple[str, ...]) -> list[Any]:
-    """``pytest.param(shape, variant)`` for every shape and variant, with readable ids."""
+    """``pytest.param(shape, v)`` for every shape and every ``v`` (variants, or step kinds), with
+    readable ids."""
     import pytest
 
     return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
