@@ -35,9 +35,10 @@ LAYERS = {"lora": "LoRALinear", "dora": "DoRALinear", "qlora": "QLoRALinear", "q
 
 def export_revision(rev: str, into: Path) -> None:
     """``src/peft_layers`` at ``rev`` as the package ``into/peft_layers_rev``."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "src/peft_layers"], check=True, capture_output=True
-    ).stdout
+    run = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/peft_layers"], capture_output=True)
+    if run.returncode != 0:
+        raise SystemExit(f"--rev: git cannot export src/peft_layers at {rev!r}: {run.stderr.decode().strip()}")
+    archive = run.stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12 warn without a filter
             tar.extractall(into, filter="data")
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="in = out features (tokens: 512)")
     parser.add_argument("--rounds", type=int, default=150)
     args = parser.parse_args(argv)
+    for name in ("size", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
     configure_torch()
     import peft_layers
 
