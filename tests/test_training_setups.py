@@ -180,7 +180,7 @@ def test_compiled_and_checkpointed_layers_train_like_eager(cls: type, wrap) -> N
 
 
 _DDP_SCRIPT = r"""
-import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import peft_layers as pl
 
 def model():
@@ -199,25 +199,35 @@ def train(net, step_inputs):
         opt.step()
         opt.zero_grad()
 
+def adapter_state(net):
+    return {k: v for k, v in net.state_dict().items() if "lora" in k or "magnitude" in k}
+
 def worker(rank):
     dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
     net = model()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     train(ddp, [x[rank * 4:(rank + 1) * 4] for x in batches()])  # each rank gets half the batch
-    if rank == 0:
-        torch.save({k: v for k, v in net.state_dict().items() if "lora" in k or "magnitude" in k},
-                   sys.argv[1] + ".pt")
+    torch.save(adapter_state(net), f"{sys.argv[1]}.{rank}.pt")
+    del ddp  # the reducer holds the process group: release it before the group is destroyed
     dist.barrier()  # both ranks leave together: gloo aborts a rank whose peer tore down first
     dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's threads can abort the process there (SIGABRT,
+    # "terminate called without an active exception", seen once in CI) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 if __name__ == "__main__":
     mp.spawn(worker, nprocs=2)
     single = model()
     train(single, batches())  # the mean loss over the whole batch: what DDP's averaging computes
-    ddp = torch.load(sys.argv[1] + ".pt")
-    for key, value in ddp.items():
-        torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-5, atol=1e-6)
-    print("ok", len(ddp))
+    expected = adapter_state(single)
+    for rank in range(2):
+        replica = torch.load(f"{sys.argv[1]}.{rank}.pt")
+        assert replica.keys() == expected.keys(), (rank, sorted(replica), sorted(expected))
+        for key, value in replica.items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+    print("ok", len(expected))
 """
 
 
