@@ -4,7 +4,7 @@ LoRA, LoRA+, DoRA, QLoRA and QDoRA layers, the model surgery around them and a q
 backend over bitsandbytes. See ``docs/`` for the user guide and the math.
 """
 
-from . import quant
+from . import compose, quant
 from .adapter import AdapterMixin
 from .dora import DoRALinear
 from .io import load_adapter, save_adapter
@@ -35,6 +35,7 @@ __all__ = [
     "QDoRALinear",
     "QLoRALinear",
     "adapter_state_dict",
+    "compose",
     "create_loraplus_optimizer",
     "inject_adapters",
     "inject_lora",
