@@ -53,7 +53,7 @@ class Ratio:
 
     label: str
     suite: str
-    kind: str  # "train", "train_noloss" or "forward"
+    kind: str  # "train", "train_noloss" or "forward" (layers), "svd" (compose)
     numerator: str
     denominator: str
     #: None (informational), a number, a {shape: number} dict, or "noise"
@@ -120,6 +120,12 @@ def _target_text_plain(ratio: Ratio) -> str:
         return "<= " + " / ".join(f"{v:.2f}" for v in ratio.target.values())
     return f"<= {ratio.target:.2f}"
 
+
+#: no issue sets a target here; shapes are (out, in) of the combined layer
+COMPOSE_RATIOS = (
+    Ratio("combine(svd) / HF PEFT add_weighted_adapter(svd)", "compose", "svd", "ours", "hf_peft",
+          note="two rank-16 adapters -> rank 16"),
+)
 
 LAYER_RATIOS = LAYER_RATIOS + _without_loss(LAYER_RATIOS)
 QUANT_RATIOS = QUANT_RATIOS + _without_loss(QUANT_RATIOS)
@@ -274,7 +280,7 @@ def _target_text(target: float | None, noise: bool = False) -> str:
 # ---- the report ----------------------------------------------------------------------------------
 def ratio_rows(results: Results) -> list[dict[str, Any]]:
     rows = []
-    for ratio in LAYER_RATIOS + QUANT_RATIOS:
+    for ratio in LAYER_RATIOS + QUANT_RATIOS + COMPOSE_RATIOS:
         for shape in results.shapes():
             measured = measure(results, ratio, shape)
             if measured is None:
@@ -455,7 +461,8 @@ def render(results: Results, rows: list[dict[str, Any]], mem_rows: list[dict[str
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Paired ratios with their intervals and targets, one panel per shape; False without matplotlib."""
+    """Paired ratios with their intervals and targets, one panel per layer shape; False without
+    matplotlib. The compose ratio (three orders of magnitude below 1) is left to the table."""
     try:
         import matplotlib
 
@@ -463,7 +470,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in rows if r["measured"].paired is not None]
+    rows = [r for r in rows if r["measured"].paired is not None and r["ratio"].suite != "compose"]
     shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(n) for n in s.split("x")])
     if not shapes:
         return False
