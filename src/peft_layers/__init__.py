@@ -24,6 +24,7 @@ from .model import (
 )
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .qlora import QDoRALinear, QLoRALinear
+from .serving import MultiLoRALinear, adapter_batch, set_adapter, stack_adapters
 
 __version__ = "0.1.0"
 
@@ -32,8 +33,10 @@ __all__ = [
     "DoRALinear",
     "LoRALinear",
     "LoRAPlusLinear",
+    "MultiLoRALinear",
     "QDoRALinear",
     "QLoRALinear",
+    "adapter_batch",
     "adapter_state_dict",
     "compose",
     "create_loraplus_optimizer",
@@ -48,6 +51,8 @@ __all__ = [
     "print_trainable_parameters",
     "quant",
     "save_adapter",
+    "set_adapter",
+    "stack_adapters",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",

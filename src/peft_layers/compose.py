@@ -225,8 +225,10 @@ def combine(
         return _combine_checked(factors, checked_weights, method, rank, labels, "adapters")
 
 
-def _read_source(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, float]]:
-    """Module path -> ``(A, B, scaling)`` of one state dict or adapter directory."""
+def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
+    from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
+    DoRA adapters raise ``ValueError``; ``where`` names the source in error messages."""
     if isinstance(source, (str, os.PathLike)):
         adapter = read_adapter(source)
         if adapter.is_dora:
@@ -303,7 +305,7 @@ def combine_adapters(
         raise ValueError("state_dicts_or_dirs: expected at least one adapter, got none")
     checked_weights = _check_weights(weights, len(state_dicts_or_dirs))
     rank = _check_rank_argument(rank, method)
-    sources = [_read_source(s, f"state_dicts_or_dirs[{i}]") for i, s in enumerate(state_dicts_or_dirs)]
+    sources = [lora_factors(s, f"state_dicts_or_dirs[{i}]") for i, s in enumerate(state_dicts_or_dirs)]
 
     paths = list(dict.fromkeys(path for source in sources for path in source))
     combined: dict[str, Tensor] = {}

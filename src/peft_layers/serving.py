@@ -1,0 +1,272 @@
+r"""Many LoRA adapters over one base model, chosen per call or per batch row (serving).
+
+``stack_adapters(model, {"math": ..., "code": ...})`` puts a :class:`MultiLoRALinear` at every
+layer an adapter updates. Each holds the frozen base layer once and every adapter's ``(A, B)``;
+for batch row ``b`` using adapter ``k``
+
+.. math::
+    y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top,
+
+and ``y_b = base(x_b)`` for a row with no adapter (or an adapter that does not touch this layer).
+``set_adapter(model, name)`` chooses one adapter for every row; ``with adapter_batch(model,
+names)`` chooses one per row for the calls inside the block. The adapters are frozen (inference);
+LoRA only, since a DoRA magnitude would need its own norm per adapter and row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .compose import lora_factors
+from .dora import DoRALinear
+from .lora import LoRALinear
+from .model import _module_names, _set_module, iter_adapter_layers
+from .quant import QuantizedLinear
+
+__all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]
+
+#: the adapter name an existing LoRA layer's own adapter gets when its model is stacked
+DEFAULT_ADAPTER = "default"
+
+
+class MultiLoRALinear(nn.Module):
+    r"""A frozen base layer with several LoRA adapters; each batch row uses one of them, or none.
+
+    .. math::
+        y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top \quad\text{(row } b \text{ with adapter } k)
+
+    Attributes:
+        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear`` or a bitsandbytes layer).
+        lora_A, lora_B: ``nn.ParameterDict`` of name -> ``(r, in)`` / ``(out, r)``, not trainable.
+        scaling: name -> ``s`` (``alpha / r``, rsLoRA ``alpha / sqrt(r)``).
+        active_adapter: the adapter of every row when no per-row choice is set; None = base only.
+        row_adapters: the per-row choice set by :func:`adapter_batch`, or None.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.row_adapters: list[str | None] | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, where: str) -> None:
+        """Raise ``ValueError`` unless ``(lora_A, lora_B)`` fits this layer under a new ``name``."""
+        if name in self.lora_A:
+            raise ValueError(f"{where}: this layer already has an adapter named {name!r}")
+        rank = lora_A.shape[0]
+        if tuple(lora_A.shape) != (rank, self.in_features) or tuple(lora_B.shape) != (self.out_features, rank):
+            raise ValueError(
+                f"{where}: A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} do not fit the layer: "
+                f"expected A (rank, {self.in_features}) and B ({self.out_features}, rank)"
+            )
+
+    def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Add a frozen copy of ``(lora_A, lora_B)`` under ``name`` (checked as :meth:`check_adapter`)."""
+        self.check_adapter(name, lora_A, lora_B, f"adapter {name!r}")
+        device = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), lora_A).device
+        self.lora_A[name] = nn.Parameter(lora_A.detach().to(device, copy=True), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(lora_B.detach().to(device, copy=True), requires_grad=False)
+        self.scaling[name] = float(scaling)
+
+    def _delta(self, x: Tensor, name: str) -> Tensor:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        return ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()).mul_(self.scaling[name])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``; with a per-row choice, ``x`` is
+        ``(batch, *, in_features)`` with one entry of ``row_adapters`` per batch row."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}")
+        out = self.base_layer(x)
+        rows = self.row_adapters
+        if rows is None:
+            if self.active_adapter not in self.lora_A:  # None, or an adapter that skips this layer
+                return out
+            return out + self._delta(x, self.active_adapter).to(out.dtype)
+        if x.dim() < 2 or x.shape[0] != len(rows):
+            raise ValueError(
+                f"input: adapter_batch() chose adapters for {len(rows)} rows, got an input of shape "
+                f"{tuple(x.shape)} (rows are the first dimension)"
+            )
+        for name in dict.fromkeys(rows):
+            if name not in self.lora_A:
+                continue
+            index = torch.tensor([b for b, row in enumerate(rows) if row == name], device=x.device)
+            out = out.index_add(0, index, self._delta(x.index_select(0, index), name).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.shape[0] for name, a in self.lora_A.items()}
+        return f"adapters (rank)={ranks}, active={self.active_adapter!r}"
+
+
+def _check_names(adapters: object, taken: set[str]) -> list[str]:
+    if not isinstance(adapters, Mapping):
+        raise TypeError(
+            f"adapters: expected a mapping of name -> adapter directory or state dict, got {type(adapters).__name__}"
+        )
+    if not adapters:
+        raise ValueError("adapters: expected at least one adapter, got an empty mapping")
+    for name in adapters:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapters: a name must be a non-empty str without '.', got {name!r}")
+        if name in taken:
+            raise ValueError(f"adapters: the name {name!r} is taken; the model already has {sorted(taken)}")
+    return list(adapters)
+
+
+def _stackable(module: nn.Module) -> bool:
+    """A layer whose weight an adapter can update: a linear layer, quantized or not."""
+    return isinstance(module, (nn.Linear, QuantizedLinear, MultiLoRALinear, LoRALinear))
+
+
+def stack_adapters(
+    model: nn.Module, adapters: Mapping[str, str | os.PathLike | Mapping[str, Tensor]]
+) -> nn.Module:
+    """Put several LoRA adapters on one model for serving, each under its name.
+
+    Args:
+        model: a plain model (the adapters' module paths say where they go), a model with LoRA
+            layers (each becomes a :class:`MultiLoRALinear` keeping its own adapter under the name
+            ``"default"``, which stays active), or a model stacked before (more adapters are
+            added).
+        adapters: name -> an adapter directory (ours or Hugging Face PEFT's; scalings from its
+            config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1,
+            as :func:`peft_layers.compose.combine_adapters` returns it).
+
+    Every layer an adapter updates becomes a :class:`MultiLoRALinear`; layers no adapter names
+    stay as they are. Nothing is trained or unfrozen. Rows use no adapter until
+    :func:`set_adapter` or :func:`adapter_batch` choose one (except ``"default"``, see above).
+
+    Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
+    holds a ``'.'`` or is taken; a DoRA adapter or layer; a merged LoRA layer; a module path the
+    model does not have, or one that is not a linear layer; factors whose shapes do not fit. On
+    any error the model is unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    taken = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
+    names = _check_names(adapters, taken)
+    factors = {name: lora_factors(adapters[name], f"adapters[{name!r}]") for name in names}
+
+    # the model's own LoRA layers become stacks too, keeping their adapter as "default"
+    own_layers = list(iter_adapter_layers(model))
+    for path, layer in own_layers:
+        if isinstance(layer, DoRALinear):
+            raise TypeError(f"model: {path!r} is a {type(layer).__name__}; only LoRA adapters can be stacked")
+        if layer.merged:
+            raise ValueError(f"model: {path!r} is merged; unmerge_adapters(model) before stacking")
+    if own_layers and DEFAULT_ADAPTER in names:
+        raise ValueError(f"adapters: the name {DEFAULT_ADAPTER!r} is taken by the model's own LoRA adapter")
+
+    # plan every layer before touching the model: module id -> the stack it will be
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan: dict[int, MultiLoRALinear] = {}
+    replaced: dict[int, nn.Module] = {}  # id -> a module a new stack replaces
+
+    def stack_at(path: str, where: str) -> MultiLoRALinear:
+        module = modules.get(path)
+        if module is None:
+            linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear))][:20]
+            raise ValueError(f"{where}: the model has no module {path!r}; its linear layers include {linears}")
+        if id(module) in plan:
+            return plan[id(module)]
+        if not _stackable(module):
+            raise TypeError(f"{where}: {path!r} is a {type(module).__name__}, not a linear layer")
+        if isinstance(module, MultiLoRALinear):
+            plan[id(module)] = module
+        else:
+            base = module.base_layer if isinstance(module, LoRALinear) else module
+            plan[id(module)] = MultiLoRALinear(base)
+            replaced[id(module)] = module
+        return plan[id(module)]
+
+    pending: list[tuple[MultiLoRALinear, str, Tensor, Tensor, float]] = []
+    for path, layer in own_layers:
+        stack = stack_at(path, "model")
+        pending.append((stack, DEFAULT_ADAPTER, layer.lora_A, layer.lora_B, layer.scaling))
+    for name in names:
+        first_path: dict[int, str] = {}  # a shared module is reachable under several paths
+        for path, (lora_A, lora_B, scaling) in factors[name].items():
+            where = f"adapters[{name!r}], module {path!r}"
+            stack = stack_at(path, where)
+            if id(stack) in first_path:
+                raise ValueError(
+                    f"{where}: is the same module as {first_path[id(stack)]!r} (shared), and the adapter "
+                    "updates it twice"
+                )
+            first_path[id(stack)] = path
+            stack.check_adapter(name, lora_A, lora_B, where)
+            pending.append((stack, name, lora_A, lora_B, scaling))
+
+    for stack, name, lora_A, lora_B, scaling in pending:
+        stack.add_adapter(name, lora_A, lora_B, scaling)
+        if name == DEFAULT_ADAPTER:
+            stack.active_adapter = DEFAULT_ADAPTER
+    all_names = _module_names(model)
+    for module_id in replaced:
+        for name in all_names[module_id]:
+            _set_module(model, name, plan[module_id])
+    return model
+
+
+def _stacks(model: nn.Module, caller: str) -> list[MultiLoRALinear]:
+    stacks = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not stacks:
+        raise ValueError(f"{caller}: the model has no stacked adapters; stack_adapters() first")
+    return stacks
+
+
+def _check_adapter_name(name: object, stacks: list[MultiLoRALinear], argument: str) -> None:
+    known = sorted({n for stack in stacks for n in stack.adapter_names})
+    if name is not None and name not in known:
+        raise ValueError(f"{argument}: unknown adapter {name!r}; the model has {known} (or None for the base)")
+
+
+def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
+    """Make every row of every later call use adapter ``name`` (None: the base model alone).
+
+    Raises ``ValueError`` for a name no stacked layer has, or a model with no stacked adapters.
+    """
+    stacks = _stacks(model, "set_adapter()")
+    _check_adapter_name(name, stacks, "name")
+    for stack in stacks:
+        stack.active_adapter = name
+    return model
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row ``b`` of every input batch uses adapter ``names[b]`` (None: base).
+
+    The inputs' first dimension must have ``len(names)`` rows. The previous choice comes back when
+    the block ends, also on error. Raises ``ValueError`` for an unknown name.
+    """
+    stacks = _stacks(model, "adapter_batch()")
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
+        raise TypeError(f"names: expected a non-empty sequence of adapter names or None, one per row, got {names!r}")
+    for i, name in enumerate(names):
+        _check_adapter_name(name, stacks, f"names[{i}]")
+    previous = [stack.row_adapters for stack in stacks]
+    for stack in stacks:
+        stack.row_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for stack, rows in zip(stacks, previous):
+            stack.row_adapters = rows

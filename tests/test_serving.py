@@ -1,0 +1,187 @@
+"""Many adapters over one base: stack_adapters, set_adapter, adapter_batch.
+
+A stacked model is compared with a second implementation, the same model with one adapter
+loaded the ordinary way (``load_adapter``), row by row; ``MultiLoRALinear`` itself with a float64
+formula.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import peft_layers as pl
+from models import tiny_model, tokens
+
+
+def trained_adapter(tmp_path: Path, name: str, targets: list[str], seed: int, **kwargs) -> Path:
+    model = pl.inject_lora(tiny_model(), targets, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in pl.model.iter_adapter_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=generator)
+    return pl.save_adapter(model, tmp_path / name)
+
+
+@pytest.fixture
+def two_adapters(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "math": trained_adapter(tmp_path, "math", ["q_proj", "v_proj"], 1, rank=4, alpha=8.0),
+        "code": trained_adapter(tmp_path, "code", ["v_proj", "up_proj"], 2, rank=2, alpha=3.0, use_rslora=True),
+    }
+
+
+def single(directory: Path | None) -> nn.Module:
+    """The second implementation: the base model with one adapter loaded the ordinary way."""
+    model = tiny_model()
+    return model if directory is None else pl.load_adapter(model, directory)
+
+
+def test_set_adapter_equals_the_adapter_loaded_alone(two_adapters) -> None:
+    x = tokens(batch=3)
+    model = pl.stack_adapters(tiny_model(), two_adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), single(None)(x), rtol=0, atol=0)  # nothing active yet
+        for name, directory in two_adapters.items():
+            pl.set_adapter(model, name)
+            torch.testing.assert_close(model(x), single(directory)(x), rtol=1e-5, atol=1e-5)
+        pl.set_adapter(model, None)
+        torch.testing.assert_close(model(x), single(None)(x), rtol=0, atol=0)
+
+
+def test_adapter_batch_gives_each_row_its_adapter(two_adapters) -> None:
+    rows = ["math", "code", None, "math"]
+    x = tokens(batch=len(rows))
+    model = pl.stack_adapters(tiny_model(), two_adapters)
+    pl.set_adapter(model, "code")
+    with torch.no_grad():
+        with pl.adapter_batch(model, rows):
+            out = model(x)
+        expected = torch.stack(
+            [single(two_adapters[name] if name else None)(x[b : b + 1])[0] for b, name in enumerate(rows)]
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # the per-call choice is back after the block
+        torch.testing.assert_close(model(x), single(two_adapters["code"])(x), rtol=1e-5, atol=1e-5)
+
+
+@given(
+    rows=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=6),
+    leading=st.sampled_from([(), (3,)]),
+)
+def test_multi_lora_linear_matches_the_float64_formula(rows, leading) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4)
+    stack = pl.MultiLoRALinear(base)
+    factors = {"a": (torch.randn(2, 5), torch.randn(4, 2), 0.7), "b": (torch.randn(3, 5), torch.randn(4, 3), 2.0)}
+    for name, (lora_A, lora_B, scaling) in factors.items():
+        stack.add_adapter(name, lora_A, lora_B, scaling)
+    stack.row_adapters = rows
+    x = torch.randn(len(rows), *leading, 5)
+    expected = x.double() @ base.weight.double().t() + base.bias.double()
+    for b, name in enumerate(rows):
+        if name is not None:
+            lora_A, lora_B, scaling = factors[name]
+            expected[b] += scaling * (x[b].double() @ lora_A.double().t()) @ lora_B.double().t()
+    torch.testing.assert_close(stack(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_lora_layers_keeps_its_adapter_as_default(two_adapters, tmp_path: Path) -> None:
+    x = tokens(batch=2)
+    own = pl.load_adapter(tiny_model(), trained_adapter(tmp_path, "own", ["k_proj"], 5, rank=3))
+    before = own(x).detach()
+    pl.stack_adapters(own, {"math": two_adapters["math"]})
+    assert isinstance(own.layers[0].attn.k_proj, pl.MultiLoRALinear)
+    torch.testing.assert_close(own(x), before, rtol=1e-5, atol=1e-5)  # "default" stays active
+    pl.set_adapter(own, "math")
+    torch.testing.assert_close(own(x), single(two_adapters["math"])(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stacking_again_adds_adapters_and_state_dicts_work(two_adapters) -> None:
+    x = tokens(batch=2)
+    model = pl.stack_adapters(tiny_model(), {"math": two_adapters["math"]})
+    plain = pl.adapter_state_dict(single(two_adapters["code"]))  # taken at scaling 1
+    pl.stack_adapters(model, {"code_unscaled": plain})
+    pl.set_adapter(model, "code_unscaled")
+    reference = tiny_model()
+    with torch.no_grad():
+        for key in plain:
+            if key.endswith(".lora_A"):
+                path = key[: -len(".lora_A")]
+                reference.get_submodule(path).weight += plain[f"{path}.lora_B"] @ plain[key]
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def shared_model() -> nn.Module:
+    model = tiny_model()
+    model.layers[1].attn.v_proj = model.layers[0].attn.v_proj
+    return model
+
+
+def test_a_shared_module_gets_one_stack(two_adapters, tmp_path: Path) -> None:
+    x = tokens(batch=2)
+    trained = pl.inject_lora(shared_model(), ["v_proj"], rank=2)
+    with torch.no_grad():
+        trained.layers[0].attn.v_proj.lora_B.normal_()
+    directory = pl.save_adapter(trained, tmp_path / "shared")  # the shared layer is saved once
+    model = pl.stack_adapters(shared_model(), {"s": directory})
+    assert model.layers[1].attn.v_proj is model.layers[0].attn.v_proj
+    assert isinstance(model.layers[0].attn.v_proj, pl.MultiLoRALinear)
+    pl.set_adapter(model, "s")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pl.load_adapter(shared_model(), directory)(x), rtol=1e-5, atol=1e-5)
+    # an adapter trained without the sharing updates the one module twice: refused
+    with pytest.raises(ValueError, match=r"module 'layers.1.attn.v_proj': is the same module as 'layers.0.attn.v_proj'"):
+        pl.stack_adapters(shared_model(), {"math": two_adapters["math"]})
+
+
+def snapshot(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:
+    return [type(m).__name__ for m in model.modules()], copy.deepcopy(model.state_dict())
+
+
+def test_bad_input_is_named_and_leaves_the_model_unchanged(two_adapters, tmp_path: Path) -> None:
+    model = pl.stack_adapters(tiny_model(), {"math": two_adapters["math"]})
+    before = snapshot(model)
+    bad_shape = {"layers.0.attn.q_proj.lora_A": torch.zeros(2, 9), "layers.0.attn.q_proj.lora_B": torch.zeros(32, 2)}
+    dora_dir = pl.save_adapter(pl.inject_adapters(tiny_model(), ["q_proj"], method="dora", rank=2), tmp_path / "dora")
+    cases = [
+        ({"math": two_adapters["code"]}, ValueError, r"adapters: the name 'math' is taken"),
+        ({"": two_adapters["code"]}, ValueError, r"adapters: a name must be a non-empty str without '\.', got ''"),
+        ({"a.b": two_adapters["code"]}, ValueError, r"got 'a\.b'"),
+        ({}, ValueError, "adapters: expected at least one adapter"),
+        ([two_adapters["code"]], TypeError, "adapters: expected a mapping"),
+        ({"ok": two_adapters["code"], "bad": bad_shape}, ValueError, r"adapters\['bad'\], module 'layers.0.attn.q_proj': A \(2, 9\)"),
+        ({"nope": {"missing.lora_A": torch.zeros(1, 2), "missing.lora_B": torch.zeros(2, 1)}}, ValueError, "the model has no module 'missing'"),
+        ({"norm": {"norm.lora_A": torch.zeros(1, 32), "norm.lora_B": torch.zeros(32, 1)}}, TypeError, "'norm' is a LayerNorm, not a linear layer"),
+        ({"dora": dora_dir}, ValueError, r"adapters\['dora'\].*DoRA"),
+    ]
+    for adapters, error, match in cases:
+        with pytest.raises(error, match=match):
+            pl.stack_adapters(model, adapters)
+        after = snapshot(model)
+        assert after[0] == before[0]
+        for key, value in before[1].items():
+            assert torch.equal(after[1][key], value), key
+    with pytest.raises(ValueError, match=r"name: unknown adapter 'code'; the model has \['math'\]"):
+        pl.set_adapter(model, "code")
+    with pytest.raises(ValueError, match=r"names\[1\]: unknown adapter 'x'"):
+        with pl.adapter_batch(model, ["math", "x"]):
+            pass
+    with pytest.raises(TypeError, match="names: expected a non-empty sequence"):
+        with pl.adapter_batch(model, "math"):
+            pass
+    with pytest.raises(ValueError, match=r"adapter_batch\(\) chose adapters for 3 rows, got an input of shape \(2, 8, 32\)"):
+        with pl.adapter_batch(model, ["math", None, None]):
+            model(tokens(batch=2))
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, pl.MultiLoRALinear))
+    with pytest.raises(ValueError, match="no stacked adapters; stack_adapters"):
+        pl.set_adapter(tiny_model(), "math")
+    dora_model = pl.inject_adapters(tiny_model(), ["q_proj"], method="dora", rank=2)
+    with pytest.raises(TypeError, match="DoRALinear; only LoRA adapters can be stacked"):
+        pl.stack_adapters(dora_model, {"math": two_adapters["math"]})
