@@ -97,10 +97,12 @@ class AdapterMixin:
 
     @property
     def in_features(self) -> int:
+        """The base layer's ``in_features``."""
         return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
+        """The base layer's ``out_features``."""
         return self.base_layer.out_features
 
     # ---- hooks onto the base weight (dense nn.Linear versions) --------------------------

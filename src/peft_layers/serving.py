@@ -62,6 +62,7 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def adapter_names(self) -> list[str]:
+        """The names of the adapters this layer holds, in the order they were added."""
         return list(self.lora_A.keys())
 
     def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, where: str) -> None:

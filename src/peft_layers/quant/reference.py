@@ -332,6 +332,7 @@ class Quantized4bit:
 
     @property
     def double_quant(self) -> bool:
+        """Whether the absmax values are themselves quantized (double quantization)."""
         return self.nested_absmax is not None
 
 
