@@ -40,6 +40,7 @@ NOISE_FLOOR = 0.01
 VARIANT_ORDER = (
     "linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged",
     "quantized", "quantized_copy", "qlora", "qdora", "bnb_4bit", "hf_qlora", "hf_qdora",
+    "multi_lora", "hf_mixed",
 )
 #: above this share of CPU time taken by other processes during the paired runs, the report warns
 BUSY_SHARE = 0.10
@@ -53,7 +54,7 @@ class Ratio:
 
     label: str
     suite: str
-    kind: str  # "train", "train_noloss" or "forward" (layers), "svd" (compose)
+    kind: str  # "train", "train_noloss" or "forward" (layers, quant, serving), "svd" (compose)
     numerator: str
     denominator: str
     #: None (informational), a number, a {shape: number} dict, or "noise"
@@ -121,7 +122,14 @@ def _target_text_plain(ratio: Ratio) -> str:
     return f"<= {ratio.target:.2f}"
 
 
-#: no issue sets a target here; shapes are (out, in) of the combined layer
+#: no issue sets targets for these two suites
+SERVING_RATIOS = (
+    Ratio("mixed batch: MultiLoRALinear / nn.Linear", "serving", "forward", "multi_lora", "linear",
+          note="4 adapters, 8 rows"),
+    Ratio("mixed batch: MultiLoRALinear / HF PEFT", "serving", "forward", "multi_lora", "hf_mixed",
+          note="4 adapters, 8 rows"),
+)
+#: shapes are (out, in) of the combined layer
 COMPOSE_RATIOS = (
     Ratio("combine(svd) / HF PEFT add_weighted_adapter(svd)", "compose", "svd", "ours", "hf_peft",
           note="two rank-16 adapters -> rank 16"),
@@ -280,7 +288,7 @@ def _target_text(target: float | None, noise: bool = False) -> str:
 # ---- the report ----------------------------------------------------------------------------------
 def ratio_rows(results: Results) -> list[dict[str, Any]]:
     rows = []
-    for ratio in LAYER_RATIOS + QUANT_RATIOS + COMPOSE_RATIOS:
+    for ratio in LAYER_RATIOS + QUANT_RATIOS + SERVING_RATIOS + COMPOSE_RATIOS:
         for shape in results.shapes():
             measured = measure(results, ratio, shape)
             if measured is None:

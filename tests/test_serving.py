@@ -82,14 +82,39 @@ def test_multi_lora_linear_matches_the_float64_formula(rows, leading) -> None:
     factors = {"a": (torch.randn(2, 5), torch.randn(4, 2), 0.7), "b": (torch.randn(3, 5), torch.randn(4, 3), 2.0)}
     for name, (lora_A, lora_B, scaling) in factors.items():
         stack.add_adapter(name, lora_A, lora_B, scaling)
-    stack.row_adapters = rows
     x = torch.randn(len(rows), *leading, 5)
-    expected = x.double() @ base.weight.double().t() + base.bias.double()
+    base_out = x.double() @ base.weight.double().t() + base.bias.double()
+
+    def delta(name: str, inputs: Tensor) -> Tensor:
+        lora_A, lora_B, scaling = factors[name]
+        return scaling * (inputs.double() @ lora_A.double().t()) @ lora_B.double().t()
+
+    per_row = base_out.clone()
     for b, name in enumerate(rows):
         if name is not None:
-            lora_A, lora_B, scaling = factors[name]
-            expected[b] += scaling * (x[b].double() @ lora_A.double().t()) @ lora_B.double().t()
-    torch.testing.assert_close(stack(x).double(), expected, rtol=1e-5, atol=1e-5)
+            per_row[b] += delta(name, x[b])
+    # with gradients (out of place) and without (the serving path adds in place)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            stack.row_adapters = rows
+            torch.testing.assert_close(stack(x).double(), per_row, rtol=1e-5, atol=1e-5)
+            stack.row_adapters, stack.active_adapter = None, "b"
+            torch.testing.assert_close(stack(x).double(), base_out + delta("b", x), rtol=1e-5, atol=1e-5)
+            stack.active_adapter = None
+            torch.testing.assert_close(stack(x).double(), base_out, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_input_through_a_stack() -> None:
+    torch.manual_seed(0)
+    stack = pl.MultiLoRALinear(nn.Linear(5, 4))
+    lora_A, lora_B = torch.randn(2, 5), torch.randn(4, 2)
+    stack.add_adapter("a", lora_A, lora_B, 0.5)
+    stack.row_adapters = ["a", None]
+    x = torch.randn(2, 5, requires_grad=True)
+    stack(x).sum().backward()
+    weight = stack.base_layer.weight.detach()
+    expected = torch.stack([weight + 0.5 * lora_B @ lora_A, weight]).sum(1)  # d sum(y_b) / d x_b
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_with_lora_layers_keeps_its_adapter_as_default(two_adapters, tmp_path: Path) -> None:

@@ -88,17 +88,29 @@ class MultiLoRALinear(nn.Module):
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         return ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()).mul_(self.scaling[name])
 
+    def _add_delta_(self, out: Tensor, x: Tensor, name: str) -> None:
+        """``out += s (x A^T) B^T`` in place, in ``out``'s dtype, the scaling inside the GEMM."""
+        lora_A, lora_B = self.lora_A[name].to(out.dtype), self.lora_B[name].to(out.dtype)
+        x2d = x.reshape(-1, self.in_features).to(out.dtype)
+        out.view(-1, self.out_features).addmm_(x2d @ lora_A.t(), lora_B.t(), alpha=self.scaling[name])
+
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in_features) -> (*, out_features)``; with a per-row choice, ``x`` is
         ``(batch, *, in_features)`` with one entry of ``row_adapters`` per batch row."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}")
         out = self.base_layer(x)
+        # serving (nothing needs a gradient): add into the base output instead of copying it
+        in_place = not out.requires_grad and out.is_contiguous()
         rows = self.row_adapters
         if rows is None:
-            if self.active_adapter not in self.lora_A:  # None, or an adapter that skips this layer
+            name = self.active_adapter
+            if name not in self.lora_A:  # None, or an adapter that skips this layer
                 return out
-            return out + self._delta(x, self.active_adapter).to(out.dtype)
+            if in_place:
+                self._add_delta_(out, x, name)
+                return out
+            return out + self._delta(x, name).to(out.dtype)
         if x.dim() < 2 or x.shape[0] != len(rows):
             raise ValueError(
                 f"input: adapter_batch() chose adapters for {len(rows)} rows, got an input of shape "
@@ -108,7 +120,8 @@ class MultiLoRALinear(nn.Module):
             if name not in self.lora_A:
                 continue
             index = torch.tensor([b for b, row in enumerate(rows) if row == name], device=x.device)
-            out = out.index_add(0, index, self._delta(x.index_select(0, index), name).to(out.dtype))
+            delta = self._delta(x.index_select(0, index), name).to(out.dtype)
+            out = out.index_add_(0, index, delta) if in_place else out.index_add(0, index, delta)
         return out
 
     def extra_repr(self) -> str:
