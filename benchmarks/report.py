@@ -270,7 +270,11 @@ def verdict(target: float | str | None, measured: Measured, bound: float | None 
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "-"
+    if 0 < abs(value) < 10 ** -(digits - 1):  # a ratio far below 1 (compose) keeps two figures
+        return f"{value:.2g}"
+    return f"{value:.{digits}f}"
 
 
 def _share(value: float | None) -> str:

@@ -37,7 +37,7 @@ def autocast_dtype(device_type: str, compute_dtype: torch.dtype) -> torch.dtype 
     """The dtype ``torch.autocast`` asks matmuls on ``device_type`` to run in, or None when it is
     off there (or the layer computes in float64, which autocast leaves alone, as it does for
     ``nn.Linear``)."""
-    if compute_dtype == torch.float64 or not autocast_enabled(device_type):
+    if not autocast_enabled(device_type) or compute_dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device_type)
 

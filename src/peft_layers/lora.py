@@ -323,9 +323,10 @@ class LoRALinear(AdapterMixin, nn.Module):
         DoRA's norm is still computed in float32.
         """
         self._check_input(x)
-        dtype = autocast_dtype(x.device.type, self.compute_dtype)
+        compute_dtype = self.compute_dtype  # a property through base_layer: read it once
+        dtype = autocast_dtype(x.device.type, compute_dtype)
         out_dtype = x.dtype if dtype is None else dtype
-        dtype = dtype or self.compute_dtype
+        dtype = dtype or compute_dtype
         if self.merged or not self._adapter_enabled:
             out = self.base_layer(x if x.dtype == dtype else x.to(dtype))
             return out if out.dtype == out_dtype else out.to(out_dtype)
