@@ -4,7 +4,7 @@
 
 Ours takes the SVD of the small core of the concatenated factors; Hugging Face PEFT forms the
 dense (out, in) update and takes its full SVD. The two are timed interleaved
-(:func:`harness.paired_rounds`) as ``test_paired``; ``report.py`` prints the ratio. Hugging Face
+(:func:`harness.time_operations`) as ``test_paired``; ``report.py`` prints the ratio. Hugging Face
 PEFT's call includes building its new adapter's modules, which is part of what a user waits for.
 Nothing here asserts a timing.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness import ALPHA, RANK, OthersCpuShare, paired_rounds
+from harness import ALPHA, RANK, time_operations
 
 from peft_layers.compose import combine
 from peft_layers.lora import LoRALinear
@@ -82,13 +82,10 @@ def test_paired(benchmark, shape: tuple[int, int]) -> None:
                 ["first", "second"], list(WEIGHTS), names[-1], combination_type="svd", svd_rank=RANK
             )
 
-    one_round, times = paired_rounds({"ours": ours, "hf_peft": hf_peft}, warmup=1)
-    shape_name = f"{shape[0]}x{shape[1]}"
-    benchmark.group = f"compose paired svd {shape_name}"
-    benchmark.extra_info.update(suite="compose", kind="svd", shape=shape_name, mode="paired", times=times)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(one_round, rounds=SHAPES[shape], warmup_rounds=0, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_operations(
+        benchmark, {"ours": ours, "hf_peft": hf_peft}, suite="compose", kind="svd",
+        shape=f"{shape[0]}x{shape[1]}", rounds=SHAPES[shape], warmup=1,
+    )
 
     # both computed the same update: the timing compares like with like
     target = model.base_model.model.proj

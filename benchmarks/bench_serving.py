@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness import ALPHA, RANK, OthersCpuShare, make_linear, paired_rounds
+from harness import ALPHA, RANK, make_linear, time_operations
 
 import peft_layers as pl
 
@@ -77,13 +77,10 @@ def test_paired(benchmark, shape: tuple[int, int]) -> None:
         "multi_lora": no_grad(lambda: stack(x)),
         "hf_mixed": no_grad(lambda: hf_layer(x, adapter_names=hf_names)),
     }
-    one_round, times = paired_rounds(operations)
-    shape_name = f"512x{in_features}x{out_features}"
-    benchmark.group = f"serving paired forward {shape_name}"
-    benchmark.extra_info.update(suite="serving", kind="forward", shape=shape_name, mode="paired", times=times)
-    with OthersCpuShare() as others:
-        benchmark.pedantic(one_round, rounds=SHAPES[shape], warmup_rounds=0, iterations=1)
-    benchmark.extra_info["others_cpu_share"] = others.share
+    time_operations(
+        benchmark, operations, suite="serving", kind="forward",
+        shape=f"{len(ROWS) * TOKENS_PER_ROW}x{in_features}x{out_features}", rounds=SHAPES[shape],
+    )
 
     # the three compute what they should: the same outputs where rows share an adapter
     with torch.no_grad():

@@ -355,11 +355,21 @@ def time_sequential(
 def time_paired(
     benchmark: Any, cases: dict[str, Case], *, suite: str, kind: str, shape: tuple[int, int, int], rounds: int,
 ) -> None:
-    """All ``cases`` interleaved round by round (see :func:`paired_rounds`), times in extra_info."""
-    one_round, times = paired_rounds({name: case.operation(kind) for name, case in cases.items()})
+    """All ``cases``' ``kind`` steps interleaved round by round, as :func:`time_operations`."""
+    operations = {name: case.operation(kind) for name, case in cases.items()}
+    time_operations(benchmark, operations, suite=suite, kind=kind, shape=shape_id(shape), rounds=rounds)
+
+
+def time_operations(
+    benchmark: Any, operations: dict[str, Callable[[], None]], *, suite: str, kind: str, shape: str,
+    rounds: int, warmup: int = 2,
+) -> None:
+    """``operations`` interleaved round by round (see :func:`paired_rounds`), their times in
+    extra_info under ``suite``/``kind``/``shape``, where ``report.py`` reads them."""
+    one_round, times = paired_rounds(operations, warmup=warmup)
     prefix = "" if suite == "layers" else f"{suite} "
-    benchmark.group = f"{prefix}paired {kind} {shape_id(shape)}"
-    benchmark.extra_info.update(suite=suite, kind=kind, shape=shape_id(shape), mode="paired", times=times)
+    benchmark.group = f"{prefix}paired {kind} {shape}"
+    benchmark.extra_info.update(suite=suite, kind=kind, shape=shape, mode="paired", times=times)
     with OthersCpuShare() as others:
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     benchmark.extra_info["others_cpu_share"] = others.share
