@@ -104,6 +104,27 @@ def test_multi_lora_linear_matches_the_float64_formula(rows, leading) -> None:
             torch.testing.assert_close(stack(x).double(), base_out, rtol=1e-5, atol=1e-5)
 
 
+def test_add_adapter_rejects_bad_input() -> None:
+    stack = pl.MultiLoRALinear(nn.Linear(5, 4))
+    lora_A, lora_B = torch.zeros(2, 5), torch.zeros(4, 2)
+    cases = [
+        (("a.b", lora_A, lora_B, 1.0), ValueError, r"name: a name must be a non-empty str without '\.', got 'a\.b'"),
+        ((3, lora_A, lora_B, 1.0), ValueError, "name: a name must be a non-empty str without '.', got 3"),
+        (("a", lora_A.long(), lora_B, 1.0), TypeError, "lora_A: expected a floating Tensor"),
+        (("a", lora_A, [[0.0]], 1.0), TypeError, "lora_B: expected a floating Tensor"),
+        (("a", lora_A, lora_B, float("inf")), ValueError, "scaling: expected a finite real number, got inf"),
+        (("a", lora_A, lora_B, True), ValueError, "scaling: expected a finite real number, got True"),
+        (("a", lora_A, torch.zeros(3, 2), 1.0), ValueError, r"adapter 'a': A \(2, 5\) and B \(3, 2\) do not fit"),
+    ]
+    for arguments, error, match in cases:
+        with pytest.raises(error, match=match):
+            stack.add_adapter(*arguments)
+    assert stack.adapter_names == []
+    stack.add_adapter("a", lora_A, lora_B, 1.0)
+    with pytest.raises(ValueError, match="this layer already has an adapter named 'a'"):
+        stack.add_adapter("a", lora_A, lora_B, 1.0)
+
+
 def test_gradients_reach_the_input_through_a_stack() -> None:
     torch.manual_seed(0)
     stack = pl.MultiLoRALinear(nn.Linear(5, 4))

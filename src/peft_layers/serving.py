@@ -16,9 +16,11 @@ LoRA only, since a DoRA magnitude would need its own norm per adapter and row.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +79,15 @@ class MultiLoRALinear(nn.Module):
             )
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
-        """Add a frozen copy of ``(lora_A, lora_B)`` under ``name`` (checked as :meth:`check_adapter`)."""
+        """Add a frozen copy of ``(lora_A, lora_B)`` under ``name``: a non-empty str without
+        ``'.'``, floating tensors that fit the layer (:meth:`check_adapter`) and a finite
+        ``scaling``; anything else raises ``TypeError``/``ValueError``."""
+        _check_name(name, "name")
+        for argument, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise TypeError(f"{argument}: expected a floating Tensor, got {tensor!r:.80}")
+        if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(scaling):
+            raise ValueError(f"scaling: expected a finite real number, got {scaling!r}")
         self.check_adapter(name, lora_A, lora_B, f"adapter {name!r}")
         device = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), lora_A).device
         self.lora_A[name] = nn.Parameter(lora_A.detach().to(device, copy=True), requires_grad=False)
@@ -129,6 +139,12 @@ class MultiLoRALinear(nn.Module):
         return f"adapters (rank)={ranks}, active={self.active_adapter!r}"
 
 
+def _check_name(name: object, argument: str) -> None:
+    # ParameterDict keys cannot hold '.'
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{argument}: a name must be a non-empty str without '.', got {name!r}")
+
+
 def _check_names(adapters: object, taken: set[str]) -> list[str]:
     if not isinstance(adapters, Mapping):
         raise TypeError(
@@ -137,8 +153,7 @@ def _check_names(adapters: object, taken: set[str]) -> list[str]:
     if not adapters:
         raise ValueError("adapters: expected at least one adapter, got an empty mapping")
     for name in adapters:
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapters: a name must be a non-empty str without '.', got {name!r}")
+        _check_name(name, "adapters")
         if name in taken:
             raise ValueError(f"adapters: the name {name!r} is taken; the model already has {sorted(taken)}")
     return list(adapters)
