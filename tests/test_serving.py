@@ -187,6 +187,40 @@ def test_a_shared_module_gets_one_stack(two_adapters, tmp_path: Path) -> None:
         pl.stack_adapters(shared_model(), {"math": two_adapters["math"]})
 
 
+def test_unload_gives_back_the_original_layers(tmp_path: Path) -> None:
+    x = tokens(batch=2)
+    model = shared_model()
+    originals = dict(model.named_modules(remove_duplicate=False))
+    with torch.no_grad():
+        expected = model(x)
+    own = trained_adapter(tmp_path, "own", ["k_proj"], 5, rank=3)
+    pl.load_adapter(model, own)  # a LoRA layer is stacked too: its base comes back
+    shared = pl.inject_lora(shared_model(), ["v_proj"], rank=2)
+    with torch.no_grad():
+        shared.layers[0].attn.v_proj.lora_B.normal_()
+    pl.stack_adapters(model, {"s": pl.save_adapter(shared, tmp_path / "shared")})
+    pl.set_adapter(model, "s")
+    assert model.layers[1].attn.v_proj is model.layers[0].attn.v_proj  # one stack, two names
+    pl.unload(model)
+    assert not any(isinstance(m, (pl.MultiLoRALinear, pl.LoRALinear)) for m in model.modules())
+    for name, module in model.named_modules(remove_duplicate=False):
+        assert module is originals[name], name
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_tools_for_trained_adapters_name_the_stacks(two_adapters, tmp_path: Path) -> None:
+    model = pl.stack_adapters(tiny_model(), {"math": two_adapters["math"]})
+    for call, caller in [
+        (pl.merge_and_unload, r"merge_and_unload\(\)"),
+        (pl.merge_adapters, r"merge_adapters\(\)"),
+        (lambda m: pl.save_adapter(m, tmp_path / "out"), r"save_adapter\(\)"),
+    ]:
+        with pytest.raises(ValueError, match=caller + r": the model's adapters are stacked for serving.*unload\(model\)"):
+            call(model)
+    assert not (tmp_path / "out").exists()
+
+
 def snapshot(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:
     return [type(m).__name__ for m in model.modules()], copy.deepcopy(model.state_dict())
 

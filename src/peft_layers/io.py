@@ -47,6 +47,7 @@ from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear
 from .model import (
     METHODS,
+    _adapter_layers_or_raise,
     _inside_adapter,
     _set_module,
     _suffix_matches,
@@ -601,9 +602,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors (Hugging Face keys) and the config of ``model``'s adapter."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    layers = list(iter_adapter_layers(model))
-    if not layers:
-        raise ValueError("save_adapter(): model has no adapter layers; inject_adapters() first")
+    layers = _adapter_layers_or_raise(model, "save_adapter()")
     if any(name == "" for name, _ in layers):
         raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
     method = _uniform(layers, "method", method_of)

@@ -195,9 +195,22 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def _stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each ``MultiLoRALinear`` of ``model`` (adapters stacked for serving) once, with its name."""
+    from .serving import MultiLoRALinear  # serving builds on this module: import it late
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
+
+
 def _adapter_layers_or_raise(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
     layers = list(iter_adapter_layers(model))
     if not layers:
+        if _stacked_layers(model):
+            raise ValueError(
+                f"{caller}: the model's adapters are stacked for serving (stack_adapters()), which "
+                f"{caller} does not work on; unload(model) takes the stacks off (load_adapter() then "
+                "puts one adapter on as trainable layers)"
+            )
         raise ValueError(f"{caller}: model has no adapter layers; call inject_adapters() first")
     return layers
 
@@ -355,9 +368,11 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_layers(model: nn.Module, build: Callable[[LoRALinear], nn.Module], caller: str) -> None:
+def _replace_layers(
+    model: nn.Module, layers: list[tuple[str, Any]], build: Callable[[Any], nn.Module], caller: str
+) -> None:
+    """Put ``build(layer)`` in place of each layer, under every name the layer has."""
     names = _module_names(model)
-    layers = _adapter_layers_or_raise(model, caller)
     new_modules = [(names[id(layer)], build(layer)) for _, layer in _progress(layers, caller)]
     for layer_names, new in new_modules:
         for name in layer_names:
@@ -378,7 +393,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         linear = layer.to_linear()
         return linear.to(dtype or layer.compute_dtype)
 
-    _replace_layers(model, build, "merge_and_unload()")
+    _replace_layers(model, _adapter_layers_or_raise(model, "merge_and_unload()"), build, "merge_and_unload()")
     return model
 
 
@@ -386,15 +401,19 @@ def unload(model: nn.Module) -> nn.Module:
     """Put the original layers back and drop the adapters (merged layers are unmerged first).
 
     For a layer built from an ``nn.Linear`` the original module object comes back. A quantized
-    layer gives back its quantized base.
+    layer gives back its quantized base. Layers stacked for serving (``MultiLoRALinear``, from
+    ``stack_adapters``) give back their base layer too, with all their adapters dropped.
     """
+    layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
+    if not layers:
+        raise ValueError("unload(): model has no adapter layers; call inject_adapters() first")
 
-    def build(layer: LoRALinear) -> nn.Module:
-        if layer.merged:
+    def build(layer: Any) -> nn.Module:
+        if isinstance(layer, LoRALinear) and layer.merged:
             layer.unmerge()
         return layer.base_layer
 
-    _replace_layers(model, build, "unload()")
+    _replace_layers(model, layers, build, "unload()")
     return model
 
 
