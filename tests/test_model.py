@@ -380,7 +380,14 @@ def test_many_layers_go_through_the_progress_bar_unchanged(capsys: pytest.Captur
         expected = model(x)
     pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear), rank=2)
     assert len(adapter_names(model)) == PROGRESS_MIN_LAYERS + 3
-    pl.merge_and_unload(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected)  # B = 0: the merge is the base
+        torch.testing.assert_close(model(x), expected)  # B = 0: a fresh adapter is the base
+        randomize_adapters(model)
+        unmerged = model(x)
+        pl.merge_adapters(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+        pl.unmerge_adapters(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+        pl.merge_and_unload(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
     assert capsys.readouterr().err == ""  # not a terminal: tqdm stays silent

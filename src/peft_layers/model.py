@@ -349,7 +349,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
     if bad:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
-    for _, layer in layers:
+    for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
         layer.merge()
     return model
 
@@ -363,7 +363,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     merged = [layer for _, layer in layers if layer.merged]
     if not merged:
         raise ValueError("unmerge_adapters(): no adapter layer is merged")
-    for layer in merged:
+    for layer in _progress(merged, "unmerge_adapters()"):
         layer.unmerge()
     return model
 
