@@ -219,6 +219,8 @@ def test_tools_for_trained_adapters_name_the_stacks(two_adapters, tmp_path: Path
         with pytest.raises(ValueError, match=caller + r": the model's adapters are stacked for serving.*unload\(model\)"):
             call(model)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"'layers.0.attn.q_proj.base_layer' already has an adapter \(MultiLoRALinear\)"):
+        pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear))
 
 
 def snapshot(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:

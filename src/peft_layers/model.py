@@ -171,15 +171,22 @@ def _module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _inside_adapter(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` lies inside an adapter layer (its ``base_layer`` or deeper)."""
-    parts = name.split(".")
+def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
+    """The adapter layer, or stack of served adapters, that ``name`` lies inside (as its
+    ``base_layer`` or deeper), or None."""
+    from .serving import MultiLoRALinear  # serving builds on this module: import it late
+
     module = model
-    for part in parts[:-1]:
+    for part in name.split(".")[:-1]:
         module = getattr(module, part)
-        if isinstance(module, LoRALinear):
-            return True
-    return False
+        if isinstance(module, (LoRALinear, MultiLoRALinear)):
+            return module
+    return None
+
+
+def _inside_adapter(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` lies inside an adapter layer or a stack (its ``base_layer`` or deeper)."""
+    return _enclosing_adapter(model, name) is not None
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -283,9 +290,10 @@ def inject_adapters(
             module = modules[name]
             if any(_part_matches(e, name, module) for e in exclude_parts):
                 continue
-            if isinstance(module, LoRALinear) or _inside_adapter(model, name):
+            holder = module if isinstance(module, LoRALinear) else _enclosing_adapter(model, name)
+            if holder is not None:
                 raise ValueError(
-                    f"targets: {name!r} already has an adapter ({type(module).__name__}); "
+                    f"targets: {name!r} already has an adapter ({type(holder).__name__}); "
                     "injecting twice into a layer is not allowed (unload() first)"
                 )
             if not _accepts(module, method):
