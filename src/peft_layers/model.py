@@ -171,15 +171,22 @@ def _module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _stack_class() -> type[nn.Module]:
+    """``serving.MultiLoRALinear``, the layer of adapters stacked for serving (serving builds on
+    this module, so it is imported late)."""
+    from .serving import MultiLoRALinear
+
+    return MultiLoRALinear
+
+
 def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
     """The adapter layer, or stack of served adapters, that ``name`` lies inside (as its
     ``base_layer`` or deeper), or None."""
-    from .serving import MultiLoRALinear  # serving builds on this module: import it late
-
+    holders = (LoRALinear, _stack_class())
     module = model
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
-        if isinstance(module, (LoRALinear, MultiLoRALinear)):
+        if isinstance(module, holders):
             return module
     return None
 
@@ -204,9 +211,8 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def _stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Each ``MultiLoRALinear`` of ``model`` (adapters stacked for serving) once, with its name."""
-    from .serving import MultiLoRALinear  # serving builds on this module: import it late
-
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
+    stack_class = _stack_class()
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, stack_class)]
 
 
 def _adapter_layers_or_raise(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:

@@ -475,13 +475,11 @@ class QuantizedLinear(nn.Module):
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         # bitsandbytes' kernels produce 16/32-bit floats; float64 is the exact float32 result cast
         kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
-        modules = _bnb.load()
         if self.scheme == "int8":
-            if modules is None:
-                weight = ref.dequantize_int8_rowwise(self.weight, self.absmax)
-            else:
-                weight = modules[1].int8_vectorwise_dequant(self.weight, self.absmax)
-            return weight.to(dtype)
+            # bitsandbytes' int8_vectorwise_dequant is this formula in plain torch ops on every
+            # device; the reference gives the same bits with one allocation instead of two
+            return ref.dequantize_int8_rowwise(self.weight, self.absmax, dtype)
+        modules = _bnb.load()
         # On the CPU, bitsandbytes 0.50's dequantize_4bit kernel reads the absmax of a block that
         # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
