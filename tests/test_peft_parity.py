@@ -108,7 +108,7 @@ def _four_bit_model(base: nn.Sequential) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
-def test_quantized_training_trajectory_equals_hugging_face_peft(method: str) -> None:
+def test_quantized_training_trajectory_equals_hugging_face_peft(method: str, tmp_path) -> None:
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
@@ -133,3 +133,9 @@ def test_quantized_training_trajectory_equals_hugging_face_peft(method: str) -> 
     theirs_losses = trajectory(theirs, 20, target)
     assert ours_losses[-1] < 0.7 * ours_losses[0]
     torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(theirs_losses), rtol=1e-4, atol=1e-7)
+    # the trained adapter's files drive Hugging Face PEFT's 4-bit model to our outputs (kept in
+    # train mode, without dropout: an eval-mode forward would repack bitsandbytes' weight)
+    loaded = peft.PeftModel.from_pretrained(_four_bit_model(base), pl.save_adapter(ours, tmp_path / method)).train()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-6)
