@@ -136,6 +136,59 @@ def test_wraps_bnb_linear8bitlt() -> None:
         torch.testing.assert_close(layer(x), layer.base_layer(x))
 
 
+def _bnb_linear8bit(linear: nn.Linear) -> nn.Module:
+    module = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False)
+    module.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return module.to("cpu")  # quantizes
+
+
+def _bnb_model(kind: str) -> nn.Sequential:
+    make = _bnb_linear8bit if kind == "int8" else _bnb_linear4bit
+    return nn.Sequential(make(make_linear(1)), nn.ReLU(), nn.Linear(OUT, IN))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_unload_gives_back_the_bitsandbytes_module(kind: str, method: str) -> None:
+    model = _bnb_model(kind).train()  # train mode: a 4-bit eval forward would repack the weight
+    original = model[0]
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        expected = model(x)
+    pl.inject_adapters(model, ["0"], method=method, rank=4)
+    assert model[0].base_layer.bnb_module is original
+    randomize_adapter(model[0], scale=0.2)
+    model.to("cpu")  # a move to where the tensors already are keeps the shared storage
+    pl.unload(model)
+    assert model[0] is original
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
+    # a merge requantizes into new storage: unload gives the QuantizedLinear, not a stale module
+    model = _bnb_model("nf4").train()
+    pl.inject_adapters(model, ["0"], method="qlora", rank=4)
+    randomize_adapter(model[0], scale=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the requantization warning
+        pl.merge_adapters(model)
+        pl.unload(model)  # unmerges, requantizing again
+    assert isinstance(model[0], QuantizedLinear) and model[0].bnb_module is None
+    # load_state_dict writes the shared weight in place, but not the module's own statistics
+    layer = QuantizedLinear.from_bnb(_bnb_linear4bit(make_linear()))
+    assert layer.bnb_module is not None
+    layer.load_state_dict(QuantizedLinear.from_linear(make_linear(2), "nf4").state_dict())
+    assert layer.bnb_module is None
+    # a layer not built from bitsandbytes, and the copy of one (storage of its own, no module)
+    assert QuantizedLinear.from_linear(make_linear(), "nf4").bnb_module is None
+    source = QuantizedLinear.from_bnb(_bnb_linear8bit(make_linear()))
+    twin = copy.deepcopy(source)
+    assert source.bnb_module is not None and twin.bnb_module is None
+    assert torch.equal(twin.dequantize(), source.dequantize())
+
+
 def test_train_eval_train_merge_stays_right_after_a_cpu_repack() -> None:
     """bitsandbytes repacks a 4-bit weight in place on its first CPU eval forward (on CPUs with
     AVX512-BF16); our layer must read the right weight through train -> eval -> train -> merge."""
@@ -152,6 +205,8 @@ def test_train_eval_train_merge_stays_right_after_a_cpu_repack() -> None:
         except Exception:  # noqa: BLE001 - an unsupported CPU: the plain layout is tested below
             pass
     layer = QDoRALinear.from_linear(module, rank=4)
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        assert layer.base_layer.bnb_module is None  # converted, not shared: unload gives ours
     # the repacked layout keeps absmax in bfloat16: the weight comes back to within its rounding
     torch.testing.assert_close(layer.base_layer.dequantize(), true_weight, rtol=2.0**-8, atol=1e-7)
     true_weight = layer.base_layer.dequantize()

@@ -415,8 +415,11 @@ def unload(model: nn.Module) -> nn.Module:
     """Put the original layers back and drop the adapters (merged layers are unmerged first).
 
     For a layer built from an ``nn.Linear`` the original module object comes back. A quantized
-    layer gives back its quantized base. Layers stacked for serving (``MultiLoRALinear``, from
-    ``stack_adapters``) give back their base layer too, with all their adapters dropped.
+    layer built from a bitsandbytes ``Linear4bit``/``Linear8bitLt`` gives back that module while
+    it still holds the layer's weight (see ``QuantizedLinear.bnb_module``: not after a merge, which
+    requantizes); otherwise its ``QuantizedLinear`` base. Layers stacked for serving
+    (``MultiLoRALinear``, from ``stack_adapters``) give back their base layer too, with all their
+    adapters dropped.
     """
     layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
     if not layers:
@@ -425,7 +428,9 @@ def unload(model: nn.Module) -> nn.Module:
     def build(layer: Any) -> nn.Module:
         if isinstance(layer, LoRALinear) and layer.merged:
             layer.unmerge()
-        return layer.base_layer
+        base = layer.base_layer
+        original = base.bnb_module if isinstance(base, QuantizedLinear) else None
+        return base if original is None else original
 
     _replace_layers(model, layers, build, "unload()")
     return model

@@ -179,6 +179,9 @@ class QuantizedLinear(nn.Module):
         #: int8 only: multiply with bitsandbytes' int8 kernel, activations quantized to int8 too
         #: (faster, but no longer exactly x @ dequantize()^T; see docs/quantization.md)
         self.int8_activations = False
+        # (bitsandbytes module, its weight tensor) when built by from_bnb over shared storage;
+        # a tuple, so that nn.Module does not register the module as a child
+        self._bnb_source: tuple[nn.Module, Tensor] | None = None
         self._allocate(device)
         if bias:
             self.bias = nn.Parameter(
@@ -314,6 +317,7 @@ class QuantizedLinear(nn.Module):
         if getattr(state, "packing_format_for_cpu", False):
             layer._store_4bit(data, absmax.float())  # re-applies double quantization if nested
         else:
+            layer._bnb_source = (module, data)
             layer.weight = nn.Parameter(data, requires_grad=False)
             layer.absmax = absmax
             layer.code = state.code
@@ -349,10 +353,33 @@ class QuantizedLinear(nn.Module):
             compute_dtype=compute_dtype or torch.float32,
             device=codes.device,
         )
+        layer._bnb_source = (module, codes)
         layer.weight = nn.Parameter(codes, requires_grad=False)
         layer.absmax = row_absmax
         layer._take_bias(module)
         return layer
+
+    @property
+    def bnb_module(self) -> nn.Module | None:
+        """The bitsandbytes ``Linear4bit``/``Linear8bitLt`` this layer wraps (built by
+        :meth:`from_bnb`), while both still hold the same quantized weight; else None.
+
+        None when the layer was not built from a bitsandbytes module, when ``from_bnb`` had to
+        convert the weight (a CPU-repacked 4-bit weight), or once the weight was requantized,
+        loaded from a state dict or moved to other storage. ``peft_layers.unload`` gives this
+        module back in place of the layer, so a model loaded by transformers in 4 or 8 bits gets
+        its own layers back.
+        """
+        source = self.__dict__.get("_bnb_source")  # absent in layers pickled by older versions
+        if source is None or source[1].untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
+            return None
+        return source[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or a pickle holds storage of its own: the wrapped bitsandbytes module stays behind
+        state = dict(super().__getstate__())
+        state.pop("_bnb_source", None)
+        return state
 
     def _take_bias(self, module: nn.Module) -> None:
         if module.bias is not None:
@@ -381,6 +408,7 @@ class QuantizedLinear(nn.Module):
             else:
                 self._store_4bit(*self._quantize_4bit(dense))
         self.version += 1
+        self._bnb_source = None
 
     def _quantize_4bit(self, dense: Tensor) -> tuple[Tensor, Tensor]:
         """(packed codes, float32 absmax) of a float32 weight."""
@@ -563,6 +591,7 @@ class QuantizedLinear(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.version += 1
+        self._bnb_source = None  # the weight was written in place, the module's statistics were not
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> QuantizedLinear:
         # .to(device) moves every tensor; a dtype cast (.half(), .to(torch.bfloat16)) must not
@@ -574,6 +603,8 @@ class QuantizedLinear(nn.Module):
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         self.version += 1
+        if self.bnb_module is None:  # moved: do not keep the module's old storage alive
+            self._bnb_source = None
         return self
 
     def extra_repr(self) -> str:
