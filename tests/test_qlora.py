@@ -187,6 +187,8 @@ def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
     twin = copy.deepcopy(source)
     assert source.bnb_module is not None and twin.bnb_module is None
     assert torch.equal(twin.dequantize(), source.dequantize())
+    source.half()  # casts this layer's bias, not the module's: they no longer match
+    assert source.bnb_module is None
 
 
 def test_train_eval_train_merge_stays_right_after_a_cpu_repack() -> None:

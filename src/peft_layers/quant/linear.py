@@ -371,9 +371,12 @@ class QuantizedLinear(nn.Module):
         its own layers back.
         """
         source = self.__dict__.get("_bnb_source")  # absent in layers pickled by older versions
-        if source is None or source[1].untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
+        if source is None:
             return None
-        return source[0]
+        module, weight = source
+        if not _same_storage(weight, self.weight) or not _same_storage(module.bias, self.bias):
+            return None  # e.g. moved, or model.half() cast this layer's bias but not the module's
+        return module
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy or a pickle holds storage of its own: the wrapped bitsandbytes module stays behind
@@ -615,6 +618,13 @@ class QuantizedLinear(nn.Module):
         if self.scheme != "int8":
             text += f", blocksize={self.blocksize}, double_quant={self.double_quant}"
         return text + f", compute_dtype={self.compute_dtype}"
+
+
+def _same_storage(a: Tensor | None, b: Tensor | None) -> bool:
+    """Both None, or both tensors over the same memory."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _undo_cpu_repack(data: Tensor, state: Any) -> tuple[Tensor, Tensor]:
