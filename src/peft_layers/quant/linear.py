@@ -380,7 +380,8 @@ class QuantizedLinear(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy or a pickle holds storage of its own: the wrapped bitsandbytes module stays behind
-        state = dict(super().__getstate__())
+        parent = getattr(super(), "__getstate__", None)  # nn.Module's, or object's (Python >= 3.11)
+        state = dict(parent()) if parent is not None else self.__dict__.copy()
         state.pop("_bnb_source", None)
         return state
 
