@@ -186,6 +186,7 @@ def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
     source = QuantizedLinear.from_bnb(_bnb_linear8bit(make_linear()))
     twin = copy.deepcopy(source)
     assert source.bnb_module is not None and twin.bnb_module is None
+    assert twin.__dict__.get("_bnb_source") is None  # the copy holds no copy of the module either
     assert torch.equal(twin.dequantize(), source.dequantize())
     source.half()  # casts this layer's bias, not the module's: they no longer match
     assert source.bnb_module is None
