@@ -216,10 +216,11 @@ class DoRALinear(LoRALinear):
             raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
         with torch.no_grad(), autocast_off(self.lora_A.device.type):
             lora_A, lora_B, _ = self._adapter_tensors(self.compute_dtype)
-            return factored_row_norm(
-                self.base_row_norm_sq(), lora_A, lora_B, self._base_times_A(lora_A),
-                self.scaling, self.epsilon,
-            )
+            return self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
+
+    def _row_norm(self, lora_A: Tensor, lora_B: Tensor, base_times_A: Tensor) -> Tensor:
+        """:func:`factored_row_norm` with this layer's cached ``||W0||^2``, ``s`` and ``epsilon``."""
+        return factored_row_norm(self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon)
 
     def _base_times_A(self, lora_A: Tensor) -> Tensor:
         """``A W0^T``, shape (r, out), computed as ``(W0 A^T)^T`` (the faster orientation)."""
@@ -294,10 +295,7 @@ class DoRALinear(LoRALinear):
             else:
                 z = self._base_matmul(x)
                 base_times_A = self._base_times_A(lora_A)
-            norm = factored_row_norm(
-                self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon
-            )
-            gain = magnitude_gain(self.magnitude, norm, z.dtype)
+            gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)
             self._inference_gain_cache = None if key is None else (key, gain)
         z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         if bias is None:
@@ -308,9 +306,7 @@ class DoRALinear(LoRALinear):
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
         with torch.no_grad():  # n is detached: no gradient flows through the norm
-            norm = factored_row_norm(
-                self.base_row_norm_sq(), lora_A, lora_B, self._base_times_A(lora_A), self.scaling, self.epsilon
-            )
+            norm = self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
         gain = magnitude_gain(self.magnitude, norm, base_out.dtype)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)
