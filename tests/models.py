@@ -1,7 +1,9 @@
-"""A small transformer-shaped model for the model-level tests.
+"""A small transformer-shaped model for the model-level tests, and bitsandbytes layers.
 
 Attention with q/k/v/o projections, an MLP, LayerNorms, and an output head tied to the token
 embedding: the shapes and module names of a decoder block, small enough to train in milliseconds.
+``bnb_linear4bit``/``bnb_linear8bit`` build the quantized layers transformers' 4-bit/8-bit
+loading produces, from a float ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -76,3 +78,31 @@ def tiny_model(seed: int = 0, **kwargs: int) -> TinyTransformer:
 def tokens(seed: int = 1, batch: int = 2, length: int = 8, vocab: int = 50) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+# ---- bitsandbytes layers, as transformers' 4-bit / 8-bit loading builds them ----------------------
+def bnb_linear4bit(linear: nn.Linear, quant_type: str = "nf4") -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` with ``linear``'s weight and bias, quantized (on the CPU).
+    Quantizing is deterministic: two calls on one ``linear`` give the same bits."""
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=torch.float32, quant_type=quant_type,
+    )
+    module.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return module.to("cpu")  # quantizes
+
+
+def bnb_linear8bit(linear: nn.Linear) -> nn.Module:
+    """A bitsandbytes ``Linear8bitLt`` (int8 weight) with ``linear``'s weight and bias."""
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 has_fp16_weights=False)
+    module.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return module.to("cpu")  # quantizes

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import peft_layers as pl
+from models import bnb_linear4bit
 
 peft = pytest.importorskip("peft")
 
@@ -91,20 +92,8 @@ def test_llama_trained_under_autocast_round_trips_through_hugging_face_peft(meth
 
 
 def _four_bit_model(base: nn.Sequential) -> nn.Sequential:
-    """``base`` with its Linears as bitsandbytes NF4 ``Linear4bit`` (quantizing is deterministic:
-    two calls give the same bits)."""
-    import bitsandbytes as bnb
-
-    layers = []
-    for module in base:
-        if isinstance(module, nn.Linear):
-            four_bit = bnb.nn.Linear4bit(module.in_features, module.out_features, compute_dtype=torch.float32,
-                                         quant_type="nf4")
-            four_bit.weight = bnb.nn.Params4bit(module.weight.detach().clone(), requires_grad=False, quant_type="nf4")
-            four_bit.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-            module = four_bit.to("cpu")  # quantizes
-        layers.append(module)
-    return nn.Sequential(*layers)
+    """``base`` with its Linears as bitsandbytes NF4 ``Linear4bit`` (the same bits on every call)."""
+    return nn.Sequential(*(bnb_linear4bit(m) if isinstance(m, nn.Linear) else m for m in base))
 
 
 @pytest.mark.parametrize("method", ["qlora", "qdora"])

@@ -15,7 +15,7 @@ from peft_layers.model import iter_adapter_layers
 from peft_layers.qlora import QDoRALinear, QLoRALinear
 from peft_layers.quant import QuantizedLinear
 
-from models import tiny_model, tokens
+from models import bnb_linear4bit, bnb_linear8bit, tiny_model, tokens
 from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -97,17 +97,9 @@ def test_qdora_magnitude_starts_at_row_norms_of_dequantized_weight() -> None:
     assert not torch.allclose(expected, make_linear().weight.detach().double().norm(dim=1), rtol=1e-4)
 
 
-def _bnb_linear4bit(linear: nn.Linear, quant_type: str = "nf4") -> nn.Module:
-    module = bnb.nn.Linear4bit(IN, OUT, bias=linear.bias is not None, compute_dtype=torch.float32, quant_type=quant_type)
-    module.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type)
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return module.to("cpu")  # quantizes
-
-
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
 def test_wraps_bnb_linear4bit_without_requantizing(cls: type) -> None:
-    module = _bnb_linear4bit(make_linear())
+    module = bnb_linear4bit(make_linear())
     expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
     layer = cls.from_linear(module, rank=4)
     torch.testing.assert_close(layer.base_layer.dequantize(), expected, rtol=0, atol=0)
@@ -121,11 +113,7 @@ def test_wraps_bnb_linear4bit_without_requantizing(cls: type) -> None:
 
 def test_wraps_bnb_linear8bitlt() -> None:
     linear = make_linear()
-    module = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False)
-    module.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
-    module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    module = module.to("cpu")
-    layer = QLoRALinear.from_linear(module, rank=4)
+    layer = QLoRALinear.from_linear(bnb_linear8bit(linear), rank=4)
     # row-wise int8: every value within half a step (absmax_row / 127 / 2) of the original, plus
     # the fp16 rounding bitsandbytes applies to the weight before quantizing it (2^-11 relative)
     error = (layer.base_layer.dequantize() - linear.weight.detach()).abs()
@@ -136,15 +124,8 @@ def test_wraps_bnb_linear8bitlt() -> None:
         torch.testing.assert_close(layer(x), layer.base_layer(x))
 
 
-def _bnb_linear8bit(linear: nn.Linear) -> nn.Module:
-    module = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False)
-    module.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
-    module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return module.to("cpu")  # quantizes
-
-
 def _bnb_model(kind: str) -> nn.Sequential:
-    make = _bnb_linear8bit if kind == "int8" else _bnb_linear4bit
+    make = bnb_linear8bit if kind == "int8" else bnb_linear4bit
     return nn.Sequential(make(make_linear(1)), nn.ReLU(), nn.Linear(OUT, IN))
 
 
@@ -177,13 +158,13 @@ def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
         pl.unload(model)  # unmerges, requantizing again
     assert isinstance(model[0], QuantizedLinear) and model[0].bnb_module is None
     # load_state_dict writes the shared weight in place, but not the module's own statistics
-    layer = QuantizedLinear.from_bnb(_bnb_linear4bit(make_linear()))
+    layer = QuantizedLinear.from_bnb(bnb_linear4bit(make_linear()))
     assert layer.bnb_module is not None
     layer.load_state_dict(QuantizedLinear.from_linear(make_linear(2), "nf4").state_dict())
     assert layer.bnb_module is None
     # a layer not built from bitsandbytes, and the copy of one (storage of its own, no module)
     assert QuantizedLinear.from_linear(make_linear(), "nf4").bnb_module is None
-    source = QuantizedLinear.from_bnb(_bnb_linear8bit(make_linear()))
+    source = QuantizedLinear.from_bnb(bnb_linear8bit(make_linear()))
     twin = copy.deepcopy(source)
     assert source.bnb_module is not None and twin.bnb_module is None
     assert twin.__dict__.get("_bnb_source") is None  # the copy holds no copy of the module either
@@ -196,7 +177,7 @@ def test_train_eval_train_merge_stays_right_after_a_cpu_repack() -> None:
     """bitsandbytes repacks a 4-bit weight in place on its first CPU eval forward (on CPUs with
     AVX512-BF16); our layer must read the right weight through train -> eval -> train -> merge."""
     linear = make_linear()
-    module = _bnb_linear4bit(linear)
+    module = bnb_linear4bit(linear)
     true_weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
     repack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
     if repack is not None:
@@ -344,7 +325,7 @@ def test_bad_input() -> None:
     with pytest.raises(TypeError, match="Embedding"):
         QLoRALinear.from_linear(bnb.nn.StableEmbedding(10, 8))
     with pytest.raises(TypeError, match="QLoRALinear"):
-        pl.LoRALinear.from_linear(_bnb_linear4bit(make_linear()))
+        pl.LoRALinear.from_linear(bnb_linear4bit(make_linear()))
     with pytest.raises(ValueError, match="input"):
         QLoRALinear(IN, OUT, rank=2)(torch.randn(3, IN + 1))
 
