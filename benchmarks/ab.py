@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from harness import ALPHA, RANK, Case, configure_torch, make_linear, paired_rounds, perturb_adapter_
+from harness import ALPHA, KINDS, RANK, Case, configure_torch, make_linear, paired_rounds, perturb_adapter_
 from report import median_ci
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", default="HEAD", help="git revision to compare against (default HEAD)")
     parser.add_argument("--layer", choices=sorted(LAYERS), default="lora")
-    parser.add_argument("--kind", choices=("train", "train_noloss", "forward"), default="train")
+    parser.add_argument("--kind", choices=KINDS, default="train")
     parser.add_argument("--size", type=int, default=1024, help="in = out features (tokens: 512)")
     parser.add_argument("--rounds", type=int, default=150)
     args = parser.parse_args(argv)

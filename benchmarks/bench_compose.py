@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness import ALPHA, RANK, time_operations
+from harness import ALPHA, RANK, hf_peft_model, time_operations
 
 from peft_layers.compose import combine
 from peft_layers.lora import LoRALinear
@@ -43,25 +43,10 @@ def _adapted_layers(out_features: int, in_features: int) -> list[LoRALinear]:
 
 def _hf_model(layers: list[LoRALinear]) -> nn.Module:
     """A PeftModel over one linear layer holding the same two adapters as ``layers``."""
-    base = layers[0].base_layer
-
-    class One(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
-    config = dict(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
-    model = peft.get_peft_model(One(), peft.LoraConfig(**config), adapter_name="first")
-    model.add_adapter("second", peft.LoraConfig(**config))
-    target = model.base_model.model.proj
-    with torch.no_grad():
-        for name, layer in zip(("first", "second"), layers):
-            target.lora_A[name].weight.copy_(layer.lora_A)
-            target.lora_B[name].weight.copy_(layer.lora_B)
-    return model
+    return hf_peft_model(
+        layers[0].base_layer,
+        {name: (layer.lora_A, layer.lora_B) for name, layer in zip(("first", "second"), layers)},
+    )
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=[f"{o}x{i}" for o, i in SHAPES])

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from harness import ALPHA, RANK, make_linear, time_operations
+from harness import ALPHA, RANK, hf_peft_model, make_linear, time_operations
 
 import peft_layers as pl
 
@@ -34,25 +33,6 @@ def _adapters(in_features: int, out_features: int) -> dict[str, tuple[torch.Tens
     }
 
 
-def _hf_layer(base: nn.Linear, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    class One(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = base
-
-    config = dict(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
-    names = list(adapters)
-    model = peft.get_peft_model(One(), peft.LoraConfig(**config), adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, peft.LoraConfig(**config))
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        for name, (lora_A, lora_B) in adapters.items():
-            layer.lora_A[name].weight.copy_(lora_A)
-            layer.lora_B[name].weight.copy_(lora_B)
-    return layer.eval()
-
-
 @pytest.mark.parametrize("shape", list(SHAPES), ids=[f"512x{i}x{o}" for i, o in SHAPES])
 def test_paired(benchmark, shape: tuple[int, int]) -> None:
     in_features, out_features = shape
@@ -62,7 +42,7 @@ def test_paired(benchmark, shape: tuple[int, int]) -> None:
     for name, (lora_A, lora_B) in adapters.items():
         stack.add_adapter(name, lora_A, lora_B, ALPHA / RANK)
     stack.row_adapters = list(ROWS)
-    hf_layer = _hf_layer(make_linear(in_features, out_features), adapters)
+    hf_layer = hf_peft_model(make_linear(in_features, out_features), adapters).base_model.model.proj.eval()
     hf_names = [name or "__base__" for name in ROWS]
     x = torch.randn(len(ROWS), TOKENS_PER_ROW, in_features, generator=torch.Generator().manual_seed(2))
 

@@ -40,9 +40,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_LOAD_AT_START] = load_average()
 
 
-
-
-
 def _version(module: str) -> str:
     try:
         imported = __import__(module)

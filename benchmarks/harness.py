@@ -150,6 +150,24 @@ def hf_peft_layer(base: nn.Module, *, use_dora: bool) -> nn.Module:
     return model.base_model.model.proj
 
 
+def hf_peft_model(base: nn.Module, adapters: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+    """A Hugging Face PEFT model over ``base`` (as ``proj``) holding ``adapters`` (name -> ``(A, B)``)
+    at rank 16, alpha 32, the first one active."""
+    from peft import LoraConfig, get_peft_model
+
+    config = dict(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
+    names = list(adapters)
+    model = get_peft_model(_Holder(base), LoraConfig(**config), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, LoraConfig(**config))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in adapters.items():
+            layer.lora_A[name].weight.copy_(lora_A)
+            layer.lora_B[name].weight.copy_(lora_B)
+    return model
+
+
 def build_dense_variant(name: str, in_features: int, out_features: int) -> nn.Module:
     """One variant over a fresh copy of the seeded weight.
 
@@ -339,13 +357,17 @@ def shape_params(variants: tuple[str, ...]) -> list[Any]:
     return [pytest.param(shape, v, id=f"{shape_id(shape)}-{v}") for shape in SHAPES for v in variants]
 
 
+def _group(suite: str, label: str) -> str:
+    """pytest-benchmark's group: ``label``, prefixed with the suite's name outside ``layers``."""
+    return label if suite == "layers" else f"{suite} {label}"
+
+
 def time_sequential(
     benchmark: Any, case: Case, *, suite: str, kind: str, shape: tuple[int, int, int],
     rounds: int, warmup_rounds: int,
 ) -> None:
     """One pytest-benchmark of ``case``'s ``kind`` step (one of :data:`KINDS`), with metadata."""
-    prefix = "" if suite == "layers" else f"{suite} "
-    benchmark.group = f"{prefix}{kind} {shape_id(shape)}"
+    benchmark.group = _group(suite, f"{kind} {shape_id(shape)}")
     benchmark.extra_info.update(suite=suite, kind=kind, shape=shape_id(shape), variant=case.name)
     with OthersCpuShare() as others:
         benchmark.pedantic(case.operation(kind), rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
@@ -367,8 +389,7 @@ def time_operations(
     """``operations`` interleaved round by round (see :func:`paired_rounds`), their times in
     extra_info under ``suite``/``kind``/``shape``, where ``report.py`` reads them."""
     one_round, times = paired_rounds(operations, warmup=warmup)
-    prefix = "" if suite == "layers" else f"{suite} "
-    benchmark.group = f"{prefix}paired {kind} {shape}"
+    benchmark.group = _group(suite, f"paired {kind} {shape}")
     benchmark.extra_info.update(suite=suite, kind=kind, shape=shape, mode="paired", times=times)
     with OthersCpuShare() as others:
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
@@ -379,8 +400,7 @@ def measure_memory(benchmark: Any, case: Case, *, suite: str, shape: tuple[int, 
     """Peak tensor bytes and weight-sized allocations of one train step (after a first one)."""
     step = case.operation("train")
     step()  # first step outside: lazy caches and optimizer state exist before measuring
-    prefix = "" if suite == "layers" else f"{suite} "
-    benchmark.group = f"{prefix}memory {shape_id(shape)}"
+    benchmark.group = _group(suite, f"memory {shape_id(shape)}")
     benchmark.extra_info.update(suite=suite, kind="memory", shape=shape_id(shape), variant=case.name)
     weight_bytes = 4 * shape[1] * shape[2]
     memory = benchmark.pedantic(lambda: step_memory(step, weight_bytes), rounds=1, iterations=1)

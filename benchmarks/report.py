@@ -167,7 +167,6 @@ def load(path: Path) -> Results:
     paired: dict = {}
     sequential: dict = {}
     memory: dict = {}
-    shares: list[float] = []
     busy: dict = {}
     share_by_run: dict = {}
     for bench in data.get("benchmarks", []):
@@ -178,7 +177,6 @@ def load(path: Path) -> Results:
         if info.get("mode") == "paired":
             paired[(suite, kind, shape)] = info["times"]
             if info.get("others_cpu_share") is not None:
-                shares.append(float(info["others_cpu_share"]))
                 share_by_run[(suite, kind, shape)] = float(info["others_cpu_share"])
         elif kind == "memory":
             if "peak_bytes" in info:
@@ -190,7 +188,6 @@ def load(path: Path) -> Results:
             sequential[(suite, kind, shape, info["variant"])] = stats.get("data") or [stats["median"]]
             if info.get("others_cpu_share") is not None:
                 busy[(suite, kind, shape, info["variant"])] = float(info["others_cpu_share"])
-    data["paired_others_cpu_share"] = shares
     data["sequential_others_cpu_share"] = busy
     data["paired_share_by_run"] = share_by_run
     return Results(paired, sequential, memory, data)
@@ -317,7 +314,7 @@ def header(results: Results) -> list[str]:
     cpu = machine.get("cpu", {})
     commit = meta.get("commit_info", {})
     libs = ", ".join(f"{name} {version}" for name, version in libraries.items())
-    shares = meta.get("paired_others_cpu_share") or []
+    shares = list((meta.get("paired_share_by_run") or {}).values())
     start, end = machine.get("load_average_start"), machine.get("load_average_end")
     load_line = (
         f"- load average (1 min): {start[0] if start else '?'} at start, {end[0] if end else '?'} at end"
