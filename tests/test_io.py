@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -30,22 +31,12 @@ from peft_layers.model import adapter_state_dict, inject_adapters, iter_adapter_
 
 from reference import F64, direct_row_norm, dora_ref, lora_ref
 
-try:
-    import peft_layers.qlora  # noqa: F401
-
-    HAS_QLORA = True
-except ImportError:  # pragma: no cover - while qlora.py / quant/ are being written
-    HAS_QLORA = False
-needs_qlora = pytest.mark.skipif(not HAS_QLORA, reason="peft_layers.qlora does not import yet")
 # peft is a test dependency; it is imported inside the tests that use it (it is slow to import)
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
 
 PATHS = ("fc", "block.fc", "block.out")
-METHODS = [
-    "lora", "lora_plus", "dora",
-    pytest.param("qlora", marks=needs_qlora), pytest.param("qdora", marks=needs_qlora),
-]
+METHODS = ["lora", "lora_plus", "dora", "qlora", "qdora"]
 
 
 class Net(nn.Module):
@@ -239,7 +230,6 @@ def test_config_fields_and_patterns(tmp_path: Path) -> None:
         assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == layer.alpha
 
 
-@needs_qlora
 @pytest.mark.parametrize(
     "quant",
     [
@@ -251,7 +241,7 @@ def test_config_fields_and_patterns(tmp_path: Path) -> None:
 def test_quantization_is_recorded_and_reproduced(quant: dict, tmp_path: Path) -> None:
     model = adapted("qdora", **quant)
     save_adapter(model, tmp_path)
-    ours = json.loads((tmp_path / "adapter_config.json").read_text())["peft_layers"]
+    ours = our_field(tmp_path)
     expected = {
         "scheme": quant["quant"],
         "blocksize": quant.get("blocksize"),
@@ -268,7 +258,6 @@ def test_quantization_is_recorded_and_reproduced(quant: dict, tmp_path: Path) ->
     assert torch.equal(loaded(x), model(x))
 
 
-@needs_qlora
 @needs_peft
 def test_quantized_adapter_over_a_float_base_in_peft_and_ours(tmp_path: Path) -> None:
     import peft
@@ -277,9 +266,12 @@ def test_quantized_adapter_over_a_float_base_in_peft_and_ours(tmp_path: Path) ->
     # the adapter tensors are plain LoRA: both libraries can put them on the float base
     float_ours = load_adapter(base_net(), tmp_path, method="lora").eval()
     assert all(method_of(l) == "lora" for _, l in iter_adapter_layers(float_ours))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that it ignores our "peft_layers" field
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    # our field sits in the safetensors metadata, which Hugging Face PEFT does not read: in the
+    # config its loader would warn "Unexpected keyword arguments ['peft_layers']"
+    assert not [w for w in caught if "peft_layers" in str(w.message)]
     x = inputs()
     torch.testing.assert_close(theirs(x), float_ours(x), rtol=1e-5, atol=1e-5)
 
@@ -566,6 +558,25 @@ def edit_config(folder: Path, change) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
+def our_field(folder: Path) -> dict | None:
+    """Our "peft_layers" field, read with safetensors' own reader from the weights' metadata."""
+    assert "peft_layers" not in json.loads((folder / "adapter_config.json").read_text())
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt"
+    return None if "peft_layers" not in metadata else json.loads(metadata["peft_layers"])
+
+
+def edit_metadata(folder: Path, change) -> None:
+    """Rewrite the weights file with ``change(metadata)`` applied to its metadata."""
+    path = str(folder / "adapter_model.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(path)
+    change(metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
 def targets() -> list[nn.Module]:
     """A plain model (load injects) and one with LoRA layers (load fills)."""
     with_layers = inject_adapters(base_net(), list(PATHS), rank=4, rank_pattern={"^block\\.out": 2})
@@ -831,15 +842,37 @@ def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
 
 def test_our_field_for_methods_hf_cannot_name(tmp_path: Path) -> None:
     save_adapter(adapted("lora_plus", lr_ratio=4.0), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_layers"] == {"version": 1, "method": "lora_plus", "lr_ratio": 4.0}
+    assert our_field(tmp_path) == {"version": 1, "method": "lora_plus", "lr_ratio": 4.0}
     loaded = load_adapter(base_net(), tmp_path)
     assert all(isinstance(l, LoRAPlusLinear) and l.lr_ratio == 4.0 for _, l in iter_adapter_layers(loaded))
     save_adapter(adapted("dora", epsilon=1e-6), tmp_path / "eps")
-    config = json.loads((tmp_path / "eps" / "adapter_config.json").read_text())
-    assert config["peft_layers"] == {"version": 1, "method": "dora", "epsilon": 1e-6}
+    assert our_field(tmp_path / "eps") == {"version": 1, "method": "dora", "epsilon": 1e-6}
     loaded = load_adapter(base_net(), tmp_path / "eps")
     assert all(l.epsilon == 1e-6 for _, l in iter_adapter_layers(loaded))
-    edit_config(tmp_path, lambda c: c["peft_layers"].update(version=99))
-    with pytest.raises(ValueError, match="version 99 is not supported"):
+    save_adapter(adapted("dora"), tmp_path / "plain")
+    assert our_field(tmp_path / "plain") is None  # a LoraConfig says it all
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({"version": 99, "method": "lora_plus"})))
+    with pytest.raises(ValueError, match="adapter_model.safetensors: peft_layers.version 99 is not supported"):
         load_adapter(base_net(), tmp_path)
+
+
+def test_our_field_in_the_config_is_read_too(tmp_path: Path) -> None:
+    """Earlier development versions wrote the field into adapter_config.json; both places agree
+    or the load is refused, and a broken field names its file."""
+    model = adapted("lora_plus", lr_ratio=4.0)
+    save_adapter(model, tmp_path)
+    field = our_field(tmp_path)
+    edit_metadata(tmp_path, lambda m: m.pop("peft_layers"))
+    assert isinstance(next(iter_adapter_layers(load_adapter(base_net(), tmp_path)))[1], LoRALinear)
+    edit_config(tmp_path, lambda c: c.update(peft_layers=field))
+    loaded = load_adapter(base_net(), tmp_path)
+    assert all(isinstance(l, LoRAPlusLinear) and l.lr_ratio == 4.0 for _, l in iter_adapter_layers(loaded))
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps(field)))  # both, agreeing
+    assert all(l.lr_ratio == 4.0 for _, l in iter_adapter_layers(load_adapter(base_net(), tmp_path)))
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({**field, "lr_ratio": 2.0})))
+    assert_load_fails(tmp_path, ValueError, r"adapter_config.json: field 'peft_layers' .* contradicts the metadata")
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers="{not json"))
+    assert_load_fails(tmp_path, ValueError, r"adapter_model.safetensors: metadata 'peft_layers' is not valid JSON")
+    edit_config(tmp_path, lambda c: c.pop("peft_layers"))
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({"version": 1, "method": "dora"})))
+    assert_load_fails(tmp_path, ValueError, r"adapter_model.safetensors: peft_layers.method 'dora' contradicts use_dora=False of adapter_config.json")

@@ -13,7 +13,9 @@ A saved adapter is a directory with two files:
   ``alpha_pattern`` under ``"^" + re.escape(path)``, which Hugging Face's pattern matching
   (``re.match(rf"(.*\\.)?({key})$", name)``) can only match to that one module. What a
   ``LoraConfig`` cannot say (LoRA+, a quantized base, a non-default DoRA epsilon) goes in our own
-  field ``"peft_layers"``, which Hugging Face PEFT ignores (with a warning).
+  field ``"peft_layers"``, a JSON object stored in the safetensors file's metadata, where Hugging
+  Face PEFT does not look (in ``adapter_config.json`` its config loader would warn about an
+  unknown key). Files that carry the field in the config instead are read too.
 
 Several adapters share one directory tree the way Hugging Face PEFT lays them out: the adapter
 named ``"default"`` (``adapter_name=None``) lives at the root, an adapter named ``"math"`` in
@@ -63,7 +65,9 @@ CONFIG_NAME = "adapter_config.json"
 DEFAULT_ADAPTER = "default"
 #: the prefix Hugging Face PEFT puts before every module path in the weights file
 KEY_PREFIX = "base_model.model."
-#: version of our ``"peft_layers"`` config field
+#: the safetensors metadata key of our field (a JSON object, as metadata values are strings)
+METADATA_KEY = "peft_layers"
+#: version of our ``"peft_layers"`` field
 FORMAT_VERSION = 1
 
 _DORA_EPSILON = 1e-8
@@ -205,7 +209,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes that safetensors has parsed already: the file
+    opens with the header's length (8 bytes, little-endian) and then the JSON header."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a weights file and its metadata (none for ``.bin``)."""
+    metadata: dict[str, str] = {}
     if path.name.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -216,6 +229,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
             raise ValueError(
                 f"{path}: not a valid safetensors file, truncated or corrupt ({error})"
             ) from None
+        metadata = _safetensors_metadata(data)
     else:
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
@@ -234,7 +248,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
             )
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
-    return dict(tensors)
+    return dict(tensors), metadata
 
 
 def _config_value(config: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -276,9 +290,31 @@ def _target_matches(target_modules: Any, name: str) -> bool:
     return any(_suffix_matches(t, name) for t in target_modules)
 
 
-def _parse_our_field(config: Mapping[str, Any], use_dora: bool, path: Path) -> tuple[str, dict[str, Any]]:
-    """The method and its layer keyword arguments, from ``"peft_layers"`` or from ``use_dora``."""
-    ours = config.get("peft_layers")
+def _our_field(
+    config: Mapping[str, Any], metadata: Mapping[str, str], config_path: Path, weights_path: Path
+) -> tuple[Any, Path]:
+    """Our ``"peft_layers"`` field (None if absent) and the file it came from: the weights'
+    metadata, where :func:`save_adapter` writes it, or the config, where earlier development
+    versions wrote it. Both at once must agree."""
+    in_config = config.get(METADATA_KEY)
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return in_config, config_path
+    try:
+        ours = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{weights_path}: metadata {METADATA_KEY!r} is not valid JSON ({error})") from None
+    if in_config is not None and in_config != ours:
+        raise ValueError(
+            f"{config_path}: field {METADATA_KEY!r} {in_config!r} contradicts the metadata of "
+            f"{weights_path.name} ({ours!r})"
+        )
+    return ours, weights_path
+
+
+def _parse_our_field(ours: Any, use_dora: bool, path: Path) -> tuple[str, dict[str, Any]]:
+    """The method and its layer keyword arguments, from our field (read from ``path``) or, when
+    there is none, from the config's ``use_dora``."""
     if ours is None:
         return ("dora" if use_dora else "lora"), {}
     if not isinstance(ours, dict):
@@ -293,7 +329,9 @@ def _parse_our_field(config: Mapping[str, Any], use_dora: bool, path: Path) -> t
     if method not in METHODS:
         raise ValueError(f"{path}: peft_layers.method must be one of {METHODS}, got {method!r}")
     if (method in ("dora", "qdora")) != use_dora:
-        raise ValueError(f"{path}: peft_layers.method {method!r} contradicts use_dora={use_dora}")
+        raise ValueError(
+            f"{path}: peft_layers.method {method!r} contradicts use_dora={use_dora} of {CONFIG_NAME}"
+        )
     kwargs: dict[str, Any] = {}
     if "epsilon" in ours:
         if method not in ("dora", "qdora"):
@@ -393,12 +431,17 @@ def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = Non
                 f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {WEIGHTS_BIN_NAME}"
             )
     config = _read_config(config_path)
-    tensors = _read_tensors(weights_path)
-    return _parse(folder, config_path, config, weights_path, tensors)
+    tensors, metadata = _read_tensors(weights_path)
+    return _parse(folder, config_path, config, weights_path, tensors, metadata)
 
 
 def _parse(
-    folder: Path, config_path: Path, config: dict[str, Any], weights_path: Path, tensors: dict[str, Tensor]
+    folder: Path,
+    config_path: Path,
+    config: dict[str, Any],
+    weights_path: Path,
+    tensors: dict[str, Tensor],
+    metadata: Mapping[str, str],
 ) -> AdapterFile:
     cp = config_path
     peft_type = config.get("peft_type")
@@ -442,7 +485,8 @@ def _parse(
         raise ValueError(
             f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
         )
-    method, layer_kwargs = _parse_our_field(config, use_dora, cp)
+    ours, ours_path = _our_field(config, metadata, cp, weights_path)
+    method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
     if method == "lora_plus":
         layer_kwargs.setdefault("lr_ratio", _LORA_PLUS_RATIO)
 
@@ -598,8 +642,9 @@ def _target_modules(paths: list[str], plain_names: list[str]) -> list[str] | str
     return sorted(paths)
 
 
-def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors (Hugging Face keys) and the config of ``model``'s adapter."""
+def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    """The tensors (Hugging Face keys), the config and our field (None when a ``LoraConfig`` says
+    it all) of ``model``'s adapter."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     layers = _adapter_layers_or_raise(model, "save_adapter()")
@@ -663,9 +708,9 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "use_dora": method in ("dora", "qdora"),
         "use_rslora": use_rslora,
     }
-    if method not in ("lora", "dora") or ours:
-        config["peft_layers"] = {"version": FORMAT_VERSION, "method": method, **ours}
-    return tensors, config
+    if method in ("lora", "dora") and not ours:
+        return tensors, config, None
+    return tensors, config, {"version": FORMAT_VERSION, "method": method, **ours}
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -751,11 +796,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA).
     """
     folder = adapter_directory(directory, adapter_name)
-    tensors, config = _build_files(model)
+    tensors, config, ours = _build_files(model)
     from safetensors.torch import save
 
+    metadata = {"format": "pt"}
+    if ours is not None:
+        metadata[METADATA_KEY] = json.dumps(ours, sort_keys=True)
     files = {
-        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+        WEIGHTS_NAME: save(tensors, metadata=metadata),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
     }
     folder.mkdir(parents=True, exist_ok=True)
