@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import peft_layers as pl
+from peft_layers.quant import QuantizedLinear
 from models import tiny_model, tokens
 
 
@@ -162,6 +163,35 @@ def test_stacking_again_adds_adapters_and_state_dicts_work(two_adapters) -> None
                 path = key[: -len(".lora_A")]
                 reference.get_submodule(path).weight += plain[f"{path}.lora_B"] @ plain[key]
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_bases_are_the_models_own_float_or_quantized(tmp_path: Path) -> None:
+    """A QLoRA file goes on the layers the model has: plain LoRA over a float base, or over the
+    quantized bases of a model that ``load_adapter`` quantized."""
+    x = tokens(batch=2)
+    files = {}
+    for name, seed in (("a", 6), ("b", 7)):
+        model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], method="qlora", rank=2)
+        generator = torch.Generator().manual_seed(seed)
+        for _, layer in pl.model.iter_adapter_layers(model):
+            with torch.no_grad():
+                layer.lora_B.normal_(generator=generator)
+        files[name] = pl.save_adapter(model, tmp_path / name)
+    with torch.no_grad():
+        over_float = pl.stack_adapters(tiny_model(), {"a": files["a"]})
+        pl.set_adapter(over_float, "a")
+        float_lora = pl.load_adapter(tiny_model(), files["a"], method="lora")
+        torch.testing.assert_close(over_float(x), float_lora(x), rtol=1e-5, atol=1e-5)
+
+        quantized = pl.load_adapter(tiny_model(), files["a"])  # QLoRA layers over NF4 bases
+        pl.stack_adapters(quantized, {"b": files["b"]})
+        stack = quantized.layers[0].attn.q_proj
+        assert isinstance(stack, pl.MultiLoRALinear) and isinstance(stack.base_layer, QuantizedLinear)
+        torch.testing.assert_close(quantized(x), pl.load_adapter(tiny_model(), files["a"])(x), rtol=1e-5, atol=1e-5)
+        pl.set_adapter(quantized, "b")
+        torch.testing.assert_close(quantized(x), pl.load_adapter(tiny_model(), files["b"])(x), rtol=1e-5, atol=1e-5)
+        pl.set_adapter(quantized, "default")  # adapter a again, now over NF4 bases: not the float result
+        assert not torch.allclose(quantized(x), over_float(x), rtol=1e-3, atol=1e-3)
 
 
 def shared_model() -> nn.Module:
