@@ -111,6 +111,7 @@ def test_add_adapter_rejects_bad_input() -> None:
     cases = [
         (("a.b", lora_A, lora_B, 1.0), ValueError, r"name: a name must be a non-empty str without '\.', got 'a\.b'"),
         ((3, lora_A, lora_B, 1.0), ValueError, "name: a name must be a non-empty str without '.', got 3"),
+        (("to", lora_A, lora_B, 1.0), ValueError, "name: the name 'to' is an attribute of nn.ParameterDict"),
         (("a", lora_A.long(), lora_B, 1.0), TypeError, "lora_A: expected a floating Tensor"),
         (("a", lora_A, [[0.0]], 1.0), TypeError, "lora_B: expected a floating Tensor"),
         (("a", lora_A, lora_B, float("inf")), ValueError, "scaling: expected a finite real number, got inf"),
@@ -148,6 +149,18 @@ def test_a_model_with_lora_layers_keeps_its_adapter_as_default(two_adapters, tmp
     torch.testing.assert_close(own(x), before, rtol=1e-5, atol=1e-5)  # "default" stays active
     pl.set_adapter(own, "math")
     torch.testing.assert_close(own(x), single(two_adapters["math"])(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_disabled_lora_layer_stays_off(two_adapters, tmp_path: Path) -> None:
+    x = tokens(batch=2)
+    own = pl.load_adapter(tiny_model(), trained_adapter(tmp_path, "own", ["k_proj", "q_proj"], 5, rank=3))
+    own.layers[0].attn.k_proj.adapter_enabled = False  # the other layers keep theirs on
+    with torch.no_grad():
+        before = own(x)
+        pl.stack_adapters(own, {"math": two_adapters["math"]})
+        assert own.layers[0].attn.k_proj.active_adapter is None
+        assert own.layers[1].attn.k_proj.active_adapter == "default"
+        torch.testing.assert_close(own(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_stacking_again_adds_adapters_and_state_dicts_work(two_adapters) -> None:
@@ -266,6 +279,9 @@ def test_bad_input_is_named_and_leaves_the_model_unchanged(two_adapters, tmp_pat
         ({"math": two_adapters["code"]}, ValueError, r"adapters: the name 'math' is taken"),
         ({"": two_adapters["code"]}, ValueError, r"adapters: a name must be a non-empty str without '\.', got ''"),
         ({"a.b": two_adapters["code"]}, ValueError, r"got 'a\.b'"),
+        # the dict's own attributes: "keys" would have been half added, "training" broke eval()
+        ({"ok": two_adapters["code"], "keys": two_adapters["code"]}, ValueError, "the name 'keys' is an attribute"),
+        ({"training": two_adapters["code"]}, ValueError, "the name 'training' is an attribute"),
         ({}, ValueError, "adapters: expected at least one adapter"),
         ([two_adapters["code"]], TypeError, "adapters: expected a mapping"),
         ({"ok": two_adapters["code"], "bad": bad_shape}, ValueError, r"adapters\['bad'\], module 'layers.0.attn.q_proj': A \(2, 9\)"),

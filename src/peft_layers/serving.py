@@ -140,9 +140,18 @@ class MultiLoRALinear(nn.Module):
 
 
 def _check_name(name: object, argument: str) -> None:
-    # ParameterDict keys cannot hold '.'
+    # the adapters live in nn.ParameterDicts: a key cannot hold '.', and it becomes an attribute,
+    # so a key such as "keys", "to" or "training" would shadow (or fail to replace) the dict's own
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{argument}: a name must be a non-empty str without '.', got {name!r}")
+    if hasattr(_EMPTY_PARAMETER_DICT, name):
+        raise ValueError(
+            f"{argument}: the name {name!r} is an attribute of nn.ParameterDict, which holds the "
+            "adapters; choose another name"
+        )
+
+
+_EMPTY_PARAMETER_DICT = nn.ParameterDict()
 
 
 def _check_names(adapters: object, taken: set[str]) -> list[str]:
@@ -172,8 +181,8 @@ def stack_adapters(
     Args:
         model: a plain model (the adapters' module paths say where they go), a model with LoRA
             layers (each becomes a :class:`MultiLoRALinear` keeping its own adapter under the name
-            ``"default"``, which stays active), or a model stacked before (more adapters are
-            added).
+            ``"default"``, which stays active, or inactive where the layer's adapter was
+            disabled), or a model stacked before (more adapters are added).
         adapters: name -> an adapter directory (ours or Hugging Face PEFT's; scalings from its
             config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1,
             as :func:`peft_layers.compose.combine_adapters` returns it).
@@ -183,7 +192,7 @@ def stack_adapters(
     :func:`set_adapter` or :func:`adapter_batch` choose one (except ``"default"``, see above).
 
     Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
-    holds a ``'.'`` or is taken; a DoRA adapter or layer; a merged LoRA layer; a module path the
+    holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a DoRA adapter or layer; a merged LoRA layer; a module path the
     model does not have, or one that is not a linear layer; factors whose shapes do not fit. On
     any error the model is unchanged.
     """
@@ -226,9 +235,12 @@ def stack_adapters(
         return plan[id(module)]
 
     pending: list[tuple[MultiLoRALinear, str, Tensor, Tensor, float]] = []
+    enabled: list[MultiLoRALinear] = []  # stacks whose own adapter was on: it stays on
     for path, layer in own_layers:
         stack = stack_at(path, "model")
         pending.append((stack, DEFAULT_ADAPTER, layer.lora_A, layer.lora_B, layer.scaling))
+        if layer.adapter_enabled:
+            enabled.append(stack)
     for name in names:
         first_path: dict[int, str] = {}  # a shared module is reachable under several paths
         for path, (lora_A, lora_B, scaling) in factors[name].items():
@@ -245,8 +257,8 @@ def stack_adapters(
 
     for stack, name, lora_A, lora_B, scaling in pending:
         stack.add_adapter(name, lora_A, lora_B, scaling)
-        if name == DEFAULT_ADAPTER:
-            stack.active_adapter = DEFAULT_ADAPTER
+    for stack in enabled:
+        stack.active_adapter = DEFAULT_ADAPTER
     all_names = _module_names(model)
     for module_id in replaced:
         for name in all_names[module_id]:
