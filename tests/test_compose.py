@@ -106,6 +106,14 @@ def test_svd_at_or_above_the_update_rank_is_exact_and_pads_with_zeros() -> None:
     lora_A, lora_B = combine(pairs, [0.5, 1.5], method="svd", rank=8)
     torch.testing.assert_close(lora_B.double() @ lora_A.double(), update, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(lora_A[5:]) == 0 and torch.count_nonzero(lora_B[:, 5:]) == 0
+    # below the concatenated rank too: one adapter twice has the update rank 2, not 4, and
+    # weights that cancel leave nothing at all
+    twice = [pairs[0], pairs[0]]
+    for weights, update_rank in (([1.0, 1.0], 2), ([1.0, -1.0], 0)):
+        lora_A, lora_B = combine(twice, weights, method="svd", rank=4)
+        update = dense_update(twice, [1.0, 1.0], weights)
+        torch.testing.assert_close(lora_B.double() @ lora_A.double(), update, rtol=1e-5, atol=1e-5)
+        assert torch.count_nonzero(lora_A[update_rank:]) == 0 and torch.count_nonzero(lora_B[:, update_rank:]) == 0
 
 
 def test_svd_default_rank_is_the_largest_adapter_rank() -> None:

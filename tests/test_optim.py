@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -106,6 +108,10 @@ def test_bad_arguments() -> None:
         pl.loraplus_param_groups(model, 1e-3, lr_ratio=-1)
     with pytest.raises(ValueError, match="weight_decay"):
         pl.loraplus_param_groups(model, 1e-3, weight_decay=-0.1)
+    for keywords, name in (({"lr": math.inf}, "lr"), ({"lr": 1e-3, "lr_ratio": math.inf}, "lr_ratio"),
+                           ({"lr": 1e-3, "weight_decay": math.nan}, "weight_decay")):
+        with pytest.raises(ValueError, match=f"^{name}: expected a finite number .*, got (inf|nan)"):
+            pl.loraplus_param_groups(model, **keywords)
     with pytest.raises(ValueError, match="no trainable parameters"):
         pl.loraplus_param_groups(tiny_model().requires_grad_(False), 1e-3)
     with pytest.raises(TypeError, match="optimizer_cls"):

@@ -169,7 +169,12 @@ def _combine_checked(
     q_B, r_B = torch.linalg.qr(lora_B)  # (out, R'), (R', R)
     q_A, r_A = torch.linalg.qr(lora_A.t())  # (in, R''), (R'', R)
     u, singular, vh = torch.linalg.svd(r_B @ r_A.t(), full_matrices=False)
-    kept = min(target_rank, singular.shape[0])
+    # the update's numerical rank: singular values at rounding level, measured against the factors'
+    # own scale (adapters that overlap or cancel), carry nothing and are dropped like those past
+    # the concatenated rank
+    scale = torch.linalg.matrix_norm(r_B, 2) * torch.linalg.matrix_norm(r_A, 2)
+    tolerance = scale * max(r_B.shape[0], r_A.shape[0]) * torch.finfo(work).eps
+    kept = min(target_rank, int((singular > tolerance).sum()))
     new_B = torch.zeros(out_features, target_rank, dtype=work, device=device)
     new_A = torch.zeros(target_rank, in_features, dtype=work, device=device)
     # U_k diag(S_k) and V_k^T of the update; components past the update's rank stay zero

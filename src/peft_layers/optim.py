@@ -6,6 +6,7 @@ inefficient for wide layers, and trains ``B`` at ``lr * lr_ratio`` (16 by defaul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
@@ -20,10 +21,15 @@ DEFAULT_LR_RATIO = 16.0
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, Real) and (value > 0 if positive else value >= 0)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, Real)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
     if not ok:
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 def loraplus_param_groups(
