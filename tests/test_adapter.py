@@ -22,6 +22,7 @@ from reference import (
 from torch import nn
 
 import peft_layers as pl
+from peft_layers.quant import QuantizedLinear
 
 CLASSES = [pl.LoRALinear, pl.LoRAPlusLinear, pl.DoRALinear]
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
@@ -386,3 +387,18 @@ def test_empty_batch(cls, leading):
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0
     with torch.no_grad():
         assert layer(x).shape == (*leading, 10)
+
+
+# ---- input dtype ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("grad", [True, False])
+def test_integer_input_raises_like_quantized_linear(cls, dtype, grad):
+    # nn.Linear refuses integer input; cast to the compute dtype it would give a truncated output
+    layer = cls.from_linear(nn.Linear(64, 4), rank=2)
+    x = torch.randint(0, 2, (2, 64)).to(dtype)
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError) as info:
+        layer(x)
+    with pytest.raises(TypeError) as quantized:
+        QuantizedLinear(64, 4)(x)
+    assert str(info.value) == str(quantized.value) == f"input: expected a floating-point tensor, got {dtype}"

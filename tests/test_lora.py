@@ -437,3 +437,54 @@ def test_two_dim_input_in_compute_dtype_adds_no_graph_nodes(cls):
     assert "Function" in type(layer(x).grad_fn).__name__
     y = layer(torch.randn(2, 4, 12, requires_grad=True))
     assert y.shape == (2, 4, 10) and "View" in type(y.grad_fn).__name__
+
+
+# ---- the base weight changing between forward and backward --------------------------------
+def _change_base_weight(layer, change: str) -> None:
+    if change == "merge":
+        layer.merge()
+    else:
+        with torch.no_grad():
+            layer.base_layer.weight.mul_(1.5)
+
+
+def _restore_base_weight(layer, change: str) -> None:
+    if change == "merge":
+        layer.unmerge()
+    else:
+        with torch.no_grad():
+            layer.base_layer.weight.div_(1.5)
+
+
+@pytest.mark.parametrize("cls, dropout", [(pl.LoRALinear, 0.0), (pl.LoRALinear, 0.25), (pl.DoRALinear, 0.0)])
+@pytest.mark.parametrize("change", ["merge", "in-place write"])
+def test_base_weight_changed_between_forward_and_backward_raises(cls, dropout, change):
+    # the fused functions fetch W0 again in backward: the input gradient would silently use the
+    # changed weight (a 0.5 relative error for merge), where nn.Linear raises through autograd
+    layer = _layer(cls, dtype=torch.float64, dropout=dropout)
+    x = _x((5,), dtype=torch.float64).requires_grad_(True)
+    g = torch.randn(5, 10, dtype=torch.float64)
+    y = layer(x)
+    assert "Function" in type(y.grad_fn).__name__  # the fused path
+    _change_base_weight(layer, change)
+    with pytest.raises(RuntimeError, match="base weight .* changed between forward and backward"):
+        (y * g).sum().backward()
+    _restore_base_weight(layer, change)
+    # a normal step still gives the float64 reference gradient (eval: no dropout mask to replay)
+    layer.eval()
+    keys = ("x", "lora_A", "lora_B") + (("magnitude",) if cls is pl.DoRALinear else ())
+    assert_run_close(run_layer(layer, x, g), run_reference(layer, x, g), RTOL[torch.float64], keys)
+
+
+def test_base_weight_changed_without_input_gradient_does_not_raise():
+    # without an input gradient backward never reads W0 again: the adapter's gradients are those
+    # of the forward's weight, as for a frozen nn.Linear
+    layer = _layer(pl.LoRALinear, dtype=torch.float64)
+    x = _x((5,), dtype=torch.float64)
+    g = torch.randn(5, 10, dtype=torch.float64)
+    ref = run_reference(layer, x, g)
+    y = layer(x)
+    layer.merge()
+    (y * g).sum().backward()
+    for key in ("lora_A", "lora_B"):
+        assert_close64(getattr(layer, key).grad, ref.grads[key], RTOL[torch.float64], what=key)

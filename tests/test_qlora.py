@@ -347,3 +347,62 @@ def test_inject_quantized_methods_and_merge_and_unload(method: str) -> None:
         assert model.layers[0].attn.q_proj.weight.dtype == torch.float64
         model.double()
         torch.testing.assert_close(model(batch).float(), adapted, rtol=1e-4, atol=1e-4)
+
+
+# ---- the base weight changing between forward and backward --------------------------------
+@pytest.mark.parametrize("change", ["merge", "requantize_"])
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_base_weight_changed_between_forward_and_backward_raises(cls: type, change: str) -> None:
+    # the fused functions decode W0 again in backward: without the check the input gradient would
+    # silently come from the requantized weight
+    layer = cls.from_linear(make_linear(), quant="nf4", rank=4)
+    randomize_adapter(layer, scale=0.3)
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    grad_out = torch.randn(TOKENS, OUT)
+    y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # merge's requantization warning
+        if change == "merge":
+            layer.merge()
+        else:
+            layer.base_layer.requantize_(layer.base_layer.dequantize() * 1.5)
+    with pytest.raises(RuntimeError, match="base weight .* changed between forward and backward"):
+        (y * grad_out).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if layer.merged:
+            layer.unmerge()
+    # a normal step on the (requantized) base gives the float64 reference gradient
+    expected = reference(layer, x, grad_out)
+    got = run(layer, x, grad_out)
+    for key, value in expected.items():
+        assert_close64(got[key], value, rtol=2e-5, what=key)
+
+
+# ---- to_linear: one dtype, the compute dtype ------------------------------------------------
+TO_LINEAR_CASES = {  # each has a bias whose dtype differs from the compute dtype
+    "compute_dtype=bfloat16": lambda cls: cls(IN, OUT, rank=4, compute_dtype=torch.bfloat16),
+    "compute_dtype=float64": lambda cls: cls(IN, OUT, rank=4, compute_dtype=torch.float64),
+    ".to(float64)": lambda cls: cls(IN, OUT, rank=4).to(torch.float64),
+    "bfloat16 nn.Linear": lambda cls: cls.from_linear(make_linear().to(torch.bfloat16), rank=4),
+}
+TO_LINEAR_RTOL = {torch.bfloat16: 2e-2, torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("case", list(TO_LINEAR_CASES))
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_to_linear_is_in_the_compute_dtype_and_equals_the_layer(cls: type, case: str) -> None:
+    layer = TO_LINEAR_CASES[case](cls)
+    randomize_adapter(layer, scale=0.3)
+    dtype = layer.compute_dtype
+    assert layer.bias.dtype != dtype
+    merged = layer.to_linear()
+    assert merged.weight.dtype == merged.bias.dtype == dtype
+    x = torch.randn(TOKENS, IN, dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        got = merged(x)
+        unmerged = layer(x)
+    rtol = TO_LINEAR_RTOL[dtype]
+    assert_close64(got, f64(unmerged), rtol, what="to_linear against the unmerged layer")
+    expected = reference(layer, x, torch.zeros(TOKENS, OUT))["out"]
+    assert_close64(got, expected, rtol, what="to_linear against the float64 reference")

@@ -9,6 +9,7 @@ errors.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -416,6 +417,34 @@ def test_state_dict_of_other_config_is_rejected():
         QuantizedLinear(64, 24, scheme="nf4", double_quant=False).load_state_dict(nf4.state_dict())
     with pytest.raises(RuntimeError, match="size mismatch"):
         QuantizedLinear(64, 24, scheme="nf4", blocksize=32).load_state_dict(nf4.state_dict())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("saved, target", list(itertools.permutations(QUANT_SCHEMES, 2)))
+def test_state_dict_of_another_scheme_raises_value_error_and_changes_nothing(saved, target, double_quant):
+    state = QuantizedLinear.from_linear(_linear(24, 64), saved, 32, double_quant).state_dict()
+    layer = QuantizedLinear.from_linear(_linear(24, 64, seed=1), target, 32, double_quant)
+    before = copy.deepcopy(layer.state_dict())
+    version = layer.version
+    message = f"saved with scheme='{saved}', but this layer has scheme='{target}'"
+    with pytest.raises(ValueError, match=message):
+        layer.load_state_dict(state)
+    assert layer.version == version
+    after = layer.state_dict()
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_state_dict_of_a_float_linear_is_rejected(scheme):
+    # an int8 layer would otherwise copy the float weight into its codes, truncated
+    layer = QuantizedLinear.from_linear(_linear(24, 64), scheme)
+    dense = layer.dequantize()
+    state = {**layer.state_dict(), "weight": _linear(24, 64, seed=1).weight.detach()}
+    with pytest.raises(ValueError, match="no quantization .*torch.float32"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.dequantize(), dense)
 
 
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)

@@ -133,7 +133,10 @@ class AdapterMixin:
 
     def _base_weight_key(self) -> tuple | None:
         """A cheap key that changes whenever the base weight changes (in place or replaced), or
-        None when no such key exists (see :func:`version_key`): nothing may be cached then."""
+        None when no such key exists (see :func:`version_key`): nothing may be cached then.
+
+        Keys DoRA's norm cache, and the fused backward's check that ``W0`` is still the weight
+        its forward used (it is fetched again rather than saved)."""
         weight = self.base_layer.weight
         version = version_key(weight)
         return None if version is None else (*version, weight.dtype, weight.device, tuple(weight.shape))
@@ -219,8 +222,11 @@ class AdapterMixin:
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W0`` with the adapter merged (a new module).
 
-        A quantized base is dequantized, so the result is the exact float merge. The layer itself
-        is left unchanged.
+        A quantized base is dequantized, so the result is the exact float merge. Weight and bias
+        are both in ``compute_dtype`` (the dtype the layer adds the bias in), so the result computes
+        what the unmerged layer computes even when the base's bias has a dtype of its own (a
+        quantized base keeps its bias apart from ``compute_dtype``). The layer itself is left
+        unchanged.
         """
         with torch.no_grad():
             weight = self._read_base_weight()
@@ -232,7 +238,8 @@ class AdapterMixin:
             )
             linear.weight = nn.Parameter(weight, requires_grad=False)
             if bias is not None:
-                linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+                bias = bias.detach().to(dtype=weight.dtype, copy=True)
+                linear.bias = nn.Parameter(bias, requires_grad=False)
         return linear
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
@@ -241,6 +248,10 @@ class AdapterMixin:
             yield getattr(self, name)
 
     def _check_input(self, x: Tensor) -> None:
+        """A floating-point ``x`` of shape ``(*, in_features)`` (as ``nn.Linear`` requires: an
+        integer input would otherwise be cast to the compute dtype and the output truncated)."""
+        if not x.is_floating_point():
+            raise TypeError(f"input: expected a floating-point tensor, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input: expected shape (*, in_features={self.in_features}), "

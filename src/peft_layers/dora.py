@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import autocast_enabled, autocast_off, version_key
-from .lora import LoRALinear, _check_positive, _refuse_double_backward, _scaled_mm
+from .lora import (
+    LoRALinear,
+    _check_base_weight_unchanged,
+    _check_positive,
+    _refuse_double_backward,
+    _scaled_mm,
+)
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +88,9 @@ class _DoRAFunction(torch.autograd.Function):
     Backward, with ``G`` the output gradient and ``n`` constant (detached):
     ``dm = sum_rows(G * z) / n``, ``Gs = G * g``, ``dB = s Gs^T (x A^T)``, ``dT = s Gs B``,
     ``dA = dT^T x``, ``dx = Gs W + dT A`` (accumulated in place), ``db = sum_rows(G)``.
-    ``W`` is fetched again through ``weight_fn`` in backward rather than saved.
+    ``W`` is fetched again through ``weight_fn`` in backward rather than saved; backward raises if
+    the base weight changed since forward (``weight_key_fn``, see
+    :func:`~peft_layers.lora._check_base_weight_unchanged`).
     """
 
     @staticmethod
@@ -97,6 +105,7 @@ class _DoRAFunction(torch.autograd.Function):
         epsilon: float,
         base_row_norm_sq: Tensor,
         weight_fn: Callable[[], Tensor],
+        weight_key_fn: Callable[[], tuple | None],
     ) -> Tensor:
         weight = weight_fn()
         z = x @ weight.t()
@@ -111,6 +120,8 @@ class _DoRAFunction(torch.autograd.Function):
         ctx.save_for_backward(x, t, z, lora_A, lora_B, gain, norm)
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
+        ctx.weight_key_fn = weight_key_fn
+        ctx.weight_key = weight_key_fn()
         ctx.magnitude_dtype = magnitude.dtype
         return out
 
@@ -132,9 +143,10 @@ class _DoRAFunction(torch.autograd.Function):
         if need_B:
             grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B)
         if need_x:
+            _check_base_weight_unchanged(ctx)
             grad_x = grad_z @ ctx.weight_fn()
             grad_x.addmm_(grad_t, lora_A)
-        return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None
+        return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
 class DoRALinear(LoRALinear):
@@ -263,7 +275,7 @@ class DoRALinear(LoRALinear):
         if torch.is_grad_enabled():
             return _DoRAFunction.apply(
                 x, lora_A, lora_B, self.magnitude, bias, self.scaling, self.epsilon,
-                self.base_row_norm_sq(), self._weight_fn(x.dtype),
+                self.base_row_norm_sq(), self._weight_fn(x.dtype), self._base_weight_key,
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 

@@ -75,6 +75,23 @@ def _refuse_double_backward() -> None:
         )
 
 
+def _check_base_weight_unchanged(ctx: Any) -> None:
+    """Raise inside a fused backward if the base weight changed since its forward.
+
+    The fused functions fetch ``W0`` again in backward (``ctx.weight_fn``) rather than saving it,
+    so a merge, requantization or in-place write in between would give the input gradient of
+    another weight. Forward records ``ctx.weight_key = weight_key_fn()`` (the layer's
+    ``_base_weight_key``: storage and version counter of a dense weight, ``version`` of a quantized
+    one); a base without a key (an inference tensor, None) cannot be checked.
+    """
+    if ctx.weight_key_fn() != ctx.weight_key:
+        raise RuntimeError(
+            "the base weight of this LoRA/DoRA layer changed between forward and backward (merge(), "
+            "unmerge(), requantize_, load_state_dict, .to or an in-place write), so the input "
+            "gradient would use the wrong weight; run backward before changing the base weight"
+        )
+
+
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:
     """``scaling * (a @ b)`` in one BLAS call.
 
@@ -91,7 +108,9 @@ class _LoRAFunction(torch.autograd.Function):
     Against autograd's version it saves temporaries: the adapter product is added into the base
     output in place, the input gradient ``g W + s (g B) A`` is accumulated in place, and ``W`` is
     fetched again in backward through ``weight_fn`` rather than saved, so a quantized base keeps no
-    dense copy alive between forward and backward. ``W`` itself gets no gradient (it is frozen).
+    dense copy alive between forward and backward; backward raises if ``weight_key_fn()`` (the
+    layer's ``_base_weight_key``) no longer returns its forward value (see
+    :func:`_check_base_weight_unchanged`). ``W`` itself gets no gradient (it is frozen).
     ``x_drop`` is the dropped-out input, or None when it is ``x`` itself.
 
     The scalings ride inside the small GEMMs (:func:`_scaled_mm`): on a CPU, every extra
@@ -110,6 +129,7 @@ class _LoRAFunction(torch.autograd.Function):
         bias: Tensor | None,
         scaling: float,
         weight_fn: Callable[[], Tensor],
+        weight_key_fn: Callable[[], tuple | None],
     ) -> Tensor:
         weight = weight_fn()
         x_a = x if x_drop is None else x_drop
@@ -125,6 +145,8 @@ class _LoRAFunction(torch.autograd.Function):
         ctx.save_for_backward(x_a, t, lora_A, lora_B)
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
+        ctx.weight_key_fn = weight_key_fn
+        ctx.weight_key = weight_key_fn()
         ctx.shared_input = x_drop is None
         return out
 
@@ -134,8 +156,10 @@ class _LoRAFunction(torch.autograd.Function):
         x_a, t, lora_A, lora_B = ctx.saved_tensors
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
-        grad_x = grad_x_drop = grad_A = grad_B = grad_bias = None
-        weight = ctx.weight_fn() if need_x else None
+        grad_x = grad_x_drop = grad_A = grad_B = grad_bias = weight = None
+        if need_x:
+            _check_base_weight_unchanged(ctx)
+            weight = ctx.weight_fn()
         grad_t = _scaled_mm(grad_out, lora_B, scaling, shape_of=t)
         if need_A:
             grad_A = grad_t.t() @ x_a
@@ -151,7 +175,7 @@ class _LoRAFunction(torch.autograd.Function):
             grad_x_drop = grad_t @ lora_A
         if need_bias:
             grad_bias = grad_out.sum(0)
-        return grad_x, grad_x_drop, grad_A, grad_B, grad_bias, None, None
+        return grad_x, grad_x_drop, grad_A, grad_B, grad_bias, None, None, None
 
 
 class LoRALinear(AdapterMixin, nn.Module):
@@ -356,7 +380,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
         if torch.is_grad_enabled() and not self._base_weight_trainable():
             return _LoRAFunction.apply(
-                x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype)
+                x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
+                self._base_weight_key,
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()

@@ -584,15 +584,43 @@ class QuantizedLinear(nn.Module):
         tensors = list(self.parameters()) + list(self.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _saved_scheme(self, state_dict: dict, prefix: str) -> str | None:
+        """What ``state_dict`` says it was saved with: ``"scheme='nf4'"`` (or fp4, int8), another
+        description when it is no scheme, None when it does not say (no ``weight`` nor ``code``).
+
+        Read from the tensors: nf4 and fp4 store a packed uint8 ``weight`` and their 16 levels in
+        ``code``; int8 stores an int8 ``weight`` and no ``code``; a float ``weight`` is no
+        quantized state dict (an int8 layer would truncate it into codes). A uint8 ``weight`` without
+        ``code`` reads as this layer's scheme if it is 4-bit (the key check reports the missing
+        ``code``).
+        """
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, Tensor) and weight.dtype not in (torch.int8, torch.uint8):
+            return f"no quantization ('{prefix}weight' is {weight.dtype}, not int8 or uint8 codes)"
         code = state_dict.get(prefix + "code")
-        if self.scheme != "int8" and isinstance(code, Tensor):
-            expected = ref.four_bit_code(self.scheme)
-            if code.shape != expected.shape or not torch.equal(code.detach().cpu().float(), expected):
-                raise ValueError(
-                    f"state_dict: '{prefix}code' holds other levels than scheme={self.scheme!r}; "
-                    "build the QuantizedLinear with the scheme the state_dict was saved with"
-                )
+        if isinstance(code, Tensor):
+            levels = code.detach().cpu().float()
+            for scheme in ("nf4", "fp4"):
+                expected = ref.four_bit_code(scheme)
+                if levels.shape == expected.shape and torch.equal(levels, expected):
+                    return f"scheme={scheme!r}"
+            return f"4-bit levels '{prefix}code' of neither nf4 nor fp4"
+        if not isinstance(weight, Tensor):
+            return None
+        if weight.dtype == torch.int8:
+            return "scheme='int8'"
+        return f"scheme={self.scheme!r}" if self.scheme != "int8" else "a 4-bit scheme (uint8 codes)"
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checked before anything is copied, so that a refused load leaves the layer unchanged;
+        # the key and shape checks alone let a float weight into int8 codes (truncated) and
+        # report another scheme as missing/unexpected keys
+        saved = self._saved_scheme(state_dict, prefix)
+        if saved is not None and saved != f"scheme={self.scheme!r}":
+            raise ValueError(
+                f"state_dict: saved with {saved}, but this layer has scheme={self.scheme!r}; "
+                "build the QuantizedLinear with the scheme the state_dict was saved with"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.version += 1
         self._bnb_source = None  # the weight was written in place, the module's statistics were not
