@@ -416,15 +416,97 @@ def test_shared_module_is_saved_once_and_injected_under_every_name(tmp_path: Pat
     inject_adapters(model, list(PATHS), rank=4, rank_pattern={"^fc": 2})
     randomize(model)
     assert model.alias is model.fc
-    save_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"\['fc', 'alias'\] name one shared module"):
+        save_adapter(model, tmp_path)
     assert not any(".alias." in k for k in load_file(tmp_path / "adapter_model.safetensors"))
     fresh = base_net()
     fresh.alias = fresh.fc
-    load_adapter(fresh, tmp_path)
+    with pytest.warns(UserWarning, match=r"\['fc', 'alias'\] name one shared module"):
+        load_adapter(fresh, tmp_path)
     assert fresh.alias is fresh.fc and isinstance(fresh.fc, LoRALinear) and fresh.fc.rank == 2
     x = inputs()
     assert torch.equal(fresh.eval()(x), model.eval()(x))
     assert torch.equal(fresh.alias(torch.ones(1, 16)), model.alias(torch.ones(1, 16)))
+
+
+class EncDec(nn.Module):
+    """One linear layer under two names: ``dec(relu(enc(x)))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(16, 16)
+        self.dec = self.enc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dec(torch.relu(self.enc(x)))
+
+
+SHARED_WARNING = r"\['enc', 'dec'\] name one shared module.*Hugging Face PEFT adapts only the first name \('enc'\)"
+
+
+@needs_peft
+def test_shared_module_warns_that_peft_adapts_the_first_name_only(tmp_path: Path) -> None:
+    import peft
+
+    ours = randomize(inject_adapters(EncDec(), ["enc"], rank=4)).eval()
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        save_adapter(ours, tmp_path / "ours")
+    # the claim: Hugging Face PEFT adapts "enc" and leaves "dec" the plain base
+    theirs = peft.PeftModel.from_pretrained(EncDec(), tmp_path / "ours").eval()
+    x = inputs()
+    with torch.no_grad():
+        plain_dec = ours.enc.base_layer(torch.relu(ours.enc(x)))
+        torch.testing.assert_close(theirs(x), plain_dec, rtol=1e-5, atol=1e-5)
+        assert (theirs(x) - ours(x)).abs().max() > 1e-2
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        load_adapter(EncDec(), tmp_path / "ours")
+    # Hugging Face PEFT's own file, loaded by us (injecting, then filling)
+    hf = peft.get_peft_model(EncDec(), peft.LoraConfig(r=4, target_modules=["enc"], init_lora_weights=False))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        filled = load_adapter(EncDec(), tmp_path / "hf")
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        load_adapter(filled, tmp_path / "hf")
+
+
+@needs_peft
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # peft: layers.1.fc, the same module as layers.0.fc
+def test_no_shared_warning_where_peft_adapts_every_name(tmp_path: Path) -> None:
+    import peft
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+    class Repeated(nn.Module):
+        """One block applied twice: ``layers.0.fc`` and ``layers.1.fc`` are one attribute of one
+        parent, which Hugging Face PEFT's replacement reaches under both names."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            block = Block()
+            self.layers = nn.ModuleList([block, block])
+
+        def forward(self, x: Tensor) -> Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer.fc(x))
+            return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = randomize(inject_adapters(Repeated(), ["fc"], rank=4)).eval()
+        save_adapter(ours, tmp_path / "repeated")
+        load_adapter(Repeated(), tmp_path / "repeated")
+        save_adapter(adapted("lora"), tmp_path / "net")
+        load_adapter(base_net(), tmp_path / "net")
+        load_adapter(adapted("lora"), tmp_path / "net")
+    theirs = peft.PeftModel.from_pretrained(Repeated(), tmp_path / "repeated").eval()
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -537,6 +619,98 @@ def test_peft_subfolder_and_bias_files_load_in_ours(tmp_path: Path) -> None:
     with torch.no_grad():
         other.fc.bias.add_(0.5)
     torch.testing.assert_close(other(x), expected_other, rtol=1e-5, atol=1e-5)
+
+
+def tiny_llama(tie: bool, seed: int = 1) -> nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    return model
+
+
+def peft_lm_head_file(folder: Path, tie: bool) -> Tensor:
+    """Hugging Face PEFT's file for LoRA on q_proj and lm_head; returns the lm_head base weight it
+    holds (its save_pretrained writes it, as lm_head is an embedding layer name)."""
+    import peft
+
+    config = peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4, lora_alpha=8, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True", tied-weight advice
+        hf = peft.get_peft_model(tiny_llama(tie), config)
+        hf.save_pretrained(folder)
+    weight = load_file(folder / "adapter_model.safetensors")["base_model.model.lm_head.base_layer.weight"]
+    assert torch.equal(weight, hf.base_model.model.lm_head.base_layer.weight)
+    return weight
+
+
+@needs_peft
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_peft_lm_head_file_loads_its_base_weight_as_peft_does(tie: bool, tmp_path: Path) -> None:
+    import peft
+
+    saved = peft_lm_head_file(tmp_path, tie)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+
+    def edited_base() -> nn.Module:
+        # a base whose lm_head differs from the file's (and, tied, its embed_tokens with it)
+        model = tiny_llama(tie)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2.0)
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peft.PeftModel.from_pretrained(tiny_llama(tie), tmp_path).eval()
+        theirs_edited = peft.PeftModel.from_pretrained(edited_base(), tmp_path).eval()
+    with torch.no_grad():
+        logits = expected(input_ids=ids).logits
+        torch.testing.assert_close(theirs_edited(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+    for make in (lambda: tiny_llama(tie), edited_base):
+        injected = load_adapter(make(), tmp_path)
+        filled = inject_adapters(make(), ["q_proj", "lm_head"], rank=4)
+        load_adapter(filled, tmp_path)
+        for ours in (injected, filled):
+            assert [n for n, _ in iter_adapter_layers(ours)][-1] == "lm_head"
+            assert torch.equal(ours.lm_head.base_layer.weight, saved)  # the file's weight wins
+            embed = ours.model.embed_tokens.weight
+            assert (embed is ours.lm_head.weight) == tie  # still tied, as in Hugging Face PEFT
+            assert torch.equal(embed, expected.base_model.model.model.embed_tokens.weight)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_peft
+def test_lm_head_base_weight_into_a_quantized_base_is_refused(tmp_path: Path) -> None:
+    peft_lm_head_file(tmp_path, tie=False)
+    plain = tiny_llama(False)
+    quantized = inject_adapters(tiny_llama(False), ["q_proj", "lm_head"], method="qlora", rank=4, blocksize=32)
+    for model, kwargs in ((plain, {"method": "qlora", "blocksize": 32}), (quantized, {})):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"'lm_head'.*full base weight.*the base is quantized"):
+            load_adapter(model, tmp_path, **kwargs)
+        assert_unchanged(model, before)
+
+
+def test_base_weight_of_the_wrong_shape_is_refused(saved_lora: Path) -> None:
+    def add(tensors: dict) -> None:
+        tensors["base_model.model.block.fc.base_layer.weight"] = torch.zeros(24, 31)
+
+    edit_tensors(saved_lora, add)
+    assert_load_fails(saved_lora, ValueError, r"'block.fc': base_layer.weight \(24, 31\) should be \(24, 32\)")
+
+    def fix(tensors: dict) -> None:
+        tensors["base_model.model.block.fc.base_layer.weight"] = torch.full((24, 32), 0.5)
+
+    edit_tensors(saved_lora, fix)
+    for model in targets():
+        load_adapter(model, saved_lora)
+        assert torch.equal(model.block.fc.weight, torch.full((24, 32), 0.5))
 
 
 # ---- bad files: the model stays as it was ----------------------------------------------------------

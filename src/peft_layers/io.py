@@ -6,7 +6,10 @@ A saved adapter is a directory with two files:
   ``base_model.model.<p>.lora_A.weight`` (r, in), ``base_model.model.<p>.lora_B.weight`` (out, r)
   and, for DoRA, ``base_model.model.<p>.lora_magnitude_vector`` (out,) (no ``.weight``). With a
   trained bias (``bias="all"``/``"adapter_only"``) also ``<p>.base_layer.bias`` for adapter layers
-  and ``<q>.bias`` for other modules, as Hugging Face PEFT names them.
+  and ``<q>.bias`` for other modules, as Hugging Face PEFT names them. Hugging Face PEFT also
+  writes the full base weight ``<p>.base_layer.weight`` of a targeted embedding layer
+  (``lm_head``, ``embed_tokens``); loading copies it into the base, as Hugging Face PEFT does
+  (we never write it).
 - ``adapter_config.json``: a Hugging Face ``LoraConfig`` (``peft_type: "LORA"``, ``r``,
   ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora``, ``rank_pattern``, ...). Layers
   whose rank or alpha differ from ``r``/``lora_alpha`` are listed in ``rank_pattern``/
@@ -36,6 +39,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .dora import DoRALinear
-from .lora import LoRALinear, LoRAPlusLinear
+from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .model import (
     METHODS,
     _adapter_layers_or_raise,
@@ -58,6 +62,7 @@ from .model import (
     method_of,
     pattern_key,
 )
+from .quant import QuantizedLinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_BIN_NAME = "adapter_model.bin"
@@ -95,7 +100,9 @@ class ModuleAdapter:
 
     ``lora_A`` (rank, in), ``lora_B`` (out, rank), ``magnitude`` (out,) or None, ``bias`` (out,) or
     None (the base layer's bias, saved when biases were trained); ``rank`` and ``alpha`` as the
-    config gives them for this module.
+    config gives them for this module; ``base_weight`` (out, in) or None: the base layer's full
+    weight, which Hugging Face PEFT saves for targeted embedding layers (``lm_head``) and which a
+    load copies into the base.
     """
 
     path: str
@@ -105,6 +112,7 @@ class ModuleAdapter:
     bias: Tensor | None
     rank: int
     alpha: float
+    base_weight: Tensor | None = None
 
 
 @dataclass
@@ -378,7 +386,8 @@ def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
 
 def _split_key(key: str, path: Path) -> tuple[str, str]:
     """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
-    magnitude, base_bias (``<p>.base_layer.bias``) and bias (``<q>.bias``)."""
+    magnitude, base_bias (``<p>.base_layer.bias``), base_weight (``<p>.base_layer.weight``) and
+    bias (``<q>.bias``)."""
     if not key.startswith(KEY_PREFIX):
         raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
     rest = key[len(KEY_PREFIX):]
@@ -387,6 +396,7 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
         ("lora_B.weight", "lora_B"),
         ("lora_magnitude_vector", "magnitude"),
         ("base_layer.bias", "base_bias"),
+        ("base_layer.weight", "base_weight"),
         ("bias", "bias"),
     ):
         if rest == suffix or rest.endswith("." + suffix):
@@ -396,7 +406,8 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
             return module, kind
     raise ValueError(
         f"{path}: unexpected key {key!r}; this layout has <path>.lora_A.weight, <path>.lora_B.weight, "
-        "<path>.lora_magnitude_vector and, with trained biases, <path>.base_layer.bias / <path>.bias"
+        "<path>.lora_magnitude_vector, <path>.base_layer.weight (a targeted embedding's base weight) and, "
+        "with trained biases, <path>.base_layer.bias / <path>.bias"
     )
 
 
@@ -408,8 +419,9 @@ def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = Non
     :func:`adapter_directory` ``(directory, adapter_name)``. Checks that the config is a
     ``"LORA"`` config we can reproduce, that every key has the layout's form, that every module has
     ``lora_A`` (r, in) and ``lora_B`` (out, r) with matching ranks, a magnitude (out,) exactly
-    when the config says DoRA, a rank equal to the config's (``r`` or its ``rank_pattern``), and
-    that every tensor is floating point and finite.
+    when the config says DoRA, a rank equal to the config's (``r`` or its ``rank_pattern``), a
+    full base weight ``<p>.base_layer.weight`` (Hugging Face PEFT writes it for targeted
+    embedding layers) of shape (out, in), and that every tensor is floating point and finite.
 
     Raises ``FileNotFoundError`` if a file is missing and ``ValueError`` naming the file for
     anything else.
@@ -533,6 +545,12 @@ def _parse(
         base_bias = parts.get("base_bias")
         if base_bias is not None and tuple(base_bias.shape) != (b.shape[0],):
             raise ValueError(f"{wp}: {module!r}: base_layer.bias {tuple(base_bias.shape)} should be ({b.shape[0]},)")
+        base_weight = parts.get("base_weight")
+        if base_weight is not None and tuple(base_weight.shape) != (b.shape[0], a.shape[1]):
+            raise ValueError(
+                f"{wp}: {module!r}: base_layer.weight {tuple(base_weight.shape)} should be "
+                f"({b.shape[0]}, {a.shape[1]}) (out_features of lora_B, in_features of lora_A)"
+            )
         key = pattern_key(rank_pattern, module)
         rank = rank_pattern[key] if key is not None else r
         if a.shape[0] != rank:
@@ -546,7 +564,7 @@ def _parse(
             raise ValueError(
                 f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
             )
-        modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha)
+        modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha, base_weight)
     if not modules:
         raise ValueError(f"{wp}: holds no adapter tensors")
     if other_biases and bias != "all":
@@ -640,6 +658,43 @@ def _target_modules(paths: list[str], plain_names: list[str]) -> list[str] | str
     if any(n.endswith("." + p) for n in others for p in paths):
         return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
     return sorted(paths)
+
+
+def _names_peft_leaves_plain(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(first name, other names)`` of each adapter layer that ``model`` holds under several names
+    where Hugging Face PEFT would adapt the first name only.
+
+    Its ``named_modules()`` reaches a shared module once, under its first name, and replaces it
+    there by setting that attribute on that parent. Another name sees the adapter only if it is the
+    same attribute of the same parent object (a shared block: ``layers.0.fc`` and ``layers.1.fc``
+    with ``layers.0 is layers.1``); any other name (``dec`` after ``model.dec = model.enc``) keeps
+    the plain base there, while we put the adapter layer under every name."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoRALinear) and name:
+            names.setdefault(id(module), []).append(name)
+
+    def slot(name: str) -> tuple[int, str]:
+        parent, _, attribute = name.rpartition(".")
+        return id(model.get_submodule(parent)), attribute
+
+    shared = []
+    for first, *others in names.values():
+        plain = [name for name in others if slot(name) != slot(first)]
+        if plain:
+            shared.append((first, plain))
+    return shared
+
+
+def _warn_shared(model: nn.Module, caller: str, file: str) -> None:
+    for first, plain in _names_peft_leaves_plain(model):
+        warnings.warn(
+            f"{caller}: {[first, *plain]} name one shared module, which has the adapter under every name "
+            f"here; Hugging Face PEFT adapts only the first name ({first!r}) and leaves {plain} as the "
+            f"plain base, so {file} gives different outputs there in Hugging Face PEFT",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
@@ -784,7 +839,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     layout of Hugging Face PEFT's ``save_pretrained``. The files load in
     ``peft.PeftModel.from_pretrained(base, directory)`` and in :func:`load_adapter`.
 
-    Each adapter layer is saved once, under its first module name. The config's ``r`` and
+    Each adapter layer is saved once, under its first module name. A layer shared under names
+    that Hugging Face PEFT would not all adapt (``model.dec = model.enc``: it adapts ``enc`` only)
+    gets a ``UserWarning`` naming them: the file computes something else there. The config's ``r`` and
     ``lora_alpha`` are the most common rank and alpha; other layers get ``rank_pattern``/
     ``alpha_pattern`` entries. Trained biases are saved when they train (``requires_grad``):
     those of the adapter layers (``bias="lora_only"``), or every bias (``bias="all"``).
@@ -808,6 +865,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     }
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomically(folder, files)
+    _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
     return folder
 
 
@@ -818,6 +876,27 @@ class _FillPlan:
 
     layers: list[tuple[LoRALinear, ModuleAdapter]]
     biases: list[tuple[Tensor, Tensor]]
+
+
+def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, method: str) -> None:
+    """The file's full base weight (if any) can be copied into ``base``, the linear layer the
+    adapter wraps (``method`` is the adapter layer's): a float weight of the same shape."""
+    if module.base_weight is None:
+        return
+    if method in ("qlora", "qdora") or is_bitsandbytes_module(base) or isinstance(base, QuantizedLinear):
+        raise ValueError(
+            f"{where}: the file holds the full base weight (base_layer.weight, which Hugging Face PEFT "
+            f"saves for a targeted embedding layer such as lm_head), but the base is quantized "
+            f"(method {method!r}, {type(base).__name__}); a float weight cannot be loaded into it. Load it "
+            "into a model with a float base (method='lora' or 'dora')"
+        )
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != tuple(module.base_weight.shape):
+        found = tuple(weight.shape) if isinstance(weight, Tensor) else None
+        raise ValueError(
+            f"{where}: base_layer.weight has shape {tuple(module.base_weight.shape)} in the file but "
+            f"{found} in the model"
+        )
 
 
 def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
@@ -856,6 +935,7 @@ def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, 
         raise ValueError(
             f"{where}: the file has a bias of shape {tuple(module.bias.shape)}, the model's layer {found}"
         )
+    _check_base_weight(where, module, layer.base_layer, method_of(layer))
 
 
 def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Tensor, Tensor]]:
@@ -896,7 +976,10 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
             )
         if id(target) in planned:  # a shared layer, saved under two of its names
             first = planned[id(target)][1]
-            pairs = ((first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude))
+            pairs = (
+                (first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude),
+                (first.bias, module.bias), (first.base_weight, module.base_weight),
+            )
             if not all(
                 (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
                 for x, y in pairs
@@ -926,6 +1009,10 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
                 layer.magnitude.copy_(module.magnitude)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
+            if module.base_weight is not None:
+                # a weight tied to another module (lm_head and embed_tokens) changes there too, as in
+                # Hugging Face PEFT, whose load_state_dict copies into the same tensor
+                layer.base_layer.weight.copy_(module.base_weight)
             layer.alpha = module.alpha
             layer.use_rslora = adapter.use_rslora
             if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
@@ -1026,6 +1113,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             raise ValueError(
                 f"{adapter.directory}: {path!r}: the file has a bias, the model's layer has none that fits"
             )
+        _check_base_weight(f"{adapter.directory}: {path!r}", module, target, method)
     _plan_other_biases(model, adapter)
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
@@ -1072,7 +1160,8 @@ def load_adapter(
       tensors in the file and every module in the file must be an adapter layer of the model,
       with the same rank and shapes; a DoRA file needs DoRA layers and a LoRA file plain LoRA
       layers. The layers take the file's ``alpha`` and ``use_rslora`` (they define the function);
-      dropout and the base are left as they are. ``inject_kwargs`` are not allowed then.
+      dropout and the base are left as they are (but for a base weight or bias the file holds).
+      ``inject_kwargs`` are not allowed then.
     - If ``model`` has no adapter layers, the file's modules are wrapped first with
       ``inject_adapters``: the method from the file (``use_dora`` -> ``"dora"``, or our
       ``"peft_layers"`` field: ``"lora_plus"``, ``"qlora"``, ``"qdora"`` with the recorded
@@ -1081,6 +1170,12 @@ def load_adapter(
       ``bias``, ``compute_dtype``, ...) override these, except what the file fixes (targets,
       ranks, alphas, ``use_rslora``, ``init``). ``init_lora_weights="pissa"`` re-creates the PiSSA
       residual of the base as Hugging Face PEFT does. The caller's RNG is not advanced.
+
+    A file holding a targeted layer's full base weight (``<p>.base_layer.weight``, which Hugging
+    Face PEFT's ``save_pretrained`` writes for ``lm_head`` and other embedding layers) has it
+    copied into the base weight, as Hugging Face PEFT does (a tied weight changes under both its
+    names); a quantized base refuses it. A shared module whose other names Hugging Face PEFT would
+    leave plain (it adapts the first name only) gives a ``UserWarning`` naming them.
 
     Everything is checked before the model changes; on any error the model is as it was (an
     injection is undone). Returns ``model``.
@@ -1103,4 +1198,5 @@ def load_adapter(
         _apply(_plan_fill(model, adapter), adapter)
     else:
         _inject_and_fill(model, adapter, inject_kwargs)
+    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
     return model
