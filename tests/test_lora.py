@@ -310,10 +310,11 @@ def test_loraplus_bad_lr(lr):
         layer.param_groups(lr)
 
 
-def test_loraplus_bad_weight_decay():
+@pytest.mark.parametrize("weight_decay", [-0.1, float("nan"), float("inf"), True])
+def test_loraplus_bad_weight_decay(weight_decay):
     layer = pl.LoRAPlusLinear(8, 6, rank=2)
-    with pytest.raises(ValueError, match="weight_decay"):
-        layer.param_groups(1e-3, weight_decay=-0.1)
+    with pytest.raises(ValueError, match="weight_decay: expected a finite number >= 0"):
+        layer.param_groups(1e-3, weight_decay=weight_decay)
 
 
 # ---- bad input -----------------------------------------------------------------------------

@@ -45,6 +45,11 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
+def _check_non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
 def _check_features(in_features: Any, out_features: Any) -> None:
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -414,8 +419,7 @@ class LoRAPlusLinear(LoRALinear):
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups for this layer's adapter: ``A`` at ``lr``, ``B`` at ``lr * lr_ratio``."""
         _check_positive("lr", lr)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, Real) or weight_decay < 0:
-            raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+        _check_non_negative("weight_decay", weight_decay)
         return [
             {"params": [self.lora_A], "lr": lr, "weight_decay": weight_decay},
             {"params": [self.lora_B], "lr": lr * self.lr_ratio, "weight_decay": weight_decay},

@@ -6,30 +6,16 @@ inefficient for wide layers, and trains ``B`` at ``lr * lr_ratio`` (16 by defaul
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
-from .lora import LoRAPlusLinear
+from .lora import LoRAPlusLinear, _check_non_negative, _check_positive
 from .model import iter_adapter_layers
 
 DEFAULT_LR_RATIO = 16.0
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, Real)
-        and math.isfinite(value)
-        and (value > 0 if positive else value >= 0)
-    )
-    if not ok:
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 def loraplus_param_groups(
@@ -49,10 +35,10 @@ def loraplus_param_groups(
     Frozen parameters are left out. Empty groups are dropped. Each group has ``params``, ``lr``
     and ``weight_decay``, and a ``name`` saying what it holds.
     """
-    _check_number("lr", lr, positive=True)
+    _check_positive("lr", lr)
     if lr_ratio is not None:
-        _check_number("lr_ratio", lr_ratio, positive=True)
-    _check_number("weight_decay", weight_decay, positive=False)
+        _check_positive("lr_ratio", lr_ratio)
+    _check_non_negative("weight_decay", weight_decay)
     default_ratio = float(lr_ratio) if lr_ratio is not None else DEFAULT_LR_RATIO
 
     b_by_ratio: dict[float, list[nn.Parameter]] = {}
