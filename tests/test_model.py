@@ -302,6 +302,141 @@ def test_bad_arguments() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("method", ["lora", "lora_plus", "dora", "qlora", "qdora"])
+def test_layers_injected_into_an_eval_model_do_not_drop_out(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    reference = copy.deepcopy(model)
+    pl.inject_adapters(model, ["0", "2"], method=method, rank=4, dropout=0.5)
+    pl.inject_adapters(reference, ["0", "2"], method=method, rank=4, dropout=0.0)  # the formula
+    randomize_adapters(model)
+    reference.load_state_dict(model.state_dict())
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, reference(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    if method in ("lora", "dora"):
+        # Hugging Face PEFT also creates its layers in training mode: its model is put in eval here
+        theirs = peft.get_peft_model(
+            copy.deepcopy(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))),
+            peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.5, target_modules=["0", "2"], use_dora=method == "dora"),
+        ).eval()
+        with torch.no_grad():
+            for index in ("0", "2"):
+                ours, their = model.get_submodule(index), theirs.base_model.model.get_submodule(index)
+                their.base_layer.load_state_dict(ours.base_layer.state_dict())
+                their.lora_A["default"].weight.copy_(ours.lora_A)
+                their.lora_B["default"].weight.copy_(ours.lora_B)
+                if method == "dora":
+                    their.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+            torch.testing.assert_close(theirs(x), first, rtol=1e-5, atol=1e-6)
+
+
+def test_injected_layers_keep_the_training_mode_of_each_replaced_layer(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).train()
+    model[1].eval()
+    pl.inject_lora(model, ["0", "1"], rank=2, dropout=0.5)
+    assert model[0].training and model[0].lora_dropout.training
+    assert not model[1].training and not model[1].lora_dropout.training
+    # load_adapter injects through the same function
+    pl.save_adapter(pl.inject_lora(nn.Sequential(nn.Linear(8, 8)), "0", rank=2, dropout=0.5), tmp_path)
+    loaded = pl.load_adapter(nn.Sequential(nn.Linear(8, 8)).eval(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave as it was: module objects and modes, tensor objects,
+    storage, values and flags, a quantized layer's version."""
+    return {
+        "modules": [(name, m, m.training, getattr(m, "version", None)) for name, m in model.named_modules()],
+        "tensors": [
+            (name, t, t.data_ptr(), t.dtype, t.detach().clone(), t.requires_grad)
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+        ],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert [(n, id(m), t, v) for n, m, t, v in after["modules"]] == [(n, id(m), t, v) for n, m, t, v in before["modules"]]
+    assert len(after["tensors"]) == len(before["tensors"])
+    for (name, t, ptr, dtype, values, flag), (name0, t0, ptr0, dtype0, values0, flag0) in zip(after["tensors"], before["tensors"]):
+        assert name == name0 and t is t0, name
+        assert (ptr, dtype, flag) == (ptr0, dtype0, flag0), name
+        assert torch.equal(values, values0), name
+
+
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    if method == "qlora":  # a quantized layer that PiSSA requantizes, and a dense one
+        from peft_layers.quant import QuantizedLinear
+
+        model[0] = QuantizedLinear.from_linear(model[0])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape("inject_adapters(): module '1': rank: expected an int in [1, min(in_features, out_features)] = [1, 8], got 16")):
+        pl.inject_adapters(model, ["0", "1"], method=method, rank=16, init=init)
+    assert_unchanged(model, before)
+    # a bad rank_pattern value fails at its module only, also with the module's name
+    with pytest.raises(ValueError, match="module '0': rank"):
+        pl.inject_adapters(model, ["1", "0"], method=method, rank=4, rank_pattern={"0": 100}, init=init)
+    assert_unchanged(model, before)
+    with pytest.raises(TypeError, match=r"inject_adapters\(\): module '0': use_rslora: expected a bool"):
+        pl.inject_adapters(model, ["0", "1"], method=method, use_rslora="yes")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        ("lora", {"rnk": 4}, "rnk: method 'lora' takes no argument 'rnk' (got rnk=4); its layer arguments are "
+         "rank, alpha, dropout, use_rslora, init; did you mean 'rank'?"),
+        ("lora", {"quant": "nf4"}, "quant: method 'lora' takes no argument 'quant' (got quant='nf4'); its layer "
+         "arguments are rank, alpha, dropout, use_rslora, init; quant is an argument of method 'qlora' or 'qdora'"),
+        ("lora", {"epsilon": 1e-6}, "epsilon is an argument of method 'dora' or 'qdora'"),
+        ("dora", {"lr_ratio": 4.0}, "lr_ratio: method 'dora' takes no argument 'lr_ratio' (got lr_ratio=4.0); its "
+         "layer arguments are rank, alpha, dropout, use_rslora, init, epsilon; lr_ratio is an argument of method 'lora_plus'"),
+        ("qlora", {"epsilon": 1e-6}, "its layer arguments are rank, alpha, dropout, use_rslora, init, quant, "
+         "blocksize, double_quant, compute_dtype; epsilon is an argument of method 'dora' or 'qdora'"),
+        ("lora", {"device": "cpu"}, "device: method 'lora' takes no argument 'device' (got device='cpu')"),
+    ],
+)
+def test_a_layer_argument_the_method_does_not_take(method: str, kwargs: dict, message: str) -> None:
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        pl.inject_adapters(model, "q_proj", method=method, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_layer_arguments_are_what_the_layers_take() -> None:
+    from peft_layers.model import METHODS, _layer_arguments, method_class
+
+    # each accepted argument builds a layer: the list is derived from the classes, not kept by hand
+    values = {"rank": 2, "alpha": 4.0, "dropout": 0.1, "use_rslora": True, "init": "gaussian", "lr_ratio": 4.0,
+              "epsilon": 1e-6, "quant": "nf4", "blocksize": 64, "double_quant": False, "compute_dtype": torch.float32}
+    for method in METHODS:
+        accepted = _layer_arguments(method_class(method))
+        layer = method_class(method).from_linear(nn.Linear(8, 8), **{a: values[a] for a in accepted})
+        assert method_of(layer) == method
+
+
+def test_load_adapter_names_a_layer_argument_of_another_method(tmp_path) -> None:
+    pl.save_adapter(pl.inject_lora(tiny_model(), "q_proj", rank=2), tmp_path)
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"quant: method 'lora' takes no argument 'quant'.*'qlora' or 'qdora'"):
+        pl.load_adapter(model, tmp_path, quant="nf4")
+    assert_unchanged(model, before)
+    pl.load_adapter(model, tmp_path, method="qlora", quant="nf4")  # as the hint says
+    assert all(method_of(layer) == "qlora" for _, layer in iter_adapter_layers(model))
+
+
 # ---- adapter state dicts -------------------------------------------------------------------------
 def test_adapter_state_dict_round_trip() -> None:
     source = pl.inject_adapters(tiny_model(), list(ATTN), method="dora", rank=4)
@@ -350,12 +485,54 @@ def test_load_adapter_state_dict_mismatch_changes_nothing() -> None:
 
 
 # ---- k-bit preparation -----------------------------------------------------------------------------
-def test_prepare_for_kbit_training_casts_norms_and_enables_checkpointed_training() -> None:
-    model = tiny_model().to(torch.bfloat16)
-    pl.prepare_for_kbit_training(model)
-    assert all(not p.requires_grad for p in model.parameters())
-    assert model.norm.weight.dtype == torch.float32 and model.layers[0].norm1.bias.dtype == torch.float32
-    assert model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )
+    return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def bnb_4bit_bf16_storage() -> nn.Module:
+    """A bitsandbytes Linear4bit whose packed weight (Params4bit) is stored as bfloat16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    module = bnb.nn.Linear4bit(32, 16, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    module.weight = bnb.nn.Params4bit(
+        linear.weight.detach().clone(), requires_grad=False, quant_storage=torch.bfloat16
+    )
+    module.bias = nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+    return module.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("build", ["tiny_model", "llama", "bnb"])
+def test_prepare_for_kbit_training_casts_as_hugging_face_peft(build: str) -> None:
+    peft = pytest.importorskip("peft")
+    if build == "tiny_model":
+        model = tiny_model().to(torch.bfloat16)
+    elif build == "llama":
+        model = tiny_llama()
+    else:
+        model = nn.Sequential(nn.Embedding(10, 32), bnb_4bit_bf16_storage(), nn.LayerNorm(16)).to(torch.bfloat16)
+    theirs = peft.prepare_model_for_kbit_training(copy.deepcopy(model), use_gradient_checkpointing=False)
+    ours = pl.prepare_for_kbit_training(model)
+    their_dtypes = {name: p.dtype for name, p in theirs.named_parameters()}
+    assert {name: p.dtype for name, p in ours.named_parameters()} == their_dtypes
+    assert torch.float32 in their_dtypes.values()
+    if build == "bnb":  # the packed 4-bit storage keeps its dtype, the bias is cast
+        assert ours[1].weight.dtype == torch.bfloat16 and ours[1].bias.dtype == torch.float32
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_prepare_for_kbit_training_enables_checkpointed_training() -> None:
+    model = pl.prepare_for_kbit_training(tiny_model().to(torch.bfloat16))
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     assert model.embed(tokens()).requires_grad
 
     # with the blocks checkpointed, the adapters inside them still get gradients
@@ -367,8 +544,53 @@ def test_prepare_for_kbit_training_casts_norms_and_enables_checkpointed_training
         x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
     x.sum().backward()
     assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0 for _, layer in iter_adapter_layers(model))
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        pl.prepare_for_kbit_training(tiny_model(), gradient_checkpointing=True)
+
+
+def test_prepare_for_kbit_training_without_checkpointing_support_changes_nothing() -> None:
+    model = tiny_model().to(torch.bfloat16)
+    before = [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()]
+    with pytest.raises(ValueError, match="gradient_checkpointing: TinyTransformer has no gradient_checkpointing_enable"):
+        pl.prepare_for_kbit_training(model, gradient_checkpointing=True)
+    assert [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not hasattr(model.embed, "_peft_layers_grad_hook")
+
+
+@pytest.mark.parametrize("order", ["prepare, inject", "inject, prepare"])
+def test_qlora_flow_on_a_bf16_llama_trains_in_both_orders(order: str) -> None:
+    model = tiny_llama()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def inject() -> None:
+        pl.inject_adapters(model, LLAMA_TARGETS, method="qlora", rank=4, compute_dtype=torch.bfloat16)
+
+    if order == "prepare, inject":
+        pl.prepare_for_kbit_training(model)
+        inject()
+    else:
+        inject()
+        layers = dict(iter_adapter_layers(model))
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        adapters = {name: [(p, p.detach().clone()) for p in layer.adapter_parameters()] for name, layer in layers.items()}
+        bases = {name: (layer.base_layer.version, copy.deepcopy(layer.base_layer.state_dict())) for name, layer in layers.items()}
+        pl.prepare_for_kbit_training(model)
+        assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+        for name, layer in iter_adapter_layers(model):
+            for (before, values), now in zip(adapters[name], layer.adapter_parameters()):
+                assert now is before and now.requires_grad and torch.equal(now, values)
+            version, state = bases[name]
+            assert layer.base_layer.version == version
+            assert all(torch.equal(t, layer.base_layer.state_dict()[k]) for k, t in state.items())
+    assert len(list(iter_adapter_layers(model))) == 2 * len(LLAMA_TARGETS)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    model(input_ids=ids, labels=ids).loss.backward()  # B = 0: the gradient reaches B
+    for _, layer in iter_adapter_layers(model):
+        assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    randomize_adapters(model)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for _, layer in iter_adapter_layers(model):
+        assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
 
 
 def test_many_layers_go_through_the_progress_bar_unchanged(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,9 @@ is reachable under several names (a shared module) gets one adapter, installed u
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
@@ -64,6 +66,44 @@ def _accepts(module: nn.Module, method: str) -> bool:
     if method in ("qlora", "qdora"):
         return isinstance(module, (nn.Linear, QuantizedLinear))
     return isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)
+
+
+def _layer_arguments(cls: type[LoRALinear]) -> list[str]:
+    """The keyword arguments ``cls.from_linear`` takes: the keyword-only parameters of every
+    ``from_linear`` and ``_init_adapter`` in the class hierarchy (each passes the rest of its
+    ``**kwargs`` on), the most basic class's first."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        for attribute in ("from_linear", "_init_adapter"):
+            function = vars(klass).get(attribute)
+            if isinstance(function, classmethod):
+                function = function.__func__
+            if function is None:
+                continue
+            for parameter in inspect.signature(function).parameters.values():
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in names:
+                    names.append(parameter.name)
+    return names
+
+
+def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` for a layer argument that the layers of ``method`` do not take, with
+    the methods that do take it (or the nearest known name)."""
+    accepted = _layer_arguments(method_class(method))
+    for name, value in layer_kwargs.items():
+        if name in accepted:
+            continue
+        owners = [m for m in METHODS if name in _layer_arguments(_METHOD_CLASSES[m])]
+        if owners:
+            hint = f"{name} is an argument of method " + " or ".join(repr(m) for m in owners)
+        else:
+            known = sorted({a for m in METHODS for a in _layer_arguments(_METHOD_CLASSES[m])})
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "no method takes it"
+        raise TypeError(
+            f"{name}: method {method!r} takes no argument {name!r} (got {name}={value!r}); its layer "
+            f"arguments are {', '.join(accepted)}; {hint}"
+        )
 
 
 # ---- name matching ---------------------------------------------------------------------------
@@ -202,6 +242,50 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+@contextlib.contextmanager
+def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bool = False) -> Iterator[None]:
+    """If the body raises, put ``model`` back as it was before it ran, then re-raise.
+
+    Put back: each of ``modules`` under every name it had (so a replacement installed in its place
+    comes out), the ``requires_grad`` flag of every parameter of ``model``, and for each of
+    ``modules`` and its submodules the parameter and buffer objects, their storage and plain
+    attributes (``training``, a quantized layer's ``version``, ...). With ``values`` also the
+    contents of those tensors, which PiSSA rewrites in place; that copy costs memory, so only then.
+    """
+    modules = list(modules)
+    all_names = _module_names(model)
+    placed = [(name, module) for module in modules for name in all_names.get(id(module), []) if name]
+    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    states = []  # (submodule, its parameter dict, buffer dict, plain attributes)
+    tensors = []  # (tensor, its storage, a copy of its values or None)
+    for module in modules:
+        for sub in module.modules():
+            plain = {k: v for k, v in vars(sub).items() if not isinstance(v, dict)}
+            states.append((sub, dict(sub._parameters), dict(sub._buffers), plain))
+            for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
+                if tensor is not None:
+                    tensors.append((tensor, tensor.data, tensor.detach().clone() if values else None))
+    try:
+        yield
+    except BaseException:
+        for name, module in placed:
+            _set_module(model, name, module)
+        for sub, parameters, buffers, plain in states:
+            sub._parameters.clear()
+            sub._parameters.update(parameters)
+            sub._buffers.clear()
+            sub._buffers.update(buffers)
+            vars(sub).update(plain)
+        with torch.no_grad():
+            for tensor, storage, copy in tensors:
+                tensor.data = storage
+                if copy is not None:
+                    storage.copy_(copy)
+        for parameter, flag in grad_flags:
+            parameter.requires_grad_(flag)
+        raise
+
+
 def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Each adapter layer of ``model`` once, with its first dotted name."""
     for name, module in model.named_modules():
@@ -260,18 +344,24 @@ def inject_adapters(
         exclude: names to leave alone, in the same forms as ``targets``.
         rank_pattern, alpha_pattern: per-layer ``rank``/``alpha``, keyed by name patterns matched
             as Hugging Face PEFT matches them (see :func:`pattern_key`); the first matching key wins.
-        **layer_kwargs: passed to the layer's ``from_linear`` (``rank``, ``alpha``, ``dropout``,
-            ``use_rslora``, ``init``, ``epsilon``, ``lr_ratio``, ``quant``, ...).
+        **layer_kwargs: passed to the layer's ``from_linear``: ``rank``, ``alpha``, ``dropout``,
+            ``use_rslora``, ``init`` for every method, plus ``lr_ratio`` ("lora_plus"),
+            ``epsilon`` ("dora", "qdora"), ``quant``, ``blocksize``, ``double_quant``,
+            ``compute_dtype`` ("qlora", "qdora").
 
     A module reachable under several names is wrapped once, and that one adapter layer is put
-    under every name. Raises ``ValueError`` if a target matches nothing (the message lists the
-    linear layers, nearest first), if a match already is an adapter layer or lies inside one, and
-    ``TypeError`` if a match is not a linear layer the method can wrap. Nothing is changed when an
-    error is raised.
+    under every name. Each new layer takes the training mode of the module it replaces (in an
+    ``eval()`` model its dropout is off). Raises ``ValueError`` if a target matches nothing (the
+    message lists the linear layers, nearest first), if a match already is an adapter layer or
+    lies inside one; ``TypeError`` if a match is not a linear layer the method can wrap or a layer
+    argument is not one the method takes; and the layer's own error, prefixed with the module's
+    name, for a value it rejects. Nothing is changed when an error is raised (no flag, no weight,
+    not even a PiSSA residual).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     cls = method_class(method)
+    _check_layer_kwargs(method, layer_kwargs)
     if bias not in BIAS_MODES:
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
@@ -314,25 +404,42 @@ def inject_adapters(
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
 
-    # build every new layer before touching the model, so a bad argument changes nothing
-    replacements: list[tuple[list[str], LoRALinear]] = []
-    for module_id in _progress(list(chosen), f"inject_adapters({method})"):
-        names = all_names[module_id]
-        first = names[0]
-        kwargs = dict(layer_kwargs)
-        key = pattern_key(rank_pattern, first)
-        if key is not None:
-            kwargs["rank"] = rank_pattern[key]
-        key = pattern_key(alpha_pattern, first)
-        if key is not None:
-            kwargs["alpha"] = alpha_pattern[key]
-        replacements.append((names, cls.from_linear(modules[first], **kwargs)))
-
-    for names, layer in replacements:
-        for name in names:
-            _set_module(model, name, layer)
-    _freeze_all_but_adapters(model, bias)
+    # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
+    # later module must undo that
+    wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
+    with _undo_on_error(model, wrapped, values=layer_kwargs.get("init") == "pissa"):
+        # every new layer is built before the first is installed
+        replacements: list[tuple[list[str], LoRALinear]] = []
+        for module_id in _progress(list(chosen), f"inject_adapters({method})"):
+            names = all_names[module_id]
+            first = names[0]
+            kwargs = dict(layer_kwargs)
+            key = pattern_key(rank_pattern, first)
+            if key is not None:
+                kwargs["rank"] = rank_pattern[key]
+            key = pattern_key(alpha_pattern, first)
+            if key is not None:
+                kwargs["alpha"] = alpha_pattern[key]
+            replacements.append((names, _build_layer(cls, first, modules[first], kwargs)))
+        for names, layer in replacements:
+            for name in names:
+                _set_module(model, name, layer)
+        _freeze_all_but_adapters(model, bias)
     return model
+
+
+def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: dict[str, Any]) -> LoRALinear:
+    """``cls.from_linear(module, **kwargs)`` in the training mode of ``module``; an argument the
+    layer rejects raises the layer's error type, with the module's name in front."""
+    try:
+        layer = cls.from_linear(module, **kwargs)
+    except (TypeError, ValueError) as error:
+        if type(error) not in (TypeError, ValueError):  # a subclass may take other arguments
+            raise
+        raise type(error)(f"inject_adapters(): module {name!r}: {error}") from None
+    # a new module starts in training mode: in an eval() model its dropout would run
+    layer.train(module.training)
+    return layer
 
 
 def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
@@ -529,13 +636,6 @@ def load_adapter_state_dict(
 
 
 # ---- k-bit training --------------------------------------------------------------------------
-def _is_norm(module: nn.Module) -> bool:
-    norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-    if hasattr(nn, "RMSNorm"):
-        norm_types += (nn.RMSNorm,)
-    return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
-
-
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
@@ -551,36 +651,50 @@ def _require_grad_hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
-    """Get a (quantized) model ready for adapter training; returns ``model``.
+    """Get a (quantized) model ready for adapter training, as Hugging Face PEFT's
+    ``prepare_model_for_kbit_training`` does; returns ``model``.
 
-    - freezes every parameter (inject adapters afterwards: they are created trainable);
-    - casts fp16/bf16 parameters of normalisation layers (LayerNorm, RMSNorm, GroupNorm, batch
-      norms, and modules whose class name contains "norm") to float32, for stable statistics;
+    - freezes every parameter (the adapters injected afterwards are created trainable). On a
+      model that has adapter layers already, ``requires_grad`` is left as it is: ``inject_adapters``
+      froze everything but the adapter tensors and the biases its ``bias`` names;
+    - casts every float16/bfloat16 parameter to float32, except bitsandbytes' packed 4-bit
+      storage (``Params4bit``, which can be bf16 with ``quant_storage``) and the adapter tensors of
+      adapter layers already in the model (left as they are). Half-precision parameters elsewhere
+      would meet float32 activations (the norms' outputs, the adapters' updates) and fail or lose
+      precision. Called before ``inject_adapters``, this makes a float32 copy of every dense
+      layer, including the ones that ``method="qlora"``/``"qdora"`` quantize afterwards; called
+      after, those layers are quantized already and only the rest is cast;
     - makes the output of the input embeddings require grad (a forward hook), so that activation
       checkpointed blocks, whose inputs would otherwise not require grad, still backpropagate into
       the adapters inside them. Without an embedding layer, nothing is hooked.
     - with ``gradient_checkpointing=True``, calls the model's ``gradient_checkpointing_enable()``
-      (Hugging Face models have it; other models raise ``ValueError``: wrap blocks with
-      ``torch.utils.checkpoint.checkpoint`` yourself).
+      (Hugging Face models have it; for other models it raises ``ValueError`` before anything is
+      changed: wrap blocks with ``torch.utils.checkpoint.checkpoint`` yourself).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
-    model.requires_grad_(False)
-    for module in model.modules():
-        if _is_norm(module):
-            for parameter in module.parameters(recurse=False):
-                if parameter.dtype in (torch.float16, torch.bfloat16):
-                    parameter.data = parameter.data.float()
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if gradient_checkpointing and not callable(enable):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
+            "wrap its blocks with torch.utils.checkpoint.checkpoint instead"
+        )
+    adapter_tensors = {id(p) for _, layer in iter_adapter_layers(model) for p in layer.adapter_parameters()}
+    if not adapter_tensors:
+        model.requires_grad_(False)
+    for parameter in model.parameters():
+        if (
+            parameter.dtype in (torch.float16, torch.bfloat16)
+            and type(parameter).__name__ != "Params4bit"  # by name: bitsandbytes need not be imported
+            and id(parameter) not in adapter_tensors
+        ):
+            parameter.data = parameter.data.float()
     embeddings = _input_embeddings(model)
     if embeddings is not None and not getattr(embeddings, "_peft_layers_grad_hook", False):
         embeddings.register_forward_hook(_require_grad_hook)
         embeddings._peft_layers_grad_hook = True
     if gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise ValueError(
-                f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
-                "wrap its blocks with torch.utils.checkpoint.checkpoint instead"
-            )
         enable()
     return model
