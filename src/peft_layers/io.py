@@ -55,8 +55,8 @@ from .model import (
     METHODS,
     _adapter_layers_or_raise,
     _inside_adapter,
-    _set_module,
     _suffix_matches,
+    _undo_on_error,
     inject_adapters,
     iter_adapter_layers,
     method_of,
@@ -1118,30 +1118,12 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
     paths = set(adapter.modules)
-    target_ids = {id(modules[p]) for p in paths}
-    # every name of every target, so that a shared module (several names) can be put back
-    originals = [(name, m) for name, m in modules.items() if name and id(m) in target_ids]
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_weights = []
-    if adapter.init == "pissa":  # PiSSA rewrites the base weight in place
-        for path in paths:
-            weight = getattr(modules[path], "weight", None)
-            if isinstance(weight, Tensor) and weight.is_floating_point():
-                saved_weights.append((weight, weight.detach().clone()))
-    try:
+    # injecting freezes the targets (PiSSA rewrites their weights); a failure undoes it all
+    with _undo_on_error(model, [modules[p] for p in paths], values=adapter.init == "pissa"):
         # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
         with torch.random.fork_rng(devices=[]):
             inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
         _apply(_plan_fill(model, adapter), adapter)
-    except BaseException:
-        for name, module in originals:
-            _set_module(model, name, module)
-        for parameter, flag in grad_flags:
-            parameter.requires_grad_(flag)
-        with torch.no_grad():
-            for weight, saved in saved_weights:
-                weight.copy_(saved)
-        raise
 
 
 def load_adapter(
