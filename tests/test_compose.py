@@ -268,13 +268,13 @@ def test_dora_is_refused() -> None:
     with pytest.raises(TypeError, match=r"adapters\[1\].*DoRALinear.*magnitude"):
         combine([lora_layer(2, 4.0, dims=(6, 5)), dora], [1.0, 1.0])
     state = {"x.lora_A": torch.zeros(2, 6), "x.lora_B": torch.zeros(5, 2), "x.magnitude": torch.ones(5)}
-    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\].*magnitude"):
+    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\].*magnitude; only LoRA adapters can be combined"):
         combine_adapters([state], [1.0])
 
 
 def test_a_dora_directory_is_refused(tmp_path: Path) -> None:
     pl.save_adapter(pl.inject_adapters(tiny_model(), ["q_proj"], method="dora", rank=2), tmp_path)
-    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\].*DoRA"):
+    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\].*DoRA adapter; only LoRA adapters can be combined or stacked"):
         combine_adapters([tmp_path], [1.0])
 
 

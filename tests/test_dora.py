@@ -593,3 +593,11 @@ def test_no_grad_norm_cache_follows_every_change():
     with torch.no_grad():
         layer.base_layer.weight.mul_(0.5)
     check("after a change of the base")
+
+
+def test_a_merged_layer_has_no_delta_weight_or_norm():
+    layer = pl.DoRALinear(6, 5, rank=2)
+    layer.merge()
+    for call in ("delta_weight", "weight_norm"):
+        with pytest.raises(ValueError, match=rf"^{call}\(\): the layer is merged, W0 is not available; unmerge\(\) first"):
+            getattr(layer, call)()

@@ -237,7 +237,7 @@ def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, 
     if isinstance(source, (str, os.PathLike)):
         adapter = read_adapter(source)
         if adapter.is_dora:
-            raise ValueError(f"{where}: {str(source)!r} holds a DoRA adapter, which cannot be combined")
+            raise ValueError(f"{where}: {str(source)!r} holds a DoRA adapter; only LoRA adapters can be combined or stacked")
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))
             for path, module in adapter.modules.items()
@@ -248,7 +248,7 @@ def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, 
     for key, value in source.items():
         path, _, name = str(key).rpartition(".")
         if name == "magnitude":
-            raise ValueError(f"{where}: {key!r} is a DoRA magnitude; DoRA adapters cannot be combined")
+            raise ValueError(f"{where}: {key!r} is a DoRA magnitude; only LoRA adapters can be combined or stacked")
         if name not in ("lora_A", "lora_B"):
             raise ValueError(
                 f"{where}: unexpected key {key!r}; expected '<module>.lora_A' and '<module>.lora_B' "

@@ -241,6 +241,8 @@ class DoRALinear(LoRALinear):
     # ---- the delta ------------------------------------------------------------------------
     def delta_weight(self) -> Tensor:
         """``(m/n - 1) W0 + (m/n) s B A``, so that ``W0 + delta = (m/n) W'``; (out, in)."""
+        if self.merged:
+            raise ValueError("delta_weight(): the layer is merged, W0 is not available; unmerge() first")
         norm = self.weight_norm()
         gain = magnitude_gain(self.magnitude, norm, self.lora_A.dtype)
         base = self._compute_weight().to(gain.dtype)
