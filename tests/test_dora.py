@@ -601,3 +601,48 @@ def test_a_merged_layer_has_no_delta_weight_or_norm():
     for call in ("delta_weight", "weight_norm"):
         with pytest.raises(ValueError, match=rf"^{call}\(\): the layer is merged, W0 is not available; unmerge\(\) first"):
             getattr(layer, call)()
+
+
+def test_norm_caches_do_not_survive_a_dtype_round_trip():
+    """``.to(bf16).float()`` rounds the base weight but can hand its storage back at the old
+    address with the old version: the cached norms must be dropped, not matched."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for trial in range(10):  # the allocator reuses the address in some trials, not all
+        torch.manual_seed(trial)
+        layer = pl.DoRALinear.from_linear(nn.Linear(64, 64), rank=4, alpha=8.0)
+        randomize_adapter(layer, seed=trial)
+        for grad in (True, False):  # fill both caches: ||W0||^2 and the no-grad m / n
+            with torch.set_grad_enabled(grad):
+                layer(x)
+        layer.to(torch.bfloat16).float()
+        fresh = pl.DoRALinear.from_linear(nn.Linear(64, 64), rank=4, alpha=8.0)
+        fresh.load_state_dict(layer.state_dict())
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(layer(x), fresh(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_merged_layer_that_loads_other_values_refuses_to_unmerge():
+    """The merge's gain m / ||W'|| is in no state dict: loading another merged layer's state
+    into a merged layer would unmerge to a wrong W0; loading its own state changes nothing."""
+    def merged(seed: int) -> pl.DoRALinear:
+        torch.manual_seed(0)
+        layer = pl.DoRALinear(16, 16, rank=2)
+        randomize_adapter(layer, seed=seed)
+        layer.merge()
+        return layer
+
+    source, target = merged(1), merged(2)
+    w0 = merged(2)
+    w0.unmerge()
+    target.load_state_dict(target.state_dict())  # the same values: the gain still holds
+    target.unmerge()
+    torch.testing.assert_close(target.weight, w0.weight, rtol=1e-6, atol=1e-6)
+    target.merge()
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)  # merged: the same function
+    before = target.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^unmerge\(\): this merged DoRA layer loaded a state dict"):
+        target.unmerge()
+    assert target.merged and torch.equal(target.weight, before)

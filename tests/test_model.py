@@ -613,3 +613,26 @@ def test_many_layers_go_through_the_progress_bar_unchanged(capsys: pytest.Captur
         pl.merge_and_unload(model)
         torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
     assert capsys.readouterr().err == ""  # not a terminal: tqdm stays silent
+
+
+def test_merge_and_unload_refuses_a_disabled_adapter() -> None:
+    """Merging would silently drop the disabled adapter; merge_adapters refuses it too."""
+    model = pl.inject_lora(tiny_model(), "q_proj", rank=2)
+    randomize_adapters(model)
+    disabled = model.layers[1].attn.q_proj
+    disabled.adapter_enabled = False
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\): these layers have their adapter disabled: \['layers\.1\.attn\.q_proj'\]"):
+        pl.merge_and_unload(model)
+    assert model.layers[1].attn.q_proj is disabled
+    assert isinstance(model.layers[0].attn.q_proj, pl.LoRALinear) and not model.layers[0].attn.q_proj.merged
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [pl.merge_adapters, pl.unmerge_adapters, pl.merge_and_unload, pl.unload, pl.adapter_state_dict,
+     pl.trainable_parameters, pl.print_trainable_parameters, pl.prepare_for_kbit_training,
+     lambda model: pl.inject_lora(model, "q_proj"), lambda model: pl.load_adapter_state_dict(model, {})],
+)
+def test_every_model_tool_names_a_model_that_is_not_a_module(tool) -> None:
+    with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):
+        tool(None)

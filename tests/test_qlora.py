@@ -406,3 +406,33 @@ def test_to_linear_is_in_the_compute_dtype_and_equals_the_layer(cls: type, case:
     assert_close64(got, f64(unmerged), rtol, what="to_linear against the unmerged layer")
     expected = reference(layer, x, torch.zeros(TOKENS, OUT))["out"]
     assert_close64(got, expected, rtol, what="to_linear against the float64 reference")
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_linear_after_casting_the_adapters_is_the_exact_float_merge(cls, dtype) -> None:
+    """``.to(bf16)`` casts the adapters but not the quantized base (float32 compute): the merge
+    must form ``B A`` in float32, not in the adapters' 16-bit dtype."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(256, 256), rank=8, alpha=16.0)
+    randomize_adapter(layer, scale=0.1)
+    layer.to(dtype)
+    assert layer.compute_dtype == torch.float32 and layer.lora_A.dtype == dtype
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        w0 = f64(layer.base_layer.dequantize())
+        args = (f64(x), w0, f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B))
+        expected = lora_ref(*args, layer.scaling) if cls is QLoRALinear else dora_ref(
+            *args, f64(layer.magnitude), layer.scaling, layer.epsilon
+        )
+        assert_close64(layer.to_linear()(x), expected, 1e-5, what="to_linear")
+        assert_close64(layer(x), expected, 1e-5, what="unmerged layer")
+
+
+def test_a_meta_weight_cannot_be_quantized_and_the_model_stays() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64))
+    original = model[0]
+    with pytest.raises(ValueError, match=r"module '0': weight: a tensor on the meta device holds no values to quantize"):
+        pl.inject_adapters(model, ["0"], method="qlora", rank=4)
+    assert model[0] is original and original.weight.requires_grad

@@ -16,7 +16,7 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,10 @@ from .lora import (
     _refuse_double_backward,
     _scaled_mm,
 )
+
+
+def _same_values(a: Any, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -222,6 +226,33 @@ class DoRALinear(LoRALinear):
         self._base_row_norm_key = None
         self._inference_gain_cache = None
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> DoRALinear:
+        super()._apply(fn, *args, **kwargs)
+        # a cast replaces the weight's storage without bumping its version, and a round trip
+        # (float -> bf16 -> float) can get the old address back: the cache keys would match
+        # values that changed
+        self.reset_norm_cache()
+        device = self.magnitude.device
+        if self._merge_gain is not None:
+            self._merge_gain = self._merge_gain.to(device)
+        if self._merge_zero_rows is not None:
+            rows, saved = self._merge_zero_rows
+            self._merge_zero_rows = (rows.to(device), saved.to(device))
+        return self
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the per-row gain m / ||W'|| of a merge is in no state dict (it needs W', which the merged
+        # weight no longer holds): a merged layer that loads other values cannot be unmerged
+        changed = self.merged and any(
+            key in state_dict and not _same_values(state_dict[key], value)
+            for key, value in self.state_dict(prefix=prefix).items()
+            if not key.endswith("bias")
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if changed:
+            self._merge_gain = None
+            self._merge_zero_rows = None
+
     def weight_norm(self) -> Tensor:
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
         if self.merged:
@@ -260,7 +291,12 @@ class DoRALinear(LoRALinear):
 
     def _unmerge_weight_(self, weight: Tensor) -> None:
         gain = self._merge_gain
-        assert gain is not None, "unmerge without merge"
+        if gain is None:
+            raise ValueError(
+                "unmerge(): this merged DoRA layer loaded a state dict after its merge, and the merge's "
+                "per-row gain m / ||W0 + s B A|| is in no state dict, so W0 cannot be recovered; load "
+                "state dicts into unmerged layers (merge after loading)"
+            )
         weight.div_(torch.where(gain == 0, 1.0, gain).to(weight.dtype)[:, None])
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows

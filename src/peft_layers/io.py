@@ -54,6 +54,7 @@ from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .model import (
     METHODS,
     _adapter_layers_or_raise,
+    _check_model,
     _inside_adapter,
     _suffix_matches,
     _undo_on_error,
@@ -700,8 +701,7 @@ def _warn_shared(model: nn.Module, caller: str, file: str) -> None:
 def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
     """The tensors (Hugging Face keys), the config and our field (None when a ``LoraConfig`` says
     it all) of ``model``'s adapter."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     layers = _adapter_layers_or_raise(model, "save_adapter()")
     if any(name == "" for name, _ in layers):
         raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
@@ -1168,8 +1168,7 @@ def load_adapter(
             config against tensors) or files that do not fit the model.
         TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     adapter = read_adapter(directory, adapter_name=adapter_name)
     if next(iter_adapter_layers(model), None) is not None:
         if inject_kwargs:

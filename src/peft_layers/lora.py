@@ -337,11 +337,14 @@ class LoRALinear(AdapterMixin, nn.Module):
         self._add_lora_product_(weight, -self.scaling)
 
     def _add_lora_product_(self, weight: Tensor, factor: float) -> None:
-        """``weight += factor * B @ A`` in place, in the adapter's precision."""
-        if weight.dtype == self.lora_A.dtype:
-            weight.addmm_(self.lora_B, self.lora_A, alpha=factor)
+        """``weight += factor * B @ A`` in place, the product in the wider of the two precisions
+        (float32 adapters over a bf16 base, or a float32 dequantized base under bf16 adapters)."""
+        dtype = torch.promote_types(weight.dtype, self.lora_A.dtype)
+        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        if weight.dtype == dtype:
+            weight.addmm_(lora_B, lora_A, alpha=factor)
         else:
-            weight.add_((self.lora_B @ self.lora_A).to(weight.dtype), alpha=factor)
+            weight.add_((lora_B @ lora_A).to(weight.dtype), alpha=factor)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -286,8 +286,15 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
         raise
 
 
+def _check_model(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (the first check of every tool)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+
 def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Each adapter layer of ``model`` once, with its first dotted name."""
+    _check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
@@ -358,8 +365,7 @@ def inject_adapters(
     name, for a value it rejects. Nothing is changed when an error is raised (no flag, no weight,
     not even a PiSSA residual).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     cls = method_class(method)
     _check_layer_kwargs(method, layer_kwargs)
     if bias not in BIAS_MODES:
@@ -509,12 +515,20 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    layers = _adapter_layers_or_raise(model, "merge_and_unload()")
+    # a disabled adapter would be dropped from the merged weight: ambiguous, so refused
+    disabled = [name for name, layer in layers if not layer.adapter_enabled]
+    if disabled:
+        raise ValueError(
+            f"merge_and_unload(): these layers have their adapter disabled: {disabled}; enable them "
+            "(adapter_enabled = True) to merge them, or unload() to drop the adapters"
+        )
 
     def build(layer: LoRALinear) -> nn.Module:
         linear = layer.to_linear()
         return linear.to(dtype or layer.compute_dtype)
 
-    _replace_layers(model, _adapter_layers_or_raise(model, "merge_and_unload()"), build, "merge_and_unload()")
+    _replace_layers(model, layers, build, "merge_and_unload()")
     return model
 
 
@@ -562,6 +576,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     ``QuantizedLinear`` counts ``out_features * in_features`` for its weight, stored as a parameter
     or as buffers.
     """
+    _check_model(model)
     trainable = total = 0
     seen: set[int] = set()
     for module in model.modules():
@@ -671,8 +686,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
       (Hugging Face models have it; for other models it raises ``ValueError`` before anything is
       changed: wrap blocks with ``torch.utils.checkpoint.checkpoint`` yourself).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
     enable = getattr(model, "gradient_checkpointing_enable", None)

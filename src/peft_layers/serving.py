@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .compose import lora_factors
 from .dora import DoRALinear
 from .lora import LoRALinear
-from .model import _module_names, _set_module, iter_adapter_layers
+from .model import _check_model, _module_names, _set_module, iter_adapter_layers
 from .quant import QuantizedLinear
 
 __all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]
@@ -196,8 +196,7 @@ def stack_adapters(
     model does not have, or one that is not a linear layer; factors whose shapes do not fit. On
     any error the model is unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     taken = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
     names = _check_names(adapters, taken)
     factors = {name: lora_factors(adapters[name], f"adapters[{name!r}]") for name in names}

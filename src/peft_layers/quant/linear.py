@@ -403,6 +403,11 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"weight: expected a tensor of shape {expected}, got {shape}")
         if not weight.is_floating_point():
             raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+        if weight.is_meta or self.weight.is_meta:
+            raise ValueError(
+                "weight: a tensor on the meta device holds no values to quantize; materialise the "
+                "model first (load its weights, or build it on a real device)"
+            )
         with torch.no_grad():
             dense = weight.detach().to(device=self.weight.device, dtype=torch.float32).contiguous()
             if not bool(torch.isfinite(dense).all()):
