@@ -489,3 +489,27 @@ def test_base_weight_changed_without_input_gradient_does_not_raise():
     (y * g).sum().backward()
     for key in ("lora_A", "lora_B"):
         assert_close64(getattr(layer, key).grad, ref.grads[key], RTOL[torch.float64], what=key)
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_to_linear_in_a_wider_dtype_merges_in_it(cls):
+    """``to_linear(float32)`` of a bf16 layer merges in float32: the merged weight is the float64
+    merge of the bf16 ``W0`` to float32 rounding, not to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(32, 16, dtype=torch.bfloat16), rank=4)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        if cls is pl.DoRALinear:
+            layer.magnitude.mul_(1.5)
+    f64 = torch.float64
+    w0 = layer.weight.to(f64)
+    w_prime = w0 + layer.scaling * layer.lora_B.to(f64) @ layer.lora_A.to(f64)
+    expected = w_prime
+    if cls is pl.DoRALinear:
+        expected = (layer.magnitude.to(f64) / w_prime.norm(dim=1))[:, None] * w_prime
+    wide = layer.to_linear(torch.float32)
+    assert wide.weight.dtype == wide.bias.dtype == torch.float32
+    torch.testing.assert_close(wide.weight.to(f64), expected, rtol=1e-6, atol=1e-6)
+    assert layer.to_linear().weight.dtype == torch.bfloat16  # the compute dtype by default
+    with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype or None, got torch.int8"):
+        layer.to_linear(torch.int8)

@@ -636,3 +636,25 @@ def test_merge_and_unload_refuses_a_disabled_adapter() -> None:
 def test_every_model_tool_names_a_model_that_is_not_a_module(tool) -> None:
     with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):
         tool(None)
+
+
+def test_merge_and_unload_of_a_quantized_base_takes_its_neighbours_dtype() -> None:
+    """A bf16-compute QLoRA layer among float32 layers (as after prepare_for_kbit_training) merges
+    into a float32 nn.Linear: a bf16 one would refuse the float32 activations it is given."""
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], method="qlora", rank=2, compute_dtype=torch.bfloat16)
+    randomize_adapters(model)
+    x = tokens()
+    layer = model.layers[0].attn.q_proj
+    with torch.no_grad():
+        f64 = torch.float64
+        expected = layer.base_layer.dequantize(f64) + layer.scaling * layer.lora_B.to(f64) @ layer.lora_A.to(f64)
+        unmerged = model(x)
+        pl.merge_and_unload(model)
+        merged = model.layers[0].attn.q_proj
+        assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
+        torch.testing.assert_close(merged.weight.to(f64), expected, rtol=1e-6, atol=1e-6)
+        # it runs among the float32 layers; the unmerged layers computed in bf16, hence the tolerance
+        torch.testing.assert_close(model(x), unmerged, rtol=5e-2, atol=5e-2)
+    alone = pl.inject_adapters(nn.Sequential(nn.Linear(16, 8)), ["0"], method="qlora", rank=2, compute_dtype=torch.bfloat16)
+    pl.merge_and_unload(alone)  # no other float parameters: the compute dtype
+    assert alone[0].weight.dtype == torch.bfloat16

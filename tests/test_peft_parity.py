@@ -128,3 +128,22 @@ def test_quantized_training_trajectory_equals_hugging_face_peft(method: str, tmp
     x = torch.randn(16, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_hugging_face_file_over_a_four_bit_model_loads_as_qlora(use_dora: bool, tmp_path) -> None:
+    """A Hugging Face file says nothing of quantization: loaded into a model whose targets are
+    bitsandbytes layers, it becomes QLoRA/QDoRA there, and gives Hugging Face PEFT's outputs."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 32))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=use_dora, init_lora_weights=False)
+    theirs = peft.get_peft_model(_four_bit_model(base), config).train()  # train: no CPU repack
+    theirs.save_pretrained(tmp_path)
+    ours = pl.load_adapter(_four_bit_model(base), tmp_path).train()
+    assert {type(layer) for _, layer in pl.model.iter_adapter_layers(ours)} == {pl.QDoRALinear if use_dora else pl.QLoRALinear}
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    method = "dora" if use_dora else "lora"
+    with pytest.raises(ValueError, match=rf"'0' is a quantized Linear4bit, which method '{method}' cannot wrap; load with method='qlora'"):
+        pl.load_adapter(_four_bit_model(base), tmp_path, method=method)

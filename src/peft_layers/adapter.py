@@ -9,7 +9,7 @@ The base is read through four small hooks, so that a quantized base reuses all o
 
 - ``_compute_weight()``: the dense (out, in) weight in compute dtype, possibly aliasing the base's
   storage (never mutated through this reference).
-- ``_read_base_weight()``: a fresh dense copy that the caller may mutate.
+- ``_read_base_weight(dtype=None)``: a fresh dense copy that the caller may mutate (in ``dtype``).
 - ``_write_base_weight(weight)``: store a dense weight back into the base.
 - ``_base_matmul(x)``: ``x @ W0^T`` without bias.
 """
@@ -121,8 +121,9 @@ class AdapterMixin:
             return self._compute_weight
         return lambda: self._compute_weight().to(dtype)
 
-    def _read_base_weight(self) -> Tensor:
-        return self.base_layer.weight.detach().clone()
+    def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        weight = self.base_layer.weight.detach()
+        return weight.to(dtype or weight.dtype, copy=True)
 
     def _write_base_weight(self, weight: Tensor) -> None:
         with torch.no_grad():
@@ -219,17 +220,21 @@ class AdapterMixin:
                 self.merge()
 
     # ---- conversion ---------------------------------------------------------------------
-    def to_linear(self) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W0`` with the adapter merged (a new module).
 
         A quantized base is dequantized, so the result is the exact float merge. Weight and bias
-        are both in ``compute_dtype`` (the dtype the layer adds the bias in), so the result computes
-        what the unmerged layer computes even when the base's bias has a dtype of its own (a
-        quantized base keeps its bias apart from ``compute_dtype``). The layer itself is left
-        unchanged.
+        are both in ``dtype``, by default ``compute_dtype`` (the dtype the layer adds the bias in),
+        so the result computes what the unmerged layer computes even when the base's bias has a
+        dtype of its own (a quantized base keeps its bias apart from ``compute_dtype``). The merge
+        itself runs in ``dtype``: a wider one than the compute dtype (float32 for a bf16-compute
+        quantized layer) keeps the digits a merge in the compute dtype would round off. The layer
+        itself is left unchanged.
         """
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         with torch.no_grad():
-            weight = self._read_base_weight()
+            weight = self._read_base_weight(dtype or self.compute_dtype)
             if not self.merged and self._adapter_enabled:
                 self._merge_weight_(weight)
             bias = self.bias

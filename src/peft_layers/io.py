@@ -1062,6 +1062,10 @@ def _inject_kwargs(
     return kwargs
 
 
+def _is_quantized(module: nn.Module | None) -> bool:
+    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
+
+
 def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
     given = sorted(set(inject_kwargs) & set(_FROM_FILE))
     if given:
@@ -1083,12 +1087,22 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
 
     # check the planned layers against the model's modules before touching anything
     modules = dict(model.named_modules(remove_duplicate=False))
+    quantized = [p for p in adapter.modules if _is_quantized(modules.get(p) if p else None)]
+    if "method" not in inject_kwargs and method in ("lora", "dora") and quantized == list(adapter.modules):
+        # a Hugging Face file says nothing of quantization: over a model loaded in 4/8 bits (its
+        # targets are bitsandbytes or QuantizedLinear layers) its adapter is QLoRA/QDoRA
+        method = "q" + method
     for path, module in adapter.modules.items():
         target = modules.get(path) if path else None
         if target is None:
             raise ValueError(
                 f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module "
                 "of that name"
+            )
+        if _is_quantized(target) and method not in ("qlora", "qdora"):
+            raise ValueError(
+                f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
+                f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"
             )
         in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):

@@ -510,8 +510,11 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta``.
 
     The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
-    is the dtype of the new weights; by default the layer's compute dtype (the base weight's
-    dtype for a dense base). The new layers are frozen like the bases they replace.
+    is the dtype of the new weights. By default: for a dense base, its weight's dtype; for a
+    quantized base, the dtype that holds most of the model's other float parameters (float32
+    after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
+    input, fits between its neighbours as the adapter layer did; the compute dtype when the
+    model has no other float parameters. The new layers are frozen like the bases they replace.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -524,12 +527,25 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             "(adapter_enabled = True) to merge them, or unload() to drop the adapters"
         )
 
+    neighbours = _surrounding_dtype(model, layers)
+
     def build(layer: LoRALinear) -> nn.Module:
-        linear = layer.to_linear()
-        return linear.to(dtype or layer.compute_dtype)
+        quantized = isinstance(layer.base_layer, QuantizedLinear)
+        return layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
 
     _replace_layers(model, layers, build, "merge_and_unload()")
     return model
+
+
+def _surrounding_dtype(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> torch.dtype | None:
+    """The dtype of most float values among ``model``'s parameters outside ``layers`` (packed
+    4-bit storage aside), or None when there are none."""
+    inside = {id(p) for _, layer in layers for p in layer.parameters()}
+    values: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in inside and type(parameter).__name__ != "Params4bit":
+            values[parameter.dtype] = values.get(parameter.dtype, 0) + parameter.numel()
+    return max(values, key=values.__getitem__) if values else None
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -139,8 +139,8 @@ class QLoRALinear(LoRALinear):
     def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
         return functools.partial(self.base_layer.dequantize, dtype)  # decodes straight into dtype
 
-    def _read_base_weight(self) -> Tensor:
-        return self.base_layer.dequantize()
+    def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.base_layer.dequantize(dtype)
 
     def _write_base_weight(self, weight: Tensor) -> None:
         self.base_layer.requantize_(weight)
