@@ -646,3 +646,19 @@ def test_a_merged_layer_that_loads_other_values_refuses_to_unmerge():
     with pytest.raises(ValueError, match=r"^unmerge\(\): this merged DoRA layer loaded a state dict"):
         target.unmerge()
     assert target.merged and torch.equal(target.weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_zero_magnitude_row_unmerges_after_a_cast(dtype):
+    """The W' row kept aside for a zero magnitude follows the layer's casts."""
+    torch.manual_seed(0)
+    layer = pl.DoRALinear(8, 8, rank=2)
+    randomize_adapter(layer)
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.to(dtype)
+    layer.unmerge()
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(layer.weight.to(torch.float32), w0, rtol=tolerance, atol=tolerance)

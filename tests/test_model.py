@@ -658,3 +658,20 @@ def test_merge_and_unload_of_a_quantized_base_takes_its_neighbours_dtype() -> No
     alone = pl.inject_adapters(nn.Sequential(nn.Linear(16, 8)), ["0"], method="qlora", rank=2, compute_dtype=torch.bfloat16)
     pl.merge_and_unload(alone)  # no other float parameters: the compute dtype
     assert alone[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tool", [pl.unmerge_adapters, pl.unload])
+def test_a_layer_that_cannot_unmerge_stops_the_tool_before_any_change(tool) -> None:
+    """A merged DoRA layer that loaded other values refuses to unmerge (docs/layers.md): the
+    model tools ask every layer first, so the other merged layers stay merged."""
+    model = pl.inject_adapters(tiny_model(), ["q_proj"], method="dora", rank=2)
+    randomize_adapters(model)
+    pl.merge_adapters(model)
+    state = model.state_dict()
+    state["layers.1.attn.q_proj.magnitude"] = state["layers.1.attn.q_proj.magnitude"] + 0.01
+    model.load_state_dict(state)
+    first = model.layers[0].attn.q_proj
+    weight = first.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"unmerge\(\): this merged DoRA layer loaded a state dict"):
+        tool(model)
+    assert model.layers[0].attn.q_proj is first and first.merged and torch.equal(first.weight, weight)

@@ -178,11 +178,16 @@ class AdapterMixin:
         """
         if not self.merged:
             raise ValueError(f"unmerge(): {type(self).__name__} is not merged; nothing to unmerge")
+        self._check_unmergeable()
         with torch.no_grad():
             weight = self._read_base_weight()
             self._unmerge_weight_(weight)
             self._write_base_weight(weight)
         self.merged = False
+
+    def _check_unmergeable(self) -> None:
+        """Raise ``ValueError`` if this merged layer cannot give its ``W0`` back (the model tools
+        ask every layer first, so that a refusal changes nothing)."""
 
     # ---- enable / disable ---------------------------------------------------------------
     @property

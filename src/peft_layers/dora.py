@@ -289,18 +289,21 @@ class DoRALinear(LoRALinear):
         self._merge_gain = gain
         weight.mul_(gain.to(weight.dtype)[:, None])
 
-    def _unmerge_weight_(self, weight: Tensor) -> None:
-        gain = self._merge_gain
-        if gain is None:
+    def _check_unmergeable(self) -> None:
+        if self.merged and self._merge_gain is None:
             raise ValueError(
                 "unmerge(): this merged DoRA layer loaded a state dict after its merge, and the merge's "
                 "per-row gain m / ||W0 + s B A|| is in no state dict, so W0 cannot be recovered; load "
                 "state dicts into unmerged layers (merge after loading)"
             )
+
+    def _unmerge_weight_(self, weight: Tensor) -> None:
+        gain = self._merge_gain
+        assert gain is not None, "unmerge() checks _check_unmergeable() first"
         weight.div_(torch.where(gain == 0, 1.0, gain).to(weight.dtype)[:, None])
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows
-            weight[rows] = saved
+            weight[rows] = saved.to(weight.dtype)  # the layer may have been cast since the merge
         self._add_lora_product_(weight, -self.scaling)
         self._merge_gain = None
         self._merge_zero_rows = None

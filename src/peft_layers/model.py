@@ -490,6 +490,8 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     merged = [layer for _, layer in layers if layer.merged]
     if not merged:
         raise ValueError("unmerge_adapters(): no adapter layer is merged")
+    for layer in merged:  # every refusal before the first change
+        layer._check_unmergeable()
     for layer in _progress(merged, "unmerge_adapters()"):
         layer.unmerge()
     return model
@@ -561,6 +563,9 @@ def unload(model: nn.Module) -> nn.Module:
     layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
     if not layers:
         raise ValueError("unload(): model has no adapter layers; call inject_adapters() first")
+    for _, layer in layers:  # every refusal before the first change
+        if isinstance(layer, LoRALinear) and layer.merged:
+            layer._check_unmergeable()
 
     def build(layer: Any) -> nn.Module:
         if isinstance(layer, LoRALinear) and layer.merged:
