@@ -318,3 +318,23 @@ def test_bad_input_is_named_and_leaves_the_model_unchanged(two_adapters, tmp_pat
     dora_model = pl.inject_adapters(tiny_model(), ["q_proj"], method="dora", rank=2)
     with pytest.raises(TypeError, match="DoRALinear; only LoRA adapters can be stacked"):
         pl.stack_adapters(dora_model, {"math": two_adapters["math"]})
+
+
+def test_pissa_adapters_are_refused_as_they_need_their_residual_base(tmp_path: Path) -> None:
+    """A PiSSA adapter applies to the residual W0 - s B0 A0 that only load_adapter rebuilds: over
+    the plain base it would compute something else (0.7 off here), so stacking and combining
+    refuse it, and the model is unchanged."""
+    trained = pl.inject_adapters(tiny_model(), ["q_proj"], rank=2, init="pissa")
+    with torch.no_grad():
+        for _, layer in pl.model.iter_adapter_layers(trained):
+            layer.lora_B.add_(0.05)
+    directory = pl.save_adapter(trained, tmp_path / "pissa")
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapters\['pi'\]: .* holds a PiSSA adapter, which only fits the residual base"):
+        pl.stack_adapters(model, {"pi": directory})
+    assert snapshot(model)[0] == before[0]
+    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\]: .* holds a PiSSA adapter"):
+        pl.compose.combine_adapters([directory], [1.0])
+    with pytest.raises(ValueError, match=r"model: 'layers.0.attn.q_proj' was initialised with PiSSA"):
+        pl.stack_adapters(pl.load_adapter(tiny_model(), directory), {"math": trained_adapter(tmp_path, "m", ["v_proj"], 1)})

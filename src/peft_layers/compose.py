@@ -233,11 +233,17 @@ def combine(
 def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, float]]:
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
-    DoRA adapters raise ``ValueError``; ``where`` names the source in error messages."""
+    DoRA and PiSSA adapters raise ``ValueError``; ``where`` names the source in error messages."""
     if isinstance(source, (str, os.PathLike)):
         adapter = read_adapter(source)
         if adapter.is_dora:
             raise ValueError(f"{where}: {str(source)!r} holds a DoRA adapter; only LoRA adapters can be combined or stacked")
+        if adapter.init == "pissa":
+            # its factors apply to the residual W0 - s B0 A0 that PiSSA left in the base, not to W0
+            raise ValueError(
+                f"{where}: {str(source)!r} holds a PiSSA adapter, which only fits the residual base "
+                "that load_adapter() rebuilds; it cannot be combined or stacked over the plain base"
+            )
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))
             for path, module in adapter.modules.items()

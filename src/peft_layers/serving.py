@@ -206,6 +206,11 @@ def stack_adapters(
     for path, layer in own_layers:
         if isinstance(layer, DoRALinear):
             raise TypeError(f"model: {path!r} is a {type(layer).__name__}; only LoRA adapters can be stacked")
+        if layer.init == "pissa":
+            raise ValueError(
+                f"model: {path!r} was initialised with PiSSA, so its base holds the residual W0 - s B0 A0, "
+                "not the model's weight; other adapters cannot be stacked over it"
+            )
         if layer.merged:
             raise ValueError(f"model: {path!r} is merged; unmerge_adapters(model) before stacking")
     if own_layers and DEFAULT_ADAPTER in names:
