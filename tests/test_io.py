@@ -510,8 +510,11 @@ def test_no_shared_warning_where_peft_adapts_every_name(tmp_path: Path) -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no adapter config"):
+    with pytest.raises(FileNotFoundError, match="nothing' does not exist"):
         load_adapter(base_net(), tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no adapter config here .* adapters found under .*empty': \[\]"):
+        load_adapter(base_net(), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         list_adapters(tmp_path / "nothing")
     (tmp_path / "adapter_config.json").write_text("{}")
@@ -1050,3 +1053,15 @@ def test_our_field_in_the_config_is_read_too(tmp_path: Path) -> None:
     edit_config(tmp_path, lambda c: c.pop("peft_layers"))
     edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({"version": 1, "method": "dora"})))
     assert_load_fails(tmp_path, ValueError, r"adapter_model.safetensors: peft_layers.method 'dora' contradicts use_dora=False of adapter_config.json")
+
+
+def test_paths_that_are_not_adapter_directories_say_so(tmp_path: Path) -> None:
+    folder = save_adapter(adapted("lora"), tmp_path / "adapter")
+    with pytest.raises(NotADirectoryError, match=r"directory: .*adapter_model.safetensors' is a file; an adapter is a directory"):
+        load_adapter(base_net(), folder / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"directory: .*someuser/some-adapter' does not exist .*Hub id"):
+        load_adapter(base_net(), tmp_path / "someuser" / "some-adapter")
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"afile.txt' is a file"):
+        save_adapter(adapted("lora"), tmp_path / "afile.txt")
+    assert (tmp_path / "afile.txt").read_text() == "x"

@@ -675,3 +675,15 @@ def test_a_layer_that_cannot_unmerge_stops_the_tool_before_any_change(tool) -> N
     with pytest.raises(ValueError, match=r"unmerge\(\): this merged DoRA layer loaded a state dict"):
         tool(model)
     assert model.layers[0].attn.q_proj is first and first.merged and torch.equal(first.weight, weight)
+
+
+def test_a_regex_written_as_a_string_gets_a_hint() -> None:
+    """Hugging Face PEFT reads a str target as a regex; here a str is a name suffix."""
+    for target in (r".*\.(q|v)_proj", "all-linear"):
+        with pytest.raises(ValueError, match=r"matches no module .*a str is a name suffix, never a regex: pass re.compile"):
+            pl.inject_lora(tiny_model(), target)
+    with pytest.raises(ValueError, match=r"matches no module") as error:
+        pl.inject_lora(tiny_model(), "nope_proj")
+    assert "never a regex" not in str(error.value)
+    with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear only"):
+        pl.inject_lora(tiny_model(), "embed")

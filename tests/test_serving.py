@@ -338,3 +338,19 @@ def test_pissa_adapters_are_refused_as_they_need_their_residual_base(tmp_path: P
         pl.compose.combine_adapters([directory], [1.0])
     with pytest.raises(ValueError, match=r"model: 'layers.0.attn.q_proj' was initialised with PiSSA"):
         pl.stack_adapters(pl.load_adapter(tiny_model(), directory), {"math": trained_adapter(tmp_path, "m", ["v_proj"], 1)})
+
+
+def test_generate_with_beams_repeats_each_rows_adapter(two_adapters) -> None:
+    """generate(num_beams=k) repeats each prompt k times in place: the name of a prompt covers its
+    k rows, as one adapter loaded alone would compute them."""
+    rows = ["math", None, "code"]
+    x = tokens(batch=len(rows))
+    beams = x.repeat_interleave(2, dim=0)  # what generate does with num_beams=2
+    model = pl.stack_adapters(tiny_model(), two_adapters)
+    with torch.no_grad():
+        with pl.adapter_batch(model, rows):
+            out = model(beams)
+        expected = torch.cat(
+            [single(two_adapters[name] if name else None)(beams[2 * b : 2 * b + 2]) for b, name in enumerate(rows)]
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

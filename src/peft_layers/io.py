@@ -182,7 +182,13 @@ def _check_adapter_name(adapter_name: Any) -> str:
 def _check_directory(directory: Any) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
-    return Path(directory)
+    path = Path(directory)
+    if path.is_file():
+        raise NotADirectoryError(
+            f"directory: {str(path)!r} is a file; an adapter is a directory holding {WEIGHTS_NAME} and "
+            f"{CONFIG_NAME} (pass the directory that holds them)"
+        )
+    return path
 
 
 def adapter_directory(directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -431,10 +437,14 @@ def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = Non
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         root = _check_directory(directory)
-        found = list_adapters(root) if root.is_dir() else []
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"directory: {str(root)!r} does not exist (adapters are read from local directories; "
+                "a Hugging Face Hub id must be downloaded first, e.g. huggingface_hub.snapshot_download)"
+            )
         raise FileNotFoundError(
             f"{config_path}: no adapter config here (adapter_name={adapter_name!r}); "
-            f"adapters found under {str(root)!r}: {found}"
+            f"adapters found under {str(root)!r}: {list_adapters(root)}"
         )
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():

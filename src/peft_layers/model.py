@@ -384,9 +384,15 @@ def inject_adapters(
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
             nearest = _nearest_names(part, linear_names)[:20]
+            # Hugging Face PEFT reads a str as a regex ("all-linear" included); here it never is
+            hint = (
+                "; a str is a name suffix, never a regex: pass re.compile(...) or a callable"
+                if isinstance(part, str) and (part == "all-linear" or re.search(r"[\\*+?|()\[\]^$]", part))
+                else ""
+            )
             raise ValueError(
                 f"targets: {_describe(part)} matches no module of {type(model).__name__}; "
-                f"its linear layers are (nearest first): {nearest}"
+                f"its linear layers are (nearest first): {nearest}{hint}"
             )
         for name in hits:
             module = modules[name]
@@ -402,8 +408,10 @@ def inject_adapters(
                 allowed = "nn.Linear"
                 if method in ("qlora", "qdora"):
                     allowed += ", bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
+                kind = type(module).__name__
+                article = "an" if kind[:1].lower() in "aeiou" else "a"
                 raise TypeError(
-                    f"targets: {_describe(part)} matches {name!r}, a {type(module).__name__}; "
+                    f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
             chosen[id(module)] = None

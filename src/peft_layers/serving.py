@@ -121,11 +121,16 @@ class MultiLoRALinear(nn.Module):
                 self._add_delta_(out, x, name)
                 return out
             return out + self._delta(x, name).to(out.dtype)
-        if x.dim() < 2 or x.shape[0] != len(rows):
+        if x.dim() < 2 or x.shape[0] % len(rows):
             raise ValueError(
                 f"input: adapter_batch() chose adapters for {len(rows)} rows, got an input of shape "
-                f"{tuple(x.shape)} (rows are the first dimension)"
+                f"{tuple(x.shape)} (rows are the first dimension; k times as many rows repeat each "
+                "choice k times)"
             )
+        if x.shape[0] != len(rows):
+            # generate(num_beams=k) and num_return_sequences=k repeat each row k times in place
+            repeat = x.shape[0] // len(rows)
+            rows = [row for row in rows for _ in range(repeat)]
         for name in dict.fromkeys(rows):
             if name not in self.lora_A:
                 continue
@@ -299,8 +304,10 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Inside the block, row ``b`` of every input batch uses adapter ``names[b]`` (None: base).
 
-    The inputs' first dimension must have ``len(names)`` rows. The previous choice comes back when
-    the block ends, also on error. Raises ``ValueError`` for an unknown name.
+    The inputs' first dimension must have ``len(names)`` rows, or ``k * len(names)``: then each
+    name covers ``k`` consecutive rows, as ``generate(num_beams=k)`` or
+    ``num_return_sequences=k`` repeat every prompt ``k`` times in place. The previous choice comes
+    back when the block ends, also on error. Raises ``ValueError`` for an unknown name.
     """
     stacks = _stacks(model, "adapter_batch()")
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
