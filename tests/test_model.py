@@ -687,3 +687,29 @@ def test_a_regex_written_as_a_string_gets_a_hint() -> None:
     assert "never a regex" not in str(error.value)
     with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear only"):
         pl.inject_lora(tiny_model(), "embed")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_disable_adapters_gives_the_base_model_inside_the_block(method: str) -> None:
+    """The reference policy of DPO: the base model exactly, merged layers included, and the
+    adapted model again after the block (also after an error inside it)."""
+    base = tiny_model()
+    model = pl.inject_adapters(copy.deepcopy(base), ["q_proj", "v_proj"], method=method, rank=2)
+    randomize_adapters(model)
+    model.layers[0].attn.q_proj.merge()  # one merged layer: unmerged inside, merged back after
+    x = tokens()
+    with torch.no_grad():
+        adapted, expected = model(x), base(x)
+        with pl.disable_adapters(model) as inside:
+            assert inside is model  # (the merged layer's unmerge restores W0 to float32 rounding)
+            torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+        assert model.layers[0].attn.q_proj.merged
+        with pytest.raises(RuntimeError, match="inside"):
+            with pl.disable_adapters(model):
+                raise RuntimeError("inside")
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    assert all(layer.adapter_enabled for _, layer in iter_adapter_layers(model))
+    with pytest.raises(ValueError, match=r"disable_adapters\(\): model has no adapter layers"):
+        with pl.disable_adapters(tiny_model()):
+            pass

@@ -11,6 +11,7 @@ from .io import load_adapter, save_adapter
 from .lora import LoRALinear, LoRAPlusLinear
 from .model import (
     adapter_state_dict,
+    disable_adapters,
     inject_adapters,
     inject_lora,
     load_adapter_state_dict,
@@ -40,6 +41,7 @@ __all__ = [
     "adapter_state_dict",
     "compose",
     "create_loraplus_optimizer",
+    "disable_adapters",
     "inject_adapters",
     "inject_lora",
     "load_adapter",

@@ -547,6 +547,26 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     return model
 
 
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside the block every adapter layer of ``model`` computes its base layer
+    alone (``layer.disable_adapter()`` on each), so the model is its base model, e.g. the
+    reference policy of DPO. Merged layers are unmerged on entry and merged back on exit (a
+    quantized base requantizes both ways); everything is restored on exit, also after an error.
+
+    Raises ``ValueError`` (changing nothing) for a model without adapter layers or with a merged
+    layer that cannot unmerge. Stacked adapters (serving) use ``set_adapter(model, None)``.
+    """
+    layers = _adapter_layers_or_raise(model, "disable_adapters()")
+    for _, layer in layers:  # every refusal before the first change
+        if layer.merged:
+            layer._check_unmergeable()
+    with contextlib.ExitStack() as stack:
+        for _, layer in layers:
+            stack.enter_context(layer.disable_adapter())
+        yield model
+
+
 def _surrounding_dtype(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> torch.dtype | None:
     """The dtype of most float values among ``model``'s parameters outside ``layers`` (packed
     4-bit storage aside), or None when there are none."""
