@@ -179,6 +179,29 @@ def test_compiled_and_checkpointed_layers_train_like_eager(cls: type, wrap) -> N
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
+def test_full_graph_compile_and_export_match_eager(cls: type) -> None:
+    """The cache keys and the fused functions trace without a graph break (``fullgraph=True``) and
+    export; both compute what the eager layer computes, gradients included."""
+    layer = _layer(cls).train()
+    x = torch.randn(TOKENS, IN)
+    results = []
+    for run in (torch.compile(layer, backend="eager", fullgraph=True), layer):
+        for p in layer.adapter_parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        run(xi).square().sum().backward()
+        with torch.no_grad():
+            results.append([run(x), xi.grad] + [p.grad.clone() for p in layer.adapter_parameters()])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)
+        exported = torch.export.export(layer, (x,))
+        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-6)
+
+
 _DDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import peft_layers as pl
@@ -200,15 +223,24 @@ def train(net, step_inputs):
         opt.zero_grad()
 
 def adapter_state(net):
-    return {k: v for k, v in net.state_dict().items() if "lora" in k or "magnitude" in k}
+    state = {k: v for k, v in net.state_dict().items() if "lora" in k or "magnitude" in k}
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}  # FSDP2: DTensors
 
 def worker(rank):
     dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
     net = model()
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
-    train(ddp, [x[rank * 4:(rank + 1) * 4] for x in batches()])  # each rank gets half the batch
+    if sys.argv[3] == "fsdp2":
+        # each layer and the root sharded; the default reshard_after_forward frees the gathered
+        # weights after forward and gathers them into fresh storage for backward
+        from torch.distributed.fsdp import fully_shard
+        for index in (0, 2):
+            fully_shard(net[index])
+        wrapped = fully_shard(net)
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(net)
+    train(wrapped, [x[rank * 4:(rank + 1) * 4] for x in batches()])  # each rank gets half the batch
     torch.save(adapter_state(net), f"{sys.argv[1]}.{rank}.pt")
-    del ddp  # the reducer holds the process group: release it before the group is destroyed
+    del wrapped  # DDP's reducer holds the process group: release it before the group is destroyed
     dist.barrier()  # both ranks leave together: gloo aborts a rank whose peer tore down first
     dist.destroy_process_group()
     # Skip interpreter finalization: gloo's threads can abort the process there (SIGABRT,
@@ -231,15 +263,16 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(method: str, tmp_path) -> None:
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_two_processes_train_like_one_process_on_the_whole_batch(method: str, wrapper: str, tmp_path) -> None:
     import subprocess
     import sys
 
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "rendezvous"), method],
+        [sys.executable, str(script), str(tmp_path / "rendezvous"), method, wrapper],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]

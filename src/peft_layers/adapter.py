@@ -56,8 +56,10 @@ def autocast_off(device_type: str) -> Iterator[None]:
 def version_key(tensor: Tensor) -> tuple[int, int] | None:
     """``(storage pointer, autograd version counter)`` of ``tensor``: it changes on every in-place
     write and when the tensor is replaced. None for an inference tensor (one created under
-    ``torch.inference_mode()``), which has no version counter, so a cache keyed on it must miss."""
-    if tensor.is_inference():
+    ``torch.inference_mode()``), which has no version counter, so a cache keyed on it must miss;
+    None too while ``torch.compile`` or ``torch.export`` traces (fake tensors have no storage, and a
+    traced graph must not bake a cache in)."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
         return None
     return tensor.data_ptr(), tensor._version
 
@@ -121,6 +123,13 @@ class AdapterMixin:
             return self._compute_weight
         return lambda: self._compute_weight().to(dtype)
 
+    def _refetch_key_fn(self) -> Callable[[], tuple] | None:
+        """For the fused functions: None when they may save ``W0`` for backward (a dense base: the
+        parameter itself, free to keep, and autograd's own version check then catches an in-place
+        change, as for ``nn.Linear``); else a key function for a ``W0`` they decode again in
+        backward, which must return its forward value (a quantized base)."""
+        return None
+
     def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         weight = self.base_layer.weight.detach()
         return weight.to(dtype or weight.dtype, copy=True)
@@ -134,10 +143,8 @@ class AdapterMixin:
 
     def _base_weight_key(self) -> tuple | None:
         """A cheap key that changes whenever the base weight changes (in place or replaced), or
-        None when no such key exists (see :func:`version_key`): nothing may be cached then.
-
-        Keys DoRA's norm cache, and the fused backward's check that ``W0`` is still the weight
-        its forward used (it is fetched again rather than saved)."""
+        None when no such key exists (see :func:`version_key`): nothing may be cached then. Keys
+        DoRA's norm cache."""
         weight = self.base_layer.weight
         version = version_key(weight)
         return None if version is None else (*version, weight.dtype, weight.device, tuple(weight.shape))

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .adapter import autocast_enabled, autocast_off, version_key
 from .lora import (
     LoRALinear,
-    _check_base_weight_unchanged,
+    _base_weight_for_backward,
+    _save_weight_or_key,
     _check_positive,
     _refuse_double_backward,
     _scaled_mm,
@@ -92,9 +93,8 @@ class _DoRAFunction(torch.autograd.Function):
     Backward, with ``G`` the output gradient and ``n`` constant (detached):
     ``dm = sum_rows(G * z) / n``, ``Gs = G * g``, ``dB = s Gs^T (x A^T)``, ``dT = s Gs B``,
     ``dA = dT^T x``, ``dx = Gs W + dT A`` (accumulated in place), ``db = sum_rows(G)``.
-    ``W`` is fetched again through ``weight_fn`` in backward rather than saved; backward raises if
-    the base weight changed since forward (``weight_key_fn``, see
-    :func:`~peft_layers.lora._check_base_weight_unchanged`).
+    ``W`` is saved for a dense base and decoded again for a quantized one, as in
+    :class:`~peft_layers.lora._LoRAFunction` (:func:`~peft_layers.lora._save_weight_or_key`).
     """
 
     @staticmethod
@@ -109,30 +109,29 @@ class _DoRAFunction(torch.autograd.Function):
         epsilon: float,
         base_row_norm_sq: Tensor,
         weight_fn: Callable[[], Tensor],
-        weight_key_fn: Callable[[], tuple | None],
+        weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
         z = x @ weight.t()
         # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
         base_times_A = (weight @ lora_A.t()).t()
-        del weight
         t = x @ lora_A.t()
         z.addmm_(t, lora_B.t(), alpha=scaling)
         norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm, z.dtype)
         out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
-        ctx.save_for_backward(x, t, z, lora_A, lora_B, gain, norm)
+        _save_weight_or_key(ctx, [x, t, z, lora_A, lora_B, gain, norm], weight, weight_key_fn)
+        del weight
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
-        ctx.weight_key_fn = weight_key_fn
-        ctx.weight_key = weight_key_fn()
         ctx.magnitude_dtype = magnitude.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         _refuse_double_backward()
-        x, t, z, lora_A, lora_B, gain, norm = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, t, z, lora_A, lora_B, gain, norm = saved[:7]
         need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
         grad_x = grad_A = grad_B = grad_m = grad_bias = None
@@ -147,8 +146,7 @@ class _DoRAFunction(torch.autograd.Function):
         if need_B:
             grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B)
         if need_x:
-            _check_base_weight_unchanged(ctx)
-            grad_x = grad_z @ ctx.weight_fn()
+            grad_x = grad_z @ _base_weight_for_backward(ctx, saved)
             grad_x.addmm_(grad_t, lora_A)
         return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
@@ -316,7 +314,7 @@ class DoRALinear(LoRALinear):
         if torch.is_grad_enabled():
             return _DoRAFunction.apply(
                 x, lora_A, lora_B, self.magnitude, bias, self.scaling, self.epsilon,
-                self.base_row_norm_sq(), self._weight_fn(x.dtype), self._base_weight_key,
+                self.base_row_norm_sq(), self._weight_fn(x.dtype), self._refetch_key_fn(),
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 

@@ -80,21 +80,34 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _check_base_weight_unchanged(ctx: Any) -> None:
-    """Raise inside a fused backward if the base weight changed since its forward.
+def _save_weight_or_key(ctx: Any, tensors: list[Tensor], weight: Tensor, key_fn: Callable | None) -> None:
+    """Save ``tensors`` for backward, with ``W0`` itself when ``key_fn`` is None (a dense base:
+    autograd then checks its version, as for ``nn.Linear``), else the key of a ``W0`` that
+    backward decodes again (:func:`_base_weight_for_backward`)."""
+    ctx.weight_saved = key_fn is None
+    if key_fn is None:
+        # only the input gradient reads W0 (argument 0 of both functions): without one, nothing
+        # about W0 is kept or checked
+        tensors = [*tensors, weight if ctx.needs_input_grad[0] else None]
+    else:
+        ctx.weight_key_fn = key_fn
+        ctx.weight_key = key_fn()
+    ctx.save_for_backward(*tensors)
 
-    The fused functions fetch ``W0`` again in backward (``ctx.weight_fn``) rather than saving it,
-    so a merge, requantization or in-place write in between would give the input gradient of
-    another weight. Forward records ``ctx.weight_key = weight_key_fn()`` (the layer's
-    ``_base_weight_key``: storage and version counter of a dense weight, ``version`` of a quantized
-    one); a base without a key (an inference tensor, None) cannot be checked.
-    """
+
+def _base_weight_for_backward(ctx: Any, saved: tuple[Tensor, ...]) -> Tensor:
+    """``W0`` in backward: the saved one, or decoded again through ``ctx.weight_fn`` after checking
+    that the base did not change since forward (a merge, ``requantize_`` or ``load_state_dict`` in
+    between would give the input gradient of another weight)."""
+    if ctx.weight_saved:
+        return saved[-1]
     if ctx.weight_key_fn() != ctx.weight_key:
         raise RuntimeError(
             "the base weight of this LoRA/DoRA layer changed between forward and backward (merge(), "
             "unmerge(), requantize_, load_state_dict, .to or an in-place write), so the input "
             "gradient would use the wrong weight; run backward before changing the base weight"
         )
+    return ctx.weight_fn()
 
 
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:
@@ -111,11 +124,11 @@ class _LoRAFunction(torch.autograd.Function):
     """``x W^T + b + s (x_d A^T) B^T`` on 2-D inputs, with hand-written backward.
 
     Against autograd's version it saves temporaries: the adapter product is added into the base
-    output in place, the input gradient ``g W + s (g B) A`` is accumulated in place, and ``W`` is
-    fetched again in backward through ``weight_fn`` rather than saved, so a quantized base keeps no
-    dense copy alive between forward and backward; backward raises if ``weight_key_fn()`` (the
-    layer's ``_base_weight_key``) no longer returns its forward value (see
-    :func:`_check_base_weight_unchanged`). ``W`` itself gets no gradient (it is frozen).
+    output in place, and the input gradient ``g W + s (g B) A`` is accumulated in place. A dense
+    ``W`` is saved (the parameter itself: autograd checks its version, as for ``nn.Linear``); a
+    quantized one is decoded again in backward through ``weight_fn``, so no dense copy stays alive
+    between forward and backward, and ``weight_key_fn`` must give its forward value then (see
+    :func:`_base_weight_for_backward`). ``W`` itself gets no gradient (it is frozen).
     ``x_drop`` is the dropped-out input, or None when it is ``x`` itself.
 
     The scalings ride inside the small GEMMs (:func:`_scaled_mm`): on a CPU, every extra
@@ -134,7 +147,7 @@ class _LoRAFunction(torch.autograd.Function):
         bias: Tensor | None,
         scaling: float,
         weight_fn: Callable[[], Tensor],
-        weight_key_fn: Callable[[], tuple | None],
+        weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
         x_a = x if x_drop is None else x_drop
@@ -146,25 +159,23 @@ class _LoRAFunction(torch.autograd.Function):
         else:
             out = torch.mm(t, lora_B.t()).mul_(scaling)
         out.addmm_(x, weight.t())
+        _save_weight_or_key(ctx, [x_a, t, lora_A, lora_B], weight, weight_key_fn)
         del weight
-        ctx.save_for_backward(x_a, t, lora_A, lora_B)
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
-        ctx.weight_key_fn = weight_key_fn
-        ctx.weight_key = weight_key_fn()
         ctx.shared_input = x_drop is None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         _refuse_double_backward()
-        x_a, t, lora_A, lora_B = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x_a, t, lora_A, lora_B = saved[:4]
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         scaling = ctx.scaling
         grad_x = grad_x_drop = grad_A = grad_B = grad_bias = weight = None
         if need_x:
-            _check_base_weight_unchanged(ctx)
-            weight = ctx.weight_fn()
+            weight = _base_weight_for_backward(ctx, saved)
         grad_t = _scaled_mm(grad_out, lora_B, scaling, shape_of=t)
         if need_A:
             grad_A = grad_t.t() @ x_a
@@ -389,7 +400,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         if torch.is_grad_enabled() and not self._base_weight_trainable():
             return _LoRAFunction.apply(
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
-                self._base_weight_key,
+                self._refetch_key_fn(),
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()

@@ -152,6 +152,9 @@ class QLoRALinear(LoRALinear):
         base = self.base_layer
         return (id(base), base.version, base.compute_dtype, base.weight.device)
 
+    def _refetch_key_fn(self) -> Callable[[], tuple]:
+        return self._base_weight_key  # decoded again in backward: no dense copy is kept
+
     def _base_weight_trainable(self) -> bool:
         return False
 
