@@ -183,6 +183,7 @@ def test_compiled_and_checkpointed_layers_train_like_eager(cls: type, wrap) -> N
 def test_full_graph_compile_and_export_match_eager(cls: type) -> None:
     """The cache keys and the fused functions trace without a graph break (``fullgraph=True``) and
     export; both compute what the eager layer computes, gradients included."""
+    torch._dynamo.reset()  # other tests' compiles count against the recompile limit
     layer = _layer(cls).train()
     x = torch.randn(TOKENS, IN)
     results = []
@@ -263,8 +264,10 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize(
+    ("method", "wrapper"),
+    [("lora", "ddp"), ("dora", "ddp"), ("lora", "fsdp2"), ("dora", "fsdp2"), ("qlora", "fsdp2")],
+)
 def test_two_processes_train_like_one_process_on_the_whole_batch(method: str, wrapper: str, tmp_path) -> None:
     import subprocess
     import sys
@@ -277,3 +280,26 @@ def test_two_processes_train_like_one_process_on_the_whole_batch(method: str, wr
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[:1] == ["ok"] and int(run.stdout.split()[1]) >= 4
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
+def test_torch_func_per_sample_gradients_match_autograd(cls: type) -> None:
+    """``vmap(grad(...))`` over ``functional_call`` (per-sample gradients, meta-learning): the
+    layers take their plain-op paths under torch.func transforms, and agree with autograd."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = _layer(cls).eval()
+    x = torch.randn(TOKENS, IN)
+    params = {name: p.detach() for name, p in layer.named_parameters() if p.requires_grad}
+
+    def loss(p: dict, row: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, p, (row[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for index in range(TOKENS):
+        layer.zero_grad()
+        layer(x[index : index + 1]).square().sum().backward()
+        for name, p in layer.named_parameters():
+            if p.requires_grad:
+                # float32, two summation orders (plain ops here, the fused function in autograd)
+                torch.testing.assert_close(per_sample[name][index], p.grad, rtol=1e-4, atol=1e-5)

@@ -53,6 +53,13 @@ def autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running: the
+    fused autograd functions do not support them (they keep state on ``ctx`` in ``forward``), so
+    the layers take their plain-op paths then."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def version_key(tensor: Tensor) -> tuple[int, int] | None:
     """``(storage pointer, autograd version counter)`` of ``tensor``: it changes on every in-place
     write and when the tensor is replaced. None for an inference tensor (one created under

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import autocast_enabled, autocast_off, version_key
+from .adapter import autocast_enabled, autocast_off, functorch_active, version_key
 from .lora import (
     LoRALinear,
     _base_weight_for_backward,
@@ -309,7 +309,8 @@ class DoRALinear(LoRALinear):
     # ---- forward -------------------------------------------------------------------------
     def _adapter_forward(self, x: Tensor) -> Tensor:
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
-        if self._dropout_active() or (torch.is_grad_enabled() and self._base_weight_trainable()):
+        plain = self._dropout_active() or functorch_active()
+        if plain or (torch.is_grad_enabled() and self._base_weight_trainable()):
             return self._dropout_forward(x, lora_A, lora_B, bias)
         if torch.is_grad_enabled():
             return _DoRAFunction.apply(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import AdapterMixin, autocast_dtype, autocast_off
+from .adapter import AdapterMixin, autocast_dtype, autocast_off, functorch_active
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -397,7 +397,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
-        if torch.is_grad_enabled() and not self._base_weight_trainable():
+        if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
             return _LoRAFunction.apply(
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
                 self._refetch_key_fn(),

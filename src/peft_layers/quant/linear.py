@@ -105,12 +105,18 @@ class _QuantizedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, bias: Tensor | None, layer: QuantizedLinear
-    ) -> Tensor:
+    def forward(x: Tensor, bias: Tensor | None, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
+        return layer._matmul_2d(x, bias)
+
+    # forward and setup_context apart (not forward(ctx, ...)): torch.func's transforms (grad,
+    # jacrev, ...) require it, and vmap runs forward's own ops over the batch
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        layer = inputs[2]
         ctx.layer = layer
         ctx.version = layer.version
-        return layer._matmul_2d(x, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
