@@ -283,6 +283,11 @@ def test_gradcheck_in_float64(scheme):
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,), fast_mode=True)
     layer(x).sum().backward()
     torch.testing.assert_close(layer.bias.grad, torch.full((6,), 3.0))  # bias stays float32
+    layer.bias.grad = None  # an input without grad: the bias alone still gets its gradient
+    layer(x.detach()).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((6,), 3.0))
+    with torch.no_grad():  # no grad at all: no graph
+        assert layer(x).grad_fn is None
 
 
 def test_dequantized_weight_is_not_saved_for_backward(monkeypatch):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapter import autocast_dtype
+from ..adapter import autocast_dtype, functorch_active
 from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
@@ -569,7 +569,11 @@ class QuantizedLinear(nn.Module):
             x2 = x2.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        out = _QuantizedMatmul.apply(x2, bias, self)
+        needs_grad = x2.requires_grad or (bias is not None and bias.requires_grad) or functorch_active()
+        if torch.is_grad_enabled() and needs_grad:
+            out = _QuantizedMatmul.apply(x2, bias, self)
+        else:  # nothing to differentiate: skip the autograd function's bookkeeping
+            out = self._matmul_2d(x2, bias)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
