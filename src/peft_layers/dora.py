@@ -26,9 +26,9 @@ from .adapter import autocast_enabled, autocast_off, functorch_active, version_k
 from .lora import (
     LoRALinear,
     _base_weight_for_backward,
-    _save_weight_or_key,
     _check_positive,
     _refuse_double_backward,
+    _save_weight_or_key,
     _scaled_mm,
 )
 
