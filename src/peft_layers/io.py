@@ -711,8 +711,7 @@ def _warn_shared(model: nn.Module, caller: str, file: str) -> None:
 def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
     """The tensors (Hugging Face keys), the config and our field (None when a ``LoraConfig`` says
     it all) of ``model``'s adapter."""
-    _check_model(model)
-    layers = _adapter_layers_or_raise(model, "save_adapter()")
+    layers = _adapter_layers_or_raise(model, "save_adapter()")  # checks that model is a module
     if any(name == "" for name, _ in layers):
         raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
     method = _uniform(layers, "method", method_of)
@@ -888,12 +887,16 @@ class _FillPlan:
     biases: list[tuple[Tensor, Tensor]]
 
 
+def _is_quantized(module: nn.Module | None) -> bool:
+    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
+
+
 def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, method: str) -> None:
     """The file's full base weight (if any) can be copied into ``base``, the linear layer the
     adapter wraps (``method`` is the adapter layer's): a float weight of the same shape."""
     if module.base_weight is None:
         return
-    if method in ("qlora", "qdora") or is_bitsandbytes_module(base) or isinstance(base, QuantizedLinear):
+    if method in ("qlora", "qdora") or _is_quantized(base):
         raise ValueError(
             f"{where}: the file holds the full base weight (base_layer.weight, which Hugging Face PEFT "
             f"saves for a targeted embedding layer such as lm_head), but the base is quantized "
@@ -1070,10 +1073,6 @@ def _inject_kwargs(
             kwargs[key] = value
     kwargs.update(overrides)
     return kwargs
-
-
-def _is_quantized(module: nn.Module | None) -> bool:
-    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
 
 
 def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:

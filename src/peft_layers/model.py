@@ -573,7 +573,7 @@ def _surrounding_dtype(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -
     inside = {id(p) for _, layer in layers for p in layer.parameters()}
     values: dict[torch.dtype, int] = {}
     for parameter in model.parameters():
-        if parameter.is_floating_point() and id(parameter) not in inside and type(parameter).__name__ != "Params4bit":
+        if parameter.is_floating_point() and id(parameter) not in inside and not _is_packed_4bit(parameter):
             values[parameter.dtype] = values.get(parameter.dtype, 0) + parameter.numel()
     return max(values, key=values.__getitem__) if values else None
 
@@ -607,11 +607,17 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 # ---- counting ----------------------------------------------------------------------------------
+def _is_packed_4bit(parameter: Tensor) -> bool:
+    """A bitsandbytes ``Params4bit``: packed 4-bit codes, whatever its storage dtype (by class
+    name, so that bitsandbytes need not be imported)."""
+    return type(parameter).__name__ == "Params4bit"
+
+
 def _value_count(module: nn.Module, name: str, parameter: Tensor) -> int:
     """How many weight values ``parameter`` stands for (packed storage counts what it encodes)."""
     if name == "weight" and isinstance(module, QuantizedLinear):
         return module.out_features * module.in_features
-    if type(parameter).__name__ == "Params4bit":
+    if _is_packed_4bit(parameter):
         # two 4-bit values per byte of storage, as Hugging Face PEFT counts them
         return parameter.numel() * 2 * parameter.element_size()
     return parameter.numel()
@@ -750,7 +756,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     for parameter in model.parameters():
         if (
             parameter.dtype in (torch.float16, torch.bfloat16)
-            and type(parameter).__name__ != "Params4bit"  # by name: bitsandbytes need not be imported
+            and not _is_packed_4bit(parameter)
             and id(parameter) not in adapter_tensors
         ):
             parameter.data = parameter.data.float()

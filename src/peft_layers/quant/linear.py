@@ -569,8 +569,9 @@ class QuantizedLinear(nn.Module):
             x2 = x2.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        needs_grad = x2.requires_grad or (bias is not None and bias.requires_grad) or functorch_active()
-        if torch.is_grad_enabled() and needs_grad:
+        if torch.is_grad_enabled() and (
+            x2.requires_grad or (bias is not None and bias.requires_grad) or functorch_active()
+        ):
             out = _QuantizedMatmul.apply(x2, bias, self)
         else:  # nothing to differentiate: skip the autograd function's bookkeeping
             out = self._matmul_2d(x2, bias)
