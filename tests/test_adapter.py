@@ -3,6 +3,8 @@ machine, enable/disable, to_linear(), adapter_parameters(), extra_repr, delta_we
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,12 +213,24 @@ def test_merge_unmerge_cycles_do_not_drift(cls):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_merged_layer_has_no_adapter_gradient(cls):
+    """A merged forward is the base's alone: the adapter gets no gradient, and a training-mode
+    forward with gradients on warns so (an eval-mode or no-grad forward does not)."""
     layer = _layer(cls)
     layer.merge()
     x = torch.randn(3, 12, requires_grad=True)
-    layer(x).sum().backward()
+    with pytest.warns(UserWarning, match=rf"^{cls.__name__}: forward in training mode .* merged .* no gradient"):
+        layer(x).sum().backward()
     assert all(p.grad is None for p in layer.adapter_parameters())
     assert_close64(x.grad, f64(layer.weight).sum(0).expand(3, 12), 1e-6, what="input grad of merged layer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            layer(x)
+        layer.eval()
+        layer(x)
+        layer.train()
+        layer.requires_grad_(False)  # nothing left to train: nothing to warn about
+        layer(x)
 
 
 def test_bf16_base_merge_stays_bf16_and_close():

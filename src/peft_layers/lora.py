@@ -11,6 +11,7 @@ computes exactly what its base computes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
@@ -371,6 +372,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         out_dtype = x.dtype if dtype is None else dtype
         dtype = dtype or compute_dtype
         if self.merged or not self._adapter_enabled:
+            if self.merged and self.training and torch.is_grad_enabled():
+                self._warn_if_training_merged()
             out = self.base_layer(x if x.dtype == dtype else x.to(dtype))
             return out if out.dtype == out_dtype else out.to(out_dtype)
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
@@ -379,6 +382,19 @@ class LoRALinear(AdapterMixin, nn.Module):
         if x.dim() != 2:
             out = out.reshape(*x.shape[:-1], self.out_features)
         return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def _warn_if_training_merged(self) -> None:
+        # a merged forward never touches A, B (or m): a training step would leave them without
+        # gradient, silently where other layers still give the loss a graph
+        if any(parameter.requires_grad for parameter in self.adapter_parameters()):
+            warnings.warn(
+                f"{type(self).__name__}: forward in training mode with gradients on, but the adapter "
+                "is merged into the base weight, so its parameters get no gradient; call unmerge() "
+                "(peft_layers.unmerge_adapters(model)) before training, or eval() / torch.no_grad() "
+                "to only evaluate",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _dropout_active(self) -> bool:
         return self.training and self.lora_dropout.p > 0
