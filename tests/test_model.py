@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -714,3 +715,32 @@ def test_disable_adapters_gives_the_base_model_inside_the_block(method: str) -> 
     with pytest.raises(ValueError, match=r"disable_adapters\(\): model has no adapter layers"):
         with pl.disable_adapters(tiny_model()):
             pass
+
+
+def test_merging_quantized_layers_warns_once_per_call() -> None:
+    """merge_adapters / unmerge_adapters over k quantized layers give one requantize warning that
+    counts them, not k; the merge itself is each layer's (the same weights as layer by layer)."""
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], method="qlora", rank=2)
+    twin = copy.deepcopy(model)
+    randomize_adapters(model)
+    randomize_adapters(twin)
+    quantized = len(adapter_names(model))
+    for tool, caller in ((pl.merge_adapters, "merge_adapters()"), (pl.unmerge_adapters, "unmerge_adapters()")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tool(model)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1, messages
+        assert messages[0].startswith(f"{caller}: {quantized} adapter layer(s) have a quantized base (nf4)")
+        assert "requantized" in messages[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _, layer in iter_adapter_layers(twin):
+                layer.merge() if tool is pl.merge_adapters else layer.unmerge()
+        for (_, ours), (_, theirs) in zip(iter_adapter_layers(model), iter_adapter_layers(twin)):
+            assert torch.equal(ours.base_layer.dequantize(), theirs.base_layer.dequantize())
+    plain = pl.inject_lora(tiny_model(), "q_proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no quantized layer: no warning
+        pl.merge_adapters(plain)
+        pl.unmerge_adapters(plain)

@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
-from .qlora import QDoRALinear, QLoRALinear
+from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
 
 #: a target or exclude specification: a name suffix, a list of them, a compiled regex (full match
@@ -484,8 +485,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
     if bad:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
-    for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
-        layer.merge()
+    with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
+        for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
+            layer.merge()
     return model
 
 
@@ -500,9 +502,30 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError("unmerge_adapters(): no adapter layer is merged")
     for layer in merged:  # every refusal before the first change
         layer._check_unmergeable()
-    for layer in _progress(merged, "unmerge_adapters()"):
-        layer.unmerge()
+    with _one_requantize_warning(merged, "unmerge_adapters()"):
+        for layer in _progress(merged, "unmerge_adapters()"):
+            layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def _one_requantize_warning(layers: list[Any], caller: str) -> Iterator[None]:
+    """One warning for all the quantized layers that ``caller`` merges or unmerges in the block,
+    in place of one per layer."""
+    schemes = sorted({layer.base_layer.scheme for layer in layers if isinstance(layer, QLoRALinear)})
+    if not schemes:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is quantized \(", category=UserWarning)
+        yield
+    count = sum(isinstance(layer, QLoRALinear) for layer in layers)
+    warnings.warn(
+        f"{caller}: {count} adapter layer(s) have a quantized base ({', '.join(schemes)}), "
+        + REQUANTIZE_CONSEQUENCE,
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _replace_layers(

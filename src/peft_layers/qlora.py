@@ -27,12 +27,12 @@ from .dora import DoRALinear
 from .lora import LoRALinear, _check_features, is_bitsandbytes_module
 from .quant import QUANT_SCHEMES, QuantizedLinear
 
-REQUANTIZE_WARNING = (
-    "{call}: the base of this {cls} is quantized ({scheme}), so the merged weight is requantized "
-    "and rounding can lose much of the update (measured on NF4: a delta of 7% of the weight's "
-    "norm keeps about 0.6 cosine with the intended one). For an exact merge use to_linear() or "
-    "peft_layers.merge_and_unload(), which dequantize instead."
+REQUANTIZE_CONSEQUENCE = (
+    "so the merged weight is requantized and rounding can lose much of the update (measured on "
+    "NF4: a delta of 7% of the weight's norm keeps about 0.6 cosine with the intended one). For an "
+    "exact merge use to_linear() or peft_layers.merge_and_unload(), which dequantize instead."
 )
+REQUANTIZE_WARNING = "{call}: the base of this {cls} is quantized ({scheme}), " + REQUANTIZE_CONSEQUENCE
 
 
 def quantized_base(
