@@ -595,6 +595,42 @@ def test_no_grad_norm_cache_follows_every_change():
     check("after a change of the base")
 
 
+FUSED_OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=5e-2, fused=True),
+    "sgd": lambda params: torch.optim.SGD(params, lr=5e-2, fused=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(FUSED_OPTIMIZERS))
+@pytest.mark.parametrize("cls", [pl.DoRALinear, pl.QDoRALinear])
+def test_caches_follow_fused_optimizer_steps(cls, optimizer):
+    """PyTorch's fused optimizers write parameters without bumping their version counters: the
+    no-grad m / n cache must still see their steps, and so must the ||W0||^2 cache when the user
+    trains the base weight too (a dense base)."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(12, 10), rank=2)
+    trainable_base = cls is pl.DoRALinear
+    if trainable_base:
+        layer.base_layer.weight.requires_grad_(True)
+    step = FUSED_OPTIMIZERS[optimizer]([p for p in layer.parameters() if p.requires_grad])
+    x = _x((5,))
+
+    def reference():
+        weight = layer.base_layer.dequantize() if cls is pl.QDoRALinear else layer.weight
+        return dora_ref(f64(x), f64(weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
+                        f64(layer.magnitude), layer.scaling, layer.epsilon)
+
+    for index in range(3):
+        y = layer(x)  # a training forward: uses ||W0||^2, cached per base version
+        assert_close64(y, reference(), 1e-5, what=f"training forward before step {index}")
+        y.square().sum().backward()
+        step.step()
+        step.zero_grad()
+        with torch.no_grad():
+            assert_close64(layer(x), reference(), 1e-5, what=f"no-grad forward after step {index}")
+            assert_close64(layer(x), reference(), 1e-5, what=f"cached no-grad forward after step {index}")
+
+
 def test_a_merged_layer_has_no_delta_weight_or_norm():
     layer = pl.DoRALinear(6, 5, rank=2)
     layer.merge()

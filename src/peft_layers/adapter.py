@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -60,15 +62,31 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def version_key(tensor: Tensor) -> tuple[int, int] | None:
-    """``(storage pointer, autograd version counter)`` of ``tensor``: it changes on every in-place
-    write and when the tensor is replaced. None for an inference tensor (one created under
-    ``torch.inference_mode()``), which has no version counter, so a cache keyed on it must miss;
-    None too while ``torch.compile`` or ``torch.export`` traces (fake tensors have no storage, and a
-    traced graph must not bake a cache in)."""
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# PyTorch's fused optimizers (fused=True: AdamW, SGD, ...) update parameters in place without
+# bumping their version counters, so a key on a trainable tensor's version alone misses their
+# steps; every torch.optim.Optimizer step runs this global hook
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def version_key(tensor: Tensor) -> tuple[int, int, int] | None:
+    """``(storage pointer, autograd version counter, optimizer steps)`` of ``tensor``: it changes
+    on every in-place write, when the tensor is replaced, and, for a tensor that requires grad, on
+    every ``torch.optim`` optimizer step (fused optimizers write without bumping the version
+    counter). None for an inference tensor (one created under ``torch.inference_mode()``), which
+    has no version counter, so a cache keyed on it must miss; None too while ``torch.compile`` or
+    ``torch.export`` traces (fake tensors have no storage, and a traced graph must not bake a cache
+    in). Writes through ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
     if torch.compiler.is_compiling() or tensor.is_inference():
         return None
-    return tensor.data_ptr(), tensor._version
+    return tensor.data_ptr(), tensor._version, _optimizer_steps if tensor.requires_grad else 0
 
 
 class AdapterMixin:
