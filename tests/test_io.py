@@ -325,6 +325,32 @@ def test_trained_biases_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("case", ["bias-free targets", "one more bias trained"])
+def test_every_trained_bias_is_saved(case: str, tmp_path: Path) -> None:
+    """The file's bias mode saves every bias that trains: with bias="all" on targets that have no
+    bias of their own, and with one bias outside the adapter layers unfrozen by hand beside
+    bias="adapter_only" (Hugging Face PEFT's "all" is then the narrowest mode that keeps it)."""
+    if case == "bias-free targets":
+        model = randomize(inject_adapters(base_net(), ["block.out"], method="lora", rank=2, bias="all")).eval()
+    else:
+        model = randomize(inject_adapters(base_net(), ["fc", "block.out"], method="lora", rank=2, bias="adapter_only")).eval()
+        model.norm.bias.requires_grad_(True)  # block.fc's bias stays frozen
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.25)  # "trained" biases
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "all"
+    assert "base_model.model.norm.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    x = inputs()
+    assert torch.equal(load_adapter(base_net(), tmp_path).eval()(x), model(x))
+    if importlib.util.find_spec("peft") is not None:
+        import peft
+
+        theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+        torch.testing.assert_close(theirs(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 # ---- the documented layout, written by hand ---------------------------------------------------------
 def write_hf(folder: Path, tensors: dict[str, Tensor], config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)

@@ -634,17 +634,15 @@ def _uniform(layers: list[tuple[str, LoRALinear]], what: str, value_of) -> Any:
 
 
 def _bias_mode(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> str:
-    """Our bias mode, read from which biases train: every bias -> "all", the adapter layers'
-    biases only -> "adapter_only", none -> "none"."""
-    adapter_biases = [layer.bias for _, layer in layers if layer.bias is not None]
-    if not any(b.requires_grad for b in adapter_biases):
-        return "none"
-    other = [
-        p for name, p in _plain_named_parameters(model) if name == "bias" or name.endswith(".bias")
-    ]
-    if other and all(p.requires_grad for p in other):
+    """Our bias mode, read from which biases train, the narrowest that saves every trained one: a
+    bias outside the adapter layers -> "all" (even where the adapted layers have no bias), the
+    adapter layers' only -> "adapter_only", none -> "none"."""
+    other = [p for name, p in _plain_named_parameters(model) if name == "bias" or name.endswith(".bias")]
+    if any(p.requires_grad for p in other):
         return "all"
-    return "adapter_only"
+    if any(layer.bias is not None and layer.bias.requires_grad for _, layer in layers):
+        return "adapter_only"
+    return "none"
 
 
 def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
