@@ -900,6 +900,51 @@ def test_not_a_lora_config(saved_lora: Path) -> None:
     assert_load_fails(saved_lora, ValueError, "fan_in_fan_out")
 
 
+@pytest.mark.parametrize(
+    ("field", "extra_key"),
+    [("arrow_config", None), ("kasa_config", "lora_diag"), ("monteclora_config", None)],
+)
+def test_config_fields_of_other_forwards_are_refused_by_name(saved_lora: Path, field: str, extra_key) -> None:
+    """Arrow routing, KaSA and MonteCLoRA change what the adapter computes: refused, naming the
+    config field (before any unexpected key a variant's tensors would otherwise be reported as)."""
+    if extra_key is not None:
+        edit_tensors(saved_lora, lambda t: t.update({f"base_model.model.fc.{extra_key}": torch.ones(4)}))
+    edit_config(saved_lora, lambda c: c.update({field: {"some": 1}}))
+    assert_load_fails(saved_lora, ValueError, f"{field}=.* is not supported by peft_layers")
+
+
+def test_velora_files_load_as_the_plain_lora_they_compute(saved_lora: Path, tmp_path: Path) -> None:
+    """VeLoRA (velora_config) changes only what backward keeps: its files load as plain LoRA, without
+    the per-layer ``lora_velora_embed`` buffers Hugging Face PEFT saves."""
+    x = inputs()
+    expected = load_adapter(base_net(), saved_lora).eval()(x)
+
+    def add_velora(tensors):
+        for path in PATHS:
+            tensors[f"base_model.model.{path}.lora_velora_embed"] = torch.ones(1)
+
+    edit_tensors(saved_lora, add_velora)
+    edit_config(saved_lora, lambda c: c.update(velora_config={"init_type": "batch_average", "num_groups": 64, "scale": 1.0}))
+    assert torch.equal(load_adapter(base_net(), saved_lora).eval()(x), expected)
+    edit_config(saved_lora, lambda c: c.update(velora_config=None))  # without the field: still refused
+    assert_load_fails(saved_lora, ValueError, "unexpected key .*lora_velora_embed")
+
+
+@needs_peft
+def test_a_hugging_face_velora_adapter_loads_with_its_outputs(tmp_path: Path) -> None:
+    import peft
+    from peft.tuners.lora.config import VeloraConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = hf_model({"r": 4, "lora_alpha": 8, "target_modules": ["fc", "out"], "velora_config": VeloraConfig()})
+    theirs.save_pretrained(tmp_path)
+    assert any("velora" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(base_net(), tmp_path).eval()(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
 def test_dora_file_is_never_loaded_as_lora(tmp_path: Path) -> None:
     save_adapter(adapted("dora"), tmp_path)
     lora_layers = targets()[1]

@@ -91,7 +91,11 @@ _DTYPES = {
 _UNSUPPORTED_FIELDS = (
     "fan_in_fan_out", "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
     "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "monteclora_config",
 )
+#: VeLoRA (``velora_config``) changes only what backward keeps, so its adapters compute plain LoRA:
+#: we load them without the per-layer VeLoRA buffers, whose keys end in this
+_VELORA_KEY = re.compile(r"\.lora_velora_[A-Za-z_]+$")
 
 
 # ---- what a file holds -----------------------------------------------------------------------
@@ -516,7 +520,10 @@ def _parse(
     # group the tensors by module
     wp = weights_path
     grouped: dict[str, dict[str, Tensor]] = {}
+    velora = config.get("velora_config") not in (None, False, {})
     for key in sorted(tensors):  # safetensors hands keys back in no fixed order
+        if velora and _VELORA_KEY.search(key):
+            continue
         tensor = tensors[key]
         module, kind = _split_key(key, wp)
         grouped.setdefault(module, {})[kind] = tensor
