@@ -744,3 +744,40 @@ def test_merging_quantized_layers_warns_once_per_call() -> None:
         warnings.simplefilter("error")  # no quantized layer: no warning
         pl.merge_adapters(plain)
         pl.unmerge_adapters(plain)
+
+
+def test_an_empty_exclude_excludes_nothing() -> None:
+    assert adapter_names(pl.inject_lora(tiny_model(), "q_proj", exclude=[])) == adapter_names(
+        pl.inject_lora(tiny_model(), "q_proj")
+    )
+
+
+def test_multihead_attention_out_proj_is_refused() -> None:
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: an adapter
+    there would change nothing (and a merge would change the output), so it is refused."""
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"^targets: 'self_attn.out_proj' is the out_proj of an nn.MultiheadAttention.*exclude it"):
+        pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear))
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear), exclude="out_proj")
+    assert adapter_names(model) == ["linear1", "linear2"]
+
+
+def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
+    """T5 keeps ``wo`` unquantized (``_keep_in_fp32_modules``) and casts its activations to
+    ``wo.weight.dtype``: a quantized ``wo`` (packed uint8) would break the forward."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    for method in ("qlora", "qdora"):
+        with pytest.raises(TypeError, match=r"kept unquantized by T5ForConditionalGeneration._keep_in_fp32_modules \(\['wo'\]\)"):
+            pl.inject_adapters(model, ["q", "wo"], method=method, rank=2)
+        assert not adapter_names(model)
+    pl.inject_adapters(model, ["q", "wo"], method="qlora", rank=2, exclude="wo")
+    pl.inject_adapters(model, "wo", method="lora", rank=2)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids, decoder_input_ids=ids[:, :3])  # runs: wo is a float LoRA layer

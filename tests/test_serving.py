@@ -269,6 +269,13 @@ def test_tools_for_trained_adapters_name_the_stacks(two_adapters, tmp_path: Path
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"'layers.0.attn.q_proj.base_layer' already has an adapter \(MultiLoRALinear\)"):
         pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear))
+    with pytest.raises(ValueError, match=r"^targets: 'layers.0.attn.q_proj' holds adapters stacked for serving"):
+        pl.inject_lora(model, "q_proj")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^load_adapter\(\): the model's adapters are stacked for serving.*stack_adapters\(model, \{name: .*unload\(model\)"):
+        pl.load_adapter(model, two_adapters["code"])
+    after = snapshot(model)
+    assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
 
 
 def snapshot(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:
@@ -340,6 +347,25 @@ def test_pissa_adapters_are_refused_as_they_need_their_residual_base(tmp_path: P
         pl.stack_adapters(pl.load_adapter(tiny_model(), directory), {"math": trained_adapter(tmp_path, "m", ["v_proj"], 1)})
 
 
+@pytest.mark.parametrize("bias", ["adapter_only", "all"])
+def test_adapters_with_trained_biases_are_refused(bias: str, tmp_path: Path) -> None:
+    """A trained bias replaces the base's: it cannot be one row's choice nor part of a sum, so
+    stacking and combining refuse such a file (they dropped its biases silently, 0.06 off)."""
+    trained = pl.inject_lora(tiny_model(), ["v_proj"], rank=2, bias=bias)
+    with torch.no_grad():
+        for _, parameter in trained.named_parameters():
+            if parameter.requires_grad and parameter.dim() == 1:
+                parameter.add_(0.25)
+    directory = pl.save_adapter(trained, tmp_path / bias)
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapters\['b'\]: .* holds trained biases \(bias='(lora_only|all)'\).*load_adapter\(\) it alone"):
+        pl.stack_adapters(model, {"b": directory})
+    assert snapshot(model)[0] == before[0]
+    with pytest.raises(ValueError, match=r"state_dicts_or_dirs\[0\]: .* holds trained biases"):
+        pl.compose.combine_adapters([directory], [1.0])
+
+
 def test_generate_with_beams_repeats_each_rows_adapter(two_adapters) -> None:
     """generate(num_beams=k) repeats each prompt k times in place: the name of a prompt covers its
     k rows, as one adapter loaded alone would compute them."""
@@ -354,3 +380,31 @@ def test_generate_with_beams_repeats_each_rows_adapter(two_adapters) -> None:
             [single(two_adapters[name] if name else None)(beams[2 * b : 2 * b + 2]) for b, name in enumerate(rows)]
         )
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_t5() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def test_a_stacked_layer_passes_weight_and_bias_through(tmp_path: Path) -> None:
+    """T5's feed-forward reads ``wo.weight.dtype``: a stacked ``wo`` must have the base's weight,
+    and the stacked model then computes what the adapter loaded alone computes."""
+    trained = pl.inject_lora(_tiny_t5(), ["wo", "q"], rank=2)
+    for _, layer in pl.model.iter_adapter_layers(trained):
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(3))
+    directory = pl.save_adapter(trained, tmp_path / "t5")
+    stacked = pl.stack_adapters(_tiny_t5(), {"a": directory})
+    wo = stacked.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, pl.MultiLoRALinear)
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pl.set_adapter(stacked, "a")
+        expected = pl.load_adapter(_tiny_t5(), directory).eval()(ids, decoder_input_ids=ids[:, :3]).logits
+        torch.testing.assert_close(stacked(ids, decoder_input_ids=ids[:, :3]).logits, expected, rtol=1e-5, atol=1e-5)

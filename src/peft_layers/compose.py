@@ -233,7 +233,8 @@ def combine(
 def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, float]]:
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
-    DoRA and PiSSA adapters raise ``ValueError``; ``where`` names the source in error messages."""
+    DoRA and PiSSA adapters, and files with trained biases, raise ``ValueError``; ``where`` names
+    the source in error messages."""
     if isinstance(source, (str, os.PathLike)):
         adapter = read_adapter(source)
         if adapter.is_dora:
@@ -243,6 +244,12 @@ def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, 
             raise ValueError(
                 f"{where}: {str(source)!r} holds a PiSSA adapter, which only fits the residual base "
                 "that load_adapter() rebuilds; it cannot be combined or stacked over the plain base"
+            )
+        if adapter.bias_mode != "none":
+            # a trained bias replaces the base's: it belongs to one adapter, not to a sum or a row
+            raise ValueError(
+                f"{where}: {str(source)!r} holds trained biases (bias={adapter.config.get('bias')!r}), "
+                "which replace the base's own and cannot be combined or stacked; load_adapter() it alone"
             )
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))

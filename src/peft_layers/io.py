@@ -56,6 +56,7 @@ from .model import (
     _adapter_layers_or_raise,
     _check_model,
     _inside_adapter,
+    _stacked_layers,
     _suffix_matches,
     _undo_on_error,
     inject_adapters,
@@ -1205,6 +1206,12 @@ def load_adapter(
                 "(the file's adapters are injected then); this model has adapter layers, which the file fills"
             )
         _apply(_plan_fill(model, adapter), adapter)
+    elif _stacked_layers(model):
+        raise ValueError(
+            "load_adapter(): the model's adapters are stacked for serving (stack_adapters()); "
+            f"stack_adapters(model, {{name: {str(adapter.directory)!r}}}) adds this one beside them, "
+            "unload(model) takes the stacks off first"
+        )
     else:
         _inject_and_fill(model, adapter, inject_kwargs)
     _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")

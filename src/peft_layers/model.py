@@ -113,13 +113,13 @@ def _suffix_matches(suffix: str, name: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def _spec_parts(spec: TargetSpec, argument: str) -> list[Any]:
+def _spec_parts(spec: TargetSpec, argument: str, *, allow_empty: bool = False) -> list[Any]:
     """Split a spec into parts that are each checked for matching something."""
     if isinstance(spec, (str, re.Pattern)) or callable(spec):
         return [spec]
     if isinstance(spec, Iterable):
         parts = list(spec)
-        if not parts:
+        if not parts and not allow_empty:
             raise ValueError(f"{argument}: expected at least one name, got an empty {type(spec).__name__}")
         for part in parts:
             if not isinstance(part, str):
@@ -374,7 +374,7 @@ def inject_adapters(
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
     target_parts = _spec_parts(targets, "targets")
-    exclude_parts = _spec_parts(exclude, "exclude") if exclude is not None else []
+    exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
 
     all_names = _module_names(model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -405,6 +405,11 @@ def inject_adapters(
                     f"targets: {name!r} already has an adapter ({type(holder).__name__}); "
                     "injecting twice into a layer is not allowed (unload() first)"
                 )
+            if isinstance(module, _stack_class()):
+                raise ValueError(
+                    f"targets: {name!r} holds adapters stacked for serving (stack_adapters()); "
+                    "stack_adapters() adds more, unload(model) takes the stacks off first"
+                )
             if not _accepts(module, method):
                 allowed = "nn.Linear"
                 if method in ("qlora", "qdora"):
@@ -415,6 +420,7 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
+            _check_called(model, modules, name, method)
             chosen[id(module)] = None
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
@@ -441,6 +447,28 @@ def inject_adapters(
                 _set_module(model, name, layer)
         _freeze_all_but_adapters(model, bias)
     return model
+
+
+def _check_called(model: nn.Module, modules: dict[str, nn.Module], name: str, method: str) -> None:
+    """Refuse a linear layer that its model never calls as a module, or whose weight dtype the
+    model reads, where an adapter would silently do nothing or break the forward."""
+    parent_name, _, child = name.rpartition(".")
+    if child == "out_proj" and isinstance(modules.get(parent_name), nn.MultiheadAttention):
+        raise TypeError(
+            f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+            "directly and never calls it: an adapter there would do nothing; exclude it"
+        )
+    if method in ("qlora", "qdora") and type(modules[name]) is nn.Linear:
+        kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        kept |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        hits = sorted(k for k in kept if isinstance(k, str) and _suffix_matches(k, name))
+        if hits:
+            raise TypeError(
+                f"targets: {name!r} is kept unquantized by {type(model).__name__}._keep_in_fp32_modules "
+                f"({hits}): the model casts activations to its weight's dtype, which a quantized "
+                f"weight does not have, so method {method!r} cannot quantize it; exclude it, or give "
+                "it method 'lora'/'dora' in a call of its own"
+            )
 
 
 def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: dict[str, Any]) -> LoRALinear:

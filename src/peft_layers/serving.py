@@ -63,6 +63,16 @@ class MultiLoRALinear(nn.Module):
         self.row_adapters: list[str | None] | None = None
 
     @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (models such as T5 read ``layer.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
+    @property
     def adapter_names(self) -> list[str]:
         """The names of the adapters this layer holds, in the order they were added."""
         return list(self.lora_A.keys())
