@@ -202,6 +202,30 @@ def test_merged_output_equals_unmerged_and_unmerge_restores(cls, dtype, in_f, ou
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_a_merged_layer_warns_when_it_loads_other_values(cls):
+    """A state dict does not record whether its layer was merged: a merged layer takes loaded
+    values as merged ones. It warns when they differ from its own (an unmerged source would make
+    its forward and unmerge() wrong); a merged source's values give its exact merged function."""
+    merged_source = _layer(cls)
+    merged_source.merge()
+    target = _layer(cls)
+    with torch.no_grad():
+        target.lora_B.mul_(2.0)
+    target.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.load_state_dict(target.state_dict())  # its own values: nothing to warn about
+    with pytest.warns(UserWarning, match=rf"^{cls.__name__}: loaded other values into a merged layer"):
+        target.load_state_dict(merged_source.state_dict())
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), merged_source(x), rtol=0, atol=0)
+    unmerged_source = _layer(cls)
+    with pytest.warns(UserWarning, match="a state dict does not record whether its layer was merged"):
+        target.load_state_dict(unmerged_source.state_dict())
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_merge_unmerge_cycles_do_not_drift(cls):
     layer = _layer(cls, dtype=torch.float64)
     w0 = layer.weight.detach().clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -671,11 +673,14 @@ def test_a_merged_layer_that_loads_other_values_refuses_to_unmerge():
     source, target = merged(1), merged(2)
     w0 = merged(2)
     w0.unmerge()
-    target.load_state_dict(target.state_dict())  # the same values: the gain still holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same values: no warning, and the gain still holds
+        target.load_state_dict(target.state_dict())
     target.unmerge()
     torch.testing.assert_close(target.weight, w0.weight, rtol=1e-6, atol=1e-6)
     target.merge()
-    target.load_state_dict(source.state_dict())
+    with pytest.warns(UserWarning, match="^DoRALinear: loaded other values into a merged layer"):
+        target.load_state_dict(source.state_dict())
     x = torch.randn(3, 16)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)  # merged: the same function

@@ -16,7 +16,7 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,10 +31,6 @@ from .lora import (
     _save_weight_or_key,
     _scaled_mm,
 )
-
-
-def _same_values(a: Any, b: Tensor) -> bool:
-    return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -238,18 +234,11 @@ class DoRALinear(LoRALinear):
             self._merge_zero_rows = (rows.to(device), saved.to(device))
         return self
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _merged_values_replaced(self) -> None:
         # the per-row gain m / ||W'|| of a merge is in no state dict (it needs W', which the merged
-        # weight no longer holds): a merged layer that loads other values cannot be unmerged
-        changed = self.merged and any(
-            key in state_dict and not _same_values(state_dict[key], value)
-            for key, value in self.state_dict(prefix=prefix).items()
-            if not key.endswith("bias")
-        )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if changed:
-            self._merge_gain = None
-            self._merge_zero_rows = None
+        # weight no longer holds): a merged layer that loaded other values cannot be unmerged
+        self._merge_gain = None
+        self._merge_zero_rows = None
 
     def weight_norm(self) -> Tensor:
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -39,6 +39,10 @@ def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
             f"rank: expected an int in [1, min(in_features, out_features)] = [1, {limit}], "
             f"got {rank!r}"
         )
+
+
+def _same_values(a: Any, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -421,6 +425,29 @@ class LoRALinear(AdapterMixin, nn.Module):
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a state dict does not record whether its layer was merged: a merged layer takes the loaded
+        # weight as a merged one, right for a merged source and wrong for an unmerged one
+        changed = self.merged and any(
+            key in state_dict and not _same_values(state_dict[key], value)
+            for key, value in self.state_dict(prefix=prefix).items()
+            if not key.endswith("bias")
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if changed:
+            self._merged_values_replaced()
+            warnings.warn(
+                f"{type(self).__name__}: loaded other values into a merged layer; a state dict does not "
+                "record whether its layer was merged, so the loaded weight is taken as a merged one "
+                "(right only if it came from a merged layer). Load state dicts into unmerged layers "
+                "from unmerged ones, and merge after loading",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _merged_values_replaced(self) -> None:
+        """Called after a merged layer loaded other values (DoRA forgets its merge gain)."""
 
     def extra_repr(self) -> str:
         return (
