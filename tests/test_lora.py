@@ -235,6 +235,28 @@ def test_scaling_and_rslora(rank, alpha, rs):
                                f64(layer.lora_B), expected), 1e-5, what="rsLoRA output")
 
 
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+def test_pissa_reset_restarts_from_the_current_weight(cls):
+    """reset_adapter_parameters() on a PiSSA layer takes the top-r singular part of its current
+    weight W0 + s B A: the function is kept (a second SVD of the residual alone changed it by
+    0.6), and the new s B A is the truncated SVD of that weight."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(16, 12, dtype=torch.float64), rank=3, alpha=3.0, init="pissa")
+    with torch.no_grad():  # a "trained" adapter
+        layer.lora_A.add_(0.1 * torch.randn_like(layer.lora_A))
+        layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+    current = f64(layer.weight) + layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.reset_adapter_parameters()
+        assert_close64(layer(x), f64(before), 1e-12, what="output after a PiSSA reset")
+    u, sv, vh = torch.linalg.svd(current, full_matrices=False)
+    s_ba = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    assert_close64(s_ba, (u[:, :3] * sv[:3]) @ vh[:3], 1e-10, what="s B A after a PiSSA reset")
+    assert_close64(f64(layer.weight) + s_ba, current, 1e-12, what="W0 + s B A after a PiSSA reset")
+
+
 @given(shape=shapes, bias=st.booleans(), rs=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        cls=st.sampled_from(LORA_CLASSES + [pl.DoRALinear]))
 def test_pissa_starts_at_base_with_residual_weight(shape, bias, rs, dtype, cls):

@@ -304,7 +304,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         self.reset_adapter_parameters()
 
     def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=device, dtype=dtype))
+        # zeros, not empty: PiSSA's first initialisation folds s B A (then 0) into the base
+        self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
 
     @property
@@ -318,7 +319,10 @@ class LoRALinear(AdapterMixin, nn.Module):
         return self.lora_dropout.p
 
     def reset_adapter_parameters(self) -> None:
-        """Re-initialise the adapter as ``init`` says (the base is touched only by PiSSA)."""
+        """Re-initialise the adapter as ``init`` says. The base is touched only by PiSSA, which
+        restarts from the layer's current weight ``W0 + s B A``: the top-``r`` singular part of it
+        goes to ``s B A`` and the rest to ``W0``, so the LoRA function is kept (a DoRA layer's
+        magnitude is reset to the new norms)."""
         with torch.no_grad(), autocast_off(self.lora_A.device.type):
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -330,10 +334,12 @@ class LoRALinear(AdapterMixin, nn.Module):
                 self._init_pissa()
 
     def _init_pissa(self) -> None:
-        # PiSSA (Meng et al., 2024): W0 = U S V^T; s B A = U_r S_r V_r^T; W0 <- W0 - s B A.
+        # PiSSA (Meng et al., 2024): W = U S V^T; s B A = U_r S_r V_r^T; W0 <- W - s B A, where
+        # W = W0 + s B A is the current weight (W0 itself at construction, where B = A = 0)
         if self.merged:
             raise ValueError("init='pissa': cannot re-initialise a merged layer; unmerge() first")
         weight = self._read_base_weight()
+        self._add_lora_product_(weight, self.scaling)
         u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)
         root = (singular[: self.rank] / self.scaling).sqrt()
         self.lora_A.copy_(vh[: self.rank] * root[:, None])
