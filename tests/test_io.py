@@ -715,6 +715,31 @@ def test_peft_lm_head_file_loads_its_base_weight_as_peft_does(tie: bool, tmp_pat
 
 
 @needs_peft
+def test_stacking_and_combining_check_a_files_lm_head_base_weight(tmp_path: Path) -> None:
+    """Stacked adapters share the model's base: a file whose lm_head base weight is the model's
+    stacks (and computes what load_adapter computes); one whose weight differs is refused, the
+    model unchanged. combine_adapters, which has no model, warns that it takes the factors only."""
+    import peft_layers as pl
+
+    peft_lm_head_file(tmp_path, tie=False)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    stacked = pl.stack_adapters(tiny_llama(False), {"a": tmp_path})
+    pl.set_adapter(stacked, "a")
+    with torch.no_grad():
+        expected = load_adapter(tiny_llama(False), tmp_path).eval()(input_ids=ids).logits
+        torch.testing.assert_close(stacked(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    other = tiny_llama(False)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"adapters\['a'\], module 'lm_head': the file also holds this layer's base weight.*not the model's"):
+        pl.stack_adapters(other, {"a": tmp_path})
+    assert_unchanged(other, before)
+    with pytest.warns(UserWarning, match=r"also holds the base weights of \['lm_head'\].*only the factors are combined"):
+        pl.compose.combine_adapters([tmp_path], [1.0])
+
+
+@needs_peft
 def test_lm_head_base_weight_into_a_quantized_base_is_refused(tmp_path: Path) -> None:
     peft_lm_head_file(tmp_path, tie=False)
     plain = tiny_llama(False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union
 
@@ -230,11 +231,17 @@ def combine(
         return _combine_checked(factors, checked_weights, method, rank, labels, "adapters")
 
 
-def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, float]]:
+def lora_factors(
+    source: object, where: str, *, base_weights: dict[str, Tensor] | None = None
+) -> dict[str, tuple[Tensor, Tensor, float]]:
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
     DoRA and PiSSA adapters, and files with trained biases, raise ``ValueError``; ``where`` names
-    the source in error messages."""
+    the source in error messages.
+
+    A Hugging Face file that targets an embedding layer (``lm_head``) also holds that layer's
+    full base weight: it goes into ``base_weights`` (path -> weight) when the caller passes one
+    to check it against a model; without one, a warning says that the factors alone are taken."""
     if isinstance(source, (str, os.PathLike)):
         adapter = read_adapter(source)
         if adapter.is_dora:
@@ -250,6 +257,17 @@ def lora_factors(source: object, where: str) -> dict[str, tuple[Tensor, Tensor, 
             raise ValueError(
                 f"{where}: {str(source)!r} holds trained biases (bias={adapter.config.get('bias')!r}), "
                 "which replace the base's own and cannot be combined or stacked; load_adapter() it alone"
+            )
+        with_base = {path: m.base_weight for path, m in adapter.modules.items() if m.base_weight is not None}
+        if base_weights is not None:
+            base_weights.update(with_base)
+        elif with_base:
+            warnings.warn(
+                f"{where}: {str(source)!r} also holds the base weights of {sorted(with_base)} (Hugging Face "
+                "PEFT saves them for targeted embedding layers); only the factors are combined, so the "
+                "base model must already hold those weights",
+                UserWarning,
+                stacklevel=3,
             )
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))

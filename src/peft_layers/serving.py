@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .compose import lora_factors
 from .dora import DoRALinear
-from .lora import LoRALinear
+from .lora import LoRALinear, is_bitsandbytes_module
 from .model import _check_model, _module_names, _set_module, iter_adapter_layers
 from .quant import QuantizedLinear
 
@@ -214,7 +214,11 @@ def stack_adapters(
     _check_model(model)
     taken = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
     names = _check_names(adapters, taken)
-    factors = {name: lora_factors(adapters[name], f"adapters[{name!r}]") for name in names}
+    file_base_weights: dict[str, dict[str, Tensor]] = {name: {} for name in names}
+    factors = {
+        name: lora_factors(adapters[name], f"adapters[{name!r}]", base_weights=file_base_weights[name])
+        for name in names
+    }
 
     # the model's own LoRA layers become stacks too, keeping their adapter as "default"
     own_layers = list(iter_adapter_layers(model))
@@ -272,6 +276,8 @@ def stack_adapters(
                 )
             first_path[id(stack)] = path
             stack.check_adapter(name, lora_A, lora_B, where)
+            if path in file_base_weights[name]:
+                _check_same_base_weight(file_base_weights[name][path], stack.base_layer, where)
             pending.append((stack, name, lora_A, lora_B, scaling))
 
     for stack, name, lora_A, lora_B, scaling in pending:
@@ -283,6 +289,24 @@ def stack_adapters(
         for name in all_names[module_id]:
             _set_module(model, name, plan[module_id])
     return model
+
+
+def _check_same_base_weight(file_weight: Tensor, base: nn.Module, where: str) -> None:
+    """The stack shares the model's base: a file's own base weight (Hugging Face PEFT saves those
+    of targeted embedding layers) must be the model's, or the adapter would compute another model."""
+    weight = base.weight
+    same = (
+        isinstance(base, nn.Linear)
+        and not is_bitsandbytes_module(base)
+        and tuple(weight.shape) == tuple(file_weight.shape)
+        and torch.equal(file_weight.to(weight.device, weight.dtype), weight.detach())
+    )
+    if not same:
+        raise ValueError(
+            f"{where}: the file also holds this layer's base weight (Hugging Face PEFT saves it for "
+            "targeted embedding layers), and it is not the model's; stacked adapters share the model's "
+            "base, so load_adapter() this adapter alone (it copies the base weight in)"
+        )
 
 
 def _stacks(model: nn.Module, caller: str) -> list[MultiLoRALinear]:
