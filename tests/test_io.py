@@ -921,8 +921,19 @@ def test_non_float_and_non_finite_tensors(saved_lora: Path) -> None:
 def test_not_a_lora_config(saved_lora: Path) -> None:
     edit_config(saved_lora, lambda c: c.update(peft_type="IA3"))
     assert_load_fails(saved_lora, ValueError, "peft_type must be 'LORA'")
-    edit_config(saved_lora, lambda c: c.update(peft_type="LORA", fan_in_fan_out=True))
-    assert_load_fails(saved_lora, ValueError, "fan_in_fan_out")
+    edit_config(saved_lora, lambda c: c.update(peft_type="LORA", lora_bias=True))
+    assert_load_fails(saved_lora, ValueError, "lora_bias")
+    edit_config(saved_lora, lambda c: c.update(lora_bias=False, fan_in_fan_out="yes"))
+    assert_load_fails(saved_lora, ValueError, "fan_in_fan_out must be true or false")
+
+
+def test_fan_in_fan_out_follows_each_layers_type(saved_lora: Path) -> None:
+    """As in Hugging Face PEFT, a layer's type says how its base stores the weight: a config's
+    fan_in_fan_out=true over nn.Linear layers changes nothing (Conv1D layers: tests/test_conv1d.py)."""
+    x = inputs()
+    expected = load_adapter(base_net(), saved_lora).eval()(x)
+    edit_config(saved_lora, lambda c: c.update(fan_in_fan_out=True))
+    assert torch.equal(load_adapter(base_net(), saved_lora).eval()(x), expected)
 
 
 @pytest.mark.parametrize(

@@ -688,7 +688,7 @@ def test_a_regex_written_as_a_string_gets_a_hint() -> None:
     with pytest.raises(ValueError, match=r"matches no module") as error:
         pl.inject_lora(tiny_model(), "nope_proj")
     assert "never a regex" not in str(error.value)
-    with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear only"):
+    with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear or transformers Conv1D only"):
         pl.inject_lora(tiny_model(), "embed")
 
 

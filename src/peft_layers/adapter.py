@@ -89,6 +89,25 @@ def version_key(tensor: Tensor) -> tuple[int, int, int] | None:
     return tensor.data_ptr(), tensor._version, _optimizer_steps if tensor.requires_grad else 0
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers): ``y = x W + b`` with
+    its weight stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s (Hugging
+    Face PEFT's ``fan_in_fan_out``). Found by class, so transformers need not be installed."""
+    return any(
+        klass.__name__ == "Conv1D" and klass.__module__.startswith("transformers.")
+        for klass in type(module).__mro__
+    )
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear base: an ``nn.Linear`` (or a layer with those
+    attributes) or a transformers ``Conv1D``, whose weight is ``(in, out)``."""
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return int(fan_in), int(fan_out)
+    return int(module.in_features), int(module.out_features)
+
+
 class AdapterMixin:
     """Base layer handling, merge state machine and enable/disable for adapter layers.
 
@@ -108,13 +127,17 @@ class AdapterMixin:
     def _init_adapter_state(self, base_layer: nn.Module) -> None:
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
+        #: True when the base stores its weight (in, out), as transformers' Conv1D does: the hooks
+        #: below then hand out its transpose, so the methods see (out, in) as for nn.Linear
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.merged = False
         self._adapter_enabled = True
 
     # ---- pass-through to the base layer -------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        """The base layer's weight (``W0``, or ``W0`` with the delta folded in while merged)."""
+        """The base layer's weight (``W0``, or ``W0`` with the delta folded in while merged), as the
+        base stores it: ``(in, out)`` for a transformers ``Conv1D`` (``fan_in_fan_out``)."""
         return self.base_layer.weight
 
     @property
@@ -125,11 +148,15 @@ class AdapterMixin:
     @property
     def in_features(self) -> int:
         """The base layer's ``in_features``."""
+        if self.fan_in_fan_out:
+            return self.base_layer.weight.shape[0]
         return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
         """The base layer's ``out_features``."""
+        if self.fan_in_fan_out:
+            return self.base_layer.weight.shape[1]
         return self.base_layer.out_features
 
     # ---- hooks onto the base weight (dense nn.Linear versions) --------------------------
@@ -139,7 +166,8 @@ class AdapterMixin:
         return self.base_layer.weight.dtype
 
     def _compute_weight(self) -> Tensor:
-        return self.base_layer.weight
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
 
     def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
         """A function returning ``_compute_weight()`` in ``dtype`` (another dtype only under
@@ -156,14 +184,16 @@ class AdapterMixin:
         return None
 
     def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        weight = self.base_layer.weight.detach()
-        return weight.to(dtype or weight.dtype, copy=True)
+        weight = self._compute_weight().detach()
+        return weight.to(dtype or weight.dtype, memory_format=torch.contiguous_format, copy=True)
 
     def _write_base_weight(self, weight: Tensor) -> None:
         with torch.no_grad():
-            self.base_layer.weight.copy_(weight)
+            self.base_layer.weight.copy_(weight.t() if self.fan_in_fan_out else weight)
 
     def _base_matmul(self, x: Tensor) -> Tensor:
+        if self.fan_in_fan_out:
+            return x @ self.base_layer.weight
         return F.linear(x, self.base_layer.weight)
 
     def _base_weight_key(self) -> tuple | None:

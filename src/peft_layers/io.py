@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapter import base_features, is_conv1d
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .model import (
@@ -90,7 +91,7 @@ _DTYPES = {
 }
 #: LoraConfig fields that change what the adapter computes in ways we do not support
 _UNSUPPORTED_FIELDS = (
-    "fan_in_fan_out", "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
+    "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
     "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "monteclora_config",
 )
@@ -484,7 +485,10 @@ def _parse(
     lora_alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha", cp)
     use_dora = _config_value(config, "use_dora", False)
     use_rslora = _config_value(config, "use_rslora", False)
-    for name, value in (("use_dora", use_dora), ("use_rslora", use_rslora)):
+    # fan_in_fan_out only says how the base stores its weight; each layer's type says it too and
+    # wins, as in Hugging Face PEFT (transformers' Conv1D stores (in, out), nn.Linear (out, in))
+    fan_in_fan_out = _config_value(config, "fan_in_fan_out", False)
+    for name, value in (("use_dora", use_dora), ("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out)):
         if not isinstance(value, bool):
             raise ValueError(f"{cp}: {name} must be true or false, got {value!r}")
     dropout = _config_value(config, "lora_dropout", 0.0)
@@ -760,7 +764,9 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         "base_model_name_or_path": None,
         "bias": _BIAS_TO_HF[bias],
         "exclude_modules": None,
-        "fan_in_fan_out": False,
+        # Hugging Face PEFT decides per layer by its type (it corrects a wrong value with a
+        # warning): true when every adapted layer is a Conv1D, so it has nothing to correct
+        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
         "inference_mode": True,
         "init_lora_weights": "pissa" if pissa else True,
         "layers_pattern": None,
@@ -1119,7 +1125,10 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
                 f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"
             )
-        in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
+        if is_conv1d(target):
+            in_features, out_features = base_features(target)
+        else:
+            in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):
             raise ValueError(
                 f"{adapter.directory}: the file has an adapter for {path!r}, but the model's module there is a "

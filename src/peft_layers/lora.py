@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import AdapterMixin, autocast_dtype, autocast_off, functorch_active
+from .adapter import AdapterMixin, autocast_dtype, autocast_off, base_features, functorch_active, is_conv1d
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -252,16 +252,18 @@ class LoRALinear(AdapterMixin, nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> LoRALinear:
+    def from_linear(cls, linear: nn.Module, **kwargs: Any) -> LoRALinear:
         """Wrap an existing ``nn.Linear`` (no copy of its weight) in this adapter layer.
 
-        Takes the keyword arguments of the constructor except ``in_features``, ``out_features``,
-        ``bias``, ``device`` and ``dtype``, which come from ``linear``. ``init="pissa"`` rewrites
-        ``linear.weight`` in place.
+        A transformers ``Conv1D`` (GPT-2's linear layers, weight stored ``(in, out)``) is wrapped
+        the same way; the layer then reads its weight transposed (``fan_in_fan_out``), with the
+        same ``A (r, in)`` and ``B (out, r)``. Takes the keyword arguments of the constructor
+        except ``in_features``, ``out_features``, ``bias``, ``device`` and ``dtype``, which come
+        from ``linear``. ``init="pissa"`` rewrites ``linear.weight`` in place.
         """
-        if not isinstance(linear, nn.Linear) or is_bitsandbytes_module(linear):
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)) or is_bitsandbytes_module(linear):
             raise TypeError(
-                f"linear: expected an nn.Linear, got {type(linear).__name__} "
+                f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__} "
                 "(quantized layers take QLoRALinear or QDoRALinear)"
             )
         return cls._wrap(linear, **kwargs)
@@ -284,7 +286,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
     ) -> None:
-        _check_rank(rank, base_layer.in_features, base_layer.out_features)
+        _check_rank(rank, *base_features(base_layer))
         _check_positive("alpha", alpha)
         if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .dora import DoRALinear
+from .adapter import is_conv1d
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
@@ -61,12 +62,13 @@ def method_of(layer: LoRALinear) -> str:
 
 
 def _accepts(module: nn.Module, method: str) -> bool:
-    """Whether ``method`` can wrap ``module``: nn.Linear always; quantized layers for q-methods."""
+    """Whether ``method`` can wrap ``module``: nn.Linear always; quantized layers for q-methods;
+    transformers' Conv1D for the float methods."""
     if isinstance(module, LoRALinear):
         return False
     if method in ("qlora", "qdora"):
         return isinstance(module, (nn.Linear, QuantizedLinear))
-    return isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)
+    return (isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)) or is_conv1d(module)
 
 
 def _layer_arguments(cls: type[LoRALinear]) -> list[str]:
@@ -411,9 +413,9 @@ def inject_adapters(
                     "stack_adapters() adds more, unload(model) takes the stacks off first"
                 )
             if not _accepts(module, method):
-                allowed = "nn.Linear"
+                allowed = "nn.Linear or transformers Conv1D"
                 if method in ("qlora", "qdora"):
-                    allowed += ", bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
+                    allowed = "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
                 kind = type(module).__name__
                 article = "an" if kind[:1].lower() in "aeiou" else "a"
                 raise TypeError(
@@ -592,10 +594,25 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
 
     def build(layer: LoRALinear) -> nn.Module:
         quantized = isinstance(layer.base_layer, QuantizedLinear)
-        return layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
+        linear = layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
+        return _as_conv1d(linear, layer.base_layer) if layer.fan_in_fan_out else linear
 
     _replace_layers(model, layers, build, "merge_and_unload()")
     return model
+
+
+def _as_conv1d(linear: nn.Linear, like: nn.Module) -> nn.Module:
+    """A module of ``like``'s class (transformers' Conv1D) holding ``linear``'s weight transposed
+    to ``(in, out)`` and its bias: the model's own layer type, so its checkpoints keep their
+    layout."""
+    with torch.device("meta"):
+        conv = type(like)(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+    if linear.bias is not None:
+        conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    else:
+        conv.bias = None
+    return conv
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
+from .adapter import base_features, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
 from .lora import LoRALinear, is_bitsandbytes_module
@@ -44,7 +45,8 @@ class MultiLoRALinear(nn.Module):
         y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top \quad\text{(row } b \text{ with adapter } k)
 
     Attributes:
-        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear`` or a bitsandbytes layer).
+        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear``, a bitsandbytes layer or
+            a transformers ``Conv1D``).
         lora_A, lora_B: ``nn.ParameterDict`` of name -> ``(r, in)`` / ``(out, r)``, not trainable.
         scaling: name -> ``s`` (``alpha / r``, rsLoRA ``alpha / sqrt(r)``).
         active_adapter: the adapter of every row when no per-row choice is set; None = base only.
@@ -54,8 +56,7 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features = int(base_layer.in_features)
-        self.out_features = int(base_layer.out_features)
+        self.in_features, self.out_features = base_features(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -185,7 +186,7 @@ def _check_names(adapters: object, taken: set[str]) -> list[str]:
 
 def _stackable(module: nn.Module) -> bool:
     """A layer whose weight an adapter can update: a linear layer, quantized or not."""
-    return isinstance(module, (nn.Linear, QuantizedLinear, MultiLoRALinear, LoRALinear))
+    return isinstance(module, (nn.Linear, QuantizedLinear, MultiLoRALinear, LoRALinear)) or is_conv1d(module)
 
 
 def stack_adapters(
@@ -243,7 +244,7 @@ def stack_adapters(
     def stack_at(path: str, where: str) -> MultiLoRALinear:
         module = modules.get(path)
         if module is None:
-            linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear))][:20]
+            linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear)) or is_conv1d(m)][:20]
             raise ValueError(f"{where}: the model has no module {path!r}; its linear layers include {linears}")
         if id(module) in plan:
             return plan[id(module)]

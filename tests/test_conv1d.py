@@ -1,0 +1,203 @@
+"""Adapters over transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)).
+
+The layers are compared with the float64 formulas on the transposed weight; a GPT-2 model with
+Hugging Face PEFT's own adapters (which it marks ``fan_in_fan_out``) is the second implementation
+for files, merges and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import F64, dora_ref, f64, lora_ref
+from torch import nn
+
+import peft_layers as pl
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+LAYERS = [pl.LoRALinear, pl.LoRAPlusLinear, pl.DoRALinear]
+
+
+def conv1d(fan_in: int, fan_out: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    conv = Conv1D(fan_out, fan_in)  # transformers' order: (nf = out, nx = in)
+    with torch.no_grad():
+        conv.bias.uniform_(-0.5, 0.5)
+    return conv
+
+
+def adapted(cls, conv: nn.Module, rank: int = 3) -> pl.LoRALinear:
+    layer = cls.from_linear(conv, rank=rank, alpha=6.0)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.3)
+        if isinstance(layer, pl.DoRALinear):
+            layer.magnitude.mul_(0.5 + torch.rand(layer.magnitude.shape, generator=generator))
+    return layer
+
+
+def reference(layer: pl.LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's formula on W0 = conv.weight^T, in float64 (x may require grad)."""
+    w0 = f64(layer.base_layer.weight).t()
+    a, b, bias = f64(layer.lora_A, True), f64(layer.lora_B, True), f64(layer.bias)
+    if isinstance(layer, pl.DoRALinear):
+        m = f64(layer.magnitude, True)
+        return dora_ref(x, w0, bias, a, b, m, layer.scaling, layer.epsilon), (a, b, m)
+    return lora_ref(x, w0, bias, a, b, layer.scaling), (a, b)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    fan_in=st.integers(2, 12), fan_out=st.integers(2, 12), rows=st.integers(1, 5),
+    cls=st.sampled_from(LAYERS),
+)
+def test_forward_and_gradients_match_the_formula_on_the_transposed_weight(fan_in, fan_out, rows, cls):
+    conv = conv1d(fan_in, fan_out)
+    layer = adapted(cls, conv, rank=min(2, fan_in, fan_out))
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (fan_in, fan_out)
+    assert layer.weight is conv.weight  # wrapped, not copied
+    x = torch.randn(rows, fan_in)
+    x_ref = f64(x, True)
+    expected, ref_params = reference(layer, x_ref)
+    x.requires_grad_(True)
+    y = layer(x)
+    torch.testing.assert_close(y.to(F64), expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(rows, fan_out)
+    (y * weights).sum().backward()
+    (expected * weights.to(F64)).sum().backward()
+    torch.testing.assert_close(x.grad.to(F64), x_ref.grad, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(layer.adapter_parameters(), ref_params):
+        torch.testing.assert_close(ours.grad.to(F64), theirs.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).to(F64), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_merge_unmerge_and_to_linear(cls):
+    conv = conv1d(7, 5)
+    w0 = conv.weight.detach().clone()
+    layer = adapted(cls, conv)
+    x = torch.randn(4, 7)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert tuple(conv.weight.shape) == (7, 5)  # still Conv1D's layout
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(conv.weight, w0, rtol=1e-6, atol=1e-6)
+        linear = layer.to_linear()
+        assert type(linear) is nn.Linear and tuple(linear.weight.shape) == (5, 7)
+        torch.testing.assert_close(linear(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_starts_at_the_base():
+    conv = conv1d(8, 6)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = conv(x)
+        layer = pl.LoRALinear.from_linear(conv, rank=2, init="pissa")
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert tuple(conv.weight.shape) == (8, 6)
+
+
+def test_quantized_methods_refuse_a_conv1d():
+    model = nn.Sequential(conv1d(8, 6))
+    with pytest.raises(TypeError, match=r"'0', a Conv1D; method 'qlora' wraps nn.Linear, bitsandbytes"):
+        pl.inject_adapters(model, "0", method="qlora")
+
+
+# ---- GPT-2, against Hugging Face PEFT ------------------------------------------------------------
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def hf_gpt2(use_dora: bool):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=use_dora, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fan_in_fan_out is set to False but the target module is Conv1D"
+        return peft.get_peft_model(gpt2(), config).eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_gpt2_files_round_trip_with_hugging_face_peft(use_dora: bool, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    theirs = hf_gpt2(use_dora)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ours = pl.load_adapter(gpt2(), tmp_path / "theirs").eval()
+    assert all(layer.fan_in_fan_out for _, layer in pl.model.iter_adapter_layers(ours))
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    pl.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", UserWarning)  # no fan_in_fan_out correction, no missing keys
+        back = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_gpt2_merge_and_unload_keeps_conv1d_and_its_checkpoint_layout(use_dora: bool, tmp_path: Path) -> None:
+    theirs = hf_gpt2(use_dora)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = pl.load_adapter(gpt2(), tmp_path / "adapter").eval()
+    expected = logits(ours)
+    merged = pl.merge_and_unload(ours)
+    layers = [m for n, m in merged.named_modules() if n.endswith(tuple(TARGETS))]
+    assert layers and all(type(m) is Conv1D and not m.weight.requires_grad for m in layers)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(theirs.merge_and_unload()), expected, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+    assert type(pl.unload(pl.load_adapter(gpt2(), tmp_path / "adapter")).transformer.h[0].attn.c_attn) is Conv1D
+
+
+def test_gpt2_training_counts_and_stacking_match_hugging_face_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    ours = pl.inject_adapters(gpt2(), ["c_attn"], method="dora", rank=4, alpha=8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], use_dora=True))
+    assert pl.trainable_parameters(ours) == tuple(theirs.get_nb_trainable_parameters())
+    # from the same A and B, one SGD step moves both the same way
+    for model in (ours, theirs):
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        generator = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        model.eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    # serving: each row of a stacked GPT-2 computes what its adapter loaded alone computes
+    hf_gpt2(False).save_pretrained(tmp_path / "lora")
+    stacked = pl.stack_adapters(gpt2(), {"l": tmp_path / "lora"})
+    with pl.adapter_batch(stacked, ["l", None]):
+        rows = logits(stacked)
+    torch.testing.assert_close(rows[0], logits(pl.load_adapter(gpt2(), tmp_path / "lora").eval())[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[1], logits(gpt2())[1], rtol=1e-6, atol=1e-6)
