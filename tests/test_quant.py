@@ -418,10 +418,31 @@ def test_state_dict_of_other_config_is_rejected():
     nf4 = QuantizedLinear.from_linear(_linear(24, 64), "nf4")
     with pytest.raises(ValueError, match="scheme='fp4'"):
         QuantizedLinear(64, 24, scheme="fp4").load_state_dict(nf4.state_dict())
-    with pytest.raises(RuntimeError, match="nested_absmax"):
+    with pytest.raises(ValueError, match=r"double_quant=False\): 'absmax' is \(24,\) torch.uint8, this layer holds \(24,\) torch.float32"):
         QuantizedLinear(64, 24, scheme="nf4", double_quant=False).load_state_dict(nf4.state_dict())
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"blocksize=32, double_quant=True\): 'absmax' is \(24,\) torch.uint8, this layer holds \(48,\)"):
         QuantizedLinear(64, 24, scheme="nf4", blocksize=32).load_state_dict(nf4.state_dict())
+    partial = {k: v for k, v in nf4.state_dict().items() if k != "offset"}
+    with pytest.raises(RuntimeError, match="Missing key.*offset"):  # PyTorch's own report
+        QuantizedLinear(64, 24, scheme="nf4").load_state_dict(partial)
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize(("saved", "target"), [((64, True), (32, True)), ((64, True), (64, False)), ((64, False), (64, True))])
+def test_a_refused_4bit_load_changes_nothing_not_even_a_wrapped_module(scheme, saved, target):
+    """Same scheme, other blocksize or double_quant: the codes have the same shape, so PyTorch
+    would copy them before reporting the statistics; the load is refused first, and the
+    bitsandbytes module a from_bnb layer shares its codes with keeps decoding to its weight."""
+    state = QuantizedLinear.from_linear(_linear(128, 64), scheme, *saved).state_dict()
+    module, _ = _linear4bit(scheme, target[1], blocksize=target[0])
+    layer = QuantizedLinear.from_bnb(module)
+    before = copy.deepcopy(layer.state_dict())
+    module_weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    with pytest.raises(ValueError, match="does not fit this QuantizedLinear"):
+        layer.load_state_dict(state)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert torch.equal(bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state), module_weight)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -461,11 +461,12 @@ class QuantizedLinear(nn.Module):
 
     def _store_int8(self, dense: Tensor) -> None:
         modules = _bnb.load()
-        if modules is None:
+        if modules is None or dense.device.type != "cpu":
+            # bitsandbytes' CUDA kernel takes float16 only: rows beyond 65504 would turn inf (and
+            # decode to NaN) and tiny rows lose digits; the float32 reference runs on any device
             codes, absmax = ref.quantize_int8_rowwise(dense)
         else:
-            source = dense if dense.device.type == "cpu" else dense.half()  # CUDA kernel: fp16 only
-            codes, absmax, _ = modules[1].int8_vectorwise_quant(source)
+            codes, absmax, _ = modules[1].int8_vectorwise_quant(dense)
             codes[absmax == 0] = 0  # a zero row: bitsandbytes computes 0 * (127 / 0)
         self.weight.data = codes
         self.absmax = absmax.float()
@@ -532,7 +533,10 @@ class QuantizedLinear(nn.Module):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
         functional = modules[1]
         state = self._bnb_quant_state(functional, kernel_dtype)
-        return functional.dequantize_4bit(self.weight, state).to(dtype)
+        # reshape: for out * in <= 2 the packed weight is (1, 1), and bitsandbytes then transposes
+        # its result (a shim for an old layout)
+        weight = functional.dequantize_4bit(self.weight, state)
+        return weight.reshape(self.out_features, self.in_features).to(dtype)
 
     # ---- the matmul ---------------------------------------------------------------------
     def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -637,9 +641,36 @@ class QuantizedLinear(nn.Module):
                 f"state_dict: saved with {saved}, but this layer has scheme={self.scheme!r}; "
                 "build the QuantizedLinear with the scheme the state_dict was saved with"
             )
+        problems = self._state_dict_misfits(state_dict, prefix)
+        if problems:
+            settings = f"scheme={self.scheme!r}"
+            if self.scheme != "int8":
+                settings += f", blocksize={self.blocksize}, double_quant={self.double_quant}"
+            raise ValueError(
+                f"state_dict: does not fit this QuantizedLinear ({settings}): {'; '.join(problems)}; "
+                "build it with the settings the state_dict was saved with (another blocksize or "
+                "double_quant changes these tensors)"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.version += 1
         self._bnb_source = None  # the weight was written in place, the module's statistics were not
+
+    def _state_dict_misfits(self, state_dict: dict, prefix: str) -> list[str]:
+        """The tensors of ``state_dict`` that do not fit this layer's (shape, or dtype but for the
+        bias): PyTorch copies every tensor whose shape fits before it reports the rest, which
+        would leave codes of one layout with statistics of another (and write into a wrapped
+        bitsandbytes module's storage). Missing and unexpected keys PyTorch reports itself."""
+        problems = []
+        for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+            value = state_dict.get(prefix + name)
+            if tensor is None or not isinstance(value, Tensor):
+                continue
+            if value.shape != tensor.shape or (name != "bias" and value.dtype != tensor.dtype):
+                problems.append(
+                    f"'{prefix}{name}' is {tuple(value.shape)} {value.dtype}, "
+                    f"this layer holds {tuple(tensor.shape)} {tensor.dtype}"
+                )
+        return problems
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> QuantizedLinear:
         # .to(device) moves every tensor; a dtype cast (.half(), .to(torch.bfloat16)) must not
