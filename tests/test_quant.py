@@ -575,6 +575,23 @@ def test_from_bnb_linear4bit_shares_storage(scheme, double_quant):
     assert not getattr(state, "packing_format_for_cpu", False)
 
 
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+def test_bnb_module_is_given_back_only_while_it_holds_the_layers_codes(scheme):
+    """bitsandbytes repacks a 4-bit weight into new storage on its first CPU eval forward (on
+    CPUs with AVX512-BF16): the module then no longer holds the codes the layer reads, so the
+    layer stops offering it (unload would give back a module of another layout)."""
+    module, _ = _linear4bit(scheme, True)
+    layer = QuantizedLinear.from_bnb(module)
+    dense = layer.dequantize()
+    assert layer.bnb_module is module
+    module.eval()
+    with torch.no_grad():
+        module(torch.randn(2, 128))
+    repacked = bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+    assert (layer.bnb_module is None) == repacked
+    assert torch.equal(layer.dequantize(), dense)  # the layer itself still reads its own codes
+
+
 def test_from_bnb_linear8bit():
     torch.manual_seed(5)
     dense = nn.Linear(128, 64)

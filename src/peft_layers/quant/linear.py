@@ -380,8 +380,10 @@ class QuantizedLinear(nn.Module):
         if source is None:
             return None
         module, weight = source
-        if not _same_storage(weight, self.weight) or not _same_storage(module.bias, self.bias):
-            return None  # e.g. moved, or model.half() cast this layer's bias but not the module's
+        if not (_same_storage(weight, self.weight) and _same_storage(module.weight, self.weight)):
+            return None  # e.g. moved, or the module repacked its weight (its CPU eval forward)
+        if not _same_storage(module.bias, self.bias):
+            return None  # model.half() cast this layer's bias but not the module's
         return module
 
     def __getstate__(self) -> dict[str, Any]:
