@@ -539,7 +539,11 @@ def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing' does not exist"):
         load_adapter(base_net(), tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no adapter config here .* adapters found under .*empty': \[\]"):
+    with pytest.raises(FileNotFoundError, match=r"no adapter config here .* adapters found under .*empty': \[\]$"):
+        load_adapter(base_net(), tmp_path / "empty")
+    # a whole model's checkpoint (save_pretrained, Trainer's save_model) is named as such
+    save_file({k: v.contiguous() for k, v in adapted().state_dict().items()}, tmp_path / "empty" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors here is a whole model's checkpoint .*load_state_dict\(\) it"):
         load_adapter(base_net(), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         list_adapters(tmp_path / "nothing")
@@ -701,8 +705,10 @@ def test_peft_lm_head_file_loads_its_base_weight_as_peft_does(tie: bool, tmp_pat
         logits = expected(input_ids=ids).logits
         torch.testing.assert_close(theirs_edited(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
     for make in (lambda: tiny_llama(tie), edited_base):
-        injected = load_adapter(make(), tmp_path)
-        filled = inject_adapters(make(), ["q_proj", "lm_head"], rank=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tied: inject_adapters warns about in-place merges
+            injected = load_adapter(make(), tmp_path)
+            filled = inject_adapters(make(), ["q_proj", "lm_head"], rank=4)
         load_adapter(filled, tmp_path)
         for ours in (injected, filled):
             assert [n for n, _ in iter_adapter_layers(ours)][-1] == "lm_head"

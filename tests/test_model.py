@@ -241,7 +241,14 @@ def test_shared_module_gets_one_adapter() -> None:
 
 
 def test_tied_output_head() -> None:
-    model = pl.inject_lora(tiny_model(), ["lm_head", "q_proj"], rank=2)
+    """A tied head can be targeted; injecting warns (once, naming the other holder) that an in-place
+    merge writes into the embedding too, which merge_and_unload avoids."""
+    with pytest.warns(UserWarning, match=r"^inject_adapters\(\): \{'lm_head': \['embed.weight'\]\} share their weights") as caught:
+        model = pl.inject_lora(tiny_model(), ["lm_head", "q_proj"], rank=2)
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # untied targets: no warning
+        pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
     assert model.lm_head.weight is model.embed.weight  # still tied, and frozen
     assert not model.embed.weight.requires_grad
     randomize_adapters(model)

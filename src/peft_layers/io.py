@@ -95,6 +95,8 @@ _UNSUPPORTED_FIELDS = (
     "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "monteclora_config",
 )
+#: files of a whole model's checkpoint (transformers' ``save_pretrained``), named in errors
+_FULL_CHECKPOINTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 #: VeLoRA (``velora_config``) changes only what backward keeps, so its adapters compute plain LoRA:
 #: we load them without the per-layer VeLoRA buffers, whose keys end in this
 _VELORA_KEY = re.compile(r"\.lora_velora_[A-Za-z_]+$")
@@ -448,9 +450,16 @@ def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = Non
                 f"directory: {str(root)!r} does not exist (adapters are read from local directories; "
                 "a Hugging Face Hub id must be downloaded first, e.g. huggingface_hub.snapshot_download)"
             )
+        checkpoint = [name for name in _FULL_CHECKPOINTS if (folder / name).is_file()]
+        hint = (
+            f"; {checkpoint[0]} here is a whole model's checkpoint (transformers' save_pretrained, "
+            "Trainer's save_model): inject the same adapters and model.load_state_dict() it, and "
+            "save adapters alone with save_adapter()"
+            if checkpoint else ""
+        )
         raise FileNotFoundError(
             f"{config_path}: no adapter config here (adapter_name={adapter_name!r}); "
-            f"adapters found under {str(root)!r}: {list_adapters(root)}"
+            f"adapters found under {str(root)!r}: {list_adapters(root)}{hint}"
         )
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():

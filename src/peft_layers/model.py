@@ -430,6 +430,7 @@ def inject_adapters(
     # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
+    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped])
     with _undo_on_error(model, wrapped, values=layer_kwargs.get("init") == "pissa"):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
@@ -449,6 +450,29 @@ def inject_adapters(
                 _set_module(model, name, layer)
         _freeze_all_but_adapters(model, bias)
     return model
+
+
+def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]]) -> None:
+    """Warn for targets whose weight other modules share (a head tied to the embedding)."""
+    holders: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for names, module in targets:
+        weight = getattr(module, "weight", None)
+        own = tuple(f"{name}." for name in names)
+        others = [n for n in holders.get(id(weight), []) if not n.startswith(own)]
+        if others:
+            tied[names[0]] = others
+    if tied:
+        warnings.warn(
+            f"inject_adapters(): {tied} share their weights with the targets (tied weights): "
+            "merge_adapters() writes the merge into every holder (merge_and_unload() gives the target "
+            "its own merged weight), and transformers' save_pretrained() of the unmerged model cannot "
+            "save the shared tensor under its new name; save the adapter with save_adapter()",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_called(model: nn.Module, modules: dict[str, nn.Module], name: str, method: str) -> None:

@@ -1,0 +1,104 @@
+"""transformers' Trainer over a model with our adapters, against the same Trainer over Hugging
+Face PEFT's (the second implementation), and the documented recipe for 4-bit models
+(docs/model.md, "With transformers' Trainer")."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import peft_layers as pl
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def train(model: nn.Module, output_dir: Path, steps: int = 3) -> None:
+    args = transformers.TrainingArguments(
+        str(output_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
+    )
+    dataset = [{"input_ids": row, "labels": row} for row in IDS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Trainer(model=model, args=args, train_dataset=dataset).train()
+
+
+def set_adapters(model: nn.Module) -> None:
+    """The same non-zero A and B in both libraries (their parameters come in the same order)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_trainer_trains_our_adapters_as_it_trains_hugging_face_peft(method: str, tmp_path: Path) -> None:
+    ours = pl.inject_adapters(tiny_llama(), ["q_proj", "v_proj"], method=method, rank=4, alpha=8.0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=method == "dora")
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    for model in (ours, theirs):
+        set_adapters(model)
+    start = adapter_tensors(ours)
+    train(ours, tmp_path / "ours")
+    train(theirs, tmp_path / "theirs")
+    for a, b, before in zip(adapter_tensors(ours), adapter_tensors(theirs), start):
+        assert not torch.equal(a, before)  # trained
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, frozen[n]) for n, p in ours.named_parameters() if n in frozen)
+
+
+def test_trainer_recipe_for_a_4bit_model(tmp_path: Path) -> None:
+    """Trainer refuses a transformers 4-bit model that is not a PeftModel; the documented recipe
+    marks the model for Trainer's constructor only. The adapters then train, the codes stay."""
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        )
+    pl.prepare_for_kbit_training(model)
+    pl.inject_adapters(model, ["q_proj", "v_proj"], method="qlora", rank=4)
+    set_adapters(model)
+    codes = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    start = adapter_tensors(model)
+    args = transformers.TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    dataset = [{"input_ids": row, "labels": row} for row in IDS]
+    with pytest.raises(ValueError, match="purely quantized models"):
+        transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    # the recipe (docs/model.md)
+    model._hf_peft_config_loaded = True
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    del model._hf_peft_config_loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert all(not torch.equal(a, b) for a, b in zip(adapter_tensors(model), start))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, codes)
+    pl.save_adapter(model, tmp_path / "adapter")
+    fresh = pl.load_adapter(tiny_llama(), tmp_path / "adapter", method="qlora")
+    for a, b in zip(adapter_tensors(fresh), adapter_tensors(model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
