@@ -974,7 +974,6 @@ def test_velora_files_load_as_the_plain_lora_they_compute(saved_lora: Path, tmp_
 
 @needs_peft
 def test_a_hugging_face_velora_adapter_loads_with_its_outputs(tmp_path: Path) -> None:
-    import peft
     from peft.tuners.lora.config import VeloraConfig
 
     with warnings.catch_warnings():

@@ -123,12 +123,14 @@ class AdapterMixin:
     base_layer: nn.Module
     #: names of the trainable adapter tensors, in the order ``adapter_parameters()`` yields them
     adapter_parameter_names: tuple[str, ...] = ()
+    #: True when the base stores its weight (in, out), as transformers' Conv1D does: the hooks
+    #: below then hand out its transpose, so the methods see (out, in) as for nn.Linear (a class
+    #: default too, for layers pickled before the attribute existed)
+    fan_in_fan_out: bool = False
 
     def _init_adapter_state(self, base_layer: nn.Module) -> None:
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
-        #: True when the base stores its weight (in, out), as transformers' Conv1D does: the hooks
-        #: below then hand out its transpose, so the methods see (out, in) as for nn.Linear
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.merged = False
         self._adapter_enabled = True

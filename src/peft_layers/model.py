@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .dora import DoRALinear
 from .adapter import is_conv1d
+from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
