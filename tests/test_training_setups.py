@@ -282,15 +282,22 @@ def test_two_processes_train_like_one_process_on_the_whole_batch(method: str, wr
     assert run.stdout.split()[:1] == ["ok"] and int(run.stdout.split()[1]) >= 4
 
 
+@pytest.mark.parametrize("every_parameter", [False, True], ids=["trainable", "all"])
 @pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
-def test_torch_func_per_sample_gradients_match_autograd(cls: type) -> None:
+def test_torch_func_per_sample_gradients_match_autograd(cls: type, every_parameter: bool) -> None:
     """``vmap(grad(...))`` over ``functional_call`` (per-sample gradients, meta-learning): the
-    layers take their plain-op paths under torch.func transforms, and agree with autograd."""
+    layers take their plain-op paths under torch.func transforms, and agree with autograd; also
+    when every parameter is passed, the frozen base too (PyTorch's per-sample-gradient recipe),
+    whose wrapped tensors have no storage for a cache key."""
     from torch.func import functional_call, grad, vmap
 
     layer = _layer(cls).eval()
     x = torch.randn(TOKENS, IN)
-    params = {name: p.detach() for name, p in layer.named_parameters() if p.requires_grad}
+    # every floating parameter: torch.func.grad cannot differentiate a quantized base's integer codes
+    params = {
+        name: p.detach() for name, p in layer.named_parameters()
+        if p.requires_grad or (every_parameter and p.is_floating_point())
+    }
 
     def loss(p: dict, row: torch.Tensor) -> torch.Tensor:
         return functional_call(layer, p, (row[None],)).square().sum()

@@ -83,8 +83,9 @@ def version_key(tensor: Tensor) -> tuple[int, int, int] | None:
     counter). None for an inference tensor (one created under ``torch.inference_mode()``), which
     has no version counter, so a cache keyed on it must miss; None too while ``torch.compile`` or
     ``torch.export`` traces (fake tensors have no storage, and a traced graph must not bake a cache
-    in). Writes through ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
-    if torch.compiler.is_compiling() or tensor.is_inference():
+    in), and under ``torch.func`` transforms (their wrapped tensors have no storage either). Writes
+    through ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
+    if torch.compiler.is_compiling() or functorch_active() or tensor.is_inference():
         return None
     return tensor.data_ptr(), tensor._version, _optimizer_steps if tensor.requires_grad else 0
 

@@ -152,6 +152,7 @@ class AdapterFile:
 
     @property
     def is_dora(self) -> bool:
+        """Whether the adapter is DoRA (it has magnitudes): ``method`` is "dora" or "qdora"."""
         return self.method in ("dora", "qdora")
 
     def state_dict(self) -> dict[str, Tensor]:

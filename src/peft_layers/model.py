@@ -594,7 +594,8 @@ def _replace_layers(
 
 
 def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta``.
+    """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta`` (a
+    transformers ``Conv1D``, in its ``(in, out)`` layout, for a ``Conv1D`` base).
 
     The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
     is the dtype of the new weights. By default: for a dense base, its weight's dtype; for a
