@@ -201,3 +201,38 @@ def test_gpt2_training_counts_and_stacking_match_hugging_face_peft(tmp_path: Pat
         rows = logits(stacked)
     torch.testing.assert_close(rows[0], logits(pl.load_adapter(gpt2(), tmp_path / "lora").eval())[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows[1], logits(gpt2())[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_4bit_gpt2_merges_back_into_conv1d_layers(tmp_path: Path) -> None:
+    """transformers turns GPT-2's Conv1D layers into Linear4bit (recording source_cls=Conv1D):
+    merge_and_unload gives Conv1D layers back, whose state dict fits GPT-2 itself."""
+    pytest.importorskip("bitsandbytes")
+    gpt2().save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = transformers.GPT2LMHeadModel.from_pretrained(
+            tmp_path / "base", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True)
+        ).eval()
+    pl.inject_adapters(quantized, TARGETS, method="qlora", rank=4)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in pl.model.iter_adapter_layers(quantized):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    expected = logits(quantized)
+    merged = pl.merge_and_unload(quantized)
+    layers = [m for n, m in merged.named_modules() if n.endswith(tuple(TARGETS))]
+    assert layers and all(type(m) is Conv1D for m in layers)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+    plain = gpt2()
+    plain.load_state_dict(merged.state_dict())  # GPT-2's own layout: every shape fits
+    torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loading_as_qlora_onto_conv1d_names_the_fix(tmp_path: Path) -> None:
+    hf_gpt2(False).save_pretrained(tmp_path)
+    model = gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is a transformers Conv1D, which method 'qlora' cannot quantize; load with method='lora'"):
+        pl.load_adapter(model, tmp_path, method="qlora")
+    assert not list(pl.model.iter_adapter_layers(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

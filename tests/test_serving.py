@@ -366,6 +366,22 @@ def test_adapters_with_trained_biases_are_refused(bias: str, tmp_path: Path) -> 
         pl.compose.combine_adapters([directory], [1.0])
 
 
+def test_a_model_whose_own_biases_train_is_refused(two_adapters) -> None:
+    """A model whose own adapter trained its base biases (bias="adapter_only") would apply those
+    biases to every row of the stack (0.3 off for the base rows): refused, the model unchanged;
+    with the biases frozen it stacks."""
+    model = pl.inject_lora(tiny_model(), ["q_proj"], rank=2, bias="adapter_only")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^model: its biases train with its own adapter .*every row of the stack"):
+        pl.stack_adapters(model, {"math": two_adapters["math"]})
+    after = snapshot(model)
+    assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+    for name, parameter in model.named_parameters():
+        if name.endswith("bias"):
+            parameter.requires_grad_(False)
+    pl.stack_adapters(model, {"math": two_adapters["math"]})
+
+
 def test_generate_with_beams_repeats_each_rows_adapter(two_adapters) -> None:
     """generate(num_beams=k) repeats each prompt k times in place: the name of a prompt covers its
     k rows, as one adapter loaded alone would compute them."""

@@ -94,9 +94,13 @@ def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers): ``y = x W + b`` with
     its weight stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s (Hugging
     Face PEFT's ``fan_in_fan_out``). Found by class, so transformers need not be installed."""
-    return any(
-        klass.__name__ == "Conv1D" and klass.__module__.startswith("transformers.")
-        for klass in type(module).__mro__
+    return is_conv1d_class(type(module))
+
+
+def is_conv1d_class(cls: object) -> bool:
+    """Whether ``cls`` is transformers' ``Conv1D`` class or a subclass of it."""
+    return isinstance(cls, type) and any(
+        klass.__name__ == "Conv1D" and klass.__module__.startswith("transformers.") for klass in cls.__mro__
     )
 
 

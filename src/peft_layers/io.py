@@ -1135,6 +1135,11 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
                 f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"
             )
+        if is_conv1d(target) and method in ("qlora", "qdora"):
+            raise ValueError(
+                f"{adapter.directory}: {path!r} is a transformers Conv1D, which method {method!r} cannot "
+                f"quantize; load with method={method[1:]!r} (the adapter is the same on a float base)"
+            )
         if is_conv1d(target):
             in_features, out_features = base_features(target)
         else:

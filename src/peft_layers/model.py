@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapter import is_conv1d
+from .adapter import is_conv1d, is_conv1d_class
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
 from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
@@ -620,18 +620,19 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     def build(layer: LoRALinear) -> nn.Module:
         quantized = isinstance(layer.base_layer, QuantizedLinear)
         linear = layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
-        return _as_conv1d(linear, layer.base_layer) if layer.fan_in_fan_out else linear
+        # the model's own layout: a Conv1D base, or one transformers quantized from a Conv1D
+        source = type(layer.base_layer) if layer.fan_in_fan_out else getattr(layer.base_layer, "source_cls", None)
+        return _as_conv1d(linear, source) if is_conv1d_class(source) else linear
 
     _replace_layers(model, layers, build, "merge_and_unload()")
     return model
 
 
-def _as_conv1d(linear: nn.Linear, like: nn.Module) -> nn.Module:
-    """A module of ``like``'s class (transformers' Conv1D) holding ``linear``'s weight transposed
-    to ``(in, out)`` and its bias: the model's own layer type, so its checkpoints keep their
-    layout."""
+def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
+    """A ``conv_class`` (transformers' Conv1D) holding ``linear``'s weight transposed to
+    ``(in, out)`` and its bias: the model's own layer type, so its checkpoints keep their layout."""
     with torch.device("meta"):
-        conv = type(like)(linear.out_features, linear.in_features)
+        conv = conv_class(linear.out_features, linear.in_features)
     conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
     if linear.bias is not None:
         conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)

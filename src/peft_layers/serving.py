@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .adapter import base_features, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
+from .io import _bias_mode
 from .lora import LoRALinear, is_bitsandbytes_module
 from .model import _check_model, _module_names, _set_module, iter_adapter_layers
 from .quant import QuantizedLinear
@@ -233,6 +234,13 @@ def stack_adapters(
             )
         if layer.merged:
             raise ValueError(f"model: {path!r} is merged; unmerge_adapters(model) before stacking")
+    if own_layers and _bias_mode(model, own_layers) != "none":
+        raise ValueError(
+            "model: its biases train with its own adapter (bias='adapter_only' or 'all'); a trained "
+            "bias replaces the base's and would apply to every row of the stack. Stack the saved "
+            "adapters on the plain model instead, or, if the biases were not trained, freeze them "
+            "(requires_grad_(False)) first"
+        )
     if own_layers and DEFAULT_ADAPTER in names:
         raise ValueError(f"adapters: the name {DEFAULT_ADAPTER!r} is taken by the model's own LoRA adapter")
 

@@ -150,7 +150,14 @@ class QuantizedLinear(nn.Module):
     The constructor builds a layer whose weight is all zeros; :meth:`from_linear` quantizes an
     ``nn.Linear`` and :meth:`from_bnb` wraps a bitsandbytes layer. A constructed layer of the same
     configuration loads any such layer's ``state_dict``.
+
+    Attributes:
+        source_cls: the class transformers replaced with the wrapped bitsandbytes module (its
+            ``source_cls``, e.g. GPT-2's ``Conv1D``), or None: ``merge_and_unload`` gives a layer
+            of that layout back.
     """
+
+    source_cls: type | None = None
 
     def __init__(
         self,
@@ -276,14 +283,17 @@ class QuantizedLinear(nn.Module):
         modules = _bnb.load()
         bnb = modules[0] if modules is not None else None
         if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
-            return cls._from_linear4bit(module, compute_dtype)
-        if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
-            return cls._from_linear8bit(module, compute_dtype)
-        raise TypeError(
-            "module: expected a quantized bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, "
-            f"got {type(module).__name__}"
-            + ("" if bnb is not None else " (bitsandbytes cannot be imported here)")
-        )
+            layer = cls._from_linear4bit(module, compute_dtype)
+        elif bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
+            layer = cls._from_linear8bit(module, compute_dtype)
+        else:
+            raise TypeError(
+                "module: expected a quantized bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, "
+                f"got {type(module).__name__}"
+                + ("" if bnb is not None else " (bitsandbytes cannot be imported here)")
+            )
+        layer.source_cls = getattr(module, "source_cls", None)
+        return layer
 
     @classmethod
     def _from_linear4bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
