@@ -161,6 +161,27 @@ def test_the_result_is_new_memory_in_the_promoted_dtype() -> None:
     assert not torch.equal(lora_B, b32)
 
 
+def test_combine_adapters_svd_default_rank_is_the_largest_of_any_module(tmp_path: Path) -> None:
+    """Hugging Face PEFT's rule: one rank for the whole result, the largest rank of any adapter at
+    any module. A module both adapters update at rank 2 then keeps its rank-4 sum exactly (the
+    per-module largest, 2, truncated it: 3.4 off against a norm of 8.7 in the probe)."""
+    sources = []
+    for i, (rank, pattern) in enumerate([(4, {"v_proj": 2}), (2, None)]):
+        model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=rank, alpha=float(rank), rank_pattern=pattern)
+        for _, layer in pl.model.iter_adapter_layers(model):
+            with torch.no_grad():
+                layer.lora_B.normal_(generator=torch.Generator().manual_seed(10 + i))
+        sources.append(model)
+    states = [pl.adapter_state_dict(s) for s in sources]
+    combined = combine_adapters(states, [1.0, 1.0], method="svd")
+    assert {t.shape[0] for k, t in combined.items() if k.endswith("lora_A")} == {4}
+    path = "layers.0.attn.v_proj"
+    # state dicts are taken at scaling 1: the update of each is B A
+    expected = sum(s.get_submodule(path).lora_B.double() @ s.get_submodule(path).lora_A.double() for s in sources)
+    product = combined[f"{path}.lora_B"].double() @ combined[f"{path}.lora_A"].double()
+    torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_combine_adapters_from_directories_and_state_dicts_drives_a_model(tmp_path: Path) -> None:
     """Two adapters with different alphas and modules, combined and loaded into layers of scaling
     1: the model computes the base plus the weighted sum of the two updates (float64 reference)."""

@@ -3,7 +3,9 @@ r"""Combining trained LoRA adapters into one: concatenation, truncated SVD, or l
 Adapter ``i`` contributes the update :math:`\Delta W_i = s_i B_i A_i` (``A_i`` (r_i, in),
 ``B_i`` (out, r_i), ``s_i`` its scaling) with weight :math:`w_i`. Every method returns factors
 ``(A, B)`` meant for a layer whose scaling is 1 (``alpha = rank``; with rsLoRA
-``alpha = sqrt(rank)``), as Hugging Face PEFT's ``add_weighted_adapter`` sets it:
+``alpha = sqrt(rank)``), as Hugging Face PEFT's ``add_weighted_adapter`` sets it (it also copies
+the first adapter's rsLoRA flag, which then scales its result by ``sqrt(rank)``; ours is the
+weighted sum in every case):
 
 - ``"cat"``: :math:`A = [w_1 s_1 A_1; \dots; w_k s_k A_k]`, :math:`B = [B_1 \dots B_k]`, so
   :math:`B A = \sum_i w_i \Delta W_i` exactly, at rank :math:`\sum_i r_i`.
@@ -314,7 +316,10 @@ def combine_adapters(
             :func:`~peft_layers.save_adapter` or Hugging Face PEFT, whose ``lora_alpha``, ``r``,
             ``use_rslora`` and patterns give each module's scaling.
         weights: one real number per adapter.
-        method, rank: as for :func:`combine`; ``rank`` applies to every module.
+        method, rank: as for :func:`combine`; ``rank`` applies to every module. For ``"svd"``
+            it defaults to the largest rank of any adapter at any module (capped at each module's
+            ``min(out, in)``), as Hugging Face PEFT's ``add_weighted_adapter`` chooses it: one
+            rank for the whole result, and no module truncated below what its adapters hold.
 
     A module that only some of the adapters update is combined from those (the others add
     nothing to it), so the result holds every module of any adapter.
@@ -344,15 +349,20 @@ def combine_adapters(
     sources = [lora_factors(s, f"state_dicts_or_dirs[{i}]") for i, s in enumerate(state_dicts_or_dirs)]
 
     paths = list(dict.fromkeys(path for source in sources for path in source))
+    largest = max((a.shape[0] for source in sources for a, _, _ in source.values()), default=0)
     combined: dict[str, Tensor] = {}
     with torch.no_grad():
         for path in paths:
             present = [i for i, source in enumerate(sources) if path in source]
+            module_rank = rank
+            if method == "svd" and rank is None:
+                first_A, first_B, _ = sources[present[0]][path]
+                module_rank = min(largest, first_B.shape[0], first_A.shape[1])
             lora_A, lora_B = _combine_checked(
                 [sources[i][path] for i in present],
                 [checked_weights[i] for i in present],
                 method,
-                rank,
+                module_rank,
                 [f"state_dicts_or_dirs[{i}]" for i in present],
                 f"module {path!r}",
             )
