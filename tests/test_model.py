@@ -251,6 +251,9 @@ def test_tied_output_head() -> None:
         pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
     assert model.lm_head.weight is model.embed.weight  # still tied, and frozen
     assert not model.embed.weight.requires_grad
+    # PiSSA writes its residual into the embedding as well (as Hugging Face PEFT does): warned
+    with pytest.warns(UserWarning, match=r"init='pissa' writes the residual W0 - s B A into the shared weight"):
+        pl.inject_lora(tiny_model(), ["lm_head", "q_proj"], rank=2, init="pissa")
     randomize_adapters(model)
     batch = tokens()
     with torch.no_grad():

@@ -430,7 +430,7 @@ def inject_adapters(
     # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
-    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped])
+    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=layer_kwargs.get("init") == "pissa")
     with _undo_on_error(model, wrapped, values=layer_kwargs.get("init") == "pissa"):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
@@ -452,8 +452,10 @@ def inject_adapters(
     return model
 
 
-def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]]) -> None:
-    """Warn for targets whose weight other modules share (a head tied to the embedding)."""
+def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, pissa: bool) -> None:
+    """Warn for targets whose weight other modules share (a head tied to the embedding), and, for
+    PiSSA, that its residual changes the other holders' weight at once (as in Hugging Face PEFT,
+    whose PiSSA files of tied heads hold that residual)."""
     holders: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(name)
@@ -465,8 +467,12 @@ def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]]) -> 
         if others:
             tied[names[0]] = others
     if tied:
+        pissa_note = (
+            "init='pissa' writes the residual W0 - s B A into the shared weight, so the other "
+            "holders change now (exclude these targets to keep them); " if pissa else ""
+        )
         warnings.warn(
-            f"inject_adapters(): {tied} share their weights with the targets (tied weights): "
+            f"inject_adapters(): {tied} share their weights with the targets (tied weights): {pissa_note}"
             "merge_adapters() writes the merge into every holder (merge_and_unload() gives the target "
             "its own merged weight), and transformers' save_pretrained() of the unmerged model cannot "
             "save the shared tensor under its new name; save the adapter with save_adapter()",
