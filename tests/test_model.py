@@ -415,6 +415,9 @@ def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) 
         ("qlora", {"epsilon": 1e-6}, "its layer arguments are rank, alpha, dropout, use_rslora, init, quant, "
          "blocksize, double_quant, compute_dtype; epsilon is an argument of method 'dora' or 'qdora'"),
         ("lora", {"device": "cpu"}, "device: method 'lora' takes no argument 'device' (got device='cpu')"),
+        # Hugging Face PEFT's LoraConfig names point to ours
+        ("lora", {"r": 4}, "its layer arguments are rank, alpha, dropout, use_rslora, init; Hugging Face PEFT's r is rank= here"),
+        ("lora", {"use_dora": True}, "Hugging Face PEFT's use_dora is method='dora' (or 'qdora') here"),
     ],
 )
 def test_a_layer_argument_the_method_does_not_take(method: str, kwargs: dict, message: str) -> None:

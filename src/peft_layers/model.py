@@ -89,6 +89,19 @@ def _layer_arguments(cls: type[LoRALinear]) -> list[str]:
     return names
 
 
+#: LoraConfig's names that users bring along, and what says the same here
+_HF_ARGUMENTS = {
+    "r": "rank=",
+    "lora_alpha": "alpha=",
+    "lora_dropout": "dropout=",
+    "use_dora": "method='dora' (or 'qdora')",
+    "target_modules": "the targets argument",
+    "exclude_modules": "exclude=",
+    "init_lora_weights": "init= ('kaiming', 'gaussian' or 'pissa')",
+    "lora_bias": "not supported",
+}
+
+
 def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` for a layer argument that the layers of ``method`` do not take, with
     the methods that do take it (or the nearest known name)."""
@@ -99,6 +112,8 @@ def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
         owners = [m for m in METHODS if name in _layer_arguments(_METHOD_CLASSES[m])]
         if owners:
             hint = f"{name} is an argument of method " + " or ".join(repr(m) for m in owners)
+        elif name in _HF_ARGUMENTS:
+            hint = f"Hugging Face PEFT's {name} is {_HF_ARGUMENTS[name]} here"
         else:
             known = sorted({a for m in METHODS for a in _layer_arguments(_METHOD_CLASSES[m])})
             close = difflib.get_close_matches(name, known, n=1)
