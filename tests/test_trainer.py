@@ -102,3 +102,31 @@ def test_trainer_recipe_for_a_4bit_model(tmp_path: Path) -> None:
     fresh = pl.load_adapter(tiny_llama(), tmp_path / "adapter", method="qlora")
     for a, b in zip(adapter_tensors(fresh), adapter_tensors(model)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_merging_a_4bit_model_warns_that_its_checkpoint_would_not_load(tmp_path: Path) -> None:
+    """merge_and_unload never requantizes: in a model transformers loaded in 4 bits, the merged
+    layers become float among quantized ones, under a config that still says quantized, which
+    save_pretrained writes but from_pretrained cannot use; it warns and names the float route.
+    The merged model itself computes what the adapter layers computed."""
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        )
+    model.train()  # bitsandbytes' CPU eval forward repacks 4-bit weights, which fails on these tiny shapes
+    pl.inject_adapters(model, ["q_proj"], method="qlora", rank=4)
+    set_adapters(model)
+    with torch.no_grad():
+        expected = model(IDS[:2]).logits
+    with pytest.warns(UserWarning, match=r"merge_and_unload\(\): 1 merged layer\(s\) are float now, inside a model that transformers loaded quantized"):
+        pl.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS[:2]).logits, expected, rtol=1e-4, atol=1e-4)
+    plain = pl.inject_adapters(tiny_llama(), ["q_proj"], method="qlora", rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quantized by us, no transformers quantization config: no warning
+        pl.merge_and_unload(plain)

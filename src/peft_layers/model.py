@@ -646,6 +646,18 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         return _as_conv1d(linear, source) if is_conv1d_class(source) else linear
 
     _replace_layers(model, layers, build, "merge_and_unload()")
+    dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
+    config = getattr(model, "config", None)
+    if dequantized and getattr(config, "quantization_config", None) is not None:
+        warnings.warn(
+            f"merge_and_unload(): {dequantized} merged layer(s) are float now, inside a model that "
+            "transformers loaded quantized (its config keeps quantization_config, its other layers "
+            "stay quantized), and save_pretrained() of that mix does not load back. For a merged "
+            "float checkpoint, load the base model in float, load_adapter(..., method='lora' or "
+            "'dora'), then merge_and_unload()",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
