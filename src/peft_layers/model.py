@@ -445,8 +445,9 @@ def inject_adapters(
     # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
-    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=layer_kwargs.get("init") == "pissa")
-    with _undo_on_error(model, wrapped, values=layer_kwargs.get("init") == "pissa"):
+    pissa = layer_kwargs.get("init") == "pissa"
+    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
+    with _undo_on_error(model, wrapped, values=pissa):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
         for module_id in _progress(list(chosen), f"inject_adapters({method})"):
