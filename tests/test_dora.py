@@ -704,3 +704,34 @@ def test_a_zero_magnitude_row_unmerges_after_a_cast(dtype):
     layer.unmerge()
     tolerance = 1e-6 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(layer.weight.to(torch.float32), w0, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("replaced", ["lora_B", "base"])
+def test_caches_miss_for_a_new_tensor_at_a_freed_tensors_address(replaced):
+    """A replacement tensor can get the address of the one just freed, at the same version (0):
+    the caches must tell them apart. Two tensors over one numpy buffer make that deterministic
+    (in real use the allocator does it, sometimes)."""
+    torch.manual_seed(0)
+    layer = pl.DoRALinear.from_linear(nn.Linear(12, 10), rank=3)
+    randomize_adapter(layer)
+    x = _x((5,))
+    name = "lora_B" if replaced == "lora_B" else "weight"
+    owner = layer if replaced == "lora_B" else layer.base_layer
+    buffer = owner._parameters[name].detach().numpy().copy()
+
+    def replace(values):
+        del owner._parameters[name]  # the old parameter dies here
+        buffer[...] = values
+        setattr(owner, name, nn.Parameter(torch.from_numpy(buffer), requires_grad=replaced == "lora_B"))
+
+    replace(buffer)
+    first_address = owner._parameters[name].data_ptr()
+    with torch.no_grad():
+        layer(x)  # fills the no-grad m / n cache and the ||W0||^2 cache
+    replace(buffer * -3.0 + 0.5)
+    assert owner._parameters[name].data_ptr() == first_address
+    assert owner._parameters[name]._version == 0
+    with torch.no_grad():
+        assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what=f"no-grad forward after replacing {replaced}")
+    y = layer(x)
+    assert_close64(y, _ref_no_grad(layer, x), 1e-5, what=f"training forward after replacing {replaced}")

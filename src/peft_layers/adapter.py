@@ -16,6 +16,7 @@ The base is read through four small hooks, so that a quantized base reuses all o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,18 +77,42 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def version_key(tensor: Tensor) -> tuple[int, int, int] | None:
-    """``(storage pointer, autograd version counter, optimizer steps)`` of ``tensor``: it changes
-    on every in-place write, when the tensor is replaced, and, for a tensor that requires grad, on
-    every ``torch.optim`` optimizer step (fused optimizers write without bumping the version
-    counter). None for an inference tensor (one created under ``torch.inference_mode()``), which
-    has no version counter, so a cache keyed on it must miss; None too while ``torch.compile`` or
-    ``torch.export`` traces (fake tensors have no storage, and a traced graph must not bake a cache
-    in), and under ``torch.func`` transforms (their wrapped tensors have no storage either). Writes
-    through ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
+class SameObject:
+    """A cache-key part equal only to another made from the very same, still living object.
+
+    Storage pointers and version counters alone do not identify a tensor: a new tensor can get the
+    address of one just freed, with the same version (0), and a cache keyed by them would then
+    hit values of the old one. A weak reference tells the two apart without keeping the old one
+    alive."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, obj: object) -> None:
+        self._ref = weakref.ref(obj)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SameObject):
+            return NotImplemented
+        obj = self._ref()
+        return obj is not None and obj is other._ref()
+
+    __hash__ = None  # type: ignore[assignment]  # equality changes when the object dies
+
+
+def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
+    """``(the tensor object, storage pointer, autograd version counter, optimizer steps)`` of
+    ``tensor``: it changes on every in-place write, when the tensor is replaced (even by one at the
+    same address), and, for a tensor that requires grad, on every ``torch.optim`` optimizer step
+    (fused optimizers write without bumping the version counter). None for an inference tensor (one
+    created under ``torch.inference_mode()``), which has no version counter, so a cache keyed on it
+    must miss; None too while ``torch.compile`` or ``torch.export`` traces (fake tensors have no
+    storage, and a traced graph must not bake a cache in), and under ``torch.func`` transforms
+    (their wrapped tensors have no storage either). Writes through ``.data`` change none of these
+    (see ``DoRALinear.reset_norm_cache``)."""
     if torch.compiler.is_compiling() or functorch_active() or tensor.is_inference():
         return None
-    return tensor.data_ptr(), tensor._version, _optimizer_steps if tensor.requires_grad else 0
+    steps = _optimizer_steps if tensor.requires_grad else 0
+    return SameObject(tensor), tensor.data_ptr(), tensor._version, steps
 
 
 def is_conv1d(module: nn.Module) -> bool:

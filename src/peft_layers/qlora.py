@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapter import SameObject
 from .dora import DoRALinear
 from .lora import LoRALinear, _check_features, is_bitsandbytes_module
 from .quant import QUANT_SCHEMES, QuantizedLinear
@@ -150,7 +151,7 @@ class QLoRALinear(LoRALinear):
 
     def _base_weight_key(self) -> tuple:
         base = self.base_layer
-        return (id(base), base.version, base.compute_dtype, base.weight.device)
+        return (SameObject(base), base.version, base.compute_dtype, base.weight.device)
 
     def _refetch_key_fn(self) -> Callable[[], tuple]:
         return self._base_weight_key  # decoded again in backward: no dense copy is kept
