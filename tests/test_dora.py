@@ -735,3 +735,22 @@ def test_caches_miss_for_a_new_tensor_at_a_freed_tensors_address(replaced):
         assert_close64(layer(x), _ref_no_grad(layer, x), 1e-5, what=f"no-grad forward after replacing {replaced}")
     y = layer(x)
     assert_close64(y, _ref_no_grad(layer, x), 1e-5, what=f"training forward after replacing {replaced}")
+
+
+@pytest.mark.parametrize("cls", [pl.DoRALinear, pl.QDoRALinear])
+def test_hooks_on_the_base_layer_are_named_as_skipped(cls):
+    """An unmerged DoRA layer computes the base product from ``base_layer.weight`` (its norm needs
+    ``W0``), so hooks on ``base_layer`` do not run: it says so; merged, the hooks run."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(12, 10), rank=2)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = _x((5,))
+    with pytest.warns(UserWarning, match=rf"^{cls.__name__}: base_layer has hooks of its own, which an unmerged DoRA"):
+        y = layer(x)
+    assert seen == []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a quantized merge warns that it requantizes
+        layer.merge()
+        torch.testing.assert_close(layer(x), y.detach(), rtol=2e-2 if cls is pl.QDoRALinear else 1e-5, atol=2e-2)
+    assert len(seen) == 1

@@ -535,3 +535,71 @@ def test_to_linear_in_a_wider_dtype_merges_in_it(cls):
     assert layer.to_linear().weight.dtype == torch.bfloat16  # the compute dtype by default
     with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype or None, got torch.int8"):
         layer.to_linear(torch.int8)
+
+
+# ---- hooks on the base layer run as they would without the adapter ---------------------------
+def _hooked_layer(cls):
+    torch.manual_seed(0)
+    if cls is pl.QLoRALinear:
+        layer = pl.QLoRALinear.from_linear(nn.Linear(12, 10), rank=3, alpha=6.0)
+    else:
+        layer = cls.from_linear(nn.Linear(12, 10), rank=3, alpha=6.0)
+    randomize_adapter(layer)
+    return layer
+
+
+def _base_weight(layer):
+    return layer.base_layer.dequantize() if isinstance(layer, pl.QLoRALinear) else layer.weight
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("cls", [*LORA_CLASSES, pl.QLoRALinear])
+def test_hooks_on_the_base_layer_see_and_change_the_base_output(cls, replace, grad):
+    """A hook on ``base_layer`` sees ``x W0^T + b`` itself (the update is not added into the tensor
+    it holds), and a hook that replaces the output changes the layer's output, in training as in
+    inference (HF PEFT calls its base layer too)."""
+    layer = _hooked_layer(cls)
+    seen = []
+    factor = 2.0 if replace else 1.0
+
+    def hook(module, args, out):
+        seen.append(out)
+        return 2 * out if replace else None
+
+    layer.base_layer.register_forward_hook(hook)
+    x = _x((5,)).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    base = f64(x) @ f64(_base_weight(layer)).t() + f64(layer.bias)
+    assert len(seen) == 1
+    assert_close64(seen[0], base, 1e-5, what="output a base-layer hook sees")
+    update = f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling
+    assert_close64(y, factor * base + update, 1e-5, what="output with a hook on the base")
+    if grad:
+        g = torch.randn(5, 10, dtype=torch.float64)
+        y.backward(g.to(y.dtype))
+        assert_close64(x.grad, g @ (factor * f64(_base_weight(layer)) + layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)),
+                       1e-5, what="input gradient through the hook")
+        assert_close64(layer.lora_B.grad, layer.scaling * g.t() @ (f64(x) @ f64(layer.lora_A).t()), 1e-5,
+                       what="B gradient")
+
+
+def test_a_hook_recomputing_the_base_weight_is_followed_in_training():
+    """The deprecated, hook-based ``torch.nn.utils.weight_norm`` recomputes ``weight`` in a forward
+    pre-hook: the training forward must use the recomputed weight, as the no-grad one does."""
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(linear)
+    layer = pl.LoRALinear.from_linear(linear, rank=3, alpha=6.0)  # freezes weight_g and weight_v
+    randomize_adapter(layer)
+    with torch.no_grad():
+        layer.base_layer.weight_g.mul_(1.5)
+    x = _x((5,))
+    y = layer(x)
+    weight = torch._weight_norm(f64(layer.base_layer.weight_v), f64(layer.base_layer.weight_g), 0)
+    assert_close64(y, lora_ref(f64(x), weight, f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B), layer.scaling),
+                   1e-5, what="training forward over a weight-normed base")
+    with torch.no_grad():
+        assert_close64(layer(x), y.detach(), 1e-6, what="no-grad forward over a weight-normed base")

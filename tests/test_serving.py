@@ -424,3 +424,40 @@ def test_a_stacked_layer_passes_weight_and_bias_through(tmp_path: Path) -> None:
         pl.set_adapter(stacked, "a")
         expected = pl.load_adapter(_tiny_t5(), directory).eval()(ids, decoder_input_ids=ids[:, :3]).logits
         torch.testing.assert_close(stacked(ids, decoder_input_ids=ids[:, :3]).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("own_adapter", [False, True])
+def test_a_stack_casts_its_input_as_the_adapter_layers_do(own_adapter: bool) -> None:
+    """Over a bfloat16 base, a float32 input is computed in bfloat16 and returned in float32, as a
+    ``LoRALinear`` over that base does (stacking must not change what the model accepts)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4).to(torch.bfloat16)
+    if own_adapter:
+        base = pl.LoRALinear.from_linear(base, rank=2)
+    stack = pl.MultiLoRALinear(base)
+    lora_A, lora_B = torch.randn(2, 6), torch.randn(4, 2)
+    stack.add_adapter("a", lora_A, lora_B, 0.5)
+    stack.active_adapter = "a"
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out = stack(x)
+        x16 = x.to(torch.bfloat16)
+        expected = base(x16).double() + 0.5 * (x16.double() @ lora_A.to(torch.bfloat16).double().t()) @ lora_B.to(
+            torch.bfloat16).double().t()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_hook_on_a_stacks_base_sees_the_base_output() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    seen = []
+    base.register_forward_hook(lambda module, args, out: seen.append(out))
+    stack = pl.MultiLoRALinear(base)
+    stack.add_adapter("a", torch.randn(2, 6), torch.randn(4, 2), 0.5)
+    stack.active_adapter = "a"
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out = stack(x)
+    torch.testing.assert_close(seen[0].double(), x.double() @ base.weight.double().t() + base.bias.double())
+    assert not torch.equal(out, seen[0])

@@ -115,6 +115,16 @@ def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
     return SameObject(tensor), tensor.data_ptr(), tensor._version, steps
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of its own (forward, forward-pre or backward; global module
+    hooks are not counted). The adapter layers compute their base product from
+    ``base_layer.weight`` in their fused paths, which would skip such hooks."""
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+        or module._backward_hooks
+    )
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers): ``y = x W + b`` with
     its weight stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s (Hugging

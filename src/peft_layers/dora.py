@@ -16,13 +16,14 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adapter import autocast_enabled, autocast_off, functorch_active, version_key
+from .adapter import autocast_enabled, autocast_off, functorch_active, has_hooks, version_key
 from .lora import (
     LoRALinear,
     _base_weight_for_backward,
@@ -297,6 +298,8 @@ class DoRALinear(LoRALinear):
 
     # ---- forward -------------------------------------------------------------------------
     def _adapter_forward(self, x: Tensor) -> Tensor:
+        if has_hooks(self.base_layer):
+            self._warn_base_hooks_skipped()
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         plain = self._dropout_active() or functorch_active()
         if plain or (torch.is_grad_enabled() and self._base_weight_trainable()):
@@ -307,6 +310,18 @@ class DoRALinear(LoRALinear):
                 self.base_row_norm_sq(), self._weight_fn(x.dtype), self._refetch_key_fn(),
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
+
+    def _warn_base_hooks_skipped(self) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: base_layer has hooks of its own, which an unmerged DoRA layer "
+            "does not run: it computes x W0^T and the row norms of W0 from base_layer.weight itself "
+            "(the norm needs W0). Register activation hooks on the DoRA layer instead; hooks that "
+            "move or recompute the weight (accelerate's offloading, the deprecated "
+            "torch.nn.utils.weight_norm) are not supported, use torch.nn.utils.parametrize for the "
+            "latter. Merged or disabled, the layer calls base_layer and its hooks run.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _inference_gain_key(self, dtype: torch.dtype) -> tuple | None:
         """What the no-grad gain ``m / n`` in ``dtype`` depends on: the base, A, B and m (storage

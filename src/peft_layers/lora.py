@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import AdapterMixin, autocast_dtype, autocast_off, base_features, functorch_active, is_conv1d
+from .adapter import (
+    AdapterMixin,
+    autocast_dtype,
+    autocast_off,
+    base_features,
+    functorch_active,
+    has_hooks,
+    is_conv1d,
+)
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -425,13 +433,19 @@ class LoRALinear(AdapterMixin, nn.Module):
         """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
-        if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
+        # hooks on the base layer (activation capture, pruning, offloading) run as they would
+        # without the adapter: the base is called as a module and its output is left as they saw it
+        base_hooked = has_hooks(self.base_layer)
+        fused = torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active()
+        if fused and not base_hooked:
             return _LoRAFunction.apply(
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
                 self._refetch_key_fn(),
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()
+        if base_hooked:
+            return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

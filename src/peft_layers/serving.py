@@ -25,7 +25,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from .adapter import base_features, is_conv1d
+from .adapter import autocast_enabled, base_features, has_hooks, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
 from .io import _bias_mode
@@ -121,9 +121,28 @@ class MultiLoRALinear(nn.Module):
         ``(batch, *, in_features)`` with one entry of ``row_adapters`` per batch row."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}")
+        # as the adapter layers do: compute in the base's dtype, return the input's (autocast
+        # decides both inside the base layer)
+        input_dtype = x.dtype
+        compute_dtype = None if autocast_enabled(x.device.type) else self._compute_dtype()
+        if compute_dtype is not None and x.dtype != compute_dtype and x.is_floating_point():
+            x = x.to(compute_dtype)
+        out = self._forward(x)
+        return out if compute_dtype is None or out.dtype == input_dtype else out.to(input_dtype)
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype the base computes in; None for a bitsandbytes layer, which casts for itself."""
+        base = self.base_layer
+        if is_bitsandbytes_module(base):
+            return None
+        dtype = getattr(base, "compute_dtype", None)  # an adapter layer or a QuantizedLinear
+        return dtype if isinstance(dtype, torch.dtype) else base.weight.dtype
+
+    def _forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        # serving (nothing needs a gradient): add into the base output instead of copying it
-        in_place = not out.requires_grad and out.is_contiguous()
+        # serving (nothing needs a gradient): add into the base output instead of copying it,
+        # unless hooks on the base layer may hold that output
+        in_place = not out.requires_grad and out.is_contiguous() and not has_hooks(self.base_layer)
         rows = self.row_adapters
         if rows is None:
             name = self.active_adapter
