@@ -136,6 +136,30 @@ def test_reference_bit_exact_on_layer_shapes(scheme, double_quant, shape, blocks
     _assert_same_as_bnb(_weight(*shape, seed=sum(shape)), scheme, blocksize, double_quant)
 
 
+def _zero_tail(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    flat = weight.reshape(-1)
+    flat[-(flat.numel() % blocksize or blocksize):] = 0.0
+    return weight
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: _weight(4, 64, seed=1, scale=1e-40), id="subnormal"),
+        pytest.param(lambda: _weight(3, 50, seed=2, scale=1e-42), id="subnormal-short-block"),
+        pytest.param(lambda: _zero_tail(_weight(2, 40, seed=3), 64), id="zero-short-block"),
+        pytest.param(lambda: _zero_tail(_weight(7, 129, seed=4, scale=1e-39), 64), id="tiny-zero-short-block"),
+        pytest.param(lambda: _zero_tail(_weight(2, 64, seed=5), 64), id="zero-full-block"),
+    ],
+)
+def test_reference_bit_exact_on_adversarial_weights(scheme, double_quant, make):
+    """Absmax values with infinite reciprocals, and a short last block that is all zero: bitsandbytes
+    stores the short block's absmax clamped at 1e-38 and maps 0 * inf to the lowest code."""
+    _assert_same_as_bnb(make(), scheme, 64, double_quant)
+
+
 @pytest.mark.parametrize("scheme", FOUR_BIT)
 def test_reference_ties_round_like_bitsandbytes(scheme):
     # every block holds 1.0 (absmax 1, so scaling is exact) and values at, and one float32 step
@@ -157,7 +181,8 @@ def test_blockwise_8bit_matches_bitsandbytes_cpu_kernel():
     blocks = sweep.reshape(-1, 255)
     values = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
     code = bnbF.create_dynamic_map()
-    for x in (values, torch.randn(10_000) * 3, torch.zeros(300), torch.randn(1000).abs() - 0.5):
+    subnormal = torch.cat([torch.tensor([0.0, 1e-40, -1e-40, 5e-41, -2e-45]), torch.zeros(251)])
+    for x in (values, torch.randn(10_000) * 3, torch.zeros(300), torch.randn(1000).abs() - 0.5, subnormal):
         q, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, code, 256)
         mine_q, mine_absmax = ref.quantize_blockwise(x, code, 256)
         assert torch.equal(mine_q, q) and torch.equal(mine_absmax, absmax)

@@ -200,7 +200,8 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) 
     Scaling and rounding reproduce bitsandbytes' CPU kernel bit for bit:
 
     - a full block is scaled by the float32 reciprocal, ``w * (1 / max(absmax, 1e-38))``; the short
-      last block (if any) is divided, ``w / max(absmax, 1e-38)``; the result is clamped to [-1, 1];
+      last block (if any) is divided, ``w / max(absmax, 1e-38)``, and stores that clamped absmax
+      (a full block stores its own, 0 included); the result is clamped to [-1, 1];
     - a scaled value ``x`` gets the sorted level ``k`` with ``mid_{k-1} < x <= mid_k`` (midpoints
       ``mid`` of adjacent sorted levels, float32): a value exactly halfway goes to the lower level.
 
@@ -216,6 +217,7 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) 
     _, tail = _blocks(numel, blocksize)
     if tail != blocksize:
         scaled[-1] = padded[-1] / safe[-1]
+        absmax[-1] = safe[-1]  # bitsandbytes stores the short block's clamped absmax
     scaled = scaled.clamp_(-1.0, 1.0).reshape(-1)[:numel]
     sorted_index = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
     codes = order.to(scaled.device)[sorted_index]
@@ -288,7 +290,9 @@ def quantize_blockwise(
     padded, _ = _block_absmax(flat, blocksize)
     absmax = torch.nan_to_num(padded, nan=0.0).abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = (padded * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
+    # a subnormal absmax has an infinite reciprocal: 0 * inf is NaN, which bitsandbytes maps to
+    # grid index 0, as -1
+    scaled = (padded * inverse.unsqueeze(1)).nan_to_num_(nan=-1.0).clamp_(-1.0, 1.0)
     grid_index = ((scaled + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
     indices = _lookup_table(code)[grid_index]
     indices[absmax == 0] = 0
