@@ -448,8 +448,38 @@ def test_state_dict_of_other_config_is_rejected():
     with pytest.raises(ValueError, match=r"blocksize=32, double_quant=True\): 'absmax' is \(24,\) torch.uint8, this layer holds \(48,\)"):
         QuantizedLinear(64, 24, scheme="nf4", blocksize=32).load_state_dict(nf4.state_dict())
     partial = {k: v for k, v in nf4.state_dict().items() if k != "offset"}
-    with pytest.raises(RuntimeError, match="Missing key.*offset"):  # PyTorch's own report
-        QuantizedLinear(64, 24, scheme="nf4").load_state_dict(partial)
+    target = QuantizedLinear(64, 24, scheme="nf4")
+    dense = target.dequantize()
+    # PyTorch would copy the codes, then report the missing key: new codes, old statistics
+    with pytest.raises(ValueError, match=r"holds \[.*'weight'.*\] without \['offset'\] \(codes and statistics load together\)"):
+        target.load_state_dict(partial)
+    assert torch.equal(target.dequantize(), dense)
+    # a model-level load that has no entry of the layer at all (strict=False) is fine
+    assert target.load_state_dict({}, strict=False).missing_keys
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_a_bitsandbytes_modules_state_dict_is_refused_before_anything_is_copied(scheme):
+    """A ``Linear4bit``/``Linear8bitLt`` state dict (``weight.absmax``, ``SCB``, ...) carries codes
+    under our ``weight`` key and its statistics under other keys: refused, with the way to load it,
+    and neither the layer nor the module it wraps changes."""
+    if scheme == "int8":
+        source = bnb.nn.Linear8bitLt(64, 24, has_fp16_weights=False)
+        source.weight = bnb.nn.Int8Params(torch.randn(24, 64) * 100, requires_grad=False, has_fp16_weights=False)
+        source = source.to("cpu")
+        layer = QuantizedLinear.from_linear(_linear(24, 64), "int8")
+        module = None
+    else:
+        source, _ = _linear4bit(scheme, True, seed=1)
+        module, _ = _linear4bit(scheme, True)
+        layer = QuantizedLinear.from_bnb(module)
+        module_weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    dense = layer.dequantize()
+    with pytest.raises(ValueError, match="codes and statistics load together.*from_bnb"):
+        layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer.dequantize(), dense)
+    if module is not None:
+        assert torch.equal(bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state), module_weight)
 
 
 @pytest.mark.parametrize("scheme", FOUR_BIT)
@@ -572,8 +602,8 @@ def test_fallback_without_bitsandbytes_gives_the_same_layer(scheme, monkeypatch)
 
 
 # ---- wrapping bitsandbytes layers ----------------------------------------------------------
-def _linear4bit(scheme: str, double_quant: bool, out_f: int = 64, in_f: int = 128, blocksize: int = 64):
-    torch.manual_seed(5)
+def _linear4bit(scheme: str, double_quant: bool, out_f: int = 64, in_f: int = 128, blocksize: int = 64, seed: int = 5):
+    torch.manual_seed(seed)
     dense = nn.Linear(in_f, out_f)
     module = bnb.nn.Linear4bit(in_f, out_f, quant_type=scheme, compress_statistics=double_quant)
     module.weight = bnb.nn.Params4bit(

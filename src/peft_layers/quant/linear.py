@@ -671,8 +671,23 @@ class QuantizedLinear(nn.Module):
         """The tensors of ``state_dict`` that do not fit this layer's (shape, or dtype but for the
         bias): PyTorch copies every tensor whose shape fits before it reports the rest, which
         would leave codes of one layout with statistics of another (and write into a wrapped
-        bitsandbytes module's storage). Missing and unexpected keys PyTorch reports itself."""
+        bitsandbytes module's storage). For the same reason the codes and their statistics load
+        together or not at all; other missing and unexpected keys PyTorch reports itself."""
         problems = []
+        quantized = [
+            name for name, tensor in [*self._parameters.items(), *self._buffers.items()]
+            if tensor is not None and name != "bias" and name not in self._non_persistent_buffers_set
+        ]
+        present = [name for name in quantized if isinstance(state_dict.get(prefix + name), Tensor)]
+        if present and len(present) != len(quantized):
+            missing = [prefix + name for name in quantized if name not in present]
+            problem = f"it holds {[prefix + name for name in present]} without {missing} (codes and statistics load together)"
+            if any(key.startswith(prefix + "weight.") or key == prefix + "SCB" for key in state_dict):
+                problem += (
+                    "; it looks like a bitsandbytes module's state dict: load it into that module "
+                    "and wrap the module with QuantizedLinear.from_bnb"
+                )
+            problems.append(problem)
         for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
             value = state_dict.get(prefix + name)
             if tensor is None or not isinstance(value, Tensor):
