@@ -795,3 +795,48 @@ def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
     ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(ids, decoder_input_ids=ids[:, :3])  # runs: wo is a float LoRA layer
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.q_proj(x))
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_plus", "dora"])
+def test_meta_device_recipe_gives_a_model_equal_to_its_base(method: str) -> None:
+    """Build under ``torch.device("meta")``, inject (which warns how to finish), ``to_empty()``,
+    then ``reset_parameters()`` on every module, as torch.nn's recipe does (DoRA: after loading
+    the base weights, whose row norms its magnitude is): the model equals its base."""
+    torch.manual_seed(0)
+    base = _TwoLinears()
+    x = torch.randn(3, 32)
+    for _ in range(4):  # dirty the allocator, so that to_empty() hands out garbage
+        torch.randn(32 * 32).mul_(1e30)
+    with torch.device("meta"):
+        model = _TwoLinears()
+    note = "after loading the base weights" if method == "dora" else "the adapter layers \\(torch.nn"
+    with pytest.warns(UserWarning, match=rf"the base layer is on the meta device.*reset_parameters\(\).*{note}"):
+        pl.inject_adapters(model, ["q_proj"], method=method, rank=4)
+    model.to_empty(device="cpu")
+
+    def load_base() -> None:
+        state = {name.replace("q_proj.", "q_proj.base_layer."): value for name, value in base.state_dict().items()}
+        model.load_state_dict(state, strict=False)
+
+    if method == "dora":
+        load_base()
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    load_base()
+    layer = model.q_proj
+    assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+    if method == "dora":
+        torch.testing.assert_close(layer.magnitude, base.q_proj.weight.norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-6)

@@ -186,6 +186,8 @@ class DoRALinear(LoRALinear):
         self._inference_gain_cache: tuple[tuple, Tensor] | None = None
         super()._init_adapter(base_layer, **kwargs)
 
+    _meta_note = " after loading the base weights (the magnitude is ||W0|| per row)"
+
     def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
         super()._create_adapter_parameters(device, dtype)
         self.magnitude = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))

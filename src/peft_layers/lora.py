@@ -308,9 +308,31 @@ class LoRALinear(AdapterMixin, nn.Module):
         self.use_rslora = use_rslora
         self.init = init
         self.lora_dropout = nn.Dropout(float(dropout))
-        self._create_adapter_parameters(
-            _module_device(base_layer), adapter_dtype_for(self.compute_dtype)
+        device = _module_device(base_layer)
+        self._create_adapter_parameters(device, adapter_dtype_for(self.compute_dtype))
+        self.reset_adapter_parameters()
+        if device.type == "meta":
+            self._warn_meta_adapter()
+
+    def _warn_meta_adapter(self) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: the base layer is on the meta device, so the adapter holds no "
+            f"values yet; after to_empty(), call reset_parameters() on the adapter layers"
+            f"{self._meta_note} (torch.nn's meta-device recipe calls it on every module), or load "
+            "the adapter's state",
+            UserWarning,
+            stacklevel=4,
         )
+
+    #: what the meta-device warning adds for this class
+    _meta_note = ""
+
+    def reset_parameters(self) -> None:
+        """``torch.nn``'s re-initialisation hook, as ``nn.Linear`` has it: re-initialises the adapter
+        (:meth:`reset_adapter_parameters`); the base layer has its own. Meta-device recipes
+        (build under ``torch.device("meta")``, ``to_empty()``, then ``reset_parameters()`` on every
+        module) call it, so that ``B = 0`` again and the fresh layer equals its base. DoRA's
+        magnitude is ``||W0 + s B A||`` per row: call it after the base weights are loaded."""
         self.reset_adapter_parameters()
 
     def _create_adapter_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
