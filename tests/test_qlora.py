@@ -436,3 +436,58 @@ def test_a_meta_weight_cannot_be_quantized_and_the_model_stays() -> None:
     with pytest.raises(ValueError, match=r"module '0': weight: a tensor on the meta device holds no values to quantize"):
         pl.inject_adapters(model, ["0"], method="qlora", rank=4)
     assert model[0] is original and original.weight.requires_grad
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_pissa_over_a_float_linear_splits_before_quantizing(cls, quant):
+    """QPiSSA: the residual ``W0 - s B A`` (top-r singular part in ``s B A``) is quantized once, so
+    the fresh layer is ``Q(R) + s B A``, as far from ``W0`` as ``R``'s quantization error. For a
+    weight whose spectrum decays, as pretrained ones do, that is well below ``W0``'s own error
+    (plain QLoRA), while splitting the decoded weight and requantizing ended further from ``W0``
+    than plain QLoRA. The caller's layer is not changed."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64)
+    left, _ = torch.linalg.qr(torch.randn(64, 64))
+    right, _ = torch.linalg.qr(torch.randn(256, 64))
+    with torch.no_grad():
+        linear.weight.copy_(left @ torch.diag(torch.arange(1, 65.0) ** -0.8) @ right.t())
+    original = linear.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one quantization, no requantization to warn about
+        layer = cls.from_linear(linear, quant=quant, rank=8, alpha=8.0, init="pissa")
+    assert torch.equal(linear.weight, original)
+    w0 = f64(original)
+    u, singular, vh = torch.linalg.svd(w0, full_matrices=False)
+    top = u[:, :8] @ torch.diag(singular[:8]) @ vh[:8]
+    update = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    assert_close64(update, top, 1e-4, what="s B A: the top-8 singular part of W0")
+    residual = w0 - top
+    quantized_residual = QuantizedLinear.from_linear(_float_linear(residual), scheme=quant).dequantize().double()
+    effective = f64(layer.base_layer.dequantize()) + update
+    error, residual_error = (effective - w0).norm(), (quantized_residual - residual).norm()
+    plain_error = (QuantizedLinear.from_linear(linear, scheme=quant).dequantize().double() - w0).norm()
+    assert abs(error / residual_error - 1) < 0.02, (error, residual_error)
+    with pytest.warns(UserWarning, match="requantized"):
+        requantized = cls.from_linear(QuantizedLinear.from_linear(linear, scheme=quant), rank=8, alpha=8.0, init="pissa")
+    requantized_error = (f64(requantized.base_layer.dequantize()) + requantized.scaling * f64(
+        requantized.lora_B) @ f64(requantized.lora_A) - w0).norm()
+    assert error < 0.7 * plain_error < 0.7 * requantized_error, (error, plain_error, requantized_error)
+    if cls is QDoRALinear:
+        assert_close64(layer.magnitude, effective.norm(dim=1), 1e-5, what="m = ||Q(R) + s B A|| per row")
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        assert_close64(layer(x), f64(x) @ effective.t() + f64(linear.bias), 1e-5, what="fresh layer's output")
+
+
+def _float_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def test_pissa_over_a_quantized_base_warns_that_it_requantizes():
+    base = QuantizedLinear.from_linear(nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match=r"^init='pissa': the base of this QLoRALinear is already quantized \(nf4\), so the PiSSA residual"):
+        QLoRALinear.from_linear(base, rank=4, init="pissa")

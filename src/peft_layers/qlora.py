@@ -15,6 +15,7 @@ hooks of :class:`~peft_layers.adapter.AdapterMixin` to the quantized storage:
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -65,6 +66,19 @@ def quantized_base(
     )
 
 
+def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any]) -> LoRALinear | None:
+    """QPiSSA: for ``init="pissa"`` over a float ``nn.Linear``, the PiSSA split done before
+    quantizing, on a copy (the caller's layer is left as it is): a float :class:`LoRALinear` whose
+    base holds the residual ``W0 - s B A``, which is then quantized once. Splitting the quantized
+    weight instead would quantize twice (the residual of a decoded weight is requantized) and
+    start further from ``W0`` than plain QLoRA does. None when there is nothing to split first
+    (another init, or an already quantized layer)."""
+    if kwargs.get("init") != "pissa" or not isinstance(linear, nn.Linear) or is_bitsandbytes_module(linear):
+        return None
+    shape_kwargs = {name: kwargs[name] for name in ("rank", "alpha", "use_rslora") if name in kwargs}
+    return LoRALinear.from_linear(copy.deepcopy(linear), init="pissa", **shape_kwargs)
+
+
 class QLoRALinear(LoRALinear):
     r"""LoRA over a quantized base (Dettmers et al., 2023).
 
@@ -100,10 +114,14 @@ class QLoRALinear(LoRALinear):
         nn.Module.__init__(self)
         _check_features(in_features, out_features)
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        split = _pissa_split_in_float(linear, kwargs)
         base = quantized_base(
-            linear, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
+            linear if split is None else split.base_layer, quant=quant, blocksize=blocksize,
+            double_quant=double_quant, compute_dtype=compute_dtype,
         )
-        self._init_adapter(base, **kwargs)
+        self._init_adapter(base, **(kwargs if split is None else {**kwargs, "init": "kaiming"}))
+        if split is not None:
+            self._take_pissa_factors(split)
 
     @classmethod
     def from_linear(  # type: ignore[override]
@@ -122,11 +140,30 @@ class QLoRALinear(LoRALinear):
         float weight is not kept by the layer); a bitsandbytes ``Linear4bit``/``Linear8bitLt``, as
         transformers' 4-bit/8-bit loading produces it, or a ``QuantizedLinear`` is wrapped as it
         is (its own scheme wins). Other keyword arguments are :class:`LoRALinear`'s.
+
+        With ``init="pissa"``, an ``nn.Linear`` is split before it is quantized (QPiSSA): the
+        layer starts at ``Q(W0 - s B A) + s B A``, within the quantization error of the residual
+        of ``W0`` (smaller than that of ``W0`` itself). An already quantized layer is decoded,
+        split and requantized, which warns as ``merge()`` does.
         """
+        split = _pissa_split_in_float(linear, kwargs)
         base = quantized_base(
-            linear, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
+            linear if split is None else split.base_layer, quant=quant, blocksize=blocksize,
+            double_quant=double_quant, compute_dtype=compute_dtype,
         )
-        return cls._wrap(base, **kwargs)
+        if split is None:
+            return cls._wrap(base, **kwargs)
+        layer = cls._wrap(base, **{**kwargs, "init": "kaiming"})
+        layer._take_pissa_factors(split)
+        return layer
+
+    def _take_pissa_factors(self, split: LoRALinear) -> None:
+        """Become the PiSSA layer whose float split is ``split`` (its base, the residual, is
+        this layer's quantized base)."""
+        self.init = "pissa"
+        with torch.no_grad():
+            self.lora_A.copy_(split.lora_A)
+            self.lora_B.copy_(split.lora_B)
 
     # ---- the base-weight hooks of AdapterMixin, over quantized storage ------------------------
     @property
@@ -160,6 +197,17 @@ class QLoRALinear(LoRALinear):
         return False
 
     # ---- merging requantizes ------------------------------------------------------------------
+    def _init_pissa(self) -> None:
+        super()._init_pissa()  # decodes, splits, requantizes the residual
+        warnings.warn(
+            f"init='pissa': the base of this {type(self).__name__} is already quantized "
+            f"({self.base_layer.scheme}), so the PiSSA residual of its decoded weight is requantized "
+            "and the layer starts up to that rounding away from its base; from_linear() of the float "
+            "nn.Linear splits before quantizing (QPiSSA) and stays closer to W0",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def _warn_requantize(self, call: str) -> None:
         warnings.warn(
             REQUANTIZE_WARNING.format(call=call, cls=type(self).__name__, scheme=self.base_layer.scheme),
@@ -193,6 +241,11 @@ class QDoRALinear(DoRALinear, QLoRALinear):
 
     Takes :class:`QLoRALinear`'s arguments plus ``epsilon``.
     """
+
+    def _take_pissa_factors(self, split: LoRALinear) -> None:
+        super()._take_pissa_factors(split)
+        with torch.no_grad():
+            self.magnitude.copy_(self.weight_norm())  # m = ||Q(W0 - s B A) + s B A|| per row
 
     @property
     def _norm_rides_with_input(self) -> bool:  # type: ignore[override]
