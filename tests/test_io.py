@@ -8,6 +8,7 @@ tensor, every module object, every requires_grad flag) or the old files are unch
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -1177,3 +1178,21 @@ def test_paths_that_are_not_adapter_directories_say_so(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError, match=r"afile.txt' is a file"):
         save_adapter(adapted("lora"), tmp_path / "afile.txt")
     assert (tmp_path / "afile.txt").read_text() == "x"
+
+
+def test_a_pissa_file_with_a_rank_above_a_layers_features_is_refused(tmp_path: Path) -> None:
+    """Ranks above min(in, out) load (Hugging Face PEFT saves them), but not for PiSSA, whose
+    residual takes as many singular vectors as the rank: a clear error, the model unchanged."""
+    from peft_layers.lora import ranks_above_features_allowed
+
+    model = nn.Sequential(nn.Linear(16, 2))
+    with ranks_above_features_allowed():
+        save_adapter(inject_adapters(copy.deepcopy(model), ["0"], rank=4), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"'0': rank 4 exceeds min\(in, out\) = 2, and a PiSSA adapter's residual"):
+        load_adapter(model, tmp_path)
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], LoRALinear)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -147,3 +147,30 @@ def test_hugging_face_file_over_a_four_bit_model_loads_as_qlora(use_dora: bool, 
     method = "dora" if use_dora else "lora"
     with pytest.raises(ValueError, match=rf"'0' is a quantized Linear4bit, which method '{method}' cannot wrap; load with method='qlora'"):
         pl.load_adapter(_four_bit_model(base), tmp_path, method=method)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_file_with_a_rank_above_a_layers_features_loads_both_ways(use_dora: bool, tmp_path) -> None:
+    """Hugging Face PEFT builds and saves r = 8 on a 2-output head (``target_modules="all-linear"``
+    on a classifier): such a file loads here too, computes what PeftModel computes, and saves
+    back to a file PeftModel reads. Built directly, a layer keeps the rank bound."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 2))
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"], use_dora=use_dora)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                parameter.normal_()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = pl.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert ours[2].rank == 8 and isinstance(ours[2], pl.DoRALinear) == use_dora
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    pl.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
+        pl.inject_adapters(copy.deepcopy(base), ["2"], rank=8)

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from .adapter import base_features, is_conv1d
 from .dora import DoRALinear
-from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
+from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_above_features_allowed
 from .model import (
     METHODS,
     _adapter_layers_or_raise,
@@ -1156,10 +1156,11 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{tuple(module.lora_B.shape)} do not fit the model's layer (in_features={in_features}, "
                 f"out_features={out_features}): expected {want[0]} and {want[1]}"
             )
-        if module.rank > min(in_features, out_features):
+        if module.rank > min(in_features, out_features) and adapter.init == "pissa":
             raise ValueError(
-                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds "
-                f"min(in, out) = {min(in_features, out_features)}"
+                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds min(in, out) = "
+                f"{min(in_features, out_features)}, and a PiSSA adapter's residual takes as many "
+                "singular vectors as its rank"
             )
         bias = getattr(target, "bias", None)
         if module.bias is not None and (not isinstance(bias, Tensor) or bias.shape != module.bias.shape):
@@ -1174,7 +1175,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     # injecting freezes the targets (PiSSA rewrites their weights); a failure undoes it all
     with _undo_on_error(model, [modules[p] for p in paths], values=adapter.init == "pissa"):
         # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
             inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
         _apply(_plan_fill(model, adapter), adapter)
 

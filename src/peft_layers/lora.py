@@ -10,9 +10,11 @@ computes exactly what its base computes.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import Any
 
@@ -40,8 +42,28 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_ranks_above_features_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ranks_above_features_allowed", default=False
+)
+
+
+@contextmanager
+def ranks_above_features_allowed() -> Iterator[None]:
+    """Within the block, layers take ranks above ``min(in_features, out_features)``: for loading
+    adapter files only. Hugging Face PEFT builds and saves such ranks (a small head under
+    ``target_modules="all-linear"``), and they still compute a LoRA update (of rank at most that
+    minimum); a layer built directly keeps the bound DESIGN.md sets."""
+    token = _ranks_above_features_allowed.set(True)
+    try:
+        yield
+    finally:
+        _ranks_above_features_allowed.reset(token)
+
+
 def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
     limit = min(in_features, out_features)
+    if _ranks_above_features_allowed.get() and isinstance(rank, Integral) and not isinstance(rank, bool):
+        limit = max(limit, int(rank))
     if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 < rank <= limit:
         raise ValueError(
             f"rank: expected an int in [1, min(in_features, out_features)] = [1, {limit}], "
