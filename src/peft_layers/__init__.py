@@ -23,6 +23,7 @@ from .model import (
     unload,
     unmerge_adapters,
 )
+from .modules_to_save import ModuleToSave
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .qlora import QDoRALinear, QLoRALinear
 from .serving import MultiLoRALinear, adapter_batch, set_adapter, stack_adapters
@@ -34,6 +35,7 @@ __all__ = [
     "DoRALinear",
     "LoRALinear",
     "LoRAPlusLinear",
+    "ModuleToSave",
     "MultiLoRALinear",
     "QDoRALinear",
     "QLoRALinear",

@@ -238,7 +238,8 @@ def lora_factors(
 ) -> dict[str, tuple[Tensor, Tensor, float]]:
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
-    DoRA and PiSSA adapters, and files with trained biases, raise ``ValueError``; ``where`` names
+    DoRA and PiSSA adapters, and files with trained biases or modules to save, raise
+    ``ValueError``; ``where`` names
     the source in error messages.
 
     A Hugging Face file that targets an embedding layer (``lm_head``) also holds that layer's
@@ -259,6 +260,13 @@ def lora_factors(
             raise ValueError(
                 f"{where}: {str(source)!r} holds trained biases (bias={adapter.config.get('bias')!r}), "
                 "which replace the base's own and cannot be combined or stacked; load_adapter() it alone"
+            )
+        if adapter.saved_modules:
+            # a module trained in full replaces the model's: it belongs to one adapter, as a bias does
+            raise ValueError(
+                f"{where}: {str(source)!r} holds modules trained in full (modules_to_save: "
+                f"{sorted(adapter.saved_modules)}), which replace the model's own and cannot be combined "
+                "or stacked; load_adapter() it alone"
             )
         with_base = {path: m.base_weight for path, m in adapter.modules.items() if m.base_weight is not None}
         if base_weights is not None:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .adapter import base_features, is_conv1d
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_above_features_allowed
+from .modules_to_save import ModuleToSave
 from .model import (
     METHODS,
     _adapter_layers_or_raise,
@@ -62,6 +63,7 @@ from .model import (
     _undo_on_error,
     inject_adapters,
     iter_adapter_layers,
+    iter_modules_to_save,
     method_of,
     pattern_key,
 )
@@ -91,7 +93,7 @@ _DTYPES = {
 }
 #: LoraConfig fields that change what the adapter computes in ways we do not support
 _UNSUPPORTED_FIELDS = (
-    "lora_bias", "modules_to_save", "use_qalora", "alora_invocation_tokens",
+    "lora_bias", "use_qalora", "alora_invocation_tokens",
     "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "monteclora_config",
 )
@@ -134,6 +136,8 @@ class AdapterFile:
         modules: module path -> its :class:`ModuleAdapter`, in file order.
         other_biases: module path -> bias of a module that is not an adapter layer
             (``bias="all"``).
+        saved_modules: module path -> the state dict of a module to save (``modules_to_save``:
+            trained in full, see :class:`~peft_layers.ModuleToSave`), in file order.
         use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
         any start that leaves the base alone, or "pissa"), layer_kwargs (method-specific keyword
         arguments for the layer classes: ``epsilon``, ``lr_ratio``, ``quant``, ...).
@@ -149,6 +153,7 @@ class AdapterFile:
     bias_mode: str
     init: str
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def is_dora(self) -> bool:
@@ -266,11 +271,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ):
             raise ValueError(f"{path}: expected a dict of name -> Tensor")
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise ValueError(
-                f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point"
-            )
-        if not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
     return dict(tensors), metadata
 
@@ -427,6 +428,25 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
     )
 
 
+_ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "base_layer.bias", "base_layer.weight")
+
+
+def _saved_module_key(key: str, names: list[str]) -> tuple[str, str] | None:
+    """``"base_model.model.<p>.<k>"`` -> ``(p, k)`` when ``p`` is a module to save: the shortest
+    dotted prefix of the key that ends with one of ``names`` (the config's ``modules_to_save``,
+    matched as Hugging Face PEFT matches them: the module's name ends with the string). None for
+    adapter keys and keys of other modules."""
+    rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
+    if not names or rest is None or rest.endswith(_ADAPTER_SUFFIXES):
+        return None
+    parts = rest.split(".")
+    for end in range(1, len(parts)):
+        path = ".".join(parts[:end])
+        if any(path.endswith(name) for name in names):
+            return path, ".".join(parts[end:])
+    return None
+
+
 def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
     """Read and check an adapter saved by :func:`save_adapter` or by Hugging Face PEFT.
 
@@ -527,6 +547,9 @@ def _parse(
         raise ValueError(
             f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
         )
+    saved_names = config.get("modules_to_save") or []
+    if not isinstance(saved_names, list) or not all(isinstance(name, str) and name for name in saved_names):
+        raise ValueError(f"{cp}: modules_to_save must be a list of module names, got {saved_names!r}")
     ours, ours_path = _our_field(config, metadata, cp, weights_path)
     method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
     if method == "lora_plus":
@@ -535,13 +558,23 @@ def _parse(
     # group the tensors by module
     wp = weights_path
     grouped: dict[str, dict[str, Tensor]] = {}
+    saved_modules: dict[str, dict[str, Tensor]] = {}
     velora = config.get("velora_config") not in (None, False, {})
     for key in sorted(tensors):  # safetensors hands keys back in no fixed order
         if velora and _VELORA_KEY.search(key):
             continue
         tensor = tensors[key]
+        saved = _saved_module_key(key, saved_names)
+        if saved is not None:  # a module's own state: integer buffers (BatchNorm's count) too
+            saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
         module, kind = _split_key(key, wp)
         grouped.setdefault(module, {})[kind] = tensor
+    inside = [(p, q) for p in saved_modules for q in grouped if p == q or q.startswith(p + ".") or p.startswith(q + ".")]
+    if inside:
+        raise ValueError(f"{wp}: the module to save {inside[0][0]!r} and the adapter module {inside[0][1]!r} overlap")
     other_biases = {}
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
@@ -607,7 +640,7 @@ def _parse(
     return AdapterFile(
         directory=folder, config=config, method=method, modules=modules, other_biases=other_biases,
         use_rslora=use_rslora, dropout=float(dropout), bias_mode=_BIAS_FROM_HF[bias], init=init,
-        layer_kwargs=layer_kwargs,
+        layer_kwargs=layer_kwargs, saved_modules=saved_modules,
     )
 
 
@@ -668,8 +701,10 @@ def _bias_mode(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> str:
 
 
 def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of ``model`` that are not inside an adapter layer, under their first names."""
-    prefixes = tuple(f"{name}." for name, _ in iter_adapter_layers(model))
+    """Parameters of ``model`` that are not inside an adapter layer or a module to save, under
+    their first names."""
+    holders = [*iter_adapter_layers(model), *iter_modules_to_save(model)]
+    prefixes = tuple(f"{name}." for name, _ in holders)
     for name, parameter in model.named_parameters():
         if not name.startswith(prefixes):
             yield name, parameter
@@ -767,6 +802,10 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         for name, parameter in _plain_named_parameters(model):
             if name == "bias" or name.endswith(".bias"):
                 tensors[KEY_PREFIX + name] = parameter
+    saved = list(iter_modules_to_save(model))
+    for name, module in saved:  # the trained copy's state under the module's own name
+        for key, tensor in module.trained.state_dict(prefix=f"{KEY_PREFIX}{name}.").items():
+            tensors[key] = tensor
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
     config: dict[str, Any] = {
@@ -784,7 +823,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         "lora_alpha": alpha,
         "lora_bias": False,
         "lora_dropout": _most_common([layer.dropout for _, layer in layers]),
-        "modules_to_save": None,
+        "modules_to_save": [name for name, _ in saved] or None,
         "peft_type": "LORA",
         "r": r,
         "rank_pattern": rank_pattern,
@@ -907,6 +946,7 @@ class _FillPlan:
 
     layers: list[tuple[LoRALinear, ModuleAdapter]]
     biases: list[tuple[Tensor, Tensor]]
+    saved: list[tuple[ModuleToSave, dict[str, Tensor]]] = field(default_factory=list)
 
 
 def _is_quantized(module: nn.Module | None) -> bool:
@@ -990,6 +1030,57 @@ def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Ten
     return plan
 
 
+def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """The file's state of a module to save fits ``module``: the same keys, shapes and kinds."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the file's state of this module to save does not fit the model's "
+            f"{type(module).__name__}; missing: {missing}, unexpected: {unexpected}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape) or tensor.is_floating_point() != own[key].is_floating_point():
+            raise ValueError(
+                f"{where}: {key} is {tuple(tensor.shape)} {tensor.dtype} in the file but "
+                f"{tuple(own[key].shape)} {own[key].dtype} in the model"
+            )
+
+
+def _check_module_to_save(where: str, model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """``module`` (at ``path``) can become a module to save: it exists and is plain."""
+    if module is None or not path:
+        raise ValueError(f"{where}: the file has a module to save there, but the model has no module of that name")
+    if isinstance(module, (LoRALinear, ModuleToSave)) or _inside_adapter(model, path):
+        raise ValueError(f"{where}: a module to save in the file, but an adapter layer or inside one in the model")
+    if any(_is_quantized(inner) for inner in module.modules()):
+        raise ValueError(f"{where}: a module to save in the file, which the model holds quantized (it cannot train in full)")
+
+
+def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[ModuleToSave, dict[str, Tensor]]]:
+    """Match the file's modules to save to the model's :class:`ModuleToSave` modules, all of them."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan: dict[int, tuple[ModuleToSave, dict[str, Tensor]]] = {}
+    for path, state in adapter.saved_modules.items():
+        target = modules.get(path)
+        where = f"{adapter.directory}: module to save {path!r}"
+        if not isinstance(target, ModuleToSave):
+            found = "no module" if target is None else f"a {type(target).__name__}"
+            raise ValueError(
+                f"{where}: the model has {found} there, not a ModuleToSave; load into the model without "
+                "adapters (unload() first), which wraps the file's modules to save"
+            )
+        _check_saved_state(where, target.trained, state)
+        plan[id(target)] = (target, state)
+    missing = [name for name, module in iter_modules_to_save(model) if id(module) not in plan]
+    if missing:
+        raise ValueError(
+            f"{adapter.directory}: missing keys: the model's modules to save {missing} have no state in the file "
+            f"(it has {list(adapter.saved_modules)})"
+        )
+    return list(plan.values())
+
+
 def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
     """Match the file's modules to the model's adapter layers and check every tensor fits."""
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -1032,7 +1123,7 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
             f"{adapter.directory}: missing keys: the model's adapter layers {missing} have no tensors in the file "
             f"(it has {list(adapter.modules)})"
         )
-    return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter))
+    return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter), _plan_saved_modules(model, adapter))
 
 
 def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
@@ -1056,6 +1147,8 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
                 layer.lr_ratio = adapter.layer_kwargs["lr_ratio"]
         for bias, tensor in plan.biases:
             bias.copy_(tensor)
+    for saved, state in plan.saved:
+        saved.trained.load_state_dict(state)
 
 
 _FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
@@ -1169,11 +1262,18 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         _check_base_weight(f"{adapter.directory}: {path!r}", module, target, method)
     _plan_other_biases(model, adapter)
+    for path, state in adapter.saved_modules.items():
+        where = f"{adapter.directory}: module to save {path!r}"
+        _check_module_to_save(where, model, path, modules.get(path))
+        _check_saved_state(where, modules[path], state)
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
-    paths = set(adapter.modules)
+    paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)
+    if saved_paths:
+        kwargs["modules_to_save"] = lambda name, module: name in saved_paths
+    touched = [modules[p] for p in [*paths, *saved_paths]]
     # injecting freezes the targets (PiSSA rewrites their weights); a failure undoes it all
-    with _undo_on_error(model, [modules[p] for p in paths], values=adapter.init == "pissa"):
+    with _undo_on_error(model, touched, values=adapter.init == "pissa"):
         # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
         with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
             inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)

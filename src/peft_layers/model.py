@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .adapter import is_conv1d, is_conv1d_class
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
+from .modules_to_save import ModuleToSave
 from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
 
@@ -238,9 +239,9 @@ def _stack_class() -> type[nn.Module]:
 
 
 def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
-    """The adapter layer, or stack of served adapters, that ``name`` lies inside (as its
-    ``base_layer`` or deeper), or None."""
-    holders = (LoRALinear, _stack_class())
+    """The adapter layer, stack of served adapters or module to save that ``name`` lies inside
+    (as its ``base_layer``, ``original``/``trained`` or deeper), or None."""
+    holders = (LoRALinear, _stack_class(), ModuleToSave)
     module = model
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
@@ -318,6 +319,13 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def iter_modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
+    """Each :class:`ModuleToSave` of ``model`` once, with its first dotted name."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModuleToSave):
+            yield name, module
+
+
 def _stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Each ``MultiLoRALinear`` of ``model`` (adapters stacked for serving) once, with its name."""
     stack_class = _stack_class()
@@ -347,6 +355,7 @@ def inject_adapters(
     exclude: TargetSpec | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
+    modules_to_save: TargetSpec | None = None,
     **layer_kwargs: Any,
 ) -> nn.Module:
     """Replace the linear layers that ``targets`` names with adapter layers, in place.
@@ -369,6 +378,11 @@ def inject_adapters(
         exclude: names to leave alone, in the same forms as ``targets``.
         rank_pattern, alpha_pattern: per-layer ``rank``/``alpha``, keyed by name patterns matched
             as Hugging Face PEFT matches them (see :func:`pattern_key`); the first matching key wins.
+        modules_to_save: modules that train in full and are saved with the adapter (Hugging Face
+            PEFT's ``modules_to_save``: a new classifier head, a norm), in the forms of
+            ``targets``; each becomes a :class:`~peft_layers.ModuleToSave` holding the module
+            (frozen) and a trained copy. Any module type but quantized ones; not a target, nor
+            inside or around one.
         **layer_kwargs: passed to the layer's ``from_linear``: ``rank``, ``alpha``, ``dropout``,
             ``use_rslora``, ``init`` for every method, plus ``lr_ratio`` ("lora_plus"),
             ``epsilon`` ("dora", "qdora"), ``quant``, ``blocksize``, ``double_quant``,
@@ -417,6 +431,11 @@ def inject_adapters(
             if any(_part_matches(e, name, module) for e in exclude_parts):
                 continue
             holder = module if isinstance(module, LoRALinear) else _enclosing_adapter(model, name)
+            if isinstance(holder, ModuleToSave) or isinstance(module, ModuleToSave):
+                raise ValueError(
+                    f"targets: {name!r} is or lies inside a module to save (ModuleToSave), which trains "
+                    "in full; a module trains either through an adapter or in full, not both"
+                )
             if holder is not None:
                 raise ValueError(
                     f"targets: {name!r} already has an adapter ({type(holder).__name__}); "
@@ -442,12 +461,14 @@ def inject_adapters(
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
 
+    saved = _choose_modules_to_save(model, modules_to_save, modules, chosen) if modules_to_save is not None else []
+
     # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
     pissa = layer_kwargs.get("init") == "pissa"
     _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
-    with _undo_on_error(model, wrapped, values=pissa):
+    with _undo_on_error(model, [*wrapped, *saved], values=pissa):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
         for module_id in _progress(list(chosen), f"inject_adapters({method})"):
@@ -461,11 +482,50 @@ def inject_adapters(
             if key is not None:
                 kwargs["alpha"] = alpha_pattern[key]
             replacements.append((names, _build_layer(cls, first, modules[first], kwargs)))
-        for names, layer in replacements:
+        copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
+        for names, new in [*replacements, *copies]:
             for name in names:
-                _set_module(model, name, layer)
+                _set_module(model, name, new)
         _freeze_all_but_adapters(model, bias)
     return model
+
+
+def _choose_modules_to_save(
+    model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module], targets: dict[int, None]
+) -> list[nn.Module]:
+    """The modules ``spec`` names (``inject_adapters``' ``modules_to_save``), each once, checked:
+    every part matches; no match is or holds an adapter layer or a target, or is quantized."""
+    chosen: dict[int, nn.Module] = {}
+    for part in _spec_parts(spec, "modules_to_save"):
+        hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
+        if not hits:
+            nearest = _nearest_names(part, [n for n in modules if n and not _inside_adapter(model, n)])[:20]
+            raise ValueError(
+                f"modules_to_save: {_describe(part)} matches no module of {type(model).__name__}; "
+                f"its modules are (nearest first): {nearest}"
+            )
+        for name in hits:
+            module = modules[name]
+            inner = list(module.modules())
+            holder = _enclosing_adapter(model, name)
+            if holder is not None or isinstance(module, (LoRALinear, ModuleToSave, _stack_class())):
+                kind = type(holder if holder is not None else module).__name__
+                raise ValueError(
+                    f"modules_to_save: {name!r} is or lies inside a {kind}; a module to save is a plain "
+                    "module of the model (unload() first)"
+                )
+            if id(module) in targets or any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner):
+                raise ValueError(
+                    f"modules_to_save: {name!r} is or holds an adapter target; a module trains either "
+                    "through an adapter or in full, not both"
+                )
+            if any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in inner):
+                raise TypeError(
+                    f"modules_to_save: {name!r} is or holds a quantized layer, whose weight cannot "
+                    "train in full; target it with method 'qlora' instead"
+                )
+            chosen.setdefault(id(module), module)
+    return list(chosen.values())
 
 
 def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, pissa: bool) -> None:
@@ -549,6 +609,9 @@ def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
         for name, parameter in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 parameter.requires_grad_(True)
+    for _, saved in iter_modules_to_save(model):  # the original stays as it was, even its bias
+        saved.original.requires_grad_(False)
+        saved.trained.requires_grad_(True)
 
 
 # ---- merge / unload --------------------------------------------------------------------------
@@ -617,7 +680,8 @@ def _replace_layers(
 
 def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta`` (a
-    transformers ``Conv1D``, in its ``(in, out)`` layout, for a ``Conv1D`` base).
+    transformers ``Conv1D``, in its ``(in, out)`` layout, for a ``Conv1D`` base), and every
+    module to save (:class:`~peft_layers.ModuleToSave`) with its trained copy.
 
     The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
     is the dtype of the new weights. By default: for a dense base, its weight's dtype; for a
@@ -647,6 +711,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         return _as_conv1d(linear, source) if is_conv1d_class(source) else linear
 
     _replace_layers(model, layers, build, "merge_and_unload()")
+    _replace_layers(model, list(iter_modules_to_save(model)), _frozen_trained_copy, "merge_and_unload()")
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
@@ -660,6 +725,11 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             stacklevel=2,
         )
     return model
+
+
+def _frozen_trained_copy(saved: ModuleToSave) -> nn.Module:
+    """A module to save after ``merge_and_unload``: its trained copy, frozen like the merged layers."""
+    return saved.trained.requires_grad_(False)
 
 
 def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
@@ -678,7 +748,8 @@ def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside the block every adapter layer of ``model`` computes its base layer
-    alone (``layer.disable_adapter()`` on each), so the model is its base model, e.g. the
+    alone (``layer.disable_adapter()`` on each), and every module to save its original, so the
+    model is its base model, e.g. the
     reference policy of DPO. Merged layers are unmerged on entry and merged back on exit (a
     quantized base requantizes both ways); everything is restored on exit, also after an error.
 
@@ -690,7 +761,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         if layer.merged:
             layer._check_unmergeable()
     with contextlib.ExitStack() as stack:
-        for _, layer in layers:
+        for _, layer in [*layers, *iter_modules_to_save(model)]:
             stack.enter_context(layer.disable_adapter())
         yield model
 
@@ -714,10 +785,11 @@ def unload(model: nn.Module) -> nn.Module:
     it still holds the layer's weight (see ``QuantizedLinear.bnb_module``: not after a merge, which
     requantizes); otherwise its ``QuantizedLinear`` base. Layers stacked for serving
     (``MultiLoRALinear``, from ``stack_adapters``) give back their base layer too, with all their
-    adapters dropped.
+    adapters dropped, and modules to save their original module (its trained copy is dropped).
     """
     layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
-    if not layers:
+    saved = list(iter_modules_to_save(model))
+    if not layers and not saved:
         raise ValueError("unload(): model has no adapter layers; call inject_adapters() first")
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
@@ -731,6 +803,7 @@ def unload(model: nn.Module) -> nn.Module:
         return base if original is None else original
 
     _replace_layers(model, layers, build, "unload()")
+    _replace_layers(model, saved, lambda module: module.original, "unload()")
     return model
 
 
@@ -784,12 +857,16 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # ---- adapter state dict ----------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter entries of ``model.state_dict()``: ``"<path>.lora_A"``, ``"<path>.lora_B"``,
-    and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached."""
+    and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; and
+    the state of each module to save's trained copy (``"<path>.trained.weight"``, ...)."""
     state: dict[str, Tensor] = {}
     for name, layer in iter_adapter_layers(model):
         prefix = f"{name}." if name else ""
         for parameter_name in layer.adapter_parameter_names:
             state[prefix + parameter_name] = getattr(layer, parameter_name).detach()
+    for name, saved in iter_modules_to_save(model):
+        for key, tensor in saved.trained.state_dict(prefix=f"{name}.trained.").items():
+            state[key] = tensor
     return state
 
 
@@ -817,8 +894,9 @@ def load_adapter_state_dict(
         value = state_dict[key]
         if not isinstance(value, Tensor):
             raise TypeError(f"state_dict[{key!r}]: expected a Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise ValueError(f"state_dict[{key!r}]: expected a floating tensor, got dtype {value.dtype}")
+        if value.is_floating_point() != expected[key].is_floating_point():
+            kind = "a floating tensor" if expected[key].is_floating_point() else f"a {expected[key].dtype} tensor"
+            raise ValueError(f"state_dict[{key!r}]: expected {kind}, got dtype {value.dtype}")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(
                 f"state_dict[{key!r}]: shape {tuple(value.shape)} does not fit the model's "

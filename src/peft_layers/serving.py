@@ -30,7 +30,7 @@ from .compose import lora_factors
 from .dora import DoRALinear
 from .io import _bias_mode
 from .lora import LoRALinear, is_bitsandbytes_module
-from .model import _check_model, _module_names, _set_module, iter_adapter_layers
+from .model import _check_model, _module_names, _set_module, iter_adapter_layers, iter_modules_to_save
 from .quant import QuantizedLinear
 
 __all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]
@@ -259,6 +259,13 @@ def stack_adapters(
             "bias replaces the base's and would apply to every row of the stack. Stack the saved "
             "adapters on the plain model instead, or, if the biases were not trained, freeze them "
             "(requires_grad_(False)) first"
+        )
+    saved = [path for path, _ in iter_modules_to_save(model)]
+    if saved:
+        raise ValueError(
+            f"model: {saved} are modules to save (ModuleToSave), trained in full with the model's own "
+            "adapter; they would apply to every row of the stack. Stack the saved adapters on the "
+            "plain model instead (unload() first)"
         )
     if own_layers and DEFAULT_ADAPTER in names:
         raise ValueError(f"adapters: the name {DEFAULT_ADAPTER!r} is taken by the model's own LoRA adapter")

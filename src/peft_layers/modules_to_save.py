@@ -1,0 +1,69 @@
+"""Modules trained in full beside the adapters: Hugging Face PEFT's ``modules_to_save``.
+
+A classifier head that fine-tuning creates, or a norm that must adapt, has no pretrained values
+worth keeping low-rank: it trains in full and is saved with the adapter. ``ModuleToSave`` keeps
+the model's module as it was (``original``, frozen) and trains a copy (``trained``), so that
+``unload`` and ``disable_adapters`` can give the base model back.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+
+class ModuleToSave(nn.Module):
+    """A module that trains in full beside the adapters and is saved with them.
+
+    Holds ``original``, the model's module, frozen and never written, and ``trained``, a deep copy
+    of it whose parameters train. ``forward`` is ``trained``'s, or ``original``'s while disabled
+    (:meth:`disable_adapter`, :func:`peft_layers.disable_adapters`). Attributes that are not its
+    own (``weight``, ``out_features``, ...) are read from the active module, so model code that
+    reads them keeps working.
+
+    In a file (Hugging Face PEFT's layout) the trained copy's state is saved under the module's own
+    name (``base_model.model.<name>.weight``) and the config lists ``modules_to_save``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original = module
+        self.trained = copy.deepcopy(module)
+        self.original.requires_grad_(False)
+        self.trained.requires_grad_(True)
+        self.enabled = True
+
+    @property
+    def active(self) -> nn.Module:
+        """``trained``, or ``original`` while disabled."""
+        return self.trained if self.enabled else self.original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active module's forward."""
+        return self.active(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: ``original`` computes inside the block."""
+        enabled = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if not modules or "trained" not in modules:  # during construction or a copy
+                raise
+            return getattr(modules["trained"] if self.__dict__.get("enabled", True) else modules["original"], name)
+
+    def extra_repr(self) -> str:
+        return f"enabled={self.enabled}"

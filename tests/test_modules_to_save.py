@@ -1,0 +1,227 @@
+"""Modules trained in full beside the adapters (``modules_to_save``): against Hugging Face PEFT's
+``ModulesToSaveWrapper`` (files both ways, training trajectories), and the model tools around them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import peft_layers as pl
+from peft_layers.quant import QuantizedLinear
+
+peft = pytest.importorskip("peft")
+
+
+class Classifier(nn.Module):
+    """A body with a LoRA target, then a batch norm (an integer buffer), a norm and a new head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(12, 16)
+        self.norm = nn.LayerNorm(16)
+        self.batch_norm = nn.BatchNorm1d(16)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(self.batch_norm(torch.tanh(self.body(x)))))
+
+
+SAVED = ["norm", "batch_norm", "classifier"]
+
+
+def _base() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier()
+
+
+def _train(model: nn.Module, steps: int = 8) -> list[float]:
+    """AdamW on cross-entropy over one batch, in training mode (the batch norm's statistics move
+    too)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 12, generator=generator)
+    labels = torch.randint(0, 3, (16,), generator=generator)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _hf_model(base: nn.Module) -> nn.Module:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["body"], modules_to_save=SAVED)
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def _ours(base: nn.Module) -> nn.Module:
+    return pl.inject_adapters(copy.deepcopy(base), ["body"], rank=4, alpha=8.0, modules_to_save=SAVED)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_training_follows_hugging_face_peft_and_files_load_both_ways(tmp_path: Path) -> None:
+    base = _base()
+    ours, theirs = _ours(base), _hf_model(base)
+    with torch.no_grad():  # the same start: their A is drawn from another RNG state
+        theirs.base_model.model.body.lora_A["default"].weight.copy_(ours.body.lora_A)
+    assert pl.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    ours_losses, theirs_losses = _train(ours), _train(theirs)
+    assert ours_losses[-1] < 0.8 * ours_losses[0]
+    torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(theirs_losses), rtol=1e-5, atol=1e-6)
+    x = torch.randn(6, 12)
+    expected = _outputs(theirs, x)
+    torch.testing.assert_close(_outputs(ours, x), expected, rtol=1e-5, atol=1e-6)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = pl.load_adapter(_base(), tmp_path / "theirs")
+    assert [name for name, _ in pl.model.iter_modules_to_save(loaded)] == SAVED
+    torch.testing.assert_close(_outputs(loaded, x), expected, rtol=1e-5, atol=1e-6)
+
+    pl.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == SAVED
+    back = peft.PeftModel.from_pretrained(_base(), tmp_path / "ours")
+    torch.testing.assert_close(_outputs(back, x), expected, rtol=1e-5, atol=1e-6)
+    # and into a model that already has the same adapters: the file fills them
+    filled = pl.load_adapter(_ours(_base()), tmp_path / "ours")
+    torch.testing.assert_close(_outputs(filled, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sequence_classification_file_of_hugging_face_peft_loads(tmp_path: Path) -> None:
+    """``task_type="SEQ_CLS"`` adds ``["classifier", "score"]`` to ``modules_to_save``; the model
+    has one of them."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config).eval()
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), lora)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = pl.load_adapter(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-6)
+    assert isinstance(ours.classifier, pl.ModuleToSave)
+    assert ours.classifier.out_features == 3  # attributes read through to the trained copy
+
+
+def test_the_model_tools_treat_the_original_and_the_copy_as_base_and_adapter() -> None:
+    base = _base()
+    model = _ours(base)
+    head = model.classifier
+    assert isinstance(head, pl.ModuleToSave) and head.original is not base.classifier
+    original = head.original
+    assert all(not p.requires_grad for p in original.parameters())
+    assert all(p.requires_grad for p in head.trained.parameters())
+    assert head.weight is head.trained.weight  # model code reading the weight sees the trained one
+    _train(model, steps=3)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert not torch.equal(head.trained.weight, original.weight)
+        trained_out = _outputs(model, x)
+        with pl.disable_adapters(model):
+            torch.testing.assert_close(model(x), _outputs(base, x), rtol=0, atol=0)
+            assert head.weight is original.weight
+        torch.testing.assert_close(model(x), trained_out, rtol=0, atol=0)
+
+    state = pl.adapter_state_dict(model)
+    assert {"classifier.trained.weight", "batch_norm.trained.num_batches_tracked"} <= set(state)
+    fresh = _ours(base)
+    pl.load_adapter_state_dict(fresh, state)
+    torch.testing.assert_close(_outputs(fresh, x), trained_out, rtol=0, atol=0)
+
+    merged = pl.merge_and_unload(copy.deepcopy(model))
+    assert type(merged.classifier) is nn.Linear and not merged.classifier.weight.requires_grad
+    torch.testing.assert_close(_outputs(merged, x), trained_out, rtol=1e-5, atol=1e-6)
+    unloaded = pl.unload(model)
+    assert unloaded.classifier is original
+    torch.testing.assert_close(_outputs(unloaded, x), _outputs(base, x), rtol=0, atol=0)
+
+
+def test_bias_all_leaves_the_original_frozen() -> None:
+    model = pl.inject_adapters(_base(), ["body"], rank=2, bias="all", modules_to_save=["classifier"])
+    assert not model.classifier.original.bias.requires_grad
+    assert model.classifier.trained.bias.requires_grad and model.norm.bias.requires_grad
+    groups = pl.loraplus_param_groups(model, lr=1e-3)
+    grouped = {id(p) for group in groups for p in group["params"]}
+    assert {id(p) for p in model.classifier.trained.parameters()} <= grouped
+
+
+@pytest.mark.parametrize(
+    ("targets", "saved", "error", "message"),
+    [
+        (["body"], ["head"], ValueError, r"modules_to_save: 'head' matches no module of Classifier; its modules are"),
+        (["body"], ["body"], ValueError, r"modules_to_save: 'body' is or holds an adapter target"),
+        (["classifier"], ["classifier"], ValueError, r"'classifier' is or holds an adapter target"),
+    ],
+)
+def test_bad_modules_to_save_are_refused_and_the_model_stays(targets, saved, error, message) -> None:
+    model = _base()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        pl.inject_adapters(model, targets, rank=2, modules_to_save=saved)
+    assert type(model.body) is nn.Linear and type(model.classifier) is nn.Linear
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_modules_around_adapters_and_quantized_ones_are_refused() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match=r"modules_to_save: '0' is or holds an adapter target"):
+        pl.inject_adapters(model, ["0.0"], rank=2, modules_to_save=["0"])
+    quantized = nn.Sequential(nn.Linear(8, 8), QuantizedLinear.from_linear(nn.Linear(8, 4)))
+    with pytest.raises(TypeError, match=r"modules_to_save: '1' is or holds a quantized layer"):
+        pl.inject_adapters(quantized, ["0"], rank=2, modules_to_save=["1"])
+    saved = pl.inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), ["0"], rank=2, modules_to_save=["1"])
+    with pytest.raises(ValueError, match=r"targets: '1.trained' is or lies inside a module to save"):
+        pl.inject_adapters(saved, ["1.trained"], rank=2)
+
+
+def test_files_that_do_not_fit_are_refused_and_the_model_stays(tmp_path: Path) -> None:
+    pl.save_adapter(_ours(_base()), tmp_path)
+    other = nn.Sequential()
+    other.body, other.norm, other.batch_norm = nn.Linear(12, 16), nn.LayerNorm(16), nn.BatchNorm1d(16)
+    other.classifier = nn.Linear(16, 5)  # another number of labels
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"module to save 'classifier'.*bias is \(3,\) torch.float32 in the file but \(5,\)"):
+        pl.load_adapter(other, tmp_path)
+    assert type(other.body) is nn.Linear and type(other.classifier) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    del other.classifier
+    with pytest.raises(ValueError, match=r"module to save 'classifier'.*the model has no module of that name"):
+        pl.load_adapter(other, tmp_path)
+    plain_adapters = pl.inject_adapters(_base(), ["body"], rank=4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"module to save 'batch_norm': the model has a BatchNorm1d there, not a ModuleToSave; load into the model without adapters"):
+        pl.load_adapter(plain_adapters, tmp_path)
+
+
+def test_stacking_and_combining_refuse_modules_to_save(tmp_path: Path) -> None:
+    pl.save_adapter(_ours(_base()), tmp_path)
+    with pytest.raises(ValueError, match=r"holds modules trained in full \(modules_to_save: \['batch_norm', 'classifier', 'norm'\]\)"):
+        pl.stack_adapters(_base(), {"a": tmp_path})
+    with pytest.raises(ValueError, match=r"holds modules trained in full"):
+        pl.compose.combine_adapters([tmp_path, tmp_path], [0.5, 0.5])
+    plain = pl.save_adapter(pl.inject_adapters(_base(), ["body"], rank=2), tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"model: \['norm', 'batch_norm', 'classifier'\] are modules to save"):
+        pl.stack_adapters(_ours(_base()), {"a": plain})
