@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -754,3 +755,24 @@ def test_hooks_on_the_base_layer_are_named_as_skipped(cls):
         layer.merge()
         torch.testing.assert_close(layer(x), y.detach(), rtol=2e-2 if cls is pl.QDoRALinear else 1e-5, atol=2e-2)
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("cls", [pl.DoRALinear, pl.QDoRALinear])
+def test_a_layer_with_filled_caches_pickles_and_its_copy_recomputes(cls):
+    """The cache keys hold weak references, which do not pickle: a pickled (or deep-copied) layer
+    gets keys that match nothing, so its copy recomputes its norms from its own tensors."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(12, 10), rank=2)
+    randomize_adapter(layer)
+    x = _x((5,))
+    for grad in (True, False):  # fill both caches
+        with torch.set_grad_enabled(grad):
+            layer(x)
+    for copy_of in (lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy):
+        twin = copy_of(layer)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), layer(x), rtol=1e-6, atol=1e-6)
+            twin.magnitude.mul_(2.0)  # y - b doubles with m
+            torch.testing.assert_close(twin(x) - twin.bias, 2 * (layer(x) - layer.bias), rtol=1e-4, atol=1e-4)

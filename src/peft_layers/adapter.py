@@ -88,15 +88,26 @@ class SameObject:
     __slots__ = ("_ref",)
 
     def __init__(self, obj: object) -> None:
-        self._ref = weakref.ref(obj)
+        self._ref: weakref.ref | None = weakref.ref(obj)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SameObject):
             return NotImplemented
-        obj = self._ref()
-        return obj is not None and obj is other._ref()
+        obj = self._ref() if self._ref is not None else None
+        return obj is not None and other._ref is not None and obj is other._ref()
 
     __hash__ = None  # type: ignore[assignment]  # equality changes when the object dies
+
+    def __reduce__(self) -> tuple:
+        # a pickled or deep-copied cache belongs to other tensors: its keys must never match
+        return (_unmatched, ())
+
+
+def _unmatched() -> SameObject:
+    """A :class:`SameObject` equal to nothing (what a pickled or copied one becomes)."""
+    key = SameObject.__new__(SameObject)
+    key._ref = None
+    return key
 
 
 def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
