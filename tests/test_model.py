@@ -840,3 +840,41 @@ def test_meta_device_recipe_gives_a_model_equal_to_its_base(method: str) -> None
         torch.testing.assert_close(layer.magnitude, base.q_proj.weight.norm(dim=1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_merged_layer_refuses_to_reset(method: str) -> None:
+    """``reset_parameters()`` is torch.nn's generic hook now: on a merged layer it would leave the
+    merged update in W0 for good, so it refuses before touching anything."""
+    torch.manual_seed(0)
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(8, 6)), ["0"], method=method, rank=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"cannot re-initialise a merged layer \(the merged update would stay in W0\); unmerge\(\) first"):
+        layer.reset_parameters()
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-6, atol=1e-6)
+
+
+def test_meta_models_refuse_pissa_and_adapter_loads(tmp_path) -> None:
+    """A meta weight has no singular vectors to split, and copying a file into meta tensors keeps
+    nothing: both raise, the second leaving the model as it was."""
+    with torch.device("meta"):
+        model = _TwoLinears()
+    with pytest.raises(ValueError, match=r"module 'q_proj': init: 'pissa' splits the singular vectors of W0, which a weight on the meta device"):
+        pl.inject_adapters(model, ["q_proj"], rank=2, init="pissa")
+    pl.save_adapter(pl.inject_adapters(_TwoLinears(), ["q_proj"], rank=2), tmp_path)
+    with pytest.raises(ValueError, match=r"'q_proj' is on the meta device, which holds no values, so the file's tensors would be dropped"):
+        pl.load_adapter(model, tmp_path)
+    assert type(model.q_proj) is nn.Linear
+    with pytest.warns(UserWarning, match="meta device"):
+        pl.inject_adapters(model, ["q_proj"], rank=2)
+    with pytest.raises(ValueError, match=r"the layer is on the meta device"):
+        pl.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match=r"load_adapter_state_dict\(\): \['q_proj.lora_A', 'q_proj.lora_B'\] are on the meta device"):
+        pl.load_adapter_state_dict(model, {"q_proj.lora_A": torch.zeros(2, 32), "q_proj.lora_B": torch.zeros(32, 2)})

@@ -489,5 +489,5 @@ def _float_linear(weight: torch.Tensor) -> nn.Linear:
 
 def test_pissa_over_a_quantized_base_warns_that_it_requantizes():
     base = QuantizedLinear.from_linear(nn.Linear(64, 32))
-    with pytest.warns(UserWarning, match=r"^init='pissa': the base of this QLoRALinear is already quantized \(nf4\), so the PiSSA residual"):
+    with pytest.warns(UserWarning, match=r"^init='pissa': the base of this QLoRALinear is quantized \(nf4\), so the PiSSA residual"):
         QLoRALinear.from_linear(base, rank=4, init="pissa")

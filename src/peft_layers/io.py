@@ -974,8 +974,16 @@ def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, metho
         )
 
 
+_META_REFUSAL = (
+    "is on the meta device, which holds no values, so the file's tensors would be dropped; "
+    "materialise the model first (to_empty(), then load its weights), then load the adapter"
+)
+
+
 def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
     where = f"{adapter.directory}: {path!r}"
+    if layer.lora_A.is_meta:
+        raise ValueError(f"{where}: the layer {_META_REFUSAL}")
     if layer.merged:
         raise ValueError(f"{where}: the layer is merged; unmerge() it before loading adapter weights into it")
     is_dora_layer = isinstance(layer, DoRALinear)
@@ -1064,6 +1072,8 @@ def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[Mo
     for path, state in adapter.saved_modules.items():
         target = modules.get(path)
         where = f"{adapter.directory}: module to save {path!r}"
+        if isinstance(target, ModuleToSave) and any(t.is_meta for t in target.trained.state_dict().values()):
+            raise ValueError(f"{where}: it {_META_REFUSAL}")
         if not isinstance(target, ModuleToSave):
             found = "no module" if target is None else f"a {type(target).__name__}"
             raise ValueError(
@@ -1223,6 +1233,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module "
                 "of that name"
             )
+        if any(tensor.is_meta for tensor in [*target.parameters(), *target.buffers()]):
+            raise ValueError(f"{adapter.directory}: {path!r} {_META_REFUSAL}")
         if _is_quantized(target) and method not in ("qlora", "qdora"):
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
@@ -1266,6 +1278,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         where = f"{adapter.directory}: module to save {path!r}"
         _check_module_to_save(where, model, path, modules.get(path))
         _check_saved_state(where, modules[path], state)
+        if any(tensor.is_meta for tensor in modules[path].state_dict().values()):
+            raise ValueError(f"{where}: it {_META_REFUSAL}")
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
     paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)

@@ -331,6 +331,11 @@ class LoRALinear(AdapterMixin, nn.Module):
         self.init = init
         self.lora_dropout = nn.Dropout(float(dropout))
         device = _module_device(base_layer)
+        if device.type == "meta" and init == "pissa":
+            raise ValueError(
+                "init: 'pissa' splits the singular vectors of W0, which a weight on the meta device does "
+                "not have; inject after the base weights are loaded"
+            )
         self._create_adapter_parameters(device, adapter_dtype_for(self.compute_dtype))
         self.reset_adapter_parameters()
         if device.type == "meta":
@@ -341,7 +346,7 @@ class LoRALinear(AdapterMixin, nn.Module):
             f"{type(self).__name__}: the base layer is on the meta device, so the adapter holds no "
             f"values yet; after to_empty(), call reset_parameters() on the adapter layers"
             f"{self._meta_note} (torch.nn's meta-device recipe calls it on every module), or load "
-            "the adapter's state",
+            "an adapter into them",
             UserWarning,
             stacklevel=4,
         )
@@ -376,7 +381,13 @@ class LoRALinear(AdapterMixin, nn.Module):
         """Re-initialise the adapter as ``init`` says. The base is touched only by PiSSA, which
         restarts from the layer's current weight ``W0 + s B A``: the top-``r`` singular part of it
         goes to ``s B A`` and the rest to ``W0``, so the LoRA function is kept (a DoRA layer's
-        magnitude is reset to the new norms)."""
+        magnitude is reset to the new norms). A merged layer raises ``ValueError`` (its merge
+        would stay in ``W0``)."""
+        if self.merged:
+            raise ValueError(
+                f"{type(self).__name__}: cannot re-initialise a merged layer (the merged update would "
+                "stay in W0); unmerge() first"
+            )
         with torch.no_grad(), autocast_off(self.lora_A.device.type):
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -390,8 +401,6 @@ class LoRALinear(AdapterMixin, nn.Module):
     def _init_pissa(self) -> None:
         # PiSSA (Meng et al., 2024): W = U S V^T; s B A = U_r S_r V_r^T; W0 <- W - s B A, where
         # W = W0 + s B A is the current weight (W0 itself at construction, where B = A = 0)
-        if self.merged:
-            raise ValueError("init='pissa': cannot re-initialise a merged layer; unmerge() first")
         weight = self._read_base_weight()
         self._add_lora_product_(weight, self.scaling)
         u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)

@@ -905,6 +905,12 @@ def load_adapter_state_dict(
     merged = [name for name, layer in iter_adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"load_adapter_state_dict(): unmerge these layers first: {merged}")
+    meta = sorted(key for key in set(expected) & set(state_dict) if expected[key].is_meta)
+    if meta:
+        raise ValueError(
+            f"load_adapter_state_dict(): {meta[:5]} are on the meta device, which holds no values, so "
+            "the state would be dropped; materialise the model first (to_empty(), then load its weights)"
+        )
     with torch.no_grad():
         for key in sorted(set(expected) & set(state_dict)):
             expected[key].copy_(state_dict[key])

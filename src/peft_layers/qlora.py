@@ -200,10 +200,10 @@ class QLoRALinear(LoRALinear):
     def _init_pissa(self) -> None:
         super()._init_pissa()  # decodes, splits, requantizes the residual
         warnings.warn(
-            f"init='pissa': the base of this {type(self).__name__} is already quantized "
+            f"init='pissa': the base of this {type(self).__name__} is quantized "
             f"({self.base_layer.scheme}), so the PiSSA residual of its decoded weight is requantized "
-            "and the layer starts up to that rounding away from its base; from_linear() of the float "
-            "nn.Linear splits before quantizing (QPiSSA) and stays closer to W0",
+            "and the layer moves up to that rounding away from what it computed (from_linear() of a "
+            "float nn.Linear splits before quantizing, QPiSSA, and stays closer to W0)",
             UserWarning,
             stacklevel=3,
         )
