@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -603,3 +604,35 @@ def test_a_hook_recomputing_the_base_weight_is_followed_in_training():
                    1e-5, what="training forward over a weight-normed base")
     with torch.no_grad():
         assert_close64(layer(x), y.detach(), 1e-6, what="no-grad forward over a weight-normed base")
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_a_computed_base_weight_refuses_writes_and_to_linear_merges(cls, kind):
+    """A parametrized or hook-normed base recomputes ``weight`` on every forward, so a merge (or a
+    PiSSA residual) written into it would be lost: refused; ``to_linear`` gives the merged copy."""
+    def computed() -> nn.Linear:
+        torch.manual_seed(0)
+        linear = nn.Linear(12, 10)
+        if kind == "parametrization":
+            return torch.nn.utils.parametrizations.weight_norm(linear)
+        with pytest.warns(FutureWarning):
+            return torch.nn.utils.weight_norm(linear)
+
+    model = nn.Sequential(cls.from_linear(computed(), rank=3))
+    layer = model[0]
+    randomize_adapter(layer)
+    x = _x((5,))
+    with torch.no_grad():
+        expected = layer(x)
+    message = r"base_layer.weight is computed \(a parametrization, or a hook-based weight_norm or pruning\)"
+    with pytest.raises(ValueError, match=r"^merge\(\): " + message):
+        layer.merge()
+    with pytest.raises(ValueError, match=r"^merge_adapters\(\): " + message):
+        pl.merge_adapters(model)
+    assert not layer.merged
+    with pytest.raises(ValueError, match=message):
+        cls.from_linear(computed(), rank=3, init="pissa")
+    with torch.no_grad():
+        torch.testing.assert_close(layer.to_linear()(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)

@@ -765,3 +765,13 @@ def test_dequantize_rejects_a_non_float_dtype():
     layer = QuantizedLinear.from_linear(_linear(40, 128), "nf4")
     with pytest.raises(TypeError, match="dtype"):
         layer.dequantize(torch.int8)
+
+
+def test_hooks_on_a_wrapped_bitsandbytes_module_are_named_as_not_running():
+    module, _ = _linear4bit("nf4", True)
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match=r"from_bnb\(\): the Linear4bit has hooks of its own, which will not run"):
+        layer = QuantizedLinear.from_bnb(module)
+    layer(torch.randn(2, 128))
+    assert calls == []

@@ -240,6 +240,17 @@ class AdapterMixin:
         weight = self._compute_weight().detach()
         return weight.to(dtype or weight.dtype, memory_format=torch.contiguous_format, copy=True)
 
+    def _check_base_writable(self, call: str) -> None:
+        """Raise ``ValueError`` if ``call`` could not write a weight into the base: its ``weight``
+        is computed on every forward (a parametrization, or a hook-based ``weight_norm`` or
+        pruning), so a write would be lost."""
+        if "weight" not in self.base_layer._parameters:
+            raise ValueError(
+                f"{call}: base_layer.weight is computed (a parametrization, or a hook-based weight_norm "
+                "or pruning), so the new weight cannot be written into it; to_linear() and "
+                "merge_and_unload() give a merged copy instead"
+            )
+
     def _write_base_weight(self, weight: Tensor) -> None:
         with torch.no_grad():
             self.base_layer.weight.copy_(weight.t() if self.fan_in_fan_out else weight)
@@ -280,6 +291,7 @@ class AdapterMixin:
             raise ValueError(
                 f"merge(): the adapter of this {type(self).__name__} is disabled; enable it first"
             )
+        self._check_base_writable("merge()")
         with torch.no_grad():
             weight = self._read_base_weight()
             self._merge_weight_(weight)
@@ -294,6 +306,7 @@ class AdapterMixin:
         if not self.merged:
             raise ValueError(f"unmerge(): {type(self).__name__} is not merged; nothing to unmerge")
         self._check_unmergeable()
+        self._check_base_writable("unmerge()")
         with torch.no_grad():
             weight = self._read_base_weight()
             self._unmerge_weight_(weight)

@@ -401,6 +401,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def _init_pissa(self) -> None:
         # PiSSA (Meng et al., 2024): W = U S V^T; s B A = U_r S_r V_r^T; W0 <- W - s B A, where
         # W = W0 + s B A is the current weight (W0 itself at construction, where B = A = 0)
+        self._check_base_writable("init='pissa'")
         weight = self._read_base_weight()
         self._add_lora_product_(weight, self.scaling)
         u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)

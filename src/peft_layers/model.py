@@ -624,6 +624,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
     if bad:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
+    for _, layer in layers:  # every refusal before the first change
+        layer._check_base_writable("merge_adapters()")
     with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
         for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
             layer.merge()
@@ -641,6 +643,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError("unmerge_adapters(): no adapter layer is merged")
     for layer in merged:  # every refusal before the first change
         layer._check_unmergeable()
+        layer._check_base_writable("unmerge_adapters()")
     with _one_requantize_warning(merged, "unmerge_adapters()"):
         for layer in _progress(merged, "unmerge_adapters()"):
             layer.unmerge()
