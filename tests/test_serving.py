@@ -461,3 +461,23 @@ def test_a_hook_on_a_stacks_base_sees_the_base_output() -> None:
         out = stack(x)
     torch.testing.assert_close(seen[0].double(), x.double() @ base.weight.double().t() + base.bias.double())
     assert not torch.equal(out, seen[0])
+
+
+def test_a_stack_over_a_bitsandbytes_base_serves_under_autocast() -> None:
+    """The bitsandbytes layer answers in float32 under bfloat16 autocast: the in-place update is
+    computed in the output's dtype (autocast would have made ``x A^T`` bfloat16)."""
+    from models import bnb_linear4bit
+
+    torch.manual_seed(0)
+    base = bnb_linear4bit(nn.Linear(64, 32))
+    stack = pl.MultiLoRALinear(base)
+    lora_A, lora_B = torch.randn(2, 64), torch.randn(32, 2)
+    stack.add_adapter("a", lora_A, lora_B, 0.5)
+    stack.active_adapter = "a"
+    x = torch.randn(3, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base_out = base(x)
+        out = stack(x)
+    expected = base_out.double() + 0.5 * (x.double() @ lora_A.double().t()) @ lora_B.double().t()
+    assert out.dtype == base_out.dtype
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

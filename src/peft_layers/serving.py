@@ -25,7 +25,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from .adapter import autocast_enabled, base_features, has_hooks, is_conv1d
+from .adapter import autocast_enabled, autocast_off, base_features, has_hooks, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
 from .io import _bias_mode
@@ -114,7 +114,10 @@ class MultiLoRALinear(nn.Module):
         """``out += s (x A^T) B^T`` in place, in ``out``'s dtype, the scaling inside the GEMM."""
         lora_A, lora_B = self.lora_A[name].to(out.dtype), self.lora_B[name].to(out.dtype)
         x2d = x.reshape(-1, self.in_features).to(out.dtype)
-        out.view(-1, self.out_features).addmm_(x2d @ lora_A.t(), lora_B.t(), alpha=self.scaling[name])
+        # in out's dtype even under autocast, which would make x A^T its own dtype, and whose
+        # casts the in-place addmm_ does not get
+        with autocast_off(x.device.type):
+            out.view(-1, self.out_features).addmm_(x2d @ lora_A.t(), lora_B.t(), alpha=self.scaling[name])
 
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in_features) -> (*, out_features)``; with a per-row choice, ``x`` is
