@@ -878,3 +878,18 @@ def test_meta_models_refuse_pissa_and_adapter_loads(tmp_path) -> None:
         pl.load_adapter(model, tmp_path)
     with pytest.raises(ValueError, match=r"load_adapter_state_dict\(\): \['q_proj.lora_A', 'q_proj.lora_B'\] are on the meta device"):
         pl.load_adapter_state_dict(model, {"q_proj.lora_A": torch.zeros(2, 32), "q_proj.lora_B": torch.zeros(32, 2)})
+
+
+def test_tied_weights_warnings_say_what_happens() -> None:
+    """A module to save tied to the embedding warns that its copy unties them; QLoRA on a tied
+    head quantizes a copy, so no warning says the embedding changes (even with PiSSA)."""
+    model = tiny_model()
+    with pytest.warns(UserWarning, match=r"\{'lm_head': \['embed.weight'\]\} share their weights with modules to save"):
+        pl.inject_adapters(model, ["q_proj"], rank=2, modules_to_save=["lm_head"])
+    assert model.embed.weight is model.lm_head.original.weight
+    model = tiny_model()
+    embedding = model.embed.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pl.inject_adapters(model, ["lm_head"], method="qlora", rank=2, init="pissa")
+    assert torch.equal(model.embed.weight, embedding)

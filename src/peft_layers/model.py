@@ -467,7 +467,9 @@ def inject_adapters(
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
     pissa = layer_kwargs.get("init") == "pissa"
-    _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
+    if method not in ("qlora", "qdora"):  # those quantize a copy: the holders stay apart
+        _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
+    _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
     with _undo_on_error(model, [*wrapped, *saved], values=pissa):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
@@ -528,20 +530,43 @@ def _choose_modules_to_save(
     return list(chosen.values())
 
 
-def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, pissa: bool) -> None:
-    """Warn for targets whose weight other modules share (a head tied to the embedding), and, for
-    PiSSA, that its residual changes the other holders' weight at once (as in Hugging Face PEFT,
-    whose PiSSA files of tied heads hold that residual)."""
+def _tied(
+    model: nn.Module, modules: list[tuple[list[str], nn.Module]], *, weight_only: bool
+) -> dict[str, list[str]]:
+    """First name of each of ``modules`` whose weight (``weight_only``) or any parameter other
+    modules share -> the names those holders give it (a head tied to the embedding)."""
     holders: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(name)
     tied = {}
-    for names, module in targets:
-        weight = getattr(module, "weight", None)
+    for names, module in modules:
         own = tuple(f"{name}." for name in names)
-        others = [n for n in holders.get(id(weight), []) if not n.startswith(own)]
+        shared = [getattr(module, "weight", None)] if weight_only else list(module.parameters())
+        others = [n for p in shared for n in holders.get(id(p), []) if not n.startswith(own)]
         if others:
             tied[names[0]] = others
+    return tied
+
+
+def _warn_tied_saved(model: nn.Module, saved: list[tuple[list[str], nn.Module]]) -> None:
+    tied = _tied(model, saved, weight_only=False)
+    if tied:
+        warnings.warn(
+            f"inject_adapters(): {tied} share their weights with modules to save (tied weights): "
+            "the trained copy unties them (the other holders keep the original weight, as in "
+            "Hugging Face PEFT), and transformers' save_pretrained() of the model cannot save the "
+            "shared original under its new name; save the adapter with save_adapter(), or "
+            "merge_and_unload() first",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, pissa: bool) -> None:
+    """Warn for targets whose weight other modules share (a head tied to the embedding), and, for
+    PiSSA, that its residual changes the other holders' weight at once (as in Hugging Face PEFT,
+    whose PiSSA files of tied heads hold that residual)."""
+    tied = _tied(model, targets, weight_only=True)
     if tied:
         pissa_note = (
             "init='pissa' writes the residual W0 - s B A into the shared weight, so the other "
