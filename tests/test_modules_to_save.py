@@ -225,3 +225,59 @@ def test_stacking_and_combining_refuse_modules_to_save(tmp_path: Path) -> None:
     plain = pl.save_adapter(pl.inject_adapters(_base(), ["body"], rank=2), tmp_path / "plain")
     with pytest.raises(ValueError, match=r"model: \['norm', 'batch_norm', 'classifier'\] are modules to save"):
         pl.stack_adapters(_ours(_base()), {"a": plain})
+
+
+def test_a_hugging_face_file_with_bias_all_loads(tmp_path: Path) -> None:
+    """Hugging Face PEFT's ``bias="all"`` also writes the biases inside its wrapper
+    (``<m>.original_module.bias``, ``<m>.modules_to_save.bias``): they are not module state."""
+    base = _base()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["body"], modules_to_save=SAVED, bias="all")
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = pl.load_adapter(_base(), tmp_path)
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(_outputs(ours, x), _outputs(theirs, x), rtol=1e-5, atol=1e-6)
+
+
+class _PreClassifier(nn.Module):
+    """DistilBERT's head names: ``pre_classifier`` ends with ``classifier``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(12, 16)
+        self.pre_classifier = nn.Linear(16, 16)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.pre_classifier(self.body(x))))
+
+
+def test_names_that_hugging_face_would_widen_are_saved_exactly(tmp_path: Path) -> None:
+    """Hugging Face PEFT takes every module whose name ends with a ``modules_to_save`` entry:
+    ``classifier`` would take ``pre_classifier`` too. Saving says so, and records the exact names
+    for our loader, which then loads the file back (``pre_classifier``'s trained bias included)."""
+    torch.manual_seed(0)
+    model = pl.inject_adapters(_PreClassifier(), ["body"], rank=2, bias="all", modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.pre_classifier.bias.add_(1.0)
+        model.classifier.trained.weight.add_(1.0)
+    with pytest.warns(UserWarning, match=r"would also wrap \{'classifier': \['pre_classifier'\]\}"):
+        pl.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    loaded = pl.load_adapter(_PreClassifier(), tmp_path)
+    assert type(loaded.pre_classifier) is nn.Linear and isinstance(loaded.classifier, pl.ModuleToSave)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
+
+
+def test_a_shared_module_to_save_warns_where_hugging_face_wraps_one_name(tmp_path: Path) -> None:
+    base = _base()
+    base.tail = base.classifier  # a second name for the head, in another slot
+    model = pl.inject_adapters(base, ["body"], rank=2, modules_to_save=["classifier"])
+    assert model.tail is model.classifier
+    with pytest.warns(UserWarning, match=r"\['classifier', 'tail'\] name one shared module"):
+        pl.save_adapter(model, tmp_path)

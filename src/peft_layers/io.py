@@ -431,20 +431,26 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
 _ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "base_layer.bias", "base_layer.weight")
 
 
-def _saved_module_key(key: str, names: list[str]) -> tuple[str, str] | None:
+def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, str] | None:
     """``"base_model.model.<p>.<k>"`` -> ``(p, k)`` when ``p`` is a module to save: the shortest
-    dotted prefix of the key that ends with one of ``names`` (the config's ``modules_to_save``,
-    matched as Hugging Face PEFT matches them: the module's name ends with the string). None for
-    adapter keys and keys of other modules."""
+    dotted prefix of the key that is one of ``names`` (``exact``: the full names our field
+    records) or ends with one (the config's ``modules_to_save``, matched as Hugging Face PEFT
+    matches them: the module's name ends with the string). None for adapter keys and keys of
+    other modules."""
     rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
     if not names or rest is None or rest.endswith(_ADAPTER_SUFFIXES):
         return None
     parts = rest.split(".")
     for end in range(1, len(parts)):
         path = ".".join(parts[:end])
-        if any(path.endswith(name) for name in names):
+        if path in names if exact else any(path.endswith(name) for name in names):
             return path, ".".join(parts[end:])
     return None
+
+
+#: keys that Hugging Face PEFT's bias="all" writes from inside its modules-to-save wrapper: its
+#: original module's bias and a second copy of the trained one (the module's own key has it)
+_HF_WRAPPER_KEYS = ("original_module.", "modules_to_save.")
 
 
 def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
@@ -547,11 +553,15 @@ def _parse(
         raise ValueError(
             f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
         )
-    saved_names = config.get("modules_to_save") or []
-    if not isinstance(saved_names, list) or not all(isinstance(name, str) and name for name in saved_names):
-        raise ValueError(f"{cp}: modules_to_save must be a list of module names, got {saved_names!r}")
     ours, ours_path = _our_field(config, metadata, cp, weights_path)
     method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
+    # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
+    # more modules than were saved (see _build_files)
+    exact_saved = isinstance(ours, dict) and "modules_to_save" in ours
+    saved_names = (ours["modules_to_save"] if exact_saved else config.get("modules_to_save")) or []
+    if not isinstance(saved_names, list) or not all(isinstance(name, str) and name for name in saved_names):
+        where = f"{ours_path}: peft_layers." if exact_saved else f"{cp}: "
+        raise ValueError(f"{where}modules_to_save must be a list of module names, got {saved_names!r}")
     if method == "lora_plus":
         layer_kwargs.setdefault("lr_ratio", _LORA_PLUS_RATIO)
 
@@ -564,9 +574,10 @@ def _parse(
         if velora and _VELORA_KEY.search(key):
             continue
         tensor = tensors[key]
-        saved = _saved_module_key(key, saved_names)
+        saved = _saved_module_key(key, saved_names, exact=exact_saved)
         if saved is not None:  # a module's own state: integer buffers (BatchNorm's count) too
-            saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
+            if not saved[1].startswith(_HF_WRAPPER_KEYS):
+                saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
             continue
         if not tensor.is_floating_point():
             raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
@@ -737,7 +748,7 @@ def _names_peft_leaves_plain(model: nn.Module) -> list[tuple[str, list[str]]]:
     the plain base there, while we put the adapter layer under every name."""
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LoRALinear) and name:
+        if isinstance(module, (LoRALinear, ModuleToSave)) and name:
             names.setdefault(id(module), []).append(name)
 
     def slot(name: str) -> tuple[int, str]:
@@ -806,6 +817,17 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     for name, module in saved:  # the trained copy's state under the module's own name
         for key, tensor in module.trained.state_dict(prefix=f"{KEY_PREFIX}{name}.").items():
             tensors[key] = tensor
+    saved_names = [name for name, _ in saved]
+    wider = _wider_saved_matches(model, saved_names)
+    if wider:
+        ours["modules_to_save"] = saved_names  # exact, for our loader
+        warnings.warn(
+            f"save_adapter(): Hugging Face PEFT matches modules_to_save names as suffixes of module "
+            f"names, so it would also wrap {wider} and then fail to load this file, whose state of "
+            "those modules is missing; load_adapter() reads it exactly",
+            UserWarning,
+            stacklevel=3,
+        )
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
     config: dict[str, Any] = {
@@ -836,6 +858,14 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     if method in ("lora", "dora") and not ours:
         return tensors, config, None
     return tensors, config, {"version": FORMAT_VERSION, "method": method, **ours}
+
+
+def _wider_saved_matches(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """Name of a module to save -> the other modules whose names end with it (Hugging Face PEFT
+    would take them as modules to save too)."""
+    plain = [n for n in _plain_module_names(model) if n and n not in names]
+    wider = {name: [n for n in plain if n.endswith(name)] for name in names}
+    return {name: others for name, others in wider.items() if others}
 
 
 def _fsync_directory(directory: Path) -> None:
