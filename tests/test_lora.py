@@ -605,6 +605,7 @@ def test_a_hook_recomputing_the_base_weight_is_followed_in_training():
         assert_close64(layer(x), y.detach(), 1e-6, what="no-grad forward over a weight-normed base")
 
 
+@pytest.mark.filterwarnings("ignore:DoRALinear. base_layer has hooks:UserWarning")  # tested in test_dora.py
 @pytest.mark.parametrize("kind", ["parametrization", "hook"])
 @pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
 def test_a_computed_base_weight_refuses_writes_and_to_linear_merges(cls, kind):

@@ -380,6 +380,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(values, values0), name
 
 
+@pytest.mark.filterwarnings("ignore:init='pissa'. the base of this QLoRALinear is quantized:UserWarning")
 @pytest.mark.parametrize("init", ["kaiming", "pissa"])
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) -> None:
