@@ -777,8 +777,7 @@ def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside the block every adapter layer of ``model`` computes its base layer
     alone (``layer.disable_adapter()`` on each), and every module to save its original, so the
-    model is its base model, e.g. the
-    reference policy of DPO. Merged layers are unmerged on entry and merged back on exit (a
+    model is its base model, e.g. the reference policy of DPO. Merged layers are unmerged on entry and merged back on exit (a
     quantized base requantizes both ways); everything is restored on exit, also after an error.
 
     Raises ``ValueError`` (changing nothing) for a model without adapter layers or with a merged
