@@ -290,6 +290,12 @@ def lora_factors(
         path, _, name = str(key).rpartition(".")
         if name == "magnitude":
             raise ValueError(f"{where}: {key!r} is a DoRA magnitude; only LoRA adapters can be combined or stacked")
+        if ".trained." in f".{key}":
+            raise ValueError(
+                f"{where}: {key!r} is the state of a module trained in full (modules_to_save), which "
+                "replaces the model's own and cannot be combined or stacked; leave it out, or "
+                "load_adapter_state_dict() the adapter alone"
+            )
         if name not in ("lora_A", "lora_B"):
             raise ValueError(
                 f"{where}: unexpected key {key!r}; expected '<module>.lora_A' and '<module>.lora_B' "
