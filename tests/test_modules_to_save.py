@@ -285,7 +285,7 @@ def test_a_shared_module_to_save_warns_where_hugging_face_wraps_one_name(tmp_pat
 
 def test_state_dicts_with_modules_to_save_are_refused_by_name() -> None:
     state = pl.adapter_state_dict(_ours(_base()))
-    with pytest.raises(ValueError, match=r"'batch_norm.trained.bias' is the state of a module trained in full"):
+    with pytest.raises(ValueError, match=r"'[a-z_]+.trained.[a-z_]+' is the state of a module trained in full"):
         pl.compose.combine_adapters([state, state], [0.5, 0.5])
     lora_only = {k: v for k, v in state.items() if ".trained." not in k}
     assert set(pl.compose.combine_adapters([lora_only, lora_only], [0.5, 0.5])) == {"body.lora_A", "body.lora_B"}
