@@ -202,10 +202,11 @@ class DoRALinear(LoRALinear):
     def base_row_norm_sq(self) -> Tensor:
         """``||W0||^2`` per output row in the norm dtype; cached, refreshed when the base changes.
 
-        The cache is keyed by the weight's storage, autograd version counter, dtype, device and
-        shape (by ``version`` for a quantized base), so in-place ops, ``load_state_dict``,
-        ``.to()`` and replacing the parameter all refresh it. A write through ``weight.data``
-        bypasses the version counter: call :meth:`reset_norm_cache` after one.
+        The cache is keyed by the weight tensor itself (a weak reference), its storage, autograd
+        version counter, dtype, device and shape (by the ``QuantizedLinear`` and its ``version``
+        for a quantized base), so in-place ops, ``load_state_dict`` and replacing the parameter
+        refresh it; ``.to()`` and other casts drop it (:meth:`_apply`). A write through
+        ``weight.data`` bypasses the version counter: call :meth:`reset_norm_cache` after one.
         """
         key = self._base_weight_key()
         if key is None or self._base_row_norm_key != key or self._base_row_norm_sq is None:
