@@ -289,3 +289,58 @@ def test_state_dicts_with_modules_to_save_are_refused_by_name() -> None:
         pl.compose.combine_adapters([state, state], [0.5, 0.5])
     lora_only = {k: v for k, v in state.items() if ".trained." not in k}
     assert set(pl.compose.combine_adapters([lora_only, lora_only], [0.5, 0.5])) == {"body.lora_A", "body.lora_B"}
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.subhead = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.subhead(x)
+
+
+class _Nested(nn.Module):
+    """A module to save inside a module with a bias of its own, a stateless one, and one with a
+    child (which Hugging Face PEFT's suffix rule would take too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.enc = nn.Module()
+        self.enc.norm = nn.LayerNorm(8)
+        self.enc.bias = nn.Parameter(torch.zeros(8))
+        self.drop = nn.Dropout(0.0)
+        self.head = _Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.enc.norm(self.body(x)) + self.enc.bias))
+
+
+def test_round_trips_of_nested_stateless_and_shared_modules_to_save(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = pl.inject_adapters(_Nested(), ["body"], rank=2, bias="all", modules_to_save=["enc.norm", "drop", "head"])
+    with torch.no_grad():
+        model.enc.bias.add_(0.5)
+        model.enc.norm.trained.weight.add_(0.25)
+        model.head.trained.subhead.weight.add_(1.0)
+    with pytest.warns(UserWarning, match=r"would also wrap \{'head': \['head.subhead'\]\}"):
+        pl.save_adapter(model, tmp_path)
+    x = torch.randn(3, 8)
+    torch.manual_seed(0)
+    for into in (_Nested(), model):  # a fresh model (injects), the same model (fills)
+        loaded = pl.load_adapter(into, tmp_path)
+        torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
+    state = pl.io.read_adapter(tmp_path).state_dict()
+    assert state.keys() == pl.adapter_state_dict(model).keys()
+
+
+def test_modules_with_extra_state_are_refused() -> None:
+    class WithExtra(nn.Linear):
+        def get_extra_state(self):
+            return {"step": 1}
+
+    model = nn.Sequential(nn.Linear(4, 4), WithExtra(4, 2))
+    with pytest.raises(TypeError, match=r"modules_to_save: '1' is or holds a module with extra state"):
+        pl.inject_adapters(model, ["0"], rank=2, modules_to_save=["1"])
+    assert type(model[0]) is nn.Linear

@@ -162,7 +162,8 @@ class AdapterFile:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The adapter tensors under the keys of ``adapter_state_dict(model)``
-        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``)."""
+        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``, and
+        ``"<path>.trained.<key>"`` for a module to save)."""
         state: dict[str, Tensor] = {}
         for path, module in self.modules.items():
             prefix = f"{path}." if path else ""
@@ -170,6 +171,9 @@ class AdapterFile:
             state[prefix + "lora_B"] = module.lora_B
             if module.magnitude is not None:
                 state[prefix + "magnitude"] = module.magnitude
+        for path, saved in self.saved_modules.items():
+            for key, tensor in saved.items():
+                state[f"{path}.trained.{key}"] = tensor
         return state
 
     def scaling(self, path: str) -> float:
@@ -583,9 +587,6 @@ def _parse(
             raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
         module, kind = _split_key(key, wp)
         grouped.setdefault(module, {})[kind] = tensor
-    inside = [(p, q) for p in saved_modules for q in grouped if p == q or q.startswith(p + ".") or p.startswith(q + ".")]
-    if inside:
-        raise ValueError(f"{wp}: the module to save {inside[0][0]!r} and the adapter module {inside[0][1]!r} overlap")
     other_biases = {}
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
@@ -644,6 +645,9 @@ def _parse(
         modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha, base_weight)
     if not modules:
         raise ValueError(f"{wp}: holds no adapter tensors")
+    inside = [(p, q) for p in saved_modules for q in modules if p == q or q.startswith(p + ".") or p.startswith(q + ".")]
+    if inside:
+        raise ValueError(f"{wp}: the module to save {inside[0][0]!r} and the adapter module {inside[0][1]!r} overlap")
     if other_biases and bias != "all":
         raise ValueError(
             f"{wp}: holds biases of non-adapter modules {sorted(other_biases)} but {cp.name} says bias={bias!r}"
@@ -862,8 +866,13 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
 
 def _wider_saved_matches(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """Name of a module to save -> the other modules whose names end with it (Hugging Face PEFT
-    would take them as modules to save too)."""
-    plain = [n for n in _plain_module_names(model) if n and n not in names]
+    would take them as modules to save too), named as the plain model names them (the modules
+    inside a module to save included)."""
+    inner = [
+        f"{name}.{sub}" for name, saved in iter_modules_to_save(model)
+        for sub, _ in saved.original.named_modules() if sub
+    ]
+    plain = [n for n in [*_plain_module_names(model), *inner] if n and n not in names]
     wider = {name: [n for n in plain if n.endswith(name)] for name in names}
     return {name: others for name, others in wider.items() if others}
 
@@ -1111,8 +1120,16 @@ def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[Mo
                 "adapters (unload() first), which wraps the file's modules to save"
             )
         _check_saved_state(where, target.trained, state)
+        if id(target) in plan:  # a shared module, saved under two of its names
+            first = plan[id(target)][1]
+            if not all(torch.equal(first[key], state[key]) for key in state):
+                raise ValueError(f"{where}: it is a second name of a shared module to save, with other values")
+            continue
         plan[id(target)] = (target, state)
-    missing = [name for name, module in iter_modules_to_save(model) if id(module) not in plan]
+    # a module without state (a Dropout) has nothing in the file, as in Hugging Face PEFT's
+    missing = [
+        name for name, module in iter_modules_to_save(model) if id(module) not in plan and module.trained.state_dict()
+    ]
     if missing:
         raise ValueError(
             f"{adapter.directory}: missing keys: the model's modules to save {missing} have no state in the file "

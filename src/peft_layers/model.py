@@ -526,6 +526,11 @@ def _choose_modules_to_save(
                     f"modules_to_save: {name!r} is or holds a quantized layer, whose weight cannot "
                     "train in full; target it with method 'qlora' instead"
                 )
+            if any(type(m).get_extra_state is not nn.Module.get_extra_state for m in inner):
+                raise TypeError(
+                    f"modules_to_save: {name!r} is or holds a module with extra state "
+                    "(get_extra_state), which adapter files hold no place for"
+                )
             chosen.setdefault(id(module), module)
     return list(chosen.values())
 
