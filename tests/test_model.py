@@ -894,3 +894,23 @@ def test_tied_weights_warnings_say_what_happens() -> None:
         warnings.simplefilter("error")
         pl.inject_adapters(model, ["lm_head"], method="qlora", rank=2, init="pissa")
     assert torch.equal(model.embed.weight, embedding)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_unload_inside_a_disable_block_is_refused(method: str) -> None:
+    """Leaving the block merges a merged layer again, into the base that unload would have
+    given back: unload refuses inside the block, changing nothing, and works after it."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6))
+    w0 = base[0].weight.detach().clone()
+    model = pl.inject_adapters(base, ["0"], method=method, rank=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    pl.merge_adapters(model)
+    for block in (lambda: pl.disable_adapters(model), lambda: model[0].disable_adapter()):
+        with block():
+            with pytest.raises(ValueError, match=r"unload\(\): these layers are inside a disable_adapter\(\) / disable_adapters\(\) block: \['0'\]"):
+                pl.unload(model)
+        assert isinstance(model[0], pl.LoRALinear) and model[0].merged
+    pl.unload(model)
+    torch.testing.assert_close(model[0].weight, w0, rtol=1e-6, atol=1e-6)

@@ -345,12 +345,21 @@ class AdapterMixin:
         if was_merged:
             self.unmerge()
         self._adapter_enabled = False
+        self._disable_blocks = self.disable_blocks + 1
         try:
             yield self
         finally:
+            self._disable_blocks -= 1
             self._adapter_enabled = was_enabled
             if was_merged:
                 self.merge()
+
+    @property
+    def disable_blocks(self) -> int:
+        """How many :meth:`disable_adapter` blocks the layer is inside. Leaving the last one
+        restores the layer (and re-merges one that was merged), so ``unload`` refuses a layer
+        inside one: its original base would get the merge back."""
+        return getattr(self, "_disable_blocks", 0)  # layers pickled by older versions have none
 
     # ---- conversion ---------------------------------------------------------------------
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:

@@ -823,6 +823,13 @@ def unload(model: nn.Module) -> nn.Module:
     saved = list(iter_modules_to_save(model))
     if not layers and not saved:
         raise ValueError("unload(): model has no adapter layers; call inject_adapters() first")
+    inside = [name for name, layer in layers if isinstance(layer, LoRALinear) and layer.disable_blocks]
+    if inside:
+        raise ValueError(
+            f"unload(): these layers are inside a disable_adapter() / disable_adapters() block: {inside}; "
+            "the block's exit restores them (a merged one merges again, into the base unload gives "
+            "back), so unload after the block"
+        )
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()
