@@ -363,7 +363,8 @@ class AdapterMixin:
 
     # ---- conversion ---------------------------------------------------------------------
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` whose weight is ``W0`` with the adapter merged (a new module).
+        """A plain ``nn.Linear`` (a new module) that computes what the layer computes now: its
+        weight is ``W0`` with the adapter merged, or ``W0`` alone while the adapter is disabled.
 
         A quantized base is dequantized, so the result is the exact float merge. Weight and bias
         are both in ``dtype``, by default ``compute_dtype`` (the dtype the layer adds the bias in),
