@@ -74,7 +74,9 @@ def factored_row_norm(
     # 2 s (A W0^T)^T + s^2 B (A A^T), then the row-wise dot with B
     mixed = torch.addmm(base_times_A.t().to(dtype), b, gram, beta=2 * scaling, alpha=scaling * scaling)
     norm_sq = base_row_norm_sq + (b * mixed).sum(dim=1)
-    return norm_sq.clamp_min_(0).sqrt_().clamp_min_(epsilon)
+    # out of place: torch.export traces this into a graph that autograd differentiates, where an
+    # in-place op after sqrt would break sqrt's backward (and these are (out,) vectors: cheap)
+    return norm_sq.clamp_min(0).sqrt().clamp_min(epsilon)
 
 
 def magnitude_gain(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
@@ -209,13 +211,14 @@ class DoRALinear(LoRALinear):
         ``weight.data`` bypasses the version counter: call :meth:`reset_norm_cache` after one.
         """
         key = self._base_weight_key()
-        if key is None or self._base_row_norm_key != key or self._base_row_norm_sq is None:
-            with torch.no_grad():
-                weight = self._compute_weight()
-                dtype = norm_dtype_for(weight.dtype)
-                self._base_row_norm_sq = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
-            self._base_row_norm_key = key
-        return self._base_row_norm_sq
+        if key is not None and self._base_row_norm_key == key and self._base_row_norm_sq is not None:
+            return self._base_row_norm_sq
+        with torch.no_grad():
+            weight = self._compute_weight()
+            norm_sq = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype)).square()
+        if key is not None:  # no key (tracing, torch.func, inference tensors): nothing is stored
+            self._base_row_norm_sq, self._base_row_norm_key = norm_sq, key
+        return norm_sq
 
     def reset_norm_cache(self) -> None:
         """Drop the cached norms (``||W0||^2``, and ``m / n`` of the no-grad forward); the next

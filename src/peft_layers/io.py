@@ -66,6 +66,7 @@ from .model import (
     iter_modules_to_save,
     method_of,
     pattern_key,
+    refuse_sharded,
 )
 from .quant import QuantizedLinear
 
@@ -832,6 +833,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             UserWarning,
             stacklevel=3,
         )
+    refuse_sharded(tensors.values(), "save_adapter()")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
     config: dict[str, Any] = {
@@ -1021,6 +1023,7 @@ _META_REFUSAL = (
 
 def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
     where = f"{adapter.directory}: {path!r}"
+    refuse_sharded(layer.adapter_parameters(), f"load_adapter(): {path!r}")
     if layer.lora_A.is_meta:
         raise ValueError(f"{where}: the layer {_META_REFUSAL}")
     if layer.merged:
@@ -1282,6 +1285,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         if any(tensor.is_meta for tensor in [*target.parameters(), *target.buffers()]):
             raise ValueError(f"{adapter.directory}: {path!r} {_META_REFUSAL}")
+        refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
         if _is_quantized(target) and method not in ("qlora", "qdora"):
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "

@@ -305,6 +305,24 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
         raise
 
 
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a shard of FSDP2's ``fully_shard``), by class name, so
+    that ``torch.distributed`` need not be imported."""
+    return type(tensor).__name__ == "DTensor"
+
+
+def refuse_sharded(tensors: Iterable[Any], caller: str) -> None:
+    """Raise ``ValueError`` if any of ``tensors`` is sharded: the adapter tools read and write
+    whole tensors."""
+    if any(is_sharded(tensor) for tensor in tensors):
+        raise ValueError(
+            f"{caller}: the model's tensors are sharded (DTensors of FSDP2's fully_shard). Load adapters "
+            "before fully_shard(); to save, gather on every rank, state = {k: v.full_tensor() for k, v in "
+            "adapter_state_dict(model).items()}, then on one rank load_adapter_state_dict() it into the "
+            "same model built without fully_shard and save_adapter() that (docs/model.md)"
+        )
+
+
 def _check_model(model: Any) -> None:
     """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (the first check of every tool)."""
     if not isinstance(model, nn.Module):
@@ -941,6 +959,7 @@ def load_adapter_state_dict(
                 f"state_dict[{key!r}]: shape {tuple(value.shape)} does not fit the model's "
                 f"{tuple(expected[key].shape)}"
             )
+    refuse_sharded(expected.values(), "load_adapter_state_dict()")
     merged = [name for name, layer in iter_adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"load_adapter_state_dict(): unmerge these layers first: {merged}")
