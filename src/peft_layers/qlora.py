@@ -66,6 +66,18 @@ def quantized_base(
     )
 
 
+def _quantized_base_and_split(
+    linear: nn.Module, kwargs: dict[str, Any], **quant_kwargs: Any
+) -> tuple[QuantizedLinear, LoRALinear | None, dict[str, Any]]:
+    """The quantized base for ``linear`` (:func:`quantized_base` with ``quant_kwargs``), the float
+    PiSSA split it was quantized from (:func:`_pissa_split_in_float`, or None) and the layer
+    arguments to build the adapter with (a split's factors are taken over, not recomputed)."""
+    split = _pissa_split_in_float(linear, kwargs)
+    if split is None:
+        return quantized_base(linear, **quant_kwargs), None, kwargs
+    return quantized_base(split.base_layer, **quant_kwargs), split, {**kwargs, "init": "kaiming"}
+
+
 def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any]) -> LoRALinear | None:
     """QPiSSA: for ``init="pissa"`` over a float ``nn.Linear``, the PiSSA split done before
     quantizing, on a copy (the caller's layer is left as it is): a float :class:`LoRALinear` whose
@@ -114,12 +126,10 @@ class QLoRALinear(LoRALinear):
         nn.Module.__init__(self)
         _check_features(in_features, out_features)
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        split = _pissa_split_in_float(linear, kwargs)
-        base = quantized_base(
-            linear if split is None else split.base_layer, quant=quant, blocksize=blocksize,
-            double_quant=double_quant, compute_dtype=compute_dtype,
+        base, split, kwargs = _quantized_base_and_split(
+            linear, kwargs, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
         )
-        self._init_adapter(base, **(kwargs if split is None else {**kwargs, "init": "kaiming"}))
+        self._init_adapter(base, **kwargs)
         if split is not None:
             self._take_pissa_factors(split)
 
@@ -143,18 +153,16 @@ class QLoRALinear(LoRALinear):
 
         With ``init="pissa"``, an ``nn.Linear`` is split before it is quantized (QPiSSA): the
         layer starts at ``Q(W0 - s B A) + s B A``, within the quantization error of the residual
-        of ``W0`` (smaller than that of ``W0`` itself). An already quantized layer is decoded,
+        (for pretrained weights, whose spectrum decays, smaller than ``W0``'s own). An already
+        quantized layer is decoded,
         split and requantized, which warns as ``merge()`` does.
         """
-        split = _pissa_split_in_float(linear, kwargs)
-        base = quantized_base(
-            linear if split is None else split.base_layer, quant=quant, blocksize=blocksize,
-            double_quant=double_quant, compute_dtype=compute_dtype,
+        base, split, kwargs = _quantized_base_and_split(
+            linear, kwargs, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
         )
-        if split is None:
-            return cls._wrap(base, **kwargs)
-        layer = cls._wrap(base, **{**kwargs, "init": "kaiming"})
-        layer._take_pissa_factors(split)
+        layer = cls._wrap(base, **kwargs)
+        if split is not None:
+            layer._take_pissa_factors(split)
         return layer
 
     def _take_pissa_factors(self, split: LoRALinear) -> None:
