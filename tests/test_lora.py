@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -636,3 +637,23 @@ def test_a_computed_base_weight_refuses_writes_and_to_linear_merges(cls, kind):
     with torch.no_grad():
         torch.testing.assert_close(layer.to_linear()(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [*LORA_CLASSES, pl.QLoRALinear])
+def test_a_hooked_base_sees_the_input_shape_in_every_mode(cls):
+    """Per-sequence activation capture: the base layer gets ``x`` as it came, (2, 3, in), whether
+    the adapter is on, off or merged, and the adapted output is the reference's."""
+    layer = _hooked_layer(cls)
+    shapes = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: shapes.append((args[0].shape, out.shape)))
+    x = _x((2, 3))
+    y = layer(x)
+    update = f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling
+    assert_close64(y, f64(x) @ f64(_base_weight(layer)).t() + f64(layer.bias) + update, 1e-5, what="3-D output")
+    with layer.disable_adapter():
+        layer(x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a quantized merge requantizes
+        layer.merge()
+        layer(x)
+    assert shapes == [((2, 3, 12), (2, 3, 10))] * 3

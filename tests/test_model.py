@@ -870,12 +870,12 @@ def test_meta_models_refuse_pissa_and_adapter_loads(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"module 'q_proj': init: 'pissa' splits the singular vectors of W0, which a weight on the meta device"):
         pl.inject_adapters(model, ["q_proj"], rank=2, init="pissa")
     pl.save_adapter(pl.inject_adapters(_TwoLinears(), ["q_proj"], rank=2), tmp_path)
-    with pytest.raises(ValueError, match=r"'q_proj' is on the meta device, which holds no values, so the file's tensors would be dropped"):
+    with pytest.raises(ValueError, match=r"'q_proj': the model's tensors there are on the meta device, which holds no values, so the file's tensors would be dropped"):
         pl.load_adapter(model, tmp_path)
     assert type(model.q_proj) is nn.Linear
     with pytest.warns(UserWarning, match="meta device"):
         pl.inject_adapters(model, ["q_proj"], rank=2)
-    with pytest.raises(ValueError, match=r"the layer is on the meta device"):
+    with pytest.raises(ValueError, match=r"'q_proj': the model's tensors there are on the meta device"):
         pl.load_adapter(model, tmp_path)
     with pytest.raises(ValueError, match=r"load_adapter_state_dict\(\): \['q_proj.lora_A', 'q_proj.lora_B'\] are on the meta device"):
         pl.load_adapter_state_dict(model, {"q_proj.lora_A": torch.zeros(2, 32), "q_proj.lora_B": torch.zeros(32, 2)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,12 @@ def test_modules_with_extra_state_are_refused() -> None:
     with pytest.raises(TypeError, match=r"modules_to_save: '1' is or holds a module with extra state"):
         pl.inject_adapters(model, ["0"], rank=2, modules_to_save=["1"])
     assert type(model[0]) is nn.Linear
+
+
+def test_nested_modules_to_save_are_refused_and_a_module_named_trained_is_not_one() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"modules_to_save: \['1.0', '1.1'\] lie inside '1', which is saved whole"):
+        pl.inject_adapters(model, re.compile("0"), rank=2, modules_to_save=["1", "1.0"])
+    assert type(model[1]) is nn.Sequential and type(model[0]) is nn.Linear
+    state = {"trained.lora_A": torch.randn(2, 4), "trained.lora_B": torch.randn(4, 2)}
+    assert set(pl.compose.combine_adapters([state, state], [0.5, 0.5])) == set(state)

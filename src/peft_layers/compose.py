@@ -239,8 +239,7 @@ def lora_factors(
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
     DoRA and PiSSA adapters, and files with trained biases or modules to save, raise
-    ``ValueError``; ``where`` names
-    the source in error messages.
+    ``ValueError``; ``where`` names the source in error messages.
 
     A Hugging Face file that targets an embedding layer (``lm_head``) also holds that layer's
     full base weight: it goes into ``base_weights`` (path -> weight) when the caller passes one
@@ -290,7 +289,7 @@ def lora_factors(
         path, _, name = str(key).rpartition(".")
         if name == "magnitude":
             raise ValueError(f"{where}: {key!r} is a DoRA magnitude; only LoRA adapters can be combined or stacked")
-        if ".trained." in f".{key}":
+        if name not in ("lora_A", "lora_B") and ".trained." in f".{key}":
             raise ValueError(
                 f"{where}: {key!r} is the state of a module trained in full (modules_to_save), which "
                 "replaces the model's own and cannot be combined or stacked; leave it out, or "

@@ -317,6 +317,9 @@ class DoRALinear(LoRALinear):
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
 
+    def _runs_base_hooks(self) -> bool:
+        return False  # the norm needs W0 itself: hooks on the base are skipped, with a warning
+
     def _warn_base_hooks_skipped(self) -> None:
         warnings.warn(
             f"{type(self).__name__}: base_layer has hooks of its own, which an unmerged DoRA layer "
@@ -330,8 +333,9 @@ class DoRALinear(LoRALinear):
         )
 
     def _inference_gain_key(self, dtype: torch.dtype) -> tuple | None:
-        """What the no-grad gain ``m / n`` in ``dtype`` depends on: the base, A, B and m (storage
-        and version), s and epsilon; None when one of them has no key (an inference tensor)."""
+        """What the no-grad gain ``m / n`` in ``dtype`` depends on: the base, A, B and m (their
+        :func:`~peft_layers.adapter.version_key`), s and epsilon; None when one of them has no
+        key (an inference tensor, tracing)."""
         parts = (
             self._base_weight_key(),
             version_key(self.lora_A), version_key(self.lora_B), version_key(self.magnitude),

@@ -66,7 +66,7 @@ from .model import (
     iter_modules_to_save,
     method_of,
     pattern_key,
-    refuse_sharded,
+    _refuse_sharded,
 )
 from .quant import QuantizedLinear
 
@@ -448,9 +448,15 @@ def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, 
     parts = rest.split(".")
     for end in range(1, len(parts)):
         path = ".".join(parts[:end])
-        if path in names if exact else any(path.endswith(name) for name in names):
+        matches = (path in names) if exact else any(path.endswith(name) for name in names)
+        if matches:
             return path, ".".join(parts[end:])
     return None
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Whether two module paths are one module or one lies inside the other."""
+    return path == other or other.startswith(path + ".") or path.startswith(other + ".")
 
 
 #: keys that Hugging Face PEFT's bias="all" writes from inside its modules-to-save wrapper: its
@@ -646,7 +652,7 @@ def _parse(
         modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha, base_weight)
     if not modules:
         raise ValueError(f"{wp}: holds no adapter tensors")
-    inside = [(p, q) for p in saved_modules for q in modules if p == q or q.startswith(p + ".") or p.startswith(q + ".")]
+    inside = [(p, q) for p in saved_modules for q in modules if _overlaps(p, q)]
     if inside:
         raise ValueError(f"{wp}: the module to save {inside[0][0]!r} and the adapter module {inside[0][1]!r} overlap")
     if other_biases and bias != "all":
@@ -833,7 +839,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             UserWarning,
             stacklevel=3,
         )
-    refuse_sharded(tensors.values(), "save_adapter()")
+    _refuse_sharded(tensors.values(), "save_adapter()")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
     config: dict[str, Any] = {
@@ -1015,17 +1021,21 @@ def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, metho
         )
 
 
-_META_REFUSAL = (
-    "is on the meta device, which holds no values, so the file's tensors would be dropped; "
-    "materialise the model first (to_empty(), then load its weights), then load the adapter"
-)
+def _refuse_meta(where: str, tensors: Iterator[Tensor] | list[Tensor]) -> None:
+    """Raise ``ValueError`` if any of ``tensors`` is on the meta device: copying into it keeps
+    nothing."""
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            f"{where}: the model's tensors there are on the meta device, which holds no values, so "
+            "the file's tensors would be dropped; materialise the model first (to_empty(), then "
+            "load its weights), then load the adapter"
+        )
 
 
 def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
     where = f"{adapter.directory}: {path!r}"
-    refuse_sharded(layer.adapter_parameters(), f"load_adapter(): {path!r}")
-    if layer.lora_A.is_meta:
-        raise ValueError(f"{where}: the layer {_META_REFUSAL}")
+    _refuse_sharded(layer.adapter_parameters(), f"load_adapter(): {path!r}")
+    _refuse_meta(where, [layer.lora_A])
     if layer.merged:
         raise ValueError(f"{where}: the layer is merged; unmerge() it before loading adapter weights into it")
     is_dora_layer = isinstance(layer, DoRALinear)
@@ -1114,8 +1124,8 @@ def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[Mo
     for path, state in adapter.saved_modules.items():
         target = modules.get(path)
         where = f"{adapter.directory}: module to save {path!r}"
-        if isinstance(target, ModuleToSave) and any(t.is_meta for t in target.trained.state_dict().values()):
-            raise ValueError(f"{where}: it {_META_REFUSAL}")
+        if isinstance(target, ModuleToSave):
+            _refuse_meta(where, list(target.trained.state_dict().values()))
         if not isinstance(target, ModuleToSave):
             found = "no module" if target is None else f"a {type(target).__name__}"
             raise ValueError(
@@ -1283,9 +1293,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module "
                 "of that name"
             )
-        if any(tensor.is_meta for tensor in [*target.parameters(), *target.buffers()]):
-            raise ValueError(f"{adapter.directory}: {path!r} {_META_REFUSAL}")
-        refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
+        _refuse_meta(f"{adapter.directory}: {path!r}", [*target.parameters(), *target.buffers()])
+        _refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
         if _is_quantized(target) and method not in ("qlora", "qdora"):
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
@@ -1329,8 +1338,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         where = f"{adapter.directory}: module to save {path!r}"
         _check_module_to_save(where, model, path, modules.get(path))
         _check_saved_state(where, modules[path], state)
-        if any(tensor.is_meta for tensor in modules[path].state_dict().values()):
-            raise ValueError(f"{where}: it {_META_REFUSAL}")
+        _refuse_meta(where, list(modules[path].state_dict().values()))
     aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
     kwargs = _inject_kwargs(adapter, method, overrides, aliases)
     paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)

@@ -450,6 +450,9 @@ class LoRALinear(AdapterMixin, nn.Module):
                 self._warn_if_training_merged()
             out = self.base_layer(x if x.dtype == dtype else x.to(dtype))
             return out if out.dtype == out_dtype else out.to(out_dtype)
+        if self._runs_base_hooks():
+            out = self._hooked_base_forward(x if x.dtype == dtype else x.to(dtype))
+            return out if out.dtype == out_dtype else out.to(out_dtype)
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out = self._adapter_forward(x2d if x.dtype == dtype else x2d.to(dtype))
@@ -487,20 +490,26 @@ class LoRALinear(AdapterMixin, nn.Module):
         """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
-        # hooks on the base layer (activation capture, pruning, offloading) run as they would
-        # without the adapter: the base is called as a module and its output is left as they saw it
-        base_hooked = has_hooks(self.base_layer)
-        fused = torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active()
-        if fused and not base_hooked:
+        if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
             return _LoRAFunction.apply(
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
                 self._refetch_key_fn(),
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()
-        if base_hooked:
-            return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
+
+    def _runs_base_hooks(self) -> bool:
+        """Whether the forward calls ``base_layer`` as a module, input shape and all, so that
+        hooks of its own (activation capture, pruning) run as they would without the adapter."""
+        return has_hooks(self.base_layer)
+
+    def _hooked_base_forward(self, x: Tensor) -> Tensor:
+        """``base_layer(x) + s (dropout(x) A^T) B^T`` with plain autograd ops, out of place (the
+        hooks may hold the base output), ``x`` of any leading shape in the compute dtype."""
+        lora_A, lora_B, _ = self._adapter_tensors(x.dtype)
+        x_drop = self.lora_dropout(x) if self._dropout_active() else x
+        return self.base_layer(x) + ((x_drop @ lora_A.t()) @ lora_B.t()) * self.scaling
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # a state dict does not record whether its layer was merged: a merged layer takes the loaded

@@ -305,16 +305,16 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
         raise
 
 
-def is_sharded(tensor: Any) -> bool:
+def _is_sharded(tensor: Any) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (a shard of FSDP2's ``fully_shard``), by class name, so
     that ``torch.distributed`` need not be imported."""
     return type(tensor).__name__ == "DTensor"
 
 
-def refuse_sharded(tensors: Iterable[Any], caller: str) -> None:
+def _refuse_sharded(tensors: Iterable[Any], caller: str) -> None:
     """Raise ``ValueError`` if any of ``tensors`` is sharded: the adapter tools read and write
     whole tensors."""
-    if any(is_sharded(tensor) for tensor in tensors):
+    if any(_is_sharded(tensor) for tensor in tensors):
         raise ValueError(
             f"{caller}: the model's tensors are sharded (DTensors of FSDP2's fully_shard). Load adapters "
             "before fully_shard(); to save, gather on every rank, state = {k: v.full_tensor() for k, v in "
@@ -534,7 +534,8 @@ def _choose_modules_to_save(
                     f"modules_to_save: {name!r} is or lies inside a {kind}; a module to save is a plain "
                     "module of the model (unload() first)"
                 )
-            if id(module) in targets or any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner):
+            holds_adapter = any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner)
+            if id(module) in targets or holds_adapter:
                 raise ValueError(
                     f"modules_to_save: {name!r} is or holds an adapter target; a module trains either "
                     "through an adapter or in full, not both"
@@ -550,6 +551,14 @@ def _choose_modules_to_save(
                     "(get_extra_state), which adapter files hold no place for"
                 )
             chosen.setdefault(id(module), module)
+    names = {id(module): name for name, module in modules.items() if id(module) in chosen}
+    for outer in chosen.values():
+        inner = [names[id(m)] for m in outer.modules() if m is not outer and id(m) in chosen]
+        if inner:  # the inner wrapper would hang off the outer one, never called
+            raise ValueError(
+                f"modules_to_save: {inner} lie inside {names[id(outer)]!r}, which is saved whole; "
+                "name one or the other"
+            )
     return list(chosen.values())
 
 
@@ -933,8 +942,10 @@ def load_adapter_state_dict(
     """Copy adapter tensors from ``state_dict`` (keys as :func:`adapter_state_dict` gives them).
 
     Everything is checked before anything is copied: with ``strict``, missing and unexpected keys
-    raise; a shape that does not fit, a non-floating tensor, a non-tensor value, or a merged target
-    layer always raise. On error the model is unchanged. Returns ``model``.
+    raise; a shape that does not fit, a tensor of another kind than the model's (floating where it
+    holds floats; a module to save may hold integer buffers), a non-tensor value, a merged target
+    layer, or meta or sharded tensors in the model always raise. On error the model is unchanged.
+    Returns ``model``.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
@@ -959,7 +970,7 @@ def load_adapter_state_dict(
                 f"state_dict[{key!r}]: shape {tuple(value.shape)} does not fit the model's "
                 f"{tuple(expected[key].shape)}"
             )
-    refuse_sharded(expected.values(), "load_adapter_state_dict()")
+    _refuse_sharded(expected.values(), "load_adapter_state_dict()")
     merged = [name for name, layer in iter_adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"load_adapter_state_dict(): unmerge these layers first: {merged}")

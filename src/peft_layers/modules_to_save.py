@@ -23,7 +23,8 @@ class ModuleToSave(nn.Module):
     of it whose parameters train. ``forward`` is ``trained``'s, or ``original``'s while disabled
     (:meth:`disable_adapter`, :func:`peft_layers.disable_adapters`). Attributes that are not its
     own (``weight``, ``out_features``, ...) are read from the active module, so model code that
-    reads them keeps working.
+    reads them keeps working. Writes are not passed on: set them on ``trained`` or ``original``
+    (so transformers' ``tie_weights`` fails on a module to save, as on Hugging Face PEFT's).
 
     In a file (Hugging Face PEFT's layout) the trained copy's state is saved under the module's own
     name (``base_model.model.<name>.weight``) and the config lists ``modules_to_save``.
@@ -63,7 +64,7 @@ class ModuleToSave(nn.Module):
             modules = self.__dict__.get("_modules")
             if not modules or "trained" not in modules:  # during construction or a copy
                 raise
-            return getattr(modules["trained"] if self.__dict__.get("enabled", True) else modules["original"], name)
+            return getattr(self.active, name)
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}"

@@ -67,18 +67,19 @@ def quantized_base(
 
 
 def _quantized_base_and_split(
-    linear: nn.Module, kwargs: dict[str, Any], **quant_kwargs: Any
+    linear: nn.Module, kwargs: dict[str, Any], *, own_linear: bool = False, **quant_kwargs: Any
 ) -> tuple[QuantizedLinear, LoRALinear | None, dict[str, Any]]:
     """The quantized base for ``linear`` (:func:`quantized_base` with ``quant_kwargs``), the float
     PiSSA split it was quantized from (:func:`_pissa_split_in_float`, or None) and the layer
-    arguments to build the adapter with (a split's factors are taken over, not recomputed)."""
-    split = _pissa_split_in_float(linear, kwargs)
+    arguments to build the adapter with (a split's factors are taken over, not recomputed).
+    ``own_linear``: ``linear`` is the caller's own (not the user's), so the split may write it."""
+    split = _pissa_split_in_float(linear, kwargs, copy_linear=not own_linear)
     if split is None:
         return quantized_base(linear, **quant_kwargs), None, kwargs
     return quantized_base(split.base_layer, **quant_kwargs), split, {**kwargs, "init": "kaiming"}
 
 
-def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any]) -> LoRALinear | None:
+def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any], *, copy_linear: bool = True) -> LoRALinear | None:
     """QPiSSA: for ``init="pissa"`` over a float ``nn.Linear``, the PiSSA split done before
     quantizing, on a copy (the caller's layer is left as it is): a float :class:`LoRALinear` whose
     base holds the residual ``W0 - s B A``, which is then quantized once. Splitting the quantized
@@ -88,7 +89,7 @@ def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any]) -> LoRALine
     if kwargs.get("init") != "pissa" or not isinstance(linear, nn.Linear) or is_bitsandbytes_module(linear):
         return None
     shape_kwargs = {name: kwargs[name] for name in ("rank", "alpha", "use_rslora") if name in kwargs}
-    return LoRALinear.from_linear(copy.deepcopy(linear), init="pissa", **shape_kwargs)
+    return LoRALinear.from_linear(copy.deepcopy(linear) if copy_linear else linear, init="pissa", **shape_kwargs)
 
 
 class QLoRALinear(LoRALinear):
@@ -127,7 +128,8 @@ class QLoRALinear(LoRALinear):
         _check_features(in_features, out_features)
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         base, split, kwargs = _quantized_base_and_split(
-            linear, kwargs, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
+            linear, kwargs, own_linear=True, quant=quant, blocksize=blocksize, double_quant=double_quant,
+            compute_dtype=compute_dtype,
         )
         self._init_adapter(base, **kwargs)
         if split is not None:
