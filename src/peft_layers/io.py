@@ -406,6 +406,18 @@ def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
     return kwargs
 
 
+#: key suffixes of the layout and the kind of tensor each names; all but "bias" are adapter keys
+_KEY_KINDS = (
+    ("lora_A.weight", "lora_A"),
+    ("lora_B.weight", "lora_B"),
+    ("lora_magnitude_vector", "magnitude"),
+    ("base_layer.bias", "base_bias"),
+    ("base_layer.weight", "base_weight"),
+    ("bias", "bias"),
+)
+_ADAPTER_SUFFIXES = tuple(suffix for suffix, kind in _KEY_KINDS if kind != "bias")
+
+
 def _split_key(key: str, path: Path) -> tuple[str, str]:
     """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
     magnitude, base_bias (``<p>.base_layer.bias``), base_weight (``<p>.base_layer.weight``) and
@@ -413,14 +425,7 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
     if not key.startswith(KEY_PREFIX):
         raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
     rest = key[len(KEY_PREFIX):]
-    for suffix, kind in (
-        ("lora_A.weight", "lora_A"),
-        ("lora_B.weight", "lora_B"),
-        ("lora_magnitude_vector", "magnitude"),
-        ("base_layer.bias", "base_bias"),
-        ("base_layer.weight", "base_weight"),
-        ("bias", "bias"),
-    ):
+    for suffix, kind in _KEY_KINDS:
         if rest == suffix or rest.endswith("." + suffix):
             module = rest[: -len(suffix)].rstrip(".")
             if kind == "bias" and re.search(r"(^|\.)lora_[A-Za-z_]+$", module):
@@ -431,9 +436,6 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
         "<path>.lora_magnitude_vector, <path>.base_layer.weight (a targeted embedding's base weight) and, "
         "with trained biases, <path>.base_layer.bias / <path>.bias"
     )
-
-
-_ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "base_layer.bias", "base_layer.weight")
 
 
 def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, str] | None:
