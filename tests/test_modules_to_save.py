@@ -354,3 +354,11 @@ def test_nested_modules_to_save_are_refused_and_a_module_named_trained_is_not_on
     assert type(model[1]) is nn.Sequential and type(model[0]) is nn.Linear
     state = {"trained.lora_A": torch.randn(2, 4), "trained.lora_B": torch.randn(4, 2)}
     assert set(pl.compose.combine_adapters([state, state], [0.5, 0.5])) == set(state)
+
+
+def test_module_to_save_rejects_what_is_not_a_module() -> None:
+    with pytest.raises(TypeError, match=r"^module: expected an nn.Module, got Tensor$"):
+        pl.ModuleToSave(torch.zeros(2))
+    wrapped = pl.ModuleToSave(nn.Linear(3, 2))
+    assert wrapped.trained is not wrapped.original
+    assert torch.equal(wrapped.trained.weight, wrapped.original.weight)

@@ -31,6 +31,8 @@ class ModuleToSave(nn.Module):
     """
 
     def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
         super().__init__()
         self.original = module
         self.trained = copy.deepcopy(module)
