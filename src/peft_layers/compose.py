@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union
 
 import torch
 from torch import Tensor
 
+from ._warnings import warn as _warn
 from .dora import DoRALinear
 from .io import read_adapter
 from .lora import LoRALinear
@@ -271,12 +271,10 @@ def lora_factors(
         if base_weights is not None:
             base_weights.update(with_base)
         elif with_base:
-            warnings.warn(
+            _warn(
                 f"{where}: {str(source)!r} also holds the base weights of {sorted(with_base)} (Hugging Face "
                 "PEFT saves them for targeted embedding layers); only the factors are combined, so the "
                 "base model must already hold those weights",
-                UserWarning,
-                stacklevel=3,
             )
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))

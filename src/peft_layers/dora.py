@@ -16,13 +16,13 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._warnings import warn as _warn
 from .adapter import autocast_enabled, autocast_off, functorch_active, has_hooks, version_key
 from .lora import (
     LoRALinear,
@@ -321,15 +321,13 @@ class DoRALinear(LoRALinear):
         return False  # the norm needs W0 itself: hooks on the base are skipped, with a warning
 
     def _warn_base_hooks_skipped(self) -> None:
-        warnings.warn(
+        _warn(
             f"{type(self).__name__}: base_layer has hooks of its own, which an unmerged DoRA layer "
             "does not run: it computes x W0^T and the row norms of W0 from base_layer.weight itself "
             "(the norm needs W0). Register activation hooks on the DoRA layer instead; hooks that "
             "move or recompute the weight (accelerate's offloading, the deprecated "
             "torch.nn.utils.weight_norm) are not supported, use torch.nn.utils.parametrize for the "
             "latter. Merged or disabled, the layer calls base_layer and its hooks run.",
-            UserWarning,
-            stacklevel=2,
         )
 
     def _inference_gain_key(self, dtype: torch.dtype) -> tuple | None:

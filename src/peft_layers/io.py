@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._warnings import warn as _warn
 from .adapter import base_features, is_conv1d
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_above_features_allowed
@@ -778,12 +778,10 @@ def _names_peft_leaves_plain(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _warn_shared(model: nn.Module, caller: str, file: str) -> None:
     for first, plain in _names_peft_leaves_plain(model):
-        warnings.warn(
+        _warn(
             f"{caller}: {[first, *plain]} name one shared module, which has the adapter under every name "
             f"here; Hugging Face PEFT adapts only the first name ({first!r}) and leaves {plain} as the "
             f"plain base, so {file} gives different outputs there in Hugging Face PEFT",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -834,12 +832,10 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     wider = _wider_saved_matches(model, saved_names)
     if wider:
         ours["modules_to_save"] = saved_names  # exact, for our loader
-        warnings.warn(
+        _warn(
             f"save_adapter(): Hugging Face PEFT matches modules_to_save names as suffixes of module "
             f"names, so it would also wrap {wider} and then fail to load this file, whose state of "
             "those modules is missing; load_adapter() reads it exactly",
-            UserWarning,
-            stacklevel=3,
         )
     _refuse_sharded(tensors.values(), "save_adapter()")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}

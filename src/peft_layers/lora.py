@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Integral, Real
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._warnings import warn as _warn
 from .adapter import (
     AdapterMixin,
     autocast_dtype,
@@ -342,13 +342,11 @@ class LoRALinear(AdapterMixin, nn.Module):
             self._warn_meta_adapter()
 
     def _warn_meta_adapter(self) -> None:
-        warnings.warn(
+        _warn(
             f"{type(self).__name__}: the base layer is on the meta device, so the adapter holds no "
             f"values yet; after to_empty(), call reset_parameters() on the adapter layers"
             f"{self._meta_note} (torch.nn's meta-device recipe calls it on every module), or load "
             "an adapter into them",
-            UserWarning,
-            stacklevel=4,
         )
 
     #: what the meta-device warning adds for this class
@@ -464,13 +462,11 @@ class LoRALinear(AdapterMixin, nn.Module):
         # a merged forward never touches A, B (or m): a training step would leave them without
         # gradient, silently where other layers still give the loss a graph
         if any(parameter.requires_grad for parameter in self.adapter_parameters()):
-            warnings.warn(
+            _warn(
                 f"{type(self).__name__}: forward in training mode with gradients on, but the adapter "
                 "is merged into the base weight, so its parameters get no gradient; call unmerge() "
                 "(peft_layers.unmerge_adapters(model)) before training, or eval() / torch.no_grad() "
                 "to only evaluate",
-                UserWarning,
-                stacklevel=2,
             )
 
     def _dropout_active(self) -> bool:
@@ -522,13 +518,11 @@ class LoRALinear(AdapterMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if changed:
             self._merged_values_replaced()
-            warnings.warn(
+            _warn(
                 f"{type(self).__name__}: loaded other values into a merged layer; a state dict does not "
                 "record whether its layer was merged, so the loaded weight is taken as a merged one "
                 "(right only if it came from a merged layer). Load state dicts into unmerged layers "
                 "from unmerged ones, and merge after loading",
-                UserWarning,
-                stacklevel=2,
             )
 
     def _merged_values_replaced(self) -> None:

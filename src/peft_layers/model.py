@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._warnings import warn as _warn
 from .adapter import is_conv1d, is_conv1d_class
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
@@ -583,14 +584,12 @@ def _tied(
 def _warn_tied_saved(model: nn.Module, saved: list[tuple[list[str], nn.Module]]) -> None:
     tied = _tied(model, saved, weight_only=False)
     if tied:
-        warnings.warn(
+        _warn(
             f"inject_adapters(): {tied} share their weights with modules to save (tied weights): "
             "the trained copy unties them (the other holders keep the original weight, as in "
             "Hugging Face PEFT), and transformers' save_pretrained() of the model cannot save the "
             "shared original under its new name; save the adapter with save_adapter(), or "
             "merge_and_unload() first",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -604,13 +603,11 @@ def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, 
             "init='pissa' writes the residual W0 - s B A into the shared weight, so the other "
             "holders change now (exclude these targets to keep them); " if pissa else ""
         )
-        warnings.warn(
+        _warn(
             f"inject_adapters(): {tied} share their weights with the targets (tied weights): {pissa_note}"
             "merge_adapters() writes the merge into every holder (merge_and_unload() gives the target "
             "its own merged weight), and transformers' save_pretrained() of the unmerged model cannot "
             "save the shared tensor under its new name; save the adapter with save_adapter()",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -719,11 +716,9 @@ def _one_requantize_warning(layers: list[Any], caller: str) -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r".* is quantized \(", category=UserWarning)
         yield
     count = sum(isinstance(layer, QLoRALinear) for layer in layers)
-    warnings.warn(
+    _warn(
         f"{caller}: {count} adapter layer(s) have a quantized base ({', '.join(schemes)}), "
         + REQUANTIZE_CONSEQUENCE,
-        UserWarning,
-        stacklevel=3,
     )
 
 
@@ -775,14 +770,12 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
-        warnings.warn(
+        _warn(
             f"merge_and_unload(): {dequantized} merged layer(s) are float now, inside a model that "
             "transformers loaded quantized (its config keeps quantization_config, its other layers "
             "stay quantized), and save_pretrained() of that mix does not load back. For a merged "
             "float checkpoint, load the base model in float, load_adapter(..., method='lora' or "
             "'dora'), then merge_and_unload()",
-            UserWarning,
-            stacklevel=2,
         )
     return model
 

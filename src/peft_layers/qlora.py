@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._warnings import warn as _warn
 from .adapter import SameObject
 from .dora import DoRALinear
 from .lora import LoRALinear, _check_features, is_bitsandbytes_module
@@ -212,20 +212,16 @@ class QLoRALinear(LoRALinear):
     # ---- merging requantizes ------------------------------------------------------------------
     def _init_pissa(self) -> None:
         super()._init_pissa()  # decodes, splits, requantizes the residual
-        warnings.warn(
+        _warn(
             f"init='pissa': the base of this {type(self).__name__} is quantized "
             f"({self.base_layer.scheme}), so the PiSSA residual of its decoded weight is requantized "
             "and the layer moves up to that rounding away from what it computed (from_linear() of a "
             "float nn.Linear splits before quantizing, QPiSSA, and stays closer to W0)",
-            UserWarning,
-            stacklevel=3,
         )
 
     def _warn_requantize(self, call: str) -> None:
-        warnings.warn(
+        _warn(
             REQUANTIZE_WARNING.format(call=call, cls=type(self).__name__, scheme=self.base_layer.scheme),
-            UserWarning,
-            stacklevel=3,
         )
 
     def merge(self) -> None:

@@ -32,7 +32,6 @@ bitsandbytes does the arithmetic when it can be imported; otherwise the pure-PyT
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._warnings import warn as _warn
 from ..adapter import autocast_dtype, functorch_active, has_hooks
 from ..lora import _check_features
 from . import _bnb
@@ -295,12 +295,10 @@ class QuantizedLinear(nn.Module):
             )
         layer.source_cls = getattr(module, "source_cls", None)
         if has_hooks(module):
-            warnings.warn(
+            _warn(
                 f"QuantizedLinear.from_bnb(): the {type(module).__name__} has hooks of its own, which "
                 "will not run: this layer decodes the module's weight and computes without calling it. "
                 "Register them on the QuantizedLinear (a QLoRA layer's base_layer) instead",
-                UserWarning,
-                stacklevel=2,
             )
         return layer
 
