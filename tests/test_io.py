@@ -181,7 +181,7 @@ def test_round_trip_into_a_plain_model(method: str, tmp_path: Path) -> None:
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     if method in ("qlora", "qdora"):
         for (_, a), (_, b) in zip(iter_adapter_layers(model), iter_adapter_layers(loaded)):
-            assert io._quant_info(a) == io._quant_info(b)
+            assert io._save._quant_info(a) == io._save._quant_info(b)
             assert torch.equal(a.base_layer.dequantize(), b.base_layer.dequantize())
     else:
         close64(loaded(x), net_reference(base_net(), adapters_of(model), x))
@@ -1042,7 +1042,7 @@ def test_failure_after_injection_is_undone(saved_lora: Path, monkeypatch) -> Non
     def boom(plan, adapter):
         raise RuntimeError("simulated failure while copying")
 
-    monkeypatch.setattr(io, "_apply", boom)
+    monkeypatch.setattr(io._load, "_apply", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         load_adapter(model, saved_lora)
     assert_unchanged(model, before)
@@ -1060,7 +1060,7 @@ def test_pissa_file_recreates_the_residual_and_rolls_it_back(tmp_path: Path, mon
     plain_lora = targets()[1]  # layers whose base is not a PiSSA residual
     with pytest.raises(ValueError, match="PiSSA"):
         load_adapter(plain_lora, tmp_path)
-    monkeypatch.setattr(io, "_apply", lambda plan, adapter: (_ for _ in ()).throw(RuntimeError("late")))
+    monkeypatch.setattr(io._load, "_apply", lambda plan, adapter: (_ for _ in ()).throw(RuntimeError("late")))
     fresh = base_net()
     before = snapshot(fresh)
     with pytest.raises(RuntimeError, match="late"):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .adapter import autocast_enabled, autocast_off, base_features, has_hooks, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
-from .io import _bias_mode
+from .io._save import _bias_mode
 from .lora import LoRALinear, is_bitsandbytes_module
 from .model import _check_model, _module_names, _set_module, iter_adapter_layers, iter_modules_to_save
 from .quant import QuantizedLinear

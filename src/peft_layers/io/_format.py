@@ -1,0 +1,618 @@
+"""What an adapter file holds, and reading it: the layout's names, :class:`AdapterFile`,
+:func:`read_adapter` and the checks on the files alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..model import METHODS, _suffix_matches, pattern_key
+
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_BIN_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+DEFAULT_ADAPTER = "default"
+#: the prefix Hugging Face PEFT puts before every module path in the weights file
+KEY_PREFIX = "base_model.model."
+#: the safetensors metadata key of our field (a JSON object, as metadata values are strings)
+METADATA_KEY = "peft_layers"
+#: version of our ``"peft_layers"`` field
+FORMAT_VERSION = 1
+
+_DORA_EPSILON = 1e-8
+_LORA_PLUS_RATIO = 16.0
+#: Hugging Face ``bias`` values and ours (``inject_adapters(bias=...)``)
+_BIAS_FROM_HF = {"none": "none", "all": "all", "lora_only": "adapter_only"}
+_BIAS_TO_HF = {ours: theirs for theirs, ours in _BIAS_FROM_HF.items()}
+#: ``init_lora_weights`` values that leave the base weight alone: any start of A, B will do,
+#: since the file overwrites them
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+#: LoraConfig fields that change what the adapter computes in ways we do not support
+_UNSUPPORTED_FIELDS = (
+    "lora_bias", "use_qalora", "alora_invocation_tokens",
+    "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "monteclora_config",
+)
+#: files of a whole model's checkpoint (transformers' ``save_pretrained``), named in errors
+_FULL_CHECKPOINTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+#: VeLoRA (``velora_config``) changes only what backward keeps, so its adapters compute plain LoRA:
+#: we load them without the per-layer VeLoRA buffers, whose keys end in this
+_VELORA_KEY = re.compile(r"\.lora_velora_[A-Za-z_]+$")
+
+
+# ---- what a file holds -----------------------------------------------------------------------
+@dataclass
+class ModuleAdapter:
+    """The adapter tensors of one module in a file, in our naming.
+
+    ``lora_A`` (rank, in), ``lora_B`` (out, rank), ``magnitude`` (out,) or None, ``bias`` (out,) or
+    None (the base layer's bias, saved when biases were trained); ``rank`` and ``alpha`` as the
+    config gives them for this module; ``base_weight`` (out, in) or None: the base layer's full
+    weight, which Hugging Face PEFT saves for targeted embedding layers (``lm_head``) and which a
+    load copies into the base.
+    """
+
+    path: str
+    lora_A: Tensor
+    lora_B: Tensor
+    magnitude: Tensor | None
+    bias: Tensor | None
+    rank: int
+    alpha: float
+    base_weight: Tensor | None = None
+
+
+@dataclass
+class AdapterFile:
+    """An adapter directory read and checked by :func:`read_adapter`, not yet tied to a model.
+
+    Attributes:
+        directory: where the files are. config: the parsed ``adapter_config.json``.
+        method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``.
+        modules: module path -> its :class:`ModuleAdapter`, in file order.
+        other_biases: module path -> bias of a module that is not an adapter layer
+            (``bias="all"``).
+        saved_modules: module path -> the state dict of a module to save (``modules_to_save``:
+            trained in full, see :class:`~peft_layers.ModuleToSave`), in file order.
+        use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
+        any start that leaves the base alone, or "pissa"), layer_kwargs (method-specific keyword
+        arguments for the layer classes: ``epsilon``, ``lr_ratio``, ``quant``, ...).
+    """
+
+    directory: Path
+    config: dict[str, Any]
+    method: str
+    modules: dict[str, ModuleAdapter]
+    other_biases: dict[str, Tensor]
+    use_rslora: bool
+    dropout: float
+    bias_mode: str
+    init: str
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether the adapter is DoRA (it has magnitudes): ``method`` is "dora" or "qdora"."""
+        return self.method in ("dora", "qdora")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The adapter tensors under the keys of ``adapter_state_dict(model)``
+        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``, and
+        ``"<path>.trained.<key>"`` for a module to save)."""
+        state: dict[str, Tensor] = {}
+        for path, module in self.modules.items():
+            prefix = f"{path}." if path else ""
+            state[prefix + "lora_A"] = module.lora_A
+            state[prefix + "lora_B"] = module.lora_B
+            if module.magnitude is not None:
+                state[prefix + "magnitude"] = module.magnitude
+        for path, saved in self.saved_modules.items():
+            for key, tensor in saved.items():
+                state[f"{path}.trained.{key}"] = tensor
+        return state
+
+    def scaling(self, path: str) -> float:
+        """``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``) of the module at ``path``."""
+        module = self.modules[path]
+        return module.alpha / (math.sqrt(module.rank) if self.use_rslora else module.rank)
+
+
+# ---- directories -------------------------------------------------------------------------------
+def _check_adapter_name(adapter_name: Any) -> str:
+    if adapter_name is None:
+        return DEFAULT_ADAPTER
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name: expected a str or None, got {type(adapter_name).__name__}")
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not adapter_name or adapter_name in (".", "..") or any(s in adapter_name for s in separators):
+        raise ValueError(
+            f"adapter_name: expected a folder name (non-empty, no path separator, not '.' or '..'), "
+            f"got {adapter_name!r}"
+        )
+    return adapter_name
+
+
+def _check_directory(directory: Any) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
+    path = Path(directory)
+    if path.is_file():
+        raise NotADirectoryError(
+            f"directory: {str(path)!r} is a file; an adapter is a directory holding {WEIGHTS_NAME} and "
+            f"{CONFIG_NAME} (pass the directory that holds them)"
+        )
+    return path
+
+
+def adapter_directory(directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Where the adapter ``adapter_name`` lives under ``directory``: the root for ``None`` or
+    ``"default"``, ``<directory>/<adapter_name>/`` otherwise (Hugging Face PEFT's layout)."""
+    root = _check_directory(directory)
+    name = _check_adapter_name(adapter_name)
+    return root if name == DEFAULT_ADAPTER else root / name
+
+
+def list_adapters(directory: str | os.PathLike) -> list[str]:
+    """The names of the adapters saved under ``directory``: ``"default"`` if the root holds an
+    ``adapter_config.json``, then every direct subfolder that holds one, sorted."""
+    root = _check_directory(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"directory: {str(root)!r} is not a directory")
+    names = [DEFAULT_ADAPTER] if (root / CONFIG_NAME).is_file() else []
+    names += sorted(
+        sub.name for sub in root.iterdir()
+        if sub.is_dir() and sub.name != DEFAULT_ADAPTER and (sub / CONFIG_NAME).is_file()
+    )
+    return names
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a valid JSON adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes that safetensors has parsed already: the file
+    opens with the header's length (8 bytes, little-endian) and then the JSON header."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a weights file and its metadata (none for ``.bin``)."""
+    metadata: dict[str, str] = {}
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        data = path.read_bytes()
+        try:
+            tensors = load(data)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ValueError(
+                f"{path}: not a valid safetensors file, truncated or corrupt ({error})"
+            ) from None
+        metadata = _safetensors_metadata(data)
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and unpickler errors of every kind
+            raise ValueError(
+                f"{path}: not a valid torch weights file, truncated or corrupt ({error})"
+            ) from None
+        if not isinstance(tensors, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError(f"{path}: expected a dict of name -> Tensor")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return dict(tensors), metadata
+
+
+def _config_value(config: Mapping[str, Any], name: str, default: Any) -> Any:
+    """``config[name]``, with ``default`` for a missing key or a null value."""
+    value = config.get(name, default)
+    return default if value is None and default is not None else value
+
+
+def _check_int(value: Any, name: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: {name} must be an int > 0, got {value!r}")
+    return value
+
+
+def _check_alpha(value: Any, name: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{path}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_patterns(config: Mapping[str, Any], name: str, path: Path, check) -> dict[str, Any]:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{path}: {name} must be an object of name pattern -> value, got {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ValueError(f"{path}: {name} key {key!r} is not a valid regex ({error})") from None
+        check(value, f"{name}[{key!r}]", path)
+    return patterns
+
+
+def _target_matches(target_modules: Any, name: str) -> bool:
+    """Hugging Face PEFT's ``target_modules`` rule: a string is a regex that must match the whole
+    name; a list holds exact names and name suffixes (whole dotted components)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(_suffix_matches(t, name) for t in target_modules)
+
+
+def _our_field(
+    config: Mapping[str, Any], metadata: Mapping[str, str], config_path: Path, weights_path: Path
+) -> tuple[Any, Path]:
+    """Our ``"peft_layers"`` field (None if absent) and the file it came from: the weights'
+    metadata, where :func:`save_adapter` writes it, or the config, where earlier development
+    versions wrote it. Both at once must agree."""
+    in_config = config.get(METADATA_KEY)
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return in_config, config_path
+    try:
+        ours = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{weights_path}: metadata {METADATA_KEY!r} is not valid JSON ({error})") from None
+    if in_config is not None and in_config != ours:
+        raise ValueError(
+            f"{config_path}: field {METADATA_KEY!r} {in_config!r} contradicts the metadata of "
+            f"{weights_path.name} ({ours!r})"
+        )
+    return ours, weights_path
+
+
+def _parse_our_field(ours: Any, use_dora: bool, path: Path) -> tuple[str, dict[str, Any]]:
+    """The method and its layer keyword arguments, from our field (read from ``path``) or, when
+    there is none, from the config's ``use_dora``."""
+    if ours is None:
+        return ("dora" if use_dora else "lora"), {}
+    if not isinstance(ours, dict):
+        raise ValueError(f"{path}: peft_layers must be an object, got {ours!r}")
+    version = ours.get("version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: peft_layers.version {version!r} is not supported (this peft_layers reads 1 to "
+            f"{FORMAT_VERSION}); upgrade peft_layers"
+        )
+    method = ours.get("method", "dora" if use_dora else "lora")
+    if method not in METHODS:
+        raise ValueError(f"{path}: peft_layers.method must be one of {METHODS}, got {method!r}")
+    if (method in ("dora", "qdora")) != use_dora:
+        raise ValueError(
+            f"{path}: peft_layers.method {method!r} contradicts use_dora={use_dora} of {CONFIG_NAME}"
+        )
+    kwargs: dict[str, Any] = {}
+    if "epsilon" in ours:
+        if method not in ("dora", "qdora"):
+            raise ValueError(f"{path}: peft_layers.epsilon is set, but method {method!r} is not DoRA")
+        kwargs["epsilon"] = _check_alpha(ours["epsilon"], "peft_layers.epsilon", path)
+    if "lr_ratio" in ours:
+        if method != "lora_plus":
+            raise ValueError(f"{path}: peft_layers.lr_ratio is set, but method {method!r} is not lora_plus")
+        kwargs["lr_ratio"] = _check_alpha(ours["lr_ratio"], "peft_layers.lr_ratio", path)
+    quant = ours.get("quant")
+    if method in ("qlora", "qdora"):
+        if quant is not None:
+            kwargs.update(_parse_quant(quant, path))
+    elif quant is not None:
+        raise ValueError(f"{path}: peft_layers.quant is set, but method {method!r} is not quantized")
+    return method, kwargs
+
+
+def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(quant, dict):
+        raise ValueError(f"{path}: peft_layers.quant must be an object, got {quant!r}")
+    kwargs: dict[str, Any] = {}
+    scheme = quant.get("scheme")
+    if scheme not in ("nf4", "fp4", "int8"):
+        raise ValueError(f"{path}: peft_layers.quant.scheme must be 'nf4', 'fp4' or 'int8', got {scheme!r}")
+    kwargs["quant"] = scheme
+    if quant.get("blocksize") is not None:
+        kwargs["blocksize"] = _check_int(quant["blocksize"], "peft_layers.quant.blocksize", path)
+    if quant.get("double_quant") is not None:
+        if not isinstance(quant["double_quant"], bool):
+            raise ValueError(
+                f"{path}: peft_layers.quant.double_quant must be a bool, got {quant['double_quant']!r}"
+            )
+        kwargs["double_quant"] = quant["double_quant"]
+    if quant.get("compute_dtype") is not None:
+        name = quant["compute_dtype"]
+        if name not in _DTYPES:
+            raise ValueError(
+                f"{path}: peft_layers.quant.compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}"
+            )
+        kwargs["compute_dtype"] = _DTYPES[name]
+    return kwargs
+
+
+#: key suffixes of the layout and the kind of tensor each names; all but "bias" are adapter keys
+_KEY_KINDS = (
+    ("lora_A.weight", "lora_A"),
+    ("lora_B.weight", "lora_B"),
+    ("lora_magnitude_vector", "magnitude"),
+    ("base_layer.bias", "base_bias"),
+    ("base_layer.weight", "base_weight"),
+    ("bias", "bias"),
+)
+_ADAPTER_SUFFIXES = tuple(suffix for suffix, kind in _KEY_KINDS if kind != "bias")
+
+
+def _split_key(key: str, path: Path) -> tuple[str, str]:
+    """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
+    magnitude, base_bias (``<p>.base_layer.bias``), base_weight (``<p>.base_layer.weight``) and
+    bias (``<q>.bias``)."""
+    if not key.startswith(KEY_PREFIX):
+        raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
+    rest = key[len(KEY_PREFIX):]
+    for suffix, kind in _KEY_KINDS:
+        if rest == suffix or rest.endswith("." + suffix):
+            module = rest[: -len(suffix)].rstrip(".")
+            if kind == "bias" and re.search(r"(^|\.)lora_[A-Za-z_]+$", module):
+                break  # lora_B.bias and the like: a LoRA bias, which we do not support
+            return module, kind
+    raise ValueError(
+        f"{path}: unexpected key {key!r}; this layout has <path>.lora_A.weight, <path>.lora_B.weight, "
+        "<path>.lora_magnitude_vector, <path>.base_layer.weight (a targeted embedding's base weight) and, "
+        "with trained biases, <path>.base_layer.bias / <path>.bias"
+    )
+
+
+def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, str] | None:
+    """``"base_model.model.<p>.<k>"`` -> ``(p, k)`` when ``p`` is a module to save: the shortest
+    dotted prefix of the key that is one of ``names`` (``exact``: the full names our field
+    records) or ends with one (the config's ``modules_to_save``, matched as Hugging Face PEFT
+    matches them: the module's name ends with the string). None for adapter keys and keys of
+    other modules."""
+    rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
+    if not names or rest is None or rest.endswith(_ADAPTER_SUFFIXES):
+        return None
+    parts = rest.split(".")
+    for end in range(1, len(parts)):
+        path = ".".join(parts[:end])
+        matches = (path in names) if exact else any(path.endswith(name) for name in names)
+        if matches:
+            return path, ".".join(parts[end:])
+    return None
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Whether two module paths are one module or one lies inside the other."""
+    return path == other or other.startswith(path + ".") or path.startswith(other + ".")
+
+
+#: keys that Hugging Face PEFT's bias="all" writes from inside its modules-to-save wrapper: its
+#: original module's bias and a second copy of the trained one (the module's own key has it)
+_HF_WRAPPER_KEYS = ("original_module.", "modules_to_save.")
+
+
+def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
+    """Read and check an adapter saved by :func:`save_adapter` or by Hugging Face PEFT.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or, if there is none,
+    ``adapter_model.bin`` through ``torch.load(weights_only=True)``) from
+    :func:`adapter_directory` ``(directory, adapter_name)``. Checks that the config is a
+    ``"LORA"`` config we can reproduce, that every key has the layout's form, that every module has
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) with matching ranks, a magnitude (out,) exactly
+    when the config says DoRA, a rank equal to the config's (``r`` or its ``rank_pattern``), a
+    full base weight ``<p>.base_layer.weight`` (Hugging Face PEFT writes it for targeted
+    embedding layers) of shape (out, in), and that every tensor is floating point and finite.
+
+    Raises ``FileNotFoundError`` if a file is missing and ``ValueError`` naming the file for
+    anything else.
+    """
+    folder = adapter_directory(directory, adapter_name)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        root = _check_directory(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"directory: {str(root)!r} does not exist (adapters are read from local directories; "
+                "a Hugging Face Hub id must be downloaded first, e.g. huggingface_hub.snapshot_download)"
+            )
+        checkpoint = [name for name in _FULL_CHECKPOINTS if (folder / name).is_file()]
+        hint = (
+            f"; {checkpoint[0]} here is a whole model's checkpoint (transformers' save_pretrained, "
+            "Trainer's save_model): inject the same adapters and model.load_state_dict() it, and "
+            "save adapters alone with save_adapter()"
+            if checkpoint else ""
+        )
+        raise FileNotFoundError(
+            f"{config_path}: no adapter config here (adapter_name={adapter_name!r}); "
+            f"adapters found under {str(root)!r}: {list_adapters(root)}{hint}"
+        )
+    weights_path = folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        weights_path = folder / WEIGHTS_BIN_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(
+                f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {WEIGHTS_BIN_NAME}"
+            )
+    config = _read_config(config_path)
+    tensors, metadata = _read_tensors(weights_path)
+    return _parse(folder, config_path, config, weights_path, tensors, metadata)
+
+
+def _parse(
+    folder: Path,
+    config_path: Path,
+    config: dict[str, Any],
+    weights_path: Path,
+    tensors: dict[str, Tensor],
+    metadata: Mapping[str, str],
+) -> AdapterFile:
+    cp = config_path
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(
+            f"{cp}: peft_type must be 'LORA', got {peft_type!r}; only LoRA/DoRA adapters are supported"
+        )
+    for name in _UNSUPPORTED_FIELDS:
+        if config.get(name) not in (None, False, [], {}, ""):
+            raise ValueError(f"{cp}: {name}={config[name]!r} is not supported by peft_layers")
+    r = _check_int(config.get("r", 8), "r", cp)
+    lora_alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha", cp)
+    use_dora = _config_value(config, "use_dora", False)
+    use_rslora = _config_value(config, "use_rslora", False)
+    # fan_in_fan_out only says how the base stores its weight; each layer's type says it too and
+    # wins, as in Hugging Face PEFT (transformers' Conv1D stores (in, out), nn.Linear (out, in))
+    fan_in_fan_out = _config_value(config, "fan_in_fan_out", False)
+    for name, value in (("use_dora", use_dora), ("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{cp}: {name} must be true or false, got {value!r}")
+    dropout = _config_value(config, "lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{cp}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    bias = _config_value(config, "bias", "none")
+    if bias not in _BIAS_FROM_HF:
+        raise ValueError(f"{cp}: bias must be one of {tuple(_BIAS_FROM_HF)}, got {bias!r}")
+    init_weights = _config_value(config, "init_lora_weights", True)
+    if init_weights == "pissa":
+        init = "pissa"
+    elif any(init_weights is v or (isinstance(v, str) and init_weights == v) for v in _PLAIN_INITS):
+        init = "kaiming"
+    else:
+        raise ValueError(
+            f"{cp}: init_lora_weights={init_weights!r} changes the base weights in a way peft_layers "
+            f"does not reproduce; supported: {list(_PLAIN_INITS) + ['pissa']}"
+        )
+    rank_pattern = _check_patterns(config, "rank_pattern", cp, _check_int)
+    alpha_pattern = _check_patterns(config, "alpha_pattern", cp, _check_alpha)
+    target_modules = config.get("target_modules")
+    if target_modules is not None and not (
+        isinstance(target_modules, str)
+        or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))
+    ):
+        raise ValueError(
+            f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
+        )
+    ours, ours_path = _our_field(config, metadata, cp, weights_path)
+    method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
+    # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
+    # more modules than were saved (see _build_files)
+    exact_saved = isinstance(ours, dict) and "modules_to_save" in ours
+    saved_names = (ours["modules_to_save"] if exact_saved else config.get("modules_to_save")) or []
+    if not isinstance(saved_names, list) or not all(isinstance(name, str) and name for name in saved_names):
+        where = f"{ours_path}: peft_layers." if exact_saved else f"{cp}: "
+        raise ValueError(f"{where}modules_to_save must be a list of module names, got {saved_names!r}")
+    if method == "lora_plus":
+        layer_kwargs.setdefault("lr_ratio", _LORA_PLUS_RATIO)
+
+    # group the tensors by module
+    wp = weights_path
+    grouped: dict[str, dict[str, Tensor]] = {}
+    saved_modules: dict[str, dict[str, Tensor]] = {}
+    velora = config.get("velora_config") not in (None, False, {})
+    for key in sorted(tensors):  # safetensors hands keys back in no fixed order
+        if velora and _VELORA_KEY.search(key):
+            continue
+        tensor = tensors[key]
+        saved = _saved_module_key(key, saved_names, exact=exact_saved)
+        if saved is not None:  # a module's own state: integer buffers (BatchNorm's count) too
+            if not saved[1].startswith(_HF_WRAPPER_KEYS):
+                saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
+        module, kind = _split_key(key, wp)
+        grouped.setdefault(module, {})[kind] = tensor
+    other_biases = {}
+    modules: dict[str, ModuleAdapter] = {}
+    for module, parts in grouped.items():
+        if "lora_A" not in parts and "lora_B" not in parts:
+            if set(parts) - {"bias"}:
+                raise ValueError(f"{wp}: module {module!r} has {sorted(parts)} but no lora_A/lora_B")
+            other_biases[module] = parts["bias"]
+            continue
+        for kind in ("lora_A", "lora_B"):
+            if kind not in parts:
+                raise ValueError(f"{wp}: missing key {KEY_PREFIX}{module}.{kind}.weight")
+        if "bias" in parts:
+            raise ValueError(
+                f"{wp}: unexpected key {KEY_PREFIX}{module}.bias for an adapter module "
+                "(expected .base_layer.bias)"
+            )
+        a, b, m = parts["lora_A"], parts["lora_B"], parts.get("magnitude")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{wp}: {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                "(r, in) and (out, r) with one r"
+            )
+        if use_dora and m is None:
+            raise ValueError(
+                f"{wp}: missing key {KEY_PREFIX}{module}.lora_magnitude_vector (the config says use_dora)"
+            )
+        if not use_dora and m is not None:
+            raise ValueError(
+                f"{wp}: unexpected key {KEY_PREFIX}{module}.lora_magnitude_vector: the config says "
+                "use_dora=false, but the file holds DoRA magnitudes"
+            )
+        if m is not None and tuple(m.shape) != (b.shape[0],):
+            raise ValueError(f"{wp}: {module!r}: lora_magnitude_vector {tuple(m.shape)} should be ({b.shape[0]},)")
+        base_bias = parts.get("base_bias")
+        if base_bias is not None and tuple(base_bias.shape) != (b.shape[0],):
+            raise ValueError(f"{wp}: {module!r}: base_layer.bias {tuple(base_bias.shape)} should be ({b.shape[0]},)")
+        base_weight = parts.get("base_weight")
+        if base_weight is not None and tuple(base_weight.shape) != (b.shape[0], a.shape[1]):
+            raise ValueError(
+                f"{wp}: {module!r}: base_layer.weight {tuple(base_weight.shape)} should be "
+                f"({b.shape[0]}, {a.shape[1]}) (out_features of lora_B, in_features of lora_A)"
+            )
+        key = pattern_key(rank_pattern, module)
+        rank = rank_pattern[key] if key is not None else r
+        if a.shape[0] != rank:
+            raise ValueError(
+                f"{wp}: {module!r} has rank {a.shape[0]} but {cp.name} gives it rank {rank} "
+                f"({'rank_pattern[' + repr(key) + ']' if key is not None else 'r'})"
+            )
+        key = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
+        if target_modules is not None and not _target_matches(target_modules, module):
+            raise ValueError(
+                f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
+            )
+        modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha, base_weight)
+    if not modules:
+        raise ValueError(f"{wp}: holds no adapter tensors")
+    inside = [(p, q) for p in saved_modules for q in modules if _overlaps(p, q)]
+    if inside:
+        raise ValueError(f"{wp}: the module to save {inside[0][0]!r} and the adapter module {inside[0][1]!r} overlap")
+    if other_biases and bias != "all":
+        raise ValueError(
+            f"{wp}: holds biases of non-adapter modules {sorted(other_biases)} but {cp.name} says bias={bias!r}"
+        )
+    return AdapterFile(
+        directory=folder, config=config, method=method, modules=modules, other_biases=other_biases,
+        use_rslora=use_rslora, dropout=float(dropout), bias_mode=_BIAS_FROM_HF[bias], init=init,
+        layer_kwargs=layer_kwargs, saved_modules=saved_modules,
+    )
+
+

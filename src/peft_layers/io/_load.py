@@ -1,0 +1,463 @@
+"""Loading an adapter file into a model: checks against the model, injection, then the fill."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..adapter import base_features, is_conv1d
+from ..dora import DoRALinear
+from ..lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_above_features_allowed
+from ..modules_to_save import ModuleToSave
+from ..model import (
+    METHODS,
+    _check_model,
+    _inside_adapter,
+    _stacked_layers,
+    _undo_on_error,
+    inject_adapters,
+    iter_adapter_layers,
+    iter_modules_to_save,
+    method_of,
+    _refuse_sharded,
+)
+from ..quant import QuantizedLinear
+from ._format import AdapterFile, ModuleAdapter, read_adapter
+from ._save import _anchored, _most_common, _warn_shared
+
+
+
+# ---- loading -----------------------------------------------------------------------------------
+@dataclass
+class _FillPlan:
+    """What a load will copy: checked completely before anything is copied."""
+
+    layers: list[tuple[LoRALinear, ModuleAdapter]]
+    biases: list[tuple[Tensor, Tensor]]
+    saved: list[tuple[ModuleToSave, dict[str, Tensor]]] = field(default_factory=list)
+
+
+def _is_quantized(module: nn.Module | None) -> bool:
+    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
+
+
+def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, method: str) -> None:
+    """The file's full base weight (if any) can be copied into ``base``, the linear layer the
+    adapter wraps (``method`` is the adapter layer's): a float weight of the same shape."""
+    if module.base_weight is None:
+        return
+    if method in ("qlora", "qdora") or _is_quantized(base):
+        raise ValueError(
+            f"{where}: the file holds the full base weight (base_layer.weight, which Hugging Face PEFT "
+            f"saves for a targeted embedding layer such as lm_head), but the base is quantized "
+            f"(method {method!r}, {type(base).__name__}); a float weight cannot be loaded into it. Load it "
+            "into a model with a float base (method='lora' or 'dora')"
+        )
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != tuple(module.base_weight.shape):
+        found = tuple(weight.shape) if isinstance(weight, Tensor) else None
+        raise ValueError(
+            f"{where}: base_layer.weight has shape {tuple(module.base_weight.shape)} in the file but "
+            f"{found} in the model"
+        )
+
+
+def _refuse_meta(where: str, tensors: Iterator[Tensor] | list[Tensor]) -> None:
+    """Raise ``ValueError`` if any of ``tensors`` is on the meta device: copying into it keeps
+    nothing."""
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            f"{where}: the model's tensors there are on the meta device, which holds no values, so "
+            "the file's tensors would be dropped; materialise the model first (to_empty(), then "
+            "load its weights), then load the adapter"
+        )
+
+
+def _check_fits(layer: LoRALinear, module: ModuleAdapter, adapter: AdapterFile, path: str) -> None:
+    where = f"{adapter.directory}: {path!r}"
+    _refuse_sharded(layer.adapter_parameters(), f"load_adapter(): {path!r}")
+    _refuse_meta(where, [layer.lora_A])
+    if layer.merged:
+        raise ValueError(f"{where}: the layer is merged; unmerge() it before loading adapter weights into it")
+    is_dora_layer = isinstance(layer, DoRALinear)
+    if adapter.is_dora and not is_dora_layer:
+        raise ValueError(
+            f"{where}: the file is a DoRA adapter (it has lora_magnitude_vector), but the model's layer is "
+            f"a {type(layer).__name__} without a magnitude; loading it as plain LoRA would drop the "
+            "magnitudes and change the outputs. Inject with method='dora' (or 'qdora')"
+        )
+    if not adapter.is_dora and is_dora_layer:
+        raise ValueError(
+            f"{where}: the model's layer is a {type(layer).__name__}, but the file is a plain LoRA adapter "
+            "with no lora_magnitude_vector to load into it. Inject with method='lora' (or 'qlora')"
+        )
+    if module.rank != layer.rank:
+        raise ValueError(f"{where}: the file has rank {module.rank}, the model's layer has rank {layer.rank}")
+    for name, tensor in (("lora_A", module.lora_A), ("lora_B", module.lora_B), ("magnitude", module.magnitude)):
+        if tensor is not None and tuple(tensor.shape) != tuple(getattr(layer, name).shape):
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(getattr(layer, name).shape)} in the model (in_features={layer.in_features}, "
+                f"out_features={layer.out_features}, rank={layer.rank})"
+            )
+    if (adapter.init == "pissa") != (layer.init == "pissa"):
+        raise ValueError(
+            f"{where}: the file's adapter is {'' if adapter.init == 'pissa' else 'not '}relative to a PiSSA "
+            f"residual base (init_lora_weights), the model's layer has init={layer.init!r}; the outputs "
+            "would be wrong. Load into a model without adapters so the file's init is reproduced"
+        )
+    if module.bias is not None and (layer.bias is None or tuple(layer.bias.shape) != tuple(module.bias.shape)):
+        found = None if layer.bias is None else tuple(layer.bias.shape)
+        raise ValueError(
+            f"{where}: the file has a bias of shape {tuple(module.bias.shape)}, the model's layer {found}"
+        )
+    _check_base_weight(where, module, layer.base_layer, method_of(layer))
+
+
+def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Tensor, Tensor]]:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan = []
+    for path, tensor in adapter.other_biases.items():
+        module = modules.get(path)
+        bias = getattr(module, "bias", None) if module is not None else None
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != tuple(tensor.shape):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else None
+            found = "no module" if module is None else f"bias {shape}"
+            raise ValueError(
+                f"{adapter.directory}: the file has a bias {tuple(tensor.shape)} for {path!r}; "
+                f"the model has {found} there"
+            )
+        plan.append((bias, tensor))
+    return plan
+
+
+def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """The file's state of a module to save fits ``module``: the same keys, shapes and kinds."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the file's state of this module to save does not fit the model's "
+            f"{type(module).__name__}; missing: {missing}, unexpected: {unexpected}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape) or tensor.is_floating_point() != own[key].is_floating_point():
+            raise ValueError(
+                f"{where}: {key} is {tuple(tensor.shape)} {tensor.dtype} in the file but "
+                f"{tuple(own[key].shape)} {own[key].dtype} in the model"
+            )
+
+
+def _check_module_to_save(where: str, model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """``module`` (at ``path``) can become a module to save: it exists and is plain."""
+    if module is None or not path:
+        raise ValueError(f"{where}: the file has a module to save there, but the model has no module of that name")
+    if isinstance(module, (LoRALinear, ModuleToSave)) or _inside_adapter(model, path):
+        raise ValueError(f"{where}: a module to save in the file, but an adapter layer or inside one in the model")
+    if any(_is_quantized(inner) for inner in module.modules()):
+        raise ValueError(f"{where}: a module to save in the file, which the model holds quantized (it cannot train in full)")
+
+
+def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[ModuleToSave, dict[str, Tensor]]]:
+    """Match the file's modules to save to the model's :class:`ModuleToSave` modules, all of them."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan: dict[int, tuple[ModuleToSave, dict[str, Tensor]]] = {}
+    for path, state in adapter.saved_modules.items():
+        target = modules.get(path)
+        where = f"{adapter.directory}: module to save {path!r}"
+        if isinstance(target, ModuleToSave):
+            _refuse_meta(where, list(target.trained.state_dict().values()))
+        if not isinstance(target, ModuleToSave):
+            found = "no module" if target is None else f"a {type(target).__name__}"
+            raise ValueError(
+                f"{where}: the model has {found} there, not a ModuleToSave; load into the model without "
+                "adapters (unload() first), which wraps the file's modules to save"
+            )
+        _check_saved_state(where, target.trained, state)
+        if id(target) in plan:  # a shared module, saved under two of its names
+            first = plan[id(target)][1]
+            if not all(torch.equal(first[key], state[key]) for key in state):
+                raise ValueError(f"{where}: it is a second name of a shared module to save, with other values")
+            continue
+        plan[id(target)] = (target, state)
+    # a module without state (a Dropout) has nothing in the file, as in Hugging Face PEFT's
+    missing = [
+        name for name, module in iter_modules_to_save(model) if id(module) not in plan and module.trained.state_dict()
+    ]
+    if missing:
+        raise ValueError(
+            f"{adapter.directory}: missing keys: the model's modules to save {missing} have no state in the file "
+            f"(it has {list(adapter.saved_modules)})"
+        )
+    return list(plan.values())
+
+
+def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
+    """Match the file's modules to the model's adapter layers and check every tensor fits."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layers = list(iter_adapter_layers(model))
+    layer_names = [name for name, _ in layers]
+    planned: dict[int, tuple[LoRALinear, ModuleAdapter]] = {}
+    for path, module in adapter.modules.items():
+        target = modules.get(path)
+        if target is None:
+            raise ValueError(
+                f"{adapter.directory}: unexpected key: the file has an adapter for {path!r}, but the model has "
+                f"no module of that name; its adapter layers are {layer_names}"
+            )
+        if not isinstance(target, LoRALinear):
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, a {type(target).__name__} that is "
+                f"not an adapter layer; the model's adapter layers are {layer_names}. To inject the file's "
+                "adapters, load into the model without adapters (unload() first)"
+            )
+        if id(target) in planned:  # a shared layer, saved under two of its names
+            first = planned[id(target)][1]
+            pairs = (
+                (first.lora_A, module.lora_A), (first.lora_B, module.lora_B), (first.magnitude, module.magnitude),
+                (first.bias, module.bias), (first.base_weight, module.base_weight),
+            )
+            if not all(
+                (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                for x, y in pairs
+            ):
+                raise ValueError(
+                    f"{adapter.directory}: {first.path!r} and {path!r} name one shared layer "
+                    "but hold different tensors"
+                )
+            continue
+        _check_fits(target, module, adapter, path)
+        planned[id(target)] = (target, module)
+    missing = [name for name, layer in layers if id(layer) not in planned]
+    if missing:
+        raise ValueError(
+            f"{adapter.directory}: missing keys: the model's adapter layers {missing} have no tensors in the file "
+            f"(it has {list(adapter.modules)})"
+        )
+    return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter), _plan_saved_modules(model, adapter))
+
+
+def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
+    with torch.no_grad():
+        for layer, module in plan.layers:
+            layer.lora_A.copy_(module.lora_A)
+            layer.lora_B.copy_(module.lora_B)
+            if module.magnitude is not None:
+                layer.magnitude.copy_(module.magnitude)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+            if module.base_weight is not None:
+                # a weight tied to another module (lm_head and embed_tokens) changes there too, as in
+                # Hugging Face PEFT, whose load_state_dict copies into the same tensor
+                layer.base_layer.weight.copy_(module.base_weight)
+            layer.alpha = module.alpha
+            layer.use_rslora = adapter.use_rslora
+            if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
+                layer.epsilon = adapter.layer_kwargs["epsilon"]
+            if isinstance(layer, LoRAPlusLinear) and "lr_ratio" in adapter.layer_kwargs:
+                layer.lr_ratio = adapter.layer_kwargs["lr_ratio"]
+        for bias, tensor in plan.biases:
+            bias.copy_(tensor)
+    for saved, state in plan.saved:
+        saved.trained.load_state_dict(state)
+
+
+_FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
+_QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
+
+
+def _inject_kwargs(
+    adapter: AdapterFile, method: str, overrides: dict[str, Any], aliases: dict[str, list[str]]
+) -> dict[str, Any]:
+    """``inject_adapters`` keyword arguments that rebuild the file's layers (ranks, alphas, ...).
+
+    ``aliases[path]`` lists every name of the module at ``path``; ``inject_adapters`` looks up a
+    shared module's rank under its first name, which need not be the one in the file."""
+    ranks = [m.rank for m in adapter.modules.values()]
+    alphas = [m.alpha for m in adapter.modules.values()]
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    kwargs: dict[str, Any] = {
+        "rank": r,
+        "alpha": alpha,
+        "rank_pattern": {
+            _anchored(a): m.rank for p, m in adapter.modules.items() if m.rank != r for a in aliases[p]
+        },
+        "alpha_pattern": {
+            _anchored(a): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha for a in aliases[p]
+        },
+        "use_rslora": adapter.use_rslora,
+        "init": adapter.init,
+        "dropout": adapter.dropout,
+        "bias": adapter.bias_mode,
+    }
+    for key, value in adapter.layer_kwargs.items():
+        if (
+            (key == "epsilon" and method in ("dora", "qdora"))
+            or (key == "lr_ratio" and method == "lora_plus")
+            or (key in _QUANT_KWARGS and method in ("qlora", "qdora"))
+        ):
+            kwargs[key] = value
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
+    given = sorted(set(inject_kwargs) & set(_FROM_FILE))
+    if given:
+        raise TypeError(f"load_adapter(): {given} come from the adapter file and cannot be passed")
+    overrides = dict(inject_kwargs)
+    method = overrides.pop("method", adapter.method)
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if adapter.is_dora and method not in ("dora", "qdora"):
+        raise ValueError(
+            f"method: {method!r} cannot hold the DoRA adapter in {adapter.directory} (it has "
+            "lora_magnitude_vector); use 'dora' or 'qdora'"
+        )
+    if not adapter.is_dora and method in ("dora", "qdora"):
+        raise ValueError(
+            f"method: {method!r} needs DoRA magnitudes, but the adapter in {adapter.directory} is plain "
+            "LoRA; use 'lora', 'lora_plus' or 'qlora'"
+        )
+
+    # check the planned layers against the model's modules before touching anything
+    modules = dict(model.named_modules(remove_duplicate=False))
+    quantized = [p for p in adapter.modules if _is_quantized(modules.get(p) if p else None)]
+    if "method" not in inject_kwargs and method in ("lora", "dora") and quantized == list(adapter.modules):
+        # a Hugging Face file says nothing of quantization: over a model loaded in 4/8 bits (its
+        # targets are bitsandbytes or QuantizedLinear layers) its adapter is QLoRA/QDoRA
+        method = "q" + method
+    for path, module in adapter.modules.items():
+        target = modules.get(path) if path else None
+        if target is None:
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, but the model has no module "
+                "of that name"
+            )
+        _refuse_meta(f"{adapter.directory}: {path!r}", [*target.parameters(), *target.buffers()])
+        _refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
+        if _is_quantized(target) and method not in ("qlora", "qdora"):
+            raise ValueError(
+                f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
+                f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"
+            )
+        if is_conv1d(target) and method in ("qlora", "qdora"):
+            raise ValueError(
+                f"{adapter.directory}: {path!r} is a transformers Conv1D, which method {method!r} cannot "
+                f"quantize; load with method={method[1:]!r} (the adapter is the same on a float base)"
+            )
+        if is_conv1d(target):
+            in_features, out_features = base_features(target)
+        else:
+            in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
+        if not isinstance(in_features, int) or not isinstance(out_features, int):
+            raise ValueError(
+                f"{adapter.directory}: the file has an adapter for {path!r}, but the model's module there is a "
+                f"{type(target).__name__}, not a linear layer"
+            )
+        want = ((module.rank, in_features), (out_features, module.rank))
+        if (tuple(module.lora_A.shape), tuple(module.lora_B.shape)) != want:
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: lora_A {tuple(module.lora_A.shape)} and lora_B "
+                f"{tuple(module.lora_B.shape)} do not fit the model's layer (in_features={in_features}, "
+                f"out_features={out_features}): expected {want[0]} and {want[1]}"
+            )
+        if module.rank > min(in_features, out_features) and adapter.init == "pissa":
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: rank {module.rank} exceeds min(in, out) = "
+                f"{min(in_features, out_features)}, and a PiSSA adapter's residual takes as many "
+                "singular vectors as its rank"
+            )
+        bias = getattr(target, "bias", None)
+        if module.bias is not None and (not isinstance(bias, Tensor) or bias.shape != module.bias.shape):
+            raise ValueError(
+                f"{adapter.directory}: {path!r}: the file has a bias, the model's layer has none that fits"
+            )
+        _check_base_weight(f"{adapter.directory}: {path!r}", module, target, method)
+    _plan_other_biases(model, adapter)
+    for path, state in adapter.saved_modules.items():
+        where = f"{adapter.directory}: module to save {path!r}"
+        _check_module_to_save(where, model, path, modules.get(path))
+        _check_saved_state(where, modules[path], state)
+        _refuse_meta(where, list(modules[path].state_dict().values()))
+    aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
+    kwargs = _inject_kwargs(adapter, method, overrides, aliases)
+    paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)
+    if saved_paths:
+        kwargs["modules_to_save"] = lambda name, module: name in saved_paths
+    touched = [modules[p] for p in [*paths, *saved_paths]]
+    # injecting freezes the targets (PiSSA rewrites their weights); a failure undoes it all
+    with _undo_on_error(model, touched, values=adapter.init == "pissa"):
+        # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
+        with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
+            inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
+        _apply(_plan_fill(model, adapter), adapter)
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    **inject_kwargs: Any,
+) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` or Hugging Face PEFT into ``model``.
+
+    The files are read from ``directory`` (``adapter_name=None`` or ``"default"``) or
+    ``directory/<adapter_name>/``; see :func:`read_adapter` for the checks on the files alone.
+
+    - If ``model`` has adapter layers, the file fills them: every adapter layer must have its
+      tensors in the file and every module in the file must be an adapter layer of the model,
+      with the same rank and shapes; a DoRA file needs DoRA layers and a LoRA file plain LoRA
+      layers. The layers take the file's ``alpha`` and ``use_rslora`` (they define the function);
+      dropout and the base are left as they are (but for a base weight or bias the file holds).
+      ``inject_kwargs`` are not allowed then.
+    - If ``model`` has no adapter layers, the file's modules are wrapped first with
+      ``inject_adapters``: the method from the file (``use_dora`` -> ``"dora"``, or our
+      ``"peft_layers"`` field: ``"lora_plus"``, ``"qlora"``, ``"qdora"`` with the recorded
+      quantization), each module with its rank and alpha, the file's ``use_rslora``,
+      ``lora_dropout`` and ``bias`` mode. ``inject_kwargs`` (``method``, ``quant``, ``dropout``,
+      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes (targets,
+      ranks, alphas, ``use_rslora``, ``init``). ``init_lora_weights="pissa"`` re-creates the PiSSA
+      residual of the base as Hugging Face PEFT does. The caller's RNG is not advanced.
+
+    A file holding a targeted layer's full base weight (``<p>.base_layer.weight``, which Hugging
+    Face PEFT's ``save_pretrained`` writes for ``lm_head`` and other embedding layers) has it
+    copied into the base weight, as Hugging Face PEFT does (a tied weight changes under both its
+    names); a quantized base refuses it. A shared module whose other names Hugging Face PEFT would
+    leave plain (it adapts the first name only) gives a ``UserWarning`` naming them.
+
+    Everything is checked before the model changes; on any error the model is as it was (an
+    injection is undone). Returns ``model``.
+
+    Raises:
+        FileNotFoundError: the adapter folder or its files do not exist.
+        ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
+            config against tensors) or files that do not fit the model.
+        TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
+    """
+    _check_model(model)
+    adapter = read_adapter(directory, adapter_name=adapter_name)
+    if next(iter_adapter_layers(model), None) is not None:
+        if inject_kwargs:
+            raise TypeError(
+                f"load_adapter(): {sorted(inject_kwargs)} apply only when the model has no adapter layers "
+                "(the file's adapters are injected then); this model has adapter layers, which the file fills"
+            )
+        _apply(_plan_fill(model, adapter), adapter)
+    elif _stacked_layers(model):
+        raise ValueError(
+            "load_adapter(): the model's adapters are stacked for serving (stack_adapters()); "
+            f"stack_adapters(model, {{name: {str(adapter.directory)!r}}}) adds this one beside them, "
+            "unload(model) takes the stacks off first"
+        )
+    else:
+        _inject_and_fill(model, adapter, inject_kwargs)
+    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
+    return model
+
