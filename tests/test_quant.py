@@ -695,6 +695,80 @@ def test_from_bnb_undoes_cpu_repack(scheme, double_quant):
     assert rel < 5e-3
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_bnb_after_cuda_move_of_a_repacked_weight(double_quant):
+    """``Params4bit.cuda()`` of a CPU-repacked weight restores the codes and clears the repack
+    flag, but leaves a plain absmax in the CPU layout (bf16, (in / blocksize, out)); bitsandbytes'
+    CUDA dequantize reads it as float32 (garbage). The wrap converts it, to the same layer as one
+    built from the still-repacked weight. The move's conversion runs here on the CPU."""
+    module, _ = _linear4bit("nf4", double_quant)
+    module.weight.data, module.weight.quant_state = bnbF._convert_weight_packed_for_cpu(
+        module.weight.data, module.weight.quant_state
+    )
+    from_repacked = QuantizedLinear.from_bnb(module)
+    module.weight.data, module.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
+        module.weight.data, module.weight.quant_state
+    )
+    assert not module.weight.quant_state.packing_format_for_cpu
+    moved = QuantizedLinear.from_bnb(module)
+    assert moved.absmax.dtype == from_repacked.absmax.dtype and moved.absmax.shape == from_repacked.absmax.shape
+    assert torch.equal(moved.dequantize(), from_repacked.dequantize())
+
+
+def test_from_bnb_refuses_an_absmax_that_does_not_fit_the_weight():
+    module, _ = _linear4bit("nf4", False)
+    module.weight.quant_state.absmax = module.weight.quant_state.absmax[:-1]
+    with pytest.raises(ValueError, match=r"quant_state.absmax is torch.float32 with 127 values.*needs 128 torch.float32"):
+        QuantizedLinear.from_bnb(module)
+
+
+def test_from_bnb_linear8bit_takes_its_weight_not_a_stale_snapshot():
+    """A ``has_fp16_weights=True`` module keeps a float weight that trains; its forward leaves an
+    int8 snapshot in ``state.CB``, which must not be wrapped as if it were the weight."""
+    module = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True).to("cpu")
+    module(torch.randn(3, 64))
+    assert module.state.CB is not None and module.state.CB.dtype == torch.int8
+    with pytest.raises(ValueError, match="holds no int8 weight.*has_fp16_weights=True"):
+        QuantizedLinear.from_bnb(module)
+    quantized = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
+    quantized.state.SCB = quantized.weight.SCB.to("meta")  # left behind by a move elsewhere
+    with pytest.raises(ValueError, match=r"row statistics \(SCB\) are \(32,\) on meta, its int8 weight is on cpu"):
+        QuantizedLinear.from_bnb(quantized)
+
+
+def test_int8_activations_quantize_rows_of_a_contiguous_input(monkeypatch):
+    """bitsandbytes' CUDA int8_vectorwise_quant reads row ``i`` at ``A + i * cols``: a transposed
+    or sliced input must reach it contiguous (its CPU version is stride-agnostic, so the output
+    alone cannot show it here). The result equals the contiguous input's, bit for bit."""
+    layer = QuantizedLinear.from_linear(_linear(24, 64), "int8")
+    layer.int8_activations = True
+    seen = []
+    original = bnbF.int8_vectorwise_quant
+    monkeypatch.setattr(bnbF, "int8_vectorwise_quant", lambda a, *args: seen.append(a.is_contiguous()) or original(a, *args))
+    wide = torch.randn(64, 10).half()
+    with torch.no_grad():
+        strided = layer(wide.t())  # strides (1, 64), already float16
+        dense = layer(wide.t().contiguous())
+    assert seen == [True, True] and torch.equal(strided, dense)
+
+
+def test_int8_activations_keep_outputs_beyond_the_float16_range():
+    """The scales are applied in float32: bitsandbytes' CUDA int8_mm_dequant writes float16 (inf
+    past 65504) whatever the output dtype. Against the float64 formula of the int8 codes, to the
+    1.8e-5 by which bitsandbytes' constant 6.200124e-05 exceeds 1 / 127^2."""
+    layer = QuantizedLinear.from_linear(_linear(8, 64), "int8")
+    with torch.no_grad():
+        layer.absmax.mul_(1000.0)
+    layer.int8_activations = True
+    x = torch.full((2, 64), 100.0)
+    with torch.no_grad():
+        out = layer(x)
+    codes_x = torch.full((2, 64), 127.0, dtype=F64)
+    expected = codes_x @ layer.weight.to(F64).T * (100.0 / 127) * (layer.absmax.to(F64) / 127) + layer.bias.to(F64)
+    assert out.abs().max() > 65504
+    torch.testing.assert_close(out.to(F64), expected, rtol=2e-5, atol=0)
+
+
 @pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
 def test_from_bnb_after_real_eval_forward_and_no_repack_by_us():
     module, _ = _linear4bit("nf4", True)

@@ -76,7 +76,8 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # output) and the float64 references rely on. So the exact path is the default on every device,
 # and ``int8_activations = True`` opts into bitsandbytes' int8 kernel (CPU and CUDA).
 #
-# CUDA, 4-bit: bnb.matmul_4bit (its gemv kernel for a single row, else dequantize + matmul).
+# CUDA, 4-bit: bnb.matmul_4bit (in 0.50 its gemm_4bit op: fused kernels up to 1536 rows, else
+# dequantize + matmul, also when in_features is not a multiple of the block size).
 
 
 def _check_scheme(scheme: Any) -> None:
@@ -315,13 +316,27 @@ class QuantizedLinear(nn.Module):
             compute_dtype = getattr(module, "compute_dtype", None) or torch.float32
         nested = getattr(state, "nested", False)
         data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):
+        converted = bool(getattr(state, "packing_format_for_cpu", False))
+        if converted:
             nested = getattr(state, "original_nested", False)
             data, absmax = _undo_cpu_repack(data, state)
         else:
             absmax = state.absmax
             if data.dtype != torch.uint8:  # quant_storage other than uint8 (e.g. for FSDP)
                 data = data.view(torch.uint8).reshape(-1, 1)
+            blocks = -(-module.out_features * module.in_features // state.blocksize)
+            if not nested and absmax.dim() == 2 and absmax.dtype == torch.bfloat16:
+                # Params4bit.cuda() of a CPU-repacked weight restores the codes and clears the
+                # flag, but leaves a plain absmax in the CPU layout: bf16, (in / blocksize, out)
+                absmax, converted = absmax.t().reshape(-1).float(), True
+            expected_dtype = torch.uint8 if nested else torch.float32
+            if absmax.dtype != expected_dtype or absmax.numel() != blocks:
+                raise ValueError(
+                    f"module: quant_state.absmax is {absmax.dtype} with {absmax.numel()} values; a "
+                    f"{'nested' if nested else 'plain'} {state.quant_type} weight of "
+                    f"{module.out_features}x{module.in_features} in blocks of {state.blocksize} needs "
+                    f"{blocks} {expected_dtype} values"
+                )
         layer = cls(
             module.in_features,
             module.out_features,
@@ -337,7 +352,7 @@ class QuantizedLinear(nn.Module):
                 f"module: quant_state.shape {tuple(state.shape)} does not match "
                 f"(out_features, in_features) = {(module.out_features, module.in_features)}"
             )
-        if getattr(state, "packing_format_for_cpu", False):
+        if converted:
             layer._store_4bit(data, absmax.float())  # re-applies double quantization if nested
         else:
             layer._bnb_source = (module, data)
@@ -359,14 +374,21 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def _from_linear8bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
         lt_state = module.state
-        codes = lt_state.CB if lt_state.CB is not None else getattr(module.weight, "CB", None)
-        if codes is None and module.weight.dtype == torch.int8:
-            codes = module.weight.data
+        # the codes are the weight itself: state.CB of a has_fp16_weights=True module (set by its
+        # forward) is a snapshot of a float weight that keeps training, and CB/SCB attributes can
+        # be left on another device by a parent's .to() (Module._apply swaps the parameter's data)
+        codes = module.weight.data
         row_absmax = lt_state.SCB if lt_state.SCB is not None else getattr(module.weight, "SCB", None)
-        if codes is None or row_absmax is None or codes.dtype != torch.int8:
+        if getattr(lt_state, "has_fp16_weights", False) or codes.dtype != torch.int8 or row_absmax is None:
             raise ValueError(
                 "module: this Linear8bitLt holds no int8 weight (has_fp16_weights=True, or not "
                 "moved to a device yet); only quantized Linear8bitLt layers can be wrapped"
+            )
+        if row_absmax.device != codes.device or row_absmax.shape != (module.out_features,):
+            raise ValueError(
+                f"module: its row statistics (SCB) are {tuple(row_absmax.shape)} on {row_absmax.device}, "
+                f"its int8 weight is on {codes.device}: expected ({module.out_features},) beside the "
+                "weight (move the Linear8bitLt itself with .to(device))"
             )
         layer = cls(
             module.in_features,
@@ -567,11 +589,21 @@ class QuantizedLinear(nn.Module):
             if self.scheme == "int8" and self.int8_activations:
                 # LLM.int8() without outliers, as bnb.matmul runs it in eval: x row-wise to int8
                 # (through float16), an int32 GEMM, both scales applied to the result
-                codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x.to(torch.float16))
-                codes_x[absmax_x == 0] = 0  # an all-zero row: 0 * (127 / 0) in bitsandbytes
-                return torch.ops.bitsandbytes.int8_scaled_mm.default(
-                    codes_x, self.weight, absmax_x, self.absmax, bias=bias, dtype=x.dtype
-                )
+                # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols
+                x16 = x.to(torch.float16, memory_format=torch.contiguous_format)
+                codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x16)
+                # an all-zero row gives 0 * (127 / 0) in bitsandbytes; masked_fill_ needs no
+                # nonzero() (a device sync on CUDA) as boolean indexing does
+                codes_x.masked_fill_((absmax_x == 0)[:, None], 0)
+                products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
+                # bitsandbytes' default int8_mm_dequant, in float32 on every device: its CUDA kernel
+                # rounds through float16 (inf past 65504) whatever the output dtype. The constant
+                # is bitsandbytes' own 1 / 127^2, as its kernels write it.
+                out = products * (absmax_x[:, None] * self.absmax[None, :])
+                out.mul_(6.200124e-05)
+                if bias is not None:
+                    out.add_(bias)
+                return out.to(x.dtype)
             if self.scheme != "int8" and x.device.type == "cuda":
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
