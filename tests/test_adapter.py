@@ -163,6 +163,72 @@ def test_merge_twice_and_unmerge_unmerged_raise(cls):
         layer.unmerge()
 
 
+@pytest.mark.parametrize("cls", [*CLASSES, pl.QLoRALinear])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_merge_refuses_a_non_finite_adapter_and_changes_nothing(cls, bad):
+    """A NaN or inf in the adapter would be written into ``W0``, where ``unmerge()`` cannot take it
+    back out (NaN - NaN), and a quantized base refuses it halfway. Refused before any change."""
+    layer = cls.from_linear(nn.Linear(64, 8), rank=2)
+    randomize_adapter(layer)
+    with torch.no_grad():
+        layer.lora_B[1, 0] = float(bad)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"merge\(\): \['lora_B'\] of this \w+ hold NaN or inf"):
+        layer.merge()
+    assert not layer.merged
+    assert all(torch.equal(v, before[k]) or v.isnan().any() for k, v in layer.state_dict().items())
+    assert torch.equal(layer.weight if not isinstance(layer, pl.QLoRALinear) else layer.base_layer.weight,
+                       before["base_layer.weight"])
+
+
+def test_merge_adapters_refuses_every_layer_before_merging_any():
+    """Layer 0 is fine and layer 1 holds NaN: nothing is merged (before, layer 0 stayed merged and
+    requantized, and the error named an internal ``weight`` argument)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    pl.inject_adapters(model, ["0", "1"], method="qlora", rank=2)
+    for layer in (model[0], model[1]):
+        randomize_adapter(layer)
+    with torch.no_grad():
+        model[1].lora_B[0, 0] = float("nan")
+    codes = [layer.base_layer.weight.clone() for layer in (model[0], model[1])]
+    with pytest.raises(ValueError, match=r"merge_adapters\(\): these layers' adapters hold NaN or inf: \{'1': \['lora_B'\]\}"):
+        pl.merge_adapters(model)
+    assert [model[0].merged, model[1].merged] == [False, False]
+    assert all(torch.equal(c, layer.base_layer.weight) for c, layer in zip(codes, (model[0], model[1])))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("attribute, value", [("alpha", 32.0), ("use_rslora", True)])
+def test_the_scaling_cannot_change_while_merged(cls, attribute, value):
+    """``unmerge()`` takes ``s B A`` out with the ``s`` of the moment: a new ``alpha`` set on a
+    merged layer left ``(s_old - s_new) B A`` in ``W0`` for good (6.5 off, silently). Refused while
+    merged; unmerged, the new scaling applies, checked against the float64 reference."""
+    layer = _layer(cls)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    with pytest.raises(ValueError, match=rf"{attribute}: this {cls.__name__} is merged.*unmerge\(\) before"):
+        setattr(layer, attribute, value)
+    setattr(layer, attribute, getattr(layer, attribute))  # the same value is no change
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    setattr(layer, attribute, value)
+    assert layer.scaling == (32.0 / 3 if attribute == "alpha" else 6.0 / 3**0.5)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        _assert_rows_close(layer(x), _reference_out(layer, x), layer.bias, _row_rtol(layer, 1e-5), 1e-5, "output")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_alpha_and_use_rslora_are_checked_when_set(cls):
+    layer = _layer(cls)
+    for bad in ("16", -1.0, 0, float("inf"), True):
+        with pytest.raises(ValueError, match=rf"alpha: expected a finite number > 0, got {bad!r}"):
+            layer.alpha = bad
+    with pytest.raises(TypeError, match="use_rslora: expected a bool, got 1"):
+        layer.use_rslora = 1
+    assert layer.alpha == 6.0 and layer.use_rslora is False
+
+
 @given(cls=st.sampled_from(CLASSES), dtype=st.sampled_from([torch.float32, torch.float64]),
        in_f=st.integers(1, 20), out_f=st.integers(1, 20), rank=st.integers(1, 20), bias=st.booleans(),
        scale=st.floats(0.01, 2.0), seed=st.integers(0, 2**16), tokens=st.integers(1, 4))
@@ -440,3 +506,14 @@ def test_integer_input_raises_like_quantized_linear(cls, dtype, grad):
     with pytest.raises(TypeError) as quantized:
         QuantizedLinear(64, 4)(x)
     assert str(info.value) == str(quantized.value) == f"input: expected a floating-point tensor, got {dtype}"
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
+def test_a_non_tensor_input_raises_like_quantized_linear(cls):
+    layer = cls.from_linear(nn.Linear(64, 4), rank=2)
+    x = torch.randn(2, 64).numpy()
+    with pytest.raises(TypeError) as info:
+        layer(x)
+    with pytest.raises(TypeError) as quantized:
+        QuantizedLinear(64, 4)(x)
+    assert str(info.value) == str(quantized.value) == "input: expected a floating-point tensor, got ndarray"

@@ -283,7 +283,8 @@ class AdapterMixin:
     def merge(self) -> None:
         """Fold the adapter into the base weight in place; ``forward`` then costs one matmul.
 
-        Raises ``ValueError`` if the layer is already merged or its adapter is disabled.
+        Raises ``ValueError`` if the layer is already merged, its adapter is disabled, its base
+        weight is computed (a parametrization), or the adapter holds NaN or inf.
         """
         if self.merged:
             raise ValueError(f"merge(): {type(self).__name__} is already merged; call unmerge() first")
@@ -292,6 +293,12 @@ class AdapterMixin:
                 f"merge(): the adapter of this {type(self).__name__} is disabled; enable it first"
             )
         self._check_base_writable("merge()")
+        non_finite = self._non_finite_adapter_parameters()
+        if non_finite:
+            raise ValueError(
+                f"merge(): {non_finite} of this {type(self).__name__} hold NaN or inf; merging would "
+                "write them into the base weight, which unmerge() could not take back"
+            )
         with torch.no_grad():
             weight = self._read_base_weight()
             self._merge_weight_(weight)
@@ -312,6 +319,10 @@ class AdapterMixin:
             self._unmerge_weight_(weight)
             self._write_base_weight(weight)
         self.merged = False
+
+    def _non_finite_adapter_parameters(self) -> list[str]:
+        """The names of the adapter tensors that hold NaN or inf (one device sync each)."""
+        return [name for name in self.adapter_parameter_names if not bool(getattr(self, name).isfinite().all())]
 
     def _check_unmergeable(self) -> None:
         """Raise ``ValueError`` if this merged layer cannot give its ``W0`` back (the model tools
@@ -398,8 +409,9 @@ class AdapterMixin:
     def _check_input(self, x: Tensor) -> None:
         """A floating-point ``x`` of shape ``(*, in_features)`` (as ``nn.Linear`` requires: an
         integer input would otherwise be cast to the compute dtype and the output truncated)."""
-        if not x.is_floating_point():
-            raise TypeError(f"input: expected a floating-point tensor, got {x.dtype}")
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"input: expected a floating-point tensor, got {kind}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input: expected shape (*, in_features={self.in_features}), "

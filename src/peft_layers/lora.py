@@ -365,6 +365,40 @@ class LoRALinear(AdapterMixin, nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
 
+    # alpha and use_rslora set the scaling s: a merged layer's unmerge() subtracts s B A with the
+    # s of the moment, so a change while merged would leave s_old B A - s_new B A in W0 for good
+    @property
+    def alpha(self) -> float:
+        """``alpha`` of the scaling ``s = alpha / rank``. Settable (a finite number > 0) while the
+        layer is not merged."""
+        return self.__dict__["_alpha"] if "_alpha" in self.__dict__ else self.__dict__["alpha"]
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        _check_positive("alpha", value)
+        self._refuse_scaling_change("alpha", float(value) != self.__dict__.get("_alpha", float(value)))
+        self.__dict__["_alpha"] = float(value)
+
+    @property
+    def use_rslora(self) -> bool:
+        """rsLoRA's scaling ``s = alpha / sqrt(rank)`` in place of ``alpha / rank``. Settable (a
+        bool) while the layer is not merged."""
+        return self.__dict__["_use_rslora"] if "_use_rslora" in self.__dict__ else self.__dict__["use_rslora"]
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"use_rslora: expected a bool, got {value!r}")
+        self._refuse_scaling_change("use_rslora", value != self.__dict__.get("_use_rslora", value))
+        self.__dict__["_use_rslora"] = value
+
+    def _refuse_scaling_change(self, name: str, changes: bool) -> None:
+        if changes and self.__dict__.get("merged", False):
+            raise ValueError(
+                f"{name}: this {type(self).__name__} is merged with the scaling of its current {name}, "
+                "which unmerge() takes back out of W0; unmerge() before changing it"
+            )
+
     @property
     def scaling(self) -> float:
         """``s = alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""

@@ -672,7 +672,8 @@ def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter layer: ``W0 <- W0 + delta`` (see ``layer.merge()``); returns ``model``.
 
-    Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled.
+    Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled, if a base
+    weight is computed (a parametrization), or if an adapter holds NaN or inf.
     """
     layers = _adapter_layers_or_raise(model, "merge_adapters()")
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
@@ -680,6 +681,12 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
     for _, layer in layers:  # every refusal before the first change
         layer._check_base_writable("merge_adapters()")
+    non_finite = {name: found for name, layer in layers if (found := layer._non_finite_adapter_parameters())}
+    if non_finite:
+        raise ValueError(
+            f"merge_adapters(): these layers' adapters hold NaN or inf: {non_finite}; merging would "
+            "write them into the base weights, which unmerge_adapters() could not take back"
+        )
     with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
         for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
             layer.merge()
