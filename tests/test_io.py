@@ -923,6 +923,35 @@ def test_non_float_and_non_finite_tensors(saved_lora: Path) -> None:
     assert_load_fails(saved_lora, ValueError, "dtype torch.int32")
     edit_tensors(saved_lora, lambda t: t.update({key: original.clone().fill_(math.nan)}))
     assert_load_fails(saved_lora, ValueError, "NaN")
+    # float8 has no isfinite (a NotImplementedError from torch before), and no layer holds it
+    edit_tensors(saved_lora, lambda t: t.update({key: original.to(torch.float8_e4m3fn)}))
+    assert_load_fails(saved_lora, ValueError, rf"tensor '{key}' has dtype torch.float8_e4m3fn; expected one of")
+    # finite in float64, inf once copied into the float32 layer (loaded as inf before)
+    edit_tensors(saved_lora, lambda t: t.update({key: original.double().fill_(1e39)}))
+    assert_load_fails(saved_lora, ValueError, rf"tensor '{key}' \(float64\) holds values beyond float32's range")
+    edit_tensors(saved_lora, lambda t: t.update({key: original.double()}))  # float64 in range loads
+    model = base_net()
+    load_adapter(model, saved_lora)
+    assert torch.equal(model.fc.lora_B, original)
+
+
+def test_save_refuses_non_finite_tensors_it_could_not_load_back(tmp_path: Path) -> None:
+    """A diverged adapter (NaN) was written, and load_adapter then refused the file."""
+    model = adapted("lora")
+    with torch.no_grad():
+        model.block.fc.lora_A[0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"save_adapter\(\): \['base_model.model.block.fc.lora_A.weight'\] hold NaN or inf.*Nothing was written"):
+        save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_compute_dtype_of_the_wrong_type_in_our_field_is_named(tmp_path: Path) -> None:
+    save_adapter(adapted("qlora"), tmp_path)
+    field = our_field(tmp_path)
+    field["quant"]["compute_dtype"] = ["float32"]  # unhashable: a bare TypeError before
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps(field)))
+    with pytest.raises(ValueError, match=r"peft_layers.quant.compute_dtype must be one of .*got \['float32'\]"):
+        load_adapter(base_net(), tmp_path)
 
 
 def test_not_a_lora_config(saved_lora: Path) -> None:

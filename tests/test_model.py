@@ -499,6 +499,33 @@ def test_load_adapter_state_dict_mismatch_changes_nothing() -> None:
     assert torch.equal(after["layers.1.attn.o_proj.lora_B"], before["layers.1.attn.o_proj.lora_B"])
 
 
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_load_adapter_state_dict_refuses_values_it_cannot_copy_before_copying_any(kind: str) -> None:
+    """A meta or sparse value failed in ``copy_`` after the keys sorted before it were copied."""
+    model = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
+    state = {k: torch.randn_like(v) for k, v in pl.adapter_state_dict(model).items()}
+    before = {k: v.clone() for k, v in pl.adapter_state_dict(model).items()}
+    last = sorted(state)[-1]
+    state[last] = state[last].to("meta") if kind == "meta" else state[last].to_sparse()
+    described = "on the meta device" if kind == "meta" else "of layout torch.sparse_coo"
+    with pytest.raises(ValueError, match=rf"state_dict\['{re.escape(last)}'\]: expected a dense tensor with values, got one {described}"):
+        pl.load_adapter_state_dict(model, state)
+    assert all(torch.equal(v, pl.adapter_state_dict(model)[k]) for k, v in before.items())
+
+
+def test_load_adapter_state_dict_that_would_load_nothing_raises_even_if_not_strict() -> None:
+    """Keys of another layout (Hugging Face PEFT's file keys) matched nothing, and ``strict=False``
+    loaded nothing without a word."""
+    model = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
+    theirs = {f"base_model.model.{k}.weight": v for k, v in pl.adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"none of its keys fits.*base_model.model.*read by load_adapter\(\)"):
+        pl.load_adapter_state_dict(model, theirs, strict=False)
+    for bad in (None, 0, "yes"):
+        with pytest.raises(TypeError, match=rf"strict: expected a bool, got {re.escape(repr(bad))}"):
+            pl.load_adapter_state_dict(model, {}, strict=bad)
+    assert pl.load_adapter_state_dict(model, {}, strict=False) is model  # nothing given, nothing to load
+
+
 # ---- k-bit preparation -----------------------------------------------------------------------------
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

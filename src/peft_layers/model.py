@@ -942,13 +942,17 @@ def load_adapter_state_dict(
     """Copy adapter tensors from ``state_dict`` (keys as :func:`adapter_state_dict` gives them).
 
     Everything is checked before anything is copied: with ``strict``, missing and unexpected keys
-    raise; a shape that does not fit, a tensor of another kind than the model's (floating where it
-    holds floats; a module to save may hold integer buffers), a non-tensor value, a merged target
-    layer, or meta or sharded tensors in the model always raise. On error the model is unchanged.
-    Returns ``model``.
+    raise; without it, a non-empty ``state_dict`` of which no key fits raises (it would load
+    nothing). A shape that does not fit, a tensor of another kind than the model's (floating where
+    it holds floats; a module to save may hold integer buffers), a non-tensor value, a meta or
+    sparse value, a merged target layer, or meta or sharded tensors in the model always raise. On
+    error the model is unchanged. Values are copied as they are, NaN included, as
+    ``nn.Module.load_state_dict`` does. Returns ``model``.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool, got {strict!r}")
     expected = adapter_state_dict(model)
     if not expected:
         raise ValueError("load_adapter_state_dict(): model has no adapter layers; inject_adapters() first")
@@ -958,10 +962,24 @@ def load_adapter_state_dict(
         raise ValueError(
             f"state_dict: keys do not fit the model's adapters; missing: {missing}, unexpected: {unexpected}"
         )
+    if state_dict and len(unexpected) == len(state_dict):
+        hint = (
+            "; keys in Hugging Face PEFT's file layout (base_model.model.<path>.lora_A.weight) are read by "
+            "load_adapter() from a directory"
+            if any(str(key).startswith("base_model.model.") for key in unexpected)
+            else ""
+        )
+        raise ValueError(
+            f"state_dict: none of its keys fits the model's adapters, so nothing would load (strict=False); "
+            f"its keys: {unexpected[:5]}, the model's: {sorted(expected)[:5]}{hint}"
+        )
     for key in sorted(set(expected) & set(state_dict)):
         value = state_dict[key]
         if not isinstance(value, Tensor):
             raise TypeError(f"state_dict[{key!r}]: expected a Tensor, got {type(value).__name__}")
+        if value.is_meta or value.layout != torch.strided:
+            kind = "on the meta device (no values)" if value.is_meta else f"of layout {value.layout}"
+            raise ValueError(f"state_dict[{key!r}]: expected a dense tensor with values, got one {kind}")
         if value.is_floating_point() != expected[key].is_floating_point():
             kind = "a floating tensor" if expected[key].is_floating_point() else f"a {expected[key].dtype} tensor"
             raise ValueError(f"state_dict[{key!r}]: expected {kind}, got dtype {value.dtype}")

@@ -223,9 +223,22 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
         ):
             raise ValueError(f"{path}: expected a dict of name -> Tensor")
+    float32_max = torch.finfo(torch.float32).max
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dtype not in _DTYPES.values():  # float8: no isfinite, and no adapter layer holds it
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(_DTYPES)} "
+                "(or an integer buffer of a module to save)"
+            )
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+        if tensor.dtype == torch.float64 and tensor.numel() and float(tensor.abs().max()) > float32_max:
+            raise ValueError(
+                f"{path}: tensor {key!r} (float64) holds values beyond float32's range, which a float32 "
+                "or half-precision layer would load as inf"
+            )
     return dict(tensors), metadata
 
 
@@ -346,7 +359,7 @@ def _parse_quant(quant: Any, path: Path) -> dict[str, Any]:
         kwargs["double_quant"] = quant["double_quant"]
     if quant.get("compute_dtype") is not None:
         name = quant["compute_dtype"]
-        if name not in _DTYPES:
+        if not isinstance(name, str) or name not in _DTYPES:
             raise ValueError(
                 f"{path}: peft_layers.quant.compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}"
             )

@@ -211,6 +211,12 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         )
     _refuse_sharded(tensors.values(), "save_adapter()")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if non_finite:  # load_adapter refuses such a file: better to say so before it is written
+        raise ValueError(
+            f"save_adapter(): {non_finite[:5]} hold NaN or inf (training diverged?); load_adapter() refuses "
+            "non-finite tensors, so the file would not load back. Nothing was written"
+        )
 
     config: dict[str, Any] = {
         "alpha_pattern": alpha_pattern,
