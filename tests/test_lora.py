@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import math
 import warnings
 
@@ -367,6 +369,30 @@ def test_bad_constructor_arguments(cls, kwargs, name):
     assert repr(value) in message, message
     with pytest.raises(ValueError, match=name):
         cls.from_linear(nn.Linear(12, 8), **kwargs)
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
+@pytest.mark.parametrize("build", ["constructor", "from_linear"])
+def test_an_unknown_argument_names_what_the_layer_takes(cls, build):
+    """Python's own error named a private method (``_init_adapter() got an unexpected keyword
+    argument 'r'``); now the call, its arguments and ours for a LoraConfig name."""
+    call = (lambda **kw: cls(16, 16, **kw)) if build == "constructor" else (lambda **kw: cls.from_linear(nn.Linear(16, 16), **kw))
+    where = f"{cls.__name__}()" if build == "constructor" else f"{cls.__name__}.from_linear()"
+    with pytest.raises(TypeError, match=rf"^r: {re.escape(where)} takes no argument 'r' \(got r=8\); its arguments are .*rank, alpha, dropout, use_rslora, init.*; Hugging Face PEFT's r is rank= here$"):
+        call(r=8)
+    with pytest.raises(TypeError, match=r"^aplha: .* takes no argument 'aplha' .*; did you mean 'alpha'\?$"):
+        call(aplha=2.0)
+
+
+@pytest.mark.parametrize("cls", LORA_CLASSES + [pl.DoRALinear, pl.QLoRALinear])
+def test_constructor_bias_and_dtype_are_checked(cls):
+    """``bias="none"`` built a bias (any truthy value did), and a complex dtype built a layer
+    whose real input silently lost the imaginary part."""
+    with pytest.raises(TypeError, match="^bias: expected a bool, got 'none'$"):
+        cls(8, 8, rank=2, bias="none")
+    with pytest.raises(TypeError, match=r"^dtype: expected None or a floating torch.dtype .*got torch.complex64$"):
+        cls(8, 8, rank=2, dtype=torch.complex64)
+    assert cls(8, 8, rank=2, bias=False).bias is None
 
 
 def test_rank_error_states_allowed_range():

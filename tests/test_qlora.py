@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -328,6 +329,33 @@ def test_bad_input() -> None:
         pl.LoRALinear.from_linear(bnb_linear4bit(make_linear()))
     with pytest.raises(ValueError, match="input"):
         QLoRALinear(IN, OUT, rank=2)(torch.randn(3, IN + 1))
+
+
+def test_quantization_arguments_over_a_quantized_layer_are_checked_and_compute_dtype_applies() -> None:
+    """Over a layer quantized already its own scheme wins, but ``quant="bogus"``, ``blocksize=3``
+    and ``double_quant="yes"`` passed unseen, and a valid ``compute_dtype`` was dropped for a
+    ``QuantizedLinear`` (a bitsandbytes layer took it)."""
+    def quantized() -> QuantizedLinear:
+        return QuantizedLinear.from_linear(make_linear(), "nf4")
+
+    for kwargs, error, match in [
+        ({"quant": "bogus"}, ValueError, r"^quant: expected one of \('nf4', 'fp4', 'int8'\), got 'bogus'$"),
+        ({"blocksize": 3}, ValueError, r"^blocksize: expected a power of two .* got 3$"),
+        ({"double_quant": "yes"}, TypeError, r"^double_quant: expected a bool, got 'yes'$"),
+        ({"compute_dtype": torch.int8}, ValueError, r"^compute_dtype: expected one of .* got torch.int8$"),
+    ]:
+        with pytest.raises(error, match=match):
+            QLoRALinear.from_linear(quantized(), **kwargs)
+        model = nn.Sequential(quantized())
+        with pytest.raises(error, match=match.replace("^", r"^inject_adapters\(\): module '0': ")):
+            pl.inject_adapters(model, ["0"], method="qlora", **kwargs)
+        assert isinstance(model[0], QuantizedLinear)
+    layer = QLoRALinear.from_linear(quantized(), compute_dtype=torch.bfloat16, rank=2)
+    assert layer.compute_dtype == layer.base_layer.compute_dtype == torch.bfloat16
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        expected = F.linear(x.bfloat16(), layer.base_layer.dequantize(torch.bfloat16), layer.bias.bfloat16())
+        assert torch.equal(layer.base_layer(x), expected.float())  # computed in bfloat16, returned in x's dtype
 
 
 @pytest.mark.parametrize("method", ["qlora", "qdora"])

@@ -11,6 +11,8 @@ computes exactly what its base computes.
 from __future__ import annotations
 
 import contextvars
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -73,6 +75,71 @@ def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
 
 def _same_values(a: Any, b: Tensor) -> bool:
     return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
+
+
+def _layer_arguments(cls: type) -> list[str]:
+    """The keyword arguments ``cls.from_linear`` takes: the keyword-only parameters of every
+    ``from_linear`` and ``_init_adapter`` in the class hierarchy (each passes the rest of its
+    ``**kwargs`` on), the most basic class's first."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        for attribute in ("from_linear", "_init_adapter"):
+            function = vars(klass).get(attribute)
+            if isinstance(function, classmethod):
+                function = function.__func__
+            if function is None:
+                continue
+            for parameter in inspect.signature(function).parameters.values():
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in names:
+                    names.append(parameter.name)
+    return names
+
+
+#: LoraConfig's names that users bring along, and what says the same here
+_HF_ARGUMENTS = {
+    "r": "rank=",
+    "lora_alpha": "alpha=",
+    "lora_dropout": "dropout=",
+    "use_dora": "method='dora' (or 'qdora')",
+    "target_modules": "the targets argument",
+    "exclude_modules": "exclude=",
+    "init_lora_weights": "init= ('kaiming', 'gaussian' or 'pissa')",
+    "lora_bias": "not supported",
+}
+
+
+def _argument_hint(name: str, known: list[str]) -> str | None:
+    """What to write instead of the unknown argument ``name``: ours for a ``LoraConfig`` name,
+    else the nearest of ``known``."""
+    if name in _HF_ARGUMENTS:
+        return f"Hugging Face PEFT's {name} is {_HF_ARGUMENTS[name]} here"
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _check_layer_arguments(cls: type, kwargs: Mapping[str, Any], call: str, fixed: tuple[str, ...] = ()) -> None:
+    """Raise ``TypeError`` naming an argument of ``kwargs`` that ``call`` (of layer class ``cls``)
+    does not take, the arguments it does take (``fixed`` first) and a hint, in place of Python's
+    bare "unexpected keyword argument" from a private method deep in the class chain."""
+    accepted = [*fixed, *_layer_arguments(cls)]
+    for name, value in kwargs.items():
+        if name not in accepted:
+            hint = _argument_hint(name, accepted)
+            raise TypeError(
+                f"{name}: {call} takes no argument {name!r} (got {name}={value!r}); its arguments are "
+                f"{', '.join(accepted)}" + (f"; {hint}" if hint else "")
+            )
+
+
+#: what a constructor takes besides the layer arguments: the nn.Linear it builds
+_CONSTRUCTED_BASE = ("in_features", "out_features", "bias", "device", "dtype")
+
+
+def _check_float_dtype(dtype: Any) -> None:
+    """``dtype`` of a constructed base: None or a real floating dtype (``nn.Linear`` also builds
+    complex layers, whose imaginary part a real input would drop)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected None or a floating torch.dtype (float32, bfloat16, ...), got {dtype!r}")
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -274,7 +341,11 @@ class LoRALinear(AdapterMixin, nn.Module):
         **method_kwargs: Any,
     ) -> None:
         nn.Module.__init__(self)
+        _check_layer_arguments(type(self), method_kwargs, f"{type(self).__name__}()", _CONSTRUCTED_BASE)
         _check_features(in_features, out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {bias!r}")
+        _check_float_dtype(dtype)
         base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_adapter(
             base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
@@ -301,6 +372,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     @classmethod
     def _wrap(cls, base_layer: nn.Module, **kwargs: Any) -> LoRALinear:
         """A new layer of this class around ``base_layer`` (checked by the caller)."""
+        _check_layer_arguments(cls, kwargs, f"{cls.__name__}.from_linear()")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_adapter(base_layer, **kwargs)

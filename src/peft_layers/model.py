@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from ._warnings import warn as _warn
 from .adapter import is_conv1d, is_conv1d_class
 from .dora import DoRALinear
-from .lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module
+from .lora import LoRALinear, LoRAPlusLinear, _argument_hint, _layer_arguments, is_bitsandbytes_module
 from .modules_to_save import ModuleToSave
 from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
@@ -73,37 +72,6 @@ def _accepts(module: nn.Module, method: str) -> bool:
     return (isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)) or is_conv1d(module)
 
 
-def _layer_arguments(cls: type[LoRALinear]) -> list[str]:
-    """The keyword arguments ``cls.from_linear`` takes: the keyword-only parameters of every
-    ``from_linear`` and ``_init_adapter`` in the class hierarchy (each passes the rest of its
-    ``**kwargs`` on), the most basic class's first."""
-    names: list[str] = []
-    for klass in reversed(cls.__mro__):
-        for attribute in ("from_linear", "_init_adapter"):
-            function = vars(klass).get(attribute)
-            if isinstance(function, classmethod):
-                function = function.__func__
-            if function is None:
-                continue
-            for parameter in inspect.signature(function).parameters.values():
-                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in names:
-                    names.append(parameter.name)
-    return names
-
-
-#: LoraConfig's names that users bring along, and what says the same here
-_HF_ARGUMENTS = {
-    "r": "rank=",
-    "lora_alpha": "alpha=",
-    "lora_dropout": "dropout=",
-    "use_dora": "method='dora' (or 'qdora')",
-    "target_modules": "the targets argument",
-    "exclude_modules": "exclude=",
-    "init_lora_weights": "init= ('kaiming', 'gaussian' or 'pissa')",
-    "lora_bias": "not supported",
-}
-
-
 def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` for a layer argument that the layers of ``method`` do not take, with
     the methods that do take it (or the nearest known name)."""
@@ -114,12 +82,9 @@ def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
         owners = [m for m in METHODS if name in _layer_arguments(_METHOD_CLASSES[m])]
         if owners:
             hint = f"{name} is an argument of method " + " or ".join(repr(m) for m in owners)
-        elif name in _HF_ARGUMENTS:
-            hint = f"Hugging Face PEFT's {name} is {_HF_ARGUMENTS[name]} here"
         else:
             known = sorted({a for m in METHODS for a in _layer_arguments(_METHOD_CLASSES[m])})
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "no method takes it"
+            hint = _argument_hint(name, known) or "no method takes it"
         raise TypeError(
             f"{name}: method {method!r} takes no argument {name!r} (got {name}={value!r}); its layer "
             f"arguments are {', '.join(accepted)}; {hint}"

@@ -26,8 +26,16 @@ from torch import Tensor, nn
 from ._warnings import warn as _warn
 from .adapter import SameObject
 from .dora import DoRALinear
-from .lora import LoRALinear, _check_features, is_bitsandbytes_module
+from .lora import (
+    _CONSTRUCTED_BASE,
+    LoRALinear,
+    _check_features,
+    _check_float_dtype,
+    _check_layer_arguments,
+    is_bitsandbytes_module,
+)
 from .quant import QUANT_SCHEMES, QuantizedLinear
+from .quant.linear import _check_blocksize, _check_compute_dtype
 
 REQUANTIZE_CONSEQUENCE = (
     "so the merged weight is requantized and rounding can lose much of the update (measured on "
@@ -48,14 +56,24 @@ def quantized_base(
     """The quantized base for ``linear``: a ``QuantizedLinear`` as is, a bitsandbytes
     ``Linear4bit``/``Linear8bitLt`` wrapped without requantizing, an ``nn.Linear`` quantized with
     ``quant``, ``blocksize`` and ``double_quant``. ``compute_dtype`` defaults to float32 for a new
-    quantization and to the module's own for a wrapped one."""
+    quantization and to the module's own for a wrapped one; a ``QuantizedLinear`` given with a
+    ``compute_dtype`` takes it. The arguments are checked even where the layer's own scheme wins
+    (a quantized layer), so that a typo never passes unseen."""
+    if quant not in QUANT_SCHEMES:
+        raise ValueError(f"quant: expected one of {QUANT_SCHEMES}, got {quant!r}")
+    if quant != "int8":  # int8 has no blocks, as in QuantizedLinear.from_linear
+        _check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
+    if compute_dtype is not None:
+        _check_compute_dtype(compute_dtype)
     if isinstance(linear, QuantizedLinear):
+        if compute_dtype is not None:
+            linear.compute_dtype = compute_dtype
         return linear
     if is_bitsandbytes_module(linear):  # from_bnb rejects kinds other than Linear4bit/Linear8bitLt
         return QuantizedLinear.from_bnb(linear, compute_dtype=compute_dtype)
     if isinstance(linear, nn.Linear):
-        if quant not in QUANT_SCHEMES:
-            raise ValueError(f"quant: expected one of {QUANT_SCHEMES}, got {quant!r}")
         return QuantizedLinear.from_linear(
             linear, scheme=quant, blocksize=blocksize, double_quant=double_quant,
             compute_dtype=compute_dtype or torch.float32,
@@ -125,7 +143,11 @@ class QLoRALinear(LoRALinear):
         **kwargs: Any,
     ) -> None:
         nn.Module.__init__(self)
+        _check_layer_arguments(type(self), kwargs, f"{type(self).__name__}()", _CONSTRUCTED_BASE)
         _check_features(in_features, out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {bias!r}")
+        _check_float_dtype(dtype)
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         base, split, kwargs = _quantized_base_and_split(
             linear, kwargs, own_linear=True, quant=quant, blocksize=blocksize, double_quant=double_quant,
