@@ -954,6 +954,26 @@ def test_a_compute_dtype_of_the_wrong_type_in_our_field_is_named(tmp_path: Path)
         load_adapter(base_net(), tmp_path)
 
 
+def test_invalid_regexes_in_the_config_are_named(saved_lora: Path) -> None:
+    """A bad ``target_modules`` regex and a ``rank_pattern`` key valid alone but not inside Hugging
+    Face's ``(.*\\.)?(key)$`` raised a bare ``re.error``."""
+    edit_config(saved_lora, lambda c: c.update(target_modules=".*(fc|out"))
+    assert_load_fails(saved_lora, ValueError, r"adapter_config.json: target_modules '\.\*\(fc\|out' is not a valid regex")
+    edit_config(saved_lora, lambda c: c.update(target_modules=["fc", "out"], rank_pattern={"(?i)fc": 4}))
+    assert_load_fails(saved_lora, ValueError, r"adapter_config.json: rank_pattern key '\(\?i\)fc' is not a valid regex")
+
+
+def test_an_empty_directory_argument_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``save_adapter(model, os.environ.get("OUT", ""))`` wrote into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: save_adapter(adapted("lora"), ""), lambda: load_adapter(base_net(), "")):
+        with pytest.raises(ValueError, match=r"^directory: expected a path, got an empty one"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    save_adapter(adapted("lora"), ".")  # the working directory, said so
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_not_a_lora_config(saved_lora: Path) -> None:
     edit_config(saved_lora, lambda c: c.update(peft_type="IA3"))
     assert_load_fails(saved_lora, ValueError, "peft_type must be 'LORA'")

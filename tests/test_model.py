@@ -788,6 +788,35 @@ def test_merging_quantized_layers_warns_once_per_call() -> None:
         pl.unmerge_adapters(plain)
 
 
+def test_an_exclusion_or_a_pattern_that_matches_nothing_is_a_typo_reported() -> None:
+    """``exclude="k-proj"`` excluded nothing and ``rank_pattern={"qproj": 4}`` set no rank, both
+    silently; like a target that matches nothing, each raises now, naming the nearest names.
+    Nothing changes."""
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^exclude: 'k-proj' matches no module of TinyTransformer; its linear layers are \(nearest first\): \['layers.0.attn.k_proj'"):
+        pl.inject_lora(model, list(ATTN), exclude="k-proj")
+    with pytest.raises(ValueError, match=r"^rank_pattern: key 'qproj' matches none of the targets .*\['layers.0.attn.q_proj'"):
+        pl.inject_lora(model, list(ATTN), rank_pattern={"qproj": 4})
+    with pytest.raises(ValueError, match=r"^alpha_pattern: key 'up_proj' matches none of the targets"):
+        pl.inject_lora(model, list(ATTN), alpha_pattern={"up_proj": 4.0})  # a module, but no target
+    assert not adapter_names(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # an exclusion of a module that exists but is not a target is not a typo
+    assert len(adapter_names(pl.inject_lora(tiny_model(), list(ATTN), exclude="up_proj"))) == 8
+
+
+def test_a_pattern_key_is_compiled_as_it_is_matched() -> None:
+    """``(?i)q`` compiles alone, but not inside Hugging Face's ``(.*\\.)?(key)$``: it raised a bare
+    ``re.error`` at matching time."""
+    with pytest.raises(ValueError, match=r"^rank_pattern: key '\(\?i\)q_proj' is not a valid regex \(global flags"):
+        pl.inject_lora(tiny_model(), list(ATTN), rank_pattern={"(?i)q_proj": 4})
+
+
+def test_a_method_of_the_wrong_type_is_named() -> None:
+    with pytest.raises(ValueError, match=r"^method: expected one of .*, got \['lora'\]$"):
+        pl.inject_adapters(tiny_model(), "q_proj", method=["lora"])
+
+
 def test_an_empty_exclude_excludes_nothing() -> None:
     assert adapter_names(pl.inject_lora(tiny_model(), "q_proj", exclude=[])) == adapter_names(
         pl.inject_lora(tiny_model(), "q_proj")

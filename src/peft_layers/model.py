@@ -48,7 +48,7 @@ _METHOD_CLASSES: dict[str, type[LoRALinear]] = {
 
 def method_class(method: str) -> type[LoRALinear]:
     """The layer class of ``method`` ("lora", "lora_plus", "dora", "qlora" or "qdora")."""
-    if method not in _METHOD_CLASSES:
+    if not isinstance(method, str) or method not in _METHOD_CLASSES:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return _METHOD_CLASSES[method]
 
@@ -166,8 +166,8 @@ def _check_pattern(argument: str, patterns: Any, kind: type) -> dict[str, Any]:
     for key, value in patterns.items():
         if not isinstance(key, str):
             raise TypeError(f"{argument}: keys must be name patterns (str), got {key!r}")
-        try:
-            re.compile(key)
+        try:  # compiled as it is matched: a global flag such as "(?i)" is valid alone, not there
+            re.compile(rf"(.*\.)?({key})$")
         except re.error as error:
             raise ValueError(f"{argument}: key {key!r} is not a valid regex ({error})") from None
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
@@ -444,6 +444,23 @@ def inject_adapters(
             chosen[id(module)] = None
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
+    # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report
+    for part in exclude_parts:
+        if not any(name and _part_matches(part, name, module) for name, module in modules.items()):
+            nearest = _nearest_names(part, linear_names)[:20]
+            raise ValueError(
+                f"exclude: {_describe(part)} matches no module of {type(model).__name__}; "
+                f"its linear layers are (nearest first): {nearest}"
+            )
+    target_names = [name for module_id in chosen for name in all_names[module_id]]
+    for argument, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in patterns:
+            if not any(pattern_key({key: None}, name) for name in target_names):
+                nearest = _nearest_names(key, target_names)[:20]
+                raise ValueError(
+                    f"{argument}: key {key!r} matches none of the targets (as a regex on a whole dotted "
+                    f"tail of their names); the targets are (nearest first): {nearest}"
+                )
 
     saved = _choose_modules_to_save(model, modules_to_save, modules, chosen) if modules_to_save is not None else []
 

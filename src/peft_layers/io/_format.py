@@ -149,6 +149,8 @@ def _check_adapter_name(adapter_name: Any) -> str:
 def _check_directory(directory: Any) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
+    if os.fspath(directory) in ("", b""):  # Path("") is ".": an unset variable would save into the working directory
+        raise ValueError("directory: expected a path, got an empty one (write '.' for the working directory)")
     path = Path(directory)
     if path.is_file():
         raise NotADirectoryError(
@@ -265,8 +267,8 @@ def _check_patterns(config: Mapping[str, Any], name: str, path: Path, check) -> 
     if not isinstance(patterns, dict):
         raise ValueError(f"{path}: {name} must be an object of name pattern -> value, got {patterns!r}")
     for key, value in patterns.items():
-        try:
-            re.compile(key)
+        try:  # compiled as Hugging Face PEFT matches it (a global flag is valid alone, not there)
+            re.compile(rf"(.*\.)?({key})$")
         except re.error as error:
             raise ValueError(f"{path}: {name} key {key!r} is not a valid regex ({error})") from None
         check(value, f"{name}[{key!r}]", path)
@@ -527,6 +529,11 @@ def _parse(
         raise ValueError(
             f"{cp}: target_modules must be a regex string or a list of names, got {target_modules!r}"
         )
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"{cp}: target_modules {target_modules!r} is not a valid regex ({error})") from None
     ours, ours_path = _our_field(config, metadata, cp, weights_path)
     method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
     # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
