@@ -339,3 +339,38 @@ pair = random_pair(2, 6, 5, 0)
 def test_bad_input_is_named(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_factors_are_refused_naming_adapter_and_factor(method: str, value: float) -> None:
+    """Before, "cat" and "linear" returned NaN and "svd" raised torch's LinAlgError."""
+    bad_A = pair[0].clone()
+    bad_A[0, 0] = value
+    with pytest.raises(ValueError, match=r"^adapters: adapters\[1\] has NaN or inf in its factor A; expected finite values$"):
+        combine([pair, (bad_A, pair[1])], [1.0, 1.0], method=method)
+    layer = lora_layer(2, 4.0, dims=(6, 5))
+    with torch.no_grad():
+        layer.lora_B[1, 1] = value
+    with pytest.raises(ValueError, match=r"adapters\[0\] has NaN or inf in its factor B"):
+        combine([layer, pair], [1.0, 1.0], method=method)
+    good = {"x.lora_A": pair[0], "x.lora_B": pair[1]}
+    bad = {"x.lora_A": pair[0], "x.lora_B": layer.lora_B.detach()}
+    with pytest.raises(ValueError, match=r"^module 'x': state_dicts_or_dirs\[1\] has NaN or inf in its factor B"):
+        combine_adapters([good, bad], [1.0, 1.0], method=method)
+
+
+def test_a_pair_of_non_tensors_names_the_element_types() -> None:
+    arrays = (pair[0].numpy(), pair[1].numpy())
+    with pytest.raises(TypeError, match=r"adapters\[0\]: expected a pair \(A, B\) of tensors or a LoRA layer, got a tuple of \(ndarray, ndarray\)$"):
+        combine([arrays], [1.0])
+    with pytest.raises(TypeError, match=r"adapters\[1\]: .*got a list of \(Tensor, list\)$"):
+        combine([pair, [pair[0], pair[1].tolist()]], [1.0, 1.0])
+
+
+def test_an_adapter_with_no_modules_is_refused() -> None:
+    """Before, ``combine_adapters([{}], [1.0])`` returned an empty state dict."""
+    with pytest.raises(ValueError, match=r"^state_dicts_or_dirs\[0\]: holds no adapter modules; .*got an empty state dict"):
+        combine_adapters([{}], [1.0])
+    with pytest.raises(ValueError, match=r"^state_dicts_or_dirs\[1\]: holds no adapter modules"):
+        combine_adapters([{"x.lora_A": pair[0], "x.lora_B": pair[1]}, {}], [1.0, 1.0])

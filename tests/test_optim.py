@@ -116,3 +116,16 @@ def test_bad_arguments() -> None:
         pl.loraplus_param_groups(tiny_model().requires_grad_(False), 1e-3)
     with pytest.raises(TypeError, match="optimizer_cls"):
         pl.create_loraplus_optimizer(model, "adam", lr=1e-3)
+
+
+def test_a_model_without_adapter_layers_is_refused() -> None:
+    """Before, a model whose adapters were not injected (yet) got a full fine-tuning optimizer,
+    its trainable weights at ``lr``, and no ``lora_B`` group."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    message = r"^model: has no adapter layers \(a Sequential whose .*no lora_B group\); inject_adapters\(\) first$"
+    with pytest.raises(ValueError, match=message):
+        pl.loraplus_param_groups(model, 1e-3)
+    with pytest.raises(ValueError, match=message):
+        pl.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):
+        pl.loraplus_param_groups(None, 1e-3)

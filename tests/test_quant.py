@@ -201,6 +201,41 @@ def test_int8_reference_matches_bitsandbytes():
     assert torch.equal(ref.dequantize_int8_rowwise(mine_codes, mine_absmax), theirs)
 
 
+def test_reference_codec_refuses_bad_input_by_name():
+    """Before: NaN quantized to code 255 with a NaN absmax, inf to codes that decode to NaN, codes
+    16 and 17 packed as 1 and 1, unpack_4bit returned fewer codes than asked, one absmax for three
+    blocks broadcast silently, and the rest raised torch's own errors."""
+    packed, absmax = ref.quantize_4bit(_weight(64, 64))
+    indices, nested = ref.quantize_blockwise(torch.randn(600))  # 3 blocks of 256
+    cases = [
+        (lambda: ref.quantize_4bit(torch.full((64,), float("nan"))), ValueError, r"^weight: expected finite values, got NaN or inf$"),
+        (lambda: ref.quantize_4bit([1.0, 2.0]), TypeError, r"^weight: expected a floating-point tensor, got list$"),
+        (lambda: ref.quantize_4bit(torch.ones(4, dtype=torch.long)), TypeError, r"^weight: expected a floating-point tensor, got dtype torch.int64$"),
+        (lambda: ref.quantize_int8_rowwise(torch.tensor([[float("inf"), 1.0]])), ValueError, r"^weight: expected finite values, got NaN or inf$"),
+        (lambda: ref.pack_4bit(torch.tensor([16, 17])), ValueError, r"^codes: expected values in 0\.\.15, got values from 16 to 17$"),
+        (lambda: ref.pack_4bit(torch.tensor([-1, 2])), ValueError, r"^codes: expected values in 0\.\.15, got values from -1 to 2$"),
+        (lambda: ref.pack_4bit(torch.tensor([1.0, 2.0])), TypeError, r"^codes: expected an integer tensor of 4-bit codes \(0\.\.15\), got dtype torch.float32$"),
+        (lambda: ref.unpack_4bit(torch.zeros(1, 1, dtype=torch.uint8), 10), ValueError, r"^numel: expected at most 2 \(two codes per byte; packed holds 1 bytes\), got 10$"),
+        (lambda: ref.unpack_4bit(torch.zeros(1, 1, dtype=torch.uint8), -1), ValueError, r"^numel: expected an int >= 0, got -1$"),
+        (lambda: ref.dequantize_4bit(packed, absmax, (64, 128)), ValueError, r"^packed: expected 4096 bytes \(two codes per byte\) for shape \(64, 128\), got 2048$"),
+        (lambda: ref.dequantize_4bit(packed, absmax, (64, -64)), ValueError, r"^shape: expected a tuple of ints >= 0, got \(64, -64\)$"),
+        (lambda: ref.dequantize_4bit(packed, absmax[:-1], (64, 64)), ValueError, r"^absmax: expected 64 values \(one per block of 64 for shape \(64, 64\)\), got 63$"),
+        (lambda: ref.dequantize_4bit(packed, absmax.to(torch.uint8), (64, 64)), TypeError, r"^absmax: expected a floating-point tensor of 64 values .*got dtype torch.uint8$"),
+        (lambda: ref.dequantize_blockwise(indices, nested[:1]), ValueError, r"^absmax: expected 3 values \(one per block of 256 for 600 indices\), got 1$"),
+        (lambda: ref.dequantize_blockwise(torch.tensor([300]), torch.ones(1)), TypeError, r"^indices: expected a uint8 tensor \(as quantize_blockwise gives\), got dtype torch.int64$"),
+        (lambda: ref.dequantize_blockwise(indices, nested, torch.zeros(16)), ValueError, r"^code: expected 256 values \(a 1-D 8-bit map\), got shape \(16,\)$"),
+        (lambda: ref.dequantize_int8_rowwise(torch.ones(4, 4, dtype=torch.int8), torch.ones(3)), ValueError, r"^absmax: expected 4 values \(one per row of codes \(4, 4\)\), got 3$"),
+        (lambda: ref.dequantize_int8_rowwise(torch.ones(4, 4), torch.ones(4)), TypeError, r"^codes: expected an int8 \(out, in\) tensor, got dtype torch.float32$"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    # what the codec gives itself still round-trips
+    assert torch.equal(ref.unpack_4bit(ref.pack_4bit(torch.tensor([15, 0, 7], dtype=torch.uint8)), 3), torch.tensor([15, 0, 7]))
+    assert ref.dequantize_4bit(packed, absmax, (64, 64)).shape == (64, 64)
+    assert ref.dequantize_blockwise(indices, nested).shape == (600,)
+
+
 # ---- QuantizedLinear: storage and dequantization ---------------------------------------------
 @pytest.mark.parametrize("scheme", FOUR_BIT)
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -327,6 +327,54 @@ def test_bad_input_is_named_and_leaves_the_model_unchanged(two_adapters, tmp_pat
         pl.stack_adapters(dora_model, {"math": two_adapters["math"]})
 
 
+def test_wrong_types_and_empty_or_rank_0_adapters_are_named(two_adapters) -> None:
+    """Before: AttributeError for a model or base of the wrong type and for a numpy input,
+    IndexError for 0-dim factors, a rank-0 pair accepted by add_adapter (stack_adapters refuses
+    it), and an empty adapter silently stacked as nothing."""
+    with pytest.raises(TypeError, match=r"^model: expected an nn.Module, got NoneType$"):
+        pl.set_adapter(None, "a")
+    with pytest.raises(TypeError, match=r"^model: expected an nn.Module, got str$"):
+        with pl.adapter_batch("m", ["a"]):
+            pass
+    with pytest.raises(
+        TypeError,
+        match=r"^base_layer: expected an nn.Linear, a QuantizedLinear, a bitsandbytes Linear4bit/Linear8bitLt, "
+        r"a transformers Conv1D or a LoRA layer, got torch.nn.modules.normalization.LayerNorm$",
+    ):
+        pl.MultiLoRALinear(nn.LayerNorm(4))
+    stack = pl.MultiLoRALinear(nn.Linear(4, 3))
+    for lora_A, lora_B, shapes in [
+        (torch.tensor(1.0), torch.tensor(1.0), r"A \(\) and B \(\)"),
+        (torch.ones(0, 4), torch.ones(3, 0), r"A \(0, 4\) and B \(3, 0\)"),
+        (torch.ones(4), torch.ones(3, 1), r"A \(4,\) and B \(3, 1\)"),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^adapter 'a': {shapes} do not fit the layer: expected A \(rank, 4\) and B \(3, rank\) with rank >= 1$",
+        ):
+            stack.add_adapter("a", lora_A, lora_B, 1.0)
+    assert stack.adapter_names == []
+    stack.add_adapter("a", torch.ones(1, 4), torch.ones(3, 1), 1.0)
+    stack.active_adapter = "a"
+    with pytest.raises(TypeError, match=r"^input: expected a Tensor, got ndarray$"):
+        stack(torch.ones(2, 4).numpy())
+
+    model = pl.stack_adapters(tiny_model(), {"math": two_adapters["math"]})
+    before = snapshot(model)
+    for adapters, match in [
+        ({"empty": {}}, r"^adapters\['empty'\]: holds no adapter modules; .*got an empty state dict$"),
+        ({"code": two_adapters["code"], "empty": {}}, r"^adapters\['empty'\]: holds no adapter modules"),
+        (
+            {"zero": {"layers.0.attn.q_proj.lora_A": torch.zeros(0, 32), "layers.0.attn.q_proj.lora_B": torch.zeros(32, 0)}},
+            r"adapters\['zero'\]: module 'layers.0.attn.q_proj': expected A \(rank, in\) and B \(out, rank\) with the same rank >= 1",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pl.stack_adapters(model, adapters)
+        after = snapshot(model)
+        assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+
+
 def test_pissa_adapters_are_refused_as_they_need_their_residual_base(tmp_path: Path) -> None:
     """A PiSSA adapter applies to the residual W0 - s B0 A0 that only load_adapter rebuilds: over
     the plain base it would compute something else (0.7 off here), so stacking and combining

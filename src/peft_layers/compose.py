@@ -96,9 +96,14 @@ def _factors_of(adapter: object, where: str) -> tuple[Tensor, Tensor, float]:
         lora_A, lora_B = adapter
         _check_pair(lora_A, lora_B, where)
         return lora_A.detach(), lora_B.detach(), 1.0
-    raise TypeError(
-        f"{where}: expected a pair (A, B) of tensors or a LoRA layer, got {type(adapter).__name__}"
-    )
+    got = type(adapter).__name__
+    if isinstance(adapter, Sequence) and not isinstance(adapter, (str, bytes)):
+        # name what it holds: a pair of numpy arrays or lists is a pair, just not of tensors
+        if len(adapter) <= 4:
+            got = f"a {got} of ({', '.join(type(item).__name__ for item in adapter)})"
+        else:
+            got = f"a {got} of length {len(adapter)}"
+    raise TypeError(f"{where}: expected a pair (A, B) of tensors or a LoRA layer, got {got}")
 
 
 def _check_pair(lora_A: Tensor, lora_B: Tensor, where: str) -> None:
@@ -135,6 +140,11 @@ def _combine_checked(
                 f"{(lora_B.shape[0], lora_A.shape[1])}, {labels[0]} one of {(out_features, in_features)}; "
                 "all must update the same weight"
             )
+    for label, (lora_A, lora_B, _) in zip(labels, factors):
+        # NaN or inf would come out as a NaN result ("cat", "linear") or a LinAlgError ("svd")
+        for factor, tensor in (("A", lora_A), ("B", lora_B)):
+            if not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: {label} has NaN or inf in its factor {factor}; expected finite values")
     dtype = factors[0][0].dtype
     for lora_A, lora_B, _ in factors:
         dtype = torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))
@@ -216,9 +226,9 @@ def combine(
     Raises:
         TypeError: an adapter is neither a pair of tensors nor a LoRA layer, or is a DoRA layer;
             a weight is not a real number.
-        ValueError: no adapters, a count of weights that differs, shapes that disagree, an
-            unknown method, a ``rank`` that is not a positive int, given to another method, or
-            larger than ``min(out, in)``.
+        ValueError: no adapters, a count of weights that differs, shapes that disagree, factors
+            holding NaN or inf, an unknown method, a ``rank`` that is not a positive int, given to
+            another method, or larger than ``min(out, in)``.
     """
     method = _check_method(method)
     if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):
@@ -239,7 +249,8 @@ def lora_factors(
     """Module path -> ``(A, B, scaling)`` of one LoRA adapter, checked: a directory (scalings
     from its config) or a state dict keyed ``"<module>.lora_A"``/``"<module>.lora_B"`` (scaling 1).
     DoRA and PiSSA adapters, and files with trained biases or modules to save, raise
-    ``ValueError``; ``where`` names the source in error messages.
+    ``ValueError``, and so does an adapter with no modules (an empty state dict); ``where`` names
+    the source in error messages.
 
     A Hugging Face file that targets an embedding layer (``lm_head``) also holds that layer's
     full base weight: it goes into ``base_weights`` (path -> weight) when the caller passes one
@@ -276,6 +287,8 @@ def lora_factors(
                 "PEFT saves them for targeted embedding layers); only the factors are combined, so the "
                 "base model must already hold those weights",
             )
+        if not adapter.modules:
+            raise ValueError(f"{where}: {str(source)!r} holds no adapter modules; expected at least one")
         return {
             path: (module.lora_A, module.lora_B, adapter.scaling(path))
             for path, module in adapter.modules.items()
@@ -308,6 +321,11 @@ def lora_factors(
             raise ValueError(f"{where}: module {path!r} has no {missing}")
         _check_pair(pair["lora_A"], pair["lora_B"], f"{where}: module {path!r}")
         modules[path] = (pair["lora_A"], pair["lora_B"], 1.0)
+    if not modules:
+        raise ValueError(
+            f"{where}: holds no adapter modules; expected '<module>.lora_A' and '<module>.lora_B' "
+            "keys as adapter_state_dict() gives them, got an empty state dict"
+        )
     return modules
 
 
@@ -342,8 +360,9 @@ def combine_adapters(
 
     Raises:
         TypeError, ValueError: as :func:`combine`, naming the module; a state dict key that is
-        not an adapter factor, a factor without its pair, or a DoRA adapter (magnitude keys or a
-        DoRA config). Reading a directory raises as :func:`~peft_layers.io.read_adapter` does.
+        not an adapter factor, a factor without its pair, an adapter with no modules (an empty
+        state dict), or a DoRA adapter (magnitude keys or a DoRA config). Reading a directory
+        raises as :func:`~peft_layers.io.read_adapter` does.
     """
     method = _check_method(method)
     if isinstance(state_dicts_or_dirs, (str, bytes, os.PathLike, Mapping)) or not isinstance(

@@ -34,6 +34,9 @@ def loraplus_param_groups(
 
     Frozen parameters are left out. Empty groups are dropped. Each group has ``params``, ``lr``
     and ``weight_decay``, and a ``name`` saying what it holds.
+
+    Raises ``ValueError`` for a model with no trainable parameters, or with no adapter layers
+    (LoRA+ is about their ``lora_B``: without them the groups would fine-tune the whole model).
     """
     _check_positive("lr", lr)
     if lr_ratio is not None:
@@ -43,7 +46,8 @@ def loraplus_param_groups(
 
     b_by_ratio: dict[float, list[nn.Parameter]] = {}
     placed: set[int] = set()
-    for _, layer in iter_adapter_layers(model):
+    layers = list(iter_adapter_layers(model))
+    for _, layer in layers:
         if not layer.lora_B.requires_grad or id(layer.lora_B) in placed:
             continue
         ratio = layer.lr_ratio if isinstance(layer, LoRAPlusLinear) else default_ratio
@@ -68,6 +72,12 @@ def loraplus_param_groups(
     groups = [group for group in groups if group["params"]]
     if not groups:
         raise ValueError("model: has no trainable parameters; inject_adapters() first")
+    if not layers:
+        # every trainable parameter would land in the lr groups: full fine-tuning, no LoRA+ at all
+        raise ValueError(
+            f"model: has no adapter layers (a {type(model).__name__} whose trainable parameters would all "
+            "be fine-tuned in full, with no lora_B group); inject_adapters() first"
+        )
     return groups
 
 
@@ -83,7 +93,8 @@ def create_loraplus_optimizer(
 
     ``weight_decay`` in ``kwargs`` goes to the groups (not to biases, norms and magnitudes); the
     other keyword arguments go to the optimizer. Works with any ``torch.optim`` optimizer: an
-    optimizer without weight decay simply ignores the groups' key.
+    optimizer without weight decay simply ignores the groups' key. Raises as
+    :func:`loraplus_param_groups` does (a model with no adapter layers included).
     """
     if not callable(optimizer_cls):
         raise TypeError(f"optimizer_cls: expected an optimizer class, got {optimizer_cls!r}")

@@ -46,8 +46,8 @@ class MultiLoRALinear(nn.Module):
         y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top \quad\text{(row } b \text{ with adapter } k)
 
     Attributes:
-        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear``, a bitsandbytes layer or
-            a transformers ``Conv1D``).
+        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear``, a bitsandbytes layer,
+            a transformers ``Conv1D`` or a LoRA layer); any other module raises ``TypeError``.
         lora_A, lora_B: ``nn.ParameterDict`` of name -> ``(r, in)`` / ``(out, r)``, not trainable.
         scaling: name -> ``s`` (``alpha / r``, rsLoRA ``alpha / sqrt(r)``).
         active_adapter: the adapter of every row when no per-row choice is set; None = base only.
@@ -56,6 +56,12 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        if not (isinstance(base_layer, (nn.Linear, QuantizedLinear, LoRALinear)) or is_conv1d(base_layer)):
+            raise TypeError(
+                "base_layer: expected an nn.Linear, a QuantizedLinear, a bitsandbytes "
+                "Linear4bit/Linear8bitLt, a transformers Conv1D or a LoRA layer, got "
+                f"{type(base_layer).__module__}.{type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.in_features, self.out_features = base_features(base_layer)
         self.lora_A = nn.ParameterDict()
@@ -80,14 +86,19 @@ class MultiLoRALinear(nn.Module):
         return list(self.lora_A.keys())
 
     def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, where: str) -> None:
-        """Raise ``ValueError`` unless ``(lora_A, lora_B)`` fits this layer under a new ``name``."""
+        """Raise ``ValueError`` unless ``(lora_A, lora_B)`` fits this layer under a new ``name``:
+        ``A`` (rank, in_features) and ``B`` (out_features, rank) with rank >= 1."""
         if name in self.lora_A:
             raise ValueError(f"{where}: this layer already has an adapter named {name!r}")
-        rank = lora_A.shape[0]
-        if tuple(lora_A.shape) != (rank, self.in_features) or tuple(lora_B.shape) != (self.out_features, rank):
+        rank = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if (
+            rank < 1
+            or tuple(lora_A.shape) != (rank, self.in_features)
+            or tuple(lora_B.shape) != (self.out_features, rank)
+        ):
             raise ValueError(
                 f"{where}: A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} do not fit the layer: "
-                f"expected A (rank, {self.in_features}) and B ({self.out_features}, rank)"
+                f"expected A (rank, {self.in_features}) and B ({self.out_features}, rank) with rank >= 1"
             )
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
@@ -122,6 +133,8 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in_features) -> (*, out_features)``; with a per-row choice, ``x`` is
         ``(batch, *, in_features)`` with one entry of ``row_adapters`` per batch row."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}")
         # as the adapter layers do: compute in the base's dtype, return the input's (autocast
@@ -232,8 +245,8 @@ def stack_adapters(
 
     Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
     holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a DoRA adapter or layer; a merged LoRA layer; a module path the
-    model does not have, or one that is not a linear layer; factors whose shapes do not fit. On
-    any error the model is unchanged.
+    model does not have, or one that is not a linear layer; factors whose shapes do not fit; an
+    adapter with no modules. On any error the model is unchanged.
     """
     _check_model(model)
     taken = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
@@ -348,6 +361,7 @@ def _check_same_base_weight(file_weight: Tensor, base: nn.Module, where: str) ->
 
 
 def _stacks(model: nn.Module, caller: str) -> list[MultiLoRALinear]:
+    _check_model(model)
     stacks = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if not stacks:
         raise ValueError(f"{caller}: the model has no stacked adapters; stack_adapters() first")
@@ -363,7 +377,8 @@ def _check_adapter_name(name: object, stacks: list[MultiLoRALinear], argument: s
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """Make every row of every later call use adapter ``name`` (None: the base model alone).
 
-    Raises ``ValueError`` for a name no stacked layer has, or a model with no stacked adapters.
+    Raises ``TypeError`` for a ``model`` that is not an ``nn.Module``, ``ValueError`` for a name
+    no stacked layer has, or a model with no stacked adapters.
     """
     stacks = _stacks(model, "set_adapter()")
     _check_adapter_name(name, stacks, "name")
@@ -379,7 +394,8 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     The inputs' first dimension must have ``len(names)`` rows, or ``k * len(names)``: then each
     name covers ``k`` consecutive rows, as ``generate(num_beams=k)`` or
     ``num_return_sequences=k`` repeat every prompt ``k`` times in place. The previous choice comes
-    back when the block ends, also on error. Raises ``ValueError`` for an unknown name.
+    back when the block ends, also on error. Raises ``TypeError`` for a ``model`` that is not an
+    ``nn.Module``, ``ValueError`` for an unknown name.
     """
     stacks = _stacks(model, "adapter_batch()")
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:

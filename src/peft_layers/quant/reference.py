@@ -27,6 +27,7 @@ Rounding follows bitsandbytes exactly, quirks included (see :func:`quantize_4bit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,13 +150,60 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     return torch.tensor(values, dtype=torch.float32)
 
 
+# ---- input checks -----------------------------------------------------------------------------
+# Shapes, counts and dtypes only (metadata): the dequantize functions run on every forward of a
+# QuantizedLinear without bitsandbytes, so they make no pass over the data. The quantize functions
+# (not per step) also refuse NaN and inf, which would otherwise store garbage codes.
+def _check_tensor(value: object, argument: str, what: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{argument}: expected {what}, got {type(value).__name__}")
+
+
+def _check_float_input(value: object, argument: str) -> None:
+    """A floating-point tensor of finite values (what the quantize functions take)."""
+    _check_tensor(value, argument, "a floating-point tensor")
+    if not value.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {value.dtype}")
+    if not value.is_meta and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{argument}: expected finite values, got NaN or inf")
+
+
+def _check_float_statistics(absmax: object, count: int, argument: str, what: Callable[[], str]) -> None:
+    """``count`` floating-point values (one per block or row); ``what()`` says what they are (a
+    callable, so that the message costs nothing on the hot path when all is well)."""
+    if not isinstance(absmax, Tensor) or not absmax.is_floating_point():
+        got = f"dtype {absmax.dtype}" if isinstance(absmax, Tensor) else type(absmax).__name__
+        raise TypeError(f"{argument}: expected a floating-point tensor of {count} values ({what()}), got {got}")
+    if absmax.numel() != count:
+        raise ValueError(f"{argument}: expected {count} values ({what()}), got {absmax.numel()}")
+
+
+def _check_code(code: Tensor) -> None:
+    _check_tensor(code, "code", "a tensor of 256 values")
+    if code.shape != (256,):
+        raise ValueError(f"code: expected 256 values (a 1-D 8-bit map), got shape {tuple(code.shape)}")
+
+
 # ---- packing --------------------------------------------------------------------------------
 def pack_4bit(codes: Tensor) -> Tensor:
     """Pack 4-bit codes (any shape, values 0..15) two per byte, the first in the high nibble.
 
     Returns a uint8 tensor of shape ``(ceil(n / 2), 1)``, bitsandbytes' ``Params4bit`` layout; an
-    odd count is padded with code 0.
+    odd count is padded with code 0. ``codes`` must be an integer tensor with values in 0..15
+    (``TypeError``/``ValueError`` otherwise).
     """
+    _check_tensor(codes, "codes", "an integer tensor of 4-bit codes (0..15)")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"codes: expected an integer tensor of 4-bit codes (0..15), got dtype {codes.dtype}")
+    if codes.numel() and not codes.is_meta:
+        low, high = torch.aminmax(codes.reshape(-1))
+        if low.item() < 0 or high.item() > 15:
+            raise ValueError(f"codes: expected values in 0..15, got values from {low.item()} to {high.item()}")
+    return _pack_4bit(codes)
+
+
+def _pack_4bit(codes: Tensor) -> Tensor:
+    """:func:`pack_4bit` without its checks, for codes this module computed."""
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
@@ -163,10 +211,20 @@ def pack_4bit(codes: Tensor) -> Tensor:
 
 
 def unpack_4bit(packed: Tensor, numel: int) -> Tensor:
-    """The first ``numel`` 4-bit codes of a packed tensor (inverse of :func:`pack_4bit`), as int64."""
+    """The first ``numel`` 4-bit codes of a packed tensor (inverse of :func:`pack_4bit`), as int64.
+
+    ``numel`` is at most twice the bytes ``packed`` holds (``ValueError`` otherwise)."""
+    _check_tensor(packed, "packed", "a tensor of packed 4-bit codes")
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel: expected an int >= 0, got {numel!r}")
+    if numel > 2 * flat.numel():
+        raise ValueError(
+            f"numel: expected at most {2 * flat.numel()} (two codes per byte; packed holds "
+            f"{flat.numel()} bytes), got {numel}"
+        )
     codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
     return codes[:numel].long()
 
@@ -205,10 +263,12 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) 
     - a scaled value ``x`` gets the sorted level ``k`` with ``mid_{k-1} < x <= mid_k`` (midpoints
       ``mid`` of adjacent sorted levels, float32): a value exactly halfway goes to the lower level.
 
-    ``packed`` is uint8 of shape ``(ceil(n / 2), 1)`` (see :func:`pack_4bit`).
+    ``packed`` is uint8 of shape ``(ceil(n / 2), 1)`` (see :func:`pack_4bit`). A ``weight`` that
+    is not a floating-point tensor, or holds NaN or inf, raises ``TypeError``/``ValueError``.
     """
     _check_blocksize(blocksize)
     midpoints, order = _sorted_levels(quant_type)
+    _check_float_input(weight, "weight")
     flat = weight.detach().reshape(-1).float()
     numel = flat.numel()
     padded, absmax = _block_absmax(flat, blocksize)
@@ -224,7 +284,7 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) 
     if numel % 2:  # the padding nibble is the code of 0.0, as bitsandbytes pads with a scaled 0
         zero = order[torch.bucketize(torch.zeros(1), midpoints)].to(codes.device)
         codes = torch.cat([codes, zero])
-    return pack_4bit(codes), absmax
+    return _pack_4bit(codes), absmax
 
 
 def dequantize_4bit(
@@ -235,18 +295,36 @@ def dequantize_4bit(
     blocksize: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``w_i = c[q_i] * absmax[i // blocksize]`` (one float32 product), as ``shape`` in ``dtype``."""
+    """``w_i = c[q_i] * absmax[i // blocksize]`` (one float32 product), as ``shape`` in ``dtype``.
+
+    ``packed`` must hold ``ceil(n / 2)`` bytes and ``absmax`` one floating-point value per block
+    for the ``n`` values of ``shape`` (``ValueError``/``TypeError`` otherwise; only sizes are
+    checked, not the values).
+    """
     _check_blocksize(blocksize)
+    if not isinstance(shape, (tuple, list)) or any(
+        type(size) is not int or size < 0 for size in shape  # bool is not a size
+    ):
+        raise ValueError(f"shape: expected a tuple of ints >= 0, got {shape!r}")
     numel = math.prod(shape)
+    _check_tensor(packed, "packed", "a tensor of packed 4-bit codes")
+    raw = packed.reshape(-1)
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    if raw.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed: expected {(numel + 1) // 2} bytes (two codes per byte) for shape {tuple(shape)}, "
+            f"got {raw.numel()}"
+        )
+    n_blocks, _ = _blocks(numel, blocksize)
+    _check_float_statistics(
+        absmax, n_blocks, "absmax", lambda: f"one per block of {blocksize} for shape {tuple(shape)}"
+    )
     code = four_bit_code(quant_type).to(packed.device)
     # one lookup per byte: the 256 possible bytes decode to (code[high], code[low])
     byte_values = torch.arange(256, device=packed.device)
     pairs = torch.stack([code[byte_values >> 4], code[byte_values & 0xF]], dim=1)
-    raw = packed.reshape(-1)
-    if raw.dtype != torch.uint8:
-        raw = raw.view(torch.uint8)
     values = pairs.index_select(0, raw.int()).reshape(-1)
-    n_blocks, _ = _blocks(numel, blocksize)
     if values.numel() != n_blocks * blocksize:
         padded = values.new_zeros(n_blocks * blocksize)
         padded[:numel] = values[:numel]
@@ -279,11 +357,15 @@ def quantize_blockwise(
     values are scaled by the float32 reciprocal of their absmax, clamped to [-1, 1], mapped to a
     grid index ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each step rounded to float32) and looked up
     in :func:`_lookup_table`. A block whose absmax is 0 stores index 0. NaNs do not enter absmax.
-    ``code`` defaults to :func:`dynamic_map`.
+    ``code`` defaults to :func:`dynamic_map`; a given one must hold 256 values.
     """
     _check_blocksize(blocksize)
+    _check_tensor(values, "values", "a floating-point tensor")
+    if not values.is_floating_point():
+        raise TypeError(f"values: expected a floating-point tensor, got dtype {values.dtype}")
     if code is None:
         code = dynamic_map()
+    _check_code(code)
     code = code.to(device=values.device, dtype=torch.float32)
     flat = values.detach().reshape(-1).float()
     numel = flat.numel()
@@ -302,13 +384,22 @@ def quantize_blockwise(
 def dequantize_blockwise(
     indices: Tensor, absmax: Tensor, code: Tensor | None = None, blocksize: int = DOUBLE_QUANT_BLOCKSIZE
 ) -> Tensor:
-    """``v_i = code[q_i] * absmax[i // blocksize]`` in float32, shaped like ``indices``."""
+    """``v_i = code[q_i] * absmax[i // blocksize]`` in float32, shaped like ``indices``.
+
+    ``indices`` are uint8 (as :func:`quantize_blockwise` gives them), ``code`` holds 256 values and
+    ``absmax`` one floating-point value per block (``TypeError``/``ValueError`` otherwise).
+    """
     _check_blocksize(blocksize)
+    _check_tensor(indices, "indices", "a uint8 tensor")
+    if indices.dtype != torch.uint8:
+        raise TypeError(f"indices: expected a uint8 tensor (as quantize_blockwise gives), got dtype {indices.dtype}")
     if code is None:
         code = dynamic_map()
-    flat = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]
-    numel = flat.numel()
+    _check_code(code)
+    numel = indices.numel()
     n_blocks, _ = _blocks(numel, blocksize)
+    _check_float_statistics(absmax, n_blocks, "absmax", lambda: f"one per block of {blocksize} for {numel} indices")
+    flat = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]
     padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=indices.device)
     padded[:numel] = flat
     out = (padded.view(n_blocks, blocksize) * absmax.float().view(-1, 1)).reshape(-1)[:numel]
@@ -384,8 +475,11 @@ def quantize_int8_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Row-wise absmax int8: ``(codes int8 (out, in), absmax float32 (out,))``.
 
     ``codes = round(w * (127 / absmax_row))`` (round half to even), as bitsandbytes'
-    ``int8_vectorwise_quant``; a zero row gets zero codes instead of bitsandbytes' 0 * inf.
+    ``int8_vectorwise_quant``; a zero row gets zero codes instead of bitsandbytes' 0 * inf. A
+    ``weight`` that is not a floating-point tensor, or holds NaN or inf, raises
+    ``TypeError``/``ValueError``.
     """
+    _check_float_input(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
     w = weight.detach().float()
@@ -401,5 +495,14 @@ def dequantize_int8_rowwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = 
     The second product is taken in place: the same bits as bitsandbytes' two out-of-place
     products, with one (out, in) float32 allocation instead of two (on the CPU each large
     allocation is fresh memory whose page faults cost more than the arithmetic).
+
+    ``codes`` is an int8 ``(out, in)`` tensor and ``absmax`` holds ``out`` floating-point values
+    (``TypeError``/``ValueError`` otherwise; only sizes are checked, not the values).
     """
+    _check_tensor(codes, "codes", "an int8 (out, in) tensor")
+    if codes.dtype != torch.int8:
+        raise TypeError(f"codes: expected an int8 (out, in) tensor, got dtype {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes: expected an int8 (out, in) tensor, got shape {tuple(codes.shape)}")
+    _check_float_statistics(absmax, codes.shape[0], "absmax", lambda: f"one per row of codes {tuple(codes.shape)}")
     return torch.mul(codes, absmax.float().view(-1, 1)).mul_(_INV_127).to(dtype)
