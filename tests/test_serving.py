@@ -105,6 +105,42 @@ def test_multi_lora_linear_matches_the_float64_formula(rows, leading) -> None:
             torch.testing.assert_close(stack(x).double(), base_out, rtol=1e-5, atol=1e-5)
 
 
+def test_row_indices_are_built_once_per_choice_and_follow_new_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forward built its row index with ``torch.tensor(list, device=...)``, a blocking host
+    copy on a GPU, per layer and adapter. It is kept while the choice, batch and device stay, and
+    rebuilt when they change or an adapter is added (whose rows it had left out)."""
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4)
+    stack = pl.MultiLoRALinear(base)
+    a = (torch.randn(2, 5), torch.randn(4, 2))
+    b = (torch.randn(3, 5), torch.randn(4, 3))
+    stack.add_adapter("a", *a, 0.5)
+    x = torch.randn(3, 5)
+
+    def expected(rows: list) -> Tensor:
+        out = x.double() @ base.weight.double().t() + base.bias.double()
+        for row, name in enumerate(rows):
+            if name is not None:
+                lora_A, lora_B, scaling = {"a": (*a, 0.5), "b": (*b, 2.0)}[name]
+                out[row] += scaling * (x[row].double() @ lora_A.double().t()) @ lora_B.double().t()
+        return out
+
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: built.append(1) or real_tensor(*args, **kwargs))
+    with torch.no_grad():
+        stack.row_adapters = ["a", "b", "a"]  # "b" is not in the stack yet: base only there
+        for _ in range(3):
+            torch.testing.assert_close(stack(x).double(), expected(["a", None, "a"]), rtol=1e-5, atol=1e-5)
+        assert len(built) == 1
+        stack.add_adapter("b", *b, 2.0)
+        torch.testing.assert_close(stack(x).double(), expected(["a", "b", "a"]), rtol=1e-5, atol=1e-5)
+        assert len(built) == 3
+        stack.row_adapters = [None, "a", "a"]
+        torch.testing.assert_close(stack(x).double(), expected([None, "a", "a"]), rtol=1e-5, atol=1e-5)
+        assert len(built) == 4
+
+
 def test_add_adapter_rejects_bad_input() -> None:
     stack = pl.MultiLoRALinear(nn.Linear(5, 4))
     lora_A, lora_B = torch.zeros(2, 5), torch.zeros(4, 2)

@@ -116,6 +116,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(lora_A.detach().to(device, copy=True), requires_grad=False)
         self.lora_B[name] = nn.Parameter(lora_B.detach().to(device, copy=True), requires_grad=False)
         self.scaling[name] = float(scaling)
+        self.__dict__.pop("_row_index_cache", None)  # its rows of this name were left out
 
     def _delta(self, x: Tensor, name: str) -> Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -174,17 +175,28 @@ class MultiLoRALinear(nn.Module):
                 f"{tuple(x.shape)} (rows are the first dimension; k times as many rows repeat each "
                 "choice k times)"
             )
-        if x.shape[0] != len(rows):
-            # generate(num_beams=k) and num_return_sequences=k repeat each row k times in place
-            repeat = x.shape[0] // len(rows)
-            rows = [row for row in rows for _ in range(repeat)]
-        for name in dict.fromkeys(rows):
-            if name not in self.lora_A:
-                continue
-            index = torch.tensor([b for b, row in enumerate(rows) if row == name], device=x.device)
+        for name, index in self._row_indices(rows, x.shape[0], x.device).items():
             delta = self._delta(x.index_select(0, index), name).to(out.dtype)
             out = out.index_add_(0, index, delta) if in_place else out.index_add(0, index, delta)
         return out
+
+    def _row_indices(self, rows: list[str | None], batch: int, device: torch.device) -> dict[str, Tensor]:
+        """Adapter name -> the batch rows that use it, on ``device``; kept for the next call with
+        the same choice (every step of a generation), since building the index on a GPU is a
+        blocking copy from the host, per layer and adapter."""
+        key = (tuple(rows), batch, device)
+        cached = self.__dict__.get("_row_index_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # generate(num_beams=k) and num_return_sequences=k repeat each row k times in place
+        repeated = [row for row in rows for _ in range(batch // len(rows))]
+        indices = {
+            name: torch.tensor([b for b, row in enumerate(repeated) if row == name], device=device)
+            for name in dict.fromkeys(repeated)
+            if name in self.lora_A
+        }
+        self.__dict__["_row_index_cache"] = (key, indices)
+        return indices
 
     def extra_repr(self) -> str:
         ranks = {name: a.shape[0] for name, a in self.lora_A.items()}
