@@ -275,6 +275,47 @@ def test_names_that_hugging_face_would_widen_are_saved_exactly(tmp_path: Path) -
     torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
 
 
+class _NamedHead(nn.Module):
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.head_name = head
+        self.fc = nn.Linear(8, 8)
+        setattr(self, head, nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_name)(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize(
+    "head, method, widened",
+    [
+        ("out", "lora", ["fc.lora_dropout"]),
+        ("layer", "lora", ["fc.base_layer"]),
+        ("base_layer", "lora", ["fc.base_layer"]),
+        ("default", "dora", ["fc.lora_dropout.default", "fc.lora_A.default", "fc.lora_B.default", "fc.lora_magnitude_vector.default"]),
+    ],
+)
+def test_names_that_end_names_hugging_face_builds_inside_its_lora_layers_warn(
+    head: str, method: str, widened: list[str], tmp_path: Path
+) -> None:
+    """Hugging Face PEFT matches ``modules_to_save`` after it injected its LoRA layers, whose
+    inner modules (``fc.lora_dropout``, ``fc.base_layer``, ``fc.lora_A.default``) end with names
+    such as ``out`` or ``layer``: it then fails to load the file (checked below). Saving warns,
+    and our loader reads the file exactly."""
+    torch.manual_seed(0)
+    model = pl.inject_adapters(_NamedHead(head), ["fc"], method=method, rank=2, modules_to_save=[head])
+    with torch.no_grad():
+        getattr(model, head).trained.weight.add_(1.0)
+    with pytest.warns(UserWarning, match=re.escape(f"would also wrap {{{head!r}: {widened}}}")):
+        pl.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    loaded = pl.load_adapter(_NamedHead(head), tmp_path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
+    with pytest.raises((TypeError, KeyError, ValueError)):
+        peft.PeftModel.from_pretrained(_NamedHead(head), str(tmp_path))
+
+
 def test_a_shared_module_to_save_warns_where_hugging_face_wraps_one_name(tmp_path: Path) -> None:
     base = _base()
     base.tail = base.classifier  # a second name for the head, in another slot

@@ -408,7 +408,9 @@ def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, 
     matches them: the module's name ends with the string). None for adapter keys and keys of
     other modules."""
     rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
-    if not names or rest is None or rest.endswith(_ADAPTER_SUFFIXES):
+    # exact names win over the layout's suffixes (a module to save named "base_layer" has the key
+    # "base_layer.weight"); suffix matching would take adapter keys ("fc.base_layer" ends "layer")
+    if not names or rest is None or (not exact and rest.endswith(_ADAPTER_SUFFIXES)):
         return None
     parts = rest.split(".")
     for end in range(1, len(parts)):

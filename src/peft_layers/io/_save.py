@@ -248,15 +248,29 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     return tensors, config, {"version": FORMAT_VERSION, "method": method, **ours}
 
 
+#: the modules inside a Hugging Face PEFT LoRA layer (0.21, adapter "default"), and a DoRA layer's
+_PEFT_LORA_MODULES = (
+    "base_layer", "lora_dropout", "lora_dropout.default", "lora_A", "lora_A.default", "lora_B",
+    "lora_B.default", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+)
+_PEFT_DORA_MODULES = ("lora_magnitude_vector.default",)
+
+
 def _wider_saved_matches(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """Name of a module to save -> the other modules whose names end with it (Hugging Face PEFT
     would take them as modules to save too), named as the plain model names them (the modules
-    inside a module to save included)."""
+    inside a module to save included), and as Hugging Face PEFT names the modules it builds inside
+    its LoRA layers before it looks (``out`` ends ``fc.lora_dropout``, ``layer`` ends
+    ``fc.base_layer``)."""
     inner = [
         f"{name}.{sub}" for name, saved in iter_modules_to_save(model)
         for sub, _ in saved.original.named_modules() if sub
     ]
-    plain = [n for n in [*_plain_module_names(model), *inner] if n and n not in names]
+    peft_inner = [
+        f"{name}.{sub}" for name, layer in iter_adapter_layers(model)
+        for sub in (*_PEFT_LORA_MODULES, *(_PEFT_DORA_MODULES if isinstance(layer, DoRALinear) else ()))
+    ]
+    plain = [n for n in [*_plain_module_names(model), *inner, *peft_inner] if n and n not in names]
     wider = {name: [n for n in plain if n.endswith(name)] for name in names}
     return {name: others for name, others in wider.items() if others}
 
