@@ -974,6 +974,24 @@ def test_an_empty_directory_argument_is_refused(tmp_path: Path, monkeypatch: pyt
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) -> None:
+    """Embedding, convolution and nested (nn.MultiheadAttention) adapters, and modules saved for
+    ``ensure_weight_tying``, were refused with messages about key forms, shapes or targets."""
+    a_key, b_key = "base_model.model.fc.lora_A.weight", "base_model.model.fc.lora_B.weight"
+    original = load_file(saved_lora / "adapter_model.safetensors")
+    edit_tensors(saved_lora, lambda t: t.update({"base_model.model.fc.lora_embedding_A": torch.zeros(4, 10)}))
+    assert_load_fails(saved_lora, ValueError, r"lora_embedding_A' is a LoRA factor of an embedding layer .* does not support")
+    edit_tensors(saved_lora, lambda t: (t.clear(), t.update(original), t.update(
+        {a_key: original[a_key][:, :, None, None].contiguous(), b_key: original[b_key][:, :, None, None].contiguous()})))
+    assert_load_fails(saved_lora, ValueError, r"'fc': lora_A \(4, 16, 1, 1\) .* are the factors of a convolution layer")
+    nested = {k.replace("model.block.fc.", "model.block.base_layer.fc."): v for k, v in original.items()}
+    edit_tensors(saved_lora, lambda t: (t.clear(), t.update(nested)))
+    assert_load_fails(saved_lora, ValueError, r"'block.base_layer.fc' lies inside the base_layer of the adapter of 'block'.*MultiheadAttention")
+    edit_tensors(saved_lora, lambda t: (t.clear(), t.update(original), t.update({"base_model.model.norm.weight": torch.ones(16)})))
+    edit_config(saved_lora, lambda c: c.update(ensure_weight_tying=True))
+    assert_load_fails(saved_lora, ValueError, r"unexpected key 'base_model.model.norm.weight'.*ensure_weight_tying=true .* does not support")
+
+
 def test_not_a_lora_config(saved_lora: Path) -> None:
     edit_config(saved_lora, lambda c: c.update(peft_type="IA3"))
     assert_load_fails(saved_lora, ValueError, "peft_type must be 'LORA'")

@@ -381,10 +381,10 @@ _KEY_KINDS = (
 _ADAPTER_SUFFIXES = tuple(suffix for suffix, kind in _KEY_KINDS if kind != "bias")
 
 
-def _split_key(key: str, path: Path) -> tuple[str, str]:
+def _split_key(key: str, path: Path, hint: str = "") -> tuple[str, str]:
     """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
     magnitude, base_bias (``<p>.base_layer.bias``), base_weight (``<p>.base_layer.weight``) and
-    bias (``<q>.bias``)."""
+    bias (``<q>.bias``). ``hint`` ends the message for a key of no known form."""
     if not key.startswith(KEY_PREFIX):
         raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
     rest = key[len(KEY_PREFIX):]
@@ -394,10 +394,15 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
             if kind == "bias" and re.search(r"(^|\.)lora_[A-Za-z_]+$", module):
                 break  # lora_B.bias and the like: a LoRA bias, which we do not support
             return module, kind
+    if re.search(r"\.lora_embedding_[AB]$", rest):
+        raise ValueError(
+            f"{path}: key {key!r} is a LoRA factor of an embedding layer (Hugging Face PEFT's "
+            "lora_embedding_A/B), which peft_layers does not support: its adapters wrap linear layers"
+        )
     raise ValueError(
         f"{path}: unexpected key {key!r}; this layout has <path>.lora_A.weight, <path>.lora_B.weight, "
         "<path>.lora_magnitude_vector, <path>.base_layer.weight (a targeted embedding's base weight) and, "
-        "with trained biases, <path>.base_layer.bias / <path>.bias"
+        f"with trained biases, <path>.base_layer.bias / <path>.bias{hint}"
     )
 
 
@@ -553,6 +558,12 @@ def _parse(
     grouped: dict[str, dict[str, Tensor]] = {}
     saved_modules: dict[str, dict[str, Tensor]] = {}
     velora = config.get("velora_config") not in (None, False, {})
+    unexpected_hint = (
+        "; the config's ensure_weight_tying=true saves the modules tied to its modules to save or "
+        "targets under their own names, which peft_layers does not support"
+        if config.get("ensure_weight_tying") is True
+        else ""
+    )
     for key in sorted(tensors):  # safetensors hands keys back in no fixed order
         if velora and _VELORA_KEY.search(key):
             continue
@@ -564,7 +575,7 @@ def _parse(
             continue
         if not tensor.is_floating_point():
             raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
-        module, kind = _split_key(key, wp)
+        module, kind = _split_key(key, wp, unexpected_hint)
         grouped.setdefault(module, {})[kind] = tensor
     other_biases = {}
     modules: dict[str, ModuleAdapter] = {}
@@ -583,6 +594,19 @@ def _parse(
                 "(expected .base_layer.bias)"
             )
         a, b, m = parts["lora_A"], parts["lora_B"], parts.get("magnitude")
+        if a.dim() in (3, 4, 5) and b.dim() == a.dim():
+            raise ValueError(
+                f"{wp}: {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are the factors of "
+                "a convolution layer (Hugging Face PEFT's Conv1d/2d/3d LoRA), which peft_layers does not "
+                "support: its adapters wrap linear layers"
+            )
+        if ".base_layer." in f".{module}.":
+            outer = module[: module.index("base_layer")].rstrip(".")
+            raise ValueError(
+                f"{wp}: {module!r} lies inside the base_layer of the adapter of {outer!r}: Hugging Face "
+                "PEFT nests adapters so for nn.MultiheadAttention (its out_proj), which peft_layers does "
+                "not support"
+            )
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"{wp}: {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
