@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -77,7 +78,8 @@ def _same_values(a: Any, b: Tensor) -> bool:
     return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
 
 
-def _layer_arguments(cls: type) -> list[str]:
+@functools.lru_cache(maxsize=None)  # asked once per layer built; signatures do not change
+def _layer_arguments(cls: type) -> tuple[str, ...]:
     """The keyword arguments ``cls.from_linear`` takes: the keyword-only parameters of every
     ``from_linear`` and ``_init_adapter`` in the class hierarchy (each passes the rest of its
     ``**kwargs`` on), the most basic class's first."""
@@ -92,7 +94,7 @@ def _layer_arguments(cls: type) -> list[str]:
             for parameter in inspect.signature(function).parameters.values():
                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in names:
                     names.append(parameter.name)
-    return names
+    return tuple(names)
 
 
 #: LoraConfig's names that users bring along, and what says the same here
