@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+import peft_layers as pl
 import peft_layers.io as io
 from peft_layers.dora import DoRALinear
 from peft_layers.io import list_adapters, load_adapter, read_adapter, save_adapter
@@ -726,7 +727,6 @@ def test_stacking_and_combining_check_a_files_lm_head_base_weight(tmp_path: Path
     """Stacked adapters share the model's base: a file whose lm_head base weight is the model's
     stacks (and computes what load_adapter computes); one whose weight differs is refused, the
     model unchanged. combine_adapters, which has no model, warns that it takes the factors only."""
-    import peft_layers as pl
 
     peft_lm_head_file(tmp_path, tie=False)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -972,6 +972,38 @@ def test_an_empty_directory_argument_is_refused(tmp_path: Path, monkeypatch: pyt
     assert list(tmp_path.iterdir()) == []
     save_adapter(adapted("lora"), ".")  # the working directory, said so
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_wrapped_models_save_and_load_under_their_own_names(wrap: str, tmp_path: Path) -> None:
+    """``torch.compile`` names every module ``_orig_mod.<p>`` and data parallelism ``module.<p>``:
+    files saved from such a model held those names, which neither a plain model nor Hugging Face
+    PEFT could load. The tools see through the wrappers, both ways, state dicts and stacks too."""
+    def wrapped(model: nn.Module) -> nn.Module:
+        if wrap in ("data_parallel", "both"):
+            model = nn.DataParallel(model)
+        return torch.compile(model, backend="eager") if wrap in ("compile", "both") else model
+
+    plain = adapted("lora")
+    x = inputs()
+    expected = plain.eval()(x)
+    wrapper = wrapped(plain)
+    assert pl.adapter_state_dict(wrapper).keys() == pl.adapter_state_dict(plain).keys()
+    save_adapter(wrapper, tmp_path / "from_wrapped")
+    assert load_file(tmp_path / "from_wrapped" / "adapter_model.safetensors").keys() == {
+        f"base_model.model.{p}.lora_{f}.weight" for p in PATHS for f in "AB"
+    }
+    assert torch.equal(load_adapter(base_net(), tmp_path / "from_wrapped").eval()(x), expected)
+    into = wrapped(base_net())
+    assert load_adapter(into, tmp_path / "from_wrapped") is into
+    assert torch.equal(into.eval()(x), expected)
+    fresh = wrapped(pl.inject_adapters(base_net(), list(PATHS), rank=4, alpha=8.0, rank_pattern={"^block\\.out": 2}))
+    assert pl.load_adapter_state_dict(fresh, pl.adapter_state_dict(plain)) is fresh
+    assert torch.equal(fresh.eval()(x), expected)
+    stacked = pl.stack_adapters(wrapped(base_net()), {"a": tmp_path / "from_wrapped"})
+    pl.set_adapter(stacked, "a")
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
@@ -293,6 +294,24 @@ def _check_model(model: Any) -> None:
     """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (the first check of every tool)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers that rename every module: ``torch.compile``'s
+    ``OptimizedModule`` (names under ``_orig_mod.``), ``DistributedDataParallel`` and
+    ``DataParallel`` (under ``module.``). Adapter files and adapter state dicts use the model's own
+    names, so that a compiled or data-parallel model saves files a plain one loads, both ways."""
+    _check_model(model)
+    # torch._dynamo is imported by torch.compile: a model it wrapped finds it in sys.modules
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    while True:
+        if compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -906,7 +925,10 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter entries of ``model.state_dict()``: ``"<path>.lora_A"``, ``"<path>.lora_B"``,
     and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; and
-    the state of each module to save's trained copy (``"<path>.trained.weight"``, ...)."""
+    the state of each module to save's trained copy (``"<path>.trained.weight"``, ...). Paths
+    are those of the model inside ``torch.compile``'s and data-parallel wrappers
+    (:func:`unwrapped`)."""
+    model = unwrapped(model)
     state: dict[str, Tensor] = {}
     for name, layer in iter_adapter_layers(model):
         prefix = f"{name}." if name else ""
@@ -929,8 +951,10 @@ def load_adapter_state_dict(
     it holds floats; a module to save may hold integer buffers), a non-tensor value, a meta or
     sparse value, a merged target layer, or meta or sharded tensors in the model always raise. On
     error the model is unchanged. Values are copied as they are, NaN included, as
-    ``nn.Module.load_state_dict`` does. Returns ``model``.
+    ``nn.Module.load_state_dict`` does. Keys name the model inside ``torch.compile``'s and
+    data-parallel wrappers (:func:`unwrapped`). Returns ``model``.
     """
+    wrapper, model = model, unwrapped(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
     if not isinstance(strict, bool):
@@ -983,7 +1007,7 @@ def load_adapter_state_dict(
     with torch.no_grad():
         for key in sorted(set(expected) & set(state_dict)):
             expected[key].copy_(state_dict[key])
-    return model
+    return wrapper
 
 
 # ---- k-bit training --------------------------------------------------------------------------

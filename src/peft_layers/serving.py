@@ -30,7 +30,14 @@ from .compose import lora_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
 from .lora import LoRALinear, is_bitsandbytes_module
-from .model import _check_model, _module_names, _set_module, iter_adapter_layers, iter_modules_to_save
+from .model import (
+    _check_model,
+    _module_names,
+    _set_module,
+    iter_adapter_layers,
+    iter_modules_to_save,
+    unwrapped,
+)
 from .quant import QuantizedLinear
 
 __all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]
@@ -258,9 +265,11 @@ def stack_adapters(
     Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
     holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a DoRA adapter or layer; a merged LoRA layer; a module path the
     model does not have, or one that is not a linear layer; factors whose shapes do not fit; an
-    adapter with no modules. On any error the model is unchanged.
+    adapter with no modules. On any error the model is unchanged. A ``torch.compile``'d or
+    data-parallel model is stacked inside its wrapper (:func:`~peft_layers.model.unwrapped`),
+    where the adapters' module paths are.
     """
-    _check_model(model)
+    wrapper, model = model, unwrapped(model)
     taken = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
     names = _check_names(adapters, taken)
     file_base_weights: dict[str, dict[str, Tensor]] = {name: {} for name in names}
@@ -351,7 +360,7 @@ def stack_adapters(
     for module_id in replaced:
         for name in all_names[module_id]:
             _set_module(model, name, plan[module_id])
-    return model
+    return wrapper
 
 
 def _check_same_base_weight(file_weight: Tensor, base: nn.Module, where: str) -> None:

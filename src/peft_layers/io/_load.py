@@ -16,7 +16,6 @@ from ..lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_abo
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
-    _check_model,
     _inside_adapter,
     _stacked_layers,
     _undo_on_error,
@@ -24,6 +23,7 @@ from ..model import (
     iter_adapter_layers,
     iter_modules_to_save,
     method_of,
+    unwrapped,
     _refuse_sharded,
 )
 from ..quant import QuantizedLinear
@@ -441,7 +441,7 @@ def load_adapter(
             config against tensors) or files that do not fit the model.
         TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
     """
-    _check_model(model)
+    wrapper, model = model, unwrapped(model)  # the files name the model's own modules
     adapter = read_adapter(directory, adapter_name=adapter_name)
     if next(iter_adapter_layers(model), None) is not None:
         if inject_kwargs:
@@ -459,5 +459,5 @@ def load_adapter(
     else:
         _inject_and_fill(model, adapter, inject_kwargs)
     _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
-    return model
+    return wrapper
 

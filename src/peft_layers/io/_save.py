@@ -25,6 +25,7 @@ from ..model import (
     iter_adapter_layers,
     iter_modules_to_save,
     method_of,
+    unwrapped,
     _refuse_sharded,
 )
 from ._format import (
@@ -359,6 +360,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     layers, or if its layers mix what one file cannot hold (methods, use_rslora, quantization,
     DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA).
     """
+    model = unwrapped(model)  # the files name the model's own modules, not _orig_mod. / module.
     folder = adapter_directory(directory, adapter_name)
     tensors, config, ours = _build_files(model)
     from safetensors.torch import save
