@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import warnings
 
@@ -238,6 +239,17 @@ def test_shared_module_gets_one_adapter() -> None:
     pl.unload(model)
     assert type(model.layers[1].attn.q_proj) is nn.Linear
     assert model.layers[1].attn.q_proj is model.layers[0].attn.q_proj
+
+
+def test_a_pattern_key_may_name_any_name_of_a_shared_module() -> None:
+    """``rank_pattern={"layers.1.attn.q_proj": 4}`` on a module also named ``layers.0.attn.q_proj``
+    passed the check that it matches a target, then was looked up under the first name only: the
+    layer silently got the default rank and alpha."""
+    model = tiny_model()
+    model.layers[1].attn.q_proj = model.layers[0].attn.q_proj
+    pl.inject_lora(model, "q_proj", rank=2, rank_pattern={r"layers\.1\.attn\.q_proj": 4}, alpha_pattern={r"1\.attn\.q_proj": 3.0})
+    layer = model.layers[0].attn.q_proj
+    assert (layer.rank, layer.alpha, tuple(layer.lora_A.shape)) == (4, 3.0, (4, 32))
 
 
 def test_tied_output_head() -> None:
@@ -970,3 +982,42 @@ def test_unload_inside_a_disable_block_is_refused(method: str) -> None:
         assert isinstance(model[0], pl.LoRALinear) and model[0].merged
     pl.unload(model)
     torch.testing.assert_close(model[0].weight, w0, rtol=1e-6, atol=1e-6)
+
+
+def test_stacking_inside_a_disable_block_is_refused() -> None:
+    """The block's exit merged the replaced LoRA layer again, into the base layer the stack had
+    taken over: the stack's base and, after unload, the model's weight were W0 + s B A for good."""
+    torch.manual_seed(0)
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(8, 6)), ["0"], rank=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    pl.merge_adapters(model)
+    merged = model[0].weight.detach().clone()
+    other = {"0.lora_A": torch.randn(1, 8), "0.lora_B": torch.randn(6, 1)}
+    with pl.disable_adapters(model):
+        with pytest.raises(ValueError, match=r"model: '0' is inside a disable_adapter\(\) / disable_adapters\(\) block.*stack after the block"):
+            pl.stack_adapters(model, {"other": other})
+    assert isinstance(model[0], pl.LoRALinear) and model[0].merged
+    torch.testing.assert_close(model[0].weight, merged, rtol=1e-6, atol=1e-6)  # unmerged and merged again
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copy_taken_inside_a_disable_block_is_outside_it(copy_with: str) -> None:
+    """A copy inside the block (DPO's frozen reference model) carried the block's counter, which
+    only the live block's exit counts down: the copy refused unload() for good. It is a plain
+    disabled layer now, computing the base model as the original did inside the block."""
+    torch.manual_seed(0)
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(8, 6)), ["0"], rank=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, 8)
+    with pl.disable_adapters(model):
+        copied = copy.deepcopy(model) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert model[0].disable_blocks == 0 and model[0].adapter_enabled
+    assert copied[0].disable_blocks == 0 and not copied[0].adapter_enabled
+    with torch.no_grad():
+        assert torch.equal(copied(x), model[0].base_layer(x))
+        copied[0].adapter_enabled = True
+        assert torch.equal(copied(x), model(x))
+    pl.unload(copied)
+    assert type(copied[0]) is nn.Linear

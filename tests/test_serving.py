@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -139,6 +140,33 @@ def test_row_indices_are_built_once_per_choice_and_follow_new_adapters(monkeypat
         stack.row_adapters = [None, "a", "a"]
         torch.testing.assert_close(stack(x).double(), expected([None, "a", "a"]), rtol=1e-5, atol=1e-5)
         assert len(built) == 4
+
+
+def test_a_stacked_models_trained_biases_save_under_the_plain_names(tmp_path: Path) -> None:
+    """A stack beside a trained adapter with ``bias="all"``: the stack base's bias was saved as
+    ``0.base_layer.bias``, which reads as a base bias without an adapter, so the file did not load
+    back. It is ``0.bias``, as the plain model names it."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    model = net()
+    pl.stack_adapters(model, {"a": {"0.lora_A": torch.randn(1, 8), "0.lora_B": torch.randn(8, 1)}})
+    pl.inject_adapters(model, ["2"], rank=2, bias="all")
+    with torch.no_grad():
+        model[0].base_layer.bias.add_(1.0)
+        model[2].lora_B.normal_()
+    pl.save_adapter(model, tmp_path)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {
+        "base_model.model.0.bias", "base_model.model.2.base_layer.bias",
+        "base_model.model.2.lora_A.weight", "base_model.model.2.lora_B.weight",
+    }
+    loaded = pl.load_adapter(net(), tmp_path)
+    assert torch.equal(loaded[0].bias, model[0].base_layer.bias)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        pl.set_adapter(model, None)  # the stack serves the base: the plain model's layer 0
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_add_adapter_rejects_bad_input() -> None:

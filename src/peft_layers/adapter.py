@@ -365,6 +365,15 @@ class AdapterMixin:
             if was_merged:
                 self.merge()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or pickle taken inside a disable_adapter() block is outside it: only the live
+        # block's exit counts it down. The copy keeps the state the block left (adapter disabled,
+        # unmerged), as a plain layer the caller can enable.
+        parent = getattr(super(), "__getstate__", None)  # nn.Module's, or object's (Python >= 3.11)
+        state = dict(parent()) if parent is not None else self.__dict__.copy()
+        state.pop("_disable_blocks", None)
+        return state
+
     @property
     def disable_blocks(self) -> int:
         """How many :meth:`disable_adapter` blocks the layer is inside. Leaving the last one

@@ -497,10 +497,11 @@ def inject_adapters(
             names = all_names[module_id]
             first = names[0]
             kwargs = dict(layer_kwargs)
-            key = pattern_key(rank_pattern, first)
+            # a shared module's names are tried in order: a key may name any of them
+            key = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
             if key is not None:
                 kwargs["rank"] = rank_pattern[key]
-            key = pattern_key(alpha_pattern, first)
+            key = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
             if key is not None:
                 kwargs["alpha"] = alpha_pattern[key]
             replacements.append((names, _build_layer(cls, first, modules[first], kwargs)))

@@ -290,6 +290,12 @@ def stack_adapters(
             )
         if layer.merged:
             raise ValueError(f"model: {path!r} is merged; unmerge_adapters(model) before stacking")
+        if layer.disable_blocks:  # the block's exit would restore (and re-merge) the replaced layer
+            raise ValueError(
+                f"model: {path!r} is inside a disable_adapter() / disable_adapters() block, whose exit "
+                "restores it (a merged one merges again, into the base the stack would share); stack "
+                "after the block"
+            )
     if own_layers and _bias_mode(model, own_layers) != "none":
         raise ValueError(
             "model: its biases train with its own adapter (bias='adapter_only' or 'all'); a trained "

@@ -27,6 +27,7 @@ from ..model import (
     method_of,
     unwrapped,
     _refuse_sharded,
+    _stacked_layers,
 )
 from ._format import (
     CONFIG_NAME,
@@ -99,12 +100,21 @@ def _bias_mode(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> str:
 
 def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters of ``model`` that are not inside an adapter layer or a module to save, under
-    their first names."""
+    their first names as the plain model names them: a serving stack's base parameters
+    (``<p>.base_layer.bias``) under the stacked layer's own (``<p>.bias``), its adapters left out."""
     holders = [*iter_adapter_layers(model), *iter_modules_to_save(model)]
     prefixes = tuple(f"{name}." for name, _ in holders)
+    stacks = tuple(f"{name}." for name, _ in _stacked_layers(model))
     for name, parameter in model.named_parameters():
-        if not name.startswith(prefixes):
-            yield name, parameter
+        if name.startswith(prefixes):
+            continue
+        stack = next((prefix for prefix in stacks if name.startswith(prefix)), None)
+        if stack is not None:
+            inner = name[len(stack):]
+            if not inner.startswith("base_layer."):
+                continue  # the stack's adapters, served, not trained
+            name = stack + inner[len("base_layer."):]
+        yield name, parameter
 
 
 def _plain_module_names(model: nn.Module) -> list[str]:
