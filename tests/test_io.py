@@ -537,6 +537,52 @@ def test_no_shared_warning_where_peft_adapts_every_name(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_peft
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
+def test_a_shared_block_with_trained_biases_loads_from_peft(tmp_path: Path) -> None:
+    """Hugging Face PEFT's ``bias="all"`` writes the shared layer's bias under its second name too
+    (``layers.1.fc.base_layer.bias``, no factors there); that key was refused as a base bias
+    without an adapter. It loads, checked against the first name's bias."""
+    import peft
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+    class Net2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            block = Block()
+            self.layers = nn.ModuleList([block, block])
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            for layer in self.layers:
+                x = torch.tanh(layer.fc(x))
+            return self.head(x)
+
+    theirs = peft.get_peft_model(Net2(), peft.LoraConfig(target_modules=["fc"], r=2, bias="all"))
+    with torch.no_grad():
+        fc = theirs.base_model.model.layers[0].fc
+        fc.lora_B.default.weight.normal_()
+        fc.base_layer.bias.add_(1.0)
+        theirs.base_model.model.head.bias.add_(1.0)
+    theirs.save_pretrained(tmp_path)
+    assert "base_model.model.layers.1.fc.base_layer.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = load_adapter(Net2(), tmp_path)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs.eval()(x), rtol=1e-5, atol=1e-6)
+    # a second name whose bias differs from the first's is no shared layer
+    edit_tensors(tmp_path, lambda t: t["base_model.model.layers.1.fc.base_layer.bias"].add_(1.0))
+    before = snapshot(base := Net2())
+    with pytest.raises(ValueError, match=r"'layers.0.fc' and 'layers.1.fc' name one shared layer but hold different biases"):
+        load_adapter(base, tmp_path)
+    assert_unchanged(base, before)
+
+
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing' does not exist"):
         load_adapter(base_net(), tmp_path / "nothing")

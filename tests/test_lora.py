@@ -665,6 +665,26 @@ def test_a_computed_base_weight_refuses_writes_and_to_linear_merges(cls, kind):
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
+def test_unload_asks_every_merged_layer_before_unmerging_any():
+    """A merged layer whose base weight became computed after the merge (pruning registered
+    then) cannot unmerge: unload unmerged the layers before it, then raised, leaving them
+    unmerged inside a model that still held its adapter layers."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    pl.inject_adapters(model, ["0", "2"], rank=2)
+    for index in (0, 2):
+        randomize_adapter(model[index])
+    pl.merge_adapters(model)
+    prune.identity(model[2].base_layer, "weight")
+    merged = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^unload\(\): base_layer.weight is computed"):
+        pl.unload(model)
+    assert model[0].merged and model[2].merged and isinstance(model[0], pl.LoRALinear)
+    assert torch.equal(model[0].base_layer.weight, merged)
+
+
 @pytest.mark.parametrize("cls", [*LORA_CLASSES, pl.QLoRALinear])
 def test_a_hooked_base_sees_the_input_shape_in_every_mode(cls):
     """Per-sequence activation capture: the base layer gets ``x`` as it came, (2, 3, in), whether

@@ -862,6 +862,7 @@ def unload(model: nn.Module) -> nn.Module:
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()
+            layer._check_base_writable("unload()")
 
     def build(layer: Any) -> nn.Module:
         if isinstance(layer, LoRALinear) and layer.merged:

@@ -85,6 +85,9 @@ class AdapterFile:
         modules: module path -> its :class:`ModuleAdapter`, in file order.
         other_biases: module path -> bias of a module that is not an adapter layer
             (``bias="all"``).
+        alias_biases: module path -> a base bias without factors, which Hugging Face PEFT's
+            ``bias="all"`` writes under the other names of a shared adapter layer (a block used
+            twice); a load checks that the path names an adapter layer of the file, with that bias.
         saved_modules: module path -> the state dict of a module to save (``modules_to_save``:
             trained in full, see :class:`~peft_layers.ModuleToSave`), in file order.
         use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
@@ -103,6 +106,7 @@ class AdapterFile:
     init: str
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    alias_biases: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def is_dora(self) -> bool:
@@ -578,9 +582,13 @@ def _parse(
         module, kind = _split_key(key, wp, unexpected_hint)
         grouped.setdefault(module, {})[kind] = tensor
     other_biases = {}
+    alias_biases = {}
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
         if "lora_A" not in parts and "lora_B" not in parts:
+            if set(parts) == {"base_bias"} and bias == "all":  # another name of a shared layer
+                alias_biases[module] = parts["base_bias"]
+                continue
             if set(parts) - {"bias"}:
                 raise ValueError(f"{wp}: module {module!r} has {sorted(parts)} but no lora_A/lora_B")
             other_biases[module] = parts["bias"]
@@ -657,6 +665,7 @@ def _parse(
         )
     return AdapterFile(
         directory=folder, config=config, method=method, modules=modules, other_biases=other_biases,
+        alias_biases=alias_biases,
         use_rslora=use_rslora, dropout=float(dropout), bias_mode=_BIAS_FROM_HF[bias], init=init,
         layer_kwargs=layer_kwargs, saved_modules=saved_modules,
     )

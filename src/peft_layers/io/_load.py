@@ -136,6 +136,24 @@ def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Ten
     return plan
 
 
+def _check_alias_biases(model: nn.Module, adapter: AdapterFile) -> None:
+    """Each base bias without factors (:attr:`AdapterFile.alias_biases`) names the same module of
+    ``model`` as one of the file's adapter modules (another name of a shared layer, before or
+    after injection) and equals that module's bias, which is the one loaded."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, tensor in adapter.alias_biases.items():
+        target = modules.get(path)
+        owner = next((m for p, m in adapter.modules.items() if target is not None and modules.get(p) is target), None)
+        if owner is None:
+            raise ValueError(
+                f"{adapter.directory}: the file has a base bias for {path!r} without its lora_A/lora_B, and "
+                "the model holds none of the file's adapter modules under that name (Hugging Face PEFT "
+                "writes such a bias for another name of a shared layer)"
+            )
+        if owner.bias is None or not torch.equal(owner.bias, tensor):
+            raise ValueError(f"{adapter.directory}: {owner.path!r} and {path!r} name one shared layer but hold different biases")
+
+
 def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor]) -> None:
     """The file's state of a module to save fits ``module``: the same keys, shapes and kinds."""
     own = module.state_dict()
@@ -239,6 +257,7 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
             f"{adapter.directory}: missing keys: the model's adapter layers {missing} have no tensors in the file "
             f"(it has {list(adapter.modules)})"
         )
+    _check_alias_biases(model, adapter)
     return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter), _plan_saved_modules(model, adapter))
 
 
@@ -380,6 +399,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         _check_base_weight(f"{adapter.directory}: {path!r}", module, target, method)
     _plan_other_biases(model, adapter)
+    _check_alias_biases(model, adapter)
     for path, state in adapter.saved_modules.items():
         where = f"{adapter.directory}: module to save {path!r}"
         _check_module_to_save(where, model, path, modules.get(path))
