@@ -540,14 +540,16 @@ def test_no_shared_warning_where_peft_adapts_every_name(tmp_path: Path) -> None:
 @needs_peft
 @pytest.mark.filterwarnings("ignore:Found missing adapter keys")
 def test_a_shared_block_with_trained_biases_loads_from_peft(tmp_path: Path) -> None:
-    """Hugging Face PEFT's ``bias="all"`` writes the shared layer's bias under its second name too
-    (``layers.1.fc.base_layer.bias``, no factors there); that key was refused as a base bias
-    without an adapter. It loads, checked against the first name's bias."""
+    """Hugging Face PEFT's ``bias="all"`` writes a shared layer's bias under its second name too:
+    ``layers.1.fc.base_layer.bias`` (no factors there) and, for a module to save in the block,
+    ``layers.1.norm.modules_to_save.bias`` and ``...original_module.bias``. Those keys were refused;
+    they load, checked against the first name's biases."""
     import peft
 
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.norm = nn.LayerNorm(8)
             self.fc = nn.Linear(8, 8)
 
     class Net2(nn.Module):
@@ -560,27 +562,35 @@ def test_a_shared_block_with_trained_biases_loads_from_peft(tmp_path: Path) -> N
 
         def forward(self, x: Tensor) -> Tensor:
             for layer in self.layers:
-                x = torch.tanh(layer.fc(x))
+                x = torch.tanh(layer.fc(layer.norm(x)))
             return self.head(x)
 
-    theirs = peft.get_peft_model(Net2(), peft.LoraConfig(target_modules=["fc"], r=2, bias="all"))
+    config = peft.LoraConfig(target_modules=["fc"], r=2, bias="all", modules_to_save=["layers.0.norm"])
+    theirs = peft.get_peft_model(Net2(), config)
     with torch.no_grad():
-        fc = theirs.base_model.model.layers[0].fc
-        fc.lora_B.default.weight.normal_()
-        fc.base_layer.bias.add_(1.0)
+        block = theirs.base_model.model.layers[0]
+        block.fc.lora_B.default.weight.normal_()
+        block.fc.base_layer.bias.add_(1.0)
+        block.norm.modules_to_save.default.bias.add_(0.5)
         theirs.base_model.model.head.bias.add_(1.0)
     theirs.save_pretrained(tmp_path)
-    assert "base_model.model.layers.1.fc.base_layer.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    second = {k for k in load_file(tmp_path / "adapter_model.safetensors") if ".layers.1." in k}
+    assert second == {
+        f"base_model.model.layers.1.{key}.bias"
+        for key in ("fc.base_layer", "norm.modules_to_save", "norm.original_module")
+    }
     ours = load_adapter(Net2(), tmp_path)
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs.eval()(x), rtol=1e-5, atol=1e-6)
-    # a second name whose bias differs from the first's is no shared layer
-    edit_tensors(tmp_path, lambda t: t["base_model.model.layers.1.fc.base_layer.bias"].add_(1.0))
-    before = snapshot(base := Net2())
-    with pytest.raises(ValueError, match=r"'layers.0.fc' and 'layers.1.fc' name one shared layer but hold different biases"):
-        load_adapter(base, tmp_path)
-    assert_unchanged(base, before)
+    # a second name whose bias differs from the first's is no shared module
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    for key, first in (("fc.base_layer", "layers.0.fc"), ("norm.modules_to_save", "layers.0.norm")):
+        edit_tensors(tmp_path, lambda t, key=key: (t.update({k: v.clone() for k, v in saved.items()}), t[f"base_model.model.layers.1.{key}.bias"].add_(1.0)))
+        before = snapshot(base := Net2())
+        with pytest.raises(ValueError, match=rf"'{first}' and '{first.replace('0', '1')}' name one shared module but hold different biases"):
+            load_adapter(base, tmp_path)
+        assert_unchanged(base, before)
 
 
 def test_missing_directory(tmp_path: Path) -> None:

@@ -85,9 +85,10 @@ class AdapterFile:
         modules: module path -> its :class:`ModuleAdapter`, in file order.
         other_biases: module path -> bias of a module that is not an adapter layer
             (``bias="all"``).
-        alias_biases: module path -> a base bias without factors, which Hugging Face PEFT's
-            ``bias="all"`` writes under the other names of a shared adapter layer (a block used
-            twice); a load checks that the path names an adapter layer of the file, with that bias.
+        alias_biases: module path -> a bias that Hugging Face PEFT's ``bias="all"`` writes under
+            the other names of a shared adapter layer or module to save (a block used twice):
+            ``<p>.base_layer.bias`` without factors, ``<p>.modules_to_save.bias``. A load checks
+            that the path names one of the file's modules, with that bias.
         saved_modules: module path -> the state dict of a module to save (``modules_to_save``:
             trained in full, see :class:`~peft_layers.ModuleToSave`), in file order.
         use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
@@ -438,6 +439,8 @@ def _overlaps(path: str, other: str) -> bool:
 #: keys that Hugging Face PEFT's bias="all" writes from inside its modules-to-save wrapper: its
 #: original module's bias and a second copy of the trained one (the module's own key has it)
 _HF_WRAPPER_KEYS = ("original_module.", "modules_to_save.")
+#: the same keys under another name of a shared module to save, which matches no saved name
+_HF_WRAPPER_BIAS = re.compile(r"(.+)\.(modules_to_save|original_module)\.bias")
 
 
 def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
@@ -561,6 +564,7 @@ def _parse(
     wp = weights_path
     grouped: dict[str, dict[str, Tensor]] = {}
     saved_modules: dict[str, dict[str, Tensor]] = {}
+    alias_biases: dict[str, Tensor] = {}
     velora = config.get("velora_config") not in (None, False, {})
     unexpected_hint = (
         "; the config's ensure_weight_tying=true saves the modules tied to its modules to save or "
@@ -577,12 +581,16 @@ def _parse(
             if not saved[1].startswith(_HF_WRAPPER_KEYS):
                 saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
             continue
+        wrapper_bias = _HF_WRAPPER_BIAS.fullmatch(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
+        if wrapper_bias is not None and bias == "all":  # another name of a shared module to save
+            if wrapper_bias.group(2) == "modules_to_save":  # the trained bias; the original's is the base's
+                alias_biases[wrapper_bias.group(1)] = tensor
+            continue
         if not tensor.is_floating_point():
             raise ValueError(f"{wp}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
         module, kind = _split_key(key, wp, unexpected_hint)
         grouped.setdefault(module, {})[kind] = tensor
     other_biases = {}
-    alias_biases = {}
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
         if "lora_A" not in parts and "lora_B" not in parts:

@@ -137,21 +137,25 @@ def _plan_other_biases(model: nn.Module, adapter: AdapterFile) -> list[tuple[Ten
 
 
 def _check_alias_biases(model: nn.Module, adapter: AdapterFile) -> None:
-    """Each base bias without factors (:attr:`AdapterFile.alias_biases`) names the same module of
-    ``model`` as one of the file's adapter modules (another name of a shared layer, before or
-    after injection) and equals that module's bias, which is the one loaded."""
+    """Each bias of :attr:`AdapterFile.alias_biases` names the same module of ``model`` as one of
+    the file's adapter modules or modules to save (another name of a shared module, before or
+    after injection) and equals that module's bias in the file, which is the one loaded."""
     modules = dict(model.named_modules(remove_duplicate=False))
+    file_biases = {
+        **{p: m.bias for p, m in adapter.modules.items()},
+        **{p: state.get("bias") for p, state in adapter.saved_modules.items()},
+    }
     for path, tensor in adapter.alias_biases.items():
         target = modules.get(path)
-        owner = next((m for p, m in adapter.modules.items() if target is not None and modules.get(p) is target), None)
+        owner = next((p for p in file_biases if target is not None and modules.get(p) is target), None)
         if owner is None:
             raise ValueError(
-                f"{adapter.directory}: the file has a base bias for {path!r} without its lora_A/lora_B, and "
-                "the model holds none of the file's adapter modules under that name (Hugging Face PEFT "
-                "writes such a bias for another name of a shared layer)"
+                f"{adapter.directory}: the file has a bias for {path!r} without the module's own tensors, and "
+                "the model holds none of the file's modules under that name (Hugging Face PEFT writes such "
+                "a bias for another name of a shared module)"
             )
-        if owner.bias is None or not torch.equal(owner.bias, tensor):
-            raise ValueError(f"{adapter.directory}: {owner.path!r} and {path!r} name one shared layer but hold different biases")
+        if file_biases[owner] is None or not torch.equal(file_biases[owner], tensor):
+            raise ValueError(f"{adapter.directory}: {owner!r} and {path!r} name one shared module but hold different biases")
 
 
 def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor]) -> None:
