@@ -772,7 +772,7 @@ def test_disable_adapters_gives_the_base_model_inside_the_block(method: str) -> 
 
 
 def test_merging_quantized_layers_warns_once_per_call() -> None:
-    """merge_adapters / unmerge_adapters over k quantized layers give one requantize warning that
+    """merge_adapters / unmerge_adapters / unload over k quantized layers give one requantize warning that
     counts them, not k; the merge itself is each layer's (the same weights as layer by layer)."""
     model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], method="qlora", rank=2)
     twin = copy.deepcopy(model)
@@ -793,6 +793,23 @@ def test_merging_quantized_layers_warns_once_per_call() -> None:
                 layer.merge() if tool is pl.merge_adapters else layer.unmerge()
         for (_, ours), (_, theirs) in zip(iter_adapter_layers(model), iter_adapter_layers(twin)):
             assert torch.equal(ours.base_layer.dequantize(), theirs.base_layer.dequantize())
+    # unload unmerges merged layers: one warning too (it gave one per layer), the same bases
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.merge_adapters(model)
+        for _, layer in iter_adapter_layers(twin):
+            layer.merge()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.unload(model)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith(f"unload(): {quantized} adapter layer(s) have a quantized base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _, layer in iter_adapter_layers(twin):
+            layer.unmerge()
+    for name in adapter_names(twin):
+        assert torch.equal(model.get_submodule(name).dequantize(), twin.get_submodule(name).base_layer.dequantize())
     plain = pl.inject_lora(tiny_model(), "q_proj")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no quantized layer: no warning

@@ -316,6 +316,14 @@ def test_names_that_end_names_hugging_face_builds_inside_its_lora_layers_warn(
         peft.PeftModel.from_pretrained(_NamedHead(head), str(tmp_path))
 
 
+def test_a_module_to_save_takes_the_training_mode_of_its_module() -> None:
+    """Like the adapter layers, the wrapper injected into an ``eval()`` model is in eval mode (it
+    said ``training=True`` while its modules were in eval)."""
+    for train in (False, True):
+        model = pl.inject_adapters(_base().train(train), ["body"], rank=2, modules_to_save=["classifier"])
+        assert {m.training for m in model.classifier.modules()} == {train}
+
+
 def test_a_shared_module_to_save_warns_where_hugging_face_wraps_one_name(tmp_path: Path) -> None:
     base = _base()
     base.tail = base.classifier  # a second name for the head, in another slot

@@ -871,7 +871,9 @@ def unload(model: nn.Module) -> nn.Module:
         original = base.bnb_module if isinstance(base, QuantizedLinear) else None
         return base if original is None else original
 
-    _replace_layers(model, layers, build, "unload()")
+    merged = [layer for _, layer in layers if isinstance(layer, LoRALinear) and layer.merged]
+    with _one_requantize_warning(merged, "unload()"):
+        _replace_layers(model, layers, build, "unload()")
     _replace_layers(model, saved, lambda module: module.original, "unload()")
     return model
 

@@ -39,6 +39,7 @@ class ModuleToSave(nn.Module):
         self.original.requires_grad_(False)
         self.trained.requires_grad_(True)
         self.enabled = True
+        self.training = module.training  # as the module it stands for (its copies share it)
 
     @property
     def active(self) -> nn.Module:
