@@ -219,6 +219,34 @@ def test_the_scaling_cannot_change_while_merged(cls, attribute, value):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_a_layer_pickled_before_the_scaling_properties_refuses_changes_while_merged(cls):
+    """Layers pickled before ``alpha``/``use_rslora`` were properties hold them in ``__dict__``
+    as ``alpha``/``use_rslora``: read through, and a change while merged refused (the setters
+    compared with a missing ``_alpha`` and let it through)."""
+    layer = _layer(cls)
+    state = layer.__dict__
+    state["alpha"], state["use_rslora"] = state.pop("_alpha"), state.pop("_use_rslora")  # as unpickled
+    assert layer.alpha == 6.0 and layer.use_rslora is False and layer.scaling == 2.0
+    layer.merge()
+    for name, value in (("alpha", 8.0), ("use_rslora", True)):
+        with pytest.raises(ValueError, match=rf"^{name}: this {cls.__name__} is merged"):
+            setattr(layer, name, value)
+    layer.unmerge()
+    layer.alpha = 3.0
+    assert layer.scaling == 1.0 and "alpha" not in layer.__dict__
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.LoRAPlusLinear])
+def test_merging_adapters_on_the_meta_device_checks_no_values(cls):
+    """The NaN check of merge read the values of meta tensors (``.item()`` raised)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # adapters over a meta base hold no values yet
+        layer = cls.from_linear(nn.Linear(8, 8, device="meta"), rank=2)
+    layer.merge()
+    assert layer.merged and layer.weight.is_meta
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_alpha_and_use_rslora_are_checked_when_set(cls):
     layer = _layer(cls)
     for bad in ("16", -1.0, 0, float("inf"), True):

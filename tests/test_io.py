@@ -1062,6 +1062,30 @@ def test_wrapped_models_save_and_load_under_their_own_names(wrap: str, tmp_path:
         torch.testing.assert_close(stacked(x), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_model_module_named_base_layer_is_no_nested_adapter(tmp_path: Path) -> None:
+    """The check for Hugging Face PEFT's nested adapters (a key under another adapter's
+    ``base_layer``) took any path through a module the model itself names ``base_layer``: our own
+    file of such a model was refused."""
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.base_layer = Inner()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.base_layer.fc(x)
+
+    model = randomize(inject_adapters(Outer(), ["fc"], rank=2))
+    save_adapter(model, tmp_path)
+    x = torch.randn(3, 8)
+    assert torch.equal(load_adapter(Outer(), tmp_path)(x), model(x))
+
+
 def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) -> None:
     """Embedding, convolution and nested (nn.MultiheadAttention) adapters, and modules saved for
     ``ensure_weight_tying``, were refused with messages about key forms, shapes or targets."""
@@ -1072,9 +1096,9 @@ def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) 
     edit_tensors(saved_lora, lambda t: (t.clear(), t.update(original), t.update(
         {a_key: original[a_key][:, :, None, None].contiguous(), b_key: original[b_key][:, :, None, None].contiguous()})))
     assert_load_fails(saved_lora, ValueError, r"'fc': lora_A \(4, 16, 1, 1\) .* are the factors of a convolution layer")
-    nested = {k.replace("model.block.fc.", "model.block.base_layer.fc."): v for k, v in original.items()}
+    nested = {k.replace("model.block.fc.", "model.block.out.base_layer.fc."): v for k, v in original.items()}
     edit_tensors(saved_lora, lambda t: (t.clear(), t.update(nested)))
-    assert_load_fails(saved_lora, ValueError, r"'block.base_layer.fc' lies inside the base_layer of the adapter of 'block'.*MultiheadAttention")
+    assert_load_fails(saved_lora, ValueError, r"'block.out.base_layer.fc' lies inside the base_layer of the adapter of 'block.out'.*MultiheadAttention")
     edit_tensors(saved_lora, lambda t: (t.clear(), t.update(original), t.update({"base_model.model.norm.weight": torch.ones(16)})))
     edit_config(saved_lora, lambda c: c.update(ensure_weight_tying=True))
     assert_load_fails(saved_lora, ValueError, r"unexpected key 'base_model.model.norm.weight'.*ensure_weight_tying=true .* does not support")

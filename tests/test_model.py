@@ -525,6 +525,18 @@ def test_load_adapter_state_dict_refuses_values_it_cannot_copy_before_copying_an
     assert all(torch.equal(v, pl.adapter_state_dict(model)[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_a_state_dict_saved_from_a_wrapped_model_before_still_loads(prefix: str) -> None:
+    """Before the tools saw through wrappers, a DDP or compiled model's adapter state dict had its
+    keys under ``module.`` / ``_orig_mod.`` (training checkpoints): it loads, into a wrapped
+    model or a plain one."""
+    model = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
+    state = {prefix + k: torch.randn_like(v) for k, v in pl.adapter_state_dict(model).items()}
+    for into in (model, nn.DataParallel(model)):
+        pl.load_adapter_state_dict(into, state)
+        assert all(torch.equal(v, state[prefix + k]) for k, v in pl.adapter_state_dict(model).items())
+
+
 def test_load_adapter_state_dict_that_would_load_nothing_raises_even_if_not_strict() -> None:
     """Keys of another layout (Hugging Face PEFT's file keys) matched nothing, and ``strict=False``
     loaded nothing without a word."""
@@ -786,7 +798,8 @@ def test_merging_quantized_layers_warns_once_per_call() -> None:
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1, messages
         assert messages[0].startswith(f"{caller}: {quantized} adapter layer(s) have a quantized base (nf4)")
-        assert "requantized" in messages[0]
+        consequence = "the merged weight is requantized" if tool is pl.merge_adapters else "the weight without the adapter is requantized"
+        assert consequence in messages[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _, layer in iter_adapter_layers(twin):
@@ -804,6 +817,7 @@ def test_merging_quantized_layers_warns_once_per_call() -> None:
         pl.unload(model)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and messages[0].startswith(f"unload(): {quantized} adapter layer(s) have a quantized base")
+    assert "the weight without the adapter is requantized" in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _, layer in iter_adapter_layers(twin):
@@ -832,6 +846,16 @@ def test_an_exclusion_or_a_pattern_that_matches_nothing_is_a_typo_reported() -> 
     assert not adapter_names(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # an exclusion of a module that exists but is not a target is not a typo
     assert len(adapter_names(pl.inject_lora(tiny_model(), list(ATTN), exclude="up_proj"))) == 8
+
+
+def test_a_callable_exclude_is_asked_about_target_matches_only() -> None:
+    """The check that an exclusion matches something called a callable on every module of the
+    model (a ReLU has no ``out_features``); a callable is the caller's own test and is not checked,
+    as before."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pl.inject_adapters(model, lambda n, m: isinstance(m, nn.Linear), exclude=lambda n, m: m.out_features == 4)
+    assert isinstance(model[0], pl.LoRALinear) and type(model[2]) is nn.Linear
+    pl.inject_lora(tiny_model(), "q_proj", exclude=lambda name, module: "vision" in name)  # matches nothing: fine
 
 
 def test_a_pattern_key_is_compiled_as_it_is_matched() -> None:

@@ -350,6 +350,11 @@ def test_quantization_arguments_over_a_quantized_layer_are_checked_and_compute_d
         with pytest.raises(error, match=match.replace("^", r"^inject_adapters\(\): module '0': ")):
             pl.inject_adapters(model, ["0"], method="qlora", **kwargs)
         assert isinstance(model[0], QuantizedLinear)
+    base = quantized()
+    for bad in ({"rank": 0}, {"alpha": -1.0}, {"rnk": 4}):  # a failed build leaves the base's dtype
+        with pytest.raises((ValueError, TypeError)):
+            QLoRALinear.from_linear(base, compute_dtype=torch.bfloat16, **bad)
+        assert base.compute_dtype == torch.float32
     layer = QLoRALinear.from_linear(quantized(), compute_dtype=torch.bfloat16, rank=2)
     assert layer.compute_dtype == layer.base_layer.compute_dtype == torch.bfloat16
     x = torch.randn(3, IN)

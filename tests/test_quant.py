@@ -787,6 +787,23 @@ def test_int8_activations_quantize_rows_of_a_contiguous_input(monkeypatch):
     assert seen == [True, True] and torch.equal(strided, dense)
 
 
+def test_int8_activations_in_float16_are_bitsandbytes_own_fused_scaling():
+    """A float16 layer keeps bitsandbytes' fused int8_scaled_mm (its output is float16 anyway),
+    bit for bit, with the float32 path's values to float16 rounding."""
+    layer = QuantizedLinear.from_linear(_linear(24, 64), "int8", compute_dtype=torch.float16)
+    layer.int8_activations = True
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        out = layer(x.half())
+        codes_x, absmax_x, _ = bnbF.int8_vectorwise_quant(x.half())
+        expected = torch.ops.bitsandbytes.int8_scaled_mm.default(
+            codes_x, layer.weight, absmax_x, layer.absmax, bias=layer.bias.half(), dtype=torch.float16
+        )
+        as_float32 = layer(x)  # computed in float16 too (the compute dtype), returned in float32
+    assert out.dtype == torch.float16 and torch.equal(out, expected)
+    assert torch.equal(as_float32, expected.float())
+
+
 def test_int8_activations_keep_outputs_beyond_the_float16_range():
     """The scales are applied in float32: bitsandbytes' CUDA int8_mm_dequant writes float16 (inf
     past 65504) whatever the output dtype. Against the float64 formula of the int8 codes, to the

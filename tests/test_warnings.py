@@ -124,9 +124,23 @@ def _save_of_modules_to_save_that_peft_would_widen(directory: Path) -> None:
     pl.save_adapter(model, directory)
 
 
+def _merged_training_forward_inside_a_transformers_model() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    pl.inject_adapters(model, ["q_proj"], rank=2)
+    pl.merge_adapters(model)
+    model.train()
+    model(torch.randint(0, 32, (1, 4)))  # the frames between are transformers' and torch's
+
+
 SCENARIOS: list[Callable[..., None]] = [
     _merged_training_forward_of_a_layer,
     _merged_training_forward_of_a_model,
+    _merged_training_forward_inside_a_transformers_model,
     _load_into_a_merged_layer,
     _merge_of_a_quantized_layer,
     _merge_adapters_over_quantized_layers,

@@ -445,33 +445,43 @@ class LoRALinear(AdapterMixin, nn.Module):
     def alpha(self) -> float:
         """``alpha`` of the scaling ``s = alpha / rank``. Settable (a finite number > 0) while the
         layer is not merged."""
-        return self.__dict__["_alpha"] if "_alpha" in self.__dict__ else self.__dict__["alpha"]
+        return self._scaling_setting("alpha")
 
     @alpha.setter
     def alpha(self, value: float) -> None:
         _check_positive("alpha", value)
-        self._refuse_scaling_change("alpha", float(value) != self.__dict__.get("_alpha", float(value)))
-        self.__dict__["_alpha"] = float(value)
+        self._set_scaling_setting("alpha", float(value))
 
     @property
     def use_rslora(self) -> bool:
         """rsLoRA's scaling ``s = alpha / sqrt(rank)`` in place of ``alpha / rank``. Settable (a
         bool) while the layer is not merged."""
-        return self.__dict__["_use_rslora"] if "_use_rslora" in self.__dict__ else self.__dict__["use_rslora"]
+        return self._scaling_setting("use_rslora")
 
     @use_rslora.setter
     def use_rslora(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"use_rslora: expected a bool, got {value!r}")
-        self._refuse_scaling_change("use_rslora", value != self.__dict__.get("_use_rslora", value))
-        self.__dict__["_use_rslora"] = value
+        self._set_scaling_setting("use_rslora", value)
 
-    def _refuse_scaling_change(self, name: str, changes: bool) -> None:
-        if changes and self.__dict__.get("merged", False):
+    def _scaling_setting(self, name: str) -> Any:
+        # "_alpha"; layers pickled before these were properties hold "alpha" in their __dict__
+        state = self.__dict__
+        for key in ("_" + name, name):
+            if key in state:
+                return state[key]
+        raise AttributeError(f"{type(self).__name__} has no {name} yet")
+
+    def _set_scaling_setting(self, name: str, value: Any) -> None:
+        state = self.__dict__
+        current = state.get("_" + name, state.get(name))
+        if current is not None and value != current and state.get("merged", False):
             raise ValueError(
                 f"{name}: this {type(self).__name__} is merged with the scaling of its current {name}, "
                 "which unmerge() takes back out of W0; unmerge() before changing it"
             )
+        state.pop(name, None)
+        state["_" + name] = value
 
     @property
     def scaling(self) -> float:

@@ -27,7 +27,7 @@ from .adapter import is_conv1d, is_conv1d_class
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, _argument_hint, _layer_arguments, is_bitsandbytes_module
 from .modules_to_save import ModuleToSave
-from .qlora import REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
+from .qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
 
 #: a target or exclude specification: a name suffix, a list of them, a compiled regex (full match
@@ -296,6 +296,10 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
 
 
+#: what the wrappers :func:`unwrapped` sees through put before every name
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside the wrappers that rename every module: ``torch.compile``'s
     ``OptimizedModule`` (names under ``_orig_mod.``), ``DistributedDataParallel`` and
@@ -463,8 +467,11 @@ def inject_adapters(
             chosen[id(module)] = None
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
-    # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report
+    # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report;
+    # a callable is the caller's own test, asked about target matches only (as it always was)
     for part in exclude_parts:
+        if callable(part) and not isinstance(part, re.Pattern):
+            continue
         if not any(name and _part_matches(part, name, module) for name, module in modules.items()):
             nearest = _nearest_names(part, linear_names)[:20]
             raise ValueError(
@@ -707,14 +714,14 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for layer in merged:  # every refusal before the first change
         layer._check_unmergeable()
         layer._check_base_writable("unmerge_adapters()")
-    with _one_requantize_warning(merged, "unmerge_adapters()"):
+    with _one_requantize_warning(merged, "unmerge_adapters()", UNMERGE_REQUANTIZE_CONSEQUENCE):
         for layer in _progress(merged, "unmerge_adapters()"):
             layer.unmerge()
     return model
 
 
 @contextlib.contextmanager
-def _one_requantize_warning(layers: list[Any], caller: str) -> Iterator[None]:
+def _one_requantize_warning(layers: list[Any], caller: str, consequence: str = REQUANTIZE_CONSEQUENCE) -> Iterator[None]:
     """One warning for all the quantized layers that ``caller`` merges or unmerges in the block,
     in place of one per layer."""
     schemes = sorted({layer.base_layer.scheme for layer in layers if isinstance(layer, QLoRALinear)})
@@ -726,8 +733,7 @@ def _one_requantize_warning(layers: list[Any], caller: str) -> Iterator[None]:
         yield
     count = sum(isinstance(layer, QLoRALinear) for layer in layers)
     _warn(
-        f"{caller}: {count} adapter layer(s) have a quantized base ({', '.join(schemes)}), "
-        + REQUANTIZE_CONSEQUENCE,
+        f"{caller}: {count} adapter layer(s) have a quantized base ({', '.join(schemes)}), " + consequence,
     )
 
 
@@ -872,7 +878,7 @@ def unload(model: nn.Module) -> nn.Module:
         return base if original is None else original
 
     merged = [layer for _, layer in layers if isinstance(layer, LoRALinear) and layer.merged]
-    with _one_requantize_warning(merged, "unload()"):
+    with _one_requantize_warning(merged, "unload()", UNMERGE_REQUANTIZE_CONSEQUENCE):
         _replace_layers(model, layers, build, "unload()")
     _replace_layers(model, saved, lambda module: module.original, "unload()")
     return model
@@ -966,6 +972,13 @@ def load_adapter_state_dict(
     expected = adapter_state_dict(model)
     if not expected:
         raise ValueError("load_adapter_state_dict(): model has no adapter layers; inject_adapters() first")
+    if state_dict and not set(state_dict) & set(expected):
+        # saved from a wrapped model before the tools saw through wrappers: every key under
+        # "module." (DDP, DataParallel) or "_orig_mod." (torch.compile)
+        for prefix in _WRAPPER_PREFIXES:
+            if all(isinstance(key, str) and key.startswith(prefix) for key in state_dict):
+                stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
+                return load_adapter_state_dict(wrapper, stripped, strict=strict)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if strict and (missing or unexpected):

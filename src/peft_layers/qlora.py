@@ -42,7 +42,13 @@ REQUANTIZE_CONSEQUENCE = (
     "NF4: a delta of 7% of the weight's norm keeps about 0.6 cosine with the intended one). For an "
     "exact merge use to_linear() or peft_layers.merge_and_unload(), which dequantize instead."
 )
-REQUANTIZE_WARNING = "{call}: the base of this {cls} is quantized ({scheme}), " + REQUANTIZE_CONSEQUENCE
+#: what taking a merge back out of a quantized base costs (unmerge, unload)
+UNMERGE_REQUANTIZE_CONSEQUENCE = (
+    "so the weight without the adapter is requantized: it comes back within the rounding of two "
+    "requantizations of W0, not as the codes it had before the merge. Keep the unmerged layer (merge "
+    "a copy, or use to_linear() / peft_layers.merge_and_unload()) where W0 must stay exact."
+)
+REQUANTIZE_WARNING = "{call}: the base of this {cls} is quantized ({scheme}), {consequence}"
 
 
 def quantized_base(
@@ -181,10 +187,16 @@ class QLoRALinear(LoRALinear):
         quantized layer is decoded,
         split and requantized, which warns as ``merge()`` does.
         """
+        previous_dtype = linear.compute_dtype if isinstance(linear, QuantizedLinear) else None
         base, split, kwargs = _quantized_base_and_split(
             linear, kwargs, quant=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
         )
-        layer = cls._wrap(base, **kwargs)
+        try:
+            layer = cls._wrap(base, **kwargs)
+        except Exception:
+            if previous_dtype is not None:  # a failed build leaves the caller's layer as it was
+                linear.compute_dtype = previous_dtype
+            raise
         if split is not None:
             layer._take_pissa_factors(split)
         return layer
@@ -241,20 +253,22 @@ class QLoRALinear(LoRALinear):
             "float nn.Linear splits before quantizing, QPiSSA, and stays closer to W0)",
         )
 
-    def _warn_requantize(self, call: str) -> None:
+    def _warn_requantize(self, call: str, consequence: str) -> None:
         _warn(
-            REQUANTIZE_WARNING.format(call=call, cls=type(self).__name__, scheme=self.base_layer.scheme),
+            REQUANTIZE_WARNING.format(
+                call=call, cls=type(self).__name__, scheme=self.base_layer.scheme, consequence=consequence
+            ),
         )
 
     def merge(self) -> None:
         """Fold the adapter into the quantized base: dequantize, add, requantize (lossy, warns)."""
         super().merge()  # raises first on a bad state: no warning for a merge that did not happen
-        self._warn_requantize("merge()")
+        self._warn_requantize("merge()", REQUANTIZE_CONSEQUENCE)
 
     def unmerge(self) -> None:
         """Take the adapter back out: dequantize, subtract, requantize (lossy, warns)."""
         super().unmerge()  # raises first on a bad state: no warning for a merge that did not happen
-        self._warn_requantize("unmerge()")
+        self._warn_requantize("unmerge()", UNMERGE_REQUANTIZE_CONSEQUENCE)
 
 
 class QDoRALinear(DoRALinear, QLoRALinear):

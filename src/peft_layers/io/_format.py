@@ -616,8 +616,15 @@ def _parse(
                 "a convolution layer (Hugging Face PEFT's Conv1d/2d/3d LoRA), which peft_layers does not "
                 "support: its adapters wrap linear layers"
             )
-        if ".base_layer." in f".{module}.":
-            outer = module[: module.index("base_layer")].rstrip(".")
+        parts_of_path = module.split(".")
+        outer = next(
+            (
+                ".".join(parts_of_path[:i]) for i, part in enumerate(parts_of_path)
+                if part == "base_layer" and {"lora_A", "lora_B"} & set(grouped.get(".".join(parts_of_path[:i]), ()))
+            ),
+            None,
+        )
+        if outer is not None:  # a module named base_layer of the model itself is no nesting
             raise ValueError(
                 f"{wp}: {module!r} lies inside the base_layer of the adapter of {outer!r}: Hugging Face "
                 "PEFT nests adapters so for nn.MultiheadAttention (its out_proj), which peft_layers does "

@@ -595,10 +595,14 @@ class QuantizedLinear(nn.Module):
                 # an all-zero row gives 0 * (127 / 0) in bitsandbytes; masked_fill_ needs no
                 # nonzero() (a device sync on CUDA) as boolean indexing does
                 codes_x.masked_fill_((absmax_x == 0)[:, None], 0)
+                if x.dtype == torch.float16:  # bitsandbytes' fused scaling writes float16: fine here
+                    return torch.ops.bitsandbytes.int8_scaled_mm.default(
+                        codes_x, self.weight, absmax_x, self.absmax, bias=bias, dtype=x.dtype
+                    )
                 products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
-                # bitsandbytes' default int8_mm_dequant, in float32 on every device: its CUDA kernel
-                # rounds through float16 (inf past 65504) whatever the output dtype. The constant
-                # is bitsandbytes' own 1 / 127^2, as its kernels write it.
+                # bitsandbytes' default int8_mm_dequant, in float32: its CUDA kernel rounds through
+                # float16 (inf past 65504) whatever the output dtype. The constant is bitsandbytes'
+                # own 1 / 127^2, as its kernels write it.
                 out = products * (absmax_x[:, None] * self.absmax[None, :])
                 out.mul_(6.200124e-05)
                 if bias is not None:
