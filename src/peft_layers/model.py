@@ -721,9 +721,11 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _one_requantize_warning(layers: list[Any], caller: str, consequence: str = REQUANTIZE_CONSEQUENCE) -> Iterator[None]:
+def _one_requantize_warning(
+    layers: list[Any], caller: str, consequence: str = REQUANTIZE_CONSEQUENCE
+) -> Iterator[None]:
     """One warning for all the quantized layers that ``caller`` merges or unmerges in the block,
-    in place of one per layer."""
+    in place of one per layer; ``consequence`` says what the requantization costs."""
     schemes = sorted({layer.base_layer.scheme for layer in layers if isinstance(layer, QLoRALinear)})
     if not schemes:
         yield

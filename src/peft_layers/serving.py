@@ -263,7 +263,8 @@ def stack_adapters(
     :func:`set_adapter` or :func:`adapter_batch` choose one (except ``"default"``, see above).
 
     Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
-    holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a DoRA adapter or layer; a merged LoRA layer; a module path the
+    holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a
+    DoRA adapter or layer; a merged LoRA layer, or one inside a disable block; a module path the
     model does not have, or one that is not a linear layer; factors whose shapes do not fit; an
     adapter with no modules. On any error the model is unchanged. A ``torch.compile``'d or
     data-parallel model is stacked inside its wrapper (:func:`~peft_layers.model.unwrapped`),

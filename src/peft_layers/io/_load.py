@@ -155,7 +155,9 @@ def _check_alias_biases(model: nn.Module, adapter: AdapterFile) -> None:
                 "a bias for another name of a shared module)"
             )
         if file_biases[owner] is None or not torch.equal(file_biases[owner], tensor):
-            raise ValueError(f"{adapter.directory}: {owner!r} and {path!r} name one shared module but hold different biases")
+            raise ValueError(
+                f"{adapter.directory}: {owner!r} and {path!r} name one shared module but hold different biases"
+            )
 
 
 def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor]) -> None:
