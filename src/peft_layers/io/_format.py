@@ -154,7 +154,8 @@ def _check_adapter_name(adapter_name: Any) -> str:
 def _check_directory(directory: Any) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
-    if os.fspath(directory) in ("", b""):  # Path("") is ".": an unset variable would save into the working directory
+    # Path("") is ".": an unset variable would save into (or load from) the working directory
+    if os.fspath(directory) in ("", b""):
         raise ValueError("directory: expected a path, got an empty one (write '.' for the working directory)")
     path = Path(directory)
     if path.is_file():
