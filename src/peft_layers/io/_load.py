@@ -296,13 +296,12 @@ _FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_
 _QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
 
 
-def _inject_kwargs(
-    adapter: AdapterFile, method: str, overrides: dict[str, Any], aliases: dict[str, list[str]]
-) -> dict[str, Any]:
+def _inject_kwargs(adapter: AdapterFile, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """``inject_adapters`` keyword arguments that rebuild the file's layers (ranks, alphas, ...).
 
-    ``aliases[path]`` lists every name of the module at ``path``; ``inject_adapters`` looks up a
-    shared module's rank under its first name, which need not be the one in the file."""
+    Each rank or alpha that differs from the most common one is keyed by the file's path of its
+    module, anchored; ``inject_adapters`` tries every name of a shared module, so the path in the
+    file need not be the module's first name."""
     ranks = [m.rank for m in adapter.modules.values()]
     alphas = [m.alpha for m in adapter.modules.values()]
     r, alpha = _most_common(ranks), _most_common(alphas)
@@ -310,10 +309,10 @@ def _inject_kwargs(
         "rank": r,
         "alpha": alpha,
         "rank_pattern": {
-            _anchored(a): m.rank for p, m in adapter.modules.items() if m.rank != r for a in aliases[p]
+            _anchored(p): m.rank for p, m in adapter.modules.items() if m.rank != r
         },
         "alpha_pattern": {
-            _anchored(a): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha for a in aliases[p]
+            _anchored(p): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha
         },
         "use_rslora": adapter.use_rslora,
         "init": adapter.init,
@@ -411,8 +410,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         _check_module_to_save(where, model, path, modules.get(path))
         _check_saved_state(where, modules[path], state)
         _refuse_meta(where, list(modules[path].state_dict().values()))
-    aliases = {p: [n for n, m in modules.items() if m is modules[p]] for p in adapter.modules}
-    kwargs = _inject_kwargs(adapter, method, overrides, aliases)
+    kwargs = _inject_kwargs(adapter, method, overrides)
     paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)
     if saved_paths:
         kwargs["modules_to_save"] = lambda name, module: name in saved_paths
