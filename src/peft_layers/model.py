@@ -520,6 +520,41 @@ def inject_adapters(
     return model
 
 
+def module_to_save_refusal(
+    model: nn.Module, name: str, module: nn.Module, targets: Iterable[int]
+) -> tuple[type[Exception], str] | None:
+    """Why ``module`` (``name`` in ``model``) cannot become a module to save, as the error type
+    and its reason, or None when it can: it is, or lies inside, an adapter layer or a module to
+    save; it is or holds one of ``targets`` (module ids) or an adapter layer; it is or holds a
+    quantized layer or a module with extra state. ``inject_adapters`` and ``load_adapter`` both
+    ask it, each naming its own argument."""
+    inner = list(module.modules())
+    holder = _enclosing_adapter(model, name)
+    if holder is not None or isinstance(module, (LoRALinear, ModuleToSave, _stack_class())):
+        kind = type(holder if holder is not None else module).__name__
+        return ValueError, (
+            f"{name!r} is or lies inside a {kind}; a module to save is a plain module of the model "
+            "(unload() first)"
+        )
+    targets = set(targets)
+    if any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner):
+        return ValueError, (
+            f"{name!r} is or holds an adapter target; a module trains either through an adapter or "
+            "in full, not both"
+        )
+    if any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in inner):
+        return TypeError, (
+            f"{name!r} is or holds a quantized layer, whose weight cannot train in full; target it "
+            "with method 'qlora' instead"
+        )
+    if any(type(m).get_extra_state is not nn.Module.get_extra_state for m in inner):
+        return TypeError, (
+            f"{name!r} is or holds a module with extra state (get_extra_state), which adapter files "
+            "hold no place for"
+        )
+    return None
+
+
 def _choose_modules_to_save(
     model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module], targets: dict[int, None]
 ) -> list[nn.Module]:
@@ -535,32 +570,11 @@ def _choose_modules_to_save(
                 f"its modules are (nearest first): {nearest}"
             )
         for name in hits:
-            module = modules[name]
-            inner = list(module.modules())
-            holder = _enclosing_adapter(model, name)
-            if holder is not None or isinstance(module, (LoRALinear, ModuleToSave, _stack_class())):
-                kind = type(holder if holder is not None else module).__name__
-                raise ValueError(
-                    f"modules_to_save: {name!r} is or lies inside a {kind}; a module to save is a plain "
-                    "module of the model (unload() first)"
-                )
-            holds_adapter = any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner)
-            if id(module) in targets or holds_adapter:
-                raise ValueError(
-                    f"modules_to_save: {name!r} is or holds an adapter target; a module trains either "
-                    "through an adapter or in full, not both"
-                )
-            if any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in inner):
-                raise TypeError(
-                    f"modules_to_save: {name!r} is or holds a quantized layer, whose weight cannot "
-                    "train in full; target it with method 'qlora' instead"
-                )
-            if any(type(m).get_extra_state is not nn.Module.get_extra_state for m in inner):
-                raise TypeError(
-                    f"modules_to_save: {name!r} is or holds a module with extra state "
-                    "(get_extra_state), which adapter files hold no place for"
-                )
-            chosen.setdefault(id(module), module)
+            refusal = module_to_save_refusal(model, name, modules[name], targets)
+            if refusal is not None:
+                error, reason = refusal
+                raise error(f"modules_to_save: {reason}")
+            chosen.setdefault(id(modules[name]), modules[name])
     names = {id(module): name for name, module in modules.items() if id(module) in chosen}
     for outer in chosen.values():
         inner = [names[id(m)] for m in outer.modules() if m is not outer and id(m) in chosen]

@@ -16,13 +16,13 @@ from ..lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_abo
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
-    _inside_adapter,
     _stacked_layers,
     _undo_on_error,
     inject_adapters,
     iter_adapter_layers,
     iter_modules_to_save,
     method_of,
+    module_to_save_refusal,
     unwrapped,
     _refuse_sharded,
 )
@@ -177,14 +177,17 @@ def _check_saved_state(where: str, module: nn.Module, state: Mapping[str, Tensor
             )
 
 
-def _check_module_to_save(where: str, model: nn.Module, path: str, module: nn.Module | None) -> None:
-    """``module`` (at ``path``) can become a module to save: it exists and is plain."""
+def _check_module_to_save(
+    where: str, model: nn.Module, path: str, module: nn.Module | None, targets: list[nn.Module]
+) -> None:
+    """``module`` (at ``path``) can become a module to save beside the file's ``targets``: it
+    exists and :func:`~peft_layers.model.module_to_save_refusal` has nothing against it (a
+    ``ValueError`` either way: the file does not fit the model)."""
     if module is None or not path:
         raise ValueError(f"{where}: the file has a module to save there, but the model has no module of that name")
-    if isinstance(module, (LoRALinear, ModuleToSave)) or _inside_adapter(model, path):
-        raise ValueError(f"{where}: a module to save in the file, but an adapter layer or inside one in the model")
-    if any(_is_quantized(inner) for inner in module.modules()):
-        raise ValueError(f"{where}: a module to save in the file, which the model holds quantized (it cannot train in full)")
+    refusal = module_to_save_refusal(model, path, module, map(id, targets))
+    if refusal is not None:
+        raise ValueError(f"{where}: {refusal[1]}")
 
 
 def _plan_saved_modules(model: nn.Module, adapter: AdapterFile) -> list[tuple[ModuleToSave, dict[str, Tensor]]]:
@@ -407,7 +410,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     _check_alias_biases(model, adapter)
     for path, state in adapter.saved_modules.items():
         where = f"{adapter.directory}: module to save {path!r}"
-        _check_module_to_save(where, model, path, modules.get(path))
+        _check_module_to_save(where, model, path, modules.get(path), [modules[p] for p in adapter.modules])
         _check_saved_state(where, modules[path], state)
         _refuse_meta(where, list(modules[path].state_dict().values()))
     kwargs = _inject_kwargs(adapter, method, overrides)
