@@ -323,10 +323,8 @@ class AdapterMixin:
     def _non_finite_adapter_parameters(self) -> list[str]:
         """The names of the adapter tensors that hold NaN or inf (one device sync each; tensors on
         the meta device hold no values to check)."""
-        return [
-            name for name in self.adapter_parameter_names
-            if not getattr(self, name).is_meta and not bool(getattr(self, name).isfinite().all())
-        ]
+        tensors = {name: getattr(self, name) for name in self.adapter_parameter_names}
+        return [name for name, tensor in tensors.items() if not tensor.is_meta and not bool(tensor.isfinite().all())]
 
     def _check_unmergeable(self) -> None:
         """Raise ``ValueError`` if this merged layer cannot give its ``W0`` back (the model tools

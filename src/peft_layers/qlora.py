@@ -184,8 +184,7 @@ class QLoRALinear(LoRALinear):
         With ``init="pissa"``, an ``nn.Linear`` is split before it is quantized (QPiSSA): the
         layer starts at ``Q(W0 - s B A) + s B A``, within the quantization error of the residual
         (for pretrained weights, whose spectrum decays, smaller than ``W0``'s own). An already
-        quantized layer is decoded,
-        split and requantized, which warns as ``merge()`` does.
+        quantized layer is decoded, split and requantized, which warns as ``merge()`` does.
         """
         previous_dtype = linear.compute_dtype if isinstance(linear, QuantizedLinear) else None
         base, split, kwargs = _quantized_base_and_split(
