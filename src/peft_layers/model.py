@@ -520,7 +520,7 @@ def inject_adapters(
     return model
 
 
-def module_to_save_refusal(
+def _module_to_save_refusal(
     model: nn.Module, name: str, module: nn.Module, targets: Iterable[int]
 ) -> tuple[type[Exception], str] | None:
     """Why ``module`` (``name`` in ``model``) cannot become a module to save, as the error type
@@ -570,7 +570,7 @@ def _choose_modules_to_save(
                 f"its modules are (nearest first): {nearest}"
             )
         for name in hits:
-            refusal = module_to_save_refusal(model, name, modules[name], targets)
+            refusal = _module_to_save_refusal(model, name, modules[name], targets)
             if refusal is not None:
                 error, reason = refusal
                 raise error(f"modules_to_save: {reason}")
