@@ -2,7 +2,7 @@
 """Set-up, demo, tests and benchmarks with nothing but Python 3.10+.
 
     python3 dev.py setup   # .venv with CPU PyTorch, the package (editable) and its test extras; runs the demo
-    python3 dev.py test    # the test suite (sets up first on a fresh clone)
+    python3 dev.py test    # the test suite, then mypy (sets up first on a fresh clone)
     python3 dev.py bench   # the benchmarks and their report (table + plot)
     python3 dev.py example # fine-tunes a real pretrained encoder (examples/finetune_minilm.py)
 
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
         install()
         # exit code 5 (no test collected) is a failure too: check=True raises on any non-zero code
         run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *argv[2:])
+        run(PYTHON, "-m", "mypy", "src/peft_layers")  # settings: pyproject.toml's [tool.mypy]
     elif command == "bench":
         install()
         (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
@@ -83,4 +84,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv))
     except subprocess.CalledProcessError as error:
+        print(f"dev.py: failed (exit code {error.returncode}): {' '.join(error.cmd)}", file=sys.stderr)
         sys.exit(error.returncode or 1)

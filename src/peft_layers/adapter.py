@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +143,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return is_conv1d_class(type(module))
 
 
-def is_conv1d_class(cls: object) -> bool:
+def is_conv1d_class(cls: object) -> TypeGuard[type]:
     """Whether ``cls`` is transformers' ``Conv1D`` class or a subclass of it."""
     return isinstance(cls, type) and any(
         klass.__name__ == "Conv1D" and klass.__module__.startswith("transformers.") for klass in cls.__mro__
@@ -154,9 +154,10 @@ def base_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a linear base: an ``nn.Linear`` (or a layer with those
     attributes) or a transformers ``Conv1D``, whose weight is ``(in, out)``."""
     if is_conv1d(module):
-        fan_in, fan_out = module.weight.shape
+        fan_in, fan_out = cast(Tensor, module.weight).shape
         return int(fan_in), int(fan_out)
-    return int(module.in_features), int(module.out_features)
+    linear = cast(nn.Linear, module)  # or a layer with the same attributes
+    return int(linear.in_features), int(linear.out_features)
 
 
 class AdapterMixin:
@@ -191,35 +192,35 @@ class AdapterMixin:
     def weight(self) -> Tensor:
         """The base layer's weight (``W0``, or ``W0`` with the delta folded in while merged), as the
         base stores it: ``(in, out)`` for a transformers ``Conv1D`` (``fan_in_fan_out``)."""
-        return self.base_layer.weight
+        return cast(Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> Tensor | None:
         """The base layer's bias ``b``."""
-        return self.base_layer.bias
+        return cast("Tensor | None", self.base_layer.bias)
 
     @property
     def in_features(self) -> int:
         """The base layer's ``in_features``."""
         if self.fan_in_fan_out:
-            return self.base_layer.weight.shape[0]
-        return self.base_layer.in_features
+            return cast(Tensor, self.base_layer.weight).shape[0]
+        return cast(int, self.base_layer.in_features)
 
     @property
     def out_features(self) -> int:
         """The base layer's ``out_features``."""
         if self.fan_in_fan_out:
-            return self.base_layer.weight.shape[1]
-        return self.base_layer.out_features
+            return cast(Tensor, self.base_layer.weight).shape[1]
+        return cast(int, self.base_layer.out_features)
 
     # ---- hooks onto the base weight (dense nn.Linear versions) --------------------------
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the layer computes in: the base weight's dtype for a dense base."""
-        return self.base_layer.weight.dtype
+        return cast(Tensor, self.base_layer.weight).dtype
 
     def _compute_weight(self) -> Tensor:
-        weight = self.base_layer.weight
+        weight = cast(Tensor, self.base_layer.weight)
         return weight.t() if self.fan_in_fan_out else weight
 
     def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
@@ -253,18 +254,18 @@ class AdapterMixin:
 
     def _write_base_weight(self, weight: Tensor) -> None:
         with torch.no_grad():
-            self.base_layer.weight.copy_(weight.t() if self.fan_in_fan_out else weight)
+            cast(Tensor, self.base_layer.weight).copy_(weight.t() if self.fan_in_fan_out else weight)
 
     def _base_matmul(self, x: Tensor) -> Tensor:
         if self.fan_in_fan_out:
-            return x @ self.base_layer.weight
-        return F.linear(x, self.base_layer.weight)
+            return x @ cast(Tensor, self.base_layer.weight)
+        return F.linear(x, cast(Tensor, self.base_layer.weight))
 
     def _base_weight_key(self) -> tuple | None:
         """A cheap key that changes whenever the base weight changes (in place or replaced), or
         None when no such key exists (see :func:`version_key`): nothing may be cached then. Keys
         DoRA's norm cache."""
-        weight = self.base_layer.weight
+        weight = cast(Tensor, self.base_layer.weight)
         version = version_key(weight)
         return None if version is None else (*version, weight.dtype, weight.device, tuple(weight.shape))
 
@@ -360,7 +361,7 @@ class AdapterMixin:
         self._adapter_enabled = False
         self._disable_blocks = self.disable_blocks + 1
         try:
-            yield self
+            yield cast(nn.Module, self)  # mixed into an nn.Module subclass
         finally:
             self._disable_blocks -= 1
             self._adapter_enabled = was_enabled

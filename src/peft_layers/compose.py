@@ -45,7 +45,7 @@ Method = Literal["cat", "svd", "linear"]
 AdapterFactors = Union[LoRALinear, tuple[Tensor, Tensor]]
 
 
-def _check_method(method: object) -> str:
+def _check_method(method: object) -> Method:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return method  # type: ignore[return-value]

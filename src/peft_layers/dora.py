@@ -97,7 +97,7 @@ class _DoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         lora_A: Tensor,
@@ -127,7 +127,7 @@ class _DoRAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         _refuse_double_backward()
         saved = ctx.saved_tensors
         x, t, z, lora_A, lora_B, gain, norm = saved[:7]
@@ -171,6 +171,7 @@ class DoRALinear(LoRALinear):
     """
 
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B", "magnitude")
+    magnitude: nn.Parameter
     #: when True, ``A W0^T`` is computed in the same base call as the input (rows stacked), which
     #: saves a pass over a base whose weight has to be decoded (quantized bases).
     _norm_rides_with_input: bool = False

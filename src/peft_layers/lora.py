@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ LORA_INITS = ("kaiming", "gaussian", "pissa")
 
 
 def _module_device(module: nn.Module) -> torch.device:
+    tensor: Tensor
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -63,7 +64,7 @@ def ranks_above_features_allowed() -> Iterator[None]:
         _ranks_above_features_allowed.reset(token)
 
 
-def _check_rank(rank: Any, in_features: int, out_features: int) -> None:
+def _check_rank(rank: int, in_features: int, out_features: int) -> None:
     limit = min(in_features, out_features)
     if _ranks_above_features_allowed.get() and isinstance(rank, Integral) and not isinstance(rank, bool):
         limit = max(limit, int(rank))
@@ -144,12 +145,12 @@ def _check_float_dtype(dtype: Any) -> None:
         raise TypeError(f"dtype: expected None or a floating torch.dtype (float32, bfloat16, ...), got {dtype!r}")
 
 
-def _check_positive(name: str, value: Any) -> None:
+def _check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
-def _check_non_negative(name: str, value: Any) -> None:
+def _check_non_negative(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < math.inf:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
@@ -184,7 +185,7 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _save_weight_or_key(ctx: Any, tensors: list[Tensor], weight: Tensor, key_fn: Callable | None) -> None:
+def _save_weight_or_key(ctx: Any, tensors: list[Tensor | None], weight: Tensor, key_fn: Callable | None) -> None:
     """Save ``tensors`` for backward, with ``W0`` itself when ``key_fn`` is None (a dense base:
     autograd then checks its version, as for ``nn.Linear``), else the key of a ``W0`` that
     backward decodes again (:func:`_base_weight_for_backward`)."""
@@ -242,7 +243,7 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         x_drop: Tensor | None,
@@ -271,7 +272,7 @@ class _LoRAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         _refuse_double_backward()
         saved = ctx.saved_tensors
         x_a, t, lora_A, lora_B = saved[:4]
@@ -296,6 +297,9 @@ class _LoRAFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_x_drop, grad_A, grad_B, grad_bias, None, None, None
+
+
+_Layer = TypeVar("_Layer", bound="LoRALinear")
 
 
 class LoRALinear(AdapterMixin, nn.Module):
@@ -326,6 +330,11 @@ class LoRALinear(AdapterMixin, nn.Module):
     """
 
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
+    rank: int
+    init: str
+    lora_dropout: nn.Dropout
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
 
     def __init__(
         self,
@@ -372,7 +381,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         return cls._wrap(linear, **kwargs)
 
     @classmethod
-    def _wrap(cls, base_layer: nn.Module, **kwargs: Any) -> LoRALinear:
+    def _wrap(cls: type[_Layer], base_layer: nn.Module, **kwargs: Any) -> _Layer:
         """A new layer of this class around ``base_layer`` (checked by the caller)."""
         _check_layer_arguments(cls, kwargs, f"{cls.__name__}.from_linear()")
         layer = cls.__new__(cls)

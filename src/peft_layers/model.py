@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -76,15 +76,15 @@ def _accepts(module: nn.Module, method: str) -> bool:
 def _check_layer_kwargs(method: str, layer_kwargs: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` for a layer argument that the layers of ``method`` do not take, with
     the methods that do take it (or the nearest known name)."""
-    accepted = _layer_arguments(method_class(method))
+    accepted = _layer_arguments(method_class(method))  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
     for name, value in layer_kwargs.items():
         if name in accepted:
             continue
-        owners = [m for m in METHODS if name in _layer_arguments(_METHOD_CLASSES[m])]
+        owners = [m for m in METHODS if name in _layer_arguments(_METHOD_CLASSES[m])]  # type: ignore[arg-type]
         if owners:
             hint = f"{name} is an argument of method " + " or ".join(repr(m) for m in owners)
         else:
-            known = sorted({a for m in METHODS for a in _layer_arguments(_METHOD_CLASSES[m])})
+            known = sorted({a for m in METHODS for a in _layer_arguments(_METHOD_CLASSES[m])})  # type: ignore[arg-type]
             hint = _argument_hint(name, known) or "no method takes it"
         raise TypeError(
             f"{name}: method {method!r} takes no argument {name!r} (got {name}={value!r}); its layer "
@@ -505,12 +505,12 @@ def inject_adapters(
             first = names[0]
             kwargs = dict(layer_kwargs)
             # a shared module's names are tried in order: a key may name any of them
-            key = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
-            if key is not None:
-                kwargs["rank"] = rank_pattern[key]
-            key = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
-            if key is not None:
-                kwargs["alpha"] = alpha_pattern[key]
+            pattern = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
+            if pattern is not None:
+                kwargs["rank"] = rank_pattern[pattern]
+            pattern = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
+            if pattern is not None:
+                kwargs["alpha"] = alpha_pattern[pattern]
             replacements.append((names, _build_layer(cls, first, modules[first], kwargs)))
         copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
         for names, new in [*replacements, *copies]:
@@ -844,8 +844,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         if layer.merged:
             layer._check_unmergeable()
     with contextlib.ExitStack() as stack:
-        for _, layer in [*layers, *iter_modules_to_save(model)]:
-            stack.enter_context(layer.disable_adapter())
+        blocks: list[tuple[str, LoRALinear | ModuleToSave]] = [*layers, *iter_modules_to_save(model)]
+        for _, block in blocks:
+            stack.enter_context(block.disable_adapter())
         yield model
 
 
@@ -1101,7 +1102,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     embeddings = _input_embeddings(model)
     if embeddings is not None and not getattr(embeddings, "_peft_layers_grad_hook", False):
         embeddings.register_forward_hook(_require_grad_hook)
-        embeddings._peft_layers_grad_hook = True
+        setattr(embeddings, "_peft_layers_grad_hook", True)
     if gradient_checkpointing:
-        enable()
+        cast(Callable[[], Any], enable)()
     return model

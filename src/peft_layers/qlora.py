@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -134,6 +134,8 @@ class QLoRALinear(LoRALinear):
         **kwargs: :class:`LoRALinear`'s ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``.
     """
 
+    base_layer: QuantizedLinear
+
     def __init__(
         self,
         in_features: int,
@@ -164,7 +166,7 @@ class QLoRALinear(LoRALinear):
             self._take_pissa_factors(split)
 
     @classmethod
-    def from_linear(  # type: ignore[override]
+    def from_linear(
         cls,
         linear: nn.Module,
         *,
@@ -194,7 +196,7 @@ class QLoRALinear(LoRALinear):
             layer = cls._wrap(base, **kwargs)
         except Exception:
             if previous_dtype is not None:  # a failed build leaves the caller's layer as it was
-                linear.compute_dtype = previous_dtype
+                cast(QuantizedLinear, linear).compute_dtype = previous_dtype
             raise
         if split is not None:
             layer._take_pissa_factors(split)

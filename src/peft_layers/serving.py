@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from numbers import Real
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -80,12 +81,12 @@ class MultiLoRALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base layer's weight (models such as T5 read ``layer.weight.dtype``)."""
-        return self.base_layer.weight
+        return cast(Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> Tensor | None:
         """The base layer's bias."""
-        return self.base_layer.bias
+        return cast("Tensor | None", self.base_layer.bias)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -160,7 +161,7 @@ class MultiLoRALinear(nn.Module):
         if is_bitsandbytes_module(base):
             return None
         dtype = getattr(base, "compute_dtype", None)  # an adapter layer or a QuantizedLinear
-        return dtype if isinstance(dtype, torch.dtype) else base.weight.dtype
+        return dtype if isinstance(dtype, torch.dtype) else cast(Tensor, base.weight).dtype
 
     def _forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
@@ -170,7 +171,7 @@ class MultiLoRALinear(nn.Module):
         rows = self.row_adapters
         if rows is None:
             name = self.active_adapter
-            if name not in self.lora_A:  # None, or an adapter that skips this layer
+            if name is None or name not in self.lora_A:  # None, or an adapter that skips this layer
                 return out
             if in_place:
                 self._add_delta_(out, x, name)
@@ -200,7 +201,7 @@ class MultiLoRALinear(nn.Module):
         indices = {
             name: torch.tensor([b for b, row in enumerate(repeated) if row == name], device=device)
             for name in dict.fromkeys(repeated)
-            if name in self.lora_A
+            if name is not None and name in self.lora_A
         }
         self.__dict__["_row_index_cache"] = (key, indices)
         return indices
@@ -373,7 +374,7 @@ def stack_adapters(
 def _check_same_base_weight(file_weight: Tensor, base: nn.Module, where: str) -> None:
     """The stack shares the model's base: a file's own base weight (Hugging Face PEFT saves those
     of targeted embedding layers) must be the model's, or the adapter would compute another model."""
-    weight = base.weight
+    weight = cast(Tensor, base.weight)
     same = (
         isinstance(base, nn.Linear)
         and not is_bitsandbytes_module(base)

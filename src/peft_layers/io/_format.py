@@ -656,15 +656,15 @@ def _parse(
                 f"{wp}: {module!r}: base_layer.weight {tuple(base_weight.shape)} should be "
                 f"({b.shape[0]}, {a.shape[1]}) (out_features of lora_B, in_features of lora_A)"
             )
-        key = pattern_key(rank_pattern, module)
-        rank = rank_pattern[key] if key is not None else r
+        pattern = pattern_key(rank_pattern, module)
+        rank = rank_pattern[pattern] if pattern is not None else r
         if a.shape[0] != rank:
             raise ValueError(
                 f"{wp}: {module!r} has rank {a.shape[0]} but {cp.name} gives it rank {rank} "
-                f"({'rank_pattern[' + repr(key) + ']' if key is not None else 'r'})"
+                f"({'rank_pattern[' + repr(pattern) + ']' if pattern is not None else 'r'})"
             )
-        key = pattern_key(alpha_pattern, module)
-        alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
+        pattern = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[pattern]) if pattern is not None else lora_alpha
         if target_modules is not None and not _target_matches(target_modules, module):
             raise ValueError(
                 f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"

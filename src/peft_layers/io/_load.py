@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,7 @@ def _check_alias_biases(model: nn.Module, adapter: AdapterFile) -> None:
                 "the model holds none of the file's modules under that name (Hugging Face PEFT writes such "
                 "a bias for another name of a shared module)"
             )
-        if file_biases[owner] is None or not torch.equal(file_biases[owner], tensor):
+        if file_biases[owner] is None or not torch.equal(cast(Tensor, file_biases[owner]), tensor):
             raise ValueError(
                 f"{adapter.directory}: {owner!r} and {path!r} name one shared module but hold different biases"
             )
@@ -276,13 +276,13 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
             layer.lora_A.copy_(module.lora_A)
             layer.lora_B.copy_(module.lora_B)
             if module.magnitude is not None:
-                layer.magnitude.copy_(module.magnitude)
+                cast(DoRALinear, layer).magnitude.copy_(module.magnitude)
             if module.bias is not None:
-                layer.bias.copy_(module.bias)
+                cast(Tensor, layer.bias).copy_(module.bias)
             if module.base_weight is not None:
                 # a weight tied to another module (lm_head and embed_tokens) changes there too, as in
                 # Hugging Face PEFT, whose load_state_dict copies into the same tensor
-                layer.base_layer.weight.copy_(module.base_weight)
+                cast(Tensor, layer.base_layer.weight).copy_(module.base_weight)
             layer.alpha = module.alpha
             layer.use_rslora = adapter.use_rslora
             if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
@@ -378,6 +378,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 f"{adapter.directory}: {path!r} is a transformers Conv1D, which method {method!r} cannot "
                 f"quantize; load with method={method[1:]!r} (the adapter is the same on a float base)"
             )
+        in_features: int | None
+        out_features: int | None
         if is_conv1d(target):
             in_features, out_features = base_features(target)
         else:

@@ -29,6 +29,7 @@ from ..model import (
     _refuse_sharded,
     _stacked_layers,
 )
+from ..qlora import QLoRALinear
 from ._format import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -60,7 +61,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _quant_info(layer: LoRALinear) -> dict[str, Any]:
+def _quant_info(layer: QLoRALinear) -> dict[str, Any]:
     """The quantization of a quantized layer's base (always a ``QuantizedLinear``: bitsandbytes
     layers are wrapped into one): ``scheme``, ``blocksize``, ``double_quant``, ``compute_dtype``."""
     base = layer.base_layer

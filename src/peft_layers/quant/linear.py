@@ -33,7 +33,7 @@ bitsandbytes does the arithmetic when it can be imported; otherwise the pure-PyT
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ class _QuantizedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, bias: Tensor | None, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, bias: Tensor | None, layer: QuantizedLinear) -> Tensor:
         return layer._matmul_2d(x, bias)
 
     # forward and setup_context apart (not forward(ctx, ...)): torch.func's transforms (grad,
@@ -121,7 +121,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         ctx.version = layer.version
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         layer: QuantizedLinear = ctx.layer
         if layer.version != ctx.version:
             raise RuntimeError(
@@ -160,6 +160,13 @@ class QuantizedLinear(nn.Module):
     """
 
     source_cls: type | None = None
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    absmax: Tensor
+    code: Tensor
+    nested_absmax: Tensor
+    nested_code: Tensor
+    offset: Tensor
 
     def __init__(
         self,
@@ -168,7 +175,7 @@ class QuantizedLinear(nn.Module):
         bias: bool = True,
         *,
         scheme: str = "nf4",
-        blocksize: int = 64,
+        blocksize: int | None = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -215,7 +222,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("absmax", torch.zeros(out_f, device=device))
             return
         numel = out_f * in_f
-        n_blocks = -(-numel // self.blocksize)
+        n_blocks = -(-numel // cast(int, self.blocksize))
         zero_code = 0x77 if self.scheme == "nf4" else 0x00  # the code of 0.0, twice
         self.weight = nn.Parameter(
             torch.full(((numel + 1) // 2, 1), zero_code, dtype=torch.uint8, device=device),
@@ -304,7 +311,7 @@ class QuantizedLinear(nn.Module):
         return layer
 
     @classmethod
-    def _from_linear4bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
+    def _from_linear4bit(cls, module: nn.Linear, compute_dtype: torch.dtype | None) -> QuantizedLinear:
         weight = module.weight
         state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
         if state is None:
@@ -372,8 +379,8 @@ class QuantizedLinear(nn.Module):
         return layer
 
     @classmethod
-    def _from_linear8bit(cls, module: nn.Module, compute_dtype: torch.dtype | None) -> QuantizedLinear:
-        lt_state = module.state
+    def _from_linear8bit(cls, module: nn.Linear, compute_dtype: torch.dtype | None) -> QuantizedLinear:
+        lt_state: Any = module.state
         # the codes are the weight itself: state.CB of a has_fp16_weights=True module (set by its
         # forward) is a snapshot of a float weight that keeps training, and CB/SCB attributes can
         # be left on another device by a parent's .to() (Module._apply swaps the parameter's data)
@@ -432,7 +439,7 @@ class QuantizedLinear(nn.Module):
         state.pop("_bnb_source", None)
         return state
 
-    def _take_bias(self, module: nn.Module) -> None:
+    def _take_bias(self, module: nn.Linear) -> None:
         if module.bias is not None:
             self.bias = nn.Parameter(module.bias.data, requires_grad=False)
 
@@ -470,7 +477,7 @@ class QuantizedLinear(nn.Module):
         """(packed codes, float32 absmax) of a float32 weight."""
         modules = _bnb.load()
         if modules is None:
-            return ref.quantize_4bit(dense, self.scheme, self.blocksize)
+            return ref.quantize_4bit(dense, self.scheme, cast(int, self.blocksize))
         packed, state = modules[1].quantize_4bit(
             dense, blocksize=self.blocksize, compress_statistics=False, quant_type=self.scheme
         )
@@ -539,7 +546,7 @@ class QuantizedLinear(nn.Module):
             absmax=self.absmax,
             shape=torch.Size((self.out_features, self.in_features)),
             quant_type=self.scheme,
-            blocksize=self.blocksize,
+            blocksize=cast(int, self.blocksize),
             code=self.code,
             nested_absmax=self.nested_absmax if self.double_quant else None,
             nested_code=self.nested_code if self.double_quant else None,
@@ -570,7 +577,9 @@ class QuantizedLinear(nn.Module):
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
         # shape). The reference codec gives the same bits in both cases, without either problem.
         on_cpu = self.weight.device.type == "cpu"
-        if modules is None or (on_cpu and (self.in_features % self.blocksize or self.blocksize >= 2048)):
+        if modules is None or (
+            on_cpu and (self.in_features % cast(int, self.blocksize) or cast(int, self.blocksize) >= 2048)
+        ):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
         functional = modules[1]
         state = self._bnb_quant_state(functional, kernel_dtype)

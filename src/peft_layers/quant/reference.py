@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -159,7 +160,7 @@ def _check_tensor(value: object, argument: str, what: str) -> None:
         raise TypeError(f"{argument}: expected {what}, got {type(value).__name__}")
 
 
-def _check_float_input(value: object, argument: str) -> None:
+def _check_float_input(value: Tensor, argument: str) -> None:
     """A floating-point tensor of finite values (what the quantize functions take)."""
     _check_tensor(value, argument, "a floating-point tensor")
     if not value.is_floating_point():
@@ -458,9 +459,9 @@ def dequantize(state: Quantized4bit, dtype: torch.dtype = torch.float32) -> Tens
     absmax = state.absmax
     if state.double_quant:
         absmax = dequantize_blockwise(
-            state.absmax, state.nested_absmax, state.nested_code, DOUBLE_QUANT_BLOCKSIZE
+            state.absmax, cast(Tensor, state.nested_absmax), state.nested_code, DOUBLE_QUANT_BLOCKSIZE
         )
-        absmax = absmax + state.offset
+        absmax = absmax + cast(Tensor, state.offset)
     return dequantize_4bit(
         state.packed, absmax, state.shape, state.quant_type, state.blocksize, dtype
     )
