@@ -577,9 +577,8 @@ class QuantizedLinear(nn.Module):
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
         # shape). The reference codec gives the same bits in both cases, without either problem.
         on_cpu = self.weight.device.type == "cpu"
-        if modules is None or (
-            on_cpu and (self.in_features % cast(int, self.blocksize) or cast(int, self.blocksize) >= 2048)
-        ):
+        blocksize = cast(int, self.blocksize)  # None only for int8, handled above
+        if modules is None or (on_cpu and (self.in_features % blocksize or blocksize >= 2048)):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
         functional = modules[1]
         state = self._bnb_quant_state(functional, kernel_dtype)
