@@ -775,6 +775,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
     input, fits between its neighbours as the adapter layer did; the compute dtype when the
     model has no other float parameters. The new layers are frozen like the bases they replace.
+    A ``dtype`` other than that of the layers around them gives layers that the next forward
+    feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
+    (``model.to(dtype)``), as the merge casts only what it builds.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
