@@ -236,14 +236,17 @@ def test_a_layer_pickled_before_the_scaling_properties_refuses_changes_while_mer
     assert layer.scaling == 1.0 and "alpha" not in layer.__dict__
 
 
-@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.LoRAPlusLinear])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.LoRAPlusLinear, pl.DoRALinear])
 def test_merging_adapters_on_the_meta_device_checks_no_values(cls):
-    """The NaN check of merge read the values of meta tensors (``.item()`` raised)."""
+    """The NaN check of merge read the values of meta tensors (``.item()`` raised), and DoRA's
+    search for rows of zero magnitude called ``nonzero()``, which the meta device cannot do."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # adapters over a meta base hold no values yet
-        layer = cls.from_linear(nn.Linear(8, 8, device="meta"), rank=2)
+        layer = cls.from_linear(nn.Linear(8, 6, device="meta"), rank=2)
     layer.merge()
-    assert layer.merged and layer.weight.is_meta
+    assert layer.merged and layer.weight.is_meta and layer.weight.shape == (6, 8)
+    layer.unmerge()
+    assert not layer.merged and layer.weight.is_meta and layer.weight.shape == (6, 8)
 
 
 @pytest.mark.parametrize("cls", CLASSES)

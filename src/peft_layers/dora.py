@@ -278,9 +278,10 @@ class DoRALinear(LoRALinear):
         self._add_lora_product_(weight, self.scaling)
         norm = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype))
         gain = self.magnitude.to(norm.dtype) / norm.clamp_min(self.epsilon)
-        zero = (gain == 0).nonzero().flatten()
-        # a row with m = 0 merges to zeros; keep its W' so that unmerge() can restore it
-        self._merge_zero_rows = (zero, weight[zero].clone()) if zero.numel() else None
+        # a row with m = 0 merges to zeros; keep its W' so that unmerge() can restore it (a meta
+        # weight has no values, hence no such rows to find)
+        zero = None if weight.is_meta else (gain == 0).nonzero().flatten()
+        self._merge_zero_rows = (zero, weight[zero].clone()) if zero is not None and zero.numel() else None
         self._merge_gain = gain
         weight.mul_(gain.to(weight.dtype)[:, None])
 
