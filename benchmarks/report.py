@@ -122,12 +122,22 @@ def _target_text_plain(ratio: Ratio) -> str:
     return f"<= {ratio.target:.2f}"
 
 
-#: no issue sets targets for these two suites
+#: no issue sets targets for these suites
 SERVING_RATIOS = (
     Ratio("mixed batch: MultiLoRALinear / nn.Linear", "serving", "forward", "multi_lora", "linear",
           note="4 adapters, 8 rows"),
     Ratio("mixed batch: MultiLoRALinear / HF PEFT", "serving", "forward", "multi_lora", "hf_mixed",
           note="4 adapters, 8 rows"),
+)
+#: shapes are (sentences, tokens, hidden) of a batch through the whole model
+PRETRAINED_RATIOS = (
+    Ratio("MiniLM, LoRA / HF PEFT LoRA", "pretrained", "train", "lora", "hf_lora", note="36 layers + head"),
+    Ratio("MiniLM, DoRA / HF PEFT DoRA", "pretrained", "train", "dora", "hf_dora", note="36 layers + head"),
+    Ratio("MiniLM, DoRA / LoRA", "pretrained", "train", "dora", "lora", note="36 layers + head"),
+    Ratio("MiniLM, HF PEFT DoRA / HF PEFT LoRA", "pretrained", "train", "hf_dora", "hf_lora",
+          note="36 layers + head"),
+    Ratio("MiniLM, LoRA / HF PEFT LoRA", "pretrained", "forward", "lora", "hf_lora", note="36 layers + head"),
+    Ratio("MiniLM, DoRA / HF PEFT DoRA", "pretrained", "forward", "dora", "hf_dora", note="36 layers + head"),
 )
 #: shapes are (out, in) of the combined layer
 COMPOSE_RATIOS = (
@@ -289,7 +299,7 @@ def _target_text(target: float | None, noise: bool = False) -> str:
 # ---- the report ----------------------------------------------------------------------------------
 def ratio_rows(results: Results) -> list[dict[str, Any]]:
     rows = []
-    for ratio in LAYER_RATIOS + QUANT_RATIOS + SERVING_RATIOS + COMPOSE_RATIOS:
+    for ratio in LAYER_RATIOS + QUANT_RATIOS + SERVING_RATIOS + PRETRAINED_RATIOS + COMPOSE_RATIOS:
         for shape in results.shapes():
             measured = measure(results, ratio, shape)
             if measured is None:
