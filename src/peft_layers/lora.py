@@ -567,7 +567,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         """
         self._check_input(x)
         compute_dtype = self.compute_dtype  # a property through base_layer: read it once
-        dtype = autocast_dtype(x.device.type, compute_dtype)
+        dtype = autocast_dtype(x, compute_dtype)
         out_dtype = x.dtype if dtype is None else dtype
         dtype = dtype or compute_dtype
         if self.merged or not self._adapter_enabled:

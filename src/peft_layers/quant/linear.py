@@ -576,7 +576,7 @@ class QuantizedLinear(nn.Module):
         # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
         # shape). The reference codec gives the same bits in both cases, without either problem.
-        on_cpu = self.weight.device.type == "cpu"
+        on_cpu = self.weight.is_cpu  # a bool, no torch.device built (see autocast_dtype)
         blocksize = cast(int, self.blocksize)  # None only for int8, handled above
         if modules is None or (on_cpu and (self.in_features % blocksize or blocksize >= 2048)):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
@@ -616,7 +616,7 @@ class QuantizedLinear(nn.Module):
                 if bias is not None:
                     out.add_(bias)
                 return out.to(x.dtype)
-            if self.scheme != "int8" and x.device.type == "cuda":
+            if self.scheme != "int8" and x.is_cuda:
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
@@ -629,7 +629,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(
                 f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}"
             )
-        dtype = autocast_dtype(x.device.type, self.compute_dtype) or self.compute_dtype
+        dtype = autocast_dtype(x, self.compute_dtype) or self.compute_dtype
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != dtype:
@@ -651,7 +651,7 @@ class QuantizedLinear(nn.Module):
         ``nn.Linear`` does (the weight is decoded into that dtype).
         """
         out = self._apply_matmul(x, self.bias)
-        if out.dtype == x.dtype or autocast_dtype(x.device.type, self.compute_dtype) is not None:
+        if out.dtype == x.dtype or autocast_dtype(x, self.compute_dtype) is not None:
             return out
         return out.to(x.dtype)
 
