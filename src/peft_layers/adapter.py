@@ -43,9 +43,9 @@ def autocast_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype ``torch.autocast`` asks matmuls on ``x``'s device to run in, or None when it is
     off there (or the layer computes in float64, which autocast leaves alone, as it does for
     ``nn.Linear``)."""
-    # one global flag first, the device only under autocast: ``x.device`` builds a torch.device
-    # per call, and forwards that read it per call measured 0.3-0.6% slower at 512x1024x1024 on
-    # a CPU, against a few hundred nanoseconds for the read itself (see docs/benchmarks.md)
+    # one global flag first, the device only under autocast: forwards that read x.device.type
+    # per call measured 0.3-0.6% slower at 512x1024x1024 on a CPU, against a few hundred
+    # nanoseconds for the read itself (docs/benchmarks.md, Observations)
     if _any_autocast_enabled is not None and not _any_autocast_enabled():
         return None
     device_type = x.device.type
