@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import peft_layers as pl
+from peft_layers import adapter as adapter_module
 from peft_layers.quant import QuantizedLinear
 
 AUTOCAST = torch.bfloat16
@@ -55,9 +56,18 @@ def _reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[st
     return y.detach(), grads
 
 
+@pytest.fixture(params=["global flag", "per device"])
+def autocast_lookup(request, monkeypatch):
+    """Both ways the layers ask whether autocast is on: torch's global flag first (torch >= 2.4
+    has it), or the device type alone (the fallback where ``torch._C`` lacks the flag)."""
+    if request.param == "per device":
+        monkeypatch.setattr(adapter_module, "_any_autocast_enabled", None)
+    return request.param
+
+
 @pytest.mark.parametrize("cls", DENSE + QUANTIZED)
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: bool) -> None:
+def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: bool, autocast_lookup) -> None:
     layer = _layer(cls).train()
     x = torch.randn(TOKENS, IN, requires_grad=True)
     expected, expected_grads = _reference(layer, x)
@@ -78,7 +88,7 @@ def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: b
 
 
 @pytest.mark.parametrize("cls", DENSE + QUANTIZED)
-def test_no_grad_forward_computes_in_the_autocast_dtype_and_leaves_no_trace(cls: type) -> None:
+def test_no_grad_forward_computes_in_the_autocast_dtype_and_leaves_no_trace(cls: type, autocast_lookup) -> None:
     layer = _layer(cls).eval()
     x = torch.randn(2, TOKENS, IN)
     expected, _ = _reference(layer, x)

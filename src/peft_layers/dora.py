@@ -63,9 +63,8 @@ def factored_row_norm(
         the factored form carries an absolute error of about ``eps32 * ||W0_i||^2`` in ``n_i^2``;
         only a row that nearly cancels (``n_i << ||W0_i||``) notices it.
     """
-    device_type = base_row_norm_sq.device.type
-    if autocast_enabled(device_type):  # the norm keeps its own dtype under autocast
-        with autocast_off(device_type):
+    if autocast_enabled(base_row_norm_sq):  # the norm keeps its own dtype under autocast
+        with autocast_off(base_row_norm_sq):
             return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
     dtype = base_row_norm_sq.dtype
     a = lora_A.to(dtype)
@@ -252,7 +251,7 @@ class DoRALinear(LoRALinear):
         """``n = max(||W0 + s B A||, epsilon)`` per output row, detached, from the factored form."""
         if self.merged:
             raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
-        with torch.no_grad(), autocast_off(self.lora_A.device.type):
+        with torch.no_grad(), autocast_off(self.lora_A):
             lora_A, lora_B, _ = self._adapter_tensors(self.compute_dtype)
             return self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
 

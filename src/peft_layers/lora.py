@@ -513,7 +513,7 @@ class LoRALinear(AdapterMixin, nn.Module):
                 f"{type(self).__name__}: cannot re-initialise a merged layer (the merged update would "
                 "stay in W0); unmerge() first"
             )
-        with torch.no_grad(), autocast_off(self.lora_A.device.type):
+        with torch.no_grad(), autocast_off(self.lora_A):
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 self.lora_B.zero_()

@@ -136,7 +136,7 @@ class MultiLoRALinear(nn.Module):
         x2d = x.reshape(-1, self.in_features).to(out.dtype)
         # in out's dtype even under autocast, which would make x A^T its own dtype, and whose
         # casts the in-place addmm_ does not get
-        with autocast_off(x.device.type):
+        with autocast_off(x):
             out.view(-1, self.out_features).addmm_(x2d @ lora_A.t(), lora_B.t(), alpha=self.scaling[name])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -149,7 +149,7 @@ class MultiLoRALinear(nn.Module):
         # as the adapter layers do: compute in the base's dtype, return the input's (autocast
         # decides both inside the base layer)
         input_dtype = x.dtype
-        compute_dtype = None if autocast_enabled(x.device.type) else self._compute_dtype()
+        compute_dtype = None if autocast_enabled(x) else self._compute_dtype()
         if compute_dtype is not None and x.dtype != compute_dtype and x.is_floating_point():
             x = x.to(compute_dtype)
         out = self._forward(x)
