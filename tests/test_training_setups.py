@@ -56,18 +56,21 @@ def _reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[st
     return y.detach(), grads
 
 
-@pytest.fixture(params=["global flag", "per device"])
-def autocast_lookup(request, monkeypatch):
-    """Both ways the layers ask whether autocast is on: torch's global flag first (torch >= 2.4
-    has it), or the device type alone (the fallback where ``torch._C`` lacks the flag)."""
-    if request.param == "per device":
-        monkeypatch.setattr(adapter_module, "_any_autocast_enabled", None)
-    return request.param
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_autocast_lookup_reads_the_device_type_of_its_tensor(device: str) -> None:
+    # the layers ask per device type, as torch.autocast is set per device type; CPU and CUDA
+    # tensors answer without building a torch.device
+    tensor = torch.empty(2, device=device)
+    assert adapter_module._device_type(tensor) == tensor.device.type
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        assert adapter_module.autocast_enabled(tensor) == (device == "cpu")
+        assert adapter_module.autocast_dtype(tensor, torch.float32) == (AUTOCAST if device == "cpu" else None)
+    assert not adapter_module.autocast_enabled(tensor)
 
 
 @pytest.mark.parametrize("cls", DENSE + QUANTIZED)
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: bool, autocast_lookup) -> None:
+def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: bool) -> None:
     layer = _layer(cls).train()
     x = torch.randn(TOKENS, IN, requires_grad=True)
     expected, expected_grads = _reference(layer, x)
@@ -88,7 +91,7 @@ def test_train_step_computes_in_the_autocast_dtype(cls: type, backward_inside: b
 
 
 @pytest.mark.parametrize("cls", DENSE + QUANTIZED)
-def test_no_grad_forward_computes_in_the_autocast_dtype_and_leaves_no_trace(cls: type, autocast_lookup) -> None:
+def test_no_grad_forward_computes_in_the_autocast_dtype_and_leaves_no_trace(cls: type) -> None:
     layer = _layer(cls).eval()
     x = torch.randn(2, TOKENS, IN)
     expected, _ = _reference(layer, x)

@@ -27,19 +27,22 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
-_any_autocast_enabled: Callable[[], bool] | None = getattr(torch._C, "_is_any_autocast_enabled", None)
+def _device_type(tensor: Tensor) -> str:
+    """``tensor.device.type``, without building a ``torch.device`` for CPU and CUDA tensors
+    (forwards that read ``x.device.type`` per call measured slower in some A/B runs than the
+    read itself explains: docs/benchmarks.md, Observations)."""
+    if tensor.is_cpu:
+        return "cpu"
+    if tensor.is_cuda:
+        return "cuda"
+    return tensor.device.type
 
 
 def autocast_enabled(where: Tensor) -> bool:
     """Whether ``torch.autocast`` is on for the device type of tensor ``where`` (never for a
     device type it does not know, such as ``meta``)."""
-    # one global flag first, the device only under autocast: forwards that read x.device.type
-    # per call measured 0.3-0.6% slower at 512x1024x1024 on a CPU, against a few hundred
-    # nanoseconds for the read itself (docs/benchmarks.md, Observations)
-    if _any_autocast_enabled is not None and not _any_autocast_enabled():
-        return False
     try:
-        return torch.is_autocast_enabled(where.device.type)
+        return torch.is_autocast_enabled(_device_type(where))
     except RuntimeError:
         return False
 
@@ -50,7 +53,7 @@ def autocast_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype | None:
     ``nn.Linear``)."""
     if compute_dtype == torch.float64 or not autocast_enabled(x):
         return None
-    return torch.get_autocast_dtype(x.device.type)
+    return torch.get_autocast_dtype(_device_type(x))
 
 
 @contextmanager
@@ -59,7 +62,7 @@ def autocast_off(where: Tensor) -> Iterator[None]:
     is on: for the computations that must keep their own precision (DoRA's norm,
     initialisation)."""
     if autocast_enabled(where):
-        with torch.autocast(where.device.type, enabled=False):
+        with torch.autocast(_device_type(where), enabled=False):
             yield
     else:
         yield
