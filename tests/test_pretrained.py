@@ -158,3 +158,20 @@ def test_qdora_over_nf4_minilm(pretrained, batch, tmp_path) -> None:
     reloaded = pl.load_adapter(fresh_model(), tmp_path)  # the file records NF4: the load quantizes
     assert isinstance(reloaded.get_submodule("encoder.encoder.layer.0.attention.self.query"), pl.QDoRALinear)
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dora", "qdora"])
+def test_the_example_trains_saves_merges_and_checks(pretrained, method) -> None:
+    # the example's own path for one method, a few steps: its checks (merge, merge_and_unload,
+    # reload, Hugging Face PEFT reading the file) raise past their tolerances
+    tokenizer, fresh_model = pretrained
+    train_split, test_split = example.make_splits()
+    result = example.run_method(method, tokenizer, fresh_model, train_split, test_split, steps=6)
+    # trainable: r (in + out) per adapted Linear, the magnitudes (out), and the head
+    hidden, intermediate, blocks, rank = 384, 1536, 6, 8
+    shapes = [(hidden, hidden)] * 4 + [(hidden, intermediate), (intermediate, hidden)]
+    per_block = sum(rank * (fan_in + fan_out) + fan_out for fan_in, fan_out in shapes)
+    assert result["trainable"] == blocks * per_block + hidden * 2 + 2
+    assert result["reload"] == 0.0 and result["merge_and_unload"] < 1e-4
+    assert ("hf_peft" in result) == (method == "dora")
+    assert 0.0 <= result["accuracy"] <= 1.0 and len(test_split.sentences) == 480
