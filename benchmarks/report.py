@@ -136,6 +136,8 @@ PRETRAINED_RATIOS = (
     Ratio("MiniLM, DoRA / LoRA", "pretrained", "train", "dora", "lora", note="36 layers + head"),
     Ratio("MiniLM, HF PEFT DoRA / HF PEFT LoRA", "pretrained", "train", "hf_dora", "hf_lora",
           note="36 layers + head"),
+    Ratio("MiniLM in NF4, QLoRA / HF PEFT QLoRA", "pretrained-nf4", "train", "qlora", "hf_qlora",
+          note="transformers' 4-bit load"),
     Ratio("MiniLM, LoRA / HF PEFT LoRA", "pretrained", "forward", "lora", "hf_lora", note="36 layers + head"),
     Ratio("MiniLM, DoRA / HF PEFT DoRA", "pretrained", "forward", "dora", "hf_dora", note="36 layers + head"),
 )
