@@ -747,9 +747,10 @@ def test_a_layer_that_cannot_unmerge_stops_the_tool_before_any_change(tool) -> N
 
 def test_a_regex_written_as_a_string_gets_a_hint() -> None:
     """Hugging Face PEFT reads a str target as a regex; here a str is a name suffix."""
-    for target in (r".*\.(q|v)_proj", "all-linear"):
-        with pytest.raises(ValueError, match=r"matches no module .*a str is a name suffix, never a regex: pass re.compile"):
-            pl.inject_lora(tiny_model(), target)
+    with pytest.raises(ValueError, match=r"matches no module .*a str is a name suffix, never a regex: pass re.compile"):
+        pl.inject_lora(tiny_model(), r".*\.(q|v)_proj")
+    with pytest.raises(ValueError, match=r"matches no module .*'all-linear' stands for every linear layer as targets itself"):
+        pl.inject_lora(tiny_model(), ["q_proj", "all-linear"])
     with pytest.raises(ValueError, match=r"matches no module") as error:
         pl.inject_lora(tiny_model(), "nope_proj")
     assert "never a regex" not in str(error.value)
@@ -1062,3 +1063,50 @@ def test_a_copy_taken_inside_a_disable_block_is_outside_it(copy_with: str) -> No
         assert torch.equal(copied(x), model(x))
     pl.unload(copied)
     assert type(copied[0]) is nn.Linear
+
+
+# ---- targets="all-linear", against Hugging Face PEFT's choice ----------------------------------------
+def _adapted_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, pl.LoRALinear)}
+
+
+def _hf_adapted_names(model: nn.Module) -> set[str]:
+    peft = pytest.importorskip("peft")
+    return {name.removeprefix("base_model.model.") for name, module in model.named_modules()
+            if isinstance(module, peft.tuners.lora.LoraLayer)}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert-seq-cls"])
+def test_all_linear_targets_the_layers_hugging_face_peft_targets(architecture: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    task_type, modules_to_save = None, None
+    if architecture == "llama":  # its lm_head is left out
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=50))
+    elif architecture == "gpt2":  # Conv1D layers; the tied lm_head is left out
+        base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
+    else:  # the classifier head trains in full (Hugging Face PEFT's task_type="SEQ_CLS")
+        base = transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48))
+        task_type, modules_to_save = "SEQ_CLS", ["classifier"]
+    ours = pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=2, modules_to_save=modules_to_save)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task_type))
+    expected = _hf_adapted_names(theirs)
+    assert _adapted_names(ours) == expected
+    linears = {n for n, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    assert len(expected) == len(linears) - 1  # every linear layer but the output one
+    if modules_to_save:
+        assert isinstance(ours.classifier, pl.ModuleToSave)
+
+
+def test_all_linear_leaves_out_modules_to_save_and_existing_adapters() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), nn.Linear(8, 4))
+    pl.inject_adapters(model, "0", rank=2)
+    pl.inject_adapters(model, "all-linear", rank=2, modules_to_save=["2"])
+    assert _adapted_names(model) == {"0", "1.0", "1.1"}  # "0" from before, not wrapped twice
+    assert isinstance(model[2], pl.ModuleToSave)
+    with pytest.raises(ValueError, match=r"targets: 'all-linear' matches no module of Sequential"):
+        pl.inject_adapters(nn.Sequential(nn.ReLU()), "all-linear")

@@ -36,6 +36,11 @@ TargetSpec = Union[str, Iterable[str], "re.Pattern[str]", Callable[[str, nn.Modu
 
 METHODS = ("lora", "lora_plus", "dora", "qlora", "qdora")
 BIAS_MODES = ("none", "all", "adapter_only")
+#: the ``targets`` that stands for every linear layer but the output ones (Hugging Face PEFT's
+#: ``target_modules="all-linear"``)
+ALL_LINEAR = "all-linear"
+#: the heads of sequence classifiers that Hugging Face PEFT leaves out of "all-linear"
+_CLASSIFIER_HEADS = ("score", "classifier")
 
 
 _METHOD_CLASSES: dict[str, type[LoRALinear]] = {
@@ -217,6 +222,32 @@ def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
+class _AllLinear:
+    """The targets ``"all-linear"`` stands for: every layer that ``method`` can wrap, except
+    the model's output layers, which Hugging Face PEFT also leaves out (the layer that
+    ``model.get_output_embeddings()`` gives, as a language model's ``lm_head``, and a top-level
+    ``score`` or ``classifier`` head), the modules to save and what lies inside them or inside
+    an adapter layer."""
+
+    def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None) -> None:
+        self.model, self.method = model, method
+        output_layers = getattr(model, "get_output_embeddings", None)
+        left_out = [output_layers() if callable(output_layers) else None]
+        left_out += [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
+        saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
+        left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
+        self.left_out = {id(sub) for module in left_out if isinstance(module, nn.Module) for sub in module.modules()}
+
+    def __call__(self, name: str, module: nn.Module) -> bool:
+        return (
+            _accepts(module, self.method) and id(module) not in self.left_out
+            and not _inside_adapter(self.model, name)
+        )
+
+    def __repr__(self) -> str:
+        return repr(ALL_LINEAR)
+
+
 def _inside_adapter(model: nn.Module, name: str) -> bool:
     """Whether ``name`` lies inside an adapter layer or a stack (its ``base_layer`` or deeper)."""
     return _enclosing_adapter(model, name) is not None
@@ -376,8 +407,10 @@ def inject_adapters(
         model: any ``nn.Module``; changed in place and returned.
         targets: a name suffix matched on whole dotted components (``"q_proj"`` matches
             ``"layers.0.attn.q_proj"``, not ``"layers.0.attn.xq_proj"``), a list of them (each
-            must match something), a compiled regex (full match on the dotted name), or a
-            callable ``(name, module) -> bool``.
+            must match something), a compiled regex (full match on the dotted name), a
+            callable ``(name, module) -> bool``, or ``"all-linear"``: every layer the method can
+            wrap but the output ones (``get_output_embeddings()``, a top-level ``score`` or
+            ``classifier``) and the modules to save, as Hugging Face PEFT's shorthand.
         method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``. The last two
             also take bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers.
         bias: ``"none"`` (no bias trains), ``"all"`` (every bias of the model trains) or
@@ -411,6 +444,8 @@ def inject_adapters(
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        targets = _AllLinear(model, method, modules_to_save)
     target_parts = _spec_parts(targets, "targets")
     exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
 
@@ -423,12 +458,12 @@ def inject_adapters(
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
             nearest = _nearest_names(part, linear_names)[:20]
-            # Hugging Face PEFT reads a str as a regex ("all-linear" included); here it never is
-            hint = (
-                "; a str is a name suffix, never a regex: pass re.compile(...) or a callable"
-                if isinstance(part, str) and (part == "all-linear" or re.search(r"[\\*+?|()\[\]^$]", part))
-                else ""
-            )
+            # Hugging Face PEFT reads a str as a regex; here it never is
+            hint = ""
+            if isinstance(part, str) and part == ALL_LINEAR:
+                hint = f"; {ALL_LINEAR!r} stands for every linear layer as targets itself, not in a list"
+            elif isinstance(part, str) and re.search(r"[\\*+?|()\[\]^$]", part):
+                hint = "; a str is a name suffix, never a regex: pass re.compile(...) or a callable"
             raise ValueError(
                 f"targets: {_describe(part)} matches no module of {type(model).__name__}; "
                 f"its linear layers are (nearest first): {nearest}{hint}"
