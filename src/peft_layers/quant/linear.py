@@ -576,7 +576,7 @@ class QuantizedLinear(nn.Module):
         # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
         # shape). The reference codec gives the same bits in both cases, without either problem.
-        on_cpu = self.weight.is_cpu  # a bool, no torch.device built (see autocast_dtype)
+        on_cpu = self.weight.is_cpu  # a bool, no torch.device built (see adapter._device_type)
         blocksize = cast(int, self.blocksize)  # None only for int8, handled above
         if modules is None or (on_cpu and (self.in_features % blocksize or blocksize >= 2048)):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
