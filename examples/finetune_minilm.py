@@ -4,8 +4,9 @@ The task is sentiment with negation: "the soup was great" is positive, "the soup
 negative. A trained linear head over the frozen encoder does poorly on it (0.698 held-out
 accuracy here): as far as its mean-pooled sentence vector carries the word's polarity and the
 presence of a negation side by side, the label is their exclusive or, which no linear head
-separates. Adapters in the encoder can learn the composition. The test sentences use adjectives and subjects that training never saw, so the
-accuracy measures what the adapters learned, not what they memorised.
+separates. Adapters in the encoder can learn the composition. The test sentences use
+adjectives and subjects that training never saw, so the accuracy measures what the adapters
+learned, not what they memorised.
 
 For each method the script injects adapters into every attention and feed-forward Linear of the
 six layers, trains the adapters and the classifier head (``modules_to_save``) for a few hundred
