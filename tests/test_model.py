@@ -1108,5 +1108,27 @@ def test_all_linear_leaves_out_modules_to_save_and_existing_adapters() -> None:
     pl.inject_adapters(model, "all-linear", rank=2, modules_to_save=["2"])
     assert _adapted_names(model) == {"0", "1.0", "1.1"}  # "0" from before, not wrapped twice
     assert isinstance(model[2], pl.ModuleToSave)
+
+
+class _WithOutputLayer(nn.Module):
+    """Not a transformers model, though it has their method: Hugging Face PEFT adapts its output
+    layer, and so do we; a MultiheadAttention's out_proj is left out (never called)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.hidden, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def get_output_embeddings(self) -> nn.Module:
+        raise NotImplementedError  # only transformers models are asked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(self.attn(x, x, x)[0]))
+
+
+def test_all_linear_asks_only_transformers_models_for_their_output_layer() -> None:
+    model = pl.inject_adapters(_WithOutputLayer(), "all-linear", rank=2)
+    assert _adapted_names(model) == {"hidden", "out"}
+    assert model(torch.randn(3, 1, 8)).shape == (3, 1, 4)
     with pytest.raises(ValueError, match=r"targets: 'all-linear' matches no module of Sequential"):
         pl.inject_adapters(nn.Sequential(nn.ReLU()), "all-linear")

@@ -224,16 +224,17 @@ def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
 
 class _AllLinear:
     """The targets ``"all-linear"`` stands for: every layer that ``method`` can wrap, except
-    the model's output layers, which Hugging Face PEFT also leaves out (the layer that
-    ``model.get_output_embeddings()`` gives, as a language model's ``lm_head``, and a top-level
-    ``score`` or ``classifier`` head), the modules to save and what lies inside them or inside
-    an adapter layer."""
+    the output layers that Hugging Face PEFT also leaves out (a transformers model's
+    ``get_output_embeddings()``, as a language model's ``lm_head``) and a top-level ``score``
+    or ``classifier`` head, the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
+    (which the attention never calls), and what lies inside these or inside an adapter layer."""
 
     def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None) -> None:
         self.model, self.method = model, method
-        output_layers = getattr(model, "get_output_embeddings", None)
-        left_out = [output_layers() if callable(output_layers) else None]
-        left_out += [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
+        left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
+        if _is_transformers_model(model):  # Hugging Face PEFT asks only these for their output layer
+            left_out.append(cast(Any, model).get_output_embeddings())
+        left_out += [m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
         left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
         self.left_out = {id(sub) for module in left_out if isinstance(module, nn.Module) for sub in module.modules()}
@@ -246,6 +247,15 @@ class _AllLinear:
 
     def __repr__(self) -> str:
         return repr(ALL_LINEAR)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (found by name: transformers is
+    not imported for it)."""
+    return any(
+        klass.__name__ == "PreTrainedModel" and klass.__module__.startswith("transformers.")
+        for klass in type(model).__mro__
+    )
 
 
 def _inside_adapter(model: nn.Module, name: str) -> bool:
@@ -409,8 +419,9 @@ def inject_adapters(
             ``"layers.0.attn.q_proj"``, not ``"layers.0.attn.xq_proj"``), a list of them (each
             must match something), a compiled regex (full match on the dotted name), a
             callable ``(name, module) -> bool``, or ``"all-linear"``: every layer the method can
-            wrap but the output ones (``get_output_embeddings()``, a top-level ``score`` or
-            ``classifier``) and the modules to save, as Hugging Face PEFT's shorthand.
+            wrap but the output ones (a transformers model's ``get_output_embeddings()``, a
+            top-level ``score`` or ``classifier``), the modules to save and the ``out_proj`` of
+            ``nn.MultiheadAttention``, as Hugging Face PEFT's shorthand.
         method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``. The last two
             also take bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers.
         bias: ``"none"`` (no bias trains), ``"all"`` (every bias of the model trains) or
