@@ -157,9 +157,21 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_conv1d_class(cls: object) -> TypeGuard[type]:
     """Whether ``cls`` is transformers' ``Conv1D`` class or a subclass of it."""
+    return is_transformers_subclass(cls, "Conv1D")
+
+
+def is_transformers_subclass(cls: object, name: str) -> TypeGuard[type]:
+    """Whether ``cls`` is transformers' class ``name`` or a subclass of it, found by the names in
+    its MRO, so that transformers need not be imported (nor installed)."""
     return isinstance(cls, type) and any(
-        klass.__name__ == "Conv1D" and klass.__module__.startswith("transformers.") for klass in cls.__mro__
+        klass.__name__ == name and klass.__module__.startswith("transformers.") for klass in cls.__mro__
     )
+
+
+def holds_non_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds NaN or inf (one device sync); never for a meta tensor, which
+    holds no values to check."""
+    return not tensor.is_meta and not bool(torch.isfinite(tensor).all())
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:
@@ -336,8 +348,7 @@ class AdapterMixin:
     def _non_finite_adapter_parameters(self) -> list[str]:
         """The names of the adapter tensors that hold NaN or inf (one device sync each; tensors on
         the meta device hold no values to check)."""
-        tensors = {name: getattr(self, name) for name in self.adapter_parameter_names}
-        return [name for name, tensor in tensors.items() if not tensor.is_meta and not bool(tensor.isfinite().all())]
+        return [name for name in self.adapter_parameter_names if holds_non_finite(getattr(self, name))]
 
     def _check_unmergeable(self) -> None:
         """Raise ``ValueError`` if this merged layer cannot give its ``W0`` back (the model tools

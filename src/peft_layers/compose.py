@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._warnings import warn as _warn
+from .adapter import holds_non_finite
 from .dora import DoRALinear
 from .io import read_adapter
 from .lora import LoRALinear
@@ -143,7 +144,7 @@ def _combine_checked(
     for label, (lora_A, lora_B, _) in zip(labels, factors):
         # NaN or inf would come out as a NaN result ("cat", "linear") or a LinAlgError ("svd")
         for factor, tensor in (("A", lora_A), ("B", lora_B)):
-            if not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            if holds_non_finite(tensor):
                 raise ValueError(f"{where}: {label} has NaN or inf in its factor {factor}; expected finite values")
     dtype = factors[0][0].dtype
     for lora_A, lora_B, _ in factors:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._warnings import warn as _warn
-from .adapter import is_conv1d, is_conv1d_class
+from .adapter import is_conv1d, is_conv1d_class, is_transformers_subclass
 from .dora import DoRALinear
 from .lora import LoRALinear, LoRAPlusLinear, _argument_hint, _layer_arguments, is_bitsandbytes_module
 from .modules_to_save import ModuleToSave
@@ -232,7 +232,7 @@ class _AllLinear:
     def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None) -> None:
         self.model, self.method = model, method
         left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
-        if _is_transformers_model(model):  # Hugging Face PEFT asks only these for their output layer
+        if is_transformers_subclass(type(model), "PreTrainedModel"):  # as Hugging Face PEFT: only these
             left_out.append(cast(Any, model).get_output_embeddings())
         left_out += [m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
@@ -247,15 +247,6 @@ class _AllLinear:
 
     def __repr__(self) -> str:
         return repr(ALL_LINEAR)
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers ``PreTrainedModel`` (found by name: transformers is
-    not imported for it)."""
-    return any(
-        klass.__name__ == "PreTrainedModel" and klass.__module__.startswith("transformers.")
-        for klass in type(model).__mro__
-    )
 
 
 def _inside_adapter(model: nn.Module, name: str) -> bool:
