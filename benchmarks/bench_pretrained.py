@@ -15,6 +15,7 @@ SGD step on what trains; ``forward``: no-grad, eval. Timed interleaved (``time_o
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -38,10 +39,11 @@ RANK, ALPHA = 8, 16.0
 ROUNDS = {"train": 60, "forward": 100}
 
 
+@functools.lru_cache(maxsize=1)  # one import of the example serves every fixture and test
 def _example():
     spec = importlib.util.spec_from_file_location("finetune_minilm", _EXAMPLE)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("finetune_minilm", module)
+    sys.modules["finetune_minilm"] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -151,8 +153,8 @@ def test_paired_4bit(benchmark, setup) -> None:
     kind of load. Train step only: in eval mode bitsandbytes' CPU 4-bit forward takes a faster,
     inexact bf16 path that our layers do not use (docs/benchmarks.md, Observations)."""
     _, batch, factors = setup
-    fresh = _load_4bit(_example())
-    targets = _example().TARGETS
+    example = _example()
+    fresh, targets = _load_4bit(example), example.TARGETS
     models = {
         "qlora": pl.inject_adapters(fresh(), targets, method="qlora", rank=RANK, alpha=ALPHA, modules_to_save=["head"]),
         "hf_qlora": peft.get_peft_model(fresh(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
