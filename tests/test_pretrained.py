@@ -33,7 +33,7 @@ _spec.loader.exec_module(example)
 
 SENTENCES = ["the soup was not great", "honestly, the concert was wonderful", "i did not think the flight was bad",
              "a much longer sentence, padded less than the others, about a museum that was never dull at all"]
-TARGET_SUFFIXES = ("query", "key", "value", "dense")
+TARGET_SUFFIXES = tuple(example.TARGETS)  # query, key, value, and the three dense layers of each block
 
 
 @pytest.fixture(scope="module")
