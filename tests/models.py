@@ -81,16 +81,20 @@ def tokens(seed: int = 1, batch: int = 2, length: int = 8, vocab: int = 50) -> T
 
 
 # ---- bitsandbytes layers, as transformers' 4-bit / 8-bit loading builds them ----------------------
-def bnb_linear4bit(linear: nn.Linear, quant_type: str = "nf4") -> nn.Module:
+def bnb_linear4bit(linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` with ``linear``'s weight and bias, quantized (on the CPU).
-    Quantizing is deterministic: two calls on one ``linear`` give the same bits."""
+    Quantizing is deterministic: two calls on one ``linear`` give the same bits. Keep
+    ``in_features`` a multiple of ``blocksize`` where bitsandbytes' own forward is compared: its
+    CPU kernel misreads blocks that span rows (docs/quantization.md)."""
     import bitsandbytes as bnb
 
     module = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
         compute_dtype=torch.float32, quant_type=quant_type,
     )
-    module.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type)
+    module.weight = bnb.nn.Params4bit(
+        linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type, blocksize=blocksize
+    )
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return module.to("cpu")  # quantizes

@@ -1309,6 +1309,107 @@ def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def partly_quantized_net() -> Net:
+    """``base_net()`` with ``block.fc`` a bitsandbytes NF4 layer and the others float, as
+    transformers loads a model in 4 bits that keeps some layers unquantized (T5's ``wo``). Blocks
+    of 32, its in_features: bitsandbytes' CPU kernel misreads blocks that span rows."""
+    from models import bnb_linear4bit
+
+    net = base_net()
+    net.block.fc = bnb_linear4bit(net.block.fc, blocksize=32)
+    return net
+
+
+def test_quantized_and_float_layers_save_as_one_adapter(tmp_path: Path) -> None:
+    model = inject_adapters(base_net(), ["fc", "block.fc"], method="qdora", rank=4, alpha=8.0, quant="fp4")
+    inject_adapters(model, ["block.out"], method="dora", rank=2, alpha=8.0)
+    randomize(model).eval()
+    save_adapter(model, tmp_path)
+    quant = {"scheme": "fp4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32"}
+    assert our_field(tmp_path) == {"version": 2, "method": "qdora", "quant": quant, "float_modules": ["block.out"]}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["use_dora"], config["r"], config["rank_pattern"]) == (True, 4, {"^block\\.out": 2})
+    # into a float model: the quantized layers are quantized as recorded, block.out stays float
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    assert [(n, method_of(l)) for n, l in iter_adapter_layers(loaded)] == [
+        ("fc", "qdora"), ("block.fc", "qdora"), ("block.out", "dora"),
+    ]
+    assert [l.rank for _, l in iter_adapter_layers(loaded)] == [4, 4, 2]
+    x = inputs()
+    assert torch.equal(loaded(x), model(x))
+    # a caller's quantization applies to the quantized layers only; a named method to all
+    fp4 = load_adapter(base_net(), tmp_path, quant="nf4", blocksize=32)
+    assert [(l.base_layer.scheme, l.base_layer.blocksize) for _, l in list(iter_adapter_layers(fp4))[:2]] == [
+        ("nf4", 32), ("nf4", 32),
+    ]
+    assert method_of(dict(iter_adapter_layers(fp4))["block.out"]) == "dora"
+    assert {method_of(l) for _, l in iter_adapter_layers(load_adapter(base_net(), tmp_path, method="dora"))} == {"dora"}
+    # the file still refuses what it cannot hold: two quantizations, LoRA beside QDoRA
+    two = inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=4, quant="fp4")
+    inject_adapters(two, ["block.fc"], method="qlora", rank=4, quant="nf4")
+    with pytest.raises(ValueError, match="one quantization for all layers, but the model mixes"):
+        save_adapter(two, tmp_path / "two")
+    unlike = inject_adapters(base_net(), re.compile("fc"), method="qdora", rank=4)
+    inject_adapters(unlike, ["block.fc"], method="lora", rank=4)
+    with pytest.raises(ValueError, match="one method for all layers, but the model mixes"):
+        save_adapter(unlike, tmp_path / "unlike")
+
+
+def test_a_plain_file_over_a_partly_quantized_model(tmp_path: Path) -> None:
+    """A Hugging Face file says nothing of quantization: over a model loaded in 4 bits with some
+    layers kept float, its quantized layers get QLoRA and the float ones LoRA, as Hugging Face
+    PEFT's per-layer dispatch does."""
+    pytest.importorskip("bitsandbytes")
+    save_adapter(adapted("lora"), tmp_path)
+    assert our_field(tmp_path) is None
+    loaded = load_adapter(partly_quantized_net(), tmp_path)
+    assert [(n, method_of(l)) for n, l in iter_adapter_layers(loaded)] == [
+        ("fc", "lora"), ("block.fc", "qlora"), ("block.out", "lora"),
+    ]
+    # the same layers built by hand and filled from the file (no injection in the load)
+    by_hand = inject_adapters(partly_quantized_net(), ["block.fc"], method="qlora", rank=4, alpha=8.0)
+    inject_adapters(by_hand, re.compile("fc"), method="lora", rank=4, alpha=8.0)
+    inject_adapters(by_hand, ["block.out"], method="lora", rank=2, alpha=8.0)
+    load_adapter(by_hand, tmp_path)
+    x = inputs()
+    assert torch.equal(loaded(x), by_hand(x))
+    # the LoRA layers are injected first; the QLoRA layer, which takes no dtype, fails after
+    # them, and the load undoes them
+    model = partly_quantized_net()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="method 'qlora' takes no argument 'dtype'"):
+        load_adapter(model, tmp_path, dtype=torch.float64)
+    assert_unchanged(model, before)
+    # saved again, the file is ours with the float layers listed, and loads back the same way
+    save_adapter(loaded, tmp_path / "again")
+    assert our_field(tmp_path / "again")["float_modules"] == ["fc", "block.out"]
+    again = load_adapter(partly_quantized_net(), tmp_path / "again")
+    assert torch.equal(again(x), loaded(x))
+    if HAS_PEFT:  # Hugging Face PEFT puts the same file on the same model (bitsandbytes' train-mode path)
+        import peft
+
+        theirs = peft.PeftModel.from_pretrained(partly_quantized_net(), tmp_path / "again").train()
+        torch.testing.assert_close(theirs(x), loaded.train()(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["block.nope"], r"float_modules names \['block.nope'\], which have no adapter in the file"),
+        ("block.out", "float_modules must be a list of module names"),
+    ],
+)
+def test_float_modules_field_is_checked(value, message: str, tmp_path: Path) -> None:
+    save_adapter(adapted("qlora"), tmp_path)
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({**json.loads(m["peft_layers"]), "float_modules": value})))
+    with pytest.raises(ValueError, match=message):
+        read_adapter(tmp_path)
+    save_adapter(adapted("lora_plus"), tmp_path / "plus")
+    edit_metadata(tmp_path / "plus", lambda m: m.update(peft_layers=json.dumps({**json.loads(m["peft_layers"]), "float_modules": ["fc"]})))
+    with pytest.raises(ValueError, match="float_modules is set, but method 'lora_plus' is not quantized"):
+        read_adapter(tmp_path / "plus")
+
+
 def test_our_field_for_methods_hf_cannot_name(tmp_path: Path) -> None:
     save_adapter(adapted("lora_plus", lr_ratio=4.0), tmp_path)
     assert our_field(tmp_path) == {"version": 1, "method": "lora_plus", "lr_ratio": 4.0}

@@ -174,3 +174,50 @@ def test_a_file_with_a_rank_above_a_layers_features_loads_both_ways(use_dora: bo
         torch.testing.assert_close(back(x), theirs(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
         pl.inject_adapters(copy.deepcopy(base), ["2"], rank=8)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora: bool, tmp_path) -> None:
+    """transformers loads T5 in 4 bits but keeps ``wo`` float (``_keep_in_fp32_modules``), and
+    Hugging Face PEFT gives ``q`` a QLoRA layer and ``wo`` a float one. Its file loads here the
+    same way (QLoRA on the 4-bit layers, LoRA on ``wo``), computes what PeftModel computes, and
+    saves back as one file that PeftModel reads and our loader rebuilds."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1,
+                                   num_decoder_layers=1, num_heads=4, dropout_rate=0.0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def t5() -> nn.Module:  # train mode: bitsandbytes' CPU eval forward takes another path
+        return transformers.T5ForConditionalGeneration.from_pretrained(
+            tmp_path / "base", quantization_config=quantization
+        ).train()
+
+    adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "wo"], use_dora=use_dora,
+                              init_lora_weights=False)
+    theirs = peft.get_peft_model(t5(), adapter).train()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = pl.load_adapter(t5(), tmp_path / "theirs")
+    quantized, plain = (pl.QDoRALinear, pl.DoRALinear) if use_dora else (pl.QLoRALinear, pl.LoRALinear)
+    kinds = {name.rpartition(".")[2]: type(layer) for name, layer in pl.model.iter_adapter_layers(ours)}
+    assert kinds == {"q": quantized, "wo": plain}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+
+    expected = logits(theirs)
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+    pl.save_adapter(ours, tmp_path / "ours")
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(t5(), tmp_path / "ours").train()), expected,
+                               rtol=1e-5, atol=1e-5)
+    again = pl.load_adapter(t5(), tmp_path / "ours")
+    assert {name: type(layer) for name, layer in pl.model.iter_adapter_layers(again)} == {
+        name: type(layer) for name, layer in pl.model.iter_adapter_layers(ours)
+    }
+    # not bit for bit: a QDoRA layer's first no-grad forward stacks A's rows with x in one base
+    # call, later ones reuse the cached norm, and the GEMM of another shape rounds differently
+    torch.testing.assert_close(logits(again), logits(ours), rtol=1e-6, atol=1e-6)

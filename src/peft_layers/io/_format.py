@@ -26,8 +26,10 @@ DEFAULT_ADAPTER = "default"
 KEY_PREFIX = "base_model.model."
 #: the safetensors metadata key of our field (a JSON object, as metadata values are strings)
 METADATA_KEY = "peft_layers"
-#: version of our ``"peft_layers"`` field
-FORMAT_VERSION = 1
+#: the newest version of our ``"peft_layers"`` field this library reads. A file says the lowest
+#: version that describes it: 2 adds ``float_modules``, so every other file stays readable by
+#: peft_layers releases that know version 1 only
+FORMAT_VERSION = 2
 
 _DORA_EPSILON = 1e-8
 _LORA_PLUS_RATIO = 16.0
@@ -94,6 +96,9 @@ class AdapterFile:
         use_rslora, dropout, bias_mode (ours: "none", "all", "adapter_only"), init ("kaiming" for
         any start that leaves the base alone, or "pissa"), layer_kwargs (method-specific keyword
         arguments for the layer classes: ``epsilon``, ``lr_ratio``, ``quant``, ...).
+        float_modules: paths of ``modules`` that a QLoRA/QDoRA file keeps on a float base (plain
+            LoRA/DoRA there), as the layers a model keeps unquantized (T5's ``wo``); empty for
+            other files.
     """
 
     directory: Path
@@ -108,6 +113,7 @@ class AdapterFile:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     alias_biases: dict[str, Tensor] = field(default_factory=dict)
+    float_modules: tuple[str, ...] = ()
 
     @property
     def is_dora(self) -> bool:
@@ -684,6 +690,22 @@ def _parse(
         alias_biases=alias_biases,
         use_rslora=use_rslora, dropout=float(dropout), bias_mode=_BIAS_FROM_HF[bias], init=init,
         layer_kwargs=layer_kwargs, saved_modules=saved_modules,
+        float_modules=_parse_float_modules(ours, method, modules, ours_path),
     )
+
+
+def _parse_float_modules(ours: Any, method: str, modules: Mapping[str, Any], path: Path) -> tuple[str, ...]:
+    """Our field's ``float_modules``: adapter modules of a QLoRA/QDoRA file on a float base."""
+    names = ours.get("float_modules") if isinstance(ours, dict) else None
+    if names is None:
+        return ()
+    if method not in ("qlora", "qdora"):
+        raise ValueError(f"{path}: peft_layers.float_modules is set, but method {method!r} is not quantized")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: peft_layers.float_modules must be a list of module names, got {names!r}")
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(f"{path}: peft_layers.float_modules names {unknown}, which have no adapter in the file")
+    return tuple(names)
 
 

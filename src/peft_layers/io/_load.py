@@ -299,24 +299,24 @@ _FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_
 _QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
 
 
-def _inject_kwargs(adapter: AdapterFile, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """``inject_adapters`` keyword arguments that rebuild the file's layers (ranks, alphas, ...).
+def _inject_kwargs(
+    adapter: AdapterFile, method: str, overrides: dict[str, Any], paths: list[str]
+) -> dict[str, Any]:
+    """``inject_adapters`` keyword arguments that rebuild the file's layers at ``paths`` (ranks,
+    alphas, ...) with ``method``.
 
-    Each rank or alpha that differs from the most common one is keyed by the file's path of its
-    module, anchored; ``inject_adapters`` tries every name of a shared module, so the path in the
-    file need not be the module's first name."""
+    Each rank or alpha that differs from the file's most common one is keyed by the file's path of
+    its module, anchored; ``inject_adapters`` tries every name of a shared module, so the path in
+    the file need not be the module's first name."""
     ranks = [m.rank for m in adapter.modules.values()]
     alphas = [m.alpha for m in adapter.modules.values()]
     r, alpha = _most_common(ranks), _most_common(alphas)
+    group = [adapter.modules[p] for p in paths]
     kwargs: dict[str, Any] = {
         "rank": r,
         "alpha": alpha,
-        "rank_pattern": {
-            _anchored(p): m.rank for p, m in adapter.modules.items() if m.rank != r
-        },
-        "alpha_pattern": {
-            _anchored(p): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha
-        },
+        "rank_pattern": {_anchored(m.path): m.rank for m in group if m.rank != r},
+        "alpha_pattern": {_anchored(m.path): m.alpha for m in group if m.alpha != alpha},
         "use_rslora": adapter.use_rslora,
         "init": adapter.init,
         "dropout": adapter.dropout,
@@ -331,6 +331,21 @@ def _inject_kwargs(adapter: AdapterFile, method: str, overrides: dict[str, Any])
             kwargs[key] = value
     kwargs.update(overrides)
     return kwargs
+
+
+def _methods_by_path(adapter: AdapterFile, method: str, named: bool, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """The method that wraps each module of the file: the caller's ``method`` when ``named``;
+    else the file's, but a file that says nothing of quantization (Hugging Face PEFT's: the base
+    model's loading decides it) gets QLoRA/QDoRA on the layers that are quantized (bitsandbytes or
+    ``QuantizedLinear``), and a QLoRA/QDoRA file keeps its ``float_modules`` float."""
+    if named or method not in ("lora", "dora", "qlora", "qdora"):
+        return dict.fromkeys(adapter.modules, method)
+    if method in ("lora", "dora"):
+        return {
+            p: "q" + method if _is_quantized(modules.get(p) if p else None) else method for p in adapter.modules
+        }
+    floats = set(adapter.float_modules)
+    return {p: method[1:] if p in floats else method for p in adapter.modules}
 
 
 def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
@@ -354,12 +369,9 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
 
     # check the planned layers against the model's modules before touching anything
     modules = dict(model.named_modules(remove_duplicate=False))
-    quantized = [p for p in adapter.modules if _is_quantized(modules.get(p) if p else None)]
-    if "method" not in inject_kwargs and method in ("lora", "dora") and quantized == list(adapter.modules):
-        # a Hugging Face file says nothing of quantization: over a model loaded in 4/8 bits (its
-        # targets are bitsandbytes or QuantizedLinear layers) its adapter is QLoRA/QDoRA
-        method = "q" + method
+    methods = _methods_by_path(adapter, method, "method" in inject_kwargs, modules)
     for path, module in adapter.modules.items():
+        method = methods[path]  # this module's
         target = modules.get(path) if path else None
         if target is None:
             raise ValueError(
@@ -415,16 +427,27 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         _check_module_to_save(where, model, path, modules.get(path), [modules[p] for p in adapter.modules])
         _check_saved_state(where, modules[path], state)
         _refuse_meta(where, list(modules[path].state_dict().values()))
-    kwargs = _inject_kwargs(adapter, method, overrides)
-    paths, saved_paths = set(adapter.modules), set(adapter.saved_modules)
-    if saved_paths:
-        kwargs["modules_to_save"] = lambda name, module: name in saved_paths
-    touched = [modules[p] for p in [*paths, *saved_paths]]
+    groups: dict[str, list[str]] = {}  # method -> its paths, in file order
+    for path, method in methods.items():
+        groups.setdefault(method, []).append(path)
+    mixed = len(groups) > 1
+    saved_paths = set(adapter.saved_modules)
+    touched = [modules[p] for p in [*adapter.modules, *saved_paths]]
     # injecting freezes the targets (PiSSA rewrites their weights); a failure undoes it all
     with _undo_on_error(model, touched, values=adapter.init == "pissa"):
-        # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
-        with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
-            inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
+        for method, group in groups.items():
+            # the float layers of a quantized model (T5's wo) take no quantization arguments
+            layer_overrides = {
+                k: v for k, v in overrides.items()
+                if not (mixed and k in _QUANT_KWARGS and method not in ("qlora", "qdora"))
+            }
+            kwargs = _inject_kwargs(adapter, method, layer_overrides, group)
+            if saved_paths and method == next(iter(groups)):
+                kwargs["modules_to_save"] = lambda name, module: name in saved_paths
+            paths = set(group)
+            # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
+            with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
+                inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
         _apply(_plan_fill(model, adapter), adapter)
 
 

@@ -8,7 +8,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from ..model import (
 from ..qlora import QLoRALinear
 from ._format import (
     CONFIG_NAME,
-    FORMAT_VERSION,
     KEY_PREFIX,
     METADATA_KEY,
     WEIGHTS_NAME,
@@ -61,6 +60,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: the float method of each quantized one
+_FLOAT_METHOD = {"qlora": "lora", "qdora": "dora"}
+
+
 def _quant_info(layer: QLoRALinear) -> dict[str, Any]:
     """The quantization of a quantized layer's base (always a ``QuantizedLinear``: bitsandbytes
     layers are wrapped into one): ``scheme``, ``blocksize``, ``double_quant``, ``compute_dtype``."""
@@ -73,7 +76,7 @@ def _quant_info(layer: QLoRALinear) -> dict[str, Any]:
     }
 
 
-def _uniform(layers: list[tuple[str, LoRALinear]], what: str, value_of) -> Any:
+def _uniform(layers: Sequence[tuple[str, LoRALinear]], what: str, value_of) -> Any:
     values = {name: value_of(layer) for name, layer in layers}
     distinct = list(dict.fromkeys(map(repr, values.values())))
     if len(distinct) > 1:
@@ -175,7 +178,11 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     layers = _adapter_layers_or_raise(model, "save_adapter()")  # checks that model is a module
     if any(name == "" for name, _ in layers):
         raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
-    method = _uniform(layers, "method", method_of)
+    # a quantized method and its float one are one adapter (Hugging Face PEFT's files say nothing
+    # of the base); the layers a model keeps unquantized (T5's wo) are listed in our field
+    family = _uniform(layers, "method", lambda layer: _FLOAT_METHOD.get(method_of(layer), method_of(layer)))
+    quantized = [(name, layer) for name, layer in layers if isinstance(layer, QLoRALinear)]
+    method = "q" + family if quantized else family
     use_rslora = _uniform(layers, "use_rslora", lambda layer: layer.use_rslora)
     pissa = _uniform(layers, "init (pissa or not)", lambda layer: layer.init == "pissa")
     ours: dict[str, Any] = {}
@@ -185,8 +192,10 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             ours["epsilon"] = epsilon
     if method == "lora_plus":
         ours["lr_ratio"] = _uniform(layers, "LoRA+ lr_ratio", lambda layer: layer.lr_ratio)
-    if method in ("qlora", "qdora"):
-        ours["quant"] = _uniform(layers, "quantization", _quant_info)
+    if quantized:
+        ours["quant"] = _uniform(quantized, "quantization", _quant_info)
+        if len(quantized) < len(layers):
+            ours["float_modules"] = [name for name, layer in layers if not isinstance(layer, QLoRALinear)]
 
     ranks = [layer.rank for _, layer in layers]
     alphas = [layer.alpha for _, layer in layers]
@@ -257,7 +266,8 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     }
     if method in ("lora", "dora") and not ours:
         return tensors, config, None
-    return tensors, config, {"version": FORMAT_VERSION, "method": method, **ours}
+    version = 2 if "float_modules" in ours else 1  # the lowest that describes the file
+    return tensors, config, {"version": version, "method": method, **ours}
 
 
 #: the modules inside a Hugging Face PEFT LoRA layer (0.21, adapter "default"), and a DoRA layer's
@@ -368,8 +378,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     The save is atomic: both files are written to temporary files in the folder and fsynced, then
     renamed over the old ones (a failed second rename undoes the first). On any error, the files
     that were in the folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
-    layers, or if its layers mix what one file cannot hold (methods, use_rslora, quantization,
-    DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA).
+    layers, or if its layers mix what one file cannot hold (methods, use_rslora, two
+    quantizations, DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA). QLoRA layers beside LoRA
+    layers on float bases (QDoRA beside DoRA) are one adapter, as a model loaded in 4 bits that
+    keeps some layers unquantized (T5's ``wo``) has them: our field lists the float ones.
     """
     model = unwrapped(model)  # the files name the model's own modules, not _orig_mod. / module.
     folder = adapter_directory(directory, adapter_name)
