@@ -908,6 +908,34 @@ def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
         model(ids, decoder_input_ids=ids[:, :3])  # runs: wo is a float LoRA layer
 
 
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_all_linear_gives_a_layer_kept_in_float32_the_float_method(method: str, tmp_path) -> None:
+    """``"all-linear"`` names no layer: as Hugging Face PEFT, it gives T5's ``wo`` (kept
+    unquantized) a LoRA/DoRA layer and quantizes the others; the mix saves as one adapter."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(config).eval()
+    model = pl.inject_adapters(copy.deepcopy(base), "all-linear", method=method, rank=2, quant="fp4", blocksize=32)
+    layers = dict(pl.model.iter_adapter_layers(model))
+    floats = sorted(name for name, layer in layers.items() if not isinstance(layer, pl.QLoRALinear))
+    assert floats == ["decoder.block.0.layer.2.DenseReluDense.wo", "encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert all(method_of(layers[name]) == method[1:] for name in floats)
+    assert {layer.base_layer.scheme for layer in layers.values() if isinstance(layer, pl.QLoRALinear)} == {"fp4"}
+    # encoder: q, k, v, o and wi, wo; decoder: those and the cross-attention q, k, v, o
+    assert "lm_head" not in layers and len(layers) == 6 + 10
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B)
+    pl.save_adapter(model, tmp_path)
+    loaded = pl.load_adapter(copy.deepcopy(base), tmp_path)
+    assert {n: type(l) for n, l in pl.model.iter_adapter_layers(loaded)} == {n: type(l) for n, l in layers.items()}
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, decoder_input_ids=ids[:, :3]).logits,
+                                   model(ids, decoder_input_ids=ids[:, :3]).logits, rtol=1e-6, atol=1e-6)
+
+
 class _TwoLinears(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -221,3 +221,12 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
     # not bit for bit: a QDoRA layer's first no-grad forward stacks A's rows with x in one base
     # call, later ones reuse the cached norm, and the GEMM of another shape rounds differently
     torch.testing.assert_close(logits(again), logits(ours), rtol=1e-6, atol=1e-6)
+    if not use_dora:  # "all-linear" picks the same layers, quantized or float, as Hugging Face PEFT
+        ours_all = pl.inject_adapters(t5(), "all-linear", method="qlora", rank=4)
+        theirs_all = peft.get_peft_model(t5(), peft.LoraConfig(r=4, target_modules="all-linear"))
+        kinds = {n: isinstance(l, pl.QLoRALinear) for n, l in pl.model.iter_adapter_layers(ours_all)}
+        theirs_kinds = {
+            n.removeprefix("base_model.model."): "bnb" in type(m).__module__
+            for n, m in theirs_all.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+        }
+        assert kinds == theirs_kinds and any(kinds.values()) and not all(kinds.values())

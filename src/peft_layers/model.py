@@ -227,7 +227,10 @@ class _AllLinear:
     the output layers that Hugging Face PEFT also leaves out (a transformers model's
     ``get_output_embeddings()``, as a language model's ``lm_head``) and a top-level ``score``
     or ``classifier`` head, the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
-    (which the attention never calls), and what lies inside these or inside an adapter layer."""
+    (which the attention never calls), and what lies inside these or inside an adapter layer.
+    With ``"qlora"``/``"qdora"``, a float layer the model keeps unquantized (transformers'
+    ``_keep_in_fp32_modules``, T5's ``wo``) gets ``"lora"``/``"dora"``, as Hugging Face PEFT
+    gives it its float LoRA layer."""
 
     def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None) -> None:
         self.model, self.method = model, method
@@ -456,6 +459,7 @@ def inject_adapters(
     linear_names = [n for n, m in modules.items() if _accepts(m, method) and not _inside_adapter(model, n)]
 
     chosen: dict[int, None] = {}  # ids of the modules to wrap, in order of first match
+    kept_float: set[int] = set()  # ids of those that get the float method (see _AllLinear)
     for part in target_parts:
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
@@ -500,7 +504,10 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            _check_called(model, modules, name, method)
+            if isinstance(targets, _AllLinear) and method in ("qlora", "qdora") and _kept_in_fp32(model, modules, name):
+                kept_float.add(id(module))  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
+            else:
+                _check_called(model, modules, name, method)
             chosen[id(module)] = None
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
@@ -548,7 +555,11 @@ def inject_adapters(
             pattern = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
             if pattern is not None:
                 kwargs["alpha"] = alpha_pattern[pattern]
-            replacements.append((names, _build_layer(cls, first, modules[first], kwargs)))
+            layer_cls = cls
+            if module_id in kept_float:
+                layer_cls = method_class(method[1:])
+                kwargs = {k: v for k, v in kwargs.items() if k in _layer_arguments(layer_cls)}  # type: ignore[arg-type]
+            replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
         copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
         for names, new in [*replacements, *copies]:
             for name in names:
@@ -680,17 +691,24 @@ def _check_called(model: nn.Module, modules: dict[str, nn.Module], name: str, me
             f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
             "directly and never calls it: an adapter there would do nothing; exclude it"
         )
-    if method in ("qlora", "qdora") and type(modules[name]) is nn.Linear:
-        kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-        kept |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-        hits = sorted(k for k in kept if isinstance(k, str) and _suffix_matches(k, name))
-        if hits:
-            raise TypeError(
-                f"targets: {name!r} is kept unquantized by {type(model).__name__}._keep_in_fp32_modules "
-                f"({hits}): the model casts activations to its weight's dtype, which a quantized "
-                f"weight does not have, so method {method!r} cannot quantize it; exclude it, or give "
-                "it method 'lora'/'dora' in a call of its own"
-            )
+    hits = _kept_in_fp32(model, modules, name) if method in ("qlora", "qdora") else []
+    if hits:
+        raise TypeError(
+            f"targets: {name!r} is kept unquantized by {type(model).__name__}._keep_in_fp32_modules "
+            f"({hits}): the model casts activations to its weight's dtype, which a quantized "
+            f"weight does not have, so method {method!r} cannot quantize it; exclude it, or give "
+            f"it method {method[1:]!r} in a call of its own ('all-linear' does that by itself)"
+        )
+
+
+def _kept_in_fp32(model: nn.Module, modules: dict[str, nn.Module], name: str) -> list[str]:
+    """The entries of transformers' ``_keep_in_fp32_modules`` (and ``_strict``) that keep the
+    float linear layer ``name`` unquantized; empty for any other module."""
+    if type(modules[name]) is not nn.Linear:
+        return []
+    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    kept |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return sorted(k for k in kept if isinstance(k, str) and _suffix_matches(k, name))
 
 
 def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: dict[str, Any]) -> LoRALinear:
