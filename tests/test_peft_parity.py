@@ -230,3 +230,23 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
             for n, m in theirs_all.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
         }
         assert kinds == theirs_kinds and any(kinds.values()) and not all(kinds.values())
+
+
+def test_all_linear_gives_a_narrow_layer_the_rank_as_hugging_face_peft() -> None:
+    """Under ``"all-linear"`` a layer narrower than the rank takes it (Hugging Face PEFT does);
+    the two libraries then compute the same function. Named, or with PiSSA, the bound holds."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 2))
+    ours = pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=8, alpha=16.0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert [(n, l.rank) for n, l in pl.model.iter_adapter_layers(ours)] == [("0", 8), ("2", 8)]
+    with torch.no_grad():
+        for name, layer in pl.model.iter_adapter_layers(ours):
+            layer.lora_B.normal_()
+            hf = theirs.base_model.model.get_submodule(name)
+            hf.lora_A["default"].weight.copy_(layer.lora_A)
+            hf.lora_B["default"].weight.copy_(layer.lora_B)
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
+        pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=8, init="pissa")

@@ -54,9 +54,10 @@ _ranks_above_features_allowed: contextvars.ContextVar[bool] = contextvars.Contex
 @contextmanager
 def ranks_above_features_allowed() -> Iterator[None]:
     """Within the block, layers take ranks above ``min(in_features, out_features)``: for loading
-    adapter files only. Hugging Face PEFT builds and saves such ranks (a small head under
-    ``target_modules="all-linear"``), and they still compute a LoRA update (of rank at most that
-    minimum); a layer built directly keeps the bound DESIGN.md sets."""
+    adapter files and for ``targets="all-linear"`` only. Hugging Face PEFT builds and saves such
+    ranks (a small head under ``target_modules="all-linear"``), and they still compute a LoRA
+    update (of rank at most that minimum); a layer built directly or named as a target keeps the
+    bound DESIGN.md sets."""
     token = _ranks_above_features_allowed.set(True)
     try:
         yield

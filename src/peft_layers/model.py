@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 from ._warnings import warn as _warn
 from .adapter import is_conv1d, is_conv1d_class, is_transformers_subclass
 from .dora import DoRALinear
-from .lora import LoRALinear, LoRAPlusLinear, _argument_hint, _layer_arguments, is_bitsandbytes_module
+from .lora import (
+    LoRALinear,
+    LoRAPlusLinear,
+    _argument_hint,
+    _layer_arguments,
+    is_bitsandbytes_module,
+    ranks_above_features_allowed,
+)
 from .modules_to_save import ModuleToSave
 from .qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
@@ -541,7 +548,12 @@ def inject_adapters(
     if method not in ("qlora", "qdora"):  # those quantize a copy: the holders stay apart
         _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
     _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
-    with _undo_on_error(model, [*wrapped, *saved], values=pissa):
+    # "all-linear" names no layer: as Hugging Face PEFT, a layer narrower than the rank takes it
+    # (its update has rank min(in, out) at most); PiSSA's split needs rank singular vectors
+    rank_bound = (
+        ranks_above_features_allowed() if isinstance(targets, _AllLinear) and not pissa else contextlib.nullcontext()
+    )
+    with _undo_on_error(model, [*wrapped, *saved], values=pissa), rank_bound:
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
         for module_id in _progress(list(chosen), f"inject_adapters({method})"):
