@@ -228,6 +228,35 @@ def test_a_4bit_gpt2_merges_back_into_conv1d_layers(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_float_conv1d_in_a_4bit_gpt2_gets_lora_under_qlora(tmp_path: Path) -> None:
+    """transformers leaves ``llm_int8_skip_modules`` float (Conv1D, for GPT-2): "all-linear"
+    with "qlora" gives them float LoRA over the Conv1D, the classes Hugging Face PEFT picks."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    gpt2().save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["c_proj", "lm_head"])
+
+    def quantized() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", quantization_config=quantization)
+
+    ours = pl.inject_adapters(quantized(), "all-linear", method="qlora", rank=4)
+    kinds = {name: type(layer) for name, layer in pl.model.iter_adapter_layers(ours)}
+    assert {k.rpartition(".")[2]: v for k, v in kinds.items()} == {
+        "c_attn": pl.QLoRALinear, "c_proj": pl.LoRALinear, "c_fc": pl.QLoRALinear,
+    }
+    assert all(type(ours.get_submodule(n).base_layer) is Conv1D for n, v in kinds.items() if v is pl.LoRALinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(quantized(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    theirs_kinds = {
+        n.removeprefix("base_model.model."): "bnb" in type(m).__module__
+        for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert theirs_kinds == {n: v is pl.QLoRALinear for n, v in kinds.items()}
+
+
 def test_loading_as_qlora_onto_conv1d_names_the_fix(tmp_path: Path) -> None:
     hf_gpt2(False).save_pretrained(tmp_path)
     model = gpt2()

@@ -1347,11 +1347,11 @@ def test_quantized_and_float_layers_save_as_one_adapter(tmp_path: Path) -> None:
     # the file still refuses what it cannot hold: two quantizations, LoRA beside QDoRA
     two = inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=4, quant="fp4")
     inject_adapters(two, ["block.fc"], method="qlora", rank=4, quant="nf4")
-    with pytest.raises(ValueError, match="one quantization for all layers, but the model mixes"):
+    with pytest.raises(ValueError, match=r"one quantization for all layers, but the model mixes \{.*'scheme': 'fp4'.*\} at \['fc'\], \{.*'scheme': 'nf4'.*\} at \['block.fc'\]"):
         save_adapter(two, tmp_path / "two")
     unlike = inject_adapters(base_net(), re.compile("fc"), method="qdora", rank=4)
-    inject_adapters(unlike, ["block.fc"], method="lora", rank=4)
-    with pytest.raises(ValueError, match="one method for all layers, but the model mixes"):
+    inject_adapters(unlike, ["block.fc"], method="qlora", rank=4)
+    with pytest.raises(ValueError, match=r"one method \(QLoRA may sit beside LoRA, QDoRA beside DoRA\) for all layers, but the model mixes 'qdora' at \['fc'\], 'qlora' at \['block.fc'\]"):
         save_adapter(unlike, tmp_path / "unlike")
 
 
@@ -1392,16 +1392,45 @@ def test_a_plain_file_over_a_partly_quantized_model(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs(x), loaded.train()(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_quantized_method_gives_the_float_layers_of_a_quantized_model_the_float_method(tmp_path: Path) -> None:
+    """A model that holds quantized layers was loaded so (4/8 bits): its float layers were left
+    float on purpose, and "qlora"/"qdora" gives them "lora"/"dora", as Hugging Face PEFT picks a
+    layer class by the base. In a float model, the same call quantizes every target."""
+    pytest.importorskip("bitsandbytes")
+    model = inject_adapters(partly_quantized_net(), list(PATHS), method="qdora", rank=4, alpha=8.0, compute_dtype=torch.float32)
+    assert [(n, method_of(l)) for n, l in iter_adapter_layers(model)] == [
+        ("fc", "dora"), ("block.fc", "qdora"), ("block.out", "dora"),
+    ]
+    randomize(model)
+    save_adapter(model, tmp_path)
+    assert our_field(tmp_path)["float_modules"] == ["fc", "block.out"]
+    loaded = load_adapter(partly_quantized_net(), tmp_path)
+    x = inputs()
+    assert torch.equal(loaded(x), model(x))
+    assert {method_of(l) for _, l in iter_adapter_layers(inject_adapters(base_net(), list(PATHS), method="qdora", rank=4))} == {"qdora"}
+    # a Hugging Face file with method="qlora" named: the same per-layer choice
+    save_adapter(adapted("lora"), tmp_path / "plain")
+    named = load_adapter(partly_quantized_net(), tmp_path / "plain", method="qlora")
+    assert [method_of(l) for _, l in iter_adapter_layers(named)] == ["lora", "qlora", "lora"]
+    # "all-linear" with a float method would adapt the float layers alone: refused
+    with pytest.raises(ValueError, match=r"'all-linear' with method 'dora' would adapt the float layers only: 1 layers of Net are quantized \(loaded in 4 or 8 bits: \['block.fc'\]\), which method 'dora' cannot wrap; use method='qdora'"):
+        inject_adapters(partly_quantized_net(), "all-linear", method="dora", rank=2)
+
+
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("field", "message"),
     [
-        (["block.nope"], r"float_modules names \['block.nope'\], which have no adapter in the file"),
-        ("block.out", "float_modules must be a list of module names"),
+        ({"float_modules": ["block.nope"]}, r"float_modules names \['block.nope'\], which have no adapter in the file"),
+        ({"float_modules": "block.out"}, "float_modules must be a list of distinct module names"),
+        ({"float_modules": ["fc", "fc"]}, "float_modules must be a list of distinct module names"),
+        # a reader of version 1 would ignore the list and quantize those layers
+        ({"float_modules": ["fc"], "version": 1}, "float_modules needs peft_layers.version 2, got 1"),
+        ({"version": "2"}, r"peft_layers.version must be an integer >= 1, got '2'"),
     ],
 )
-def test_float_modules_field_is_checked(value, message: str, tmp_path: Path) -> None:
+def test_float_modules_field_is_checked(field: dict, message: str, tmp_path: Path) -> None:
     save_adapter(adapted("qlora"), tmp_path)
-    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({**json.loads(m["peft_layers"]), "float_modules": value})))
+    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({**json.loads(m["peft_layers"]), "version": 2, **field})))
     with pytest.raises(ValueError, match=message):
         read_adapter(tmp_path)
     save_adapter(adapted("lora_plus"), tmp_path / "plus")

@@ -230,6 +230,18 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
             for n, m in theirs_all.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
         }
         assert kinds == theirs_kinds and any(kinds.values()) and not all(kinds.values())
+        # the rule is the base's type, not the model's attributes: inside a module of the user's
+        # (no _keep_in_fp32_modules there), or with wo named, wo still gets float LoRA; so does
+        # the float lm_head, which only a transformers model at the root names as its output
+        with pytest.warns(UserWarning, match=r"\{'t5.lm_head': \['t5.shared.weight'.*share their weights with the targets"):
+            holder = pl.inject_adapters(nn.ModuleDict({"t5": t5()}), "all-linear", method="qlora", rank=4)
+        holder_kinds = {n.removeprefix("t5."): isinstance(l, pl.QLoRALinear) for n, l in pl.model.iter_adapter_layers(holder)}
+        assert holder_kinds == {**kinds, "lm_head": False}
+        logits(holder["t5"])  # runs: T5 casts wo's input to wo.weight.dtype, float32 here
+        named = pl.inject_adapters(t5(), ["q", "wo"], method="qlora", rank=4)
+        assert {n.rpartition(".")[2]: type(l) for n, l in pl.model.iter_adapter_layers(named)} == {
+            "q": pl.QLoRALinear, "wo": pl.LoRALinear,
+        }
 
 
 def test_all_linear_gives_a_narrow_layer_the_rank_as_hugging_face_peft() -> None:

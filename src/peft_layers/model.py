@@ -75,6 +75,28 @@ def method_of(layer: LoRALinear) -> str:
     raise TypeError(f"layer: expected an adapter layer (a LoRALinear), got {type(layer).__name__}")
 
 
+def is_quantized_linear(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a quantized linear layer: a bitsandbytes ``Linear4bit``/``Linear8bitLt``
+    or a :class:`~peft_layers.quant.QuantizedLinear`."""
+    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
+
+
+def _holds_quantized_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantized linear layers outside adapter layers: transformers loaded
+    it in 4 or 8 bits (or its layers were quantized by hand), so its float linear layers were left
+    float on purpose (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head)."""
+    return any(is_quantized_linear(m) and not _inside_adapter(model, n) for n, m in model.named_modules())
+
+
+def _layer_method(module: nn.Module, method: str, model_quantized: bool) -> str:
+    """The method that wraps ``module`` when ``method`` is asked for: a quantized method gives a
+    float layer of a model that holds quantized layers its float method (``"qlora"`` ->
+    ``"lora"``), as Hugging Face PEFT picks each layer's class by its base; else ``method``."""
+    if model_quantized and method in ("qlora", "qdora") and not is_quantized_linear(module):
+        return method[1:]
+    return method
+
+
 def _accepts(module: nn.Module, method: str) -> bool:
     """Whether ``method`` can wrap ``module``: nn.Linear always; quantized layers for q-methods;
     transformers' Conv1D for the float methods."""
@@ -237,10 +259,11 @@ class _AllLinear:
     (which the attention never calls), and what lies inside these or inside an adapter layer.
     With ``"qlora"``/``"qdora"``, a float layer the model keeps unquantized (transformers'
     ``_keep_in_fp32_modules``, T5's ``wo``) gets ``"lora"``/``"dora"``, as Hugging Face PEFT
-    gives it its float LoRA layer."""
+    gives it its float LoRA layer. With a float method, a model holding quantized layers (which
+    the method cannot wrap) is refused rather than adapted in its float layers alone."""
 
-    def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None) -> None:
-        self.model, self.method = model, method
+    def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, model_quantized: bool) -> None:
+        self.model, self.method, self.model_quantized = model, method, model_quantized
         left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
         if is_transformers_subclass(type(model), "PreTrainedModel"):  # as Hugging Face PEFT: only these
             left_out.append(cast(Any, model).get_output_embeddings())
@@ -248,11 +271,24 @@ class _AllLinear:
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
         left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
         self.left_out = {id(sub) for module in left_out if isinstance(module, nn.Module) for sub in module.modules()}
+        if method not in ("qlora", "qdora"):
+            skipped = [
+                n for n, m in model.named_modules()
+                if is_quantized_linear(m) and id(m) not in self.left_out and not _inside_adapter(model, n)
+            ]
+            if skipped:
+                raise ValueError(
+                    f"targets: 'all-linear' with method {method!r} would adapt the float layers only: "
+                    f"{len(skipped)} layers of {type(model).__name__} are quantized (loaded in 4 or 8 bits: "
+                    f"{skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which method {method!r} cannot wrap; "
+                    f"use method={'qdora' if method == 'dora' else 'qlora'!r}, which wraps them and gives "
+                    "the float layers the float method, as Hugging Face PEFT does"
+                )
 
     def __call__(self, name: str, module: nn.Module) -> bool:
         return (
-            _accepts(module, self.method) and id(module) not in self.left_out
-            and not _inside_adapter(self.model, name)
+            _accepts(module, _layer_method(module, self.method, self.model_quantized))
+            and id(module) not in self.left_out and not _inside_adapter(self.model, name)
         )
 
     def __repr__(self) -> str:
@@ -424,7 +460,11 @@ def inject_adapters(
             top-level ``score`` or ``classifier``), the modules to save and the ``out_proj`` of
             ``nn.MultiheadAttention``, as Hugging Face PEFT's shorthand.
         method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``. The last two
-            also take bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers.
+            wrap bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers as
+            they are and quantize float ones, but in a model that already holds quantized layers
+            (transformers loaded it in 4 or 8 bits) the float linear layers were left float on
+            purpose (T5's ``wo``, ``llm_int8_skip_modules``, the output head), and get
+            ``"lora"``/``"dora"``, as in Hugging Face PEFT.
         bias: ``"none"`` (no bias trains), ``"all"`` (every bias of the model trains) or
             ``"adapter_only"`` (the biases of the wrapped layers train).
         exclude: names to leave alone, in the same forms as ``targets``.
@@ -456,17 +496,20 @@ def inject_adapters(
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
+    model_quantized = method in ("qlora", "qdora") and _holds_quantized_layers(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        targets = _AllLinear(model, method, modules_to_save)
+        targets = _AllLinear(model, method, modules_to_save, model_quantized)
     target_parts = _spec_parts(targets, "targets")
     exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
 
     all_names = _module_names(model)
     modules = dict(model.named_modules(remove_duplicate=False))
-    linear_names = [n for n, m in modules.items() if _accepts(m, method) and not _inside_adapter(model, n)]
+    linear_names = [
+        n for n, m in modules.items()
+        if _accepts(m, _layer_method(m, method, model_quantized)) and not _inside_adapter(model, n)
+    ]
 
-    chosen: dict[int, None] = {}  # ids of the modules to wrap, in order of first match
-    kept_float: set[int] = set()  # ids of those that get the float method (see _AllLinear)
+    chosen: dict[int, str] = {}  # id of each module to wrap -> its method, in order of first match
     for part in target_parts:
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
@@ -501,9 +544,10 @@ def inject_adapters(
                     f"targets: {name!r} holds adapters stacked for serving (stack_adapters()); "
                     "stack_adapters() adds more, unload(model) takes the stacks off first"
                 )
-            if not _accepts(module, method):
+            layer_method = _layer_method(module, method, model_quantized)
+            if not _accepts(module, layer_method):
                 allowed = "nn.Linear or transformers Conv1D"
-                if method in ("qlora", "qdora"):
+                if layer_method in ("qlora", "qdora"):
                     allowed = "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
                 kind = type(module).__name__
                 article = "an" if kind[:1].lower() in "aeiou" else "a"
@@ -511,11 +555,11 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            if isinstance(targets, _AllLinear) and method in ("qlora", "qdora") and _kept_in_fp32(model, modules, name):
-                kept_float.add(id(module))  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
+            if isinstance(targets, _AllLinear) and layer_method in ("qlora", "qdora") and _kept_in_fp32(model, modules, name):
+                layer_method = layer_method[1:]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
             else:
-                _check_called(model, modules, name, method)
-            chosen[id(module)] = None
+                _check_called(model, modules, name, layer_method)
+            chosen[id(module)] = layer_method
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
     # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report;
@@ -545,8 +589,10 @@ def inject_adapters(
     # later module must undo that
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
     pissa = layer_kwargs.get("init") == "pissa"
-    if method not in ("qlora", "qdora"):  # those quantize a copy: the holders stay apart
-        _warn_tied(model, [(all_names[id(module)], module) for module in wrapped], pissa=pissa)
+    # a quantized method quantizes a copy or wraps a quantized layer: the holders stay apart
+    floats = [module for module in wrapped if chosen[id(module)] not in ("qlora", "qdora")]
+    if floats:
+        _warn_tied(model, [(all_names[id(module)], module) for module in floats], pissa=pissa)
     _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
     # "all-linear" names no layer: as Hugging Face PEFT, a layer narrower than the rank takes it
     # (its update has rank min(in, out) at most); PiSSA's split needs rank singular vectors
@@ -568,8 +614,8 @@ def inject_adapters(
             if pattern is not None:
                 kwargs["alpha"] = alpha_pattern[pattern]
             layer_cls = cls
-            if module_id in kept_float:
-                layer_cls = method_class(method[1:])
+            if chosen[module_id] != method:  # a float layer under a quantized method: no quant arguments
+                layer_cls = method_class(chosen[module_id])
                 kwargs = {k: v for k, v in kwargs.items() if k in _layer_arguments(layer_cls)}  # type: ignore[arg-type]
             replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
         copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
@@ -602,7 +648,7 @@ def _module_to_save_refusal(
             f"{name!r} is or holds an adapter target; a module trains either through an adapter or "
             "in full, not both"
         )
-    if any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in inner):
+    if any(is_quantized_linear(m) for m in inner):
         return TypeError, (
             f"{name!r} is or holds a quantized layer, whose weight cannot train in full; target it "
             "with method 'qlora' instead"
@@ -616,7 +662,7 @@ def _module_to_save_refusal(
 
 
 def _choose_modules_to_save(
-    model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module], targets: dict[int, None]
+    model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module], targets: Mapping[int, object]
 ) -> list[nn.Module]:
     """The modules ``spec`` names (``inject_adapters``' ``modules_to_save``), each once, checked:
     every part matches; no match is or holds an adapter layer or a target, or is quantized."""

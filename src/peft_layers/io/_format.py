@@ -325,7 +325,9 @@ def _parse_our_field(ours: Any, use_dora: bool, path: Path) -> tuple[str, dict[s
     if not isinstance(ours, dict):
         raise ValueError(f"{path}: peft_layers must be an object, got {ours!r}")
     version = ours.get("version", FORMAT_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: peft_layers.version must be an integer >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path}: peft_layers.version {version!r} is not supported (this peft_layers reads 1 to "
             f"{FORMAT_VERSION}); upgrade peft_layers"
@@ -701,8 +703,12 @@ def _parse_float_modules(ours: Any, method: str, modules: Mapping[str, Any], pat
         return ()
     if method not in ("qlora", "qdora"):
         raise ValueError(f"{path}: peft_layers.float_modules is set, but method {method!r} is not quantized")
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"{path}: peft_layers.float_modules must be a list of module names, got {names!r}")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or len(set(names)) < len(names):
+        raise ValueError(
+            f"{path}: peft_layers.float_modules must be a list of distinct module names, got {names!r}"
+        )
+    if ours.get("version", FORMAT_VERSION) < 2:  # a version-1 reader would quantize them
+        raise ValueError(f"{path}: peft_layers.float_modules needs peft_layers.version 2, got {ours['version']!r}")
     unknown = [name for name in names if name not in modules]
     if unknown:
         raise ValueError(f"{path}: peft_layers.float_modules names {unknown}, which have no adapter in the file")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..adapter import base_features, is_conv1d
 from ..dora import DoRALinear
-from ..lora import LoRALinear, LoRAPlusLinear, is_bitsandbytes_module, ranks_above_features_allowed
+from ..lora import LoRALinear, LoRAPlusLinear, ranks_above_features_allowed
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
@@ -20,13 +20,13 @@ from ..model import (
     _undo_on_error,
     inject_adapters,
     iter_adapter_layers,
+    is_quantized_linear,
     iter_modules_to_save,
     method_of,
     _module_to_save_refusal,
     unwrapped,
     _refuse_sharded,
 )
-from ..quant import QuantizedLinear
 from ._format import AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
 
@@ -42,16 +42,12 @@ class _FillPlan:
     saved: list[tuple[ModuleToSave, dict[str, Tensor]]] = field(default_factory=list)
 
 
-def _is_quantized(module: nn.Module | None) -> bool:
-    return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
-
-
 def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, method: str) -> None:
     """The file's full base weight (if any) can be copied into ``base``, the linear layer the
     adapter wraps (``method`` is the adapter layer's): a float weight of the same shape."""
     if module.base_weight is None:
         return
-    if method in ("qlora", "qdora") or _is_quantized(base):
+    if method in ("qlora", "qdora") or is_quantized_linear(base):
         raise ValueError(
             f"{where}: the file holds the full base weight (base_layer.weight, which Hugging Face PEFT "
             f"saves for a targeted embedding layer such as lm_head), but the base is quantized "
@@ -342,7 +338,7 @@ def _methods_by_path(adapter: AdapterFile, method: str, named: bool, modules: Ma
         return dict.fromkeys(adapter.modules, method)
     if method in ("lora", "dora"):
         return {
-            p: "q" + method if _is_quantized(modules.get(p) if p else None) else method for p in adapter.modules
+            p: "q" + method if is_quantized_linear(modules.get(p) if p else None) else method for p in adapter.modules
         }
     floats = set(adapter.float_modules)
     return {p: method[1:] if p in floats else method for p in adapter.modules}
@@ -369,7 +365,9 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
 
     # check the planned layers against the model's modules before touching anything
     modules = dict(model.named_modules(remove_duplicate=False))
-    methods = _methods_by_path(adapter, method, "method" in inject_kwargs, modules)
+    # the file's own QLoRA/QDoRA, passed again, is no override: its float_modules stay float
+    named = "method" in inject_kwargs and not (adapter.float_modules and inject_kwargs["method"] == adapter.method)
+    methods = _methods_by_path(adapter, method, named, modules)
     for path, module in adapter.modules.items():
         method = methods[path]  # this module's
         target = modules.get(path) if path else None
@@ -380,7 +378,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         _refuse_meta(f"{adapter.directory}: {path!r}", [*target.parameters(), *target.buffers()])
         _refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
-        if _is_quantized(target) and method not in ("qlora", "qdora"):
+        if is_quantized_linear(target) and method not in ("qlora", "qdora"):
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
                 f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"

@@ -76,16 +76,19 @@ def _quant_info(layer: QLoRALinear) -> dict[str, Any]:
     }
 
 
-def _uniform(layers: Sequence[tuple[str, LoRALinear]], what: str, value_of) -> Any:
+def _uniform(layers: Sequence[tuple[str, LoRALinear]], what: str, value_of, shown=None) -> Any:
+    """The one value of ``value_of(layer)`` over ``layers``; else ``ValueError`` listing the
+    layers by ``shown(layer)`` (default: that value)."""
     values = {name: value_of(layer) for name, layer in layers}
     distinct = list(dict.fromkeys(map(repr, values.values())))
     if len(distinct) > 1:
         by_value: dict[str, list[str]] = {}
-        for name, value in values.items():
-            by_value.setdefault(repr(value), []).append(name)
+        for name, layer in layers:
+            by_value.setdefault(repr(shown(layer) if shown else values[name]), []).append(name)
         raise ValueError(
             f"save_adapter(): one adapter file holds one {what} for all layers, but the model mixes "
-            f"{by_value}; save the groups as separate adapters"
+            f"{', '.join(f'{value} at {names}' for value, names in by_value.items())}; save the groups "
+            "as separate adapters"
         )
     return next(iter(values.values()))
 
@@ -180,7 +183,10 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         raise ValueError("save_adapter(): the model itself is an adapter layer; wrap it in a module first")
     # a quantized method and its float one are one adapter (Hugging Face PEFT's files say nothing
     # of the base); the layers a model keeps unquantized (T5's wo) are listed in our field
-    family = _uniform(layers, "method", lambda layer: _FLOAT_METHOD.get(method_of(layer), method_of(layer)))
+    family = _uniform(
+        layers, "method (QLoRA may sit beside LoRA, QDoRA beside DoRA)",
+        lambda layer: _FLOAT_METHOD.get(method_of(layer), method_of(layer)), shown=method_of,
+    )
     quantized = [(name, layer) for name, layer in layers if isinstance(layer, QLoRALinear)]
     method = "q" + family if quantized else family
     use_rslora = _uniform(layers, "use_rslora", lambda layer: layer.use_rslora)
