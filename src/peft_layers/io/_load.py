@@ -16,6 +16,8 @@ from ..lora import LoRALinear, LoRAPlusLinear, ranks_above_features_allowed
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
+    _holds_quantized_layers,
+    _layer_method,
     _stacked_layers,
     _undo_on_error,
     inject_adapters,
@@ -368,6 +370,10 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     # the file's own QLoRA/QDoRA, passed again, is no override: its float_modules stay float
     named = "method" in inject_kwargs and not (adapter.float_modules and inject_kwargs["method"] == adapter.method)
     methods = _methods_by_path(adapter, method, named, modules)
+    # as inject_adapters decides: in a model loaded quantized, a float target of a quantized method
+    # gets the float method
+    model_quantized = _holds_quantized_layers(model)
+    methods = {p: _layer_method(modules[p], m, model_quantized) if p in modules else m for p, m in methods.items()}
     for path, module in adapter.modules.items():
         method = methods[path]  # this module's
         target = modules.get(path) if path else None
