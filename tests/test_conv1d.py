@@ -255,6 +255,10 @@ def test_a_float_conv1d_in_a_4bit_gpt2_gets_lora_under_qlora(tmp_path: Path) -> 
         for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
     }
     assert theirs_kinds == {n: v is pl.QLoRALinear for n, v in kinds.items()}
+    # their file, loaded with method="qlora" named: the float Conv1D still gets LoRA
+    theirs.save_pretrained(tmp_path / "theirs")
+    named = pl.load_adapter(quantized(), tmp_path / "theirs", method="qlora")
+    assert {n: type(l) for n, l in pl.model.iter_adapter_layers(named)} == kinds
 
 
 def test_loading_as_qlora_onto_conv1d_names_the_fix(tmp_path: Path) -> None:

@@ -1338,11 +1338,11 @@ def test_quantized_and_float_layers_save_as_one_adapter(tmp_path: Path) -> None:
     x = inputs()
     assert torch.equal(loaded(x), model(x))
     # a caller's quantization applies to the quantized layers only; a named method to all
-    fp4 = load_adapter(base_net(), tmp_path, quant="nf4", blocksize=32)
-    assert [(l.base_layer.scheme, l.base_layer.blocksize) for _, l in list(iter_adapter_layers(fp4))[:2]] == [
+    nf4 = load_adapter(base_net(), tmp_path, quant="nf4", blocksize=32)
+    assert [(l.base_layer.scheme, l.base_layer.blocksize) for _, l in list(iter_adapter_layers(nf4))[:2]] == [
         ("nf4", 32), ("nf4", 32),
     ]
-    assert method_of(dict(iter_adapter_layers(fp4))["block.out"]) == "dora"
+    assert method_of(dict(iter_adapter_layers(nf4))["block.out"]) == "dora"
     assert {method_of(l) for _, l in iter_adapter_layers(load_adapter(base_net(), tmp_path, method="dora"))} == {"dora"}
     # the file still refuses what it cannot hold: two quantizations, LoRA beside QDoRA
     two = inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=4, quant="fp4")
@@ -1412,9 +1412,47 @@ def test_a_quantized_method_gives_the_float_layers_of_a_quantized_model_the_floa
     save_adapter(adapted("lora"), tmp_path / "plain")
     named = load_adapter(partly_quantized_net(), tmp_path / "plain", method="qlora")
     assert [method_of(l) for _, l in iter_adapter_layers(named)] == ["lora", "qlora", "lora"]
-    # "all-linear" with a float method would adapt the float layers alone: refused
-    with pytest.raises(ValueError, match=r"'all-linear' with method 'dora' would adapt the float layers only: 1 layers of Net are quantized \(loaded in 4 or 8 bits: \['block.fc'\]\), which method 'dora' cannot wrap; use method='qdora'"):
+    # "all-linear" with a float method would adapt the float layers alone: refused, unless the
+    # quantized ones are excluded
+    with pytest.raises(ValueError, match=r"'all-linear' with method 'dora' would adapt the float layers only: Net has 1 quantized linear layer\(s\) \(\['block.fc'\]\), which method 'dora' cannot wrap; use method='qdora'"):
         inject_adapters(partly_quantized_net(), "all-linear", method="dora", rank=2)
+    excluded = inject_adapters(partly_quantized_net(), "all-linear", method="dora", rank=2, exclude=["block.fc"])
+    assert [n for n, _ in iter_adapter_layers(excluded)] == ["fc", "block.out"]
+
+
+def test_layers_quantized_here_do_not_make_a_model_loaded_quantized(tmp_path: Path) -> None:
+    """Only bitsandbytes layers (or a transformers quantization_config) mark a model loaded
+    quantized. A QuantizedLinear of ours, by hand or as unload() gives a QLoRA layer's base
+    back, leaves a quantized method quantizing every target, and our QLoRA file loads as recorded."""
+    model = base_net()
+    model.fc = pl.quant.QuantizedLinear.from_linear(model.fc, scheme="nf4", blocksize=32)
+    inject_adapters(model, ["block.fc", "block.out"], method="qlora", rank=2, quant="fp4", blocksize=32)
+    layers = dict(iter_adapter_layers(model))
+    assert [(method_of(layers[n]), layers[n].base_layer.scheme) for n in ("block.fc", "block.out")] == [
+        ("qlora", "fp4"), ("qlora", "fp4"),
+    ]
+    again = pl.unload(inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=2))
+    assert isinstance(again.fc, pl.quant.QuantizedLinear)
+    assert method_of(dict(iter_adapter_layers(inject_adapters(again, ["block.out"], method="qlora", rank=2)))["block.out"]) == "qlora"
+    # our QLoRA file, over a float model with a QuantizedLinear of ours elsewhere: as recorded
+    save_adapter(inject_adapters(base_net(), ["fc"], method="qlora", rank=2, quant="fp4", blocksize=32), tmp_path)
+    hand = base_net()
+    hand.block.out = pl.quant.QuantizedLinear.from_linear(hand.block.out, scheme="nf4", blocksize=32)
+    loaded = [l for _, l in iter_adapter_layers(load_adapter(hand, tmp_path))]
+    assert [(method_of(l), l.base_layer.scheme) for l in loaded] == [("qlora", "fp4"), ("qlora", "fp4")]
+
+
+def test_the_files_own_quantized_method_named_again_keeps_its_float_modules_float(tmp_path: Path) -> None:
+    model = inject_adapters(base_net(), ["fc"], method="qdora", rank=4, blocksize=32)
+    inject_adapters(model, ["block.out"], method="dora", rank=2)
+    save_adapter(randomize(model).eval(), tmp_path)
+    for method in (None, "qdora"):
+        kwargs = {} if method is None else {"method": method}
+        loaded = load_adapter(base_net(), tmp_path, **kwargs).eval()
+        assert [method_of(l) for _, l in iter_adapter_layers(loaded)] == ["qdora", "qdora", "dora"]
+        assert torch.equal(loaded(inputs()), model(inputs()))
+    # another method named applies to every target
+    assert {method_of(l) for _, l in iter_adapter_layers(load_adapter(base_net(), tmp_path, method="dora"))} == {"dora"}
 
 
 @pytest.mark.parametrize(
@@ -1425,12 +1463,17 @@ def test_a_quantized_method_gives_the_float_layers_of_a_quantized_model_the_floa
         ({"float_modules": ["fc", "fc"]}, "float_modules must be a list of distinct module names"),
         # a reader of version 1 would ignore the list and quantize those layers
         ({"float_modules": ["fc"], "version": 1}, "float_modules needs peft_layers.version 2, got 1"),
+        ({"float_modules": ["fc"], "version": None}, "float_modules needs peft_layers.version 2, got None"),  # no version
         ({"version": "2"}, r"peft_layers.version must be an integer >= 1, got '2'"),
     ],
 )
 def test_float_modules_field_is_checked(field: dict, message: str, tmp_path: Path) -> None:
     save_adapter(adapted("qlora"), tmp_path)
-    edit_metadata(tmp_path, lambda m: m.update(peft_layers=json.dumps({**json.loads(m["peft_layers"]), "version": 2, **field})))
+    def change(metadata: dict) -> None:  # a None in field drops the key
+        ours = {**json.loads(metadata["peft_layers"]), "version": 2, **field}
+        metadata["peft_layers"] = json.dumps({k: v for k, v in ours.items() if v is not None})
+
+    edit_metadata(tmp_path, change)
     with pytest.raises(ValueError, match=message):
         read_adapter(tmp_path)
     save_adapter(adapted("lora_plus"), tmp_path / "plus")

@@ -898,7 +898,7 @@ def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
                                    decoder_start_token_id=0)
     model = transformers.T5ForConditionalGeneration(config).eval()
     for method in ("qlora", "qdora"):
-        with pytest.raises(TypeError, match=r"kept unquantized by T5ForConditionalGeneration._keep_in_fp32_modules \(\['wo'\]\)"):
+        with pytest.raises(TypeError, match=r"'encoder.block.0.layer.1.DenseReluDense.wo' is kept unquantized by its transformers model's _keep_in_fp32_modules \(\['wo'\]\)"):
             pl.inject_adapters(model, ["q", "wo"], method=method, rank=2)
         assert not adapter_names(model)
     pl.inject_adapters(model, ["q", "wo"], method="qlora", rank=2, exclude="wo")
@@ -925,6 +925,13 @@ def test_all_linear_gives_a_layer_kept_in_float32_the_float_method(method: str, 
     assert {layer.base_layer.scheme for layer in layers.values() if isinstance(layer, pl.QLoRALinear)} == {"fp4"}
     # encoder: q, k, v, o and wi, wo; decoder: those and the cross-attention q, k, v, o
     assert "lm_head" not in layers and len(layers) == 6 + 10
+    # a float T5 inside a module of the user's: its own _keep_in_fp32_modules still counts
+    holder = pl.inject_adapters(nn.ModuleDict({"t5": copy.deepcopy(base)}), "all-linear", method=method, rank=2)
+    assert sorted(n for n, l in iter_adapter_layers(holder) if not isinstance(l, pl.QLoRALinear)) == [
+        "t5." + name for name in floats
+    ]
+    with pytest.raises(TypeError, match=r"'t5.encoder.block.0.layer.1.DenseReluDense.wo' is kept unquantized"):
+        pl.inject_adapters(nn.ModuleDict({"t5": copy.deepcopy(base)}), ["wo"], method=method, rank=2)
     for layer in layers.values():
         torch.nn.init.normal_(layer.lora_B)
     pl.save_adapter(model, tmp_path)

@@ -262,3 +262,5 @@ def test_all_linear_gives_a_narrow_layer_the_rank_as_hugging_face_peft() -> None
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
         pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=8, init="pissa")
+    with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
+        pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=2, rank_pattern={"2": 8})  # names the layer

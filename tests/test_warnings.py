@@ -52,7 +52,9 @@ def _merge_adapters_over_quantized_layers() -> None:
 
 
 def _merge_and_unload_of_a_model_loaded_quantized() -> None:
-    model = nn.Sequential(nn.Linear(64, 64))
+    from models import bnb_linear4bit
+
+    model = nn.Sequential(bnb_linear4bit(nn.Linear(64, 64)))  # as transformers loads it in 4 bits
     model.config = types.SimpleNamespace(quantization_config={"load_in_4bit": True})
     pl.inject_adapters(model, ["0"], method="qlora", rank=2)
     pl.merge_and_unload(model)

@@ -81,19 +81,32 @@ def is_quantized_linear(module: nn.Module | None) -> bool:
     return module is not None and (is_bitsandbytes_module(module) or isinstance(module, QuantizedLinear))
 
 
-def _holds_quantized_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds quantized linear layers outside adapter layers: transformers loaded
-    it in 4 or 8 bits (or its layers were quantized by hand), so its float linear layers were left
-    float on purpose (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head)."""
-    return any(is_quantized_linear(m) and not _inside_adapter(model, n) for n, m in model.named_modules())
+#: each quantized method and its float one
+FLOAT_METHOD = {"qlora": "lora", "qdora": "dora"}
+#: each float method and its quantized one (LoRA+ is an optimizer's matter: QLoRA)
+QUANTIZED_METHOD = {"lora": "qlora", "lora_plus": "qlora", "dora": "qdora"}
+
+
+def loaded_quantized(model: nn.Module) -> bool:
+    """Whether transformers loaded ``model``, or a model inside it, in 4 or 8 bits: it holds a
+    bitsandbytes layer outside adapter layers, or a module whose ``config`` has a
+    ``quantization_config``. Its float linear layers were then left float on purpose
+    (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head). Layers quantized
+    here (``QuantizedLinear``, as ``unload()`` gives back a QLoRA layer's base) do not count."""
+    for name, module in model.named_modules():
+        if getattr(getattr(module, "config", None), "quantization_config", None) is not None:
+            return True
+        if is_bitsandbytes_module(module) and not _inside_adapter(model, name):
+            return True
+    return False
 
 
 def _layer_method(module: nn.Module, method: str, model_quantized: bool) -> str:
     """The method that wraps ``module`` when ``method`` is asked for: a quantized method gives a
-    float layer of a model that holds quantized layers its float method (``"qlora"`` ->
-    ``"lora"``), as Hugging Face PEFT picks each layer's class by its base; else ``method``."""
-    if model_quantized and method in ("qlora", "qdora") and not is_quantized_linear(module):
-        return method[1:]
+    float layer of a model :func:`loaded_quantized` its float method (``"qlora"`` -> ``"lora"``),
+    as Hugging Face PEFT picks each layer's class by its base; else ``method``."""
+    if model_quantized and method in FLOAT_METHOD and not is_quantized_linear(module):
+        return FLOAT_METHOD[method]
     return method
 
 
@@ -259,8 +272,8 @@ class _AllLinear:
     (which the attention never calls), and what lies inside these or inside an adapter layer.
     With ``"qlora"``/``"qdora"``, a float layer the model keeps unquantized (transformers'
     ``_keep_in_fp32_modules``, T5's ``wo``) gets ``"lora"``/``"dora"``, as Hugging Face PEFT
-    gives it its float LoRA layer. With a float method, a model holding quantized layers (which
-    the method cannot wrap) is refused rather than adapted in its float layers alone."""
+    gives it its float LoRA layer. With a float method, quantized layers that the method cannot
+    wrap are refused (:meth:`refuse_quantized`) rather than left out silently."""
 
     def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, model_quantized: bool) -> None:
         self.model, self.method, self.model_quantized = model, method, model_quantized
@@ -271,19 +284,26 @@ class _AllLinear:
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
         left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
         self.left_out = {id(sub) for module in left_out if isinstance(module, nn.Module) for sub in module.modules()}
-        if method not in ("qlora", "qdora"):
-            skipped = [
-                n for n, m in model.named_modules()
-                if is_quantized_linear(m) and id(m) not in self.left_out and not _inside_adapter(model, n)
-            ]
-            if skipped:
-                raise ValueError(
-                    f"targets: 'all-linear' with method {method!r} would adapt the float layers only: "
-                    f"{len(skipped)} layers of {type(model).__name__} are quantized (loaded in 4 or 8 bits: "
-                    f"{skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which method {method!r} cannot wrap; "
-                    f"use method={'qdora' if method == 'dora' else 'qlora'!r}, which wraps them and gives "
-                    "the float layers the float method, as Hugging Face PEFT does"
-                )
+
+    def refuse_quantized(self, exclude_parts: list[Any]) -> None:
+        """Raise ``ValueError`` if a float method would leave out quantized layers that are not
+        excluded: Hugging Face PEFT adapts them, so leaving them out silently would differ."""
+        if self.method in FLOAT_METHOD:
+            return
+        skipped = [
+            n for n, m in self.model.named_modules()
+            if is_quantized_linear(m) and id(m) not in self.left_out and not _inside_adapter(self.model, n)
+            and not any(_part_matches(e, n, m) for e in exclude_parts)
+        ]
+        if skipped:
+            hint = " (LoRA+ learning rates come from create_loraplus_optimizer)" if self.method == "lora_plus" else ""
+            raise ValueError(
+                f"targets: 'all-linear' with method {self.method!r} would adapt the float layers only: "
+                f"{type(self.model).__name__} has {len(skipped)} quantized linear layer(s) "
+                f"({skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which method {self.method!r} cannot "
+                f"wrap; use method={QUANTIZED_METHOD[self.method]!r}{hint}, which wraps them and gives the "
+                "float layers the float method, as Hugging Face PEFT does, or exclude them"
+            )
 
     def __call__(self, name: str, module: nn.Module) -> bool:
         return (
@@ -496,11 +516,13 @@ def inject_adapters(
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
-    model_quantized = method in ("qlora", "qdora") and _holds_quantized_layers(model)
+    model_quantized = method in FLOAT_METHOD and loaded_quantized(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
         targets = _AllLinear(model, method, modules_to_save, model_quantized)
     target_parts = _spec_parts(targets, "targets")
     exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
+    if isinstance(targets, _AllLinear):
+        targets.refuse_quantized(exclude_parts)
 
     all_names = _module_names(model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -510,6 +532,7 @@ def inject_adapters(
     ]
 
     chosen: dict[int, str] = {}  # id of each module to wrap -> its method, in order of first match
+    kept = _keep_in_fp32_lists(model) if method in FLOAT_METHOD else []
     for part in target_parts:
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
         if not hits:
@@ -547,18 +570,20 @@ def inject_adapters(
             layer_method = _layer_method(module, method, model_quantized)
             if not _accepts(module, layer_method):
                 allowed = "nn.Linear or transformers Conv1D"
-                if layer_method in ("qlora", "qdora"):
+                if method in FLOAT_METHOD:
                     allowed = "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
+                    if model_quantized:
+                        allowed += " (and transformers Conv1D, a float layer of a model loaded quantized)"
                 kind = type(module).__name__
                 article = "an" if kind[:1].lower() in "aeiou" else "a"
                 raise TypeError(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            if isinstance(targets, _AllLinear) and layer_method in ("qlora", "qdora") and _kept_in_fp32(model, modules, name):
-                layer_method = layer_method[1:]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
+            if isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and _kept_in_fp32(kept, name):
+                layer_method = FLOAT_METHOD[layer_method]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
             else:
-                _check_called(model, modules, name, layer_method)
+                _check_called(model, modules, name, layer_method, kept)
             chosen[id(module)] = layer_method
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
@@ -594,12 +619,7 @@ def inject_adapters(
     if floats:
         _warn_tied(model, [(all_names[id(module)], module) for module in floats], pissa=pissa)
     _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
-    # "all-linear" names no layer: as Hugging Face PEFT, a layer narrower than the rank takes it
-    # (its update has rank min(in, out) at most); PiSSA's split needs rank singular vectors
-    rank_bound = (
-        ranks_above_features_allowed() if isinstance(targets, _AllLinear) and not pissa else contextlib.nullcontext()
-    )
-    with _undo_on_error(model, [*wrapped, *saved], values=pissa), rank_bound:
+    with _undo_on_error(model, [*wrapped, *saved], values=pissa):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
         for module_id in _progress(list(chosen), f"inject_adapters({method})"):
@@ -607,9 +627,9 @@ def inject_adapters(
             first = names[0]
             kwargs = dict(layer_kwargs)
             # a shared module's names are tried in order: a key may name any of them
-            pattern = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
-            if pattern is not None:
-                kwargs["rank"] = rank_pattern[pattern]
+            rank_key = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
+            if rank_key is not None:
+                kwargs["rank"] = rank_pattern[rank_key]
             pattern = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
             if pattern is not None:
                 kwargs["alpha"] = alpha_pattern[pattern]
@@ -617,7 +637,12 @@ def inject_adapters(
             if chosen[module_id] != method:  # a float layer under a quantized method: no quant arguments
                 layer_cls = method_class(chosen[module_id])
                 kwargs = {k: v for k, v in kwargs.items() if k in _layer_arguments(layer_cls)}  # type: ignore[arg-type]
-            replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
+            # "all-linear" names no layer: as Hugging Face PEFT, a layer narrower than the rank takes
+            # it (its update has rank min(in, out) at most); a rank_pattern entry names the layer
+            # and keeps the bound, and so does PiSSA, whose split needs rank singular vectors
+            relaxed = isinstance(targets, _AllLinear) and rank_key is None and not pissa
+            with ranks_above_features_allowed() if relaxed else contextlib.nullcontext():
+                replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
         copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
         for names, new in [*replacements, *copies]:
             for name in names:
@@ -740,33 +765,47 @@ def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, 
         )
 
 
-def _check_called(model: nn.Module, modules: dict[str, nn.Module], name: str, method: str) -> None:
+def _check_called(
+    model: nn.Module, modules: dict[str, nn.Module], name: str, method: str, kept: list[tuple[str, list[str]]]
+) -> None:
     """Refuse a linear layer that its model never calls as a module, or whose weight dtype the
-    model reads, where an adapter would silently do nothing or break the forward."""
+    model reads (``kept``: :func:`_keep_in_fp32_lists`), where an adapter would silently do
+    nothing or break the forward."""
     parent_name, _, child = name.rpartition(".")
     if child == "out_proj" and isinstance(modules.get(parent_name), nn.MultiheadAttention):
         raise TypeError(
             f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
             "directly and never calls it: an adapter there would do nothing; exclude it"
         )
-    hits = _kept_in_fp32(model, modules, name) if method in ("qlora", "qdora") else []
+    hits = _kept_in_fp32(kept, name) if method in FLOAT_METHOD and type(modules[name]) is nn.Linear else []
     if hits:
         raise TypeError(
-            f"targets: {name!r} is kept unquantized by {type(model).__name__}._keep_in_fp32_modules "
+            f"targets: {name!r} is kept unquantized by its transformers model's _keep_in_fp32_modules "
             f"({hits}): the model casts activations to its weight's dtype, which a quantized "
             f"weight does not have, so method {method!r} cannot quantize it; exclude it, or give "
-            f"it method {method[1:]!r} in a call of its own ('all-linear' does that by itself)"
+            f"it method {FLOAT_METHOD[method]!r} in a call of its own ('all-linear' does that by itself)"
         )
 
 
-def _kept_in_fp32(model: nn.Module, modules: dict[str, nn.Module], name: str) -> list[str]:
-    """The entries of transformers' ``_keep_in_fp32_modules`` (and ``_strict``) that keep the
-    float linear layer ``name`` unquantized; empty for any other module."""
-    if type(modules[name]) is not nn.Linear:
-        return []
-    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    kept |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return sorted(k for k in kept if isinstance(k, str) and _suffix_matches(k, name))
+def _keep_in_fp32_lists(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(prefix, entries)`` of transformers' ``_keep_in_fp32_modules`` (and ``_strict``) of every
+    model inside ``model``: the root, or a transformers model in a module of the user's."""
+    lists = []
+    for prefix, module in model.named_modules():
+        entries = [*(getattr(module, "_keep_in_fp32_modules", None) or ()),
+                   *(getattr(module, "_keep_in_fp32_modules_strict", None) or ())]
+        if entries:
+            lists.append((prefix, [k for k in entries if isinstance(k, str)]))
+    return lists
+
+
+def _kept_in_fp32(kept: list[tuple[str, list[str]]], name: str) -> list[str]:
+    """The entries of ``kept`` (:func:`_keep_in_fp32_lists`) that keep the module ``name``
+    unquantized: those of the models it lies in, matched as name suffixes."""
+    return sorted({
+        k for prefix, entries in kept if not prefix or name.startswith(prefix + ".")
+        for k in entries if _suffix_matches(k, name)
+    })
 
 
 def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: dict[str, Any]) -> LoRALinear:

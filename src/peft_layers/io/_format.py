@@ -707,8 +707,10 @@ def _parse_float_modules(ours: Any, method: str, modules: Mapping[str, Any], pat
         raise ValueError(
             f"{path}: peft_layers.float_modules must be a list of distinct module names, got {names!r}"
         )
-    if ours.get("version", FORMAT_VERSION) < 2:  # a version-1 reader would quantize them
-        raise ValueError(f"{path}: peft_layers.float_modules needs peft_layers.version 2, got {ours['version']!r}")
+    if ours.get("version", 1) < 2:  # a reader of version 1 (or of no version) would quantize them
+        raise ValueError(
+            f"{path}: peft_layers.float_modules needs peft_layers.version 2, got {ours.get('version')!r}"
+        )
     unknown = [name for name in names if name not in modules]
     if unknown:
         raise ValueError(f"{path}: peft_layers.float_modules names {unknown}, which have no adapter in the file")

@@ -16,14 +16,16 @@ from ..lora import LoRALinear, LoRAPlusLinear, ranks_above_features_allowed
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
-    _holds_quantized_layers,
     _layer_method,
     _stacked_layers,
     _undo_on_error,
     inject_adapters,
     iter_adapter_layers,
+    FLOAT_METHOD,
+    QUANTIZED_METHOD,
     is_quantized_linear,
     iter_modules_to_save,
+    loaded_quantized,
     method_of,
     _module_to_save_refusal,
     unwrapped,
@@ -340,10 +342,11 @@ def _methods_by_path(adapter: AdapterFile, method: str, named: bool, modules: Ma
         return dict.fromkeys(adapter.modules, method)
     if method in ("lora", "dora"):
         return {
-            p: "q" + method if is_quantized_linear(modules.get(p) if p else None) else method for p in adapter.modules
+            p: QUANTIZED_METHOD[method] if is_quantized_linear(modules.get(p) if p else None) else method
+            for p in adapter.modules
         }
     floats = set(adapter.float_modules)
-    return {p: method[1:] if p in floats else method for p in adapter.modules}
+    return {p: FLOAT_METHOD[method] if p in floats else method for p in adapter.modules}
 
 
 def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
@@ -372,7 +375,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     methods = _methods_by_path(adapter, method, named, modules)
     # as inject_adapters decides: in a model loaded quantized, a float target of a quantized method
     # gets the float method
-    model_quantized = _holds_quantized_layers(model)
+    model_quantized = loaded_quantized(model)
     methods = {p: _layer_method(modules[p], m, model_quantized) if p in modules else m for p, m in methods.items()}
     for path, module in adapter.modules.items():
         method = methods[path]  # this module's
@@ -392,7 +395,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
         if is_conv1d(target) and method in ("qlora", "qdora"):
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a transformers Conv1D, which method {method!r} cannot "
-                f"quantize; load with method={method[1:]!r} (the adapter is the same on a float base)"
+                f"quantize; load with method={FLOAT_METHOD[method]!r} (the adapter is the same on a float base)"
             )
         in_features: int | None
         out_features: int | None

@@ -20,6 +20,8 @@ from ..dora import DoRALinear
 from ..lora import LoRALinear
 from ..modules_to_save import ModuleToSave
 from ..model import (
+    FLOAT_METHOD,
+    QUANTIZED_METHOD,
     _adapter_layers_or_raise,
     _inside_adapter,
     iter_adapter_layers,
@@ -58,10 +60,6 @@ def _most_common(values: list[Any]) -> Any:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-#: the float method of each quantized one
-_FLOAT_METHOD = {"qlora": "lora", "qdora": "dora"}
 
 
 def _quant_info(layer: QLoRALinear) -> dict[str, Any]:
@@ -185,10 +183,10 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
     # of the base); the layers a model keeps unquantized (T5's wo) are listed in our field
     family = _uniform(
         layers, "method (QLoRA may sit beside LoRA, QDoRA beside DoRA)",
-        lambda layer: _FLOAT_METHOD.get(method_of(layer), method_of(layer)), shown=method_of,
+        lambda layer: FLOAT_METHOD.get(method_of(layer), method_of(layer)), shown=method_of,
     )
     quantized = [(name, layer) for name, layer in layers if isinstance(layer, QLoRALinear)]
-    method = "q" + family if quantized else family
+    method = QUANTIZED_METHOD[family] if quantized else family
     use_rslora = _uniform(layers, "use_rslora", lambda layer: layer.use_rslora)
     pissa = _uniform(layers, "init (pissa or not)", lambda layer: layer.init == "pissa")
     ours: dict[str, Any] = {}
