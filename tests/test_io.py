@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -1420,6 +1421,25 @@ def test_a_quantized_method_gives_the_float_layers_of_a_quantized_model_the_floa
     assert [n for n, _ in iter_adapter_layers(excluded)] == ["fc", "block.out"]
 
 
+def test_loaded_quantized_is_the_same_in_one_call_or_several_and_ends_with_a_full_merge(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    one = inject_adapters(partly_quantized_net(), list(PATHS), method="qlora", rank=2)
+    several = inject_adapters(partly_quantized_net(), ["block.fc"], method="qlora", rank=2)
+    assert pl.model.loaded_quantized(several)  # the QLoRA layer's base came from bitsandbytes
+    inject_adapters(several, re.compile("fc"), method="qlora", rank=2)
+    inject_adapters(several, ["block.out"], method="qlora", rank=2)
+    assert [(n, method_of(l)) for n, l in iter_adapter_layers(several)] == [
+        (n, method_of(l)) for n, l in iter_adapter_layers(one)
+    ] == [("fc", "lora"), ("block.fc", "qlora"), ("block.out", "lora")]
+    save_adapter(several, tmp_path)
+    assert our_field(tmp_path)["float_modules"] == ["fc", "block.out"]
+    # merged back to float everywhere, the model is a float model (whatever its config says)
+    merged = pl.merge_and_unload(one)
+    merged.config = types.SimpleNamespace(quantization_config={"load_in_4bit": True})
+    assert not pl.model.loaded_quantized(merged)
+    assert {method_of(l) for _, l in iter_adapter_layers(inject_adapters(merged, list(PATHS), method="qlora", rank=2))} == {"qlora"}
+
+
 def test_layers_quantized_here_do_not_make_a_model_loaded_quantized(tmp_path: Path) -> None:
     """Only bitsandbytes layers (or a transformers quantization_config) mark a model loaded
     quantized. A QuantizedLinear of ours, by hand or as unload() gives a QLoRA layer's base
@@ -1433,6 +1453,8 @@ def test_layers_quantized_here_do_not_make_a_model_loaded_quantized(tmp_path: Pa
     ]
     again = pl.unload(inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=2))
     assert isinstance(again.fc, pl.quant.QuantizedLinear)
+    with pytest.raises(ValueError, match=r"use method='qlora', which wraps them and quantizes the float layers; or exclude them"):
+        inject_adapters(copy.deepcopy(again), "all-linear", method="lora", rank=2)
     assert method_of(dict(iter_adapter_layers(inject_adapters(again, ["block.out"], method="qlora", rank=2)))["block.out"]) == "qlora"
     # our QLoRA file, over a float model with a QuantizedLinear of ours elsewhere: as recorded
     save_adapter(inject_adapters(base_net(), ["fc"], method="qlora", rank=2, quant="fp4", blocksize=32), tmp_path)

@@ -932,6 +932,9 @@ def test_all_linear_gives_a_layer_kept_in_float32_the_float_method(method: str, 
     ]
     with pytest.raises(TypeError, match=r"'t5.encoder.block.0.layer.1.DenseReluDense.wo' is kept unquantized"):
         pl.inject_adapters(nn.ModuleDict({"t5": copy.deepcopy(base)}), ["wo"], method=method, rank=2)
+    shared = copy.deepcopy(base)  # one model under two names: each name counts
+    with pytest.raises(TypeError, match=r"'b.encoder.block.0.layer.1.DenseReluDense.wo' is kept unquantized"):
+        pl.inject_adapters(nn.ModuleDict({"a": shared, "b": shared}), re.compile(r"b\..*wo"), method=method, rank=2)
     for layer in layers.values():
         torch.nn.init.normal_(layer.lora_B)
     pl.save_adapter(model, tmp_path)

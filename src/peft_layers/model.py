@@ -89,16 +89,15 @@ QUANTIZED_METHOD = {"lora": "qlora", "lora_plus": "qlora", "dora": "qdora"}
 
 def loaded_quantized(model: nn.Module) -> bool:
     """Whether transformers loaded ``model``, or a model inside it, in 4 or 8 bits: it holds a
-    bitsandbytes layer outside adapter layers, or a module whose ``config`` has a
-    ``quantization_config``. Its float linear layers were then left float on purpose
-    (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head). Layers quantized
-    here (``QuantizedLinear``, as ``unload()`` gives back a QLoRA layer's base) do not count."""
-    for name, module in model.named_modules():
-        if getattr(getattr(module, "config", None), "quantization_config", None) is not None:
-            return True
-        if is_bitsandbytes_module(module) and not _inside_adapter(model, name):
-            return True
-    return False
+    bitsandbytes layer, or a ``QuantizedLinear`` made from one (the base of a QLoRA layer that
+    wraps it, or what ``unload()`` gives back). Its float linear layers were then left float on
+    purpose (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head). Layers
+    quantized here (``QuantizedLinear.from_linear``) do not count, nor does a model whose
+    quantized layers were all merged back to float (its config may still hold a
+    ``quantization_config``)."""
+    return any(
+        is_bitsandbytes_module(module) or getattr(module, "from_bitsandbytes", False) for module in model.modules()
+    )
 
 
 def _layer_method(module: nn.Module, method: str, model_quantized: bool) -> str:
@@ -297,12 +296,15 @@ class _AllLinear:
         ]
         if skipped:
             hint = " (LoRA+ learning rates come from create_loraplus_optimizer)" if self.method == "lora_plus" else ""
+            effect = (
+                "which wraps them and gives the float layers the float method, as Hugging Face PEFT does"
+                if loaded_quantized(self.model) else "which wraps them and quantizes the float layers"
+            )
             raise ValueError(
                 f"targets: 'all-linear' with method {self.method!r} would adapt the float layers only: "
                 f"{type(self.model).__name__} has {len(skipped)} quantized linear layer(s) "
                 f"({skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which method {self.method!r} cannot "
-                f"wrap; use method={QUANTIZED_METHOD[self.method]!r}{hint}, which wraps them and gives the "
-                "float layers the float method, as Hugging Face PEFT does, or exclude them"
+                f"wrap; use method={QUANTIZED_METHOD[self.method]!r}{hint}, {effect}; or exclude them"
             )
 
     def __call__(self, name: str, module: nn.Module) -> bool:
@@ -481,10 +483,10 @@ def inject_adapters(
             ``nn.MultiheadAttention``, as Hugging Face PEFT's shorthand.
         method: ``"lora"``, ``"lora_plus"``, ``"dora"``, ``"qlora"`` or ``"qdora"``. The last two
             wrap bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``QuantizedLinear`` layers as
-            they are and quantize float ones, but in a model that already holds quantized layers
-            (transformers loaded it in 4 or 8 bits) the float linear layers were left float on
-            purpose (T5's ``wo``, ``llm_int8_skip_modules``, the output head), and get
-            ``"lora"``/``"dora"``, as in Hugging Face PEFT.
+            they are and quantize float ones, but in a model transformers loaded in 4 or 8 bits
+            (:func:`loaded_quantized`) the float linear layers were left float on purpose (T5's
+            ``wo``, ``llm_int8_skip_modules``, the output head), and get ``"lora"``/``"dora"``,
+            as in Hugging Face PEFT.
         bias: ``"none"`` (no bias trains), ``"all"`` (every bias of the model trains) or
             ``"adapter_only"`` (the biases of the wrapped layers train).
         exclude: names to leave alone, in the same forms as ``targets``.
@@ -791,7 +793,7 @@ def _keep_in_fp32_lists(model: nn.Module) -> list[tuple[str, list[str]]]:
     """``(prefix, entries)`` of transformers' ``_keep_in_fp32_modules`` (and ``_strict``) of every
     model inside ``model``: the root, or a transformers model in a module of the user's."""
     lists = []
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=False):  # a shared model under each name
         entries = [*(getattr(module, "_keep_in_fp32_modules", None) or ()),
                    *(getattr(module, "_keep_in_fp32_modules_strict", None) or ())]
         if entries:

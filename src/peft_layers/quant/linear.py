@@ -157,9 +157,13 @@ class QuantizedLinear(nn.Module):
         source_cls: the class transformers replaced with the wrapped bitsandbytes module (its
             ``source_cls``, e.g. GPT-2's ``Conv1D``), or None: ``merge_and_unload`` gives a layer
             of that layout back.
+        from_bitsandbytes: True for a layer built by :meth:`from_bnb`, as transformers' 4/8-bit
+            loading makes them (kept through requantizing, copies and ``.to``): its model was
+            loaded quantized (``peft_layers.model.loaded_quantized``).
     """
 
     source_cls: type | None = None
+    from_bitsandbytes: bool = False
     weight: nn.Parameter
     bias: nn.Parameter | None
     absmax: Tensor
@@ -302,6 +306,7 @@ class QuantizedLinear(nn.Module):
                 + ("" if bnb is not None else " (bitsandbytes cannot be imported here)")
             )
         layer.source_cls = getattr(module, "source_cls", None)
+        layer.from_bitsandbytes = True
         if has_hooks(module):
             _warn(
                 f"QuantizedLinear.from_bnb(): the {type(module).__name__} has hooks of its own, which "
