@@ -908,6 +908,23 @@ def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
         model(ids, decoder_input_ids=ids[:, :3])  # runs: wo is a float LoRA layer
 
 
+def test_all_linear_wraps_a_quantized_layer_named_in_keep_in_fp32_modules_as_it_is() -> None:
+    """A _keep_in_fp32_modules entry that the loader did quantize: a quantized layer is wrapped
+    as it is, whatever its name; the float layers of the model loaded quantized get LoRA."""
+    pytest.importorskip("bitsandbytes")
+    from models import bnb_linear4bit
+
+    class Model(nn.Module):
+        _keep_in_fp32_modules = ["wo"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.wi, self.wo = nn.Linear(64, 64), bnb_linear4bit(nn.Linear(64, 64))
+
+    model = pl.inject_adapters(Model(), "all-linear", method="qlora", rank=2)
+    assert {n: type(l) for n, l in iter_adapter_layers(model)} == {"wi": pl.LoRALinear, "wo": pl.QLoRALinear}
+
+
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
 def test_all_linear_gives_a_layer_kept_in_float32_the_float_method(method: str, tmp_path) -> None:
     """``"all-linear"`` names no layer: as Hugging Face PEFT, it gives T5's ``wo`` (kept

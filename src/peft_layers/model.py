@@ -582,7 +582,10 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            if isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and _kept_in_fp32(kept, name):
+            if (
+                isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and type(module) is nn.Linear
+                and _kept_in_fp32(kept, name)
+            ):
                 layer_method = FLOAT_METHOD[layer_method]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
             else:
                 _check_called(model, modules, name, layer_method, kept)
