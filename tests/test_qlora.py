@@ -262,6 +262,24 @@ def test_qdora_norm_cache_follows_requantization() -> None:
     torch.testing.assert_close(layer.base_row_norm_sq(), first * 4, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 37])
+def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_is_cached(rows: int) -> None:
+    """The call that computes the gain and the calls that reuse it multiply x by the same base
+    alone: stacked with A's rows, the GEMM rounded x's rows differently (seen at 1 and 7 rows)."""
+    torch.manual_seed(0)
+    layer = QDoRALinear.from_linear(nn.Linear(256, 128), rank=8, quant="nf4").eval()
+    randomize_adapter(layer)
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        for _ in range(2):
+            layer.lora_B.mul_(1.0)  # a new version: the next call computes the gain again
+            first, cached = layer(x), layer(x)
+            assert torch.equal(first, cached)
+    expected = dora_ref(f64(x), f64(layer.base_layer.dequantize()), f64(layer.bias), f64(layer.lora_A),
+                        f64(layer.lora_B), f64(layer.magnitude), layer.scaling, layer.epsilon)
+    assert_close64(first, expected, rtol=1e-5)
+
+
 class _BigTensorCounter(TorchDispatchMode):
     """Counts op outputs of at least ``size`` elements that own new storage."""
 

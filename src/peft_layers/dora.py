@@ -171,8 +171,9 @@ class DoRALinear(LoRALinear):
 
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B", "magnitude")
     magnitude: nn.Parameter
-    #: when True, ``A W0^T`` is computed in the same base call as the input (rows stacked), which
-    #: saves a pass over a base whose weight has to be decoded (quantized bases).
+    #: when True, a no-grad forward that cannot cache its gain (tracing) computes ``A W0^T`` in the
+    #: same base call as the input (rows stacked), which saves a pass over a base whose weight has
+    #: to be decoded (quantized bases).
     _norm_rides_with_input: bool = False
 
     def __init__(self, in_features: int, out_features: int, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
@@ -354,10 +355,14 @@ class DoRALinear(LoRALinear):
             gain = cache[1]
             z = self._base_matmul(x)
         else:
-            if self._norm_rides_with_input:
+            if self._norm_rides_with_input and key is None:
+                # nothing can be cached, so every call takes this path and rounds alike
                 both = self._base_matmul(torch.cat([x, lora_A]))
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
             else:
+                # two base calls, not one over the rows of [x; A]: a GEMM over more rows rounds
+                # x's rows differently, and the calls that find the gain cached must give the
+                # same output as this one
                 z = self._base_matmul(x)
                 base_times_A = self._base_times_A(lora_A)
             gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)
