@@ -1441,7 +1441,7 @@ def test_loaded_quantized_is_the_same_in_one_call_or_several_and_ends_with_a_ful
 
 
 def test_layers_quantized_here_do_not_make_a_model_loaded_quantized(tmp_path: Path) -> None:
-    """Only bitsandbytes layers (or a transformers quantization_config) mark a model loaded
+    """Only bitsandbytes layers (and QuantizedLinear layers made from them) mark a model loaded
     quantized. A QuantizedLinear of ours, by hand or as unload() gives a QLoRA layer's base
     back, leaves a quantized method quantizing every target, and our QLoRA file loads as recorded."""
     model = base_net()
