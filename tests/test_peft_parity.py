@@ -186,7 +186,8 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1,
-                                   num_decoder_layers=1, num_heads=4, dropout_rate=0.0)
+                                   num_decoder_layers=1, num_heads=4, dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
     transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
 
@@ -219,6 +220,23 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
         name: type(layer) for name, layer in pl.model.iter_adapter_layers(ours)
     }
     assert torch.equal(logits(again), logits(ours))  # a first no-grad call and a later one alike
+    # the mixed model trains as Hugging Face PEFT's does: the same losses step by step
+    trained_ours = pl.load_adapter(t5(), tmp_path / "theirs")
+    trained_theirs = peft.PeftModel.from_pretrained(t5(), tmp_path / "theirs", is_trainable=True).train()
+    losses = []
+    for model in (trained_ours, trained_theirs):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        generator, steps = torch.Generator().manual_seed(2), []
+        for _ in range(4):
+            batch = torch.randint(0, 64, (4, 7), generator=generator)
+            loss = model(input_ids=batch, labels=batch.flip(1)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps.append(loss.item())
+        losses.append(steps)
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
     if not use_dora:  # "all-linear" picks the same layers, quantized or float, as Hugging Face PEFT
         ours_all = pl.inject_adapters(t5(), "all-linear", method="qlora", rank=4)
         theirs_all = peft.get_peft_model(t5(), peft.LoraConfig(r=4, target_modules="all-linear"))
