@@ -5,6 +5,7 @@ QLoRA and QDoRA over the same bitsandbytes NF4 layers."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -258,6 +259,16 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
         assert {n.rpartition(".")[2]: type(l) for n, l in pl.model.iter_adapter_layers(named)} == {
             "q": pl.QLoRALinear, "wo": pl.LoRALinear,
         }
+        # a 4-bit model and a float one side by side: each is judged on its own, and the float
+        # one's targets are quantized (its wo, kept in float32, named, raises)
+        pair = nn.ModuleDict({"in_4bit": t5(), "in_float32": transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base")})
+        pl.inject_adapters(pair, ["q", "wi"], method="qlora", rank=4)
+        layers = dict(pl.model.iter_adapter_layers(pair))
+        assert all(isinstance(layer, pl.QLoRALinear) for layer in layers.values())
+        assert {layer.base_layer.from_bitsandbytes for name, layer in layers.items()} == {True, False}
+        assert all(layer.base_layer.from_bitsandbytes == name.startswith("in_4bit.") for name, layer in layers.items())
+        with pytest.raises(TypeError, match=r"'in_float32.encoder.block.0.layer.1.DenseReluDense.wo' is kept unquantized"):
+            pl.inject_adapters(pair, re.compile(r".*\.wo"), method="qlora", rank=4)
 
 
 def test_all_linear_gives_a_narrow_layer_the_rank_as_hugging_face_peft() -> None:

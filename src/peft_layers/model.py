@@ -100,11 +100,38 @@ def loaded_quantized(model: nn.Module) -> bool:
     )
 
 
-def _layer_method(module: nn.Module, method: str, model_quantized: bool) -> str:
+class _LoadedQuantized:
+    """``scope(name)``: whether the model that the module ``name`` lies in was
+    :func:`loaded_quantized`. That model is the root when it is a transformers model (its
+    float parts, such as Blip2's Q-Former, lie inside it), else the outermost transformers model
+    around ``name`` (a 4-bit model and a float one side by side in a module of the user's), else
+    the root."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.tops: list[str] = []  # the outermost transformers models, by name
+        if not is_transformers_subclass(type(model), "PreTrainedModel"):
+            for name, module in model.named_modules(remove_duplicate=False):  # parents come first
+                if (
+                    name and is_transformers_subclass(type(module), "PreTrainedModel")
+                    and not any(name.startswith(top + ".") for top in self.tops)
+                ):
+                    self.tops.append(name)
+        self.answers: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        top = next((t for t in self.tops if name == t or name.startswith(t + ".")), "")
+        if top not in self.answers:
+            self.answers[top] = loaded_quantized(self.model.get_submodule(top) if top else self.model)
+        return self.answers[top]
+
+
+def _layer_method(module: nn.Module, method: str, in_loaded_quantized: bool) -> str:
     """The method that wraps ``module`` when ``method`` is asked for: a quantized method gives a
-    float layer of a model :func:`loaded_quantized` its float method (``"qlora"`` -> ``"lora"``),
-    as Hugging Face PEFT picks each layer's class by its base; else ``method``."""
-    if model_quantized and method in FLOAT_METHOD and not is_quantized_linear(module):
+    float layer of a model :func:`loaded_quantized` (``in_loaded_quantized``) its float method
+    (``"qlora"`` -> ``"lora"``), as Hugging Face PEFT picks each layer's class by its base; else
+    ``method``."""
+    if in_loaded_quantized and method in FLOAT_METHOD and not is_quantized_linear(module):
         return FLOAT_METHOD[method]
     return method
 
@@ -274,8 +301,10 @@ class _AllLinear:
     gives it its float LoRA layer. With a float method, quantized layers that the method cannot
     wrap are refused (:meth:`refuse_quantized`) rather than left out silently."""
 
-    def __init__(self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, model_quantized: bool) -> None:
-        self.model, self.method, self.model_quantized = model, method, model_quantized
+    def __init__(
+        self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, scope: Callable[[str], bool]
+    ) -> None:
+        self.model, self.method, self.scope = model, method, scope
         left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
         if is_transformers_subclass(type(model), "PreTrainedModel"):  # as Hugging Face PEFT: only these
             left_out.append(cast(Any, model).get_output_embeddings())
@@ -309,7 +338,7 @@ class _AllLinear:
 
     def __call__(self, name: str, module: nn.Module) -> bool:
         return (
-            _accepts(module, _layer_method(module, self.method, self.model_quantized))
+            _accepts(module, _layer_method(module, self.method, self.scope(name)))
             and id(module) not in self.left_out and not _inside_adapter(self.model, name)
         )
 
@@ -518,9 +547,10 @@ def inject_adapters(
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
-    model_quantized = method in FLOAT_METHOD and loaded_quantized(model)
+    # whether a module lies in a model loaded quantized (asked of quantized methods only)
+    scope: Callable[[str], bool] = _LoadedQuantized(model) if method in FLOAT_METHOD else (lambda name: False)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        targets = _AllLinear(model, method, modules_to_save, model_quantized)
+        targets = _AllLinear(model, method, modules_to_save, scope)
     target_parts = _spec_parts(targets, "targets")
     exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
     if isinstance(targets, _AllLinear):
@@ -530,7 +560,7 @@ def inject_adapters(
     modules = dict(model.named_modules(remove_duplicate=False))
     linear_names = [
         n for n, m in modules.items()
-        if _accepts(m, _layer_method(m, method, model_quantized)) and not _inside_adapter(model, n)
+        if _accepts(m, _layer_method(m, method, scope(n))) and not _inside_adapter(model, n)
     ]
 
     chosen: dict[int, str] = {}  # id of each module to wrap -> its method, in order of first match
@@ -569,12 +599,12 @@ def inject_adapters(
                     f"targets: {name!r} holds adapters stacked for serving (stack_adapters()); "
                     "stack_adapters() adds more, unload(model) takes the stacks off first"
                 )
-            layer_method = _layer_method(module, method, model_quantized)
+            layer_method = _layer_method(module, method, scope(name))
             if not _accepts(module, layer_method):
                 allowed = "nn.Linear or transformers Conv1D"
                 if method in FLOAT_METHOD:
                     allowed = "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt or QuantizedLinear"
-                    if model_quantized:
+                    if scope(name):
                         allowed += " (and transformers Conv1D, a float layer of a model loaded quantized)"
                 kind = type(module).__name__
                 article = "an" if kind[:1].lower() in "aeiou" else "a"

@@ -16,6 +16,7 @@ from ..lora import LoRALinear, LoRAPlusLinear, ranks_above_features_allowed
 from ..modules_to_save import ModuleToSave
 from ..model import (
     METHODS,
+    _LoadedQuantized,
     _layer_method,
     _stacked_layers,
     _undo_on_error,
@@ -25,7 +26,6 @@ from ..model import (
     QUANTIZED_METHOD,
     is_quantized_linear,
     iter_modules_to_save,
-    loaded_quantized,
     method_of,
     _module_to_save_refusal,
     unwrapped,
@@ -375,8 +375,8 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
     methods = _methods_by_path(adapter, method, named, modules)
     # as inject_adapters decides: in a model loaded quantized, a float target of a quantized method
     # gets the float method
-    model_quantized = loaded_quantized(model)
-    methods = {p: _layer_method(modules[p], m, model_quantized) if p in modules else m for p, m in methods.items()}
+    scope = _LoadedQuantized(model)
+    methods = {p: _layer_method(modules[p], m, scope(p)) if p in modules else m for p, m in methods.items()}
     for path, module in adapter.modules.items():
         method = methods[path]  # this module's
         target = modules.get(path) if path else None
