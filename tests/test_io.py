@@ -1453,7 +1453,7 @@ def test_layers_quantized_here_do_not_make_a_model_loaded_quantized(tmp_path: Pa
     ]
     again = pl.unload(inject_adapters(base_net(), re.compile("fc"), method="qlora", rank=2))
     assert isinstance(again.fc, pl.quant.QuantizedLinear)
-    with pytest.raises(ValueError, match=r"use method='qlora', which wraps them and quantizes the float layers; or exclude them"):
+    with pytest.raises(ValueError, match=r"use method='qlora', which wraps them, gives the float layers of a model loaded in 4 or 8 bits the float method, as Hugging Face PEFT does, and quantizes the others; or exclude them"):
         inject_adapters(copy.deepcopy(again), "all-linear", method="lora", rank=2)
     assert method_of(dict(iter_adapter_layers(inject_adapters(again, ["block.out"], method="qlora", rank=2)))["block.out"]) == "qlora"
     # our QLoRA file, over a float model with a QuantizedLinear of ours elsewhere: as recorded

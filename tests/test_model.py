@@ -908,6 +908,58 @@ def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:
         model(ids, decoder_input_ids=ids[:, :3])  # runs: wo is a float LoRA layer
 
 
+def test_loaded_quantized_is_judged_per_transformers_model() -> None:
+    """Side by side in a plain module, a 4-bit model's float layers get LoRA under "qlora" and a
+    float model's are quantized, whatever the names ("a" and "ab"); a module shared by both
+    stays float, in either order."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from models import bnb_linear4bit
+
+    class Config(transformers.PretrainedConfig):
+        model_type = "peft_layers_tiny"
+
+    class Tiny(transformers.PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, quantized: bool = False, other: nn.Module | None = None) -> None:
+            super().__init__(Config())
+            self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+            if quantized:
+                self.fc1 = bnb_linear4bit(self.fc1)
+            if other is not None:
+                self.other = other
+
+    def methods(model: nn.Module, targets) -> dict[str, str]:  # noqa: ANN001
+        return {n: method_of(l) for n, l in iter_adapter_layers(pl.inject_adapters(model, targets, method="qlora", rank=2))}
+
+    torch.manual_seed(0)
+    assert methods(nn.ModuleDict({"a": Tiny(quantized=True), "ab": Tiny()}), ["fc2"]) == {"a.fc2": "lora", "ab.fc2": "qlora"}
+    assert methods(nn.ModuleDict({"ab": Tiny(quantized=True), "a": Tiny()}), ["fc2"]) == {"ab.fc2": "lora", "a.fc2": "qlora"}
+    for order in ("quantized first", "float first"):
+        shared = Tiny()
+        pair = {"o": Tiny(quantized=True, other=shared), "f": shared}
+        model = nn.ModuleDict(pair if order == "quantized first" else dict(reversed(pair.items())))
+        assert set(methods(model, re.compile(r"o\.other\.fc2|f\.fc2")).values()) == {"lora"}
+
+
+def test_all_linear_gives_a_linear_subclass_kept_in_float32_the_float_method() -> None:
+    class Wide(nn.Linear):
+        pass
+
+    class Model(nn.Module):
+        _keep_in_fp32_modules = ["wo"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.wi, self.wo = nn.Linear(64, 64), Wide(64, 64)
+
+    model = pl.inject_adapters(Model(), "all-linear", method="qlora", rank=2)
+    assert {n: type(l) for n, l in iter_adapter_layers(model)} == {"wi": pl.QLoRALinear, "wo": pl.LoRALinear}
+    with pytest.raises(TypeError, match="'wo' is kept unquantized"):
+        pl.inject_adapters(Model(), ["wo"], method="qlora", rank=2)
+
+
 def test_all_linear_wraps_a_quantized_layer_named_in_keep_in_fp32_modules_as_it_is() -> None:
     """A _keep_in_fp32_modules entry that the loader did quantize: a quantized layer is wrapped
     as it is, whatever its name; the float layers of the model loaded quantized get LoRA."""

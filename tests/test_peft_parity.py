@@ -220,7 +220,9 @@ def test_qlora_on_a_4bit_t5_with_its_float_wo_loads_and_saves_both_ways(use_dora
     assert {name: type(layer) for name, layer in pl.model.iter_adapter_layers(again)} == {
         name: type(layer) for name, layer in pl.model.iter_adapter_layers(ours)
     }
-    assert torch.equal(logits(again), logits(ours))  # a first no-grad call and a later one alike
+    # not bit for bit: in train mode a QDoRA layer's first no-grad call stacks A's rows with x in
+    # one base call (the gain changes every step there), which rounds x's rows differently
+    torch.testing.assert_close(logits(again), logits(ours), rtol=1e-6, atol=1e-6)
     # the mixed model trains as Hugging Face PEFT's does: the same losses step by step
     trained_ours = pl.load_adapter(t5(), tmp_path / "theirs")
     trained_theirs = peft.PeftModel.from_pretrained(t5(), tmp_path / "theirs", is_trainable=True).train()

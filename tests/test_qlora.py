@@ -264,8 +264,9 @@ def test_qdora_norm_cache_follows_requantization() -> None:
 
 @pytest.mark.parametrize("rows", [1, 7, 37])
 def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_is_cached(rows: int) -> None:
-    """The call that computes the gain and the calls that reuse it multiply x by the same base
-    alone: stacked with A's rows, the GEMM rounded x's rows differently (seen at 1 and 7 rows)."""
+    """In eval mode, the call that computes the gain and the calls that reuse it multiply x by the
+    same base alone: stacked with A's rows, the GEMM rounded x's rows differently (seen at 1 and 7
+    rows). In train mode (reentrant checkpointing's no-grad pass) A still rides along with x."""
     torch.manual_seed(0)
     layer = QDoRALinear.from_linear(nn.Linear(256, 128), rank=8, quant="nf4").eval()
     randomize_adapter(layer)
@@ -278,6 +279,24 @@ def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_i
     expected = dora_ref(f64(x), f64(layer.base_layer.dequantize()), f64(layer.bias), f64(layer.lora_A),
                         f64(layer.lora_B), f64(layer.magnitude), layer.scaling, layer.epsilon)
     assert_close64(first, expected, rtol=1e-5)
+    # train mode: one decode for x and A together (the weight is decoded once per call)
+    layer.train()
+    decodes = {"n": 0}
+    dequantize = layer.base_layer.dequantize
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003
+        decodes["n"] += 1
+        return dequantize(*args, **kwargs)
+
+    layer.base_layer.dequantize = counting
+    with torch.no_grad():
+        layer.lora_B.mul_(1.0)
+        assert_close64(layer(x), expected, rtol=1e-5)
+    layer.eval()
+    with torch.no_grad():
+        layer.lora_B.mul_(1.0)
+        layer(x)
+    assert decodes["n"] == 1 + 2  # train: [x; A] at once; eval: x, then A
 
 
 class _BigTensorCounter(TorchDispatchMode):

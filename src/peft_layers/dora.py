@@ -355,14 +355,15 @@ class DoRALinear(LoRALinear):
             gain = cache[1]
             z = self._base_matmul(x)
         else:
-            if self._norm_rides_with_input and key is None:
-                # nothing can be cached, so every call takes this path and rounds alike
+            if self._norm_rides_with_input and (key is None or self.training):
+                # nothing can be cached (every call takes this path and rounds alike), or the
+                # adapter changes every step (the no-grad first pass of reentrant checkpointing)
                 both = self._base_matmul(torch.cat([x, lora_A]))
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
             else:
                 # two base calls, not one over the rows of [x; A]: a GEMM over more rows rounds
                 # x's rows differently, and the calls that find the gain cached must give the
-                # same output as this one
+                # same output as this one (eval mode)
                 z = self._base_matmul(x)
                 base_times_A = self._base_times_A(lora_A)
             gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)

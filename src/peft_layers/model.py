@@ -326,8 +326,8 @@ class _AllLinear:
         if skipped:
             hint = " (LoRA+ learning rates come from create_loraplus_optimizer)" if self.method == "lora_plus" else ""
             effect = (
-                "which wraps them and gives the float layers the float method, as Hugging Face PEFT does"
-                if loaded_quantized(self.model) else "which wraps them and quantizes the float layers"
+                "which wraps them, gives the float layers of a model loaded in 4 or 8 bits the float "
+                "method, as Hugging Face PEFT does, and quantizes the others"
             )
             raise ValueError(
                 f"targets: 'all-linear' with method {self.method!r} would adapt the float layers only: "
@@ -613,13 +613,16 @@ def inject_adapters(
                     f"method {method!r} wraps {allowed} only"
                 )
             if (
-                isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and type(module) is nn.Linear
+                isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and not is_quantized_linear(module)
                 and _kept_in_fp32(kept, name)
             ):
                 layer_method = FLOAT_METHOD[layer_method]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
             else:
                 _check_called(model, modules, name, layer_method, kept)
-            chosen[id(module)] = layer_method
+            # a module shared between a model loaded quantized and a float one: float in one of
+            # them, it stays float
+            earlier = chosen.get(id(module), layer_method)
+            chosen[id(module)] = layer_method if earlier in FLOAT_METHOD else earlier
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
     # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report;
@@ -812,7 +815,8 @@ def _check_called(
             f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
             "directly and never calls it: an adapter there would do nothing; exclude it"
         )
-    hits = _kept_in_fp32(kept, name) if method in FLOAT_METHOD and type(modules[name]) is nn.Linear else []
+    quantizes = method in FLOAT_METHOD and isinstance(modules[name], nn.Linear) and not is_quantized_linear(modules[name])
+    hits = _kept_in_fp32(kept, name) if quantizes else []
     if hits:
         raise TypeError(
             f"targets: {name!r} is kept unquantized by its transformers model's _keep_in_fp32_modules "

@@ -158,7 +158,8 @@ class QuantizedLinear(nn.Module):
             ``source_cls``, e.g. GPT-2's ``Conv1D``), or None: ``merge_and_unload`` gives a layer
             of that layout back.
         from_bitsandbytes: True for a layer built by :meth:`from_bnb`, as transformers' 4/8-bit
-            loading makes them (kept through requantizing, copies and ``.to``): its model was
+            loading makes them (kept through requantizing, copies, pickling and ``.to``; not in
+            the state dict, so a layer built fresh and loaded from one says False): its model was
             loaded quantized (``peft_layers.model.loaded_quantized``).
     """
 
