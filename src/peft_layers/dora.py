@@ -171,9 +171,9 @@ class DoRALinear(LoRALinear):
 
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B", "magnitude")
     magnitude: nn.Parameter
-    #: when True, a no-grad forward that cannot cache its gain (tracing) computes ``A W0^T`` in the
-    #: same base call as the input (rows stacked), which saves a pass over a base whose weight has
-    #: to be decoded (quantized bases).
+    #: when True, a no-grad forward that cannot cache its gain (tracing) or will not reuse it (train
+    #: mode) computes ``A W0^T`` in the same base call as the input (rows stacked), which saves a
+    #: pass over a base whose weight has to be decoded (quantized bases).
     _norm_rides_with_input: bool = False
 
     def __init__(self, in_features: int, out_features: int, *, epsilon: float = 1e-8, **kwargs: Any) -> None:

@@ -612,10 +612,7 @@ def inject_adapters(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only"
                 )
-            if (
-                isinstance(targets, _AllLinear) and layer_method in FLOAT_METHOD and not is_quantized_linear(module)
-                and _kept_in_fp32(kept, name)
-            ):
+            if isinstance(targets, _AllLinear) and _kept_unquantized(kept, module, name, layer_method):
                 layer_method = FLOAT_METHOD[layer_method]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float
             else:
                 _check_called(model, modules, name, layer_method, kept)
@@ -653,7 +650,7 @@ def inject_adapters(
     wrapped = [modules[all_names[module_id][0]] for module_id in chosen]
     pissa = layer_kwargs.get("init") == "pissa"
     # a quantized method quantizes a copy or wraps a quantized layer: the holders stay apart
-    floats = [module for module in wrapped if chosen[id(module)] not in ("qlora", "qdora")]
+    floats = [module for module in wrapped if chosen[id(module)] not in FLOAT_METHOD]
     if floats:
         _warn_tied(model, [(all_names[id(module)], module) for module in floats], pissa=pissa)
     _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
@@ -815,8 +812,7 @@ def _check_called(
             f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
             "directly and never calls it: an adapter there would do nothing; exclude it"
         )
-    quantizes = method in FLOAT_METHOD and isinstance(modules[name], nn.Linear) and not is_quantized_linear(modules[name])
-    hits = _kept_in_fp32(kept, name) if quantizes else []
+    hits = _kept_unquantized(kept, modules[name], name, method)
     if hits:
         raise TypeError(
             f"targets: {name!r} is kept unquantized by its transformers model's _keep_in_fp32_modules "
@@ -838,9 +834,12 @@ def _keep_in_fp32_lists(model: nn.Module) -> list[tuple[str, list[str]]]:
     return lists
 
 
-def _kept_in_fp32(kept: list[tuple[str, list[str]]], name: str) -> list[str]:
-    """The entries of ``kept`` (:func:`_keep_in_fp32_lists`) that keep the module ``name``
-    unquantized: those of the models it lies in, matched as name suffixes."""
+def _kept_unquantized(kept: list[tuple[str, list[str]]], module: nn.Module, name: str, method: str) -> list[str]:
+    """The entries of ``kept`` (:func:`_keep_in_fp32_lists`) that keep ``module`` (``name``), a
+    float linear layer that the quantized ``method`` would quantize, unquantized: those of the
+    models it lies in, matched as name suffixes. Empty for another module or method."""
+    if method not in FLOAT_METHOD or not isinstance(module, nn.Linear) or is_quantized_linear(module):
+        return []
     return sorted({
         k for prefix, entries in kept if not prefix or name.startswith(prefix + ".")
         for k in entries if _suffix_matches(k, name)

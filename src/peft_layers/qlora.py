@@ -281,10 +281,10 @@ class QDoRALinear(DoRALinear, QLoRALinear):
 
     ``m`` starts at the row norms of the dequantized ``W0``. The norm comes from the factored
     formula: ``||dq(Q)||^2`` per row is cached per base version, and ``A dq(Q)^T`` is computed
-    with the same decoded weight as the forward in training; in no-grad inference, once per change
-    of the adapter or the base (the gain ``m / n`` is cached), or, where nothing can be cached
-    (tracing), by letting ``A``'s ``r`` rows ride along with ``x`` in one base call. No float copy
-    of the base is kept and no ``W'`` is formed.
+    with the same decoded weight as the forward in training; in no-grad inference in eval mode,
+    once per change of the adapter or the base (the gain ``m / n`` is cached); in train mode or
+    where nothing can be cached (tracing), by letting ``A``'s ``r`` rows ride along with ``x`` in
+    one base call. No float copy of the base is kept and no ``W'`` is formed.
 
     Takes :class:`QLoRALinear`'s arguments plus ``epsilon``.
     """
