@@ -1437,6 +1437,8 @@ def test_loaded_quantized_is_the_same_in_one_call_or_several_and_ends_with_a_ful
     merged = pl.merge_and_unload(one)
     merged.config = types.SimpleNamespace(quantization_config={"load_in_4bit": True})
     assert not pl.model.loaded_quantized(merged)
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got dict"):
+        pl.model.loaded_quantized({"fc": merged.fc})
     assert {method_of(l) for _, l in iter_adapter_layers(inject_adapters(merged, list(PATHS), method="qlora", rank=2))} == {"qlora"}
 
 

@@ -94,7 +94,8 @@ def loaded_quantized(model: nn.Module) -> bool:
     purpose (``_keep_in_fp32_modules``, ``llm_int8_skip_modules``, the output head). Layers
     quantized here (``QuantizedLinear.from_linear``) do not count, nor does a model whose
     quantized layers were all merged back to float (its config may still hold a
-    ``quantization_config``)."""
+    ``quantization_config``). Raises ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    _check_model(model)
     return any(
         is_bitsandbytes_module(module) or getattr(module, "from_bitsandbytes", False) for module in model.modules()
     )
