@@ -14,7 +14,8 @@ steps, and then checks what a user relies on afterwards:
 
 - the merged model computes what the unmerged one did (``merge_adapters``, ``merge_and_unload``);
 - ``save_adapter`` writes Hugging Face PEFT's layout, and ``pl.load_adapter`` into a fresh model
-  gives the same logits, and so does ``peft.PeftModel.from_pretrained`` when peft is installed.
+  gives the same logits, and so does ``peft.PeftModel.from_pretrained`` when peft is installed (LoRA
+  and DoRA: it would load QDoRA's file onto a float model).
 
 Each check prints its difference and fails the script (``AssertionError``) past its tolerance;
 QDoRA's in-place merge, which requantizes to NF4 and loses much of the update (it warns so), is

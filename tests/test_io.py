@@ -426,6 +426,7 @@ def test_subfolder_adapters(tmp_path: Path) -> None:
     assert save_adapter(math_, tmp_path, adapter_name="math") == tmp_path / "math"
     assert (tmp_path / "math" / "adapter_config.json").is_file()
     assert list_adapters(tmp_path) == ["default", "math"]
+    assert pl.io.list_adapters(tmp_path) == ["default", "math"]  # as docs/files.md calls it
     x = inputs()
     assert torch.equal(load_adapter(base_net(), tmp_path).eval()(x), default(x))
     assert torch.equal(load_adapter(base_net(), tmp_path, adapter_name="default").eval()(x), default(x))
