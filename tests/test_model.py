@@ -325,6 +325,21 @@ def test_bad_arguments() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+def test_method_and_bias_may_be_given_by_position_as_in_the_design() -> None:
+    torch.manual_seed(0)
+    by_position = pl.inject_adapters(tiny_model(), "q_proj", "dora", "all", rank=2)
+    torch.manual_seed(0)
+    by_keyword = pl.inject_adapters(tiny_model(), "q_proj", method="dora", bias="all", rank=2)
+    assert {method_of(layer) for _, layer in iter_adapter_layers(by_position)} == {"dora"}
+    trainable = [name for name, p in by_position.named_parameters() if p.requires_grad]
+    assert trainable == [name for name, p in by_keyword.named_parameters() if p.requires_grad]
+    assert any(name.endswith(".bias") for name in trainable)  # bias="all" took effect
+    for (name, a), (_, b) in zip(by_position.state_dict().items(), by_keyword.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match="positional"):  # the arguments beyond the design's: keywords
+        pl.inject_adapters(tiny_model(), "q_proj", "lora", "none", "k_proj")
+
+
 @pytest.mark.parametrize("method", ["lora", "lora_plus", "dora", "qlora", "qdora"])
 def test_layers_injected_into_an_eval_model_do_not_drop_out(method: str) -> None:
     torch.manual_seed(0)

@@ -148,6 +148,45 @@ def test_unload_gives_back_the_bitsandbytes_module(kind: str, method: str) -> No
         assert torch.equal(model(x), expected)
 
 
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_a_model_level_load_without_the_base_codes_leaves_the_base_as_it_is(method: str) -> None:
+    # a load of other modules (strict=False) between forward and backward: the base did not
+    # change, so backward runs and gives what it gives without the load, and unload still gives
+    # the bitsandbytes module back
+    model = _bnb_model("nf4").train()
+    original = model[0]
+    pl.inject_adapters(model, ["0"], method=method, rank=4)
+    randomize_adapter(model[0], scale=0.2)
+    base, version = model[0].base_layer, model[0].base_layer.version
+    x, grad_out = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+    expected = run(model[0], x, grad_out)
+    y = model[0](x.clone().requires_grad_(True))
+    model.load_state_dict({"2.weight": torch.randn(IN, OUT)}, strict=False)
+    model[0].lora_A.grad = None
+    (y * grad_out).sum().backward()
+    assert torch.equal(model[0].lora_A.grad, expected["lora_A"])
+    assert base.version == version and base.bnb_module is original
+    model.load_state_dict({"0.base_layer.bias": base.bias.detach() + 1}, strict=False)  # bias alone
+    assert base.version == version and base.bnb_module is original and torch.equal(original.bias, base.bias)
+    pl.unload(model)
+    assert model[0] is original
+
+
+def test_prepare_for_kbit_training_after_injection_keeps_the_bitsandbytes_module() -> None:
+    # prepare casts the float16 bias of the layer QLoRA wraps; the module, outside the module tree,
+    # gets the same cast, so it still holds the layer's tensors and unload gives it back
+    model = _bnb_model("nf4").train()
+    original = model[0]
+    original.bias.data = original.bias.data.half()
+    pl.inject_adapters(model, ["0"], method="qlora", rank=4)
+    pl.prepare_for_kbit_training(model)
+    base = model[0].base_layer
+    assert base.bias.dtype == torch.float32 and base.bnb_module is original
+    assert original.bias.dtype == torch.float32 and torch.equal(original.bias, base.bias)
+    pl.unload(model)
+    assert model[0] is original
+
+
 def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
     # a merge requantizes into new storage: unload gives the QuantizedLinear, not a stale module
     model = _bnb_model("nf4").train()
@@ -158,7 +197,8 @@ def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
         pl.merge_adapters(model)
         pl.unload(model)  # unmerges, requantizing again
     assert isinstance(model[0], QuantizedLinear) and model[0].bnb_module is None
-    # load_state_dict writes the shared weight in place, but not the module's own statistics
+    # a load of the layer's codes writes them in place, into storage the module shares: the layer
+    # no longer vouches for the module
     layer = QuantizedLinear.from_bnb(bnb_linear4bit(make_linear()))
     assert layer.bnb_module is not None
     layer.load_state_dict(QuantizedLinear.from_linear(make_linear(2), "nf4").state_dict())

@@ -486,9 +486,9 @@ def _adapter_layers_or_raise(model: nn.Module, caller: str) -> list[tuple[str, L
 def inject_adapters(
     model: nn.Module,
     targets: TargetSpec,
-    *,
     method: str = "lora",
     bias: str = "none",
+    *,
     exclude: TargetSpec | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
@@ -1266,7 +1266,9 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
       would meet float32 activations (the norms' outputs, the adapters' updates) and fail or lose
       precision. Called before ``inject_adapters``, this makes a float32 copy of every dense
       layer, including the ones that ``method="qlora"``/``"qdora"`` quantize afterwards; called
-      after, those layers are quantized already and only the rest is cast;
+      after, those layers are quantized already and only the rest is cast (the bias of a
+      bitsandbytes layer that a QLoRA layer wraps is cast with it, so ``unload`` still gives that
+      layer back);
     - makes the output of the input embeddings require grad (a forward hook), so that activation
       checkpointed blocks, whose inputs would otherwise not require grad, still backpropagate into
       the adapters inside them. Without an embedding layer, nothing is hooked.
@@ -1286,6 +1288,12 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     adapter_tensors = {id(p) for _, layer in iter_adapter_layers(model) for p in layer.adapter_parameters()}
     if not adapter_tensors:
         model.requires_grad_(False)
+    # the bitsandbytes modules that injected layers wrap (and unload gives back) are outside the
+    # module tree: their biases get the cast of the layer's shared bias, which keeps them linked
+    wrapped = [
+        (layer, module) for layer in model.modules()
+        if isinstance(layer, QuantizedLinear) and (module := layer.bnb_module) is not None
+    ]
     for parameter in model.parameters():
         if (
             parameter.dtype in (torch.float16, torch.bfloat16)
@@ -1293,6 +1301,9 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
             and id(parameter) not in adapter_tensors
         ):
             parameter.data = parameter.data.float()
+    for layer, module in wrapped:
+        if layer.bias is not None and module.bias is not None and module.bias.dtype != layer.bias.dtype:
+            module.bias.data = layer.bias.data
     embeddings = _input_embeddings(model)
     if embeddings is not None and not getattr(embeddings, "_peft_layers_grad_hook", False):
         embeddings.register_forward_hook(_require_grad_hook)

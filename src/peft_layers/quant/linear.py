@@ -721,8 +721,18 @@ class QuantizedLinear(nn.Module):
                 "double_quant changes these tensors)"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.version += 1
-        self._bnb_source = None  # the weight was written in place, the module's statistics were not
+        if any(isinstance(state_dict.get(prefix + name), Tensor) for name in self._quantized_names()):
+            self.version += 1
+            # written in place into storage a wrapped module may share: whether all of its state
+            # followed is bitsandbytes' business, so the layer no longer vouches for the module
+            self._bnb_source = None
+
+    def _quantized_names(self) -> list[str]:
+        """The names of the persistent tensors that hold the quantized weight (all but the bias)."""
+        return [
+            name for name, tensor in [*self._parameters.items(), *self._buffers.items()]
+            if tensor is not None and name != "bias" and name not in self._non_persistent_buffers_set
+        ]
 
     def _state_dict_misfits(self, state_dict: dict, prefix: str) -> list[str]:
         """The tensors of ``state_dict`` that do not fit this layer's (shape, or dtype but for the
@@ -731,10 +741,7 @@ class QuantizedLinear(nn.Module):
         bitsandbytes module's storage). For the same reason the codes and their statistics load
         together or not at all; other missing and unexpected keys PyTorch reports itself."""
         problems = []
-        quantized = [
-            name for name, tensor in [*self._parameters.items(), *self._buffers.items()]
-            if tensor is not None and name != "bias" and name not in self._non_persistent_buffers_set
-        ]
+        quantized = self._quantized_names()
         present = [name for name in quantized if isinstance(state_dict.get(prefix + name), Tensor)]
         if present and len(present) != len(quantized):
             missing = [prefix + name for name in quantized if name not in present]
