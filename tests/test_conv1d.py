@@ -174,6 +174,31 @@ def test_gpt2_merge_and_unload_keeps_conv1d_and_its_checkpoint_layout(use_dora: 
     assert type(pl.unload(pl.load_adapter(gpt2(), tmp_path / "adapter")).transformer.h[0].attn.c_attn) is Conv1D
 
 
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_gpt2_merge_and_unload_keeps_what_trains_as_hugging_face_peft(bias: str) -> None:
+    # a bias that bias="all" trained, the unfrozen wpe and the head trained in full train on after
+    # the merge; every frozen weight stays frozen
+    peft = pytest.importorskip("peft")
+    ours_bias = {"lora_only": "adapter_only"}.get(bias, bias)
+    ours = pl.inject_adapters(gpt2(), ["c_attn"], bias=ours_bias, rank=4, modules_to_save=["lm_head"])
+    ours.transformer.wpe.weight.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(r=4, target_modules=["c_attn"], bias=bias, modules_to_save=["lm_head"])
+        theirs = peft.get_peft_model(gpt2(), config)
+    theirs.base_model.model.transformer.wpe.weight.requires_grad_(True)
+
+    def trainable(model: nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both: the head's copy unties it from the embedding
+        merged_ours, merged_theirs = pl.merge_and_unload(ours), theirs.merge_and_unload()
+    assert trainable(merged_ours) == trainable(merged_theirs)
+    assert {"transformer.wpe.weight", "lm_head.weight"} <= trainable(merged_ours)
+    assert ("transformer.h.0.attn.c_attn.bias" in trainable(merged_ours)) == (bias != "none")
+
+
 def test_gpt2_training_counts_and_stacking_match_hugging_face_peft(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     ours = pl.inject_adapters(gpt2(), ["c_attn"], method="dora", rank=4, alpha=8.0)

@@ -153,7 +153,7 @@ def test_the_model_tools_treat_the_original_and_the_copy_as_base_and_adapter() -
     torch.testing.assert_close(_outputs(fresh, x), trained_out, rtol=0, atol=0)
 
     merged = pl.merge_and_unload(copy.deepcopy(model))
-    assert type(merged.classifier) is nn.Linear and not merged.classifier.weight.requires_grad
+    assert type(merged.classifier) is nn.Linear and merged.classifier.weight.requires_grad  # as Hugging Face PEFT keeps it
     torch.testing.assert_close(_outputs(merged, x), trained_out, rtol=1e-5, atol=1e-6)
     unloaded = pl.unload(model)
     assert unloaded.classifier is original

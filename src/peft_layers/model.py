@@ -965,7 +965,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     quantized base, the dtype that holds most of the model's other float parameters (float32
     after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
     input, fits between its neighbours as the adapter layer did; the compute dtype when the
-    model has no other float parameters. The new layers are frozen like the bases they replace.
+    model has no other float parameters. The new layers' weight and bias require grad as the
+    bases' did (frozen, but for a bias that ``bias="all"`` trained or a weight the caller
+    unfroze), and a module to save becomes its trained copy as it is, as in Hugging Face PEFT.
     A ``dtype`` other than that of the layers around them gives layers that the next forward
     feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
     (``model.to(dtype)``), as the merge casts only what it builds.
@@ -988,10 +990,12 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         linear = layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
         # the model's own layout: a Conv1D base, or one transformers quantized from a Conv1D
         source = type(layer.base_layer) if layer.fan_in_fan_out else getattr(layer.base_layer, "source_cls", None)
-        return _as_conv1d(linear, source) if is_conv1d_class(source) else linear
+        merged = _as_conv1d(linear, source) if is_conv1d_class(source) else linear
+        _take_requires_grad(merged, layer.base_layer)
+        return merged
 
     _replace_layers(model, layers, build, "merge_and_unload()")
-    _replace_layers(model, list(iter_modules_to_save(model)), _frozen_trained_copy, "merge_and_unload()")
+    _replace_layers(model, list(iter_modules_to_save(model)), _trained_copy, "merge_and_unload()")
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
@@ -1005,9 +1009,19 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     return model
 
 
-def _frozen_trained_copy(saved: ModuleToSave) -> nn.Module:
-    """A module to save after ``merge_and_unload``: its trained copy, frozen like the merged layers."""
-    return saved.trained.requires_grad_(False)
+def _trained_copy(saved: ModuleToSave) -> nn.Module:
+    """A module to save after ``merge_and_unload``: its trained copy, as it is (trainable, as in
+    Hugging Face PEFT)."""
+    return saved.trained
+
+
+def _take_requires_grad(merged: nn.Module, base: nn.Module) -> None:
+    """Give the merged layer's weight and bias the ``requires_grad`` of the base's (a bias that
+    ``bias="all"`` trained stays trainable; a quantized base's codes are never trainable)."""
+    for name in ("weight", "bias"):
+        tensor, before = getattr(merged, name, None), getattr(base, name, None)
+        if isinstance(tensor, nn.Parameter) and isinstance(before, Tensor):
+            tensor.requires_grad_(before.requires_grad and before.is_floating_point())
 
 
 def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
