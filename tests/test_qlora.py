@@ -187,6 +187,40 @@ def test_prepare_for_kbit_training_after_injection_keeps_the_bitsandbytes_module
     assert model[0] is original
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_merged_quantized_layer_refuses_disable_adapter_changing_nothing(scheme: str) -> None:
+    # each block would unmerge and merge again, two requantizations that compound block after block
+    model = nn.Sequential(make_linear(1), nn.ReLU(), nn.Linear(OUT, IN))
+    pl.inject_adapters(model, ["0"], method="qlora", quant=scheme, rank=4)
+    pl.inject_adapters(model, ["2"], method="lora", rank=4)
+    randomize_adapter(model[0], scale=0.2)
+    randomize_adapter(model[2], scale=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the merge's requantization warning
+        pl.merge_adapters(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no requantization happens, so nothing warns
+        with pytest.raises(ValueError, match=r"disable_adapter\(\): .*unmerge\(\) it first"):
+            with model[0].disable_adapter():
+                pass
+        with pytest.raises(ValueError, match="merged into its quantized"):
+            with pl.disable_adapters(model):
+                pass
+    assert model[0].merged and model[2].merged and model[0].adapter_enabled
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # unmerged once, the layer's blocks are free: the block computes the base, the exit restores
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model[0].unmerge()
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        before = model[0](x)
+        with model[0].disable_adapter():
+            torch.testing.assert_close(model[0](x), model[0].base_layer(x), rtol=0, atol=0)
+        assert torch.equal(model[0](x), before)
+
+
 def test_bnb_module_is_dropped_once_the_weight_is_no_longer_its_own() -> None:
     # a merge requantizes into new storage: unload gives the QuantizedLinear, not a stale module
     model = _bnb_model("nf4").train()

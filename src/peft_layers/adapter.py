@@ -354,6 +354,12 @@ class AdapterMixin:
         """Raise ``ValueError`` if this merged layer cannot give its ``W0`` back (the model tools
         ask every layer first, so that a refusal changes nothing)."""
 
+    def _check_disable(self) -> None:
+        """Raise ``ValueError`` if :meth:`disable_adapter` must refuse this layer (asked before
+        anything changes; ``disable_adapters`` asks every layer first)."""
+        if self.merged:
+            self._check_unmergeable()
+
     # ---- enable / disable ---------------------------------------------------------------
     @property
     def adapter_enabled(self) -> bool:
@@ -375,8 +381,10 @@ class AdapterMixin:
     def disable_adapter(self) -> Iterator[nn.Module]:
         """Context manager: inside the block the layer computes ``base_layer(x)`` only.
 
-        A merged layer is unmerged on entry and merged again on exit.
+        A merged layer is unmerged on entry and merged again on exit (a merged quantized layer
+        refuses: see ``QLoRALinear``).
         """
+        self._check_disable()
         was_merged = self.merged
         was_enabled = self._adapter_enabled
         if was_merged:

@@ -1041,16 +1041,16 @@ def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside the block every adapter layer of ``model`` computes its base layer
     alone (``layer.disable_adapter()`` on each), and every module to save its original, so the
-    model is its base model, e.g. the reference policy of DPO. Merged layers are unmerged on entry and merged back on exit (a
-    quantized base requantizes both ways); everything is restored on exit, also after an error.
+    model is its base model, e.g. the reference policy of DPO. Merged layers are unmerged on entry
+    and merged back on exit; everything is restored on exit, also after an error.
 
-    Raises ``ValueError`` (changing nothing) for a model without adapter layers or with a merged
-    layer that cannot unmerge. Stacked adapters (serving) use ``set_adapter(model, None)``.
+    Raises ``ValueError`` (changing nothing) for a model without adapter layers, with a merged
+    layer that cannot unmerge, or with a merged quantized layer (each block would requantize it
+    twice, and the rounding compounds: unmerge it first). Stacked adapters (serving) use ``set_adapter(model, None)``.
     """
     layers = _adapter_layers_or_raise(model, "disable_adapters()")
     for _, layer in layers:  # every refusal before the first change
-        if layer.merged:
-            layer._check_unmergeable()
+        layer._check_disable()
     with contextlib.ExitStack() as stack:
         blocks: list[tuple[str, LoRALinear | ModuleToSave]] = [*layers, *iter_modules_to_save(model)]
         for _, block in blocks:
