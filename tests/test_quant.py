@@ -226,6 +226,9 @@ def test_reference_codec_refuses_bad_input_by_name():
         (lambda: ref.dequantize_blockwise(indices, nested, torch.zeros(16)), ValueError, r"^code: expected 256 values \(a 1-D 8-bit map\), got shape \(16,\)$"),
         (lambda: ref.dequantize_int8_rowwise(torch.ones(4, 4, dtype=torch.int8), torch.ones(3)), ValueError, r"^absmax: expected 4 values \(one per row of codes \(4, 4\)\), got 3$"),
         (lambda: ref.dequantize_int8_rowwise(torch.ones(4, 4), torch.ones(4)), TypeError, r"^codes: expected an int8 \(out, in\) tensor, got dtype torch.float32$"),
+        (lambda: ref.dequantize_int8_rowwise(torch.ones(4, 4, dtype=torch.int8), torch.ones(4), torch.int32), TypeError, r"^dtype: expected a floating-point torch.dtype, got torch.int32$"),
+        (lambda: ref.dequantize_4bit(packed, absmax, (64, 64), dtype=torch.int32), TypeError, r"^dtype: expected a floating-point torch.dtype, got torch.int32$"),
+        (lambda: ref.quantize(_weight(64, 64), "nf4", 64, "no"), TypeError, r"^double_quant: expected a bool, got 'no'$"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
@@ -859,6 +862,16 @@ def test_bad_arguments_name_argument_and_allowed_values():
         QuantizedLinear.from_bnb(linear)
     with pytest.raises(ValueError, match="in_features"):
         QuantizedLinear(0, 4)
+    for bias in ("yes", 0, None):
+        with pytest.raises(TypeError, match=rf"^bias: expected a bool, got {bias!r}$"):
+            QuantizedLinear(64, 8, bias=bias)
+    layer = QuantizedLinear.from_linear(linear, "nf4")
+    with pytest.raises(ValueError, match=r"^int8_activations: only an int8 layer .*scheme='nf4'"):
+        layer.int8_activations = True
+    int8 = QuantizedLinear.from_linear(linear, "int8")
+    with pytest.raises(TypeError, match=r"^int8_activations: expected a bool, got 'no'$"):
+        int8.int8_activations = "no"  # truthy: it turned the int8 kernel on
+    assert layer.int8_activations is False and int8.int8_activations is False
 
 
 def test_bad_input_and_weight():

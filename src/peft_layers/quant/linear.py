@@ -187,6 +187,8 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         _check_features(in_features, out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {bias!r}")
         _check_scheme(scheme)
         _check_compute_dtype(compute_dtype)
         if scheme == "int8":
@@ -203,9 +205,7 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = compute_dtype
         #: changes whenever the stored weight may have changed (requantize_, load_state_dict, .to)
         self.version = 0
-        #: int8 only: multiply with bitsandbytes' int8 kernel, activations quantized to int8 too
-        #: (faster, but no longer exactly x @ dequantize()^T; see docs/quantization.md)
-        self.int8_activations = False
+        self._int8_activations = False
         # (bitsandbytes module, its weight tensor) when built by from_bnb over shared storage;
         # a tuple, so that nn.Module does not register the module as a child
         self._bnb_source: tuple[nn.Module, Tensor] | None = None
@@ -665,6 +665,24 @@ class QuantizedLinear(nn.Module):
         """``x W^T`` without bias, in ``compute_dtype`` (under ``torch.autocast``: in its dtype);
         differentiable with respect to ``x`` only."""
         return self._apply_matmul(x, None)
+
+    @property
+    def int8_activations(self) -> bool:
+        """int8 only: multiply with bitsandbytes' int8 kernel, the activations quantized to int8
+        too (faster, but no longer exactly ``x @ dequantize()^T``; see docs/quantization.md).
+        Default False. A 4-bit layer takes only False."""
+        return getattr(self, "_int8_activations", False)  # absent in layers pickled by older versions
+
+    @int8_activations.setter
+    def int8_activations(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"int8_activations: expected a bool, got {value!r}")
+        if value and self.scheme != "int8":
+            raise ValueError(
+                f"int8_activations: only an int8 layer has bitsandbytes' int8 kernel; this layer has "
+                f"scheme={self.scheme!r}, so it takes only False"
+            )
+        self._int8_activations = value
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property

@@ -179,6 +179,11 @@ def _check_float_statistics(absmax: object, count: int, argument: str, what: Cal
         raise ValueError(f"{argument}: expected {count} values ({what()}), got {absmax.numel()}")
 
 
+def _check_float_dtype(dtype: object) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+
+
 def _check_code(code: Tensor) -> None:
     _check_tensor(code, "code", "a tensor of 256 values")
     if code.shape != (256,):
@@ -307,6 +312,7 @@ def dequantize_4bit(
         type(size) is not int or size < 0 for size in shape  # bool is not a size
     ):
         raise ValueError(f"shape: expected a tuple of ints >= 0, got {shape!r}")
+    _check_float_dtype(dtype)
     numel = math.prod(shape)
     _check_tensor(packed, "packed", "a tensor of packed 4-bit codes")
     raw = packed.reshape(-1)
@@ -440,6 +446,8 @@ def quantize(
     With ``double_quant`` the float32 absmax is replaced by ``quantize_blockwise(absmax - offset)``
     in blocks of 256, ``offset = mean(absmax)`` (float32 ``torch.mean``).
     """
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
     packed, absmax = quantize_4bit(weight, quant_type, blocksize)
     code = four_bit_code(quant_type).to(packed.device)
     state = Quantized4bit(packed, absmax, torch.Size(weight.shape), quant_type, blocksize, code)
@@ -506,4 +514,5 @@ def dequantize_int8_rowwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = 
     if codes.dim() != 2:
         raise ValueError(f"codes: expected an int8 (out, in) tensor, got shape {tuple(codes.shape)}")
     _check_float_statistics(absmax, codes.shape[0], "absmax", lambda: f"one per row of codes {tuple(codes.shape)}")
+    _check_float_dtype(dtype)
     return torch.mul(codes, absmax.float().view(-1, 1)).mul_(_INV_127).to(dtype)
