@@ -890,6 +890,29 @@ def test_bad_input_and_weight():
         QuantizedLinear.from_bnb(bnb.nn.Linear4bit(64, 8))  # quantized only by .to(device)
 
 
+@pytest.mark.parametrize("scheme, double_quant, magnitude", [
+    ("int8", False, 3e36),  # 127 * 3e36 > float32's 3.4e38
+    ("nf4", True, 1e35),    # the mean of 16384 block absmax of 1e35 overflows float32
+    ("fp4", True, 1e37),
+])
+def test_finite_weights_that_would_decode_to_inf_are_refused_changing_nothing(scheme, double_quant, magnitude):
+    # before: stored, then every decoded value (NF4) or the row (int8) came back inf or NaN
+    layer = QuantizedLinear.from_linear(_linear(1024, 1024), scheme, double_quant=double_quant)
+    state, version = {k: v.clone() for k, v in layer.state_dict().items()}, layer.version
+    huge = torch.randn(1024, 1024).clamp(-3, 3) / 3 * magnitude
+    with pytest.raises(ValueError, match=r"^weight: values up to .* would decode to inf in float32"):
+        layer.requantize_(huge)
+    assert layer.version == version
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    # a smaller weight (1e30, or 3e35 for int8) decodes finite and within the scheme's error
+    fine = huge / (magnitude / 1e30) if scheme != "int8" else huge / 10
+    layer.requantize_(fine)
+    decoded = layer.dequantize()
+    assert bool(torch.isfinite(decoded).all())
+    error = (decoded.double() - fine.double()).norm() / fine.double().norm()
+    assert error < (0.01 if scheme == "int8" else 0.2)
+
+
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("in_features", [128, 96])  # 96: blocks span rows, the reference codec decodes

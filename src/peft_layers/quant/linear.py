@@ -366,7 +366,7 @@ class QuantizedLinear(nn.Module):
                 f"(out_features, in_features) = {(module.out_features, module.in_features)}"
             )
         if converted:
-            layer._store_4bit(data, absmax.float())  # re-applies double quantization if nested
+            layer._store(layer._encode_4bit(data, absmax.float()))  # re-applies double quantization if nested
         else:
             layer._bnb_source = (module, data)
             layer.weight = nn.Parameter(data, requires_grad=False)
@@ -473,9 +473,11 @@ class QuantizedLinear(nn.Module):
             if not bool(torch.isfinite(dense).all()):
                 raise ValueError("weight: expected finite values, got NaN or inf")
             if self.scheme == "int8":
-                self._store_int8(dense)
+                tensors = self._encode_int8(dense)
             else:
-                self._store_4bit(*self._quantize_4bit(dense))
+                tensors = self._encode_4bit(*self._quantize_4bit(dense))
+            self._check_decodable(tensors, dense)
+            self._store(tensors)
         self.version += 1
         self._bnb_source = None
 
@@ -489,13 +491,39 @@ class QuantizedLinear(nn.Module):
         )
         return packed, state.absmax
 
-    def _store_4bit(self, packed: Tensor, absmax: Tensor) -> None:
-        """Store packed codes and a float32 absmax, double-quantizing the absmax if configured."""
-        self.weight.data = packed  # same Parameter object, new storage
-        self.code = ref.four_bit_code(self.scheme).to(packed.device)
+    def _store(self, tensors: dict[str, Tensor]) -> None:
+        """Replace the quantized tensors by ``tensors`` (by name; nothing is written in place)."""
+        for name, tensor in tensors.items():
+            if name == "weight":
+                self.weight.data = tensor  # same Parameter object, new storage
+            else:
+                setattr(self, name, tensor)
+
+    def _check_decodable(self, tensors: dict[str, Tensor], dense: Tensor) -> None:
+        """Refuse (``ValueError``) finite weights so large that their codes decode to inf or NaN:
+        int8 decodes ``code * absmax_row`` with codes up to 127; double quantization decodes the
+        absmax as ``nested * code + mean(absmax)``, whose float32 mean overflows first."""
+        if self.scheme == "int8":
+            decodable = torch.isfinite(tensors["absmax"].amax() * 127)
+            why = "int8 decodes codes up to 127 times the row's absmax"
+        elif self.double_quant:
+            decodable = torch.isfinite(tensors["nested_absmax"].abs().amax() + tensors["offset"].abs())
+            why = "double quantization decodes the absmax around their float32 mean"
+        else:
+            return  # levels within [-1, 1] times a finite absmax
+        if not bool(decodable):
+            raise ValueError(
+                f"weight: values up to {dense.abs().amax().item():.3g} would decode to inf in float32 "
+                f"({why}); scale the weight down"
+                + (", or build the layer with double_quant=False" if self.double_quant else "")
+            )
+
+    def _encode_4bit(self, packed: Tensor, absmax: Tensor) -> dict[str, Tensor]:
+        """The tensors that store packed codes and a float32 absmax, the absmax double-quantized
+        if configured."""
+        code = ref.four_bit_code(self.scheme).to(packed.device)
         if not self.double_quant:
-            self.absmax = absmax
-            return
+            return {"weight": packed, "code": code, "absmax": absmax}
         offset = absmax.mean()
         modules = _bnb.load()
         if modules is None:
@@ -508,12 +536,12 @@ class QuantizedLinear(nn.Module):
                 absmax - offset, blocksize=ref.DOUBLE_QUANT_BLOCKSIZE
             )
             nested_absmax, nested_code = nested.absmax, nested.code
-        self.absmax = qabsmax
-        self.nested_absmax = nested_absmax
-        self.nested_code = nested_code
-        self.offset = offset
+        return {
+            "weight": packed, "code": code, "absmax": qabsmax, "nested_absmax": nested_absmax,
+            "nested_code": nested_code, "offset": offset,
+        }
 
-    def _store_int8(self, dense: Tensor) -> None:
+    def _encode_int8(self, dense: Tensor) -> dict[str, Tensor]:
         modules = _bnb.load()
         if modules is None or dense.device.type != "cpu":
             # bitsandbytes' CUDA kernel takes float16 only: rows beyond 65504 would turn inf (and
@@ -522,8 +550,7 @@ class QuantizedLinear(nn.Module):
         else:
             codes, absmax, _ = modules[1].int8_vectorwise_quant(dense)
             codes[absmax == 0] = 0  # a zero row: bitsandbytes computes 0 * (127 / 0)
-        self.weight.data = codes
-        self.absmax = absmax.float()
+        return {"weight": codes, "absmax": absmax.float()}
 
     def _bnb_quant_state(self, functional: Any, dtype: torch.dtype) -> Any:
         """A bitsandbytes QuantState over this layer's tensors (no copies)."""
