@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,8 @@ def test_names_that_hugging_face_would_widen_are_saved_exactly(tmp_path: Path) -
     ``classifier`` would take ``pre_classifier`` too. Saving says so, and records the exact names
     for our loader, which then loads the file back (``pre_classifier``'s trained bias included)."""
     torch.manual_seed(0)
-    model = pl.inject_adapters(_PreClassifier(), ["body"], rank=2, bias="all", modules_to_save=["classifier"])
+    with pytest.warns(UserWarning, match=r"\['pre_classifier'\] stay frozen; Hugging Face PEFT"):
+        model = pl.inject_adapters(_PreClassifier(), ["body"], rank=2, bias="all", modules_to_save=["classifier"])
     with torch.no_grad():
         model.pre_classifier.bias.add_(1.0)
         model.classifier.trained.weight.add_(1.0)
@@ -403,6 +405,30 @@ def test_nested_modules_to_save_are_refused_and_a_module_named_trained_is_not_on
     assert type(model[1]) is nn.Sequential and type(model[0]) is nn.Linear
     state = {"trained.lora_A": torch.randn(2, 4), "trained.lora_B": torch.randn(4, 2)}
     assert set(pl.compose.combine_adapters([state, state], [0.5, 0.5])) == set(state)
+
+
+def test_a_name_hugging_face_peft_would_match_more_widely_warns_with_what_it_would_train() -> None:
+    # Hugging Face PEFT matches modules_to_save as plain string suffixes: "norm" also takes
+    # input_layernorm; we match whole dotted components, as for targets, and say what differs
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"]))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"}
+    with pytest.warns(UserWarning, match="Hugging Face PEFT matches plain string suffixes") as caught:
+        ours = pl.inject_adapters(copy.deepcopy(base), ["q_proj"], rank=2, modules_to_save=["norm"])
+    ours_saved = {n for n, _ in pl.model.iter_modules_to_save(ours)}
+    assert ours_saved == {"model.norm"}
+    listed = set(re.findall(r"'([\w.]+)'", str(caught[0].message)))
+    assert listed == wrapped - ours_saved and len(listed) == 4  # two norms in each of two layers
+    # naming what Hugging Face PEFT takes trains the same modules, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = pl.inject_adapters(copy.deepcopy(base), ["q_proj"], rank=2, modules_to_save=["norm", "input_layernorm", "post_attention_layernorm"])
+    assert {n for n, _ in pl.model.iter_modules_to_save(same)} == wrapped
+    assert pl.trainable_parameters(same) == tuple(theirs.get_nb_trainable_parameters())
 
 
 def test_module_to_save_rejects_what_is_not_a_module() -> None:

@@ -728,8 +728,14 @@ def _choose_modules_to_save(
     """The modules ``spec`` names (``inject_adapters``' ``modules_to_save``), each once, checked:
     every part matches; no match is or holds an adapter layer or a target, or is quantized."""
     chosen: dict[int, nn.Module] = {}
+    hugging_face_only: list[str] = []
     for part in _spec_parts(spec, "modules_to_save"):
         hits = [n for n, m in modules.items() if n and _part_matches(part, n, m)]
+        if isinstance(part, str):  # Hugging Face PEFT's rule: a plain string suffix
+            hugging_face_only += [
+                n for n, m in modules.items()
+                if n.endswith(part) and id(m) not in targets and not _inside_adapter(model, n)
+            ]
         if not hits:
             nearest = _nearest_names(part, [n for n in modules if n and not _inside_adapter(model, n)])[:20]
             raise ValueError(
@@ -750,6 +756,15 @@ def _choose_modules_to_save(
                 f"modules_to_save: {inner} lie inside {names[id(outer)]!r}, which is saved whole; "
                 "name one or the other"
             )
+    # not those named by another part, nor those inside a module saved whole
+    inside = tuple(f"{name}." for name, module in modules.items() if id(module) in chosen)
+    hugging_face_only = [n for n in hugging_face_only if id(modules[n]) not in chosen and not n.startswith(inside)]
+    if hugging_face_only:
+        _warn(
+            f"modules_to_save: a name matches whole dotted components here, as targets do, so "
+            f"{sorted(hugging_face_only)} stay frozen; Hugging Face PEFT matches plain string "
+            "suffixes and would train them in full too. Name them as well to train them as it does"
+        )
     return list(chosen.values())
 
 
