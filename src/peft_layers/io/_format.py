@@ -239,6 +239,10 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             raise ValueError(f"{path}: expected a dict of name -> Tensor")
     float32_max = torch.finfo(torch.float32).max
     for key, tensor in tensors.items():
+        # a pickled .bin can hold any tensor: only dense ones with values can be checked and copied
+        if tensor.layout != torch.strided or tensor.is_meta:
+            where = "on the meta device (no values)" if tensor.is_meta else f"of layout {tensor.layout}"
+            raise ValueError(f"{path}: tensor {key!r} is {where}; expected a dense tensor with values")
         if not tensor.is_floating_point():
             continue
         if tensor.dtype not in _DTYPES.values():  # float8: no isfinite, and no adapter layer holds it
@@ -293,6 +297,75 @@ def _target_matches(target_modules: Any, name: str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(_suffix_matches(t, name) for t in target_modules)
+
+
+@dataclass(frozen=True)
+class _LayerSelection:
+    """The config fields beside ``target_modules`` by which Hugging Face PEFT leaves a module
+    without an adapter (its ``check_target_module_exists``): ``exclude_modules`` (a regex matching
+    the whole name, or a list of names and name suffixes), and for a list of ``target_modules``,
+    ``layers_to_transform`` (layer indices; the index is the number after ``layers_pattern``, or
+    after the first dotted component followed by a number when there is no pattern)."""
+
+    exclude: str | list[str] | None
+    layers: int | list[int] | None
+    patterns: list[str]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], path: Path) -> _LayerSelection:
+        exclude = config.get("exclude_modules") or None
+        if exclude is not None:
+            names = [exclude] if isinstance(exclude, str) else exclude
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{path}: exclude_modules must be a regex string or a list of names, got {exclude!r}")
+            if isinstance(exclude, str):
+                _compile_or_raise(exclude, "exclude_modules", path)
+        layers = config.get("layers_to_transform")
+        if layers == []:
+            layers = None
+        if layers is not None and not (
+            _is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))
+        ):
+            raise ValueError(f"{path}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        patterns = config.get("layers_pattern") or []
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"{path}: layers_pattern must be a name or a list of names, got {config.get('layers_pattern')!r}")
+        for pattern in patterns:
+            _compile_or_raise(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", f"layers_pattern {pattern!r}", path)
+        return cls(exclude, layers, patterns)
+
+    def why_left_out(self, module: str, *, list_targets: bool) -> str | None:
+        """Which field leaves ``module`` (matched by ``target_modules``) without an adapter, or None."""
+        if isinstance(self.exclude, str):
+            if re.fullmatch(self.exclude, module):
+                return f"exclude_modules={self.exclude!r} excludes it"
+        elif self.exclude is not None and any(_suffix_matches(name, module) for name in self.exclude):
+            return f"exclude_modules={self.exclude!r} excludes it"
+        if self.layers is None or not list_targets:  # a regex target_modules ignores the layer fields
+            return None
+        if self.patterns:
+            found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in self.patterns)
+            match = next((m for m in found if m is not None), None)
+        else:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        index = int(match.group("idx")) if match is not None else None
+        wanted = [self.layers] if isinstance(self.layers, int) else self.layers
+        if index in wanted:
+            return None
+        where = f"its layer index is {index}" if index is not None else "it has no layer index"
+        return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _compile_or_raise(pattern: str, name: str, path: Path) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{path}: {name} is not a valid regex ({error})") from None
 
 
 def _our_field(
@@ -557,6 +630,7 @@ def _parse(
             re.compile(target_modules)
         except re.error as error:
             raise ValueError(f"{cp}: target_modules {target_modules!r} is not a valid regex ({error})") from None
+    selection = _LayerSelection.from_config(config, cp)
     ours, ours_path = _our_field(config, metadata, cp, weights_path)
     method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
     # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
@@ -676,6 +750,12 @@ def _parse(
         if target_modules is not None and not _target_matches(target_modules, module):
             raise ValueError(
                 f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
+            )
+        left_out = selection.why_left_out(module, list_targets=not isinstance(target_modules, str))
+        if left_out is not None:  # Hugging Face PEFT would load no adapter there: the file contradicts itself
+            raise ValueError(
+                f"{wp}: module {module!r} has adapter tensors, but {cp.name} leaves it out: {left_out} "
+                "(Hugging Face PEFT would load no adapter there)"
             )
         modules[module] = ModuleAdapter(module, a, b, m, base_bias, rank, alpha, base_weight)
     if not modules:
