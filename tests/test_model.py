@@ -627,10 +627,33 @@ def test_prepare_for_kbit_training_enables_checkpointed_training() -> None:
     assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0 for _, layer in iter_adapter_layers(model))
 
 
+def test_prepare_for_kbit_training_checkpoints_a_transformers_model_as_it_trains_plainly() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)  # the same A
+        model = pl.inject_lora(copy.deepcopy(base), "q_proj", rank=2)
+        randomize_adapters(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # transformers 5's deprecated name warns
+            pl.prepare_for_kbit_training(model, gradient_checkpointing=checkpointed)
+        assert model.is_gradient_checkpointing == checkpointed
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([layer.lora_B.grad for _, layer in iter_adapter_layers(model)])
+    for plain, checkpointed in zip(*grads):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_prepare_for_kbit_training_without_checkpointing_support_changes_nothing() -> None:
     model = tiny_model().to(torch.bfloat16)
     before = [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()]
-    with pytest.raises(ValueError, match="gradient_checkpointing: TinyTransformer has no gradient_checkpointing_enable"):
+    with pytest.raises(ValueError, match=r"gradient_checkpointing: TinyTransformer has no gradient_checkpointing_enable\(\) \(nor activation"):
         pl.prepare_for_kbit_training(model, gradient_checkpointing=True)
     assert [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
     assert all(not m._forward_hooks for m in model.modules())

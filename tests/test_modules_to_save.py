@@ -263,8 +263,13 @@ def test_names_that_hugging_face_would_widen_are_saved_exactly(tmp_path: Path) -
     ``classifier`` would take ``pre_classifier`` too. Saving says so, and records the exact names
     for our loader, which then loads the file back (``pre_classifier``'s trained bias included)."""
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"\['pre_classifier'\] stay frozen; Hugging Face PEFT"):
+    with pytest.warns(UserWarning, match=r"\['pre_classifier'\] are not trained in full; Hugging Face PEFT"):
         model = pl.inject_adapters(_PreClassifier(), ["body"], rank=2, bias="all", modules_to_save=["classifier"])
+    # an adapter layer (from an earlier call) cannot be a module to save: nothing to advise
+    other = pl.inject_adapters(_PreClassifier(), ["pre_classifier"], rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pl.inject_adapters(other, ["body"], rank=2, modules_to_save=["classifier"])
     with torch.no_grad():
         model.pre_classifier.bias.add_(1.0)
         model.classifier.trained.weight.add_(1.0)

@@ -9,6 +9,7 @@ errors.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 
 import pytest
@@ -872,6 +873,24 @@ def test_bad_arguments_name_argument_and_allowed_values():
     with pytest.raises(TypeError, match=r"^int8_activations: expected a bool, got 'no'$"):
         int8.int8_activations = "no"  # truthy: it turned the int8 kernel on
     assert layer.int8_activations is False and int8.int8_activations is False
+
+
+def test_a_layer_pickled_with_int8_activations_as_a_plain_attribute_keeps_it():
+    # before the checked property, the setting was an instance attribute: a pickle of such a layer
+    # must still run bitsandbytes' int8 kernel, not the exact path
+    layer = QuantizedLinear.from_linear(_linear(8, 64), "int8")
+    del layer.__dict__["_int8_activations"]
+    layer.__dict__["int8_activations"] = True  # as the older version stored it
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.int8_activations is True
+    x = torch.randn(3, 64)
+    exact = x @ loaded.dequantize().T + loaded.bias
+    assert not torch.equal(loaded(x), exact)  # the int8 kernel rounds the activations
+    loaded.int8_activations = False
+    torch.testing.assert_close(loaded(x), exact, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input_and_weight():

@@ -4,7 +4,7 @@ LoRA, LoRA+, DoRA, QLoRA and QDoRA layers, the model surgery around them and a q
 backend over bitsandbytes. See ``docs/`` for the user guide and the math.
 """
 
-from . import compose, io, quant
+from . import compose, io, quant  # io: not in __all__, where it would shadow the standard library's
 from .adapter import AdapterMixin
 from .dora import DoRALinear
 from .io import load_adapter, save_adapter
@@ -46,7 +46,6 @@ __all__ = [
     "disable_adapters",
     "inject_adapters",
     "inject_lora",
-    "io",
     "load_adapter",
     "load_adapter_state_dict",
     "loraplus_param_groups",

@@ -193,7 +193,8 @@ class AdapterMixin:
 
     State: ``merged`` is True while the delta lives inside the base weight; then
     ``forward(x) == base_layer(x)``. A merged layer is always enabled: disabling a merged layer
-    raises, and :meth:`disable_adapter` unmerges for the duration of the block.
+    raises, and :meth:`disable_adapter` unmerges for the duration of the block (a merged layer
+    over a quantized base refuses it: each block would requantize twice).
     """
 
     base_layer: nn.Module
@@ -373,7 +374,8 @@ class AdapterMixin:
         if self.merged and not enabled:
             raise ValueError(
                 "adapter_enabled: cannot disable the adapter of a merged layer; unmerge() first "
-                "or use the disable_adapter() context manager, which unmerges for you"
+                "or use the disable_adapter() context manager, which unmerges for you (but for a "
+                "quantized base, which it would requantize twice: unmerge() that one first)"
             )
         self._adapter_enabled = enabled
 

@@ -734,7 +734,7 @@ def _choose_modules_to_save(
         if isinstance(part, str):  # Hugging Face PEFT's rule: a plain string suffix
             hugging_face_only += [
                 n for n, m in modules.items()
-                if n.endswith(part) and id(m) not in targets and not _inside_adapter(model, n)
+                if n.endswith(part) and _module_to_save_refusal(model, n, m, targets) is None
             ]
         if not hits:
             nearest = _nearest_names(part, [n for n in modules if n and not _inside_adapter(model, n)])[:20]
@@ -762,8 +762,9 @@ def _choose_modules_to_save(
     if hugging_face_only:
         _warn(
             f"modules_to_save: a name matches whole dotted components here, as targets do, so "
-            f"{sorted(hugging_face_only)} stay frozen; Hugging Face PEFT matches plain string "
-            "suffixes and would train them in full too. Name them as well to train them as it does"
+            f"{sorted(hugging_face_only)} are not trained in full; Hugging Face PEFT matches plain "
+            "string suffixes and would train them in full too. Name them as well to train them as "
+            "it does"
         )
     return list(chosen.values())
 
@@ -1064,8 +1065,18 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     twice, and the rounding compounds: unmerge it first). Stacked adapters (serving) use ``set_adapter(model, None)``.
     """
     layers = _adapter_layers_or_raise(model, "disable_adapters()")
-    for _, layer in layers:  # every refusal before the first change
-        layer._check_disable()
+    refused = []
+    for name, layer in layers:  # every refusal before the first change
+        try:
+            layer._check_disable()
+        except ValueError as error:
+            refused.append((name, error))
+    if refused:
+        name, error = refused[0]
+        raise ValueError(
+            f"disable_adapters(): {len(refused)} layer(s) refuse it, {[n for n, _ in refused][:10]}; "
+            f"the first, {name!r}: {error} (pl.unmerge_adapters(model) unmerges every layer)"
+        ) from None
     with contextlib.ExitStack() as stack:
         blocks: list[tuple[str, LoRALinear | ModuleToSave]] = [*layers, *iter_modules_to_save(model)]
         for _, block in blocks:
@@ -1302,17 +1313,23 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
       checkpointed blocks, whose inputs would otherwise not require grad, still backpropagate into
       the adapters inside them. Without an embedding layer, nothing is hooked.
     - with ``gradient_checkpointing=True``, calls the model's ``gradient_checkpointing_enable()``
+      (``activation_checkpointing_enable()``, its name since transformers 5, where it has it)
       (Hugging Face models have it; for other models it raises ``ValueError`` before anything is
       changed: wrap blocks with ``torch.utils.checkpoint.checkpoint`` yourself).
     """
     _check_model(model)
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    # transformers 5 renamed it activation_checkpointing_enable (the old name warns FutureWarning
+    # and calls it; the new one still calls a subclass's override of the old one)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if not callable(enable):
+        enable = getattr(model, "gradient_checkpointing_enable", None)
     if gradient_checkpointing and not callable(enable):
         raise ValueError(
-            f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
-            "wrap its blocks with torch.utils.checkpoint.checkpoint instead"
+            f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable() "
+            "(nor activation_checkpointing_enable()); wrap its blocks with "
+            "torch.utils.checkpoint.checkpoint instead"
         )
     adapter_tensors = {id(p) for _, layer in iter_adapter_layers(model) for p in layer.adapter_parameters()}
     if not adapter_tensors:

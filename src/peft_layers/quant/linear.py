@@ -698,7 +698,8 @@ class QuantizedLinear(nn.Module):
         """int8 only: multiply with bitsandbytes' int8 kernel, the activations quantized to int8
         too (faster, but no longer exactly ``x @ dequantize()^T``; see docs/quantization.md).
         Default False. A 4-bit layer takes only False."""
-        return getattr(self, "_int8_activations", False)  # absent in layers pickled by older versions
+        state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
+        return state.get("_int8_activations", state.get("int8_activations", False))
 
     @int8_activations.setter
     def int8_activations(self, value: bool) -> None:
