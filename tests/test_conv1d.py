@@ -180,7 +180,8 @@ def test_gpt2_merge_and_unload_keeps_what_trains_as_hugging_face_peft(bias: str)
     # the merge; every frozen weight stays frozen
     peft = pytest.importorskip("peft")
     ours_bias = {"lora_only": "adapter_only"}.get(bias, bias)
-    ours = pl.inject_adapters(gpt2(), ["c_attn"], bias=ours_bias, rank=4, modules_to_save=["lm_head"])
+    with pytest.warns(UserWarning, match="tied weights"):  # lm_head shares wte's weight
+        ours = pl.inject_adapters(gpt2(), ["c_attn"], bias=ours_bias, rank=4, modules_to_save=["lm_head"])
     ours.transformer.wpe.weight.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
