@@ -288,6 +288,14 @@ def test_target_that_matches_nothing_lists_linear_names_nearest_first() -> None:
         pl.inject_lora(tiny_model(), ["q_proj", "nothing"])
 
 
+def test_a_model_that_is_itself_a_linear_layer_is_pointed_to_from_linear() -> None:
+    linear = nn.Linear(4, 4)
+    for targets in ([""], "q"):
+        with pytest.raises(ValueError, match=r"layers are \(nearest first\): \[\]; the model is itself a linear layer.*LoRALinear\.from_linear\(model\)"):
+            pl.inject_lora(linear, targets)
+    assert not list(linear.named_children())
+
+
 def test_target_that_is_not_linear() -> None:
     with pytest.raises(TypeError, match="LayerNorm"):
         pl.inject_lora(tiny_model(), "norm1")

@@ -327,6 +327,8 @@ def test_tools_for_trained_adapters_name_the_stacks(two_adapters, tmp_path: Path
         (pl.merge_and_unload, r"merge_and_unload\(\)"),
         (pl.merge_adapters, r"merge_adapters\(\)"),
         (lambda m: pl.save_adapter(m, tmp_path / "out"), r"save_adapter\(\)"),
+        (pl.adapter_state_dict, r"adapter_state_dict\(\)"),  # gave {}: the stacked adapters are not its
+        (lambda m: pl.load_adapter_state_dict(m, {}), r"load_adapter_state_dict\(\)"),
     ]:
         with pytest.raises(ValueError, match=caller + r": the model's adapters are stacked for serving.*unload\(model\)"):
             call(model)
@@ -573,6 +575,39 @@ def test_a_hook_on_a_stacks_base_sees_the_base_output() -> None:
         out = stack(x)
     torch.testing.assert_close(seen[0].double(), x.double() @ base.weight.double().t() + base.bias.double())
     assert not torch.equal(out, seen[0])
+
+
+def test_an_adapter_for_the_model_itself_is_refused_changing_nothing() -> None:
+    # combine_adapters writes the keys of a model that is one linear layer as "lora_A"/"lora_B";
+    # before, the stack was set as a child named "" of the layer itself: a cycle, no adapter applied
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"module '': the adapter is for the model itself.*MultiLoRALinear\(model\)"):
+        pl.stack_adapters(linear, {"a": {"lora_A": torch.randn(2, 4), "lora_B": torch.randn(4, 2)}})
+    assert not list(linear.named_children())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(linear(x), x @ linear.weight.t() + linear.bias)
+
+
+def test_a_global_forward_hook_sees_the_base_output_of_a_stacks_base() -> None:
+    # activation-capture tools hook every module globally: the base's output they hold must stay
+    # the base's, not become the stack's output by the in-place update
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    stack = pl.MultiLoRALinear(base)
+    stack.add_adapter("a", torch.randn(2, 6), torch.randn(4, 2), 0.5)
+    stack.active_adapter = "a"
+    seen = {}
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.setdefault(id(module), out)
+    )
+    x = torch.randn(3, 6)
+    try:
+        with torch.no_grad():
+            out = stack(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[id(base)].double(), x.double() @ base.weight.double().t() + base.bias.double())
+    assert torch.equal(seen[id(stack)], out) and not torch.equal(out, seen[id(base)])
 
 
 def test_a_stack_over_a_bitsandbytes_base_serves_under_autocast() -> None:

@@ -561,7 +561,7 @@ def inject_adapters(
     modules = dict(model.named_modules(remove_duplicate=False))
     linear_names = [
         n for n, m in modules.items()
-        if _accepts(m, _layer_method(m, method, scope(n))) and not _inside_adapter(model, n)
+        if n and _accepts(m, _layer_method(m, method, scope(n))) and not _inside_adapter(model, n)
     ]
 
     chosen: dict[int, str] = {}  # id of each module to wrap -> its method, in order of first match
@@ -576,6 +576,11 @@ def inject_adapters(
                 hint = f"; {ALL_LINEAR!r} stands for every linear layer as targets itself, not in a list"
             elif isinstance(part, str) and re.search(r"[\\*+?|()\[\]^$]", part):
                 hint = "; a str is a name suffix, never a regex: pass re.compile(...) or a callable"
+            elif not linear_names and _accepts(model, _layer_method(model, method, scope(""))):
+                hint = (
+                    "; the model is itself a linear layer, which cannot be replaced in place: wrap it "
+                    f"with {method_class(method).__name__}.from_linear(model)"
+                )
             raise ValueError(
                 f"targets: {_describe(part)} matches no module of {type(model).__name__}; "
                 f"its linear layers are (nearest first): {nearest}{hint}"
@@ -1188,8 +1193,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; and
     the state of each module to save's trained copy (``"<path>.trained.weight"``, ...). Paths
     are those of the model inside ``torch.compile``'s and data-parallel wrappers
-    (:func:`unwrapped`)."""
+    (:func:`unwrapped`). A model without adapters gives an empty dict; a model whose adapters are
+    stacked for serving raises ``ValueError`` (they are not trainable layers: ``unload`` first)."""
     model = unwrapped(model)
+    if _stacked_layers(model) and not any(True for _ in iter_adapter_layers(model)):
+        _adapter_layers_or_raise(model, "adapter_state_dict()")  # says what to do with the stacks
     state: dict[str, Tensor] = {}
     for name, layer in iter_adapter_layers(model):
         prefix = f"{name}." if name else ""
@@ -1220,6 +1228,8 @@ def load_adapter_state_dict(
         raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict: expected a bool, got {strict!r}")
+    if _stacked_layers(model) and not any(True for _ in iter_adapter_layers(model)):
+        _adapter_layers_or_raise(model, "load_adapter_state_dict()")
     expected = adapter_state_dict(model)
     if not expected:
         raise ValueError("load_adapter_state_dict(): model has no adapter layers; inject_adapters() first")

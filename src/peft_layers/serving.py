@@ -166,8 +166,10 @@ class MultiLoRALinear(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         # serving (nothing needs a gradient): add into the base output instead of copying it,
-        # unless hooks on the base layer may hold that output
-        in_place = not out.requires_grad and out.is_contiguous() and not has_hooks(self.base_layer)
+        # unless hooks may hold that output: the base layer's own, or global module forward hooks
+        # (nn.modules.module.register_module_forward_hook, e.g. activation-capture tools)
+        hooked = has_hooks(self.base_layer) or bool(nn.modules.module._global_forward_hooks)
+        in_place = not out.requires_grad and out.is_contiguous() and not hooked
         rows = self.row_adapters
         if rows is None:
             name = self.active_adapter
@@ -321,6 +323,12 @@ def stack_adapters(
     replaced: dict[int, nn.Module] = {}  # id -> a module a new stack replaces
 
     def stack_at(path: str, where: str) -> MultiLoRALinear:
+        if path == "":
+            raise ValueError(
+                f"{where}: the adapter is for the model itself, a linear layer, which cannot be "
+                "replaced in place; wrap it instead: stack = MultiLoRALinear(model), then "
+                "stack.add_adapter(name, lora_A, lora_B, scaling)"
+            )
         module = modules.get(path)
         if module is None:
             linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear)) or is_conv1d(m)][:20]
