@@ -433,11 +433,17 @@ def test_subfolder_adapters(tmp_path: Path) -> None:
     assert torch.equal(load_adapter(base_net(), tmp_path, adapter_name="math").eval()(x), math_(x))
     with pytest.raises(FileNotFoundError, match=r"\['default', 'math'\]"):
         load_adapter(base_net(), tmp_path, adapter_name="code")
-    for bad in ("", "..", "a/b"):
-        with pytest.raises(ValueError, match="adapter_name"):
+    for bad in ("", "..", "a/b", "a\0b"):  # NUL: a bare "embedded null byte" before
+        with pytest.raises(ValueError, match="^adapter_name: expected a folder name"):
             save_adapter(default, tmp_path, adapter_name=bad)
+    with pytest.raises(ValueError, match="^directory: a path cannot hold a NUL"):
+        save_adapter(default, str(tmp_path) + "\0x")
     with pytest.raises(TypeError, match="adapter_name"):
         load_adapter(base_net(), tmp_path, adapter_name=3)
+    (tmp_path / "notes").write_text("a file")  # FileExistsError from mkdir before
+    with pytest.raises(NotADirectoryError, match=r"^adapter_name: .*notes' is a file"):
+        save_adapter(default, tmp_path, adapter_name="notes")
+    assert (tmp_path / "notes").read_text() == "a file"
 
 
 def test_shared_module_is_saved_once_and_injected_under_every_name(tmp_path: Path) -> None:
@@ -991,6 +997,46 @@ def test_non_float_and_non_finite_tensors(saved_lora: Path) -> None:
     model = base_net()
     load_adapter(model, saved_lora)
     assert torch.equal(model.fc.lora_B, original)
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_a_bin_with_tensors_without_dense_values_is_refused(saved_lora: Path, kind: str) -> None:
+    # a pickled .bin can hold them: raw torch errors before, and a meta buffer of a module to save
+    # failed after the adapter tensors were copied into the model
+    tensors = load_file(saved_lora / "adapter_model.safetensors")
+    (saved_lora / "adapter_model.safetensors").unlink()
+    key = "base_model.model.fc.lora_A.weight"
+    tensors[key] = torch.empty(tensors[key].shape, device="meta") if kind == "meta" else tensors[key].to_sparse()
+    torch.save(tensors, saved_lora / "adapter_model.bin")
+    where = "on the meta device" if kind == "meta" else "of layout torch.sparse_coo"
+    assert_load_fails(saved_lora, ValueError, rf"adapter_model.bin: tensor '{key}' is {where}.*; expected a dense tensor")
+
+
+def test_a_config_that_leaves_out_a_module_the_file_holds_is_refused(saved_lora: Path) -> None:
+    # Hugging Face PEFT would load no adapter there; loading one gave other outputs than theirs
+    edit_config(saved_lora, lambda c: c.update(exclude_modules=["block.out"]))
+    assert_load_fails(saved_lora, ValueError, r"module 'block.out' has adapter tensors, but adapter_config.json leaves it out: exclude_modules=\['block.out'\] excludes it")
+    edit_config(saved_lora, lambda c: c.update(exclude_modules=None, layers_to_transform=[0]))
+    assert_load_fails(saved_lora, ValueError, r"module '[\w.]+' has adapter tensors, .*it has no layer index, not in layers_to_transform=\[0\]")
+    edit_config(saved_lora, lambda c: c.update(layers_to_transform=None, exclude_modules="nothing"))
+    load_adapter(base_net(), saved_lora)  # an exclusion that leaves out nothing the file holds
+
+
+def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Path) -> None:
+    # finite in the file's float32, inf once copied into a float16 model (and save_adapter refused it)
+    source = inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), ["0"], rank=2, bias="adapter_only", modules_to_save=["1"])
+    save_adapter(source, tmp_path)
+    for key in ("base_model.model.0.base_layer.bias", "base_model.model.1.weight"):
+        edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1e5))
+        for half in (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), ["0"], rank=2, bias="adapter_only", modules_to_save=["1"])):
+            before = snapshot(half)
+            with pytest.raises(ValueError, match=r"holds values up to 1e\+05, beyond the range of the model's torch.float16"):
+                load_adapter(half, tmp_path)
+            assert_unchanged(half, before)
+        edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1.0))
+    half = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half()
+    load_adapter(half, tmp_path)  # in range: loads, rounded to float16
+    assert torch.isfinite(half[0].bias).all() and torch.isfinite(half[1].trained.weight).all()
 
 
 def test_save_refuses_non_finite_tensors_it_could_not_load_back(tmp_path: Path) -> None:

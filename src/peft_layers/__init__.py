@@ -4,9 +4,11 @@ LoRA, LoRA+, DoRA, QLoRA and QDoRA layers, the model surgery around them and a q
 backend over bitsandbytes. See ``docs/`` for the user guide and the math.
 """
 
-from . import compose, io, quant  # io: not in __all__, where it would shadow the standard library's
+from . import compose, quant
 from .adapter import AdapterMixin
 from .dora import DoRALinear
+# importing from the submodule binds it too: pl.io, left out of __all__, where a star import would
+# shadow the standard library's io
 from .io import load_adapter, save_adapter
 from .lora import LoRALinear, LoRAPlusLinear
 from .model import (

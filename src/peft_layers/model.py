@@ -1077,10 +1077,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         except ValueError as error:
             refused.append((name, error))
     if refused:
-        name, error = refused[0]
+        first_name, first_error = refused[0]
         raise ValueError(
             f"disable_adapters(): {len(refused)} layer(s) refuse it, {[n for n, _ in refused][:10]}; "
-            f"the first, {name!r}: {error} (pl.unmerge_adapters(model) unmerges every layer)"
+            f"the first, {first_name!r}: {first_error} (pl.unmerge_adapters(model) unmerges every layer)"
         ) from None
     with contextlib.ExitStack() as stack:
         blocks: list[tuple[str, LoRALinear | ModuleToSave]] = [*layers, *iter_modules_to_save(model)]

@@ -149,10 +149,10 @@ def _check_adapter_name(adapter_name: Any) -> str:
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name: expected a str or None, got {type(adapter_name).__name__}")
     separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not adapter_name or adapter_name in (".", "..") or any(s in adapter_name for s in separators):
+    if not adapter_name or adapter_name in (".", "..") or any(s in adapter_name for s in [*separators, "\0"]):
         raise ValueError(
-            f"adapter_name: expected a folder name (non-empty, no path separator, not '.' or '..'), "
-            f"got {adapter_name!r}"
+            f"adapter_name: expected a folder name (non-empty, no path separator or NUL, not '.' or "
+            f"'..'), got {adapter_name!r}"
         )
     return adapter_name
 
@@ -163,6 +163,8 @@ def _check_directory(directory: Any) -> Path:
     # Path("") is ".": an unset variable would save into (or load from) the working directory
     if os.fspath(directory) in ("", b""):
         raise ValueError("directory: expected a path, got an empty one (write '.' for the working directory)")
+    if "\0" in str(os.fspath(directory)):
+        raise ValueError(f"directory: a path cannot hold a NUL character, got {os.fspath(directory)!r}")
     path = Path(directory)
     if path.is_file():
         raise NotADirectoryError(

@@ -267,7 +267,35 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
             f"(it has {list(adapter.modules)})"
         )
     _check_alias_biases(model, adapter)
-    return _FillPlan(list(planned.values()), _plan_other_biases(model, adapter), _plan_saved_modules(model, adapter))
+    plan = _FillPlan(list(planned.values()), _plan_other_biases(model, adapter), _plan_saved_modules(model, adapter))
+    _check_ranges(plan, adapter)
+    return plan
+
+
+def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
+    """Refuse values that the model's tensors cannot hold: a float32 value past 65504 would load
+    into a float16 bias, base weight or module to save as inf (the file's own values are finite)."""
+    pairs: list[tuple[str, Tensor | None, Tensor | None]] = []
+    for layer, module in plan.layers:
+        pairs += [
+            (f"{module.path}.lora_A", layer.lora_A, module.lora_A),
+            (f"{module.path}.lora_B", layer.lora_B, module.lora_B),
+            (f"{module.path}.base_layer.bias", layer.bias, module.bias),
+            (f"{module.path}.base_layer.weight", getattr(layer.base_layer, "weight", None), module.base_weight),
+        ]
+    pairs += [("a bias of the model", bias, tensor) for bias, tensor in plan.biases]
+    for saved, state in plan.saved:
+        own = saved.trained.state_dict()
+        pairs += [(f"a module to save's {key}", own[key], tensor) for key, tensor in state.items()]
+    for name, held, value in pairs:
+        if held is None or value is None or not held.is_floating_point() or not value.numel():
+            continue
+        largest = torch.finfo(held.dtype).max
+        if torch.finfo(value.dtype).max > largest and float(value.abs().max()) > largest:
+            raise ValueError(
+                f"{adapter.directory}: {name} holds values up to {float(value.abs().max()):.3g}, beyond "
+                f"the range of the model's {held.dtype} (largest {largest:.3g}): they would load as inf"
+            )
 
 
 def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:

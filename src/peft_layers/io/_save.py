@@ -399,6 +399,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
         WEIGHTS_NAME: save(tensors, metadata=metadata),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
     }
+    if adapter_name is not None and folder.is_file():
+        raise NotADirectoryError(
+            f"adapter_name: {str(folder)!r} is a file; the adapter {adapter_name!r} is saved into a "
+            "folder of that name"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomically(folder, files)
     _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
