@@ -120,6 +120,11 @@ def test_svd_default_rank_is_the_largest_adapter_rank() -> None:
     pairs = [random_pair(2, 30, 40, 1), random_pair(6, 30, 40, 2)]
     lora_A, lora_B = combine(pairs, [1.0, 1.0], method="svd")
     assert lora_A.shape == (6, 30) and lora_B.shape == (40, 6)
+    # a NumPy integer is a rank too (refused before), and gives what the int gives
+    numpy = pytest.importorskip("numpy")
+    by_numpy = combine(pairs, [1.0, 1.0], method="svd", rank=numpy.int64(3))
+    by_int = combine(pairs, [1.0, 1.0], method="svd", rank=3)
+    assert all(torch.equal(a, b) for a, b in zip(by_numpy, by_int)) and by_numpy[0].shape == (3, 30)
 
 
 @given(rank=st.integers(1, 5), data=st.data())
@@ -315,6 +320,7 @@ pair = random_pair(2, 6, 5, 0)
         (lambda: combine([pair], [float("nan")]), ValueError, r"weights\[0\]: expected a finite number, got nan"),
         (lambda: combine([pair], [1.0], rank=2), ValueError, r"rank: applies to method='svd' only, got rank=2 with method='cat'"),
         (lambda: combine([pair], [1.0], method="svd", rank=0), ValueError, "rank: expected a positive int or None, got 0"),
+        (lambda: combine([pair], [1.0], method="svd", rank=2.0), ValueError, "rank: expected a positive int or None, got 2.0"),
         (lambda: combine([pair], [1.0], method="svd", rank=6), ValueError, r"rank: 6 exceeds min\(out, in\) = 5"),
         (lambda: combine([(pair[0], pair[1][:, :1])], [1.0]), ValueError, r"adapters\[0\]: expected A \(rank, in\) and B \(out, rank\)"),
         (lambda: combine([(pair[0].long(), pair[1])], [1.0]), ValueError, r"adapters\[0\]: A and B must be floating"),

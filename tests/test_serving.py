@@ -179,7 +179,8 @@ def test_add_adapter_rejects_bad_input() -> None:
         (("a", lora_A.long(), lora_B, 1.0), TypeError, "lora_A: expected a floating Tensor"),
         (("a", lora_A, [[0.0]], 1.0), TypeError, "lora_B: expected a floating Tensor"),
         (("a", lora_A, lora_B, float("inf")), ValueError, "scaling: expected a finite real number, got inf"),
-        (("a", lora_A, lora_B, True), ValueError, "scaling: expected a finite real number, got True"),
+        (("a", lora_A, lora_B, True), TypeError, "scaling: expected a finite real number, got bool True"),
+        (("a", lora_A, lora_B, torch.tensor(1.0)), TypeError, r"scaling: expected a finite real number, got Tensor tensor\(1\.\)"),
         (("a", lora_A, torch.zeros(3, 2), 1.0), ValueError, r"adapter 'a': A \(2, 5\) and B \(3, 2\) do not fit"),
     ]
     for arguments, error, match in cases:

@@ -75,9 +75,10 @@ def _check_rank_argument(rank: object, method: str) -> int | None:
             f"rank: applies to method='svd' only, got rank={rank!r} with method={method!r} "
             "('cat' gives the sum of the ranks, 'linear' keeps the common rank)"
         )
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    # numbers.Integral: a NumPy integer (a rank read off an array) is an int too
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"rank: expected a positive int or None, got {rank!r}")
-    return rank
+    return int(rank)
 
 
 def _factors_of(adapter: object, where: str) -> tuple[Tensor, Tensor, float]:

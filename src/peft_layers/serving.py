@@ -117,7 +117,9 @@ class MultiLoRALinear(nn.Module):
         for argument, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
                 raise TypeError(f"{argument}: expected a floating Tensor, got {tensor!r:.80}")
-        if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(scaling):
+        if isinstance(scaling, bool) or not isinstance(scaling, Real):
+            raise TypeError(f"scaling: expected a finite real number, got {type(scaling).__name__} {scaling!r}")
+        if not math.isfinite(scaling):
             raise ValueError(f"scaling: expected a finite real number, got {scaling!r}")
         self.check_adapter(name, lora_A, lora_B, f"adapter {name!r}")
         device = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), lora_A).device
