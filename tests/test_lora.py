@@ -612,6 +612,61 @@ def test_hooks_on_the_base_layer_see_and_change_the_base_output(cls, replace, gr
                        what="B gradient")
 
 
+class _ScaledLinear(nn.Linear):
+    """An ``nn.Linear`` with a forward of its own (as scaled, clamped or low-precision linears)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+def test_a_linear_subclass_with_its_own_forward_is_called_in_every_mode(cls, grad):
+    # the fused training step computed x W0^T + b from the weight: training and evaluation then
+    # optimised and served different functions (Hugging Face PEFT calls the base layer)
+    torch.manual_seed(0)
+    layer = cls.from_linear(_ScaledLinear(12, 10), rank=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = _x((5,)).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    base = 2.0 * (f64(x) @ f64(layer.weight).t() + f64(layer.bias))
+    update = f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling
+    assert_close64(y, base + update, 1e-5, what="output over the subclass")
+    if grad:
+        g = torch.randn(5, 10, dtype=torch.float64)
+        y.backward(g.to(y.dtype))
+        expected = g @ (2.0 * f64(layer.weight) + layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A))
+        assert_close64(x.grad, expected, 1e-5, what="input gradient")
+        assert_close64(layer.lora_A.grad, layer.scaling * (g @ f64(layer.lora_B)).t() @ f64(x), 1e-5, what="A gradient")
+
+
+def test_dora_over_a_linear_subclass_with_its_own_forward_says_what_it_computes():
+    with pytest.warns(UserWarning, match=r"^DoRALinear: base_layer is a _ScaledLinear, an nn.Linear with a forward of its own"):
+        pl.DoRALinear.from_linear(_ScaledLinear(12, 10), rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain nn.Linear and a subclass without its own forward
+        pl.DoRALinear.from_linear(nn.Linear(12, 10), rank=2)
+        pl.DoRALinear.from_linear(type("Plain", (nn.Linear,), {})(12, 10), rank=2)
+
+
+def test_attributes_that_shape_the_adapter_are_checked_when_set():
+    # rank was a plain attribute: changed between merge and unmerge it corrupted W0; a bad init
+    # fell through to PiSSA in reset_parameters; a negative lr_ratio made B ascend its gradient
+    layer = pl.LoRAPlusLinear(12, 10, rank=2)
+    with pytest.raises(AttributeError, match=r"^rank: fixed at construction \(2: A is"):
+        layer.rank = 4
+    with pytest.raises(ValueError, match=r"^init: expected one of \('kaiming', 'gaussian', 'pissa'\), got 'Gaussian'"):
+        layer.init = "Gaussian"
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match=r"^lr_ratio: expected a finite number > 0"):
+            layer.lr_ratio = bad
+    assert (layer.rank, layer.init, layer.lr_ratio) == (2, "kaiming", 16.0)
+    layer.init, layer.lr_ratio = "gaussian", 4
+    assert layer.param_groups(1e-3)[1]["lr"] == pytest.approx(4e-3)
+
+
 def test_a_hook_recomputing_the_base_weight_is_followed_in_training():
     """The deprecated, hook-based ``torch.nn.utils.weight_norm`` recomputes ``weight`` in a forward
     pre-hook: the training forward must use the recomputed weight, as the no-grad one does."""

@@ -148,6 +148,13 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
+def overrides_linear_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` subclass with a ``forward`` of its own (a scaled,
+    clamped or low-precision linear): its output is then not ``x W^T + b`` computed from its
+    ``weight``, which the adapter layers' fused paths compute instead of calling it."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers): ``y = x W + b`` with
     its weight stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s (Hugging

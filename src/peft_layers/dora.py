@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import autocast_enabled, autocast_off, functorch_active, has_hooks, version_key
+from .adapter import (
+    autocast_enabled,
+    autocast_off,
+    functorch_active,
+    has_hooks,
+    overrides_linear_forward,
+    version_key,
+)
 from .lora import (
     LoRALinear,
     _base_weight_for_backward,
@@ -35,7 +42,8 @@ from .lora import (
 
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
-    """DoRA's norm is computed in float32, or float64 when the layer computes in float64."""
+    """DoRA's norm is accumulated in float32, or float64 when the layer computes in float64 (its
+    inputs, ``A W0^T`` among them, come in the compute dtype)."""
     return torch.promote_types(compute_dtype, torch.float32)
 
 
@@ -188,6 +196,14 @@ class DoRALinear(LoRALinear):
         self._merge_zero_rows: tuple[Tensor, Tensor] | None = None
         self._inference_gain_cache: tuple[tuple, Tensor] | None = None
         super()._init_adapter(base_layer, **kwargs)
+        if overrides_linear_forward(base_layer):
+            _warn(
+                f"{type(self).__name__}: base_layer is a {type(base_layer).__name__}, an nn.Linear with a "
+                "forward of its own, which an unmerged DoRA layer does not call: DoRA's output "
+                "(m / n) (x W'^T) + b and its norm are computed from base_layer.weight (the norm needs "
+                "W0), so the layer is DoRA over x W0^T + b, not over that forward (merged or disabled, "
+                "it calls the forward). Use method 'lora', which calls it"
+            )
 
     _meta_note = " after loading the base weights (the magnitude is ||W0|| per row)"
 

@@ -32,6 +32,7 @@ from .adapter import (
     functorch_active,
     has_hooks,
     is_conv1d,
+    overrides_linear_forward,
 )
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
@@ -409,7 +410,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         if init not in LORA_INITS:
             raise ValueError(f"init: expected one of {LORA_INITS}, got {init!r}")
         self._init_adapter_state(base_layer)
-        self.rank = int(rank)
+        self.__dict__["_rank"] = int(rank)  # read-only afterwards: A and B are shaped by it
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
         self.init = init
@@ -449,6 +450,32 @@ class LoRALinear(AdapterMixin, nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
 
+    @property
+    def rank(self) -> int:
+        """The rank ``r`` of ``A (r, in)`` and ``B (out, r)``, fixed at construction (read-only: a
+        new rank needs new factors, so build a new layer)."""
+        return self._scaling_setting("rank")
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        raise AttributeError(
+            f"rank: fixed at construction ({self.rank}: A is (rank, in_features), B (out_features, "
+            f"rank)); got {value!r}. Build a new layer for another rank"
+        )
+
+    @property
+    def init(self) -> str:
+        """How :meth:`reset_adapter_parameters` initialises the adapter: one of ``LORA_INITS``
+        (settable to another of them; ``"pissa"`` rewrites the base weight when it runs)."""
+        return self._scaling_setting("init")
+
+    @init.setter
+    def init(self, value: str) -> None:
+        if value not in LORA_INITS:
+            raise ValueError(f"init: expected one of {LORA_INITS}, got {value!r}")
+        self.__dict__.pop("init", None)
+        self.__dict__["_init"] = value
+
     # alpha and use_rslora set the scaling s: a merged layer's unmerge() subtracts s B A with the
     # s of the moment, so a change while merged would leave s_old B A - s_new B A in W0 for good
     @property
@@ -475,7 +502,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         self._set_scaling_setting("use_rslora", value)
 
     def _scaling_setting(self, name: str) -> Any:
-        # "_alpha"; layers pickled before these were properties hold "alpha" in their __dict__
+        # "_alpha" (and "_rank", "_init", "_lr_ratio"); layers pickled before these were properties
+        # hold "alpha" in their __dict__
         state = self.__dict__
         for key in ("_" + name, name):
             if key in state:
@@ -564,7 +592,7 @@ class LoRALinear(AdapterMixin, nn.Module):
 
         Under ``torch.autocast`` the layer computes in the autocast dtype and returns it, as
         ``nn.Linear`` does; the adapter parameters stay float32 and get float32 gradients, and
-        DoRA's norm is still computed in float32.
+        DoRA's norm is still accumulated in float32.
         """
         self._check_input(x)
         compute_dtype = self.compute_dtype  # a property through base_layer: read it once
@@ -625,8 +653,9 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     def _runs_base_hooks(self) -> bool:
         """Whether the forward calls ``base_layer`` as a module, input shape and all, so that
-        hooks of its own (activation capture, pruning) run as they would without the adapter."""
-        return has_hooks(self.base_layer)
+        hooks of its own (activation capture, pruning) run as they would without the adapter, and
+        an ``nn.Linear`` subclass with a ``forward`` of its own computes what it computes alone."""
+        return has_hooks(self.base_layer) or overrides_linear_forward(self.base_layer)
 
     def _hooked_base_forward(self, x: Tensor) -> Tensor:
         """``base_layer(x) + s (dropout(x) A^T) B^T`` with plain autograd ops, out of place (the
@@ -679,6 +708,17 @@ class LoRAPlusLinear(LoRALinear):
         _check_positive("lr_ratio", lr_ratio)
         super()._init_adapter(base_layer, **kwargs)
         self.lr_ratio = float(lr_ratio)
+
+    @property
+    def lr_ratio(self) -> float:
+        """``B``'s learning rate over ``A``'s. Settable: a finite number > 0."""
+        return self._scaling_setting("lr_ratio")
+
+    @lr_ratio.setter
+    def lr_ratio(self, value: float) -> None:
+        _check_positive("lr_ratio", value)  # a negative ratio would make B ascend its gradient
+        self.__dict__.pop("lr_ratio", None)
+        self.__dict__["_lr_ratio"] = float(value)
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups for this layer's adapter: ``A`` at ``lr``, ``B`` at ``lr * lr_ratio``."""
