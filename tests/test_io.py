@@ -1016,8 +1016,9 @@ def test_a_config_that_leaves_out_a_module_the_file_holds_is_refused(saved_lora:
     # Hugging Face PEFT would load no adapter there; loading one gave other outputs than theirs
     edit_config(saved_lora, lambda c: c.update(exclude_modules=["block.out"]))
     assert_load_fails(saved_lora, ValueError, r"module 'block.out' has adapter tensors, but adapter_config.json leaves it out: exclude_modules=\['block.out'\] excludes it")
-    edit_config(saved_lora, lambda c: c.update(exclude_modules=None, layers_to_transform=[0]))
-    assert_load_fails(saved_lora, ValueError, r"module '[\w.]+' has adapter tensors, .*it has no layer index, not in layers_to_transform=\[0\]")
+    # (a name target_modules lists exactly escapes layers_to_transform: here "fc", not "block.fc")
+    edit_config(saved_lora, lambda c: c.update(exclude_modules=None, layers_to_transform=[0], target_modules=["fc", "out"]))
+    assert_load_fails(saved_lora, ValueError, r"module 'block.fc' has adapter tensors, .*it has no layer index, not in layers_to_transform=\[0\]")
     edit_config(saved_lora, lambda c: c.update(layers_to_transform=None, exclude_modules="nothing"))
     load_adapter(base_net(), saved_lora)  # an exclusion that leaves out nothing the file holds
 
@@ -1030,13 +1031,23 @@ def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Pat
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1e5))
         for half in (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), ["0"], rank=2, bias="adapter_only", modules_to_save=["1"])):
             before = snapshot(half)
-            with pytest.raises(ValueError, match=r"holds values up to 1e\+05, beyond the range of the model's torch.float16"):
+            with pytest.raises(ValueError, match=r"holds values up to 100000, which the model's torch.float16 \(largest 65504\) would load as inf"):
                 load_adapter(half, tmp_path)
             assert_unchanged(half, before)
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1.0))
+    edit_tensors(tmp_path, lambda t: t["base_model.model.0.base_layer.bias"].__setitem__(0, 65510.0))
     half = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half()
-    load_adapter(half, tmp_path)  # in range: loads, rounded to float16
-    assert torch.isfinite(half[0].bias).all() and torch.isfinite(half[1].trained.weight).all()
+    load_adapter(half, tmp_path)  # in range (65510 rounds to float16's 65504): loads
+    assert half[0].bias[0] == 65504 and torch.isfinite(half[1].trained.weight).all()
+    # a DoRA model cast to float16 for inference holds its magnitudes in float16 too
+    dora = inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], method="dora", rank=2)
+    save_adapter(dora, tmp_path / "dora")
+    edit_tensors(tmp_path / "dora", lambda t: t["base_model.model.0.lora_magnitude_vector"].__setitem__(0, 1e5))
+    target = inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], method="dora", rank=2).half()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"0.magnitude holds values up to 100000, which the model's torch.float16"):
+        load_adapter(target, tmp_path / "dora")
+    assert_unchanged(target, before)
 
 
 def test_save_refuses_non_finite_tensors_it_could_not_load_back(tmp_path: Path) -> None:

@@ -642,6 +642,26 @@ def test_a_linear_subclass_with_its_own_forward_is_called_in_every_mode(cls, gra
         assert_close64(layer.lora_A.grad, layer.scaling * (g @ f64(layer.lora_B)).t() @ f64(x), 1e-5, what="A gradient")
 
 
+@pytest.mark.parametrize("cls", LORA_CLASSES)
+def test_a_global_forward_hook_keeps_the_base_output_it_saw(cls):
+    # the no-grad path added the update into the base output in place, under the hook's eyes
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(12, 10), rank=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    seen = {}
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.setdefault(id(module), out))
+    x = _x((5,))
+    try:
+        with torch.no_grad():
+            y = layer(x)
+    finally:
+        handle.remove()
+    base = f64(x) @ f64(layer.weight).t() + f64(layer.bias)
+    assert_close64(seen[id(layer.base_layer)], base, 1e-5, what="base output a global hook holds")
+    assert_close64(y, base + f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling, 1e-5, what="output")
+
+
 def test_dora_over_a_linear_subclass_with_its_own_forward_says_what_it_computes():
     with pytest.warns(UserWarning, match=r"^DoRALinear: base_layer is a _ScaledLinear, an nn.Linear with a forward of its own"):
         pl.DoRALinear.from_linear(_ScaledLinear(12, 10), rank=2)

@@ -293,3 +293,54 @@ def test_all_linear_gives_a_narrow_layer_the_rank_as_hugging_face_peft() -> None
         pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=8, init="pissa")
     with pytest.raises(ValueError, match=r"module '2': rank: expected an int in \[1, min\(in_features, out_features\)\] = \[1, 2\], got 8"):
         pl.inject_adapters(copy.deepcopy(base), "all-linear", rank=2, rank_pattern={"2": 8})  # names the layer
+
+
+class _Experts(nn.Module):
+    """MoE-like names with two indices, ``model.layers.<i>.experts.<j>.w1``, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(
+            nn.ModuleDict({"experts": nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(8, 8)}) for _ in range(2))})
+            for _ in range(3)
+        )
+        self.lm_head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.model.layers:
+            x = sum(expert["w1"](x) for expert in layer["experts"]) / 2
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("fields", [
+    {"target_modules": ["w1", "lm_head"], "layers_to_transform": [0]},   # a name listed exactly escapes
+    {"target_modules": ["model.layers.2.experts.0.w1", "w1"], "layers_to_transform": 1},
+    {"target_modules": ["w1"], "layers_to_transform": [1, -1]},           # -1 matches no layer
+    {"target_modules": ["w1"], "layers_to_transform": [1], "layers_pattern": "experts"},
+    {"target_modules": ["w1"], "layers_to_transform": [0, 2], "layers_pattern": ["blocks", "layers"]},
+    {"target_modules": ["w1", "lm_head"], "exclude_modules": r".*layers\.1\..*"},
+    {"target_modules": ["w1"], "exclude_modules": ["experts.1.w1"]},
+    {"target_modules": ["w1"], "exclude_modules": r"layers\.1\.experts\.0\.w1|model\.layers\.2\.experts\.1\.w1"},
+], ids=["exact-name", "full-path", "negative", "pattern", "patterns", "exclude-regex", "exclude-list", "exclude-whole-name"])
+def test_files_with_hugging_face_peft_layer_selection_load_as_it_loads_them(fields: dict, tmp_path) -> None:
+    # Hugging Face PEFT's own files: the same modules adapted, the same outputs; and the same file
+    # with one more module's tensors than its fields allow is refused
+    torch.manual_seed(0)
+    base = _Experts()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, init_lora_weights=False, **fields))
+    theirs.save_pretrained(tmp_path)
+    ours = pl.load_adapter(copy.deepcopy(base), tmp_path)
+    adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)}
+    assert {n for n, _ in pl.model.iter_adapter_layers(ours)} == adapted
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    left_out = sorted({f"model.layers.{i}.experts.{j}.w1" for i in range(3) for j in range(2)} - adapted)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[f"base_model.model.{left_out[0]}.lora_A.weight"] = torch.zeros(2, 8)
+    tensors[f"base_model.model.{left_out[0]}.lora_B.weight"] = torch.zeros(8, 2)
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"module '{re.escape(left_out[0])}' has adapter tensors, but adapter_config.json leaves it out"):
+        pl.load_adapter(copy.deepcopy(base), tmp_path)

@@ -587,6 +587,18 @@ def test_an_adapter_for_the_model_itself_is_refused_changing_nothing() -> None:
     assert not list(linear.named_children())
     x = torch.randn(3, 4)
     torch.testing.assert_close(linear(x), x @ linear.weight.t() + linear.bias)
+    # a LoRA layer is stacked over its base, not as the base of a stack
+    with pytest.raises(ValueError, match=r"MultiLoRALinear\(model.base_layer\), then stack.add_adapter\('default'"):
+        pl.stack_adapters(pl.LoRALinear.from_linear(linear, rank=2), {"a": {"lora_A": torch.randn(2, 4), "lora_B": torch.randn(4, 2)}})
+    # a lone stack takes more adapters, as before
+    stack = pl.MultiLoRALinear(linear)
+    stack.add_adapter("a", torch.randn(2, 4), torch.randn(4, 2), 1.0)
+    lora_A, lora_B = torch.randn(2, 4), torch.randn(4, 2)
+    assert pl.stack_adapters(stack, {"b": {"lora_A": lora_A, "lora_B": lora_B}}) is stack
+    assert stack.adapter_names == ["a", "b"]
+    pl.set_adapter(stack, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), linear(x) + x @ lora_A.t() @ lora_B.t(), rtol=1e-6, atol=1e-6)
 
 
 def test_a_global_forward_hook_sees_the_base_output_of_a_stacks_base() -> None:

@@ -148,6 +148,13 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
+def global_forward_hooks() -> bool:
+    """Whether global module forward hooks are registered (``register_module_forward_hook``, as
+    activation-capture tools use): they see every module's output, so a base output they may hold
+    must not be updated in place."""
+    return bool(nn.modules.module._global_forward_hooks)
+
+
 def overrides_linear_forward(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` subclass with a ``forward`` of its own (a scaled,
     clamped or low-precision linear): its output is then not ``x W^T + b`` computed from its

@@ -30,6 +30,7 @@ from .adapter import (
     autocast_off,
     base_features,
     functorch_active,
+    global_forward_hooks,
     has_hooks,
     is_conv1d,
     overrides_linear_forward,
@@ -649,6 +650,8 @@ class LoRALinear(AdapterMixin, nn.Module):
             )
         out = self.base_layer(x)
         t = (x if x_drop is None else x_drop) @ lora_A.t()
+        if global_forward_hooks():  # one of them may hold the base output: add out of place
+            return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
     def _runs_base_hooks(self) -> bool:

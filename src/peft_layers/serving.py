@@ -26,7 +26,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from .adapter import autocast_enabled, autocast_off, base_features, has_hooks, is_conv1d
+from .adapter import autocast_enabled, autocast_off, base_features, global_forward_hooks, has_hooks, is_conv1d
 from .compose import lora_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
@@ -170,7 +170,7 @@ class MultiLoRALinear(nn.Module):
         # serving (nothing needs a gradient): add into the base output instead of copying it,
         # unless hooks may hold that output: the base layer's own, or global module forward hooks
         # (nn.modules.module.register_module_forward_hook, e.g. activation-capture tools)
-        hooked = has_hooks(self.base_layer) or bool(nn.modules.module._global_forward_hooks)
+        hooked = has_hooks(self.base_layer) or global_forward_hooks()
         in_place = not out.requires_grad and out.is_contiguous() and not hooked
         rows = self.row_adapters
         if rows is None:
@@ -325,11 +325,17 @@ def stack_adapters(
     replaced: dict[int, nn.Module] = {}  # id -> a module a new stack replaces
 
     def stack_at(path: str, where: str) -> MultiLoRALinear:
-        if path == "":
+        if path == "" and not isinstance(model, MultiLoRALinear):  # a stack itself takes more
+            if isinstance(model, LoRALinear):
+                advice = (
+                    "stack = MultiLoRALinear(model.base_layer), then stack.add_adapter('default', "
+                    "model.lora_A, model.lora_B, model.scaling) and the others"
+                )
+            else:
+                advice = "stack = MultiLoRALinear(model), then stack.add_adapter(name, lora_A, lora_B, scaling)"
             raise ValueError(
                 f"{where}: the adapter is for the model itself, a linear layer, which cannot be "
-                "replaced in place; wrap it instead: stack = MultiLoRALinear(model), then "
-                "stack.add_adapter(name, lora_A, lora_B, scaling)"
+                f"replaced in place; stack over it yourself: {advice}"
             )
         module = modules.get(path)
         if module is None:

@@ -307,7 +307,8 @@ class _LayerSelection:
     without an adapter (its ``check_target_module_exists``): ``exclude_modules`` (a regex matching
     the whole name, or a list of names and name suffixes), and for a list of ``target_modules``,
     ``layers_to_transform`` (layer indices; the index is the number after ``layers_pattern``, or
-    after the first dotted component followed by a number when there is no pattern)."""
+    after the first dotted component followed by a number when there is no pattern), which a
+    module named exactly in the list (``lm_head``, a full path) escapes."""
 
     exclude: str | list[str] | None
     layers: int | list[int] | None
@@ -326,8 +327,8 @@ class _LayerSelection:
         if layers == []:
             layers = None
         if layers is not None and not (
-            _is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))
-        ):
+            _is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers))
+        ):  # a negative index matches no layer, as in Hugging Face PEFT
             raise ValueError(f"{path}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
         patterns = config.get("layers_pattern") or []
         patterns = [patterns] if isinstance(patterns, str) else patterns
@@ -337,14 +338,15 @@ class _LayerSelection:
             _compile_or_raise(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", f"layers_pattern {pattern!r}", path)
         return cls(exclude, layers, patterns)
 
-    def why_left_out(self, module: str, *, list_targets: bool) -> str | None:
+    def why_left_out(self, module: str, target_modules: str | list[str] | None) -> str | None:
         """Which field leaves ``module`` (matched by ``target_modules``) without an adapter, or None."""
         if isinstance(self.exclude, str):
             if re.fullmatch(self.exclude, module):
                 return f"exclude_modules={self.exclude!r} excludes it"
         elif self.exclude is not None and any(_suffix_matches(name, module) for name in self.exclude):
             return f"exclude_modules={self.exclude!r} excludes it"
-        if self.layers is None or not list_targets:  # a regex target_modules ignores the layer fields
+        # the layer fields apply to a list of targets only, and not to a module it names exactly
+        if self.layers is None or not isinstance(target_modules, list) or module in target_modules:
             return None
         if self.patterns:
             found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in self.patterns)
@@ -359,8 +361,8 @@ class _LayerSelection:
         return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
 
 
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _compile_or_raise(pattern: str, name: str, path: Path) -> None:
@@ -753,7 +755,7 @@ def _parse(
             raise ValueError(
                 f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
             )
-        left_out = selection.why_left_out(module, list_targets=not isinstance(target_modules, str))
+        left_out = selection.why_left_out(module, target_modules)
         if left_out is not None:  # Hugging Face PEFT would load no adapter there: the file contradicts itself
             raise ValueError(
                 f"{wp}: module {module!r} has adapter tensors, but {cp.name} leaves it out: {left_out} "

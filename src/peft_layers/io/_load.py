@@ -273,13 +273,15 @@ def _plan_fill(model: nn.Module, adapter: AdapterFile) -> _FillPlan:
 
 
 def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
-    """Refuse values that the model's tensors cannot hold: a float32 value past 65504 would load
-    into a float16 bias, base weight or module to save as inf (the file's own values are finite)."""
+    """Refuse values that the model's tensors cannot hold: a float32 value that rounds past 65504
+    would load into a float16 tensor (a bias, a magnitude of a model cast with .half(), a base
+    weight, a module to save) as inf; the file's own values are finite."""
     pairs: list[tuple[str, Tensor | None, Tensor | None]] = []
     for layer, module in plan.layers:
         pairs += [
             (f"{module.path}.lora_A", layer.lora_A, module.lora_A),
             (f"{module.path}.lora_B", layer.lora_B, module.lora_B),
+            (f"{module.path}.magnitude", getattr(layer, "magnitude", None), module.magnitude),
             (f"{module.path}.base_layer.bias", layer.bias, module.bias),
             (f"{module.path}.base_layer.weight", getattr(layer.base_layer, "weight", None), module.base_weight),
         ]
@@ -290,11 +292,14 @@ def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
     for name, held, value in pairs:
         if held is None or value is None or not held.is_floating_point() or not value.numel():
             continue
-        largest = torch.finfo(held.dtype).max
-        if torch.finfo(value.dtype).max > largest and float(value.abs().max()) > largest:
+        if torch.finfo(value.dtype).max <= torch.finfo(held.dtype).max:
+            continue  # nothing finite overflows
+        extremes = torch.stack(torch.aminmax(value))  # no temporary of the value's size
+        if not bool(torch.isfinite(extremes.to(held.dtype)).all()):
+            largest = float(extremes.abs().max())
             raise ValueError(
-                f"{adapter.directory}: {name} holds values up to {float(value.abs().max()):.3g}, beyond "
-                f"the range of the model's {held.dtype} (largest {largest:.3g}): they would load as inf"
+                f"{adapter.directory}: {name} holds values up to {largest:.6g}, which the model's "
+                f"{held.dtype} (largest {torch.finfo(held.dtype).max:.6g}) would load as inf"
             )
 
 
