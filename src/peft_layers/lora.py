@@ -333,8 +333,6 @@ class LoRALinear(AdapterMixin, nn.Module):
     """
 
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
-    rank: int
-    init: str
     lora_dropout: nn.Dropout
     lora_A: nn.Parameter
     lora_B: nn.Parameter
