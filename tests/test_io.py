@@ -1031,7 +1031,7 @@ def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Pat
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1e5))
         for half in (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), ["0"], rank=2, bias="adapter_only", modules_to_save=["1"])):
             before = snapshot(half)
-            with pytest.raises(ValueError, match=r"holds values up to 100000, which the model's torch.float16 \(largest 65504\) would load as inf"):
+            with pytest.raises(ValueError, match=r"holds values up to 100000, beyond what the model's torch.float16 holds \(largest 65504\): they would load as inf"):
                 load_adapter(half, tmp_path)
             assert_unchanged(half, before)
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1.0))
@@ -1039,13 +1039,23 @@ def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Pat
     half = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half()
     load_adapter(half, tmp_path)  # in range (65510 rounds to float16's 65504): loads
     assert half[0].bias[0] == 65504 and torch.isfinite(half[1].trained.weight).all()
+    # float8 e4m3fn has no inf (a cast clamps to 448) and no aminmax on the CPU: a load in range works
+    eight = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    eight[1].to(torch.float8_e4m3fn)
+    load_adapter(eight, tmp_path)
+    assert eight[1].trained.weight.dtype == torch.float8_e4m3fn
+    edit_tensors(tmp_path, lambda t: t["base_model.model.1.weight"].__setitem__(0, 1000.0))  # e4m3fn: at most 448
+    eight = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    eight[1].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"weight holds values up to 1000, beyond what the model's torch.float8_e4m3fn holds \(largest 448\)"):
+        load_adapter(eight, tmp_path)
     # a DoRA model cast to float16 for inference holds its magnitudes in float16 too
     dora = inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], method="dora", rank=2)
     save_adapter(dora, tmp_path / "dora")
     edit_tensors(tmp_path / "dora", lambda t: t["base_model.model.0.lora_magnitude_vector"].__setitem__(0, 1e5))
     target = inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], method="dora", rank=2).half()
     before = snapshot(target)
-    with pytest.raises(ValueError, match=r"0.magnitude holds values up to 100000, which the model's torch.float16"):
+    with pytest.raises(ValueError, match=r"0.magnitude holds values up to 100000, beyond what the model's torch.float16"):
         load_adapter(target, tmp_path / "dora")
     assert_unchanged(target, before)
 

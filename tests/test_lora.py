@@ -663,12 +663,31 @@ def test_a_global_forward_hook_keeps_the_base_output_it_saw(cls):
 
 
 def test_dora_over_a_linear_subclass_with_its_own_forward_says_what_it_computes():
-    with pytest.warns(UserWarning, match=r"^DoRALinear: base_layer is a _ScaledLinear, an nn.Linear with a forward of its own"):
+    with pytest.warns(UserWarning, match=r"^DoRALinear: base_layer is a test_lora._ScaledLinear, an nn.Linear with a forward of its own"):
         pl.DoRALinear.from_linear(_ScaledLinear(12, 10), rank=2)
+    # a quantized base keeps the weight, not the forward; merging folds into the weight only
+    with pytest.warns(UserWarning, match=r"^quant: test_lora._ScaledLinear is an nn.Linear with a forward of its own"):
+        pl.QLoRALinear.from_linear(_ScaledLinear(64, 10), rank=2)
+    layer = pl.LoRALinear.from_linear(_ScaledLinear(12, 10), rank=2)
+    for call, run in (("to_linear", layer.to_linear), ("merge", layer.merge)):
+        with pytest.warns(UserWarning, match=rf"^{call}\(\): base_layer is a test_lora._ScaledLinear"):
+            run()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain nn.Linear and a subclass without its own forward
         pl.DoRALinear.from_linear(nn.Linear(12, 10), rank=2)
         pl.DoRALinear.from_linear(type("Plain", (nn.Linear,), {})(12, 10), rank=2)
+
+
+def test_a_base_whose_output_is_not_a_linear_ones_is_named():
+    # a router returning (scores, logits) under "all-linear": a bare tuple + Tensor TypeError before
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    layer = pl.LoRALinear.from_linear(Router(12, 10), rank=2)
+    with pytest.raises(TypeError, match=r"^LoRALinear: its base_layer, a Router, returned tuple for an input of shape \(5, 12\), not the \(5, 10\).*exclude="):
+        layer(_x((5,)))
 
 
 def test_attributes_that_shape_the_adapter_are_checked_when_set():

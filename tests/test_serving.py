@@ -588,8 +588,17 @@ def test_an_adapter_for_the_model_itself_is_refused_changing_nothing() -> None:
     x = torch.randn(3, 4)
     torch.testing.assert_close(linear(x), x @ linear.weight.t() + linear.bias)
     # a LoRA layer is stacked over its base, not as the base of a stack
-    with pytest.raises(ValueError, match=r"MultiLoRALinear\(model.base_layer\), then stack.add_adapter\('default'"):
-        pl.stack_adapters(pl.LoRALinear.from_linear(linear, rank=2), {"a": {"lora_A": torch.randn(2, 4), "lora_B": torch.randn(4, 2)}})
+    lora = pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    with pytest.raises(ValueError, match=r"MultiLoRALinear\(model.base_layer\); stack.add_adapter\('default', .*active_adapter = 'default'") as refusal:
+        pl.stack_adapters(lora, {"a": {"lora_A": torch.randn(2, 4), "lora_B": torch.randn(4, 2)}})
+    # the advice, followed, gives the layer's own output on the 'default' rows
+    advice = str(refusal.value).split("yourself: ")[1].split("; then")[0]
+    namespace = {"MultiLoRALinear": pl.MultiLoRALinear, "model": lora}
+    exec(advice.replace("; ", "\n"), namespace)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["stack"](x), lora(x), rtol=1e-6, atol=1e-6)
     # a lone stack takes more adapters, as before
     stack = pl.MultiLoRALinear(linear)
     stack.add_adapter("a", torch.randn(2, 4), torch.randn(4, 2), 1.0)

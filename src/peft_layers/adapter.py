@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._warnings import warn as _warn
+
 
 def _device_type(tensor: Tensor) -> str:
     """``tensor.device.type``, without building a ``torch.device`` for CPU and CUDA tensors
@@ -333,6 +335,7 @@ class AdapterMixin:
                 f"merge(): the adapter of this {type(self).__name__} is disabled; enable it first"
             )
         self._check_base_writable("merge()")
+        self._warn_if_base_forward_is_its_own("merge()")
         non_finite = self._non_finite_adapter_parameters()
         if non_finite:
             raise ValueError(
@@ -359,6 +362,17 @@ class AdapterMixin:
             self._unmerge_weight_(weight)
             self._write_base_weight(weight)
         self.merged = False
+
+    def _warn_if_base_forward_is_its_own(self, call: str) -> None:
+        # the merge writes W0 + delta into the weight; the subclass's forward need not apply it as
+        # x W^T + b (a scaled or clamped linear), and to_linear() drops that forward altogether
+        if overrides_linear_forward(self.base_layer):
+            name = f"{type(self.base_layer).__module__}.{type(self.base_layer).__qualname__}"
+            _warn(
+                f"{call}: base_layer is a {name}, an nn.Linear with a forward of its own; the merged "
+                "weight W0 + delta computes what the adapter layer computes only where that forward "
+                "is x W^T + b (to_linear() and merge_and_unload() give a plain nn.Linear)"
+            )
 
     def _non_finite_adapter_parameters(self) -> list[str]:
         """The names of the adapter tensors that hold NaN or inf (one device sync each; tensors on
@@ -446,6 +460,7 @@ class AdapterMixin:
         """
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        self._warn_if_base_forward_is_its_own("to_linear()")
         with torch.no_grad():
             weight = self._read_base_weight(dtype or self.compute_dtype)
             if not self.merged and self._adapter_enabled:

@@ -663,7 +663,17 @@ class LoRALinear(AdapterMixin, nn.Module):
         hooks may hold the base output), ``x`` of any leading shape in the compute dtype."""
         lora_A, lora_B, _ = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else x
-        return self.base_layer(x) + ((x_drop @ lora_A.t()) @ lora_B.t()) * self.scaling
+        out = self.base_layer(x)
+        expected = (*x.shape[:-1], self.out_features)
+        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+            # a router returning (scores, logits), a layer reshaping its output into groups
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"{type(self).__name__}: its base_layer, a {type(self.base_layer).__name__}, returned "
+                f"{got} for an input of shape {tuple(x.shape)}, not the {expected} of a linear layer "
+                "that a LoRA update can be added to; leave it out of the targets (exclude=...)"
+            )
+        return out + ((x_drop @ lora_A.t()) @ lora_B.t()) * self.scaling
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # a state dict does not record whether its layer was merged: a merged layer takes the loaded

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import SameObject
+from .adapter import SameObject, overrides_linear_forward
 from .dora import DoRALinear
 from .lora import (
     _CONSTRUCTED_BASE,
@@ -80,6 +80,12 @@ def quantized_base(
     if is_bitsandbytes_module(linear):  # from_bnb rejects kinds other than Linear4bit/Linear8bitLt
         return QuantizedLinear.from_bnb(linear, compute_dtype=compute_dtype)
     if isinstance(linear, nn.Linear):
+        if overrides_linear_forward(linear):
+            _warn(
+                f"quant: {type(linear).__module__}.{type(linear).__qualname__} is an nn.Linear with a "
+                "forward of its own, which the quantized base does not keep: it computes x W^T + b "
+                "from the quantized weight. Give this layer method 'lora', which calls its forward"
+            )
         return QuantizedLinear.from_linear(
             linear, scheme=quant, blocksize=blocksize, double_quant=double_quant,
             compute_dtype=compute_dtype or torch.float32,

@@ -327,9 +327,10 @@ def stack_adapters(
     def stack_at(path: str, where: str) -> MultiLoRALinear:
         if path == "" and not isinstance(model, MultiLoRALinear):  # a stack itself takes more
             if isinstance(model, LoRALinear):
-                advice = (
-                    "stack = MultiLoRALinear(model.base_layer), then stack.add_adapter('default', "
-                    "model.lora_A, model.lora_B, model.scaling) and the others"
+                advice = (  # what stack_adapters does for a model's own LoRA layers
+                    f"stack = MultiLoRALinear(model.base_layer); stack.add_adapter({DEFAULT_ADAPTER!r}, "
+                    "model.lora_A, model.lora_B, model.scaling); stack.active_adapter = "
+                    f"{DEFAULT_ADAPTER!r}; then stack.add_adapter(name, lora_A, lora_B, scaling)"
                 )
             else:
                 advice = "stack = MultiLoRALinear(model), then stack.add_adapter(name, lora_A, lora_B, scaling)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -292,14 +293,19 @@ def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
     for name, held, value in pairs:
         if held is None or value is None or not held.is_floating_point() or not value.numel():
             continue
-        if torch.finfo(value.dtype).max <= torch.finfo(held.dtype).max:
+        info = torch.finfo(held.dtype)
+        if torch.finfo(value.dtype).max <= info.max:
             continue  # nothing finite overflows
-        extremes = torch.stack(torch.aminmax(value))  # no temporary of the value's size
-        if not bool(torch.isfinite(extremes.to(held.dtype)).all()):
-            largest = float(extremes.abs().max())
+        # a value rounds past the largest one from half a step above it (the step there is
+        # 2^floor(log2 max) * eps): float16 turns it into inf, float8 e4m3fn saturates it
+        limit = info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+        # no temporary of the value's size; float8 has no aminmax on the CPU
+        largest = float(torch.stack(torch.aminmax(value if value.dtype.itemsize > 1 else value.float())).abs().max())
+        if largest >= limit:
             raise ValueError(
-                f"{adapter.directory}: {name} holds values up to {largest:.6g}, which the model's "
-                f"{held.dtype} (largest {torch.finfo(held.dtype).max:.6g}) would load as inf"
+                f"{adapter.directory}: {name} holds values up to {largest:.6g}, beyond what the model's "
+                f"{held.dtype} holds (largest {info.max:.6g}): they would load as inf (or, in float8, "
+                "clamped)"
             )
 
 
