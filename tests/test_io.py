@@ -1031,7 +1031,7 @@ def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Pat
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1e5))
         for half in (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), ["0"], rank=2, bias="adapter_only", modules_to_save=["1"])):
             before = snapshot(half)
-            with pytest.raises(ValueError, match=r"holds values up to 100000, beyond what the model's torch.float16 holds \(largest 65504\): they would load as inf"):
+            with pytest.raises(ValueError, match=r"holds values up to 100000, beyond what the model's torch.float16 holds \(largest 65504\): they would not load as themselves"):
                 load_adapter(half, tmp_path)
             assert_unchanged(half, before)
         edit_tensors(tmp_path, lambda t: t[key].__setitem__(0, 1.0))
@@ -1049,6 +1049,12 @@ def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Pat
     eight[1].to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"weight holds values up to 1000, beyond what the model's torch.float8_e4m3fn holds \(largest 448\)"):
         load_adapter(eight, tmp_path)
+    # float64 reaches float16 through float32: 65519.999 rounds to 65520 there, then to inf
+    edit_tensors(tmp_path, lambda t: t.update({"base_model.model.1.weight": t["base_model.model.1.weight"].double()}))
+    edit_tensors(tmp_path, lambda t: t["base_model.model.1.weight"].__setitem__(0, 65519.999))
+    with pytest.raises(ValueError, match=r"weight holds values up to 65520, beyond what the model's torch.float16"):
+        load_adapter(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).half(), tmp_path)
+    edit_tensors(tmp_path, lambda t: t["base_model.model.1.weight"].__setitem__(0, 1.0))
     # a DoRA model cast to float16 for inference holds its magnitudes in float16 too
     dora = inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], method="dora", rank=2)
     save_adapter(dora, tmp_path / "dora")

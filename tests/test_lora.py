@@ -26,6 +26,7 @@ from reference import (
 from torch import nn
 
 import peft_layers as pl
+from peft_layers.adapter import overrides_linear_forward
 
 LORA_CLASSES = [pl.LoRALinear, pl.LoRAPlusLinear]
 # input shapes for in_features = 12: 1-D, 2-D, 3-D
@@ -688,6 +689,27 @@ def test_a_base_whose_output_is_not_a_linear_ones_is_named():
     layer = pl.LoRALinear.from_linear(Router(12, 10), rank=2)
     with pytest.raises(TypeError, match=r"^LoRALinear: its base_layer, a Router, returned tuple for an input of shape \(5, 12\), not the \(5, 10\).*exclude="):
         layer(_x((5,)))
+    layer.adapter_enabled = False  # the layer is its base: it returns what the base returns
+    x = _x((5,))
+    scores, logits = layer(x)
+    torch.testing.assert_close(logits, layer.base_layer(x)[1])
+
+
+def test_falcons_linear_computes_x_w_plus_b_and_takes_the_fused_path():
+    # FalconLinear overrides forward with exactly x W^T + b: no warnings, the fused step, the same numbers
+    falcon = pytest.importorskip("transformers.models.falcon.modeling_falcon")
+    torch.manual_seed(0)
+    base = falcon.FalconLinear(12, 10)
+    assert not overrides_linear_forward(base) and overrides_linear_forward(_ScaledLinear(12, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer = pl.DoRALinear.from_linear(base, rank=2).eval()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+            x = _x((5,))
+            y = layer(x)
+            layer.merge()
+            torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_attributes_that_shape_the_adapter_are_checked_when_set():

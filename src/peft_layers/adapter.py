@@ -157,11 +157,19 @@ def global_forward_hooks() -> bool:
     return bool(nn.modules.module._global_forward_hooks)
 
 
+#: nn.Linear subclasses whose own forward computes exactly x W^T + b (module.qualname)
+_PLAIN_LINEAR_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
 def overrides_linear_forward(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` subclass with a ``forward`` of its own (a scaled,
     clamped or low-precision linear): its output is then not ``x W^T + b`` computed from its
-    ``weight``, which the adapter layers' fused paths compute instead of calling it."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    ``weight``, which the adapter layers' fused paths compute instead of calling it. Subclasses
+    known to compute exactly that (Falcon's ``FalconLinear``) do not count."""
+    if not isinstance(module, nn.Linear):
+        return False
+    cls = type(module)
+    return cls.forward is not nn.Linear.forward and f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_LINEAR_SUBCLASSES
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -335,13 +343,13 @@ class AdapterMixin:
                 f"merge(): the adapter of this {type(self).__name__} is disabled; enable it first"
             )
         self._check_base_writable("merge()")
-        self._warn_if_base_forward_is_its_own("merge()")
         non_finite = self._non_finite_adapter_parameters()
         if non_finite:
             raise ValueError(
                 f"merge(): {non_finite} of this {type(self).__name__} hold NaN or inf; merging would "
                 "write them into the base weight, which unmerge() could not take back"
             )
+        self._warn_if_base_forward_is_its_own("merge()")
         with torch.no_grad():
             weight = self._read_base_weight()
             self._merge_weight_(weight)

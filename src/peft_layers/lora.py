@@ -602,7 +602,8 @@ class LoRALinear(AdapterMixin, nn.Module):
             if self.merged and self.training and torch.is_grad_enabled():
                 self._warn_if_training_merged()
             out = self.base_layer(x if x.dtype == dtype else x.to(dtype))
-            return out if out.dtype == out_dtype else out.to(out_dtype)
+            # the layer is its base here, whatever that returns (a router's tuple)
+            return out if not isinstance(out, Tensor) or out.dtype == out_dtype else out.to(out_dtype)
         if self._runs_base_hooks():
             out = self._hooked_base_forward(x if x.dtype == dtype else x.to(dtype))
             return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -327,10 +327,12 @@ def stack_adapters(
     def stack_at(path: str, where: str) -> MultiLoRALinear:
         if path == "" and not isinstance(model, MultiLoRALinear):  # a stack itself takes more
             if isinstance(model, LoRALinear):
-                advice = (  # what stack_adapters does for a model's own LoRA layers
+                # what stack_adapters does for a model's own LoRA layers (active if it was enabled)
+                active = f" stack.active_adapter = {DEFAULT_ADAPTER!r};" if model.adapter_enabled else ""
+                advice = (
                     f"stack = MultiLoRALinear(model.base_layer); stack.add_adapter({DEFAULT_ADAPTER!r}, "
-                    "model.lora_A, model.lora_B, model.scaling); stack.active_adapter = "
-                    f"{DEFAULT_ADAPTER!r}; then stack.add_adapter(name, lora_A, lora_B, scaling)"
+                    f"model.lora_A, model.lora_B, model.scaling);{active} then stack.add_adapter(name, "
+                    "lora_A, lora_B, scaling)"
                 )
             else:
                 advice = "stack = MultiLoRALinear(model), then stack.add_adapter(name, lora_A, lora_B, scaling)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -293,20 +292,27 @@ def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
     for name, held, value in pairs:
         if held is None or value is None or not held.is_floating_point() or not value.numel():
             continue
-        info = torch.finfo(held.dtype)
-        if torch.finfo(value.dtype).max <= info.max:
+        if torch.finfo(value.dtype).max <= torch.finfo(held.dtype).max:
             continue  # nothing finite overflows
-        # a value rounds past the largest one from half a step above it (the step there is
-        # 2^floor(log2 max) * eps): float16 turns it into inf, float8 e4m3fn saturates it
-        limit = info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
-        # no temporary of the value's size; float8 has no aminmax on the CPU
-        largest = float(torch.stack(torch.aminmax(value if value.dtype.itemsize > 1 else value.float())).abs().max())
-        if largest >= limit:
+        extremes = torch.stack(torch.aminmax(value))  # no temporary of the value's size
+        if value.dtype == torch.float64 and held.dtype.itemsize < 4:
+            extremes = extremes.float()  # torch casts float64 to 16 and 8 bits through float32
+        largest = float(extremes.abs().max())
+        if largest >= _rounding_limit(held.dtype):
             raise ValueError(
                 f"{adapter.directory}: {name} holds values up to {largest:.6g}, beyond what the model's "
-                f"{held.dtype} holds (largest {info.max:.6g}): they would load as inf (or, in float8, "
-                "clamped)"
+                f"{held.dtype} holds (largest {torch.finfo(held.dtype).max:.6g}): they would not load as "
+                "themselves (inf, NaN or clamped)"
             )
+
+
+def _rounding_limit(dtype: torch.dtype) -> float:
+    """The magnitude from which a value rounds past ``dtype``'s largest: half a step above it,
+    the step read off the bit patterns (``finfo.eps`` is wrong for some float8 types)."""
+    largest = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    below = (largest.view(bits) - 1).view(dtype)
+    return float(largest) + (float(largest) - float(below)) / 2
 
 
 def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
