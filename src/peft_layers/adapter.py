@@ -169,7 +169,9 @@ def overrides_linear_forward(module: nn.Module) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     cls = type(module)
-    return cls.forward is not nn.Linear.forward and f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_LINEAR_SUBCLASSES
+    if cls.forward is nn.Linear.forward:
+        return False
+    return f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_LINEAR_SUBCLASSES
 
 
 def is_conv1d(module: nn.Module) -> bool:
