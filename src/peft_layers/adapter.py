@@ -161,6 +161,12 @@ def global_forward_hooks() -> bool:
 _PLAIN_LINEAR_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
 
 
+def class_path(module: nn.Module) -> str:
+    """``module``'s class as ``"package.module.QualifiedName"``, for messages and class lists."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def overrides_linear_forward(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` subclass with a ``forward`` of its own (a scaled,
     clamped or low-precision linear): its output is then not ``x W^T + b`` computed from its
@@ -168,10 +174,9 @@ def overrides_linear_forward(module: nn.Module) -> bool:
     known to compute exactly that (Falcon's ``FalconLinear``) do not count."""
     if not isinstance(module, nn.Linear):
         return False
-    cls = type(module)
-    if cls.forward is nn.Linear.forward:
+    if type(module).forward is nn.Linear.forward:
         return False
-    return f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_LINEAR_SUBCLASSES
+    return class_path(module) not in _PLAIN_LINEAR_SUBCLASSES
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -377,9 +382,8 @@ class AdapterMixin:
         # the merge writes W0 + delta into the weight; the subclass's forward need not apply it as
         # x W^T + b (a scaled or clamped linear), and to_linear() drops that forward altogether
         if overrides_linear_forward(self.base_layer):
-            name = f"{type(self.base_layer).__module__}.{type(self.base_layer).__qualname__}"
             _warn(
-                f"{call}: base_layer is a {name}, an nn.Linear with a forward of its own; the merged "
+                f"{call}: base_layer is a {class_path(self.base_layer)}, an nn.Linear with a forward of its own; the merged "
                 "weight W0 + delta computes what the adapter layer computes only where that forward "
                 "is x W^T + b (to_linear() and merge_and_unload() give a plain nn.Linear)"
             )

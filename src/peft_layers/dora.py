@@ -26,6 +26,7 @@ from ._warnings import warn as _warn
 from .adapter import (
     autocast_enabled,
     autocast_off,
+    class_path,
     functorch_active,
     has_hooks,
     overrides_linear_forward,
@@ -197,9 +198,8 @@ class DoRALinear(LoRALinear):
         self._inference_gain_cache: tuple[tuple, Tensor] | None = None
         super()._init_adapter(base_layer, **kwargs)
         if overrides_linear_forward(base_layer):
-            name = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"
             _warn(
-                f"{type(self).__name__}: base_layer is a {name}, an nn.Linear with a forward of its "
+                f"{type(self).__name__}: base_layer is a {class_path(base_layer)}, an nn.Linear with a forward of its "
                 "own, which an unmerged DoRA layer does not call: DoRA's output (m / n) (x W'^T) + b "
                 "and its norm are computed from base_layer.weight (the norm needs W0), so the layer "
                 "is DoRA over x W0^T + b, not over that forward (merged or disabled, it calls the "

@@ -469,6 +469,13 @@ def _stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, stack_class)]
 
 
+def _refuse_stacks_only(model: nn.Module, caller: str) -> None:
+    """Raise :func:`_adapter_layers_or_raise`'s error for a model whose adapters are all stacked
+    for serving (a model without any adapters passes: ``caller`` decides what that means)."""
+    if _stacked_layers(model) and next(iter_adapter_layers(model), None) is None:
+        _adapter_layers_or_raise(model, caller)
+
+
 def _adapter_layers_or_raise(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
     layers = list(iter_adapter_layers(model))
     if not layers:
@@ -1196,8 +1203,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     (:func:`unwrapped`). A model without adapters gives an empty dict; a model whose adapters are
     stacked for serving raises ``ValueError`` (they are not trainable layers: ``unload`` first)."""
     model = unwrapped(model)
-    if _stacked_layers(model) and not any(True for _ in iter_adapter_layers(model)):
-        _adapter_layers_or_raise(model, "adapter_state_dict()")  # says what to do with the stacks
+    _refuse_stacks_only(model, "adapter_state_dict()")
     state: dict[str, Tensor] = {}
     for name, layer in iter_adapter_layers(model):
         prefix = f"{name}." if name else ""
@@ -1228,8 +1234,7 @@ def load_adapter_state_dict(
         raise TypeError(f"state_dict: expected a mapping of name -> Tensor, got {type(state_dict).__name__}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict: expected a bool, got {strict!r}")
-    if _stacked_layers(model) and not any(True for _ in iter_adapter_layers(model)):
-        _adapter_layers_or_raise(model, "load_adapter_state_dict()")
+    _refuse_stacks_only(model, "load_adapter_state_dict()")
     expected = adapter_state_dict(model)
     if not expected:
         raise ValueError("load_adapter_state_dict(): model has no adapter layers; inject_adapters() first")

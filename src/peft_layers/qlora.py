@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import SameObject, overrides_linear_forward
+from .adapter import SameObject, class_path, overrides_linear_forward
 from .dora import DoRALinear
 from .lora import (
     _CONSTRUCTED_BASE,
@@ -82,7 +82,7 @@ def quantized_base(
     if isinstance(linear, nn.Linear):
         if overrides_linear_forward(linear):
             _warn(
-                f"quant: {type(linear).__module__}.{type(linear).__qualname__} is an nn.Linear with a "
+                f"quant: {class_path(linear)} is an nn.Linear with a "
                 "forward of its own, which the quantized base does not keep: it computes x W^T + b "
                 "from the quantized weight. Give this layer method 'lora', which calls its forward"
             )
