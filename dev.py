@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
         install()
         # exit code 5 (no test collected) is a failure too: check=True raises on any non-zero code
         run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *argv[2:])
-        run(PYTHON, "-m", "mypy", "src/peft_layers")  # settings: pyproject.toml's [tool.mypy]
+        run(PYTHON, "-m", "mypy", "src/peft_layers", "tests/typing")  # settings: pyproject.toml's [tool.mypy]
     elif command == "bench":
         install()
         (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)

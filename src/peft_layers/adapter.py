@@ -28,6 +28,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._warnings import warn as _warn
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "AdapterMixin",
+]
+
 
 def _device_type(tensor: Tensor) -> str:
     """``tensor.device.type``, without building a ``torch.device`` for CPU and CUDA tensors

@@ -332,7 +332,7 @@ def lora_factors(
 
 
 def combine_adapters(
-    state_dicts_or_dirs: Sequence[Mapping[str, Tensor] | str | os.PathLike],
+    state_dicts_or_dirs: Sequence[Mapping[str, Tensor] | str | os.PathLike[str]],
     weights: Sequence[float],
     *,
     method: Method = "cat",

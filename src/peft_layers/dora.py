@@ -41,6 +41,11 @@ from .lora import (
     _scaled_mm,
 )
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "DoRALinear",
+]
+
 
 def norm_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     """DoRA's norm is accumulated in float32, or float64 when the layer computes in float64 (its

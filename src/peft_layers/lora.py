@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,13 @@ from .adapter import (
     is_conv1d,
     overrides_linear_forward,
 )
+
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "LORA_INITS",
+    "LoRALinear",
+    "LoRAPlusLinear",
+]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -365,7 +372,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, **kwargs: Any) -> LoRALinear:
+    def from_linear(cls: type[_Layer], linear: nn.Module, **kwargs: Any) -> _Layer:
         """Wrap an existing ``nn.Linear`` (no copy of its weight) in this adapter layer.
 
         A transformers ``Conv1D`` (GPT-2's linear layers, weight stored ``(in, out)``) is wrapped
@@ -453,7 +460,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def rank(self) -> int:
         """The rank ``r`` of ``A (r, in)`` and ``B (out, r)``, fixed at construction (read-only: a
         new rank needs new factors, so build a new layer)."""
-        return self._scaling_setting("rank")
+        return cast(int, self._scaling_setting("rank"))
 
     @rank.setter
     def rank(self, value: int) -> None:
@@ -466,7 +473,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def init(self) -> str:
         """How :meth:`reset_adapter_parameters` initialises the adapter: one of ``LORA_INITS``
         (settable to another of them; ``"pissa"`` rewrites the base weight when it runs)."""
-        return self._scaling_setting("init")
+        return cast(str, self._scaling_setting("init"))
 
     @init.setter
     def init(self, value: str) -> None:
@@ -479,9 +486,9 @@ class LoRALinear(AdapterMixin, nn.Module):
     # s of the moment, so a change while merged would leave s_old B A - s_new B A in W0 for good
     @property
     def alpha(self) -> float:
-        """``alpha`` of the scaling ``s = alpha / rank``. Settable (a finite number > 0) while the
-        layer is not merged."""
-        return self._scaling_setting("alpha")
+        """``alpha`` of the scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with
+        ``use_rslora``). Settable (a finite number > 0) while the layer is not merged."""
+        return cast(float, self._scaling_setting("alpha"))
 
     @alpha.setter
     def alpha(self, value: float) -> None:
@@ -492,7 +499,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def use_rslora(self) -> bool:
         """rsLoRA's scaling ``s = alpha / sqrt(rank)`` in place of ``alpha / rank``. Settable (a
         bool) while the layer is not merged."""
-        return self._scaling_setting("use_rslora")
+        return cast(bool, self._scaling_setting("use_rslora"))
 
     @use_rslora.setter
     def use_rslora(self, value: bool) -> None:
@@ -724,7 +731,7 @@ class LoRAPlusLinear(LoRALinear):
     @property
     def lr_ratio(self) -> float:
         """``B``'s learning rate over ``A``'s. Settable: a finite number > 0."""
-        return self._scaling_setting("lr_ratio")
+        return cast(float, self._scaling_setting("lr_ratio"))
 
     @lr_ratio.setter
     def lr_ratio(self, value: float) -> None:

@@ -37,6 +37,36 @@ from .modules_to_save import ModuleToSave
 from .qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QDoRALinear, QLoRALinear
 from .quant import QuantizedLinear
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "ALL_LINEAR",
+    "BIAS_MODES",
+    "FLOAT_METHOD",
+    "METHODS",
+    "QUANTIZED_METHOD",
+    "TargetSpec",
+    "adapter_state_dict",
+    "disable_adapters",
+    "inject_adapters",
+    "inject_lora",
+    "is_quantized_linear",
+    "iter_adapter_layers",
+    "iter_modules_to_save",
+    "load_adapter_state_dict",
+    "loaded_quantized",
+    "merge_adapters",
+    "merge_and_unload",
+    "method_class",
+    "method_of",
+    "pattern_key",
+    "prepare_for_kbit_training",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapters",
+    "unwrapped",
+]
+
 #: a target or exclude specification: a name suffix, a list of them, a compiled regex (full match
 #: on the dotted name), or a callable ``(name, module) -> bool``
 TargetSpec = Union[str, Iterable[str], "re.Pattern[str]", Callable[[str, nn.Module], bool]]

@@ -15,6 +15,11 @@ from typing import Any
 
 from torch import nn
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "ModuleToSave",
+]
+
 
 class ModuleToSave(nn.Module):
     """A module that trains in full beside the adapters and is saved with them.

@@ -15,6 +15,13 @@ from torch import nn
 from .lora import LoRAPlusLinear, _check_non_negative, _check_positive
 from .model import iter_adapter_layers
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "DEFAULT_LR_RATIO",
+    "create_loraplus_optimizer",
+    "loraplus_param_groups",
+]
+
 DEFAULT_LR_RATIO = 16.0
 
 

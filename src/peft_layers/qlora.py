@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,13 @@ from .lora import (
 )
 from .quant import QUANT_SCHEMES, QuantizedLinear
 from .quant.linear import _check_blocksize, _check_compute_dtype
+
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "QDoRALinear",
+    "QLoRALinear",
+    "quantized_base",
+]
 
 REQUANTIZE_CONSEQUENCE = (
     "so the merged weight is requantized and rounding can lose much of the update (measured on "
@@ -122,6 +129,9 @@ def _pissa_split_in_float(linear: nn.Module, kwargs: dict[str, Any], *, copy_lin
     return LoRALinear.from_linear(copy.deepcopy(linear) if copy_linear else linear, init="pissa", **shape_kwargs)
 
 
+_QuantizedLayer = TypeVar("_QuantizedLayer", bound="QLoRALinear")
+
+
 class QLoRALinear(LoRALinear):
     r"""LoRA over a quantized base (Dettmers et al., 2023).
 
@@ -173,7 +183,7 @@ class QLoRALinear(LoRALinear):
 
     @classmethod
     def from_linear(
-        cls,
+        cls: type[_QuantizedLayer],
         linear: nn.Module,
         *,
         quant: str = "nf4",
@@ -181,7 +191,7 @@ class QLoRALinear(LoRALinear):
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
         **kwargs: Any,
-    ) -> QLoRALinear:
+    ) -> _QuantizedLayer:
         """Wrap ``linear`` over a quantized base (see :func:`quantized_base`).
 
         An ``nn.Linear`` is quantized with ``quant``/``blocksize``/``double_quant`` (the caller's

@@ -250,7 +250,7 @@ def _stackable(module: nn.Module) -> bool:
 
 
 def stack_adapters(
-    model: nn.Module, adapters: Mapping[str, str | os.PathLike | Mapping[str, Tensor]]
+    model: nn.Module, adapters: Mapping[str, str | os.PathLike[str] | Mapping[str, Tensor]]
 ) -> nn.Module:
     """Put several LoRA adapters on one model for serving, each under its name.
 

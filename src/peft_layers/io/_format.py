@@ -174,7 +174,7 @@ def _check_directory(directory: Any) -> Path:
     return path
 
 
-def adapter_directory(directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+def adapter_directory(directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
     """Where the adapter ``adapter_name`` lives under ``directory``: the root for ``None`` or
     ``"default"``, ``<directory>/<adapter_name>/`` otherwise (Hugging Face PEFT's layout)."""
     root = _check_directory(directory)
@@ -182,7 +182,7 @@ def adapter_directory(directory: str | os.PathLike, adapter_name: str | None = N
     return root if name == DEFAULT_ADAPTER else root / name
 
 
-def list_adapters(directory: str | os.PathLike) -> list[str]:
+def list_adapters(directory: str | os.PathLike[str]) -> list[str]:
     """The names of the adapters saved under ``directory``: ``"default"`` if the root holds an
     ``adapter_config.json``, then every direct subfolder that holds one, sorted."""
     root = _check_directory(directory)
@@ -529,7 +529,7 @@ _HF_WRAPPER_KEYS = ("original_module.", "modules_to_save.")
 _HF_WRAPPER_BIAS = re.compile(r"(.+)\.(modules_to_save|original_module)\.bias")
 
 
-def read_adapter(directory: str | os.PathLike, *, adapter_name: str | None = None) -> AdapterFile:
+def read_adapter(directory: str | os.PathLike[str], *, adapter_name: str | None = None) -> AdapterFile:
     """Read and check an adapter saved by :func:`save_adapter` or by Hugging Face PEFT.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or, if there is none,

@@ -505,7 +505,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
 
 def load_adapter(
     model: nn.Module,
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     *,
     adapter_name: str | None = None,
     **inject_kwargs: Any,

@@ -364,7 +364,7 @@ def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
                 pass
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str | None = None) -> Path:
     """Save ``model``'s adapter layers as a Hugging Face PEFT adapter; returns the folder.
 
     Writes ``adapter_model.safetensors`` and ``adapter_config.json`` to ``directory`` (created if

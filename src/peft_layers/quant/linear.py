@@ -45,6 +45,14 @@ from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
 
+# the public names (the rest is internal, underscore or not); docs/api.md lists them all
+__all__ = [
+    "BLOCKSIZES",
+    "COMPUTE_DTYPES",
+    "QUANT_SCHEMES",
+    "QuantizedLinear",
+]
+
 QUANT_SCHEMES = ("nf4", "fp4", "int8")
 #: block sizes bitsandbytes' quantize_4bit accepts
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -591,7 +599,9 @@ class QuantizedLinear(nn.Module):
         """A fresh dense ``(out, in)`` weight in ``dtype`` (default ``compute_dtype``); the caller
         may modify it.
 
-        4-bit: ``W_i = code[q_i] * absmax[i // blocksize]``; int8: ``W_ij = q_ij * absmax_i / 127``.
+        4-bit: ``W_i = code[q_i] * a[i // blocksize]`` with ``a`` the stored ``absmax``, or with
+        double quantization ``a_k = nested_code[absmax_k] * nested_absmax[k // 256] + offset``;
+        int8: ``W_ij = q_ij * absmax_i / 127``.
         A 4-bit weight decodes straight into a 16-bit ``dtype``, with the same bits as decoding to
         float32 and casting.
         """
@@ -643,7 +653,7 @@ class QuantizedLinear(nn.Module):
                 products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
                 # bitsandbytes' default int8_mm_dequant, in float32: its CUDA kernel rounds through
                 # float16 (inf past 65504) whatever the output dtype. The constant is bitsandbytes'
-                # own 1 / 127^2, as its kernels write it.
+                # own spelling of 1 / 127^2 (6.2000124e-05 exactly), kept for the same bits.
                 out = products * (absmax_x[:, None] * self.absmax[None, :])
                 out.mul_(6.200124e-05)
                 if bias is not None:

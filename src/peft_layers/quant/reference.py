@@ -118,10 +118,12 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     """The dynamic 8-bit quantization map of Dettmers (2016), as bitsandbytes builds it.
 
     For each exponent ``e = 0 .. max_exponent_bits - 1`` the map holds ``10^(e - max_exponent_bits
-    + 1) * m`` for the midpoints ``m`` of ``2^(e + total_bits - 1 - max_exponent_bits) + 1`` (twice
-    that when unsigned) evenly spaced points on [0.1, 1], with both signs when ``signed``; then 0 and
-    1, zero padding to ``2^total_bits`` entries, sorted. Values are computed in float32 exactly as
-    bitsandbytes does, so the map is bit-identical to ``bitsandbytes.functional.create_dynamic_map``.
+    + 1) * m`` for the midpoints ``m`` of ``2^k + 1`` evenly spaced points on [0.1, 1], with
+    ``k = e + total_bits - 1 - max_exponent_bits`` (one more when unsigned), with both signs when
+    ``signed``; then 0 and 1. Those must be exactly ``2^total_bits`` values (``ValueError``
+    otherwise); the map is padded with zeros to 256 entries (the table size bitsandbytes' kernels
+    read) and sorted. Values are computed in float32 exactly as bitsandbytes does, so the map is
+    bit-identical to ``bitsandbytes.functional.create_dynamic_map``.
     """
     values: list[float] = []
     non_sign_bits = total_bits - 1
