@@ -776,3 +776,30 @@ def test_a_layer_with_filled_caches_pickles_and_its_copy_recomputes(cls):
             torch.testing.assert_close(twin(x), layer(x), rtol=1e-6, atol=1e-6)
             twin.magnitude.mul_(2.0)  # y - b doubles with m
             torch.testing.assert_close(twin(x) - twin.bias, 2 * (layer(x) - layer.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dora", "qdora"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after_a_no_grad_forward"])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:DeprecationWarning")
+def test_jit_trace_bakes_no_cached_gain_into_the_graph(method: str, warm: bool) -> None:
+    """A traced graph must compute m / n from the module's tensors: a gain cached by an earlier
+    no-grad forward baked in as a constant would ignore an adapter loaded into the traced module
+    (and made torch.jit.trace's own re-trace check fail)."""
+    cls = pl.DoRALinear if method == "dora" else pl.QDoRALinear
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(16, 8), rank=4).eval()
+    x = torch.randn(4, 16)
+    other = {
+        key: value + 0.3 * torch.randn_like(value) if key in ("lora_A", "lora_B", "magnitude") else value
+        for key, value in layer.state_dict().items()
+    }
+    with torch.no_grad():
+        if warm:
+            layer(x)
+        traced = torch.jit.trace(layer, (x,))  # check_trace=True: traces twice and compares
+        traced.load_state_dict(other)
+        layer.load_state_dict(other)
+        weight = layer.base_layer.weight if method == "dora" else layer.base_layer.dequantize()
+        expected = dora_ref(f64(x), f64(weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
+                            f64(layer.magnitude), layer.scaling, layer.epsilon)
+        assert_close64(traced(x), expected, rtol=1e-5)

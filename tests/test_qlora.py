@@ -336,6 +336,23 @@ def test_qdora_norm_cache_follows_requantization() -> None:
     torch.testing.assert_close(layer.base_row_norm_sq(), first * 4, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_qdora_norm_cache_sees_in_place_writes_into_the_quantized_tensors(scheme: str) -> None:
+    """DistributedDataParallel copies rank 0's buffers into the other ranks' in place, which the
+    layer's own ``version`` does not count: the norm cache must still miss."""
+    source = QDoRALinear.from_linear(make_linear(seed=1), quant=scheme, rank=4)
+    target = QDoRALinear.from_linear(make_linear(seed=2), quant=scheme, rank=4)
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        target(x)  # fills the norm cache (and the no-grad gain cache) with seed 2's base
+        for name, tensor in target.state_dict().items():
+            tensor.copy_(source.state_dict()[name])  # what DDP's broadcast does
+    torch.testing.assert_close(target.base_row_norm_sq(), source.base_row_norm_sq(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 37])
 def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_is_cached(rows: int) -> None:
     """In eval mode, the call that computes the gain and the calls that reuse it multiply x by the

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import SameObject, class_path, overrides_linear_forward
+from .adapter import SameObject, class_path, overrides_linear_forward, version_key
 from .dora import DoRALinear
 from .lora import (
     _CONSTRUCTED_BASE,
@@ -250,9 +250,15 @@ class QLoRALinear(LoRALinear):
     def _base_matmul(self, x: Tensor) -> Tensor:
         return self.base_layer.matmul(x)
 
-    def _base_weight_key(self) -> tuple:
+    def _base_weight_key(self) -> tuple | None:
+        # ``version`` counts the layer's own changes (requantize_, load_state_dict, .to); the
+        # version counters of the stored codes and statistics see in-place writes from outside,
+        # such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping
         base = self.base_layer
-        return (SameObject(base), base.version, base.compute_dtype, base.weight.device)
+        stored = tuple(version_key(getattr(base, name)) for name in base._quantized_names())
+        if any(key is None for key in stored):
+            return None
+        return (SameObject(base), base.version, base.compute_dtype, base.weight.device, stored)
 
     def _refetch_key_fn(self) -> Callable[[], tuple]:
         return self._base_weight_key  # decoded again in backward: no dense copy is kept
