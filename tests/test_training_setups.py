@@ -278,6 +278,17 @@ def worker(rank):
             assert "sharded (DTensors of FSDP2's fully_shard)" in str(error), error
         else:
             raise AssertionError("save_adapter of a sharded model did not raise")
+        # so do the tools that put plain layers in (they would hold shards outside fully_shard),
+        # and the merges that need whole tensors (DoRA's norms, requantizing); LoRA's merge runs
+        refusing = [pl.merge_and_unload, pl.unload] + ([pl.merge_adapters] if sys.argv[2] != "lora" else [])
+        for tool in refusing:
+            try:
+                tool(net)
+            except ValueError as error:
+                assert "sharded (DTensors of FSDP2's fully_shard" in str(error), error
+            else:
+                raise AssertionError(f"{tool.__name__} of a sharded model did not raise")
+        assert all(isinstance(net[index], pl.LoRALinear) and not net[index].merged for index in (0, 2))
         state = {k: v.full_tensor() for k, v in pl.adapter_state_dict(net).items()}
         if rank == 0:
             twin = model()

@@ -146,6 +146,20 @@ def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
     return SameObject(tensor), tensor.data_ptr(), tensor._version, steps
 
 
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a shard of FSDP2's ``fully_shard``), by class name, so
+    that ``torch.distributed`` need not be imported."""
+    return type(tensor).__name__ == "DTensor"
+
+
+#: what to do instead of merging or converting a sharded layer
+SHARDED_ADVICE = (
+    "gather first: on every rank state = {k: v.full_tensor() for k, v in model.state_dict().items()}, "
+    "then on one rank load it into the model built without fully_shard() and merge there (or merge "
+    "before fully_shard())"
+)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has hooks of its own (forward, forward-pre or backward; global module
     hooks are not counted). The adapter layers compute their base product from
@@ -303,10 +317,26 @@ class AdapterMixin:
         weight = self._compute_weight().detach()
         return weight.to(dtype or weight.dtype, memory_format=torch.contiguous_format, copy=True)
 
+    #: whether merge() and unmerge() work on a base sharded by FSDP2's ``fully_shard`` (DTensors):
+    #: LoRA's ``W0 += s B A`` runs shard by shard; DoRA's norms and requantizing need whole tensors
+    _merges_sharded: bool = True
+
+    def _check_not_sharded(self, call: str, why: str) -> None:
+        """Raise ``ValueError`` naming ``call`` and ``why`` if the layer's tensors are sharded."""
+        tensors = [*self.base_layer.parameters(), *self.base_layer.buffers(), *self.adapter_parameters()]
+        if any(is_sharded(tensor) for tensor in tensors):
+            raise ValueError(
+                f"{call}: this {type(self).__name__} is sharded (DTensors of FSDP2's fully_shard()); "
+                f"{why}; {SHARDED_ADVICE}"
+            )
+
     def _check_base_writable(self, call: str) -> None:
         """Raise ``ValueError`` if ``call`` could not write a weight into the base: its ``weight``
         is computed on every forward (a parametrization, or a hook-based ``weight_norm`` or
-        pruning), so a write would be lost."""
+        pruning), so a write would be lost; or it is sharded and the method's merge needs whole
+        tensors."""
+        if not self._merges_sharded:
+            self._check_not_sharded(call, f"the merge of {type(self).__name__} needs whole tensors")
         if "weight" not in self.base_layer._parameters:
             raise ValueError(
                 f"{call}: base_layer.weight is computed (a parametrization, or a hook-based weight_norm "
@@ -480,6 +510,7 @@ class AdapterMixin:
         """
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        self._check_not_sharded("to_linear()", "the new nn.Linear would hold shards outside fully_shard()")
         self._warn_if_base_forward_is_its_own("to_linear()")
         with torch.no_grad():
             weight = self._read_base_weight(dtype or self.compute_dtype)

@@ -189,6 +189,7 @@ class DoRALinear(LoRALinear):
     #: mode) computes ``A W0^T`` in the same base call as the input (rows stacked), which saves a
     #: pass over a base whose weight has to be decoded (quantized bases).
     _norm_rides_with_input: bool = False
+    _merges_sharded = False  # the merge reads whole rows of W0 + s B A
 
     def __init__(self, in_features: int, out_features: int, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, epsilon=epsilon, **kwargs)

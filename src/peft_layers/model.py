@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._warnings import warn as _warn
-from .adapter import is_conv1d, is_conv1d_class, is_transformers_subclass
+from .adapter import is_conv1d, is_conv1d_class, is_sharded, is_transformers_subclass
 from .dora import DoRALinear
 from .lora import (
     LoRALinear,
@@ -432,16 +432,10 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
         raise
 
 
-def _is_sharded(tensor: Any) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a shard of FSDP2's ``fully_shard``), by class name, so
-    that ``torch.distributed`` need not be imported."""
-    return type(tensor).__name__ == "DTensor"
-
-
 def _refuse_sharded(tensors: Iterable[Any], caller: str) -> None:
     """Raise ``ValueError`` if any of ``tensors`` is sharded: the adapter tools read and write
     whole tensors."""
-    if any(_is_sharded(tensor) for tensor in tensors):
+    if any(is_sharded(tensor) for tensor in tensors):
         raise ValueError(
             f"{caller}: the model's tensors are sharded (DTensors of FSDP2's fully_shard). Load adapters "
             "before fully_shard(); to save, gather on every rank, state = {k: v.full_tensor() for k, v in "
@@ -983,6 +977,14 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def _refuse_sharded_layers(layers: Iterable[tuple[str, Any]], call: str) -> None:
+    """Raise ``ValueError`` if an adapter layer among ``layers`` is sharded: ``call`` would put
+    layers into the model that hold shards outside ``fully_shard()``, and the next forward fails."""
+    for name, layer in layers:
+        if isinstance(layer, LoRALinear):
+            layer._check_not_sharded(f"{call}: {name!r}", "the layers it puts in would hold shards outside fully_shard()")
+
+
 @contextlib.contextmanager
 def _one_requantize_warning(
     layers: list[Any], caller: str, consequence: str = REQUANTIZE_CONSEQUENCE
@@ -1041,6 +1043,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             "(adapter_enabled = True) to merge them, or unload() to drop the adapters"
         )
 
+    _refuse_sharded_layers(layers, "merge_and_unload()")
     neighbours = _surrounding_dtype(model, layers)
 
     def build(layer: LoRALinear) -> nn.Module:
@@ -1158,6 +1161,7 @@ def unload(model: nn.Module) -> nn.Module:
             "the block's exit restores them (a merged one merges again, into the base unload gives "
             "back), so unload after the block"
         )
+    _refuse_sharded_layers(layers, "unload()")
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()

@@ -244,24 +244,33 @@ class QLoRALinear(LoRALinear):
     def _write_base_weight(self, weight: Tensor) -> None:
         self.base_layer.requantize_(weight)
 
+    # requantize_ writes the codes, whatever holds them; it needs them whole
+    _merges_sharded = False
+
     def _check_base_writable(self, call: str) -> None:
-        pass  # requantize_ writes the codes, whatever holds them
+        self._check_not_sharded(call, f"the merge of {type(self).__name__} requantizes whole tensors")
 
     def _base_matmul(self, x: Tensor) -> Tensor:
         return self.base_layer.matmul(x)
 
+    def _layer_version_key(self) -> tuple:
+        """The base's own changes: ``requantize_``, ``load_state_dict``, ``.to``."""
+        base = self.base_layer
+        return (SameObject(base), base.version, base.compute_dtype, base.weight.device)
+
     def _base_weight_key(self) -> tuple | None:
-        # ``version`` counts the layer's own changes (requantize_, load_state_dict, .to); the
-        # version counters of the stored codes and statistics see in-place writes from outside,
-        # such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping
+        # the version counters of the stored codes and statistics also see in-place writes from
+        # outside, such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping
         base = self.base_layer
         stored = tuple(version_key(getattr(base, name)) for name in base._quantized_names())
         if any(key is None for key in stored):
             return None
-        return (SameObject(base), base.version, base.compute_dtype, base.weight.device, stored)
+        return (*self._layer_version_key(), stored)
 
     def _refetch_key_fn(self) -> Callable[[], tuple]:
-        return self._base_weight_key  # decoded again in backward: no dense copy is kept
+        # decoded again in backward (no dense copy is kept), checked against the base's own
+        # version only: FSDP2 gathers the codes into fresh storage for backward
+        return self._layer_version_key
 
     def _base_weight_trainable(self) -> bool:
         return False
