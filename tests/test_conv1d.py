@@ -126,6 +126,15 @@ TARGETS = ["c_attn", "c_proj", "c_fc"]
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+def test_all_linear_with_a_quantized_method_on_a_float_gpt2_says_why_nothing_matches():
+    """Every block layer is a Conv1D, which "qlora" cannot wrap: the error listed only the one
+    layer "all-linear" leaves out (``lm_head``), with nothing about Conv1D or what to do."""
+    model = gpt2()
+    with pytest.raises(ValueError, match=r"quantizes nn.Linear layers only, and this model's layers are transformers Conv1D: give them 'lora'"):
+        pl.inject_adapters(model, "all-linear", method="qlora", rank=2)
+    assert not any(isinstance(m, pl.LoRALinear) for m in model.modules())
+
+
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits

@@ -241,6 +241,111 @@ def test_shared_module_gets_one_adapter() -> None:
     assert model.layers[1].attn.q_proj is model.layers[0].attn.q_proj
 
 
+def test_excluding_one_name_of_a_shared_target_is_refused() -> None:
+    """One module under two names takes one adapter layer under both: an ``exclude`` naming one
+    of them was silently overridden (Hugging Face PEFT leaves that name plain)."""
+    model = tiny_model()
+    model.layers[1].attn.q_proj = model.layers[0].attn.q_proj
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"exclude: \['layers.1.attn.q_proj'\] name the module that is also at"):
+        pl.inject_lora(model, "q_proj", exclude=["layers.1.attn.q_proj"], rank=2)
+    assert type(model.layers[0].attn.q_proj) is nn.Linear  # nothing changed
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    pl.inject_lora(model, "k_proj", exclude=["q_proj"], rank=2)  # every name of it excluded: fine
+    assert isinstance(model.layers[1].attn.k_proj, pl.LoRALinear)
+    assert type(model.layers[1].attn.q_proj) is nn.Linear
+
+
+class _LinearWithInnerLinear(nn.Linear):
+    """A linear layer holding a linear child of its own, which its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.inner(x))
+
+
+def test_a_target_inside_another_target_is_refused() -> None:
+    """The inner adapter layer was hung on the outer one, where the base's forward never called it:
+    its parameters counted as trainable and never got a gradient."""
+    model = nn.Sequential(_LinearWithInnerLinear())
+    with pytest.raises(ValueError, match=r"'0' and modules inside it \(\['inner'\]\) all match"):
+        pl.inject_lora(model, ["0", "inner"], rank=2)
+    assert type(model[0]) is _LinearWithInnerLinear and type(model[0].inner) is nn.Linear
+    assert all(p.requires_grad for p in model.parameters())  # not frozen either
+    with pytest.raises(ValueError, match="'0.inner' lies inside an adapter target"):
+        pl.inject_lora(model, ["0"], modules_to_save=["inner"], rank=2)
+    assert type(model[0]) is _LinearWithInnerLinear and type(model[0].inner) is nn.Linear
+
+
+class _FusedExperts(nn.Module):
+    """As transformers 5 stores a mixture of experts: one 3-D weight for all experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))
+        self.router = nn.Linear(8, 4)
+        self.conv = nn.Conv1d(8, 8, 3)  # a 3-D weight that is no expert
+
+
+def test_all_linear_warns_about_fused_experts_it_leaves_out() -> None:
+    """Hugging Face PEFT 0.21 adapts a fused mixture of experts (``target_parameters``); ours
+    adapts the linear layers only, which left Mixtral's experts out without a word."""
+    model = nn.Sequential(nn.Linear(8, 8), _FusedExperts())
+    with pytest.warns(UserWarning, match=r"stacked expert weights \(3-D parameters.*in 1 module\(s\) \(\['1'\]\)"):
+        pl.inject_adapters(model, "all-linear", rank=2)
+    assert isinstance(model[0], pl.LoRALinear) and isinstance(model[1].router, pl.LoRALinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named targets, or no experts: no warning
+        pl.inject_adapters(nn.Sequential(nn.Linear(8, 8), _FusedExperts()), ["0"], rank=2)
+        pl.inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 3)), "all-linear", rank=2)
+
+
+@pytest.mark.filterwarnings(r"ignore:inject_adapters.*share their weights")
+def test_all_linear_is_read_in_any_case() -> None:
+    """Hugging Face PEFT lowers ``target_modules="All-Linear"``; here it was a name suffix that
+    matched nothing."""
+    model = tiny_model()
+    pl.inject_adapters(model, "All-Linear", rank=2)
+    expected = tiny_model()
+    pl.inject_adapters(expected, "all-linear", rank=2)
+    assert adapter_names(model) == adapter_names(expected) and adapter_names(model)
+
+
+@pytest.mark.filterwarnings(r"ignore:inject_adapters.*share their weights")
+def test_modules_to_save_takes_an_empty_list_and_a_generator() -> None:
+    """``[]`` saves none (as in Hugging Face PEFT; it raised), and a generator is read once
+    (under "all-linear" it was read twice, and the second read found it empty)."""
+    model = tiny_model()
+    pl.inject_adapters(model, ["q_proj"], rank=2, modules_to_save=[])
+    assert not list(pl.model.iter_modules_to_save(model))
+    model = tiny_model()
+    pl.inject_adapters(model, "all-linear", rank=2, modules_to_save=(name for name in ["norm"]))
+    assert [name for name, _ in pl.model.iter_modules_to_save(model)] == ["norm"]
+
+
+def test_merge_adapters_refuses_targets_with_tied_weights() -> None:
+    """Two targets sharing one weight tensor: each merge added its update into the shared
+    weight, so both merged layers computed ``W0 + delta_1 + delta_2``."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-weights warning of injection
+        pl.inject_lora(model, ["0", "2"], rank=2)
+    randomize_adapters(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match=r"adapter layers \[\['0', '2'\]\] share one base weight"):
+        pl.merge_adapters(model)
+    assert not any(layer.merged for _, layer in iter_adapter_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(pl.merge_and_unload(model)(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_pattern_key_may_name_any_name_of_a_shared_module() -> None:
     """``rank_pattern={"layers.1.attn.q_proj": 4}`` on a module also named ``layers.0.attn.q_proj``
     passed the check that it matches a target, then was looked up under the first name only: the
@@ -667,6 +772,34 @@ def test_prepare_for_kbit_training_without_checkpointing_support_changes_nothing
     assert [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
     assert all(not m._forward_hooks for m in model.modules())
     assert not hasattr(model.embed, "_peft_layers_grad_hook")
+
+
+class _NoTokenEmbeddings(nn.Module):
+    """As transformers' ResNet or PatchTST: ``get_input_embeddings()`` raises
+    ``NotImplementedError``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Linear(4, 8)
+        self.time = nn.Embedding(5, 8)
+
+    def get_input_embeddings(self) -> nn.Module:
+        raise NotImplementedError("no input embeddings")
+
+    def forward(self, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return self.patch(x) + self.time(steps)
+
+
+def test_prepare_for_kbit_training_on_a_model_without_token_embeddings() -> None:
+    """The getter's NotImplementedError ended the call after every parameter was frozen and cast;
+    Hugging Face PEFT prepares such models. The embedding found by a scan is hooked instead."""
+    model = _NoTokenEmbeddings().to(torch.bfloat16)
+    pl.prepare_for_kbit_training(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert getattr(model.time, "_peft_layers_grad_hook", False)
+    out = model(torch.randn(2, 4), torch.tensor([1, 3]))
+    assert out.requires_grad  # the hooked embedding's output requires grad
 
 
 @pytest.mark.parametrize("order", ["prepare, inject", "inject, prepare"])

@@ -129,3 +129,21 @@ def test_a_model_without_adapter_layers_is_refused() -> None:
         pl.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3)
     with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):
         pl.loraplus_param_groups(None, 1e-3)
+
+
+def test_bitsandbytes_8bit_adam_keeps_embedding_state_in_32_bits() -> None:
+    """As Hugging Face PEFT's create_loraplus_optimizer: 8-bit Adam state is unstable for
+    embeddings, so a trained embedding keeps 32-bit state; other large weights stay 8-bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(200, 64), nn.Linear(64, 64), nn.Linear(64, 128))
+    pl.inject_adapters(model, ["1"], rank=4, modules_to_save=["0", "2"])
+    optimizer = pl.create_loraplus_optimizer(model, bnb.optim.AdamW8bit, lr=1e-3)
+    model(torch.randint(0, 200, (4, 5))).square().mean().backward()
+    optimizer.step()
+
+    def state_dtypes(parameter: torch.Tensor) -> set[torch.dtype]:
+        return {value.dtype for key, value in optimizer.state[parameter].items() if key in ("state1", "state2")}
+
+    assert state_dtypes(model[0].trained.weight) == {torch.float32}  # 12800 values: 8-bit otherwise
+    assert state_dtypes(model[2].trained.weight) == {torch.uint8}  # 8192 values, no embedding

@@ -367,6 +367,24 @@ class _AllLinear:
                 f"wrap; use method={QUANTIZED_METHOD[self.method]!r}{hint}, {effect}; or exclude them"
             )
 
+    def warn_fused_experts(self) -> None:
+        """Warn if the model holds stacked expert weights (3-D parameters of a module that is no
+        convolution, as transformers 5 stores a mixture of experts): "all-linear" adapts linear
+        layers only, while Hugging Face PEFT 0.21 adapts those too (``target_parameters``)."""
+        holders = [
+            name for name, module in self.model.named_modules()
+            if not isinstance(module, nn.modules.conv._ConvNd) and not _inside_adapter(self.model, name)
+            and any(parameter.dim() == 3 for parameter in module.parameters(recurse=False))
+        ]
+        if holders:
+            _warn(
+                f"targets: 'all-linear' adapts linear layers only; {type(self.model).__name__} also holds "
+                f"stacked expert weights (3-D parameters, a fused mixture of experts) in {len(holders)} "
+                f"module(s) ({holders[:3]}{' ...' if len(holders) > 3 else ''}), and those and their "
+                "routers get no adapter here, while Hugging Face PEFT adapts them (target_parameters), "
+                "so the two libraries' 'all-linear' adapters for this model differ",
+            )
+
     def __call__(self, name: str, module: nn.Module) -> bool:
         return (
             _accepts(module, _layer_method(module, self.method, self.scope(name)))
@@ -555,7 +573,7 @@ def inject_adapters(
             as Hugging Face PEFT matches them (see :func:`pattern_key`); the first matching key wins.
         modules_to_save: modules that train in full and are saved with the adapter (Hugging Face
             PEFT's ``modules_to_save``: a new classifier head, a norm), in the forms of
-            ``targets``; each becomes a :class:`~peft_layers.ModuleToSave` holding the module
+            ``targets`` (an empty list: none); each becomes a :class:`~peft_layers.ModuleToSave` holding the module
             (frozen) and a trained copy. Any module type but quantized ones; not a target, nor
             inside or around one.
         **layer_kwargs: passed to the layer's ``from_linear``: ``rank``, ``alpha``, ``dropout``,
@@ -573,6 +591,9 @@ def inject_adapters(
     not even a PiSSA residual).
     """
     _check_model(model)
+    if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, (str, re.Pattern)):
+        # read once (a generator is asked twice under "all-linear"); [] saves none, as in Hugging Face PEFT
+        modules_to_save = list(modules_to_save) or None
     cls = method_class(method)
     _check_layer_kwargs(method, layer_kwargs)
     if bias not in BIAS_MODES:
@@ -581,7 +602,7 @@ def inject_adapters(
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
     # whether a module lies in a model loaded quantized (asked of quantized methods only)
     scope: Callable[[str], bool] = _LoadedQuantized(model) if method in FLOAT_METHOD else (lambda name: False)
-    if isinstance(targets, str) and targets == ALL_LINEAR:
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # any case, as Hugging Face PEFT
         targets = _AllLinear(model, method, modules_to_save, scope)
     target_parts = _spec_parts(targets, "targets")
     exclude_parts = _spec_parts(exclude, "exclude", allow_empty=True) if exclude is not None else []
@@ -603,8 +624,14 @@ def inject_adapters(
             nearest = _nearest_names(part, linear_names)[:20]
             # Hugging Face PEFT reads a str as a regex; here it never is
             hint = ""
-            if isinstance(part, str) and part == ALL_LINEAR:
+            if isinstance(part, str) and part.lower() == ALL_LINEAR:
                 hint = f"; {ALL_LINEAR!r} stands for every linear layer as targets itself, not in a list"
+            elif isinstance(part, _AllLinear) and method in FLOAT_METHOD and any(map(is_conv1d, modules.values())):
+                hint = (
+                    f"; method {method!r} quantizes nn.Linear layers only, and this model's layers are "
+                    f"transformers Conv1D: give them {FLOAT_METHOD[method]!r}, or load the model in 4 or "
+                    f"8 bits with transformers, whose quantized layers {method!r} wraps"
+                )
             elif isinstance(part, str) and re.search(r"[\\*+?|()\[\]^$]", part):
                 hint = "; a str is a name suffix, never a regex: pass re.compile(...) or a callable"
             elif not linear_names and _accepts(model, _layer_method(model, method, scope(""))):
@@ -659,6 +686,8 @@ def inject_adapters(
             chosen[id(module)] = layer_method if earlier in FLOAT_METHOD else earlier
     if not chosen:
         raise ValueError(f"targets: every match of {targets!r} is excluded by exclude={exclude!r}")
+    _refuse_nested_targets(modules, chosen, all_names)
+    _refuse_split_shared_targets(modules, chosen, all_names, exclude_parts)
     # like a target, an exclusion or a per-layer pattern that matches nothing is a typo to report;
     # a callable is the caller's own test, asked about target matches only (as it always was)
     for part in exclude_parts:
@@ -681,6 +710,9 @@ def inject_adapters(
                 )
 
     saved = _choose_modules_to_save(model, modules_to_save, modules, chosen) if modules_to_save is not None else []
+
+    if isinstance(targets, _AllLinear):
+        targets.warn_fused_experts()
 
     # building a layer freezes the module it wraps and PiSSA rewrites its weight: a failure at a
     # later module must undo that
@@ -723,6 +755,39 @@ def inject_adapters(
     return model
 
 
+def _refuse_nested_targets(modules: dict[str, nn.Module], chosen: Mapping[int, str], all_names: dict[int, list[str]]) -> None:
+    """Raise ``ValueError`` if a chosen target lies inside another (a linear layer holding a
+    linear child): the outer adapter layer would hold the inner one where its base's forward
+    never calls it."""
+    for module_id in chosen:
+        outer = modules[all_names[module_id][0]]
+        inner = [name for name, child in outer.named_modules() if name and id(child) in chosen]
+        if inner:
+            raise ValueError(
+                f"targets: {all_names[module_id][0]!r} and modules inside it ({inner}) all match; an "
+                "adapter layer around the outer one would hide the inner ones from its base's forward; "
+                "exclude one or the other"
+            )
+
+
+def _refuse_split_shared_targets(
+    modules: dict[str, nn.Module], chosen: Mapping[int, str], all_names: dict[int, list[str]], exclude_parts: list[Any]
+) -> None:
+    """Raise ``ValueError`` if ``exclude`` names one of the names of a shared target but not all:
+    the one module takes one adapter layer, under all its names."""
+    for module_id in chosen:
+        names = all_names[module_id]
+        module = modules[names[0]]
+        excluded = [name for name in names if any(_part_matches(e, name, module) for e in exclude_parts)]
+        if excluded:
+            raise ValueError(
+                f"exclude: {excluded} name the module that is also at "
+                f"{[n for n in names if n not in excluded]} (one module under several names), which a "
+                "target matches; a shared module takes one adapter layer under all its names, so "
+                "exclude all of them, or give the excluded place a module of its own"
+            )
+
+
 def _module_to_save_refusal(
     model: nn.Module, name: str, module: nn.Module, targets: Iterable[int]
 ) -> tuple[type[Exception], str] | None:
@@ -740,6 +805,13 @@ def _module_to_save_refusal(
             "(unload() first)"
         )
     targets = set(targets)
+    parts = name.split(".")
+    ancestors = [model.get_submodule(".".join(parts[:end])) for end in range(len(parts))]
+    if any(id(ancestor) in targets for ancestor in ancestors):
+        return ValueError, (
+            f"{name!r} lies inside an adapter target, whose adapter layer's base would call it, not "
+            "a module to save put in its place; a module trains either through an adapter or in full"
+        )
     if any(isinstance(m, (LoRALinear, _stack_class())) or id(m) in targets for m in inner):
         return ValueError, (
             f"{name!r} is or holds an adapter target; a module trains either through an adapter or "
@@ -947,6 +1019,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
     for _, layer in layers:  # every refusal before the first change
         layer._check_base_writable("merge_adapters()")
+    _refuse_shared_base_weights(layers)
     non_finite = {name: found for name, layer in layers if (found := layer._non_finite_adapter_parameters())}
     if non_finite:
         raise ValueError(
@@ -957,6 +1030,27 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
             layer.merge()
     return model
+
+
+def _refuse_shared_base_weights(layers: list[tuple[str, LoRALinear]]) -> None:
+    """Raise ``ValueError`` if two adapter layers' base weights share storage (targets with tied
+    weights): each merge would add its update into the other's weight too, and both layers would
+    compute ``W0 + delta_1 + delta_2``."""
+    holders: dict[tuple[torch.device, int], list[str]] = {}
+    for name, layer in layers:
+        if isinstance(layer.base_layer, QuantizedLinear):
+            continue  # each holds codes of its own
+        weight = cast(Tensor, layer.base_layer.weight)
+        address = weight.untyped_storage().data_ptr()
+        if address:  # 0: no storage (meta tensors)
+            holders.setdefault((weight.device, address), []).append(name)
+    shared = [names for names in holders.values() if len(names) > 1]
+    if shared:
+        raise ValueError(
+            f"merge_adapters(): the adapter layers {shared} share one base weight (tied weights), so "
+            "each merge would add its update into the others' weight too; merge_and_unload() gives "
+            "each layer a merged weight of its own"
+        )
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
@@ -1331,7 +1425,10 @@ def load_adapter_state_dict(
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
-        return getter()
+        try:
+            return getter()
+        except NotImplementedError:  # transformers models without token embeddings (ResNet, PatchTST)
+            pass
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             return module
@@ -1380,6 +1477,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
             "(nor activation_checkpointing_enable()); wrap its blocks with "
             "torch.utils.checkpoint.checkpoint instead"
         )
+    embeddings = _input_embeddings(model)  # before any change: a getter may raise
     adapter_tensors = {id(p) for _, layer in iter_adapter_layers(model) for p in layer.adapter_parameters()}
     if not adapter_tensors:
         model.requires_grad_(False)
@@ -1399,7 +1497,6 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     for layer, module in wrapped:
         if layer.bias is not None and module.bias is not None and module.bias.dtype != layer.bias.dtype:
             module.bias.data = layer.bias.data
-    embeddings = _input_embeddings(model)
     if embeddings is not None and not getattr(embeddings, "_peft_layers_grad_hook", False):
         embeddings.register_forward_hook(_require_grad_hook)
         setattr(embeddings, "_peft_layers_grad_hook", True)

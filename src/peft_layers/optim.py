@@ -24,6 +24,9 @@ __all__ = [
 
 DEFAULT_LR_RATIO = 16.0
 
+#: the bitsandbytes optimizers whose embedding state create_loraplus_optimizer keeps in 32 bits
+_BITSANDBYTES_8BIT_ADAMS = ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit")
+
 
 def loraplus_param_groups(
     model: nn.Module,
@@ -100,11 +103,25 @@ def create_loraplus_optimizer(
 
     ``weight_decay`` in ``kwargs`` goes to the groups (not to biases, norms and magnitudes); the
     other keyword arguments go to the optimizer. Works with any ``torch.optim`` optimizer: an
-    optimizer without weight decay simply ignores the groups' key. Raises as
+    optimizer without weight decay simply ignores the groups' key. With a bitsandbytes 8-bit Adam
+    (``Adam8bit``, ``AdamW8bit`` and their paged forms), ``nn.Embedding`` weights keep 32-bit
+    optimizer state, as in Hugging Face PEFT. Raises as
     :func:`loraplus_param_groups` does (a model with no adapter layers included).
     """
     if not callable(optimizer_cls):
         raise TypeError(f"optimizer_cls: expected an optimizer class, got {optimizer_cls!r}")
     weight_decay = kwargs.pop("weight_decay", 0.0)
     groups = loraplus_param_groups(model, lr, lr_ratio=lr_ratio, weight_decay=weight_decay)
-    return optimizer_cls(groups, lr=lr, **kwargs)
+    optimizer = optimizer_cls(groups, lr=lr, **kwargs)
+    if getattr(optimizer_cls, "__name__", None) in _BITSANDBYTES_8BIT_ADAMS:
+        # 8-bit optimizer state is unstable for embeddings (bitsandbytes' StableEmbedding keeps
+        # theirs in 32 bits): a trained embedding, e.g. a module to save, keeps 32-bit state, as
+        # Hugging Face PEFT's create_loraplus_optimizer arranges
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
+
