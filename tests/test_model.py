@@ -301,6 +301,25 @@ def test_all_linear_warns_about_fused_experts_it_leaves_out() -> None:
         warnings.simplefilter("error")  # named targets, or no experts: no warning
         pl.inject_adapters(nn.Sequential(nn.Linear(8, 8), _FusedExperts()), ["0"], rank=2)
         pl.inject_adapters(nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 3)), "all-linear", rank=2)
+        with_tokens = nn.Sequential(nn.Linear(8, 8))
+        with_tokens.cls_token = nn.Parameter(torch.zeros(1, 1, 8))  # 3-D, as ViT's: no experts
+        pl.inject_adapters(with_tokens, "all-linear", rank=2)
+
+
+def test_merge_adapters_takes_weights_that_are_disjoint_views_of_one_storage() -> None:
+    """Slices of one fused weight (a QKV projection split into three layers) share a storage but
+    no element: each merge writes its own slice, so nothing is tied."""
+    fused = torch.randn(16, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[0].weight = nn.Parameter(fused[:8])
+    model[1].weight = nn.Parameter(fused[8:])
+    pl.inject_lora(model, ["0", "1"], rank=2)
+    randomize_adapters(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        pl.merge_adapters(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.filterwarnings(r"ignore:inject_adapters.*share their weights")

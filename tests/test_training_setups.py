@@ -280,15 +280,34 @@ def worker(rank):
             raise AssertionError("save_adapter of a sharded model did not raise")
         # so do the tools that put plain layers in (they would hold shards outside fully_shard),
         # and the merges that need whole tensors (DoRA's norms, requantizing); LoRA's merge runs
-        refusing = [pl.merge_and_unload, pl.unload] + ([pl.merge_adapters] if sys.argv[2] != "lora" else [])
-        for tool in refusing:
+        refusing = [(pl.merge_and_unload, "sharded (DTensors of FSDP2's fully_shard"),
+                    (pl.unload, "is a unit of FSDP2's fully_shard() of its own")]
+        if sys.argv[2] != "lora":
+            refusing.append((pl.merge_adapters, "sharded (DTensors of FSDP2's fully_shard"))
+        for tool, message in refusing:
             try:
                 tool(net)
             except ValueError as error:
-                assert "sharded (DTensors of FSDP2's fully_shard" in str(error), error
+                assert message in str(error), error
             else:
                 raise AssertionError(f"{tool.__name__} of a sharded model did not raise")
         assert all(isinstance(net[index], pl.LoRALinear) and not net[index].merged for index in (0, 2))
+        if sys.argv[2] == "lora":
+            x = batches()[0]
+            with torch.no_grad():
+                before = wrapped(x)
+                pl.merge_adapters(net)  # W0 += s B A, shard by shard
+                torch.testing.assert_close(wrapped(x), before, rtol=1e-5, atol=1e-6)
+                pl.unmerge_adapters(net)
+                torch.testing.assert_close(wrapped(x), before, rtol=1e-5, atol=1e-6)
+            # sharded from the root only, the bases stay managed by it: unload works
+            root_only = model()
+            fully_shard(root_only)
+            pl.unload(root_only)
+            torch.manual_seed(0)
+            plain = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+            with torch.no_grad():
+                torch.testing.assert_close(root_only(x), plain(x), rtol=1e-5, atol=1e-6)
         state = {k: v.full_tensor() for k, v in pl.adapter_state_dict(net).items()}
         if rank == 0:
             twin = model()

@@ -368,21 +368,22 @@ class _AllLinear:
             )
 
     def warn_fused_experts(self) -> None:
-        """Warn if the model holds stacked expert weights (3-D parameters of a module that is no
-        convolution, as transformers 5 stores a mixture of experts): "all-linear" adapts linear
-        layers only, while Hugging Face PEFT 0.21 adapts those too (``target_parameters``)."""
+        """Warn if the model holds stacked expert weights (transformers 5 stores a mixture of
+        experts as 3-D parameters of one module, its class named ``...Experts``): "all-linear"
+        adapts linear layers only, while Hugging Face PEFT 0.21 adapts those too
+        (``target_parameters``)."""
         holders = [
             name for name, module in self.model.named_modules()
-            if not isinstance(module, nn.modules.conv._ConvNd) and not _inside_adapter(self.model, name)
+            if type(module).__name__.endswith("Experts") and not _inside_adapter(self.model, name)
             and any(parameter.dim() == 3 for parameter in module.parameters(recurse=False))
         ]
         if holders:
             _warn(
                 f"targets: 'all-linear' adapts linear layers only; {type(self.model).__name__} also holds "
                 f"stacked expert weights (3-D parameters, a fused mixture of experts) in {len(holders)} "
-                f"module(s) ({holders[:3]}{' ...' if len(holders) > 3 else ''}), and those and their "
-                "routers get no adapter here, while Hugging Face PEFT adapts them (target_parameters), "
-                "so the two libraries' 'all-linear' adapters for this model differ",
+                f"module(s) ({holders[:3]}{' ...' if len(holders) > 3 else ''}), which get no adapter "
+                "here, while Hugging Face PEFT adapts them (target_parameters), so the two libraries' "
+                "'all-linear' adapters for this model differ",
             )
 
     def __call__(self, name: str, module: nn.Module) -> bool:
@@ -1017,8 +1018,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
     if bad:
         raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
-    for _, layer in layers:  # every refusal before the first change
-        layer._check_base_writable("merge_adapters()")
+    for name, layer in layers:  # every refusal before the first change
+        layer._check_base_writable(f"merge_adapters(): {name!r}")
     _refuse_shared_base_weights(layers)
     non_finite = {name: found for name, layer in layers if (found := layer._non_finite_adapter_parameters())}
     if non_finite:
@@ -1036,21 +1037,39 @@ def _refuse_shared_base_weights(layers: list[tuple[str, LoRALinear]]) -> None:
     """Raise ``ValueError`` if two adapter layers' base weights share storage (targets with tied
     weights): each merge would add its update into the other's weight too, and both layers would
     compute ``W0 + delta_1 + delta_2``."""
-    holders: dict[tuple[torch.device, int], list[str]] = {}
+    by_storage: dict[tuple[torch.device, int], list[tuple[str, range]]] = {}
     for name, layer in layers:
-        if isinstance(layer.base_layer, QuantizedLinear):
-            continue  # each holds codes of its own
         weight = cast(Tensor, layer.base_layer.weight)
+        if isinstance(layer.base_layer, QuantizedLinear) or is_sharded(weight):
+            continue  # codes of its own; a shard has no storage here (and LoRA merges it shard by shard)
         address = weight.untyped_storage().data_ptr()
         if address:  # 0: no storage (meta tensors)
-            holders.setdefault((weight.device, address), []).append(name)
-    shared = [names for names in holders.values() if len(names) > 1]
+            by_storage.setdefault((weight.device, address), []).append((name, _element_span(weight)))
+    shared = []
+    for held in by_storage.values():
+        overlapping = [
+            name for name, span in held if any(_overlap(span, other) for other_name, other in held if other_name != name)
+        ]
+        if overlapping:
+            shared.append(overlapping)
     if shared:
         raise ValueError(
             f"merge_adapters(): the adapter layers {shared} share one base weight (tied weights), so "
             "each merge would add its update into the others' weight too; merge_and_unload() gives "
             "each layer a merged weight of its own"
         )
+
+
+def _element_span(tensor: Tensor) -> range:
+    """The storage elements ``tensor`` reads, from its first to its last (views of one fused
+    weight, such as the slices of a QKV projection, have spans that do not overlap)."""
+    start = tensor.storage_offset()
+    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1 if tensor.numel() else 0
+    return range(start, start + extent)
+
+
+def _overlap(first: range, second: range) -> bool:
+    return max(first.start, second.start) < min(first.stop, second.stop)
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
@@ -1062,9 +1081,10 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     merged = [layer for _, layer in layers if layer.merged]
     if not merged:
         raise ValueError("unmerge_adapters(): no adapter layer is merged")
-    for layer in merged:  # every refusal before the first change
-        layer._check_unmergeable()
-        layer._check_base_writable("unmerge_adapters()")
+    for name, layer in layers:  # every refusal before the first change
+        if layer.merged:
+            layer._check_unmergeable()
+            layer._check_base_writable(f"unmerge_adapters(): {name!r}")
     with _one_requantize_warning(merged, "unmerge_adapters()", UNMERGE_REQUANTIZE_CONSEQUENCE):
         for layer in _progress(merged, "unmerge_adapters()"):
             layer.unmerge()
@@ -1077,6 +1097,19 @@ def _refuse_sharded_layers(layers: Iterable[tuple[str, Any]], call: str) -> None
     for name, layer in layers:
         if isinstance(layer, LoRALinear):
             layer._check_not_sharded(f"{call}: {name!r}", "the layers it puts in would hold shards outside fully_shard()")
+
+
+def _refuse_fsdp_units(layers: Iterable[tuple[str, Any]]) -> None:
+    """Raise ``ValueError`` for ``unload`` if ``fully_shard()`` was applied to an adapter layer
+    itself: that unit manages its base's parameters, and the base put back would hold shards no
+    unit gathers. (Sharded from an outer module, the base stays managed and unloads fine.)"""
+    for name, layer in layers:
+        if any(cls.__name__ == "FSDPModule" for cls in type(layer).__mro__):
+            raise ValueError(
+                f"unload(): {name!r} is a unit of FSDP2's fully_shard() of its own, which manages its "
+                "base's parameters: the base put back would hold shards that no unit gathers; unload "
+                "before fully_shard(), or shard the blocks around the adapter layers"
+            )
 
 
 @contextlib.contextmanager
@@ -1255,7 +1288,7 @@ def unload(model: nn.Module) -> nn.Module:
             "the block's exit restores them (a merged one merges again, into the base unload gives "
             "back), so unload after the block"
         )
-    _refuse_sharded_layers(layers, "unload()")
+    _refuse_fsdp_units(layers)
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()

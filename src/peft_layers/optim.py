@@ -124,4 +124,3 @@ def create_loraplus_optimizer(
             if isinstance(module, nn.Embedding):
                 manager.register_module_override(module, "weight", {"optim_bits": 32})
     return optimizer
-

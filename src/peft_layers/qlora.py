@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import SameObject, class_path, overrides_linear_forward, version_key
+from .adapter import SameObject, class_path, functorch_active, overrides_linear_forward
 from .dora import DoRALinear
 from .lora import (
     _CONSTRUCTED_BASE,
@@ -244,10 +244,8 @@ class QLoRALinear(LoRALinear):
     def _write_base_weight(self, weight: Tensor) -> None:
         self.base_layer.requantize_(weight)
 
-    # requantize_ writes the codes, whatever holds them; it needs them whole
-    _merges_sharded = False
-
     def _check_base_writable(self, call: str) -> None:
+        # requantize_ writes the codes, whatever holds them; it needs them whole
         self._check_not_sharded(call, f"the merge of {type(self).__name__} requantizes whole tensors")
 
     def _base_matmul(self, x: Tensor) -> Tensor:
@@ -259,13 +257,21 @@ class QLoRALinear(LoRALinear):
         return (SameObject(base), base.version, base.compute_dtype, base.weight.device)
 
     def _base_weight_key(self) -> tuple | None:
-        # the version counters of the stored codes and statistics also see in-place writes from
-        # outside, such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping
+        # The version counters of the stored codes and statistics also see in-place writes from
+        # outside, such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping.
+        # Their counts only, not the tensors' identity or address: FSDP2 gathers the codes into
+        # fresh tensors every forward, and a replacement goes through the layer (its version).
+        if torch.jit.is_tracing():
+            return None  # a traced graph must not bake a cache in
+        key = self._layer_version_key()
+        if torch.compiler.is_compiling() or functorch_active():
+            return key  # fake or wrapped tensors have no version counters
         base = self.base_layer
-        stored = tuple(version_key(getattr(base, name)) for name in base._quantized_names())
-        if any(key is None for key in stored):
-            return None
-        return (*self._layer_version_key(), stored)
+        stored = tuple(
+            -1 if tensor.is_inference() else tensor._version  # inference tensors have no counter
+            for tensor in (getattr(base, name) for name in base._quantized_names())
+        )
+        return (*key, stored)
 
     def _refetch_key_fn(self) -> Callable[[], tuple]:
         # decoded again in backward (no dense copy is kept), checked against the base's own
