@@ -781,14 +781,37 @@ def test_int8_activations_quantize_rows_of_a_contiguous_input(monkeypatch):
     alone cannot show it here). The result equals the contiguous input's, bit for bit."""
     layer = QuantizedLinear.from_linear(_linear(24, 64), "int8")
     layer.int8_activations = True
+    half_layer = QuantizedLinear.from_linear(_linear(24, 64), "int8", compute_dtype=torch.float16)
+    half_layer.int8_activations = True
     seen = []
     original = bnbF.int8_vectorwise_quant
     monkeypatch.setattr(bnbF, "int8_vectorwise_quant", lambda a, *args: seen.append(a.is_contiguous()) or original(a, *args))
     wide = torch.randn(64, 10).half()
+    # rows 80 apart, reaching the matmul as they are in a float16 layer: .to(float16,
+    # memory_format=torch.contiguous_format) returned such a slice itself
+    columns = torch.randn(10, 80).half()[:, :64]
     with torch.no_grad():
         strided = layer(wide.t())  # strides (1, 64), already float16
         dense = layer(wide.t().contiguous())
-    assert seen == [True, True] and torch.equal(strided, dense)
+        sliced = half_layer(columns)
+        sliced_dense = half_layer(columns.contiguous())
+    assert seen == [True, True, True, True]
+    assert torch.equal(strided, dense) and torch.equal(sliced, sliced_dense)
+
+
+def test_reference_code_table_is_copied_to_a_device_once_and_never_an_inference_tensor():
+    """The 16 levels went from the host to the weight's device on every decode (a synchronising
+    copy per forward on CUDA); they are kept per device now. Made first under inference mode,
+    the kept table must still serve autograd-recording calls."""
+    ref._code_on.cache_clear()
+    weight = torch.randn(8, 64)
+    packed, absmax = ref.quantize_4bit(weight, "nf4", 64)
+    with torch.inference_mode():
+        first = ref.dequantize_4bit(packed, absmax, weight.shape, "nf4", 64)
+    second = ref.dequantize_4bit(packed, absmax, weight.shape, "nf4", 64)
+    assert torch.equal(first, second)
+    assert ref._code_on.cache_info().misses == 1 and ref._code_on.cache_info().hits == 1
+    assert not ref._code_on("nf4", weight.device).is_inference()
 
 
 def test_int8_activations_in_float16_are_bitsandbytes_own_fused_scaling():

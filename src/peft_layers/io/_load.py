@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -498,9 +499,15 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 kwargs["modules_to_save"] = lambda name, module: name in saved_paths
             paths = set(group)
             # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
-            with torch.random.fork_rng(devices=[]), ranks_above_features_allowed():
+            with torch.random.fork_rng(devices=_cuda_devices(model)), ranks_above_features_allowed():
                 inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
         _apply(_plan_fill(model, adapter), adapter)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices ``model``'s tensors are on: new adapter tensors are initialised there, from
+    those devices' generators (``fork_rng`` saves and restores the CPU's and these)."""
+    return sorted({t.get_device() for t in itertools.chain(model.parameters(), model.buffers()) if t.is_cuda})
 
 
 def load_adapter(

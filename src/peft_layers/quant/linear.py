@@ -635,13 +635,20 @@ class QuantizedLinear(nn.Module):
         """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
         without autograd."""
         modules = _bnb.load()
-        if modules is not None and x.shape[0] > 0 and x.dtype != torch.float64:
+        # bitsandbytes' kernels take raw pointers and check no device: an input on another device
+        # than the weight goes to F.linear, which raises PyTorch's own error (get_device() builds
+        # no torch.device: -1 on the CPU)
+        if (
+            modules is not None and x.shape[0] > 0 and x.dtype != torch.float64
+            and x.get_device() == self.weight.get_device()
+        ):
             bnb, functional = modules
             if self.scheme == "int8" and self.int8_activations:
                 # LLM.int8() without outliers, as bnb.matmul runs it in eval: x row-wise to int8
                 # (through float16), an int32 GEMM, both scales applied to the result
-                # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols
-                x16 = x.to(torch.float16, memory_format=torch.contiguous_format)
+                # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols (.to with a
+                # memory format returns a float16 view as it is, strides and all)
+                x16 = x.to(torch.float16).contiguous()
                 codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x16)
                 # an all-zero row gives 0 * (127 / 0) in bitsandbytes; masked_fill_ needs no
                 # nonzero() (a device sync on CUDA) as boolean indexing does
@@ -652,14 +659,17 @@ class QuantizedLinear(nn.Module):
                     )
                 products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
                 # bitsandbytes' default int8_mm_dequant, in float32: its CUDA kernel rounds through
-                # float16 (inf past 65504) whatever the output dtype. The constant is bitsandbytes'
-                # own spelling of 1 / 127^2 (6.2000124e-05 exactly), kept for the same bits.
+                # float16 (inf past 65504) whatever the output dtype. 1 / 127^2 is 6.2000124e-05; the
+                # literal is the one bitsandbytes' default (CPU) backend multiplies by, 1.8e-5
+                # larger, kept for the same bits as its CPU path (its CUDA kernel writes 6.200012e-05).
                 out = products * (absmax_x[:, None] * self.absmax[None, :])
                 out.mul_(6.200124e-05)
                 if bias is not None:
                     out.add_(bias)
                 return out.to(x.dtype)
-            if self.scheme != "int8" and x.is_cuda:
+            # a row split across blocks (in_features not a multiple of blocksize) makes
+            # bitsandbytes warn on every call and fall back to this same dequantize + F.linear
+            if self.scheme != "int8" and x.is_cuda and self.in_features % cast(int, self.blocksize) == 0:
                 state = self._bnb_quant_state(functional, x.dtype)
                 return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
         return F.linear(x, self.dequantize(x.dtype), bias)

@@ -26,6 +26,7 @@ Rounding follows bitsandbytes exactly, quirks included (see :func:`quantize_4bit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,15 @@ def _sorted_levels(quant_type: str) -> tuple[Tensor, Tensor]:
         order = torch.tensor(_FP4_SORTED_ORDER)
     levels = code[order]
     return (levels[:-1] + levels[1:]) / 2, order
+
+
+@functools.lru_cache(maxsize=None)
+def _code_on(quant_type: str, device: torch.device) -> Tensor:
+    """The 16 levels on ``device``, copied there once: a copy per call from the host would wait
+    for the GPU (a synchronising host-to-device copy) on every decode. Never an inference tensor,
+    whichever mode the first call runs in."""
+    with torch.inference_mode(False):
+        return four_bit_code(quant_type).to(device)
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
@@ -329,7 +339,7 @@ def dequantize_4bit(
     _check_float_statistics(
         absmax, n_blocks, "absmax", lambda: f"one per block of {blocksize} for shape {tuple(shape)}"
     )
-    code = four_bit_code(quant_type).to(packed.device)
+    code = _code_on(quant_type, packed.device)
     # one lookup per byte: the 256 possible bytes decode to (code[high], code[low])
     byte_values = torch.arange(256, device=packed.device)
     pairs = torch.stack([code[byte_values >> 4], code[byte_values & 0xF]], dim=1)
