@@ -574,9 +574,9 @@ def inject_adapters(
             as Hugging Face PEFT matches them (see :func:`pattern_key`); the first matching key wins.
         modules_to_save: modules that train in full and are saved with the adapter (Hugging Face
             PEFT's ``modules_to_save``: a new classifier head, a norm), in the forms of
-            ``targets`` (an empty list: none); each becomes a :class:`~peft_layers.ModuleToSave` holding the module
-            (frozen) and a trained copy. Any module type but quantized ones; not a target, nor
-            inside or around one.
+            ``targets`` (an empty list: none); each becomes a
+            :class:`~peft_layers.ModuleToSave` holding the module (frozen) and a trained copy.
+            Any module type but quantized ones; not a target, nor inside or around one.
         **layer_kwargs: passed to the layer's ``from_linear``: ``rank``, ``alpha``, ``dropout``,
             ``use_rslora``, ``init`` for every method, plus ``lr_ratio`` ("lora_plus"),
             ``epsilon`` ("dora", "qdora"), ``quant``, ``blocksize``, ``double_quant``,
@@ -1064,8 +1064,10 @@ def _element_span(tensor: Tensor) -> range:
     """The storage elements ``tensor`` reads, from its first to its last (views of one fused
     weight, such as the slices of a QKV projection, have spans that do not overlap)."""
     start = tensor.storage_offset()
-    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1 if tensor.numel() else 0
-    return range(start, start + extent)
+    if tensor.numel() == 0:
+        return range(start, start)
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return range(start, start + last + 1)
 
 
 def _overlap(first: range, second: range) -> bool:

@@ -261,11 +261,9 @@ class QLoRALinear(LoRALinear):
         # outside, such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping.
         # Their counts only, not the tensors' identity or address: FSDP2 gathers the codes into
         # fresh tensors every forward, and a replacement goes through the layer (its version).
-        if torch.jit.is_tracing():
-            return None  # a traced graph must not bake a cache in
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active():
+            return None  # as for a dense base (adapter.version_key): a traced graph bakes no cache in
         key = self._layer_version_key()
-        if torch.compiler.is_compiling() or functorch_active():
-            return key  # fake or wrapped tensors have no version counters
         base = self.base_layer
         stored = tuple(
             -1 if tensor.is_inference() else tensor._version  # inference tensors have no counter
