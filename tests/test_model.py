@@ -589,7 +589,8 @@ def test_a_layer_argument_the_method_does_not_take(method: str, kwargs: dict, me
 
 
 def test_layer_arguments_are_what_the_layers_take() -> None:
-    from peft_layers.model import METHODS, _layer_arguments, method_class
+    from peft_layers.lora import _layer_arguments
+    from peft_layers.model import METHODS, method_class
 
     # each accepted argument builds a layer: the list is derived from the classes, not kept by hand
     values = {"rank": 2, "alpha": 4.0, "dropout": 0.1, "use_rslora": True, "init": "gaussian", "lr_ratio": 4.0,
@@ -859,7 +860,7 @@ def test_qlora_flow_on_a_bf16_llama_trains_in_both_orders(order: str) -> None:
 
 
 def test_many_layers_go_through_the_progress_bar_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
-    from peft_layers.model import PROGRESS_MIN_LAYERS
+    from peft_layers.model._tree import PROGRESS_MIN_LAYERS
 
     model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(PROGRESS_MIN_LAYERS + 3)))
     x = torch.randn(2, 8)

@@ -31,14 +31,9 @@ from .compose import lora_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
 from .lora import LoRALinear, is_bitsandbytes_module
-from .model import (
-    _check_model,
-    _module_names,
-    _set_module,
-    iter_adapter_layers,
-    iter_modules_to_save,
-    unwrapped,
-)
+from .model import iter_adapter_layers, iter_modules_to_save, unwrapped
+from .model._methods import _check_model
+from .model._tree import _module_names, _set_module
 from .quant import QuantizedLinear
 
 __all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model import METHODS, _suffix_matches, pattern_key
+from ..model import METHODS, pattern_key
+from ..model._tree import _suffix_matches
 
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -16,22 +16,19 @@ from ..dora import DoRALinear
 from ..lora import LoRALinear, LoRAPlusLinear, ranks_above_features_allowed
 from ..modules_to_save import ModuleToSave
 from ..model import (
-    METHODS,
-    _LoadedQuantized,
-    _layer_method,
-    _stacked_layers,
-    _undo_on_error,
-    inject_adapters,
-    iter_adapter_layers,
     FLOAT_METHOD,
+    METHODS,
     QUANTIZED_METHOD,
+    inject_adapters,
     is_quantized_linear,
+    iter_adapter_layers,
     iter_modules_to_save,
     method_of,
-    _module_to_save_refusal,
     unwrapped,
-    _refuse_sharded,
 )
+from ..model._inject import _module_to_save_refusal
+from ..model._methods import _LoadedQuantized, _layer_method
+from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error
 from ._format import AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
 

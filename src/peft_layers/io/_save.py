@@ -22,12 +22,14 @@ from ..modules_to_save import ModuleToSave
 from ..model import (
     FLOAT_METHOD,
     QUANTIZED_METHOD,
-    _adapter_layers_or_raise,
-    _inside_adapter,
     iter_adapter_layers,
     iter_modules_to_save,
     method_of,
     unwrapped,
+)
+from ..model._tree import (
+    _adapter_layers_or_raise,
+    _inside_adapter,
     _refuse_sharded,
     _stacked_layers,
 )

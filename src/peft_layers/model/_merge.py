@@ -1,0 +1,333 @@
+"""Merging, unloading and disabling the adapters of a model."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .._warnings import warn as _warn
+from ..adapter import is_conv1d_class, is_sharded
+from ..lora import (
+    LoRALinear,
+)
+from ..modules_to_save import ModuleToSave
+from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
+from ..quant import QuantizedLinear
+from ._state import _is_packed_4bit
+from ._tree import (
+    _adapter_layers_or_raise,
+    _module_names,
+    _progress,
+    _set_module,
+    _stacked_layers,
+    iter_adapter_layers,
+    iter_modules_to_save,
+)
+
+
+# ---- merge / unload --------------------------------------------------------------------------
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter layer: ``W0 <- W0 + delta`` (see ``layer.merge()``); returns ``model``.
+
+    Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled, if a base
+    weight is computed (a parametrization), or if an adapter holds NaN or inf.
+    """
+    layers = _adapter_layers_or_raise(model, "merge_adapters()")
+    bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
+    if bad:
+        raise ValueError(f"merge_adapters(): these layers are already merged or disabled: {bad}")
+    for name, layer in layers:  # every refusal before the first change
+        layer._check_base_writable(f"merge_adapters(): {name!r}")
+    _refuse_shared_base_weights(layers)
+    non_finite = {name: found for name, layer in layers if (found := layer._non_finite_adapter_parameters())}
+    if non_finite:
+        raise ValueError(
+            f"merge_adapters(): these layers' adapters hold NaN or inf: {non_finite}; merging would "
+            "write them into the base weights, which unmerge_adapters() could not take back"
+        )
+    with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
+        for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
+            layer.merge()
+    return model
+
+
+def _refuse_shared_base_weights(layers: list[tuple[str, LoRALinear]]) -> None:
+    """Raise ``ValueError`` if two adapter layers' base weights share storage (targets with tied
+    weights): each merge would add its update into the other's weight too, and both layers would
+    compute ``W0 + delta_1 + delta_2``."""
+    by_storage: dict[tuple[torch.device, int], list[tuple[str, range]]] = {}
+    for name, layer in layers:
+        weight = cast(Tensor, layer.base_layer.weight)
+        if isinstance(layer.base_layer, QuantizedLinear) or is_sharded(weight):
+            continue  # codes of its own; a shard has no storage here (and LoRA merges it shard by shard)
+        address = weight.untyped_storage().data_ptr()
+        if address:  # 0: no storage (meta tensors)
+            by_storage.setdefault((weight.device, address), []).append((name, _element_span(weight)))
+    shared = []
+    for held in by_storage.values():
+        overlapping = [
+            name for name, span in held if any(_overlap(span, other) for other_name, other in held if other_name != name)
+        ]
+        if overlapping:
+            shared.append(overlapping)
+    if shared:
+        raise ValueError(
+            f"merge_adapters(): the adapter layers {shared} share one base weight (tied weights), so "
+            "each merge would add its update into the others' weight too; merge_and_unload() gives "
+            "each layer a merged weight of its own"
+        )
+
+
+def _element_span(tensor: Tensor) -> range:
+    """The storage elements ``tensor`` reads, from its first to its last (views of one fused
+    weight, such as the slices of a QKV projection, have spans that do not overlap)."""
+    start = tensor.storage_offset()
+    if tensor.numel() == 0:
+        return range(start, start)
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return range(start, start + last + 1)
+
+
+def _overlap(first: range, second: range) -> bool:
+    return max(first.start, second.start) < min(first.stop, second.stop)
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of its base weight; returns ``model``.
+
+    Raises ``ValueError`` (changing nothing) if no layer is merged.
+    """
+    layers = _adapter_layers_or_raise(model, "unmerge_adapters()")
+    merged = [layer for _, layer in layers if layer.merged]
+    if not merged:
+        raise ValueError("unmerge_adapters(): no adapter layer is merged")
+    for name, layer in layers:  # every refusal before the first change
+        if layer.merged:
+            layer._check_unmergeable()
+            layer._check_base_writable(f"unmerge_adapters(): {name!r}")
+    with _one_requantize_warning(merged, "unmerge_adapters()", UNMERGE_REQUANTIZE_CONSEQUENCE):
+        for layer in _progress(merged, "unmerge_adapters()"):
+            layer.unmerge()
+    return model
+
+
+def _refuse_sharded_layers(layers: Iterable[tuple[str, Any]], call: str) -> None:
+    """Raise ``ValueError`` if an adapter layer among ``layers`` is sharded: ``call`` would put
+    layers into the model that hold shards outside ``fully_shard()``, and the next forward fails."""
+    for name, layer in layers:
+        if isinstance(layer, LoRALinear):
+            layer._check_not_sharded(f"{call}: {name!r}", "the layers it puts in would hold shards outside fully_shard()")
+
+
+def _refuse_fsdp_units(layers: Iterable[tuple[str, Any]]) -> None:
+    """Raise ``ValueError`` for ``unload`` if ``fully_shard()`` was applied to an adapter layer
+    itself: that unit manages its base's parameters, and the base put back would hold shards no
+    unit gathers. (Sharded from an outer module, the base stays managed and unloads fine.)"""
+    for name, layer in layers:
+        if any(cls.__name__ == "FSDPModule" for cls in type(layer).__mro__):
+            raise ValueError(
+                f"unload(): {name!r} is a unit of FSDP2's fully_shard() of its own, which manages its "
+                "base's parameters: the base put back would hold shards that no unit gathers; unload "
+                "before fully_shard(), or shard the blocks around the adapter layers"
+            )
+
+
+@contextlib.contextmanager
+def _one_requantize_warning(
+    layers: list[Any], caller: str, consequence: str = REQUANTIZE_CONSEQUENCE
+) -> Iterator[None]:
+    """One warning for all the quantized layers that ``caller`` merges or unmerges in the block,
+    in place of one per layer; ``consequence`` says what the requantization costs."""
+    schemes = sorted({layer.base_layer.scheme for layer in layers if isinstance(layer, QLoRALinear)})
+    if not schemes:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is quantized \(", category=UserWarning)
+        yield
+    count = sum(isinstance(layer, QLoRALinear) for layer in layers)
+    _warn(
+        f"{caller}: {count} adapter layer(s) have a quantized base ({', '.join(schemes)}), " + consequence,
+    )
+
+
+def _replace_layers(
+    model: nn.Module, layers: list[tuple[str, Any]], build: Callable[[Any], nn.Module], caller: str
+) -> None:
+    """Put ``build(layer)`` in place of each layer, under every name the layer has."""
+    names = _module_names(model)
+    new_modules = [(names[id(layer)], build(layer)) for _, layer in _progress(layers, caller)]
+    for layer_names, new in new_modules:
+        for name in layer_names:
+            _set_module(model, name, new)
+
+
+def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta`` (a
+    transformers ``Conv1D``, in its ``(in, out)`` layout, for a ``Conv1D`` base), and every
+    module to save (:class:`~peft_layers.ModuleToSave`) with its trained copy.
+
+    The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
+    is the dtype of the new weights. By default: for a dense base, its weight's dtype; for a
+    quantized base, the dtype that holds most of the model's other float parameters (float32
+    after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
+    input, fits between its neighbours as the adapter layer did; the compute dtype when the
+    model has no other float parameters. The new layers' weight and bias require grad as the
+    bases' did (frozen, but for a bias that ``bias="all"`` trained or a weight the caller
+    unfroze), and a module to save becomes its trained copy as it is, as in Hugging Face PEFT.
+    A ``dtype`` other than that of the layers around them gives layers that the next forward
+    feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
+    (``model.to(dtype)``), as the merge casts only what it builds.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    layers = _adapter_layers_or_raise(model, "merge_and_unload()")
+    # a disabled adapter would be dropped from the merged weight: ambiguous, so refused
+    disabled = [name for name, layer in layers if not layer.adapter_enabled]
+    if disabled:
+        raise ValueError(
+            f"merge_and_unload(): these layers have their adapter disabled: {disabled}; enable them "
+            "(adapter_enabled = True) to merge them, or unload() to drop the adapters"
+        )
+
+    _refuse_sharded_layers(layers, "merge_and_unload()")
+    neighbours = _surrounding_dtype(model, layers)
+
+    def build(layer: LoRALinear) -> nn.Module:
+        quantized = isinstance(layer.base_layer, QuantizedLinear)
+        linear = layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
+        # the model's own layout: a Conv1D base, or one transformers quantized from a Conv1D
+        source = type(layer.base_layer) if layer.fan_in_fan_out else getattr(layer.base_layer, "source_cls", None)
+        merged = _as_conv1d(linear, source) if is_conv1d_class(source) else linear
+        _take_requires_grad(merged, layer.base_layer)
+        return merged
+
+    _replace_layers(model, layers, build, "merge_and_unload()")
+    _replace_layers(model, list(iter_modules_to_save(model)), _trained_copy, "merge_and_unload()")
+    dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
+    config = getattr(model, "config", None)
+    if dequantized and getattr(config, "quantization_config", None) is not None:
+        _warn(
+            f"merge_and_unload(): {dequantized} merged layer(s) are float now, inside a model that "
+            "transformers loaded quantized (its config keeps quantization_config, its other layers "
+            "stay quantized), and save_pretrained() of that mix does not load back. For a merged "
+            "float checkpoint, load the base model in float, load_adapter(..., method='lora' or "
+            "'dora'), then merge_and_unload()",
+        )
+    return model
+
+
+def _trained_copy(saved: ModuleToSave) -> nn.Module:
+    """A module to save after ``merge_and_unload``: its trained copy, as it is (trainable, as in
+    Hugging Face PEFT)."""
+    return saved.trained
+
+
+def _take_requires_grad(merged: nn.Module, base: nn.Module) -> None:
+    """Give the merged layer's weight and bias the ``requires_grad`` of the base's (a bias that
+    ``bias="all"`` trained stays trainable; a quantized base's codes are never trainable)."""
+    for name in ("weight", "bias"):
+        tensor, before = getattr(merged, name, None), getattr(base, name, None)
+        if isinstance(tensor, nn.Parameter) and isinstance(before, Tensor):
+            tensor.requires_grad_(before.requires_grad and before.is_floating_point())
+
+
+def _as_conv1d(linear: nn.Linear, conv_class: type) -> nn.Module:
+    """A ``conv_class`` (transformers' Conv1D) holding ``linear``'s weight transposed to
+    ``(in, out)`` and its bias: the model's own layer type, so its checkpoints keep their layout."""
+    with torch.device("meta"):
+        conv = conv_class(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+    if linear.bias is not None:
+        conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    else:
+        conv.bias = None
+    return conv
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside the block every adapter layer of ``model`` computes its base layer
+    alone (``layer.disable_adapter()`` on each), and every module to save its original, so the
+    model is its base model, e.g. the reference policy of DPO. Merged layers are unmerged on entry
+    and merged back on exit; everything is restored on exit, also after an error.
+
+    Raises ``ValueError`` (changing nothing) for a model without adapter layers, with a merged
+    layer that cannot unmerge, or with a merged quantized layer (each block would requantize it
+    twice, and the rounding compounds: unmerge it first). Stacked adapters (serving) use ``set_adapter(model, None)``.
+    """
+    layers = _adapter_layers_or_raise(model, "disable_adapters()")
+    refused = []
+    for name, layer in layers:  # every refusal before the first change
+        try:
+            layer._check_disable()
+        except ValueError as error:
+            refused.append((name, error))
+    if refused:
+        first_name, first_error = refused[0]
+        raise ValueError(
+            f"disable_adapters(): {len(refused)} layer(s) refuse it, {[n for n, _ in refused][:10]}; "
+            f"the first, {first_name!r}: {first_error} (pl.unmerge_adapters(model) unmerges every layer)"
+        ) from None
+    with contextlib.ExitStack() as stack:
+        blocks: list[tuple[str, LoRALinear | ModuleToSave]] = [*layers, *iter_modules_to_save(model)]
+        for _, block in blocks:
+            stack.enter_context(block.disable_adapter())
+        yield model
+
+
+def _surrounding_dtype(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> torch.dtype | None:
+    """The dtype of most float values among ``model``'s parameters outside ``layers`` (packed
+    4-bit storage aside), or None when there are none."""
+    inside = {id(p) for _, layer in layers for p in layer.parameters()}
+    values: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in inside and not _is_packed_4bit(parameter):
+            values[parameter.dtype] = values.get(parameter.dtype, 0) + parameter.numel()
+    return max(values, key=values.__getitem__) if values else None
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the original layers back and drop the adapters (merged layers are unmerged first).
+
+    For a layer built from an ``nn.Linear`` the original module object comes back. A quantized
+    layer built from a bitsandbytes ``Linear4bit``/``Linear8bitLt`` gives back that module while
+    it still holds the layer's weight (see ``QuantizedLinear.bnb_module``: not after a merge, which
+    requantizes); otherwise its ``QuantizedLinear`` base. Layers stacked for serving
+    (``MultiLoRALinear``, from ``stack_adapters``) give back their base layer too, with all their
+    adapters dropped, and modules to save their original module (its trained copy is dropped).
+    """
+    layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
+    saved = list(iter_modules_to_save(model))
+    if not layers and not saved:
+        raise ValueError("unload(): model has no adapter layers; call inject_adapters() first")
+    inside = [name for name, layer in layers if isinstance(layer, LoRALinear) and layer.disable_blocks]
+    if inside:
+        raise ValueError(
+            f"unload(): these layers are inside a disable_adapter() / disable_adapters() block: {inside}; "
+            "the block's exit restores them (a merged one merges again, into the base unload gives "
+            "back), so unload after the block"
+        )
+    _refuse_fsdp_units(layers)
+    for _, layer in layers:  # every refusal before the first change
+        if isinstance(layer, LoRALinear) and layer.merged:
+            layer._check_unmergeable()
+            layer._check_base_writable("unload()")
+
+    def build(layer: Any) -> nn.Module:
+        if isinstance(layer, LoRALinear) and layer.merged:
+            layer.unmerge()
+        base = layer.base_layer
+        original = base.bnb_module if isinstance(base, QuantizedLinear) else None
+        return base if original is None else original
+
+    merged = [layer for _, layer in layers if isinstance(layer, LoRALinear) and layer.merged]
+    with _one_requantize_warning(merged, "unload()", UNMERGE_REQUANTIZE_CONSEQUENCE):
+        _replace_layers(model, layers, build, "unload()")
+    _replace_layers(model, saved, lambda module: module.original, "unload()")
+    return model
