@@ -179,7 +179,7 @@ def _check_module_to_save(
     where: str, model: nn.Module, path: str, module: nn.Module | None, targets: list[nn.Module]
 ) -> None:
     """``module`` (at ``path``) can become a module to save beside the file's ``targets``: it
-    exists and :func:`~peft_layers.model._module_to_save_refusal` has nothing against it (a
+    exists and :func:`~peft_layers.model._inject._module_to_save_refusal` has nothing against it (a
     ``ValueError`` either way: the file does not fit the model)."""
     if module is None or not path:
         raise ValueError(f"{where}: the file has a module to save there, but the model has no module of that name")
