@@ -306,13 +306,15 @@ def test_all_linear_warns_about_fused_experts_it_leaves_out() -> None:
         pl.inject_adapters(with_tokens, "all-linear", rank=2)
 
 
-def test_merge_adapters_takes_weights_that_are_disjoint_views_of_one_storage() -> None:
-    """Slices of one fused weight (a QKV projection split into three layers) share a storage but
-    no element: each merge writes its own slice, so nothing is tied."""
-    fused = torch.randn(16, 8)
+@pytest.mark.parametrize("split", ["rows", "columns"])
+def test_merge_adapters_takes_weights_that_are_disjoint_views_of_one_storage(split: str) -> None:
+    """Slices of one fused weight (a QKV projection split into layers) share a storage but no
+    element: each merge writes its own slice, so nothing is tied. Column slices interleave in the
+    storage without sharing an element."""
+    fused = torch.randn(16, 8) if split == "rows" else torch.randn(8, 16)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    model[0].weight = nn.Parameter(fused[:8])
-    model[1].weight = nn.Parameter(fused[8:])
+    halves = (fused[:8], fused[8:]) if split == "rows" else (fused[:, :8], fused[:, 8:])
+    model[0].weight, model[1].weight = (nn.Parameter(half) for half in halves)
     pl.inject_lora(model, ["0", "1"], rank=2)
     randomize_adapters(model)
     x = torch.randn(3, 8)
@@ -320,6 +322,17 @@ def test_merge_adapters_takes_weights_that_are_disjoint_views_of_one_storage() -
         expected = model(x)
         pl.merge_adapters(model)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_adapters_refuses_weights_that_overlap_in_part() -> None:
+    fused = torch.randn(12, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    model[0].weight = nn.Parameter(fused[:8])
+    model[1].weight = nn.Parameter(fused[4:])  # rows 4..7 in both
+    model[2].weight = nn.Parameter(fused[:8].clone())  # a storage of its own
+    pl.inject_lora(model, ["0", "1", "2"], rank=2)
+    with pytest.raises(ValueError, match=r"adapter layers \[\['0', '1'\]\] share one base weight"):
+        pl.merge_adapters(model)
 
 
 @pytest.mark.filterwarnings(r"ignore:inject_adapters.*share their weights")
@@ -1439,3 +1452,22 @@ def test_all_linear_asks_only_transformers_models_for_their_output_layer() -> No
     assert model(torch.randn(3, 1, 8)).shape == (3, 1, 4)
     with pytest.raises(ValueError, match=r"targets: 'all-linear' matches no module of Sequential"):
         pl.inject_adapters(nn.Sequential(nn.ReLU()), "all-linear")
+
+
+def test_a_prepared_model_saved_whole_loads_again_and_its_hook_keeps_working() -> None:
+    """prepare_for_kbit_training's hook stays on the embeddings, and ``torch.save(model)`` names it
+    by its module path: ``peft_layers.model._require_grad_hook``, the path of models saved before
+    model.py became a package, must keep resolving."""
+    import io
+    import pickle
+
+    from peft_layers.model._kbit import _require_grad_hook
+
+    assert pickle.loads(b"cpeft_layers.model\n_require_grad_hook\n.") is _require_grad_hook
+    model = pl.prepare_for_kbit_training(tiny_model())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert _require_grad_hook.__module__ == "peft_layers.model"  # the path new pickles record
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.embed(torch.tensor([[1, 2]])).requires_grad  # the hook runs on the frozen embedding

@@ -15,6 +15,7 @@ unload, disable), ``_state`` (counting, adapter state dicts), ``_kbit``
 
 from __future__ import annotations
 
+# in reading order: each module builds on the ones above it
 from ._methods import (
     ALL_LINEAR,
     BIAS_MODES,
@@ -36,7 +37,11 @@ from ._state import (
     print_trainable_parameters,
     trainable_parameters,
 )
-from ._kbit import prepare_for_kbit_training
+from ._kbit import _require_grad_hook, prepare_for_kbit_training
+
+# prepare_for_kbit_training's hook stays on the embeddings of a torch.save'd model, named by its
+# module path: kept at peft_layers.model, where models saved before the split find it
+_require_grad_hook.__module__ = __name__
 
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
 __all__ = [
@@ -67,4 +72,3 @@ __all__ = [
     "unmerge_adapters",
     "unwrapped",
 ]
-

@@ -1,4 +1,6 @@
-"""``inject_adapters``: choose the targets, check them, build every layer, then install them."""
+"""``inject_adapters`` (and ``inject_lora``): choose the targets and the modules to save, check them
+(nested, shared and tied modules, modules kept in float32), build every layer, then install them and
+freeze the rest."""
 
 from __future__ import annotations
 

@@ -12,9 +12,7 @@ from torch import Tensor, nn
 
 from .._warnings import warn as _warn
 from ..adapter import is_conv1d_class, is_sharded
-from ..lora import (
-    LoRALinear,
-)
+from ..lora import LoRALinear
 from ..modules_to_save import ModuleToSave
 from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
 from ..quant import QuantizedLinear
@@ -57,24 +55,19 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def _refuse_shared_base_weights(layers: list[tuple[str, LoRALinear]]) -> None:
-    """Raise ``ValueError`` if two adapter layers' base weights share storage (targets with tied
+    """Raise ``ValueError`` if two adapter layers' base weights share elements (targets with tied
     weights): each merge would add its update into the other's weight too, and both layers would
-    compute ``W0 + delta_1 + delta_2``."""
-    by_storage: dict[tuple[torch.device, int], list[tuple[str, range]]] = {}
+    compute ``W0 + delta_1 + delta_2``. Views of one storage that share no element (slices of a
+    fused weight) pass."""
+    by_storage: dict[tuple[torch.device, int], list[tuple[str, Tensor]]] = {}
     for name, layer in layers:
         weight = cast(Tensor, layer.base_layer.weight)
         if isinstance(layer.base_layer, QuantizedLinear) or is_sharded(weight):
             continue  # codes of its own; a shard has no storage here (and LoRA merges it shard by shard)
         address = weight.untyped_storage().data_ptr()
         if address:  # 0: no storage (meta tensors)
-            by_storage.setdefault((weight.device, address), []).append((name, _element_span(weight)))
-    shared = []
-    for held in by_storage.values():
-        overlapping = [
-            name for name, span in held if any(_overlap(span, other) for other_name, other in held if other_name != name)
-        ]
-        if overlapping:
-            shared.append(overlapping)
+            by_storage.setdefault((weight.device, address), []).append((name, weight))
+    shared = [names for held in by_storage.values() if len(held) > 1 and (names := _sharing_elements(held))]
     if shared:
         raise ValueError(
             f"merge_adapters(): the adapter layers {shared} share one base weight (tied weights), so "
@@ -83,9 +76,31 @@ def _refuse_shared_base_weights(layers: list[tuple[str, LoRALinear]]) -> None:
         )
 
 
+def _sharing_elements(views: list[tuple[str, Tensor]]) -> list[str]:
+    """The names of the ``views`` (of one storage) that read an element another one reads.
+
+    Views whose first-to-last element ranges are apart share nothing (row slices of a fused
+    weight). Otherwise each view writes its index into a CPU map of the elements they span, and
+    a view that finds an earlier index there shares with it (column slices interleave without
+    sharing); only strides and offsets matter, no value is read."""
+    spans = [_element_span(view) for _, view in views]
+    if not any(_overlap(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]):
+        return []
+    start = min(span.start for span in spans)
+    owner = torch.zeros(max(span.stop for span in spans) - start, dtype=torch.int32)
+    sharing: set[str] = set()
+    for index, (name, view) in enumerate(views, start=1):
+        if 0 in view.stride():  # an expanded view reads its elements more than once: not a plain weight
+            return [name for name, _ in views]
+        cells = owner.as_strided(view.shape, view.stride(), view.storage_offset() - start)
+        for earlier in cells[cells > 0].unique().tolist():
+            sharing |= {name, views[earlier - 1][0]}
+        cells.fill_(index)
+    return [name for name, _ in views if name in sharing]
+
+
 def _element_span(tensor: Tensor) -> range:
-    """The storage elements ``tensor`` reads, from its first to its last (views of one fused
-    weight, such as the slices of a QKV projection, have spans that do not overlap)."""
+    """The storage elements ``tensor`` spans, from its first to its last."""
     start = tensor.storage_offset()
     if tensor.numel() == 0:
         return range(start, start)

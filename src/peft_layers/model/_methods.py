@@ -1,4 +1,6 @@
-"""The adapter methods, their layer classes, and which linear layers each one wraps."""
+"""The adapter methods, their layer classes, and which linear layers each one wraps; the option
+values of ``inject_adapters`` (``METHODS``, ``BIAS_MODES``, ``ALL_LINEAR``, ``TargetSpec``) and the
+first check of every model tool (``_check_model``), which the other modules of the package build on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Counting trainable parameters; the adapter tensors of a model as a state dict."""
+"""Counting trainable parameters (and telling bitsandbytes' packed 4-bit storage, ``_is_packed_4bit``,
+which ``_merge`` and ``_kbit`` also ask); the adapter tensors of a model as a state dict."""
 
 from __future__ import annotations
 

@@ -15,9 +15,7 @@ from tqdm.auto import tqdm
 
 from .._warnings import warn as _warn
 from ..adapter import is_sharded, is_transformers_subclass
-from ..lora import (
-    LoRALinear,
-)
+from ..lora import LoRALinear
 from ..modules_to_save import ModuleToSave
 from ._methods import (
     ALL_LINEAR,
