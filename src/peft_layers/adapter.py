@@ -137,9 +137,8 @@ def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
     created under ``torch.inference_mode()``), which has no version counter, so a cache keyed on it
     must miss; None too while ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces
     (fake tensors have no storage, and a traced graph must not bake a cache in), and under
-    ``torch.func`` transforms
-    (their wrapped tensors have no storage either). Writes through ``.data`` change none of these
-    (see ``DoRALinear.reset_norm_cache``)."""
+    ``torch.func`` transforms (their wrapped tensors have no storage either). Writes through
+    ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active() or tensor.is_inference():
         return None
     steps = _optimizer_steps if tensor.requires_grad else 0
