@@ -354,16 +354,26 @@ def test_merged_layer_has_no_adapter_gradient(cls):
         layer(x)
 
 
-def test_bf16_base_merge_stays_bf16_and_close():
+def test_bf16_base_merge_stays_bf16_and_close_and_unmerge_restores_it():
+    """A bf16 base with float32 adapters (the layout the README recommends) merges and unmerges
+    through its own branch: unmerge(merge(W0)) is W0 to bf16 rounding."""
     for cls in CLASSES:
         layer = cls.from_linear(nn.Linear(16, 12, dtype=torch.bfloat16), rank=4)
         randomize_adapter(layer, scale=0.1)
+        w0 = layer.weight.detach().clone()
+        delta = layer.delta_weight().detach()
         x = torch.randn(3, 16, dtype=torch.bfloat16)
         with torch.no_grad():
             y = layer(x)
             layer.merge()
             assert layer.weight.dtype == torch.bfloat16
             assert_close64(layer(x), f64(y), 3e-2, what=f"{cls.__name__} bf16 merged")
+            layer.unmerge()
+        # two bf16 roundings (into W0 + delta and back), each up to 2^-8 of the values rounded
+        bound = 4 * 2.0**-8 * (f64(w0).abs() + f64(delta).abs())
+        err = (f64(layer.weight) - f64(w0)).abs()
+        assert torch.all(err <= bound), (cls.__name__, float((err / bound).max()))
+        assert float(f64(delta).abs().max()) > 10 * float(bound.max())  # the update is far above it
 
 
 # ---- delta_weight ---------------------------------------------------------------------------

@@ -116,6 +116,19 @@ def test_svd_at_or_above_the_update_rank_is_exact_and_pads_with_zeros() -> None:
         assert torch.count_nonzero(lora_A[update_rank:]) == 0 and torch.count_nonzero(lora_B[:, update_rank:]) == 0
 
 
+def test_svd_keeps_small_singular_values_that_are_not_rounding() -> None:
+    """Only singular values at rounding level (against the factors' scale) are dropped: an update
+    whose spectrum spans 1 to 1e-4 keeps all of it (float32 rounds at about 1e-7 of the scale)."""
+    generator = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(30, 3, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(40, 3, generator=generator, dtype=torch.float64))
+    singular = torch.tensor([1.0, 1e-3, 1e-4], dtype=torch.float64)
+    pair = ((v * singular).t().float(), u.float())  # A (3, 40), B (30, 3): B A = U diag(S) V^T
+    lora_A, lora_B = combine([pair], [1.0], method="svd", rank=3)
+    kept = torch.linalg.svdvals(lora_B.double() @ lora_A.double())[:3]
+    torch.testing.assert_close(kept, singular, rtol=1e-3, atol=1e-7)
+
+
 def test_svd_default_rank_is_the_largest_adapter_rank() -> None:
     pairs = [random_pair(2, 30, 40, 1), random_pair(6, 30, 40, 2)]
     lora_A, lora_B = combine(pairs, [1.0, 1.0], method="svd")

@@ -114,6 +114,16 @@ def test_quantized_methods_refuse_a_conv1d():
         pl.inject_adapters(model, "0", method="qlora")
 
 
+def test_saved_fan_in_fan_out_is_true_only_when_every_layer_is_a_conv1d(tmp_path):
+    """Hugging Face PEFT reads one ``fan_in_fan_out`` for the file (and corrects it per layer
+    with a warning): a model mixing Conv1D and nn.Linear targets saves False."""
+    for layers, expected in (((conv1d(8, 6), conv1d(6, 4, seed=1)), True), ((conv1d(8, 6), nn.Linear(6, 4)), False)):
+        model = pl.inject_adapters(nn.Sequential(*layers), ["0", "1"], rank=2)
+        directory = tmp_path / str(expected)
+        pl.save_adapter(model, directory)
+        assert json.loads((directory / "adapter_config.json").read_text())["fan_in_fan_out"] is expected
+
+
 # ---- GPT-2, against Hugging Face PEFT ------------------------------------------------------------
 def gpt2() -> nn.Module:
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from reference import (
     randomize_adapter,
     run_layer,
     run_reference,
-    second_order_or_error,
+    assert_double_backward_refused,
 )
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -545,11 +545,10 @@ def test_memory_recorder_ignores_views():
     assert len(rec.big) == 1
 
 
-def test_double_backward_is_right_or_refused():
+def test_double_backward_of_the_fused_step_is_refused_with_its_remedy():
     layer = _layer(dtype=torch.float64)
     x = _x((3,), dtype=torch.float64)
-    second_order_or_error(layer, x, lambda a, b: dora_ref(
-        f64(x), f64(layer.weight), f64(layer.bias), a, b, f64(layer.magnitude), layer.scaling, layer.epsilon))
+    assert_double_backward_refused(layer, x)
 
 
 def test_layer_built_under_inference_mode_caches_nothing_and_stays_right():
@@ -744,17 +743,27 @@ def test_hooks_on_the_base_layer_are_named_as_skipped(cls):
     ``W0``), so hooks on ``base_layer`` do not run: it says so; merged, the hooks run."""
     torch.manual_seed(0)
     layer = cls.from_linear(nn.Linear(12, 10), rank=2)
+    randomize_adapter(layer)  # B != 0 and m != ||W'||: the merge has something to fold in
     seen = []
     layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
     x = _x((5,))
     with pytest.warns(UserWarning, match=rf"^{cls.__name__}: base_layer has hooks of its own, which an unmerged DoRA"):
         y = layer(x)
     assert seen == []
+    w0 = layer.base_layer.dequantize() if cls is pl.QDoRALinear else layer.weight
+    expected = dora_ref(f64(x), f64(w0), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
+                        f64(layer.magnitude), layer.scaling, layer.epsilon)
+    assert_close64(y, expected, 1e-5, what="unmerged output with a hooked base")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a quantized merge warns that it requantizes
         layer.merge()
-        torch.testing.assert_close(layer(x), y.detach(), rtol=2e-2 if cls is pl.QDoRALinear else 1e-5, atol=2e-2)
+        merged = layer(x)
     assert len(seen) == 1
+    if cls is pl.DoRALinear:
+        assert_close64(merged, expected, 1e-5, what="merged output")
+    else:  # requantizing the merged weight rounds it to NF4 again (8% of the output here)
+        relative = float((f64(merged) - expected).norm() / expected.norm())
+        assert relative < 0.15, relative
 
 
 @pytest.mark.parametrize("cls", [pl.DoRALinear, pl.QDoRALinear])

@@ -205,6 +205,25 @@ def test_round_trip_fills_existing_layers(method: str, tmp_path: Path) -> None:
     assert all(layer.alpha == 4.0 for _, layer in iter_adapter_layers(target))
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_filling_existing_layers_takes_the_files_rslora_and_epsilon(method: str, tmp_path: Path) -> None:
+    """Layers built with the default scaling rule and epsilon take the file's: rsLoRA's
+    ``alpha / sqrt(r)`` and DoRA's epsilon, as the layers the file was saved from had them."""
+    extra = {"epsilon": 1e-3} if method == "dora" else {}
+    model = adapted(method, alpha=4.0, use_rslora=True, **extra)
+    save_adapter(model, tmp_path)
+    target = inject_adapters(base_net(), list(PATHS), method=method, rank=4, alpha=32.0,
+                             rank_pattern={"^block\\.out": 2})
+    load_adapter(target, tmp_path)
+    for (_, saved), (_, filled) in zip(iter_adapter_layers(model), iter_adapter_layers(target)):
+        assert filled.use_rslora is True
+        assert filled.scaling == saved.scaling == 4.0 / math.sqrt(saved.rank)
+        if method == "dora":
+            assert filled.epsilon == 1e-3
+    x = inputs()
+    assert torch.equal(target.eval()(x), model(x))
+
+
 def test_config_fields_and_patterns(tmp_path: Path) -> None:
     model = adapted("dora", alpha_pattern={"^block\\.fc": 5.0}, dropout=0.1)
     save_adapter(model, tmp_path)

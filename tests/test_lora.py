@@ -21,7 +21,7 @@ from reference import (
     randomize_adapter,
     run_layer,
     run_reference,
-    second_order_or_error,
+    assert_double_backward_refused,
 )
 from torch import nn
 
@@ -438,11 +438,10 @@ def test_wrong_input_last_dim(cls, shape):
 
 
 # ---- second order ---------------------------------------------------------------------------
-def test_double_backward_is_right_or_refused():
+def test_double_backward_of_the_fused_step_is_refused_with_its_remedy():
     layer = _layer(pl.LoRALinear, dtype=torch.float64)
     x = _x((3,), dtype=torch.float64)
-    second_order_or_error(layer, x, lambda a, b: lora_ref(f64(x), f64(layer.weight), f64(layer.bias), a, b,
-                                                        layer.scaling))
+    assert_double_backward_refused(layer, x)
 
 
 @pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
@@ -611,6 +610,25 @@ def test_hooks_on_the_base_layer_see_and_change_the_base_output(cls, replace, gr
                        1e-5, what="input gradient through the hook")
         assert_close64(layer.lora_B.grad, layer.scaling * g.t() @ (f64(x) @ f64(layer.lora_A).t()), 1e-5,
                        what="B gradient")
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.LoRAPlusLinear])
+def test_hooked_base_path_applies_dropout_as_the_reference(cls):
+    """With a hook on the base, training takes the base-calling path: its update must use the
+    dropped-out input ``d`` as the fused path does."""
+    p = 0.3
+    layer = _layer(cls, dropout=p).train()
+    seen_base = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen_base.append(out))
+    x = _x((7,))
+    g = torch.randn(7, 10, dtype=torch.float64)
+    seen, handle = _capture_dropout(layer)
+    got = run_layer(layer, x, g)
+    handle.remove()
+    assert len(seen) == 1 and len(seen_base) == 1  # the hooked path ran
+    mask = _mask_from(seen[0], x, p).reshape(x.shape)
+    ref = run_reference(layer, x, g, dropout_mask=mask, p=p)
+    assert_run_close(got, ref, RTOL[torch.float32], ("x", "lora_A", "lora_B"))
 
 
 class _ScaledLinear(nn.Linear):

@@ -762,15 +762,21 @@ def test_prepare_for_kbit_training_enables_checkpointed_training() -> None:
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     assert model.embed(tokens()).requires_grad
 
-    # with the blocks checkpointed, the adapters inside them still get gradients
+    # with the blocks checkpointed, the adapters inside them get the gradients they get without
     model = pl.prepare_for_kbit_training(tiny_model())
     pl.inject_lora(model, "q_proj", rank=2)
     randomize_adapters(model)
-    x = model.embed(tokens())
-    for block in model.layers:
-        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
-    x.sum().backward()
-    assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0 for _, layer in iter_adapter_layers(model))
+    gradients = []
+    for checkpointed in (True, False):
+        model.zero_grad(set_to_none=True)
+        x = model.embed(tokens())
+        for block in model.layers:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True) if checkpointed else block(x)
+        x.sum().backward()
+        gradients.append([layer.lora_A.grad for _, layer in iter_adapter_layers(model)])
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in gradients[0])
+    for with_checkpoints, plain in zip(*gradients):
+        torch.testing.assert_close(with_checkpoints, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_prepare_for_kbit_training_checkpoints_a_transformers_model_as_it_trains_plainly() -> None:

@@ -90,6 +90,11 @@ def test_adam_first_step_sizes_are_in_ratio() -> None:
 def test_any_torch_optimizer_trains(optimizer_cls: type) -> None:
     model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj", "up_proj"], rank=4)
     optimizer = pl.create_loraplus_optimizer(model, optimizer_cls, lr=1e-3, weight_decay=0.0)
+    # the optimizer holds LoRA+'s groups: every A at lr, every B at lr * 16, each once
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    layers = [layer for _, layer in iter_adapter_layers(model)]
+    assert len(rate) == sum(p.numel() > 0 for p in model.parameters() if p.requires_grad) == 2 * len(layers)
+    assert all(rate[id(layer.lora_A)] == 1e-3 and rate[id(layer.lora_B)] == 16e-3 for layer in layers)
     losses = []
     for _ in range(5):
         loss = lm_loss(model)

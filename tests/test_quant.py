@@ -244,7 +244,10 @@ def test_reference_codec_refuses_bad_input_by_name():
 @pytest.mark.parametrize("scheme", FOUR_BIT)
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(
-    "shape, blocksize", [((48, 128), 64), ((30, 100), 64), ((17, 9), 32), ((8, 4096), 4096)]
+    "shape, blocksize",
+    # (8, 48)/64 and (24, 160)/256: blocks span rows where bitsandbytes 0.50.2's CPU kernel
+    # decodes wrongly (7e-3 and 0.5 off), so the layer's own decoding must take over there
+    [((48, 128), 64), ((30, 100), 64), ((17, 9), 32), ((8, 4096), 4096), ((8, 48), 64), ((24, 160), 256)],
 )
 def test_from_linear_stores_bitsandbytes_format(scheme, double_quant, shape, blocksize):
     linear = _linear(*shape)
