@@ -15,6 +15,7 @@ import peft_layers as pl
 from peft_layers.model import iter_adapter_layers
 from peft_layers.qlora import QDoRALinear, QLoRALinear
 from peft_layers.quant import QuantizedLinear
+from peft_layers.quant import reference as ref
 
 from models import bnb_linear4bit, bnb_linear8bit, tiny_model, tokens
 from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
@@ -30,9 +31,18 @@ def make_linear(seed: int = 0, bias: bool = True) -> nn.Linear:
     return nn.Linear(IN, OUT, bias=bias)
 
 
+def decoded_base(layer: QLoRALinear) -> torch.Tensor:
+    """``W0`` decoded from the layer's stored codes by the pure-PyTorch reference codec (tested bit
+    for bit against bitsandbytes in test_quant.py), not by the layer's own decoding path."""
+    base = layer.base_layer
+    if base.scheme == "int8":
+        return ref.dequantize_int8_rowwise(base.weight, base.absmax, base.compute_dtype)
+    return ref.dequantize(base._reference_state(), torch.float32).to(base.compute_dtype)
+
+
 def reference(layer: QLoRALinear, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float64 output and gradients on the dequantized base weight."""
-    w0 = f64(layer.base_layer.dequantize())
+    """Float64 output and gradients on the decoded base weight."""
+    w0 = f64(decoded_base(layer))
     b = f64(layer.bias)
     x64, a64, b64 = f64(x, True), f64(layer.lora_A, True), f64(layer.lora_B, True)
     if isinstance(layer, QDoRALinear):

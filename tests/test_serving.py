@@ -76,15 +76,25 @@ def test_adapter_batch_gives_each_row_its_adapter(two_adapters) -> None:
 @given(
     rows=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=6),
     leading=st.sampled_from([(), (3,)]),
+    in_features=st.integers(1, 8),
+    out_features=st.integers(1, 8),
+    ranks=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    scalings=st.tuples(st.floats(-4.0, 4.0), st.floats(-4.0, 4.0)),
+    seed=st.integers(0, 2**16),
 )
-def test_multi_lora_linear_matches_the_float64_formula(rows, leading) -> None:
-    torch.manual_seed(0)
-    base = nn.Linear(5, 4)
+def test_multi_lora_linear_matches_the_float64_formula(
+    rows, leading, in_features, out_features, ranks, scalings, seed
+) -> None:
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features)
     stack = pl.MultiLoRALinear(base)
-    factors = {"a": (torch.randn(2, 5), torch.randn(4, 2), 0.7), "b": (torch.randn(3, 5), torch.randn(4, 3), 2.0)}
+    factors = {
+        name: (torch.randn(rank, in_features), torch.randn(out_features, rank), scaling)
+        for name, rank, scaling in zip("ab", ranks, scalings)
+    }
     for name, (lora_A, lora_B, scaling) in factors.items():
         stack.add_adapter(name, lora_A, lora_B, scaling)
-    x = torch.randn(len(rows), *leading, 5)
+    x = torch.randn(len(rows), *leading, in_features)
     base_out = x.double() @ base.weight.double().t() + base.bias.double()
 
     def delta(name: str, inputs: Tensor) -> Tensor:
