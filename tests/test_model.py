@@ -251,7 +251,8 @@ def test_excluding_one_name_of_a_shared_target_is_refused() -> None:
         pl.inject_lora(model, "q_proj", exclude=["layers.1.attn.q_proj"], rank=2)
     assert type(model.layers[0].attn.q_proj) is nn.Linear  # nothing changed
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
-    pl.inject_lora(model, "k_proj", exclude=["q_proj"], rank=2)  # every name of it excluded: fine
+    # every name of the shared module excluded: it stays plain, the other targets are adapted
+    pl.inject_lora(model, ["q_proj", "k_proj"], exclude=["layers.0.attn.q_proj", "layers.1.attn.q_proj"], rank=2)
     assert isinstance(model.layers[1].attn.k_proj, pl.LoRALinear)
     assert type(model.layers[1].attn.q_proj) is nn.Linear
 
