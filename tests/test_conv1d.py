@@ -314,3 +314,17 @@ def test_loading_as_qlora_onto_conv1d_names_the_fix(tmp_path: Path) -> None:
         pl.load_adapter(model, tmp_path, method="qlora")
     assert not list(pl.model.iter_adapter_layers(model))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_merge_and_unload_keeps_a_conv1d_bias():
+    """GPT-2 initialises its Conv1D biases to zero, so its tests would not see a lost bias."""
+    model = nn.Sequential(conv1d(8, 6))
+    bias = model[0].bias.detach().clone()
+    pl.inject_adapters(model, ["0"], rank=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        x = torch.randn(3, 8)
+        expected = model(x)
+        pl.merge_and_unload(model)
+        assert type(model[0]) is Conv1D and torch.equal(model[0].bias, bias)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -1665,3 +1665,19 @@ def test_a_pissa_file_with_a_rank_above_a_layers_features_is_refused(tmp_path: P
         load_adapter(model, tmp_path)
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], LoRALinear)
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_a_non_adapter_bias_of_the_wrong_shape_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """A file's bias for a module that is no adapter (bias="all") is copied into the model's: a
+    shape (1,) would broadcast into every entry without a check."""
+    model = adapted("lora", bias="all")
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.norm.bias" in tensors
+    tensors["base_model.model.norm.bias"] = torch.ones(1)
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    target = base_net()
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"bias \(1,\) for 'norm'"):
+        load_adapter(target, tmp_path)
+    assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())

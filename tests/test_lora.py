@@ -837,3 +837,16 @@ def test_a_hooked_base_sees_the_input_shape_in_every_mode(cls):
         layer.merge()
         layer(x)
     assert shapes == [((2, 3, 12), (2, 3, 10))] * 3
+
+
+@pytest.mark.parametrize("kind", ["backward", "backward_pre"])
+def test_a_backward_hook_on_the_base_runs_once_per_backward(kind):
+    """A backward-only hook counts as a hook of the base: the layer calls the base module, so the
+    hook runs (the fused step, which reads the weight, would skip it)."""
+    linear = nn.Linear(8, 8)
+    calls = []
+    register = linear.register_full_backward_hook if kind == "backward" else linear.register_full_backward_pre_hook
+    register(lambda module, *grads: calls.append(module))
+    layer = pl.LoRALinear.from_linear(linear, rank=2)
+    layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    assert calls == [linear]

@@ -1478,3 +1478,44 @@ def test_a_prepared_model_saved_whole_loads_again_and_its_hook_keeps_working() -
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert loaded.embed(torch.tensor([[1, 2]])).requires_grad  # the hook runs on the frozen embedding
+
+
+def test_all_linear_leaves_out_a_top_level_classifier_or_score_head() -> None:
+    for head in ("classifier", "score"):
+        model = nn.Module()
+        model.body = nn.Linear(8, 8)
+        setattr(model, head, nn.Linear(8, 2))
+        pl.inject_adapters(model, "all-linear", rank=2)
+        assert isinstance(model.body, pl.LoRALinear) and type(getattr(model, head)) is nn.Linear
+
+
+def test_merge_and_unload_keeps_a_dense_bf16_layer_in_bf16_among_float32_neighbours() -> None:
+    """The neighbours' dtype is for a quantized base (its float layer has no dtype of its own)."""
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8), nn.Linear(8, 8))
+    pl.inject_adapters(model, ["0"], rank=2)
+    pl.merge_and_unload(model)
+    assert model[0].weight.dtype == torch.bfloat16 and type(model[0]) is nn.Linear
+
+
+def test_load_adapter_state_dict_refuses_a_merged_layer_and_changes_nothing() -> None:
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], rank=2)
+    state = {key: torch.ones_like(value) for key, value in pl.adapter_state_dict(model).items()}
+    before = {key: value.clone() for key, value in pl.adapter_state_dict(model).items()}
+    pl.merge_adapters(model)
+    with pytest.raises(ValueError, match=r"unmerge these layers first: \['0'\]"):
+        pl.load_adapter_state_dict(model, state)
+    assert all(torch.equal(value, before[key]) for key, value in pl.adapter_state_dict(model).items())
+
+
+def test_nested_disable_blocks_keep_a_module_to_save_disabled_until_the_outer_one_ends() -> None:
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), ["0"], rank=2, modules_to_save=["1"])
+    with torch.no_grad():
+        model[1].trained.weight.add_(1.0)
+    x = torch.randn(3, 4)
+    with torch.no_grad(), pl.disable_adapters(model):
+        expected = model(x)
+        with pl.disable_adapters(model):
+            pass
+        assert model[1].enabled is False
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert model[1].enabled is True

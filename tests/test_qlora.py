@@ -662,3 +662,20 @@ def test_pissa_over_a_quantized_base_warns_that_it_requantizes():
     base = QuantizedLinear.from_linear(nn.Linear(64, 32))
     with pytest.warns(UserWarning, match=r"^init='pissa': the base of this QLoRALinear is quantized \(nf4\), so the PiSSA residual"):
         QLoRALinear.from_linear(base, rank=4, init="pissa")
+
+
+def test_qpissa_with_rslora_starts_at_the_base_up_to_quantization() -> None:
+    """QPiSSA splits the float weight with the layer's own scaling: with rsLoRA, s = alpha /
+    sqrt(r), and a split with alpha / r would leave the layer far from its base."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    errors = {}
+    for rslora in (False, True):
+        layer = QLoRALinear.from_linear(copy.deepcopy(linear), rank=16, alpha=8.0, init="pissa", use_rslora=rslora, quant="nf4")
+        with torch.no_grad():
+            errors[rslora] = float((layer(x) - linear(x)).abs().max())
+    plain = QLoRALinear.from_linear(copy.deepcopy(linear), rank=16, alpha=8.0, quant="nf4")
+    with torch.no_grad():
+        plain_error = float((plain(x) - linear(x)).abs().max())
+    assert errors[True] < plain_error and errors[False] < plain_error, (errors, plain_error)
