@@ -75,6 +75,13 @@ def autocast_off(where: Tensor) -> Iterator[None]:
         yield
 
 
+def tracing() -> bool:
+    """Whether ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces, or a
+    ``torch.func`` transform runs: no cache may be read or filled then (a traced graph must not
+    bake one in, and fake or wrapped tensors have no storage or version counter)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active()
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running: the
     fused autograd functions do not support them (they keep state on ``ctx`` in ``forward``), so
@@ -139,7 +146,7 @@ def version_key(tensor: Tensor) -> tuple[SameObject, int, int, int] | None:
     (fake tensors have no storage, and a traced graph must not bake a cache in), and under
     ``torch.func`` transforms (their wrapped tensors have no storage either). Writes through
     ``.data`` change none of these (see ``DoRALinear.reset_norm_cache``)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active() or tensor.is_inference():
+    if tracing() or tensor.is_inference():
         return None
     steps = _optimizer_steps if tensor.requires_grad else 0
     return SameObject(tensor), tensor.data_ptr(), tensor._version, steps

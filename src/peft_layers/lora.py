@@ -479,8 +479,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def init(self, value: str) -> None:
         if value not in LORA_INITS:
             raise ValueError(f"init: expected one of {LORA_INITS}, got {value!r}")
-        self.__dict__.pop("init", None)
-        self.__dict__["_init"] = value
+        self._store_setting("init", value)
 
     # alpha and use_rslora set the scaling s: a merged layer's unmerge() subtracts s B A with the
     # s of the moment, so a change while merged would leave s_old B A - s_new B A in W0 for good
@@ -524,8 +523,12 @@ class LoRALinear(AdapterMixin, nn.Module):
                 f"{name}: this {type(self).__name__} is merged with the scaling of its current {name}, "
                 "which unmerge() takes back out of W0; unmerge() before changing it"
             )
-        state.pop(name, None)
-        state["_" + name] = value
+        self._store_setting(name, value)
+
+    def _store_setting(self, name: str, value: Any) -> None:
+        # under "_<name>", dropping the plain "<name>" of a layer pickled by an older version
+        self.__dict__.pop(name, None)
+        self.__dict__["_" + name] = value
 
     @property
     def scaling(self) -> float:
@@ -736,8 +739,7 @@ class LoRAPlusLinear(LoRALinear):
     @lr_ratio.setter
     def lr_ratio(self, value: float) -> None:
         _check_positive("lr_ratio", value)  # a negative ratio would make B ascend its gradient
-        self.__dict__.pop("lr_ratio", None)
-        self.__dict__["_lr_ratio"] = float(value)
+        self._store_setting("lr_ratio", float(value))
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups for this layer's adapter: ``A`` at ``lr``, ``B`` at ``lr * lr_ratio``."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn as _warn
-from .adapter import SameObject, class_path, functorch_active, overrides_linear_forward
+from .adapter import SameObject, class_path, overrides_linear_forward, tracing
 from .dora import DoRALinear
 from .lora import (
     _CONSTRUCTED_BASE,
@@ -261,8 +261,8 @@ class QLoRALinear(LoRALinear):
         # outside, such as DistributedDataParallel's broadcast of rank 0's buffers at wrapping.
         # Their counts only, not the tensors' identity or address: FSDP2 gathers the codes into
         # fresh tensors every forward, and a replacement goes through the layer (its version).
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active():
-            return None  # as for a dense base (adapter.version_key): a traced graph bakes no cache in
+        if tracing():
+            return None  # as for a dense base (adapter.version_key)
         key = self._layer_version_key()
         base = self.base_layer
         stored = tuple(

@@ -336,7 +336,7 @@ class _LayerSelection:
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"{path}: layers_pattern must be a name or a list of names, got {config.get('layers_pattern')!r}")
         for pattern in patterns:
-            _compile_or_raise(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", f"layers_pattern {pattern!r}", path)
+            _compile_or_raise(_layer_index_regex(pattern), f"layers_pattern {pattern!r}", path)
         return cls(exclude, layers, patterns)
 
     def why_left_out(self, module: str, target_modules: str | list[str] | None) -> str | None:
@@ -350,7 +350,7 @@ class _LayerSelection:
         if self.layers is None or not isinstance(target_modules, list) or module in target_modules:
             return None
         if self.patterns:
-            found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in self.patterns)
+            found = (re.match(_layer_index_regex(p), module) for p in self.patterns)
             match = next((m for m in found if m is not None), None)
         else:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
@@ -360,6 +360,11 @@ class _LayerSelection:
             return None
         where = f"its layer index is {index}" if index is not None else "it has no layer index"
         return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
+
+
+def _layer_index_regex(layers_pattern: str) -> str:
+    """The layer index after ``layers_pattern`` in a module name, as Hugging Face PEFT reads it."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
 
 
 def _is_int(value: Any) -> bool:
