@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..model import METHODS, pattern_key
+from ..model._methods import QUANTIZED_BASE_METHODS
 from ..model._tree import _suffix_matches
 
 
@@ -432,7 +433,7 @@ def _parse_our_field(ours: Any, use_dora: bool, path: Path) -> tuple[str, dict[s
             raise ValueError(f"{path}: peft_layers.lr_ratio is set, but method {method!r} is not lora_plus")
         kwargs["lr_ratio"] = _check_alpha(ours["lr_ratio"], "peft_layers.lr_ratio", path)
     quant = ours.get("quant")
-    if method in ("qlora", "qdora"):
+    if method in QUANTIZED_BASE_METHODS:
         if quant is not None:
             kwargs.update(_parse_quant(quant, path))
     elif quant is not None:
@@ -791,7 +792,7 @@ def _parse_float_modules(ours: Any, method: str, modules: Mapping[str, Any], pat
     names = ours.get("float_modules") if isinstance(ours, dict) else None
     if names is None:
         return ()
-    if method not in ("qlora", "qdora"):
+    if method not in QUANTIZED_BASE_METHODS:
         raise ValueError(f"{path}: peft_layers.float_modules is set, but method {method!r} is not quantized")
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or len(set(names)) < len(names):
         raise ValueError(

@@ -27,7 +27,7 @@ from ..model import (
     unwrapped,
 )
 from ..model._inject import _module_to_save_refusal
-from ..model._methods import _LoadedQuantized, _layer_method
+from ..model._methods import QUANTIZED_BASE_METHODS, _LoadedQuantized, _layer_method
 from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error
 from ._format import AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
@@ -49,7 +49,7 @@ def _check_base_weight(where: str, module: ModuleAdapter, base: nn.Module, metho
     adapter wraps (``method`` is the adapter layer's): a float weight of the same shape."""
     if module.base_weight is None:
         return
-    if method in ("qlora", "qdora") or is_quantized_linear(base):
+    if method in QUANTIZED_BASE_METHODS or is_quantized_linear(base):
         raise ValueError(
             f"{where}: the file holds the full base weight (base_layer.weight, which Hugging Face PEFT "
             f"saves for a targeted embedding layer such as lm_head), but the base is quantized "
@@ -369,7 +369,7 @@ def _inject_kwargs(
         if (
             (key == "epsilon" and method in ("dora", "qdora"))
             or (key == "lr_ratio" and method == "lora_plus")
-            or (key in _QUANT_KWARGS and method in ("qlora", "qdora"))
+            or (key in _QUANT_KWARGS and method in QUANTIZED_BASE_METHODS)
         ):
             kwargs[key] = value
     kwargs.update(overrides)
@@ -430,12 +430,12 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             )
         _refuse_meta(f"{adapter.directory}: {path!r}", [*target.parameters(), *target.buffers()])
         _refuse_sharded(target.parameters(), f"load_adapter(): {path!r}")
-        if is_quantized_linear(target) and method not in ("qlora", "qdora"):
+        if is_quantized_linear(target) and method not in QUANTIZED_BASE_METHODS:
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a quantized {type(target).__name__}, which method "
                 f"{method!r} cannot wrap; load with method='qlora' (or 'qdora' for DoRA)"
             )
-        if is_conv1d(target) and method in ("qlora", "qdora"):
+        if is_conv1d(target) and method in QUANTIZED_BASE_METHODS:
             raise ValueError(
                 f"{adapter.directory}: {path!r} is a transformers Conv1D, which method {method!r} cannot "
                 f"quantize; load with method={FLOAT_METHOD[method]!r} (the adapter is the same on a float base)"
@@ -489,7 +489,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             # the float layers of a quantized model (T5's wo) take no quantization arguments
             layer_overrides = {
                 k: v for k, v in overrides.items()
-                if not (mixed and k in _QUANT_KWARGS and method not in ("qlora", "qdora"))
+                if not (mixed and k in _QUANT_KWARGS and method not in QUANTIZED_BASE_METHODS)
             }
             kwargs = _inject_kwargs(adapter, method, layer_overrides, group)
             if saved_paths and method == next(iter(groups)):

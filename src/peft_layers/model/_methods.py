@@ -77,6 +77,8 @@ def is_quantized_linear(module: nn.Module | None) -> bool:
 FLOAT_METHOD = {"qlora": "lora", "qdora": "dora"}
 #: each float method and its quantized one (LoRA+ is an optimizer's matter: QLoRA)
 QUANTIZED_METHOD = {"lora": "qlora", "lora_plus": "qlora", "dora": "qdora"}
+#: the methods whose layers hold a quantized base (a ``QuantizedLinear``)
+QUANTIZED_BASE_METHODS = tuple(FLOAT_METHOD)
 
 
 def loaded_quantized(model: nn.Module) -> bool:
@@ -134,7 +136,7 @@ def _accepts(module: nn.Module, method: str) -> bool:
     transformers' Conv1D for the float methods."""
     if isinstance(module, LoRALinear):
         return False
-    if method in ("qlora", "qdora"):
+    if method in QUANTIZED_BASE_METHODS:
         return isinstance(module, (nn.Linear, QuantizedLinear))
     return (isinstance(module, nn.Linear) and not is_bitsandbytes_module(module)) or is_conv1d(module)
 

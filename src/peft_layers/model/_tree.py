@@ -19,7 +19,7 @@ from ..lora import LoRALinear
 from ..modules_to_save import ModuleToSave
 from ._methods import (
     ALL_LINEAR,
-    FLOAT_METHOD,
+    QUANTIZED_BASE_METHODS,
     QUANTIZED_METHOD,
     TargetSpec,
     _CLASSIFIER_HEADS,
@@ -181,7 +181,7 @@ class _AllLinear:
     def refuse_quantized(self, exclude_parts: list[Any]) -> None:
         """Raise ``ValueError`` if a float method would leave out quantized layers that are not
         excluded: Hugging Face PEFT adapts them, so leaving them out silently would differ."""
-        if self.method in FLOAT_METHOD:
+        if self.method in QUANTIZED_BASE_METHODS:
             return
         skipped = [
             n for n, m in self.model.named_modules()
