@@ -252,6 +252,22 @@ def test_config_fields_and_patterns(tmp_path: Path) -> None:
         assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == layer.alpha
 
 
+def test_ties_in_rank_and_alpha_go_to_the_first_layer(tmp_path: Path) -> None:
+    model = adapted("lora", rank_pattern={"^fc": 2, "^block\\.out": 3}, alpha_pattern={"^fc": 1.0, "^block\\.out": 3.0})
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 1.0)  # fc's: every value appears once
+    assert config["rank_pattern"] == {r"^block\.fc": 4, r"^block\.out": 3}
+    assert config["alpha_pattern"] == {r"^block\.fc": 8.0, r"^block\.out": 3.0}
+
+
+def test_target_modules_stay_a_list_when_a_name_ends_with_a_target_without_a_dot(tmp_path: Path) -> None:
+    # "xfc" ends with "fc" but not with ".fc": Hugging Face PEFT's list rule does not take it
+    model = inject_adapters(nn.ModuleDict({"fc": nn.Linear(4, 4), "xfc": nn.Linear(4, 4)}), ["fc"], rank=2)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["fc"]
+
+
 @pytest.mark.parametrize(
     "quant",
     [
@@ -1040,6 +1056,47 @@ def test_a_config_that_leaves_out_a_module_the_file_holds_is_refused(saved_lora:
     assert_load_fails(saved_lora, ValueError, r"module 'block.fc' has adapter tensors, .*it has no layer index, not in layers_to_transform=\[0\]")
     edit_config(saved_lora, lambda c: c.update(layers_to_transform=None, exclude_modules="nothing"))
     load_adapter(base_net(), saved_lora)  # an exclusion that leaves out nothing the file holds
+
+
+def test_an_empty_layers_to_transform_selects_no_layers_by_index(saved_lora: Path) -> None:
+    # as in Hugging Face PEFT, [] is no selection; read as a list of indices it would leave out block.fc
+    x = inputs()
+    expected = load_adapter(base_net(), saved_lora).eval()(x)
+    edit_config(saved_lora, lambda c: c.update(layers_to_transform=[], target_modules=["fc", "out"]))
+    assert torch.equal(load_adapter(base_net(), saved_lora).eval()(x), expected)
+
+
+def test_an_exclude_modules_regex_must_match_the_whole_name(saved_lora: Path) -> None:
+    x = inputs()
+    expected = load_adapter(base_net(), saved_lora).eval()(x)
+    edit_config(saved_lora, lambda c: c.update(exclude_modules="block"))  # only a prefix of block.fc and block.out
+    assert torch.equal(load_adapter(base_net(), saved_lora).eval()(x), expected)
+    edit_config(saved_lora, lambda c: c.update(exclude_modules=r"block\..*"))
+    assert_load_fails(saved_lora, ValueError, r"module 'block.fc' has adapter tensors, but adapter_config.json leaves it out: exclude_modules=")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("r", 0, r"r must be an int > 0, got 0"), ("lora_dropout", 1, r"lora_dropout must be a number in \[0, 1\), got 1")],
+    ids=["r", "lora_dropout"],
+)
+def test_config_values_at_the_edge_of_their_range_are_refused_by_name(saved_lora: Path, field: str, value, message: str) -> None:
+    edit_config(saved_lora, lambda c: c.update({field: value}))
+    assert_load_fails(saved_lora, ValueError, rf"adapter_config.json: {message}")
+
+
+def test_a_bias_of_a_lora_factor_is_an_unexpected_key(saved_lora: Path) -> None:
+    # Hugging Face PEFT's lora_bias=True writes <p>.lora_B.bias: no bias of a module named lora_B
+    edit_tensors(saved_lora, lambda t: t.update({"base_model.model.fc.lora_B.bias": torch.zeros(32)}))
+    assert_load_fails(saved_lora, ValueError, r"unexpected key 'base_model\.model\.fc\.lora_B\.bias'")
+
+
+def test_a_bias_of_a_non_adapter_module_needs_bias_all_in_the_config(saved_lora: Path) -> None:
+    edit_tensors(saved_lora, lambda t: t.update({"base_model.model.norm.bias": torch.ones(16)}))
+    assert_load_fails(
+        saved_lora, ValueError,
+        r"holds biases of non-adapter modules \['norm'\] but adapter_config.json says bias='none'",
+    )
 
 
 def test_values_beyond_the_models_half_precision_range_are_refused(tmp_path: Path) -> None:

@@ -758,6 +758,22 @@ def test_prepare_for_kbit_training_casts_as_hugging_face_peft(build: str) -> Non
     assert not any(p.requires_grad for p in ours.parameters())
 
 
+def test_a_packed_4bit_weight_counts_the_values_it_encodes_whatever_its_storage_dtype() -> None:
+    module = bnb_4bit_bf16_storage()  # a 16 x 32 weight, 4 codes per bfloat16 element, and a trainable bias
+    assert module.weight.dtype == torch.bfloat16 and module.weight.numel() == 16 * 32 // 4
+    assert pl.trainable_parameters(nn.Sequential(module)) == (16, 16 * 32 + 16)
+
+
+def test_merge_and_unload_leaves_packed_4bit_storage_out_of_the_neighbours_dtype() -> None:
+    # the untargeted layer's codes are stored as bfloat16 (128 elements) but are no bfloat16 values:
+    # the float32 LayerNorm (32 values) outweighs its bfloat16 bias (16)
+    model = nn.Sequential(bnb_4bit_bf16_storage(), bnb_4bit_bf16_storage(), nn.LayerNorm(16))
+    pl.inject_adapters(model, ["0"], method="qlora", rank=2)
+    assert model[0].compute_dtype == torch.bfloat16
+    pl.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
+
+
 def test_prepare_for_kbit_training_enables_checkpointed_training() -> None:
     model = pl.prepare_for_kbit_training(tiny_model().to(torch.bfloat16))
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())

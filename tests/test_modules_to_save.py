@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_layers as pl
@@ -218,6 +219,65 @@ def test_files_that_do_not_fit_are_refused_and_the_model_stays(tmp_path: Path) -
         pl.load_adapter(plain_adapters, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("classifier.bias", torch.ones(3, dtype=torch.int64),
+         r"module to save 'classifier': bias is \(3,\) torch.int64 in the file but \(3,\) torch.float32 in the model"),
+        ("batch_norm.num_batches_tracked", torch.tensor(2.5),
+         r"module to save 'batch_norm': num_batches_tracked is \(\) torch.float32 in the file but \(\) torch.int64"),
+    ],
+    ids=["int for float", "float for int"],
+)
+def test_module_to_save_state_of_the_wrong_kind_is_refused_and_the_model_stays(key, value, message, tmp_path: Path) -> None:
+    pl.save_adapter(_ours(_base()), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[f"base_model.model.{key}"] = value  # the shape of the model's tensor
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    for model in (_base(), _ours(_base())):  # the load injects, the load fills
+        before = copy.deepcopy(model.state_dict())
+        modules = [(name, type(module)) for name, module in model.named_modules()]
+        with pytest.raises(ValueError, match=message):
+            pl.load_adapter(model, tmp_path)
+        assert [(name, type(module)) for name, module in model.named_modules()] == modules
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _shared_head() -> Classifier:
+    base = _base()
+    base.tail = base.classifier  # a second name for the head
+    return base
+
+
+def test_a_shared_module_to_save_with_other_values_under_its_second_name_is_refused(tmp_path: Path) -> None:
+    model = pl.inject_adapters(_shared_head(), ["body"], rank=2, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.trained.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="name one shared module"):
+        pl.save_adapter(model, tmp_path)
+    # the file names both: the module's state under each name
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["classifier", "tail"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for key in ("weight", "bias"):
+        tensors[f"base_model.model.tail.{key}"] = tensors[f"base_model.model.classifier.{key}"].clone()
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    x = torch.randn(4, 12)
+    with pytest.warns(UserWarning, match="name one shared module"):
+        loaded = pl.load_adapter(_shared_head(), tmp_path)  # the same values: one state
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
+    tensors["base_model.model.tail.weight"] += 1.0
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    for target in (_shared_head(), model):  # the load injects, the load fills
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(ValueError, match=r"module to save 'tail': it is a second name of a shared module to save, with other values"):
+            pl.load_adapter(target, tmp_path)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert type(target.classifier) is pl.ModuleToSave
+
+
 def test_stacking_and_combining_refuse_modules_to_save(tmp_path: Path) -> None:
     pl.save_adapter(_ours(_base()), tmp_path)
     with pytest.raises(ValueError, match=r"holds modules trained in full \(modules_to_save: \['batch_norm', 'classifier', 'norm'\]\)"):
@@ -390,6 +450,26 @@ def test_round_trips_of_nested_stateless_and_shared_modules_to_save(tmp_path: Pa
         torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
     state = pl.io.read_adapter(tmp_path).state_dict()
     assert state.keys() == pl.adapter_state_dict(model).keys()
+
+
+def test_a_config_suffix_takes_the_outermost_module_to_save(tmp_path: Path) -> None:
+    # without our exact names (a Hugging Face PEFT file) "head" is matched as a suffix, which
+    # "head.subhead" has too: its keys belong to the outer module "head"
+    torch.manual_seed(0)
+    model = pl.inject_adapters(_Nested(), ["body"], rank=2, modules_to_save=["head"])
+    with torch.no_grad():
+        model.head.trained.subhead.weight.add_(1.0)
+    with pytest.warns(UserWarning, match=r"would also wrap \{'head': \['head.subhead'\]\}"):
+        pl.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})  # our field dropped
+    saved = pl.io.read_adapter(tmp_path).saved_modules
+    assert {path: sorted(state) for path, state in saved.items()} == {"head": ["subhead.bias", "subhead.weight"]}
+    torch.manual_seed(0)
+    loaded = pl.load_adapter(_Nested(), tmp_path)
+    assert isinstance(loaded.head, pl.ModuleToSave) and type(loaded.head.trained.subhead) is nn.Linear
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(model, x), rtol=0, atol=0)
 
 
 def test_modules_with_extra_state_are_refused() -> None:

@@ -520,6 +520,14 @@ def test_inject_quantized_methods_and_merge_and_unload(method: str) -> None:
         torch.testing.assert_close(model(batch).float(), adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_a_quantized_base_weight_counts_its_values_not_its_packed_storage() -> None:
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(64, 32, bias=False)), ["0"], method="qlora", rank=4)
+    base = model[0].base_layer
+    assert isinstance(base, QuantizedLinear) and base.weight.numel() < 64 * 32  # packed nf4 codes
+    trainable = 4 * (64 + 32)
+    assert pl.trainable_parameters(model) == (trainable, 64 * 32 + trainable)
+
+
 # ---- the base weight changing between forward and backward --------------------------------
 @pytest.mark.parametrize("change", ["merge", "requantize_"])
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
