@@ -83,8 +83,28 @@ def test_forward_and_gradients_match_float64_reference(cls: type, scheme: str) -
         assert_close64(got[key], value, rtol=2e-5, what=key)
     with torch.no_grad():
         no_grad = layer(x)
-    # int8's no-grad path may use bitsandbytes' int8 matmul, which also rounds the input
-    assert_close64(no_grad, expected["out"], rtol=2e-2 if scheme == "int8" else 2e-5, what="no-grad output")
+    assert_close64(no_grad, expected["out"], rtol=2e-5, what="no-grad output")
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_a_no_grad_forward_keeps_the_int8_kernel_of_a_base_that_opted_in(cls: type) -> None:
+    # the no-grad path decodes W0 itself only where the base's own forward would; with
+    # int8_activations the base rounds x to int8 as well, and the adapter layer must do the same
+    layer = cls.from_linear(make_linear(), quant="int8", rank=4, alpha=8.0)
+    randomize_adapter(layer, scale=0.3)
+    layer.base_layer.int8_activations = True
+    x = torch.randn(TOKENS, IN)
+    with torch.no_grad():
+        base_out = f64(layer.base_layer.matmul(x))  # bitsandbytes' int8 kernel, no bias
+        y = layer(x)
+    a, b = f64(layer.lora_A), f64(layer.lora_B)
+    z = base_out + layer.scaling * (f64(x) @ a.t()) @ b.t()
+    if cls is QDoRALinear:
+        w = f64(decoded_base(layer)) + layer.scaling * b @ a
+        z = z * (f64(layer.magnitude) / w.norm(dim=1))
+    assert_close64(y, z + f64(layer.bias), rtol=2e-5, what="output")
+    decoded = reference(layer, x, torch.zeros(TOKENS, OUT))["out"]
+    assert (f64(y) - decoded).abs().max() > 1e-3  # the kernel's rounding is visible
 
 
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])

@@ -34,6 +34,7 @@ from .adapter import (
 )
 from .lora import (
     LoRALinear,
+    _adapted_mm,
     _base_weight_for_backward,
     _check_positive,
     _refuse_double_backward,
@@ -124,11 +125,9 @@ class _DoRAFunction(torch.autograd.Function):
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
-        z = x @ weight.t()
         # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
         base_times_A = (weight @ lora_A.t()).t()
-        t = x @ lora_A.t()
-        z.addmm_(t, lora_B.t(), alpha=scaling)
+        z, t = _adapted_mm(x, x, lora_A, lora_B, None, scaling, weight)
         norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm, z.dtype)
         out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
@@ -157,9 +156,8 @@ class _DoRAFunction(torch.autograd.Function):
             grad_A = grad_t.t() @ x
         if need_B:
             grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B)
-        if need_x:
-            grad_x = grad_z @ _base_weight_for_backward(ctx, saved)
-            grad_x.addmm_(grad_t, lora_A)
+        if need_x:  # the small product first, the big GEMM accumulating into it (_adapted_mm)
+            grad_x = (grad_t @ lora_A).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
         return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
@@ -377,25 +375,32 @@ class DoRALinear(LoRALinear):
         cache = self._inference_gain_cache
         if key is not None and cache is not None and cache[0] == key:
             gain = cache[1]
-            z = self._base_matmul(x)
+            z = self._base_plus_update(x, lora_A, lora_B)
         else:
             if self._norm_rides_with_input and (key is None or self.training):
                 # nothing can be cached (every call takes this path and rounds alike), or the
                 # adapter changes every step (the no-grad first pass of reentrant checkpointing)
                 both = self._base_matmul(torch.cat([x, lora_A]))
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
+                z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
             else:
                 # two base calls, not one over the rows of [x; A]: a GEMM over more rows rounds
                 # x's rows differently, and the calls that find the gain cached must give the
                 # same output as this one (eval mode)
-                z = self._base_matmul(x)
+                z = self._base_plus_update(x, lora_A, lora_B)
                 base_times_A = self._base_times_A(lora_A)
             gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)
             self._inference_gain_cache = None if key is None else (key, gain)
-        z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         if bias is None:
             return z.mul_(gain)
         return torch.addcmul(bias, z, gain, out=z)  # y = b + g * z in one pass, in place
+
+    def _base_plus_update(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``x W0^T + s (x A^T) B^T`` without autograd (``z = x W'^T``)."""
+        weight_fn = self._inference_weight_fn(x)
+        if weight_fn is None:
+            return self._base_matmul(x).addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+        return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight_fn())[0]
 
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd

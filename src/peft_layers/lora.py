@@ -235,6 +235,23 @@ def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Ten
     return torch.addmm(shape_of, a, b, beta=0, alpha=scaling)
 
 
+def _adapted_mm(
+    x: Tensor, x_a: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: float, weight: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(x W^T + b + s t B^T, t)`` with ``t = x_a A^T``, for 2-D ``x`` and ``x_a``.
+
+    The small product (and bias) first; the big GEMM then accumulates into it (``beta=1``), which
+    costs less than a separate read-modify-write pass over the output. Without a bias, ``s``
+    scales the small ``t`` (rows x rank), not the output.
+    """
+    t = x_a @ lora_A.t()
+    if bias is not None:
+        out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
+    else:
+        out = torch.mm(t * scaling, lora_B.t())
+    return out.addmm_(x, weight.t()), t
+
+
 class _LoRAFunction(torch.autograd.Function):
     """``x W^T + b + s (x_d A^T) B^T`` on 2-D inputs, with hand-written backward.
 
@@ -266,14 +283,7 @@ class _LoRAFunction(torch.autograd.Function):
     ) -> Tensor:
         weight = weight_fn()
         x_a = x if x_drop is None else x_drop
-        t = x_a @ lora_A.t()
-        # the small product (and bias) first; the big GEMM then accumulates into it (beta=1),
-        # which costs less than a separate read-modify-write pass over the output
-        if bias is not None:
-            out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
-        else:
-            out = torch.mm(t, lora_B.t()).mul_(scaling)
-        out.addmm_(x, weight.t())
+        out, t = _adapted_mm(x, x_a, lora_A, lora_B, bias, scaling, weight)
         _save_weight_or_key(ctx, [x_a, t, lora_A, lora_B], weight, weight_key_fn)
         del weight
         ctx.scaling = scaling
@@ -657,11 +667,23 @@ class LoRALinear(AdapterMixin, nn.Module):
                 x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
                 self._refetch_key_fn(),
             )
+        x_a = x if x_drop is None else x_drop
+        weight_fn = self._inference_weight_fn(x)
+        # global forward hooks expect to see base_layer called (activation capture)
+        if weight_fn is not None and not torch.is_grad_enabled() and not global_forward_hooks():
+            return _adapted_mm(x, x_a, lora_A, lora_B, bias, self.scaling, weight_fn())[0]
         out = self.base_layer(x)
-        t = (x if x_drop is None else x_drop) @ lora_A.t()
+        t = x_a @ lora_A.t()
         if global_forward_hooks():  # one of them may hold the base output: add out of place
             return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
+
+    def _inference_weight_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
+        """For a no-grad forward of the 2-D ``x``: a function giving ``W0`` in ``x``'s dtype when
+        the base computes ``x W0^T + b`` from it (then the adapter's product can go first and the
+        base GEMM accumulate into it), or None when the base multiplies otherwise (a quantized
+        base on one of bitsandbytes' kernels) or under torch.func's transforms."""
+        return None if functorch_active() else self._weight_fn(x.dtype)
 
     def _runs_base_hooks(self) -> bool:
         """Whether the forward calls ``base_layer`` as a module, input shape and all, so that

@@ -241,6 +241,11 @@ class QLoRALinear(LoRALinear):
     def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.base_layer.dequantize(dtype)
 
+    def _inference_weight_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
+        if self.base_layer._bnb_kernel_for(x) is not None:
+            return None
+        return super()._inference_weight_fn(x)
+
     def _write_base_weight(self, weight: Tensor) -> None:
         self.base_layer.requantize_(weight)
 

@@ -631,19 +631,31 @@ class QuantizedLinear(nn.Module):
         return weight.reshape(self.out_features, self.in_features).to(dtype)
 
     # ---- the matmul ---------------------------------------------------------------------
-    def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
-        without autograd."""
-        modules = _bnb.load()
+    def _bnb_kernel_for(self, x: Tensor) -> str | None:
+        """Which of bitsandbytes' matmul kernels :meth:`forward` runs on the 2-D ``x``: ``"int8"``
+        (``int8_activations``), ``"4bit"`` (``matmul_4bit``, on CUDA), or None when it decodes the
+        weight and calls ``F.linear``, computing exactly ``x @ dequantize(x.dtype)^T``."""
         # bitsandbytes' kernels take raw pointers and check no device: an input on another device
         # than the weight goes to F.linear, which raises PyTorch's own error (get_device() builds
         # no torch.device: -1 on the CPU)
         if (
-            modules is not None and x.shape[0] > 0 and x.dtype != torch.float64
-            and x.get_device() == self.weight.get_device()
+            _bnb.load() is None or x.shape[0] == 0 or x.dtype == torch.float64
+            or x.get_device() != self.weight.get_device()
         ):
-            bnb, functional = modules
-            if self.scheme == "int8" and self.int8_activations:
+            return None
+        if self.scheme == "int8":
+            return "int8" if self.int8_activations else None
+        # a row split across blocks (in_features not a multiple of blocksize) makes bitsandbytes
+        # warn on every call and fall back to the same dequantize + F.linear
+        return "4bit" if x.is_cuda and self.in_features % cast(int, self.blocksize) == 0 else None
+
+    def _matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
+        without autograd."""
+        kernel = self._bnb_kernel_for(x)
+        if kernel is not None:
+            bnb, functional = cast(tuple, _bnb.load())
+            if kernel == "int8":
                 # LLM.int8() without outliers, as bnb.matmul runs it in eval: x row-wise to int8
                 # (through float16), an int32 GEMM, both scales applied to the result
                 # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols (.to with a
@@ -667,11 +679,8 @@ class QuantizedLinear(nn.Module):
                 if bias is not None:
                     out.add_(bias)
                 return out.to(x.dtype)
-            # a row split across blocks (in_features not a multiple of blocksize) makes
-            # bitsandbytes warn on every call and fall back to this same dequantize + F.linear
-            if self.scheme != "int8" and x.is_cuda and self.in_features % cast(int, self.blocksize) == 0:
-                state = self._bnb_quant_state(functional, x.dtype)
-                return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
+            state = self._bnb_quant_state(functional, x.dtype)
+            return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
