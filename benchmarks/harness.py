@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -266,9 +267,12 @@ def paired_rounds(
 ) -> tuple[Callable[[], None], dict[str, list[float]]]:
     """A function that runs one round of every operation, and the per-operation times it collects.
 
-    Round ``i`` runs the operations in the listed order rotated by ``i``, so no variant always
-    follows the same neighbour. Each operation is timed on its own with ``perf_counter``; ratios
-    are then taken round by round (``t_candidate[i] / t_baseline[i]``), which cancels the slow
+    Each round runs the operations in a new random order (seeded, so runs repeat), so every
+    variant follows every other one about equally often: what an operation leaves behind (caches,
+    allocator state, a library's spinning worker threads) then weighs on all variants alike. A
+    fixed order, even rotated each round, keeps each variant's predecessor the same in all but
+    one place per round, which once put an A/A control 7.5% apart. Each operation is timed on its
+    own with ``perf_counter``; ratios are then taken round by round (``t_candidate[i] / t_baseline[i]``), which cancels the slow
     drifts (frequency, neighbours on a shared host) that separate runs minutes apart would see.
     ``warmup`` rounds run at once and are not recorded.
     """
@@ -277,12 +281,10 @@ def paired_rounds(
     for _ in range(warmup):
         for name in names:
             operations[name]()
-    counter = [0]
+    order = random.Random(0)
 
     def one_round() -> None:
-        start = counter[0] % len(names)
-        counter[0] += 1
-        for name in names[start:] + names[:start]:
+        for name in order.sample(names, len(names)):
             begin = time.perf_counter()
             operations[name]()
             times[name].append(time.perf_counter() - begin)
