@@ -681,6 +681,68 @@ def test_a_global_forward_hook_keeps_the_base_output_it_saw(cls):
     assert_close64(y, base + f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling, 1e-5, what="output")
 
 
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.QLoRALinear])
+def test_a_global_forward_pre_hook_sees_the_base_called_without_grad(cls):
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 10), rank=2).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    seen = []
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append(module))
+    x = _x((5,), in_f=64)
+    try:
+        with torch.no_grad():
+            y = layer(x)
+    finally:
+        handle.remove()
+    assert [type(m) for m in seen] == [cls, type(layer.base_layer)]
+    with torch.no_grad():
+        expected = f64(layer.base_layer(x)) + f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling
+    assert_close64(y, expected, 1e-5, what="output")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "training"])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.QLoRALinear])
+def test_a_forward_replaced_on_the_base_instance_runs(cls, grad):
+    # accelerate's add_hook_to_module replaces module.forward on the instance; the adapter layer
+    # must call the base then, not compute x W0^T + b from its weight
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 10), rank=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base = layer.base_layer
+    original = base.forward
+    base.forward = lambda x: original(x) * 2.0
+    x = _x((5,), in_f=64)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+        doubled = f64(base(x))
+    expected = doubled + f64(x) @ f64(layer.lora_A).t() @ f64(layer.lora_B).t() * layer.scaling
+    assert_close64(y, expected, 1e-5, what="output")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "training"])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_half_precision_scaling_does_not_overflow_before_the_product(cls, grad):
+    # s (x A^T) = 32 * 3000 is past float16's 65504, s (x A^T) B^T = 0 is not: s must ride in the
+    # GEMM, not scale x A^T on its own (inf * 0 = NaN)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32, bias=False).half()
+    layer = cls.from_linear(base, rank=8, alpha=256.0)  # s = 32, B = 0
+    with torch.no_grad():
+        layer.lora_A.zero_()
+        layer.lora_A[:, 0] = 1.0
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    x[:, 0] = 3000.0
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    expected = f64(x) @ f64(base.weight).t()
+    if cls is pl.DoRALinear:  # m = ||W0|| per row and B = 0: the gain is 1 up to the norm's rounding
+        expected = expected * (f64(layer.magnitude) / f64(base.weight).norm(dim=1))
+    assert torch.isfinite(y).all()
+    assert_close64(y, expected, 2e-3, what="float16 output")
+
+
 def test_dora_over_a_linear_subclass_with_its_own_forward_says_what_it_computes():
     with pytest.warns(UserWarning, match=r"^DoRALinear: base_layer is a test_lora._ScaledLinear, an nn.Linear with a forward of its own"):
         pl.DoRALinear.from_linear(_ScaledLinear(12, 10), rank=2)

@@ -167,20 +167,23 @@ SHARDED_ADVICE = (
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks of its own (forward, forward-pre or backward; global module
-    hooks are not counted). The adapter layers compute their base product from
+    """Whether ``module`` has hooks of its own: forward, forward-pre or backward hooks, or a
+    ``forward`` replaced on the instance (accelerate's ``add_hook_to_module`` wraps modules so);
+    global module hooks are not counted. The adapter layers compute their base product from
     ``base_layer.weight`` in their fused paths, which would skip such hooks."""
     return bool(
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-        or module._backward_hooks
+        or module._backward_hooks or "forward" in module.__dict__
     )
 
 
 def global_forward_hooks() -> bool:
-    """Whether global module forward hooks are registered (``register_module_forward_hook``, as
-    activation-capture tools use): they see every module's output, so a base output they may hold
-    must not be updated in place."""
-    return bool(nn.modules.module._global_forward_hooks)
+    """Whether global module forward or forward-pre hooks are registered
+    (``register_module_forward_hook``, ``register_module_forward_pre_hook``, as activation-capture
+    tools use): they expect to see every module called, and a base output they may hold must not
+    be updated in place."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 #: nn.Linear subclasses whose own forward computes exactly x W^T + b (module.qualname)

@@ -241,14 +241,17 @@ def _adapted_mm(
     """``(x W^T + b + s t B^T, t)`` with ``t = x_a A^T``, for 2-D ``x`` and ``x_a``.
 
     The small product (and bias) first; the big GEMM then accumulates into it (``beta=1``), which
-    costs less than a separate read-modify-write pass over the output. Without a bias, ``s``
-    scales the small ``t`` (rows x rank), not the output.
+    costs less than a separate read-modify-write pass over the output. ``s`` rides in the GEMM's
+    ``alpha``, applied before the result is rounded to a 16-bit dtype (``s t`` alone can
+    overflow). Without a bias the first GEMM writes into an uninitialised tensor, which ``beta=0``
+    never reads (documented: NaN and inf in it are not propagated): no ``mul_(s)`` pass over the
+    output.
     """
     t = x_a @ lora_A.t()
     if bias is not None:
         out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
     else:
-        out = torch.mm(t * scaling, lora_B.t())
+        out = t.new_empty((t.shape[0], lora_B.shape[0])).addmm_(t, lora_B.t(), beta=0, alpha=scaling)
     return out.addmm_(x, weight.t()), t
 
 
@@ -668,7 +671,7 @@ class LoRALinear(AdapterMixin, nn.Module):
                 self._refetch_key_fn(),
             )
         x_a = x if x_drop is None else x_drop
-        # global forward hooks expect to see base_layer called (activation capture)
+        # global forward (pre-)hooks expect to see base_layer called (activation capture)
         if not torch.is_grad_enabled() and not global_forward_hooks():
             weight_fn = self._inference_weight_fn(x)
             if weight_fn is not None:
