@@ -272,8 +272,9 @@ def paired_rounds(
     allocator state, a library's spinning worker threads) then weighs on all variants alike. A
     fixed order, even rotated each round, keeps each variant's predecessor the same in all but
     one place per round, which once put an A/A control 7.5% apart. Each operation is timed on its
-    own with ``perf_counter``; ratios are then taken round by round (``t_candidate[i] / t_baseline[i]``), which cancels the slow
-    drifts (frequency, neighbours on a shared host) that separate runs minutes apart would see.
+    own with ``perf_counter``; ratios are then taken round by round
+    (``t_candidate[i] / t_baseline[i]``), which cancels the slow drifts (frequency, neighbours on a
+    shared host) that separate runs minutes apart would see.
     ``warmup`` rounds run at once and are not recorded.
     """
     names = list(operations)

@@ -86,11 +86,13 @@ def test_forward_and_gradients_match_float64_reference(cls: type, scheme: str) -
     assert_close64(no_grad, expected["out"], rtol=2e-5, what="no-grad output")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train mode", "eval mode"])
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
-def test_a_no_grad_forward_keeps_the_int8_kernel_of_a_base_that_opted_in(cls: type) -> None:
+def test_a_no_grad_forward_keeps_the_int8_kernel_of_a_base_that_opted_in(cls: type, training: bool) -> None:
     # the no-grad path decodes W0 itself only where the base's own forward would; with
     # int8_activations the base rounds x to int8 as well, and the adapter layer must do the same
-    layer = cls.from_linear(make_linear(), quant="int8", rank=4, alpha=8.0)
+    # (QDoRA's eval mode caches its gain, its train mode stacks A's rows with x in one base call)
+    layer = cls.from_linear(make_linear(), quant="int8", rank=4, alpha=8.0).train(training)
     randomize_adapter(layer, scale=0.3)
     layer.base_layer.int8_activations = True
     x = torch.randn(TOKENS, IN)
