@@ -129,6 +129,21 @@ def test_svd_keeps_small_singular_values_that_are_not_rounding() -> None:
     torch.testing.assert_close(kept, singular, rtol=1e-3, atol=1e-7)
 
 
+def test_svd_of_nearly_cancelling_adapters_is_computed_in_float64() -> None:
+    """An adapter minus a later checkpoint of itself (weights 1 and -1) leaves an update 1e-4 the
+    size of either: the QR and SVD run in float64, so at the update's full rank the result is its
+    float32 rounding (float32 work left an error of 1e-3 of the update in the probe)."""
+    generator = torch.Generator().manual_seed(7)
+    a1, b1 = torch.randn(4, 40, generator=generator), torch.randn(30, 4, generator=generator)
+    a2 = a1 + 1e-4 * torch.randn(4, 40, generator=generator)
+    b2 = b1 + 1e-4 * torch.randn(30, 4, generator=generator)
+    pairs, weights = [(a1, b1), (a2, b2)], [1.0, -1.0]
+    update = dense_update(pairs, [1.0, 1.0], weights)
+    lora_A, lora_B = combine(pairs, weights, method="svd", rank=8)
+    error = torch.linalg.matrix_norm(lora_B.double() @ lora_A.double() - update)
+    assert error.item() < 1e-5 * torch.linalg.matrix_norm(update).item()
+
+
 def test_svd_default_rank_is_the_largest_adapter_rank() -> None:
     pairs = [random_pair(2, 30, 40, 1), random_pair(6, 30, 40, 2)]
     lora_A, lora_B = combine(pairs, [1.0, 1.0], method="svd")
@@ -198,6 +213,24 @@ def test_combine_adapters_svd_default_rank_is_the_largest_of_any_module(tmp_path
     expected = sum(s.get_submodule(path).lora_B.double() @ s.get_submodule(path).lora_A.double() for s in sources)
     product = combined[f"{path}.lora_B"].double() @ combined[f"{path}.lora_A"].double()
     torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_adapters_svd_default_rank_is_capped_at_each_modules_size() -> None:
+    """The largest rank of any module (4) exceeds a small module's min(out, in) = 2: that module
+    is combined at rank 2, which holds its whole update, instead of being refused."""
+    sources = []
+    for seed in (1, 2):
+        big_A, big_B = random_pair(4, 8, 8, seed)
+        small_A, small_B = random_pair(2, 6, 2, 10 + seed)
+        sources.append({"big.lora_A": big_A, "big.lora_B": big_B, "small.lora_A": small_A, "small.lora_B": small_B})
+    weights = [0.5, -1.5]
+    combined = combine_adapters(sources, weights, method="svd")
+    assert combined["big.lora_A"].shape == (4, 8) and combined["small.lora_A"].shape == (2, 6)
+    pairs = [(sd["small.lora_A"], sd["small.lora_B"]) for sd in sources]
+    torch.testing.assert_close(
+        combined["small.lora_B"].double() @ combined["small.lora_A"].double(),
+        dense_update(pairs, [1.0, 1.0], weights), rtol=1e-5, atol=1e-5,
+    )
 
 
 def test_combine_adapters_from_directories_and_state_dicts_drives_a_model(tmp_path: Path) -> None:

@@ -592,6 +592,8 @@ def test_no_grad_norm_cache_follows_every_change():
     check("after load_state_dict")
     layer.alpha = layer.alpha * 3  # scaling changes
     check("after a change of alpha")
+    layer.epsilon = 2 * float(layer.weight_norm().max())  # every row's norm now clamps at epsilon
+    check("after a change of epsilon")
     with torch.no_grad():
         layer.base_layer.weight.mul_(0.5)
     check("after a change of the base")

@@ -774,6 +774,19 @@ def test_merge_and_unload_leaves_packed_4bit_storage_out_of_the_neighbours_dtype
     assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
 
 
+def test_prepare_for_kbit_training_after_injection_leaves_the_adapters_dtype() -> None:
+    """Called after inject_adapters, it casts the half-precision base and leaves the adapter
+    tensors (here cast to bfloat16 by the user) and their requires_grad as they are."""
+    model = pl.inject_adapters(tiny_model().to(torch.bfloat16), ["q_proj"], method="dora", rank=2)
+    adapters = [p for _, layer in pl.model.iter_adapter_layers(model) for p in layer.adapter_parameters()]
+    for parameter in adapters:
+        parameter.data = parameter.data.to(torch.bfloat16)
+    pl.prepare_for_kbit_training(model)
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in adapters)
+    inside = {id(p) for p in adapters}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if id(p) not in inside)
+
+
 def test_prepare_for_kbit_training_enables_checkpointed_training() -> None:
     model = pl.prepare_for_kbit_training(tiny_model().to(torch.bfloat16))
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())

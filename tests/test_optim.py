@@ -40,6 +40,32 @@ def test_groups_place_every_trainable_parameter_once() -> None:
         assert group_of(groups, layer.bias)["weight_decay"] == 0.0
 
 
+def test_a_frozen_lora_b_is_left_out() -> None:
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=4)
+    frozen = model.layers[0].attn.q_proj.lora_B.requires_grad_(False)
+    groups = pl.loraplus_param_groups(model, 1e-3)
+    assert not any(p is frozen for g in groups for p in g["params"])
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def test_a_lora_b_shared_by_two_layers_steps_once() -> None:
+    """Two layers tied to one ``lora_B``: it is in its group once, so an SGD step moves it by
+    ``lr * ratio * grad``, not twice that."""
+    torch.manual_seed(0)
+    model = pl.inject_lora(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)), ["0", "1"], rank=2)
+    model[1].lora_B = model[0].lora_B
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    lr, ratio = 1e-2, 16.0
+    optimizer = pl.create_loraplus_optimizer(model, torch.optim.SGD, lr=lr, lr_ratio=ratio)
+    assert sum(p is model[0].lora_B for g in optimizer.param_groups for p in g["params"]) == 1
+    before = model[0].lora_B.detach().clone()
+    model(torch.randn(4, 6)).square().sum().backward()
+    grad = model[0].lora_B.grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(model[0].lora_B.detach(), before - lr * ratio * grad, rtol=1e-5, atol=1e-6)
+
+
 def test_layer_ratio_wins_then_argument_then_default() -> None:
     model = pl.inject_adapters(tiny_model(), "q_proj", method="lora_plus", lr_ratio=4.0, rank=2)
     pl.inject_lora(model, "k_proj", rank=2)

@@ -175,6 +175,25 @@ def test_reference_ties_round_like_bitsandbytes(scheme):
     _assert_same_as_bnb(weight.reshape(-1, 32), scheme, 32, double_quant=False)
 
 
+@pytest.mark.parametrize("scheme", FOUR_BIT)
+def test_reference_short_last_block_divides_like_bitsandbytes(scheme):
+    """A full block is scaled by the reciprocal of its absmax, the short last block is divided by
+    it (see quantize_4bit). The two round apart for some values: one whose quotient is exactly a
+    midpoint between two levels, but whose reciprocal product is not, takes the lower level only
+    when divided. Such values in the short block get bitsandbytes' codes."""
+    midpoints, _ = ref._sorted_levels(scheme)
+    absmax = torch.linspace(0.5, 2.0, 3001)
+    ties = []
+    for mid in midpoints.tolist():
+        value = mid * absmax  # float32
+        split = (value / absmax == mid) & (value * (1.0 / absmax) != mid)
+        ties += list(zip(absmax[split][:2].tolist(), value[split][:2].tolist()))
+    assert len(ties) >= 4
+    for block_max, value in ties:
+        tail = torch.tensor([[block_max, value, 0.5 * value, value]])  # 68 values: a short block of 4
+        _assert_same_as_bnb(torch.cat([_weight(1, 64, seed=2), tail], dim=1), scheme, 64, double_quant=False)
+
+
 def test_blockwise_8bit_matches_bitsandbytes_cpu_kernel():
     # bitsandbytes' CPU 8-bit quantizer rounds through a 65536-entry table, not exactly to the
     # nearest code; a dense sweep of [-1, 1] (absmax 1 per block) covers every table entry
@@ -183,7 +202,9 @@ def test_blockwise_8bit_matches_bitsandbytes_cpu_kernel():
     values = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
     code = bnbF.create_dynamic_map()
     subnormal = torch.cat([torch.tensor([0.0, 1e-40, -1e-40, 5e-41, -2e-45]), torch.zeros(251)])
-    for x in (values, torch.randn(10_000) * 3, torch.zeros(300), torch.randn(1000).abs() - 0.5, subnormal):
+    # NaNs do not enter a block's absmax (bitsandbytes skips them): the other values keep their codes
+    with_nan = torch.randn(600).index_fill_(0, torch.tensor([3, 300, 301]), float("nan"))
+    for x in (values, torch.randn(10_000) * 3, torch.zeros(300), torch.randn(1000).abs() - 0.5, subnormal, with_nan):
         q, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, code, 256)
         mine_q, mine_absmax = ref.quantize_blockwise(x, code, 256)
         assert torch.equal(mine_q, q) and torch.equal(mine_absmax, absmax)
@@ -832,6 +853,16 @@ def test_int8_activations_in_float16_are_bitsandbytes_own_fused_scaling():
         as_float32 = layer(x)  # computed in float16 too (the compute dtype), returned in float32
     assert out.dtype == torch.float16 and torch.equal(out, expected)
     assert torch.equal(as_float32, expected.float())
+
+
+def test_int8_activations_leave_a_float64_input_exact():
+    """bitsandbytes' kernels take 16/32-bit inputs: a float64 input (a float64 compute dtype, as
+    gradcheck runs) is multiplied by the decoded weight, int8_activations or not."""
+    layer = QuantizedLinear.from_linear(_linear(), scheme="int8", compute_dtype=F64)
+    layer.int8_activations = True
+    x = torch.randn(5, 128, dtype=F64)
+    expected = x @ layer.dequantize(F64).t() + layer.bias.to(F64)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_int8_activations_keep_outputs_beyond_the_float16_range():

@@ -660,3 +660,110 @@ def test_a_stack_over_a_bitsandbytes_base_serves_under_autocast() -> None:
     expected = base_out.double() + 0.5 * (x.double() @ lora_A.double().t()) @ lora_B.double().t()
     assert out.dtype == base_out.dtype
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _stack_of_two() -> tuple[pl.MultiLoRALinear, dict]:
+    """A stack over ``nn.Linear(5, 4)`` with adapters "a" (rank 2, s = 0.5) and "b" (rank 3,
+    s = -2), and the float64 formula of its output for a per-row choice."""
+    torch.manual_seed(0)
+    stack = pl.MultiLoRALinear(nn.Linear(5, 4))
+    factors = {"a": (torch.randn(2, 5), torch.randn(4, 2), 0.5), "b": (torch.randn(3, 5), torch.randn(4, 3), -2.0)}
+    for name, (lora_A, lora_B, scaling) in factors.items():
+        stack.add_adapter(name, lora_A, lora_B, scaling)
+
+    def expected(x: Tensor, rows: list) -> Tensor:
+        base = stack.base_layer
+        out = x.double() @ base.weight.double().t() + base.bias.double()
+        for row, name in enumerate(rows):
+            if name is not None:
+                lora_A, lora_B, scaling = factors[name]
+                out[row] += scaling * (x[row].double() @ lora_A.double().t()) @ lora_B.double().t()
+        return out
+
+    return stack, expected
+
+
+def test_a_batch_that_is_no_multiple_of_the_choice_is_refused() -> None:
+    """3 or 5 rows for a choice of 2 names would leave rows without their adapter (or give them
+    another row's): refused, as fewer rows than names are."""
+    stack, _ = _stack_of_two()
+    stack.row_adapters = ["a", "b"]
+    for batch in (3, 5):
+        with pytest.raises(ValueError, match=rf"chose adapters for 2 rows, got an input of shape \({batch}, 5\)"):
+            stack(torch.randn(batch, 5))
+
+
+def test_the_same_choice_over_another_batch_size_gets_its_rows() -> None:
+    """The row index is kept per choice and batch size: the same names over k times as many rows
+    (generate's beams) repeat each name k times, also right after the plain batch, and back."""
+    stack, expected = _stack_of_two()
+    rows = ["a", None, "b"]
+    stack.row_adapters = rows
+    with torch.no_grad():
+        for k in (1, 2, 1, 3):
+            x = torch.randn(3 * k, 5)
+            repeated = [name for name in rows for _ in range(k)]
+            torch.testing.assert_close(stack(x).double(), expected(x, repeated), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nested_adapter_batch_gives_back_the_outer_choice(two_adapters) -> None:
+    rows, inner = ["math", "code"], [None, "math"]
+    x = tokens(batch=2)
+    model = pl.stack_adapters(tiny_model(), two_adapters)
+
+    def expected(names: list) -> Tensor:
+        return torch.cat([single(two_adapters[name] if name else None)(x[b : b + 1]) for b, name in enumerate(names)])
+
+    with torch.no_grad(), pl.adapter_batch(model, rows):
+        with pl.adapter_batch(model, inner):
+            torch.testing.assert_close(model(x), expected(inner), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), expected(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_a_stacks_base_sees_the_base_output_with_a_choice_per_row() -> None:
+    stack, expected = _stack_of_two()
+    seen = []
+    stack.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    stack.row_adapters = ["a", "b", None]
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        out = stack(x)
+    torch.testing.assert_close(seen[0].double(), expected(x, [None, None, None]))
+    torch.testing.assert_close(out.double(), expected(x, ["a", "b", None]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["set_adapter", "adapter_batch"])
+def test_a_stack_over_a_float_base_answers_in_the_autocast_dtype(grad: bool, per_row: bool) -> None:
+    """Under bfloat16 autocast a stack returns bfloat16, as nn.Linear and a LoRALinear do (the
+    in-place update of the no-grad path is computed in that dtype)."""
+    stack, expected = _stack_of_two()
+    rows = ["a", "a", "a"]
+    stack.active_adapter, stack.row_adapters = (None, rows) if per_row else ("a", None)
+    x = torch.randn(3, 5)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stack(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected(x, rows), rtol=3e-2, atol=3e-2)
+
+
+def test_gradients_reach_the_input_through_the_active_adapter() -> None:
+    stack, _ = _stack_of_two()
+    stack.active_adapter = "b"
+    x = torch.randn(3, 5, requires_grad=True)
+    stack(x).sum().backward()
+    weight = stack.base_layer.weight.detach()
+    lora_A, lora_B = stack.lora_A["b"], stack.lora_B["b"]
+    expected = (weight - 2.0 * lora_B @ lora_A).sum(0).expand(3, 5)  # d sum(y_b) / d x_b
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_models_own_rslora_layer_keeps_its_scaling_in_the_stack(two_adapters, tmp_path: Path) -> None:
+    """The "default" adapter of a model's own rsLoRA layer keeps s = alpha / sqrt(r)."""
+    x = tokens(batch=2)
+    directory = trained_adapter(tmp_path, "own", ["k_proj"], 5, rank=4, alpha=3.0, use_rslora=True)
+    own = pl.load_adapter(tiny_model(), directory)
+    with torch.no_grad():
+        before = own(x)
+        pl.stack_adapters(own, {"math": two_adapters["math"]})
+        torch.testing.assert_close(own(x), before, rtol=1e-5, atol=1e-5)
