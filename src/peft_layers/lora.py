@@ -671,14 +671,16 @@ class LoRALinear(AdapterMixin, nn.Module):
                 self._refetch_key_fn(),
             )
         x_a = x if x_drop is None else x_drop
-        # global forward (pre-)hooks expect to see base_layer called (activation capture)
-        if not torch.is_grad_enabled() and not global_forward_hooks():
+        # global forward (pre-)hooks expect to see base_layer called (activation capture), and
+        # one of them may hold its output
+        hooked = global_forward_hooks()
+        if not torch.is_grad_enabled() and not hooked:
             weight_fn = self._inference_weight_fn(x)
             if weight_fn is not None:
                 return _adapted_mm(x, x_a, lora_A, lora_B, bias, self.scaling, weight_fn())[0]
         out = self.base_layer(x)
         t = x_a @ lora_A.t()
-        if global_forward_hooks():  # one of them may hold the base output: add out of place
+        if hooked:  # add out of place
             return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
