@@ -384,11 +384,10 @@ class DoRALinear(LoRALinear):
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
                 z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
             else:
-                # two base calls, not one over the rows of [x; A]: a GEMM over more rows rounds
+                # two products, not one over the rows of [x; A]: a GEMM over more rows rounds
                 # x's rows differently, and the calls that find the gain cached must give the
                 # same output as this one (eval mode)
-                z = self._base_plus_update(x, lora_A, lora_B)
-                base_times_A = self._base_times_A(lora_A)
+                z, base_times_A = self._base_plus_update_and_base_times_A(x, lora_A, lora_B)
             gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)
             self._inference_gain_cache = None if key is None else (key, gain)
         if bias is None:
@@ -401,6 +400,19 @@ class DoRALinear(LoRALinear):
         if weight_fn is None:
             return self._base_matmul(x).addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight_fn())[0]
+
+    def _base_plus_update_and_base_times_A(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x W0^T + s (x A^T) B^T, A W0^T)`` without autograd; ``z`` has the bits of
+        :meth:`_base_plus_update`. A quantized ``W0`` is decoded once for both products."""
+        weight_fn = self._inference_weight_fn(x)
+        if weight_fn is None:
+            return self._base_plus_update(x, lora_A, lora_B), self._base_times_A(lora_A)
+        # W0 in x's dtype: outside autocast, the compute dtype of _base_times_A; under it, the
+        # dtype autocast would cast the compute-dtype W0 to (a 4-bit weight decodes to either
+        # with the same bits)
+        weight = weight_fn()
+        z = _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight)[0]
+        return z, (weight @ lora_A.t()).t()
 
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
