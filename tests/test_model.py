@@ -592,6 +592,9 @@ def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) 
         # Hugging Face PEFT's LoraConfig names point to ours
         ("lora", {"r": 4}, "its layer arguments are rank, alpha, dropout, use_rslora, init; Hugging Face PEFT's r is rank= here"),
         ("lora", {"use_dora": True}, "Hugging Face PEFT's use_dora is method='dora' (or 'qdora') here"),
+        ("lora", {"layers_to_transform": [0]}, "Hugging Face PEFT's layers_to_transform is a regex target, e.g. "
+         r"re.compile(r'.*layers\.(0|1)\..*_proj') here"),
+        ("dora", {"task_type": "SEQ_CLS"}, "Hugging Face PEFT's task_type is modules_to_save=[<the head's name>] here"),
     ],
 )
 def test_a_layer_argument_the_method_does_not_take(method: str, kwargs: dict, message: str) -> None:
@@ -599,6 +602,24 @@ def test_a_layer_argument_the_method_does_not_take(method: str, kwargs: dict, me
     before = snapshot(model)
     with pytest.raises(TypeError, match=re.escape(message)):
         pl.inject_adapters(model, "q_proj", method=method, **kwargs)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bias": "lora_only"}, "bias: expected one of ('none', 'all', 'adapter_only'), got 'lora_only'; Hugging Face "
+         "PEFT's bias='lora_only' is bias='adapter_only' here"),
+        ({"init": True}, "init: expected one of ('kaiming', 'gaussian', 'pissa'), got True; Hugging Face PEFT's "
+         "init_lora_weights=True is init='kaiming' here"),
+        ({"init": False}, "init: expected one of ('kaiming', 'gaussian', 'pissa'), got False"),
+    ],
+)
+def test_hugging_face_peft_values_point_to_ours(kwargs: dict, message: str) -> None:
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        pl.inject_adapters(model, "q_proj", **kwargs)
     assert_unchanged(model, before)
 
 

@@ -118,6 +118,9 @@ _HF_ARGUMENTS = {
     "exclude_modules": "exclude=",
     "init_lora_weights": "init= ('kaiming', 'gaussian' or 'pissa')",
     "lora_bias": "not supported",
+    "layers_to_transform": r"a regex target, e.g. re.compile(r'.*layers\.(0|1)\..*_proj')",
+    "layers_pattern": r"a regex target, e.g. re.compile(r'.*layers\.(0|1)\..*_proj')",
+    "task_type": "modules_to_save=[<the head's name>]",
 }
 
 
@@ -427,7 +430,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora: expected a bool, got {use_rslora!r}")
         if init not in LORA_INITS:
-            raise ValueError(f"init: expected one of {LORA_INITS}, got {init!r}")
+            hint = "; Hugging Face PEFT's init_lora_weights=True is init='kaiming' here" if init is True else ""
+            raise ValueError(f"init: expected one of {LORA_INITS}, got {init!r}{hint}")
         self._init_adapter_state(base_layer)
         self.__dict__["_rank"] = int(rank)  # read-only afterwards: A and B are shaped by it
         self.alpha = float(alpha)

@@ -119,7 +119,8 @@ def inject_adapters(
     cls = method_class(method)
     _check_layer_kwargs(method, layer_kwargs)
     if bias not in BIAS_MODES:
-        raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
+        hint = "; Hugging Face PEFT's bias='lora_only' is bias='adapter_only' here" if bias == "lora_only" else ""
+        raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}{hint}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
     # whether a module lies in a model loaded quantized (asked of quantized methods only)
