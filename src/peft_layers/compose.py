@@ -228,9 +228,9 @@ def combine(
     Raises:
         TypeError: an adapter is neither a pair of tensors nor a LoRA layer, or is a DoRA layer;
             a weight is not a real number.
-        ValueError: no adapters, a count of weights that differs, shapes that disagree, factors
-            holding NaN or inf, an unknown method, a ``rank`` that is not a positive int, given to
-            another method, or larger than ``min(out, in)``.
+        ValueError: no adapters, a count of weights that differs, a weight that is NaN or inf,
+            shapes that disagree, factors holding NaN or inf, an unknown method, a ``rank`` that
+            is not a positive int, given to another method, or larger than ``min(out, in)``.
     """
     method = _check_method(method)
     if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):

@@ -548,8 +548,8 @@ def read_adapter(directory: str | os.PathLike[str], *, adapter_name: str | None 
     full base weight ``<p>.base_layer.weight`` (Hugging Face PEFT writes it for targeted
     embedding layers) of shape (out, in), and that every tensor is floating point and finite.
 
-    Raises ``FileNotFoundError`` if a file is missing and ``ValueError`` naming the file for
-    anything else.
+    Raises ``FileNotFoundError`` if the folder or a file is missing, ``NotADirectoryError`` if
+    ``directory`` is a file, and ``ValueError`` naming the file for anything else.
     """
     folder = adapter_directory(directory, adapter_name)
     config_path = folder / CONFIG_NAME

@@ -545,6 +545,7 @@ def load_adapter(
 
     Raises:
         FileNotFoundError: the adapter folder or its files do not exist.
+        NotADirectoryError: ``directory`` is a file (such as the weights file itself).
         ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
             config against tensors) or files that do not fit the model.
         TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
