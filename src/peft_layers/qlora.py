@@ -138,8 +138,8 @@ class QLoRALinear(LoRALinear):
     .. math::
         y = x\,\mathrm{dq}(Q)^\top + b + s\,(\mathrm{dropout}(x) A^\top) B^\top
 
-    where ``dq(Q)`` is the dequantized base weight (NF4, FP4 or int8). ``A`` and ``B`` are float32;
-    the layer computes in ``compute_dtype``.
+    where ``dq(Q)`` is the dequantized base weight (NF4, FP4 or int8). ``A`` and ``B`` are float32
+    (float64 under a float64 ``compute_dtype``); the layer computes in ``compute_dtype``.
 
     Args:
         in_features, out_features, bias, device, dtype: of the ``nn.Linear`` that is built and
