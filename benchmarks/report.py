@@ -131,6 +131,16 @@ SERVING_RATIOS = (
     Ratio("mixed batch: MultiLoRALinear / HF PEFT", "serving", "forward", "multi_lora", "hf_mixed",
           note="4 adapters, 8 rows"),
 )
+#: one token through a 64 x 64 layer: the cost of a call beyond its arithmetic
+OVERHEAD_RATIOS = tuple(
+    Ratio(label, "overhead", kind, numerator, denominator, note="per call, 1 token")
+    for kind in ("forward", "train")
+    for label, numerator, denominator in (
+        ("per call: LoRA / nn.Linear", "lora", "linear"),
+        ("per call: LoRA / HF PEFT LoRA", "lora", "hf_lora"),
+        ("per call: DoRA / HF PEFT DoRA", "dora", "hf_dora"),
+    )
+)
 #: shapes are (sentences, tokens, hidden) of a batch through the whole model
 PRETRAINED_RATIOS = (
     Ratio("MiniLM, LoRA / HF PEFT LoRA", "pretrained", "train", "lora", "hf_lora", note="36 layers + head"),
@@ -314,7 +324,7 @@ def _target_text(target: float | None, noise: bool = False) -> str:
 # ---- the report ----------------------------------------------------------------------------------
 def ratio_rows(results: Results) -> list[dict[str, Any]]:
     rows = []
-    for ratio in LAYER_RATIOS + QUANT_RATIOS + SERVING_RATIOS + PRETRAINED_RATIOS + COMPOSE_RATIOS:
+    for ratio in LAYER_RATIOS + QUANT_RATIOS + SERVING_RATIOS + OVERHEAD_RATIOS + PRETRAINED_RATIOS + COMPOSE_RATIOS:
         for shape in results.shapes():
             measured = measure(results, ratio, shape)
             if measured is None:

@@ -635,10 +635,11 @@ class LoRALinear(AdapterMixin, nn.Module):
             out = self._hooked_base_forward(x if x.dtype == dtype else x.to(dtype))
             return out if out.dtype == out_dtype else out.to(out_dtype)
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
-        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        # (x's last dimension is in_features: _check_input; the properties cost a lookup per call)
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = self._adapter_forward(x2d if x.dtype == dtype else x2d.to(dtype))
         if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     def _warn_if_training_merged(self) -> None:
@@ -657,10 +658,16 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     def _adapter_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         """``A``, ``B`` and the base bias in ``dtype`` (casts are differentiable)."""
+        lora_A: Tensor = self.lora_A
+        lora_B: Tensor = self.lora_B
         bias = self.bias
+        if lora_A.dtype != dtype:  # .to() of the same dtype returns the tensor, at a call's cost
+            lora_A = lora_A.to(dtype)
+        if lora_B.dtype != dtype:
+            lora_B = lora_B.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        return self.lora_A.to(dtype), self.lora_B.to(dtype), bias
+        return lora_A, lora_B, bias
 
     def _base_weight_trainable(self) -> bool:
         return bool(getattr(self.base_layer.weight, "requires_grad", False))
