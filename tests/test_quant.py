@@ -882,6 +882,36 @@ def test_int8_activations_keep_outputs_beyond_the_float16_range():
     torch.testing.assert_close(out.to(F64), expected, rtol=2e-5, atol=0)
 
 
+class _DefaultInt8Matmul:
+    """``torch.ops.bitsandbytes.int8_linear_matmul`` as CPUs without AVX512 run it (bitsandbytes'
+    default backend, also its CUDA fallback for ``in_features % 4 != 0``): a ``torch.matmul`` of
+    the codes in float32, which ``torch.autocast`` reaches."""
+
+    @staticmethod
+    def default(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
+        from bitsandbytes.backends.default.ops import _int8_linear_matmul_impl
+
+        return _int8_linear_matmul_impl(codes_x, codes_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_activations_under_autocast_keep_the_int32_products_exact(dtype, monkeypatch):
+    """Under autocast, bitsandbytes' default int8 GEMM would multiply the codes in float16 (int32
+    sums past 65504 become inf) or bfloat16 (sums rounded to 8 bits): the layer turns autocast
+    off around its int8 kernel. The output in the autocast dtype is the float32 output (exact
+    int32 products, scaled in float32) rounded to it, but for bitsandbytes' float16 scaling."""
+    monkeypatch.setattr(torch.ops.bitsandbytes, "int8_linear_matmul", _DefaultInt8Matmul)
+    layer = QuantizedLinear.from_linear(_linear(16, 4096, bias=False), "int8")
+    layer.int8_activations = True
+    x = torch.randn(4, 4096).to(dtype).float()  # exact in dtype: both paths quantize the same x
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=dtype):
+            got = layer(x)
+        expected = layer(x)  # float32: codes of x through float16 as well, products in float32
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+
+
 @pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
 def test_from_bnb_after_real_eval_forward_and_no_repack_by_us():
     module, _ = _linear4bit("nf4", True)

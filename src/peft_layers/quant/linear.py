@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._warnings import warn as _warn
-from ..adapter import autocast_dtype, functorch_active, has_hooks
+from ..adapter import autocast_dtype, autocast_off, functorch_active, has_hooks
 from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
@@ -653,35 +653,44 @@ class QuantizedLinear(nn.Module):
         """``x W^T + b`` for 2-D ``x`` in ``x``'s dtype (the compute dtype, or autocast's),
         without autograd."""
         kernel = self._bnb_kernel_for(x)
+        if kernel == "int8":
+            # bitsandbytes' int8 GEMM runs torch.matmul inside on CPUs without AVX512 (its default
+            # backend) and on CUDA for in_features % 4 != 0: autocast would run that in float16,
+            # where int32 dot products past 65504 become inf. The input is in its dtype already.
+            with autocast_off(x):
+                return self._int8_matmul_2d(x, bias)
         if kernel is not None:
             bnb, functional = cast(tuple, _bnb.load())
-            if kernel == "int8":
-                # LLM.int8() without outliers, as bnb.matmul runs it in eval: x row-wise to int8
-                # (through float16), an int32 GEMM, both scales applied to the result
-                # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols (.to with a
-                # memory format returns a float16 view as it is, strides and all)
-                x16 = x.to(torch.float16).contiguous()
-                codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x16)
-                # an all-zero row gives 0 * (127 / 0) in bitsandbytes; masked_fill_ needs no
-                # nonzero() (a device sync on CUDA) as boolean indexing does
-                codes_x.masked_fill_((absmax_x == 0)[:, None], 0)
-                if x.dtype == torch.float16:  # bitsandbytes' fused scaling writes float16: fine here
-                    return torch.ops.bitsandbytes.int8_scaled_mm.default(
-                        codes_x, self.weight, absmax_x, self.absmax, bias=bias, dtype=x.dtype
-                    )
-                products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
-                # bitsandbytes' default int8_mm_dequant, in float32: its CUDA kernel rounds through
-                # float16 (inf past 65504) whatever the output dtype. 1 / 127^2 is 6.2000124e-05; the
-                # literal is the one bitsandbytes' default (CPU) backend multiplies by, 1.8e-5
-                # larger, kept for the same bits as its CPU path (its CUDA kernel writes 6.200012e-05).
-                out = products * (absmax_x[:, None] * self.absmax[None, :])
-                out.mul_(6.200124e-05)
-                if bias is not None:
-                    out.add_(bias)
-                return out.to(x.dtype)
             state = self._bnb_quant_state(functional, x.dtype)
             return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _int8_matmul_2d(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x W^T + b`` through bitsandbytes' int8 GEMM (``int8_activations``): LLM.int8()
+        without outliers, as ``bnb.matmul`` runs it in eval: ``x`` row-wise to int8 (through
+        float16), an int32 GEMM, both row scales applied to the result."""
+        functional = cast(tuple, _bnb.load())[1]
+        # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols (.to with a
+        # memory format returns a float16 view as it is, strides and all)
+        x16 = x.to(torch.float16).contiguous()
+        codes_x, absmax_x, _ = functional.int8_vectorwise_quant(x16)
+        # an all-zero row gives 0 * (127 / 0) in bitsandbytes; masked_fill_ needs no
+        # nonzero() (a device sync on CUDA) as boolean indexing does
+        codes_x.masked_fill_((absmax_x == 0)[:, None], 0)
+        if x.dtype == torch.float16:  # bitsandbytes' fused scaling writes float16: fine here
+            return torch.ops.bitsandbytes.int8_scaled_mm.default(
+                codes_x, self.weight, absmax_x, self.absmax, bias=bias, dtype=x.dtype
+            )
+        products = torch.ops.bitsandbytes.int8_linear_matmul.default(codes_x, self.weight)
+        # bitsandbytes' default int8_mm_dequant, in float32: its CUDA kernel rounds through
+        # float16 (inf past 65504) whatever the output dtype. 1 / 127^2 is 6.2000124e-05; the
+        # literal is the one bitsandbytes' default (CPU) backend multiplies by, 1.8e-5
+        # larger, kept for the same bits as its CPU path (its CUDA kernel writes 6.200012e-05).
+        out = products * (absmax_x[:, None] * self.absmax[None, :])
+        out.mul_(6.200124e-05)
+        if bias is not None:
+            out.add_(bias)
+        return out.to(x.dtype)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
