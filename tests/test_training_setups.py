@@ -151,6 +151,54 @@ def test_dora_norm_and_initialisation_keep_float32_under_autocast(cls: type) -> 
     torch.testing.assert_close(layer.magnitude, layer.weight_norm(), rtol=1e-6, atol=0)
 
 
+class _FixedDropout(nn.Module):
+    """``nn.Dropout(p)`` with a stored mask, so that the reference sees the same one."""
+
+    def __init__(self, mask: torch.Tensor, p: float) -> None:
+        super().__init__()
+        self.p, self.mask = p, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.to(x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_float16_training_keeps_adapter_gradients_finite_under_loss_scaling(cls: type, dropout: float) -> None:
+    """Over a float16 base, the adapter's gradients sum over tokens and pass float16's 65504
+    under ``GradScaler``'s 2**16 long before the input gradient does: they are computed in the
+    adapters' float32 (as Hugging Face PEFT's float32 adapter branch computes them), finite and
+    within float16 rounding of float64. They were inf/NaN (computed in float16, then cast)."""
+    torch.manual_seed(0)
+    tokens, scale = 64, 2.0**16
+    linear = nn.Linear(IN, OUT).half()
+    kwargs = {"rank": 4, "alpha": 8.0, "dropout": dropout}
+    if cls in QUANTIZED:
+        kwargs["compute_dtype"] = torch.float16
+    layer = cls.from_linear(linear, **kwargs).train()
+    randomize_adapter(layer, scale=0.3)
+    x = (torch.randn(tokens, IN) * 1e3).half()
+    mask = (torch.rand(tokens, IN) > dropout).float()
+    if dropout:
+        layer.lora_dropout = _FixedDropout(mask, dropout)
+    assert layer.lora_A.dtype == torch.float32
+    (layer(x).float().mean() * scale).backward()  # GradScaler's scaled loss: output gradients of 2**16 / numel
+
+    x64, d64 = f64(x), f64(x) * f64(mask) / (1 - dropout)
+    params = {name: f64(getattr(layer, name), True) for name in layer.adapter_parameter_names}
+    if "magnitude" in params:
+        y = dora_ref(x64, _base_weight(layer), f64(layer.bias), params["lora_A"], params["lora_B"],
+                     params["magnitude"], layer.scaling, layer.epsilon, d64)
+    else:
+        y = lora_ref(x64, _base_weight(layer), f64(layer.bias), params["lora_A"], params["lora_B"], layer.scaling, d64)
+    (y.mean() * scale).backward()
+    for name, parameter in params.items():
+        got = getattr(layer, name).grad
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all()), name
+        assert_close64(got, parameter.grad, 1e-2, what=f"{name} gradient")
+    assert params["lora_A"].grad.abs().max() > 65504  # the case float16 cannot hold
+
+
 def test_float64_layer_ignores_autocast_like_nn_linear() -> None:
     layer = pl.DoRALinear(IN, OUT, rank=4, dtype=torch.float64)
     randomize_adapter(layer)

@@ -35,11 +35,12 @@ from .adapter import (
 from .lora import (
     LoRALinear,
     _adapted_mm,
+    _adapter_grads,
     _base_weight_for_backward,
+    _gradient_dtype,
     _check_positive,
     _refuse_double_backward,
     _save_weight_or_key,
-    _scaled_mm,
 )
 
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
@@ -125,10 +126,11 @@ class _DoRAFunction(torch.autograd.Function):
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
+        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # backward returns their gradients in their dtype
         # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
-        base_times_A = (weight @ lora_A.t()).t()
-        z, t = _adapted_mm(x, x, lora_A, lora_B, None, scaling, weight)
-        norm = factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
+        base_times_A = (weight @ a.t()).t()
+        z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
+        norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm, z.dtype)
         out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
         _save_weight_or_key(ctx, [x, t, z, lora_A, lora_B, gain, norm], weight, weight_key_fn)
@@ -144,20 +146,18 @@ class _DoRAFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, t, z, lora_A, lora_B, gain, norm = saved[:7]
         need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
-        scaling = ctx.scaling
-        grad_x = grad_A = grad_B = grad_m = grad_bias = None
-        if need_m:
-            grad_m = ((grad_out * z).sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)
+        grad_x = grad_m = grad_bias = None
         if need_bias:
             grad_bias = grad_out.sum(0)
-        grad_z = grad_out * gain
-        grad_t = _scaled_mm(grad_z, lora_B, scaling, shape_of=t)
-        if need_A:
-            grad_A = grad_t.t() @ x
-        if need_B:
-            grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B)
+        compute_dtype = grad_out.dtype
+        grad = grad_out.to(_gradient_dtype(compute_dtype, lora_A))  # sums over tokens: see there
+        if need_m:
+            grad_m = ((grad * z).sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)
+        grad_z = grad * gain
+        grad_t, grad_A, grad_B = _adapter_grads(grad_z, x, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
         if need_x:  # the small product first, the big GEMM accumulating into it (_adapted_mm)
-            grad_x = (grad_t @ lora_A).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
+            grad_t, grad_z = grad_t.to(compute_dtype), grad_z.to(compute_dtype)
+            grad_x = (grad_t @ lora_A.to(compute_dtype)).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
         return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
@@ -335,8 +335,8 @@ class DoRALinear(LoRALinear):
         if plain or (torch.is_grad_enabled() and self._base_weight_trainable()):
             return self._dropout_forward(x, lora_A, lora_B, bias)
         if torch.is_grad_enabled():
-            return _DoRAFunction.apply(
-                x, lora_A, lora_B, self.magnitude, bias, self.scaling, self.epsilon,
+            return _DoRAFunction.apply(  # A and B in their own dtype: it casts them
+                x, self.lora_A, self.lora_B, self.magnitude, bias, self.scaling, self.epsilon,
                 self.base_row_norm_sq(), self._weight_fn(x.dtype), self._refetch_key_fn(),
             )
         return self._inference_forward(x, lora_A, lora_B, bias)
@@ -419,13 +419,18 @@ class DoRALinear(LoRALinear):
         base_out = self._base_matmul(x)
         with torch.no_grad():  # n is detached: no gradient flows through the norm
             norm = self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
-        gain = magnitude_gain(self.magnitude, norm, base_out.dtype)
+        # the update and the gain in the dtype the adapter's gradients need (float32 over a
+        # float16 computation, see lora._gradient_dtype); the caller casts the output back
+        dtype = _gradient_dtype(x.dtype, self.lora_A)
+        if dtype != x.dtype:
+            lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        gain = magnitude_gain(self.magnitude, norm, dtype)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)
             base_drop = self._base_matmul(x_drop)
         else:
             x_drop, base_drop = x, base_out
-        update = (x_drop @ lora_A.t()) @ lora_B.t()
+        update = (x_drop.to(dtype) @ lora_A.t()) @ lora_B.t()
         out = base_out + (gain - 1) * base_drop + gain * self.scaling * update
         return out + bias if bias is not None else out
 

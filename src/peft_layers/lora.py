@@ -258,6 +258,30 @@ def _adapted_mm(
     return out.addmm_(x, weight.t()), t
 
 
+def _gradient_dtype(compute_dtype: torch.dtype, adapter: Tensor) -> torch.dtype:
+    """The dtype the fused backward computes the adapter's gradients in: the adapter's own over a
+    float16 computation, whose range (65504) cannot hold gradients summed over tokens under loss
+    scaling (``torch.amp.GradScaler``), else the compute dtype (bfloat16 has float32's range)."""
+    if compute_dtype == torch.float16 and adapter.dtype != torch.float16:
+        return adapter.dtype
+    return compute_dtype
+
+
+def _adapter_grads(
+    grad_z: Tensor, x_a: Tensor, t: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    need_A: bool, need_B: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dT, dA, dB)`` of ``z = s (x_a A^T) B^T`` (``t = x_a A^T``) for the output gradient
+    ``G = grad_z``: ``dT = s G B``, ``dA = dT^T x_a``, ``dB = s G^T t``, computed in ``grad_z``'s
+    dtype (the other operands are cast to it)."""
+    dtype = grad_z.dtype
+    t = t.to(dtype)
+    grad_t = _scaled_mm(grad_z, lora_B.to(dtype), scaling, shape_of=t)
+    grad_A = grad_t.t() @ x_a.to(dtype) if need_A else None
+    grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B.to(dtype)) if need_B else None
+    return grad_t, grad_A, grad_B
+
+
 class _LoRAFunction(torch.autograd.Function):
     """``x W^T + b + s (x_d A^T) B^T`` on 2-D inputs, with hand-written backward.
 
@@ -267,7 +291,9 @@ class _LoRAFunction(torch.autograd.Function):
     quantized one is decoded again in backward through ``weight_fn``, so no dense copy stays alive
     between forward and backward, and ``weight_key_fn`` must give its forward value then (see
     :func:`_base_weight_for_backward`). ``W`` itself gets no gradient (it is frozen).
-    ``x_drop`` is the dropped-out input, or None when it is ``x`` itself.
+    ``x_drop`` is the dropped-out input, or None when it is ``x`` itself. ``A`` and ``B`` come
+    in their own dtype and are cast to ``x``'s here, so that backward can return their gradients
+    in their dtype (:func:`_gradient_dtype`).
 
     The scalings ride inside the small GEMMs (:func:`_scaled_mm`): on a CPU, every extra
     elementwise op after a large GEMM costs far more than its size suggests (see
@@ -289,7 +315,7 @@ class _LoRAFunction(torch.autograd.Function):
     ) -> Tensor:
         weight = weight_fn()
         x_a = x if x_drop is None else x_drop
-        out, t = _adapted_mm(x, x_a, lora_A, lora_B, bias, scaling, weight)
+        out, t = _adapted_mm(x, x_a, lora_A.to(x.dtype), lora_B.to(x.dtype), bias, scaling, weight)
         _save_weight_or_key(ctx, [x_a, t, lora_A, lora_B], weight, weight_key_fn)
         del weight
         ctx.scaling = scaling
@@ -303,15 +329,13 @@ class _LoRAFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_a, t, lora_A, lora_B = saved[:4]
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
-        scaling = ctx.scaling
-        grad_x = grad_x_drop = grad_A = grad_B = grad_bias = weight = None
+        grad_x = grad_x_drop = grad_bias = weight = None
         if need_x:
             weight = _base_weight_for_backward(ctx, saved)
-        grad_t = _scaled_mm(grad_out, lora_B, scaling, shape_of=t)
-        if need_A:
-            grad_A = grad_t.t() @ x_a
-        if need_B:
-            grad_B = _scaled_mm(grad_out.t(), t, scaling, shape_of=lora_B)
+        compute_dtype = grad_out.dtype
+        grad_z = grad_out.to(_gradient_dtype(compute_dtype, lora_A))
+        grad_t, grad_A, grad_B = _adapter_grads(grad_z, x_a, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
+        grad_t, lora_A = grad_t.to(compute_dtype), lora_A.to(compute_dtype)
         if weight is not None:
             if ctx.shared_input:
                 grad_x = (grad_t @ lora_A).addmm_(grad_out, weight)
@@ -677,8 +701,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
         if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
-            return _LoRAFunction.apply(
-                x, x_drop, lora_A, lora_B, bias, self.scaling, self._weight_fn(x.dtype),
+            return _LoRAFunction.apply(  # A and B in their own dtype: it casts them
+                x, x_drop, self.lora_A, self.lora_B, bias, self.scaling, self._weight_fn(x.dtype),
                 self._refetch_key_fn(),
             )
         x_a = x if x_drop is None else x_drop
