@@ -432,6 +432,37 @@ def test_merge_unmerge_with_zero_rows_restores_weight():
     assert torch.all(layer.weight[2] == 0) and torch.all(layer.weight[7] == 0)
 
 
+def test_float16_merge_unmerge_restores_rows_whose_gain_underflows():
+    """In a float16 weight, a gain ``m / n`` below float16's normal range (a zero row of ``W0``
+    whose ``m`` starts at epsilon, once ``B`` moved: ``m / n`` about 5e-9) rounds to 0 or to a
+    subnormal: the merge loses the row. Such rows are kept and restored like rows with ``m = 0``:
+    ``unmerge()`` gives ``W0`` back to float16 rounding (it left NaN, or errors of 20%)."""
+    torch.manual_seed(0)
+    layer = pl.DoRALinear.from_linear(nn.Linear(64, 8).half(), rank=4)
+    with torch.no_grad():
+        layer.base_layer.weight[3] = 0
+        layer.reset_adapter_parameters()  # m[3] = epsilon
+        layer.lora_B.normal_(0, 1.0)
+        layer.magnitude[5] = 1e-6 * layer.weight_norm()[5]  # a subnormal gain in float16
+    w0 = layer.weight.detach().clone()
+    # the merged weight is W' = W0 + s B A: the round trip is as exact as float16 holds W'
+    w_prime = f64(w0) + layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    gain = layer.magnitude / layer.weight_norm()
+    assert gain[3].half() == 0 and 0 < gain[5].half() < torch.finfo(torch.float16).tiny
+    x = torch.randn(4, 64).half()
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        layer.unmerge()
+        assert torch.isfinite(layer(x)).all()
+    assert torch.isfinite(layer.weight).all()
+    assert_close64(layer.weight, f64(w0), 2e-3, atol=2e-3 * float(w_prime.abs().max()),
+                   what="W0 after a float16 merge and unmerge")
+    assert torch.all(layer.weight[3] == 0)
+    with torch.no_grad():
+        assert_close64(layer(x), f64(y), 2e-3, what="output after unmerge")
+
+
 # ---- bad input -----------------------------------------------------------------------------
 @pytest.mark.parametrize("epsilon", [0.0, -1e-8, float("nan"), float("inf")])
 def test_bad_epsilon(epsilon):

@@ -540,6 +540,23 @@ def test_base_weight_changed_without_input_gradient_does_not_raise():
         assert_close64(getattr(layer, key).grad, ref.grads[key], RTOL[torch.float64], what=key)
 
 
+def test_float16_merge_scales_before_rounding():
+    """``W0 + s B A`` over a float16 base with ``s < 1``: ``B A`` (96000) is beyond float16's
+    range, ``s B A`` (6000) is not. The merge scales in float32 before the cast: a finite merged
+    weight equal to the float64 merge to float16 rounding (it held inf)."""
+    torch.manual_seed(0)
+    layer = pl.LoRALinear.from_linear(nn.Linear(64, 32).half(), rank=16, alpha=1.0)  # s = 1/16
+    with torch.no_grad():
+        layer.lora_A.fill_(30.0)
+        layer.lora_B.fill_(200.0)
+    f64 = torch.float64
+    expected = layer.weight.to(f64) + layer.scaling * layer.lora_B.to(f64) @ layer.lora_A.to(f64)
+    assert_close64(layer.to_linear().weight, expected, 1e-3, what="to_linear")
+    layer.merge()
+    assert layer.weight.dtype == torch.float16
+    assert_close64(layer.weight, expected, 1e-3, what="merged weight")
+
+
 @pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
 def test_to_linear_in_a_wider_dtype_merges_in_it(cls):
     """``to_linear(float32)`` of a bf16 layer merges in float32: the merged weight is the float64

@@ -767,3 +767,29 @@ def test_a_models_own_rslora_layer_keeps_its_scaling_in_the_stack(two_adapters, 
         before = own(x)
         pl.stack_adapters(own, {"math": two_adapters["math"]})
         torch.testing.assert_close(own(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float16_batch_scales_each_adapter_before_rounding():
+    """``s (x A^T) B^T`` with ``s = 1/8`` over a float16 base: the unscaled product (about 1e5)
+    passes float16's 65504, the scaled one does not. Under ``adapter_batch`` the scaling rides
+    in the GEMM (as under ``set_adapter``): finite rows equal to the float64 formula to float16
+    rounding (they were inf)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).half()
+    pl.inject_adapters(model, ["0"], method="lora", rank=16, alpha=2.0)  # s = 1/8
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(16, 64))
+        layer.lora_B.normal_(0, 2.0)
+    x = (torch.randn(4, 64) * 400).half()
+    f64 = torch.float64
+    with torch.no_grad():
+        product = (x.to(f64) @ layer.lora_A.to(f64).t()) @ layer.lora_B.to(f64).t()
+        expected = x.to(f64) @ layer.weight.to(f64).t() + layer.bias.to(f64) + layer.scaling * product
+    assert product.abs().max() > 65504 > expected.abs().max()
+    pl.stack_adapters(model, {"other": pl.adapter_state_dict(model)})  # the layer's own stays as "default"
+    with torch.no_grad(), pl.adapter_batch(model, ["default", None, "default", "default"]):
+        out = model(x)
+    rows = [0, 2, 3]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[rows].to(f64), expected[rows], rtol=2e-3, atol=2e-3 * float(expected.abs().max()))

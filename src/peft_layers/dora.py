@@ -300,12 +300,15 @@ class DoRALinear(LoRALinear):
         self._add_lora_product_(weight, self.scaling)
         norm = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype))
         gain = self.magnitude.to(norm.dtype) / norm.clamp_min(self.epsilon)
-        # a row with m = 0 merges to zeros; keep its W' so that unmerge() can restore it (a meta
-        # weight has no values, hence no such rows to find)
-        zero = None if weight.is_meta else (gain == 0).nonzero().flatten()
+        applied = gain.to(weight.dtype)
+        # a row with m = 0 merges to zeros, as does one whose gain is 0 or subnormal in a 16-bit
+        # weight (its bits are lost); keep its W' so that unmerge() can restore it (a meta weight
+        # has no values, hence no such rows to find)
+        lost = applied.abs() < torch.finfo(weight.dtype).tiny
+        zero = None if weight.is_meta else lost.nonzero().flatten()
         self._merge_zero_rows = (zero, weight[zero].clone()) if zero is not None and zero.numel() else None
         self._merge_gain = gain
-        weight.mul_(gain.to(weight.dtype)[:, None])
+        weight.mul_(applied[:, None])
 
     def _check_unmergeable(self) -> None:
         if self.merged and self._merge_gain is None:
@@ -318,7 +321,9 @@ class DoRALinear(LoRALinear):
     def _unmerge_weight_(self, weight: Tensor) -> None:
         gain = self._merge_gain
         assert gain is not None, "unmerge() checks _check_unmergeable() first"
-        weight.div_(torch.where(gain == 0, 1.0, gain).to(weight.dtype)[:, None])
+        applied = gain.to(weight.dtype)
+        # rows whose gain is 0 in this dtype are restored below: divide them by 1, not 0
+        weight.div_(torch.where(applied == 0, 1.0, applied)[:, None])
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows
             weight[rows] = saved.to(weight.dtype)  # the layer may have been cast since the merge

@@ -633,8 +633,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         if weight.dtype == dtype:
             weight.addmm_(lora_B, lora_A, alpha=factor)
-        else:
-            weight.add_((lora_B @ lora_A).to(weight.dtype), alpha=factor)
+        else:  # scaled before the cast: B A alone can overflow a 16-bit weight where s B A does not
+            weight.add_(torch.mm(lora_B, lora_A).mul_(factor).to(weight.dtype))
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from .adapter import autocast_enabled, autocast_off, base_features, global_forwa
 from .compose import lora_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
-from .lora import LoRALinear, is_bitsandbytes_module
+from .lora import LoRALinear, _scaled_mm, is_bitsandbytes_module
 from .model import iter_adapter_layers, iter_modules_to_save, unwrapped
 from .model._methods import _check_model
 from .model._tree import _module_names, _set_module
@@ -124,8 +124,14 @@ class MultiLoRALinear(nn.Module):
         self.__dict__.pop("_row_index_cache", None)  # its rows of this name were left out
 
     def _delta(self, x: Tensor, name: str) -> Tensor:
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        return ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()).mul_(self.scaling[name])
+        """``s (x A^T) B^T`` for ``x`` of shape ``(*, in_features)``, ``s`` applied inside the
+        second GEMM, before its result is rounded to a 16-bit dtype (either factor alone can
+        overflow float16 where their product does not)."""
+        lora_A, lora_B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        t = (x @ lora_A.t()).reshape(-1, lora_A.shape[0])
+        # out of place (not addmm_ into it): autocast casts addmm's operands, not addmm_'s
+        delta = _scaled_mm(t, lora_B.t(), self.scaling[name], shape_of=t.new_empty(t.shape[0], lora_B.shape[0]))
+        return delta.reshape(*x.shape[:-1], lora_B.shape[0])
 
     def _add_delta_(self, out: Tensor, x: Tensor, name: str) -> None:
         """``out += s (x A^T) B^T`` in place, in ``out``'s dtype, the scaling inside the GEMM."""
