@@ -99,6 +99,41 @@ def magnitude_gain(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tenso
     return (magnitude.to(norm.dtype) / norm).to(dtype)
 
 
+#: elements of a 16-bit ``W0`` cast to float32 at a time for the norm's terms (16 MiB)
+NORM_BLOCK_ELEMENTS = 1 << 22
+
+
+def base_norm_terms(
+    weight: Tensor, lora_A: Tensor, cached_row_norm_sq: Tensor | Callable[[], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(||W0||^2 per row, A W0^T)`` for :func:`factored_row_norm`, in the norm dtype, for the
+    ``W0`` the forward multiplies by (``weight``: in the compute dtype, or autocast's).
+
+    A float32 (float64) ``W0`` gives ``W0 A^T`` in one GEMM and the cached row norms
+    (``cached_row_norm_sq``, or a function giving them, called only then). A 16-bit ``W0`` is cast to float32 a block of rows at a time
+    (:data:`NORM_BLOCK_ELEMENTS`, no float32 copy of the whole weight), and both terms come from
+    those blocks: a product rounded to 16 bits carries an error of about ``eps16 ||W0_i||^2`` into
+    ``n_i^2``, which swamps a row where ``W0 + s B A`` nearly cancels (measured: outputs off by
+    1e6 in bfloat16), and the row norms must be those of the same rounded ``W0``.
+    """
+    dtype = norm_dtype_for(weight.dtype)
+    with autocast_off(weight):  # the terms keep their dtype under autocast
+        a_t = lora_A.to(dtype).t()
+        if weight.dtype == dtype:
+            # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
+            cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
+            return cached, (weight @ a_t).t()
+        out_features = weight.shape[0]
+        rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+        row_norm_sq = torch.empty(out_features, dtype=dtype, device=weight.device)
+        base_times_A = torch.empty(out_features, a_t.shape[1], dtype=dtype, device=weight.device)
+        for start in range(0, out_features, rows):
+            block = weight[start:start + rows].to(dtype)
+            torch.mm(block, a_t, out=base_times_A[start:start + rows])
+            torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[start:start + rows])
+        return row_norm_sq.square_(), base_times_A.t()
+
+
 class _DoRAFunction(torch.autograd.Function):
     """DoRA's forward and backward on 2-D inputs with dropout inactive.
 
@@ -121,14 +156,13 @@ class _DoRAFunction(torch.autograd.Function):
         bias: Tensor | None,
         scaling: float,
         epsilon: float,
-        base_row_norm_sq: Tensor,
+        cached_row_norm_sq: Tensor,
         weight_fn: Callable[[], Tensor],
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
         a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # backward returns their gradients in their dtype
-        # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
-        base_times_A = (weight @ a.t()).t()
+        base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
         z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
         norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm, z.dtype)
@@ -276,15 +310,13 @@ class DoRALinear(LoRALinear):
             raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
         with torch.no_grad(), autocast_off(self.lora_A):
             lora_A, lora_B, _ = self._adapter_tensors(self.compute_dtype)
-            return self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
+            return self._row_norm(lora_A, lora_B, self._compute_weight())
 
-    def _row_norm(self, lora_A: Tensor, lora_B: Tensor, base_times_A: Tensor) -> Tensor:
-        """:func:`factored_row_norm` with this layer's cached ``||W0||^2``, ``s`` and ``epsilon``."""
-        return factored_row_norm(self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon)
-
-    def _base_times_A(self, lora_A: Tensor) -> Tensor:
-        """``A W0^T``, shape (r, out), computed as ``(W0 A^T)^T`` (the faster orientation)."""
-        return (self._compute_weight() @ lora_A.t()).t()
+    def _row_norm(self, lora_A: Tensor, lora_B: Tensor, weight: Tensor) -> Tensor:
+        """:func:`factored_row_norm` of ``weight`` (``W0`` as the forward multiplies by it) with
+        this layer's ``s`` and ``epsilon`` (:func:`base_norm_terms`)."""
+        base_row_norm_sq, base_times_A = base_norm_terms(weight, lora_A, self.base_row_norm_sq)
+        return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, self.scaling, self.epsilon)
 
     # ---- the delta ------------------------------------------------------------------------
     def delta_weight(self) -> Tensor:
@@ -382,18 +414,24 @@ class DoRALinear(LoRALinear):
             gain = cache[1]
             z = self._base_plus_update(x, lora_A, lora_B)
         else:
-            if self._norm_rides_with_input and (key is None or self.training):
+            # A's rows ride with x only where the base computes in the norm's dtype: a 16-bit
+            # A W0^T would round the norm (see base_norm_terms)
+            rides = self._norm_rides_with_input and x.dtype == norm_dtype_for(x.dtype)
+            if rides and (key is None or self.training):
                 # nothing can be cached (every call takes this path and rounds alike), or the
                 # adapter changes every step (the no-grad first pass of reentrant checkpointing)
                 both = self._base_matmul(torch.cat([x, lora_A]))
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
                 z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+                norm = factored_row_norm(
+                    self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon,
+                )
             else:
                 # two products, not one over the rows of [x; A]: a GEMM over more rows rounds
                 # x's rows differently, and the calls that find the gain cached must give the
                 # same output as this one (eval mode)
-                z, base_times_A = self._base_plus_update_and_base_times_A(x, lora_A, lora_B)
-            gain = magnitude_gain(self.magnitude, self._row_norm(lora_A, lora_B, base_times_A), z.dtype)
+                z, norm = self._base_plus_update_and_norm(x, lora_A, lora_B)
+            gain = magnitude_gain(self.magnitude, norm, z.dtype)
             self._inference_gain_cache = None if key is None else (key, gain)
         if bias is None:
             return z.mul_(gain)
@@ -406,24 +444,21 @@ class DoRALinear(LoRALinear):
             return self._base_matmul(x).addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
         return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight_fn())[0]
 
-    def _base_plus_update_and_base_times_A(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x W0^T + s (x A^T) B^T, A W0^T)`` without autograd; ``z`` has the bits of
-        :meth:`_base_plus_update`. A quantized ``W0`` is decoded once for both products."""
+    def _base_plus_update_and_norm(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x W0^T + s (x A^T) B^T, n)`` without autograd; ``z`` has the bits of
+        :meth:`_base_plus_update`. A quantized ``W0`` is decoded once for both."""
         weight_fn = self._inference_weight_fn(x)
-        if weight_fn is None:
-            return self._base_plus_update(x, lora_A, lora_B), self._base_times_A(lora_A)
-        # W0 in x's dtype: outside autocast, the compute dtype of _base_times_A; under it, the
-        # dtype autocast would cast the compute-dtype W0 to (a 4-bit weight decodes to either
-        # with the same bits)
+        if weight_fn is None:  # the base multiplies without a decoded weight: decode one for n
+            return self._base_plus_update(x, lora_A, lora_B), self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
         weight = weight_fn()
         z = _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight)[0]
-        return z, (weight @ lora_A.t()).t()
+        return z, self._row_norm(lora_A, lora_B, weight)
 
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
         with torch.no_grad():  # n is detached: no gradient flows through the norm
-            norm = self._row_norm(lora_A, lora_B, self._base_times_A(lora_A))
+            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
         # the update and the gain in the dtype the adapter's gradients need (float32 over a
         # float16 computation, see lora._gradient_dtype); the caller casts the output back
         dtype = _gradient_dtype(x.dtype, self.lora_A)
