@@ -37,6 +37,7 @@ from .lora import (
     _adapted_mm,
     _adapter_grads,
     _base_weight_for_backward,
+    _cast,
     _gradient_dtype,
     _check_positive,
     _refuse_double_backward,
@@ -110,28 +111,31 @@ def base_norm_terms(
     ``W0`` the forward multiplies by (``weight``: in the compute dtype, or autocast's).
 
     A float32 (float64) ``W0`` gives ``W0 A^T`` in one GEMM and the cached row norms
-    (``cached_row_norm_sq``, or a function giving them, called only then). A 16-bit ``W0`` is cast to float32 a block of rows at a time
-    (:data:`NORM_BLOCK_ELEMENTS`, no float32 copy of the whole weight), and both terms come from
-    those blocks: a product rounded to 16 bits carries an error of about ``eps16 ||W0_i||^2`` into
-    ``n_i^2``, which swamps a row where ``W0 + s B A`` nearly cancels (measured: outputs off by
-    1e6 in bfloat16), and the row norms must be those of the same rounded ``W0``.
+    (``cached_row_norm_sq``, or a function giving them, called only then). A 16-bit ``W0`` is
+    cast to float32 a block of rows at a time (:data:`NORM_BLOCK_ELEMENTS`, no float32 copy of
+    the whole weight), and both terms come from those blocks: a product rounded to 16 bits
+    carries an error of about ``eps16 ||W0_i||^2`` into ``n_i^2``, which swamps a row where
+    ``W0 + s B A`` nearly cancels (measured: outputs off by 1e6 in bfloat16), and the row norms
+    must be those of the same rounded ``W0``.
     """
+    if autocast_enabled(weight):  # the terms keep their dtype under autocast
+        with autocast_off(weight):
+            return base_norm_terms(weight, lora_A, cached_row_norm_sq)
     dtype = norm_dtype_for(weight.dtype)
-    with autocast_off(weight):  # the terms keep their dtype under autocast
-        a_t = lora_A.to(dtype).t()
-        if weight.dtype == dtype:
-            # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
-            cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
-            return cached, (weight @ a_t).t()
-        out_features = weight.shape[0]
-        rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-        row_norm_sq = torch.empty(out_features, dtype=dtype, device=weight.device)
-        base_times_A = torch.empty(out_features, a_t.shape[1], dtype=dtype, device=weight.device)
-        for start in range(0, out_features, rows):
-            block = weight[start:start + rows].to(dtype)
-            torch.mm(block, a_t, out=base_times_A[start:start + rows])
-            torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[start:start + rows])
-        return row_norm_sq.square_(), base_times_A.t()
+    a_t = _cast(lora_A, dtype).t()
+    if weight.dtype == dtype:
+        # W A^T runs about twice as fast as A W^T on CPU BLAS (skinny operand on the right)
+        cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
+        return cached, (weight @ a_t).t()
+    out_features = weight.shape[0]
+    rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    row_norm_sq = torch.empty(out_features, dtype=dtype, device=weight.device)
+    base_times_A = torch.empty(out_features, a_t.shape[1], dtype=dtype, device=weight.device)
+    for start in range(0, out_features, rows):
+        block = weight[start:start + rows].to(dtype)
+        torch.mm(block, a_t, out=base_times_A[start:start + rows])
+        torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[start:start + rows])
+    return row_norm_sq.square_(), base_times_A.t()
 
 
 class _DoRAFunction(torch.autograd.Function):
@@ -161,7 +165,7 @@ class _DoRAFunction(torch.autograd.Function):
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         weight = weight_fn()
-        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # backward returns their gradients in their dtype
+        a, b = _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)  # backward returns their gradients in their dtype
         base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
         z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
         norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
@@ -184,14 +188,14 @@ class _DoRAFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_out.sum(0)
         compute_dtype = grad_out.dtype
-        grad = grad_out.to(_gradient_dtype(compute_dtype, lora_A))  # sums over tokens: see there
+        grad = _cast(grad_out, _gradient_dtype(compute_dtype, lora_A))  # sums over tokens: see there
         if need_m:
             grad_m = ((grad * z).sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)
         grad_z = grad * gain
         grad_t, grad_A, grad_B = _adapter_grads(grad_z, x, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
         if need_x:  # the small product first, the big GEMM accumulating into it (_adapted_mm)
-            grad_t, grad_z = grad_t.to(compute_dtype), grad_z.to(compute_dtype)
-            grad_x = (grad_t @ lora_A.to(compute_dtype)).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
+            grad_t, grad_z = _cast(grad_t, compute_dtype), _cast(grad_z, compute_dtype)
+            grad_x = (grad_t @ _cast(lora_A, compute_dtype)).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
         return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
@@ -449,7 +453,8 @@ class DoRALinear(LoRALinear):
         :meth:`_base_plus_update`. A quantized ``W0`` is decoded once for both."""
         weight_fn = self._inference_weight_fn(x)
         if weight_fn is None:  # the base multiplies without a decoded weight: decode one for n
-            return self._base_plus_update(x, lora_A, lora_B), self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
+            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
+            return self._base_plus_update(x, lora_A, lora_B), norm
         weight = weight_fn()
         z = _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight)[0]
         return z, self._row_norm(lora_A, lora_B, weight)

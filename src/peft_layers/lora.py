@@ -258,6 +258,12 @@ def _adapted_mm(
     return out.addmm_(x, weight.t()), t
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipped when it is in ``dtype`` already (a no-op ``.to`` still costs
+    a dispatch: the fused functions call this per step, where one token's step is all overhead)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _gradient_dtype(compute_dtype: torch.dtype, adapter: Tensor) -> torch.dtype:
     """The dtype the fused backward computes the adapter's gradients in: the adapter's own over a
     float16 computation, whose range (65504) cannot hold gradients summed over tokens under loss
@@ -275,10 +281,10 @@ def _adapter_grads(
     ``G = grad_z``: ``dT = s G B``, ``dA = dT^T x_a``, ``dB = s G^T t``, computed in ``grad_z``'s
     dtype (the other operands are cast to it)."""
     dtype = grad_z.dtype
-    t = t.to(dtype)
-    grad_t = _scaled_mm(grad_z, lora_B.to(dtype), scaling, shape_of=t)
-    grad_A = grad_t.t() @ x_a.to(dtype) if need_A else None
-    grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B.to(dtype)) if need_B else None
+    t, lora_B = _cast(t, dtype), _cast(lora_B, dtype)
+    grad_t = _scaled_mm(grad_z, lora_B, scaling, shape_of=t)
+    grad_A = grad_t.t() @ _cast(x_a, dtype) if need_A else None
+    grad_B = _scaled_mm(grad_z.t(), t, scaling, shape_of=lora_B) if need_B else None
     return grad_t, grad_A, grad_B
 
 
@@ -315,7 +321,7 @@ class _LoRAFunction(torch.autograd.Function):
     ) -> Tensor:
         weight = weight_fn()
         x_a = x if x_drop is None else x_drop
-        out, t = _adapted_mm(x, x_a, lora_A.to(x.dtype), lora_B.to(x.dtype), bias, scaling, weight)
+        out, t = _adapted_mm(x, x_a, _cast(lora_A, x.dtype), _cast(lora_B, x.dtype), bias, scaling, weight)
         _save_weight_or_key(ctx, [x_a, t, lora_A, lora_B], weight, weight_key_fn)
         del weight
         ctx.scaling = scaling
@@ -333,9 +339,9 @@ class _LoRAFunction(torch.autograd.Function):
         if need_x:
             weight = _base_weight_for_backward(ctx, saved)
         compute_dtype = grad_out.dtype
-        grad_z = grad_out.to(_gradient_dtype(compute_dtype, lora_A))
+        grad_z = _cast(grad_out, _gradient_dtype(compute_dtype, lora_A))
         grad_t, grad_A, grad_B = _adapter_grads(grad_z, x_a, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
-        grad_t, lora_A = grad_t.to(compute_dtype), lora_A.to(compute_dtype)
+        grad_t, lora_A = _cast(grad_t, compute_dtype), _cast(lora_A, compute_dtype)
         if weight is not None:
             if ctx.shared_input:
                 grad_x = (grad_t @ lora_A).addmm_(grad_out, weight)
