@@ -141,13 +141,15 @@ def base_norm_terms(
 class _DoRAFunction(torch.autograd.Function):
     """DoRA's forward and backward on 2-D inputs with dropout inactive.
 
-    Forward: ``z = x W^T + s (x A^T) B^T``, ``n`` from :func:`factored_row_norm` (with ``A W^T``
-    computed from the same ``W``), ``g = m / n``, ``y = b + g * z`` in one fused op.
+    Forward: ``z = x W^T + s (x A^T) B^T``, ``n`` from :func:`factored_row_norm`, ``g = m / n``,
+    ``y = b + g * z`` in one fused op.
     Backward, with ``G`` the output gradient and ``n`` constant (detached):
     ``dm = sum_rows(G * z) / n``, ``Gs = G * g``, ``dB = s Gs^T (x A^T)``, ``dT = s Gs B``,
     ``dA = dT^T x``, ``dx = Gs W + dT A`` (accumulated in place), ``db = sum_rows(G)``.
     ``W`` is saved for a dense base and decoded again for a quantized one, as in
-    :class:`~peft_layers.lora._LoRAFunction` (:func:`~peft_layers.lora._save_weight_or_key`).
+    :class:`~peft_layers.lora._LoRAFunction` (:func:`~peft_layers.lora._save_weight_or_key`);
+    ``A`` and ``B`` come in their own dtype, as there, and ``n`` comes from
+    :func:`base_norm_terms` of the same ``W``.
     """
 
     @staticmethod

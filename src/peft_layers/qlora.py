@@ -338,7 +338,8 @@ class QDoRALinear(DoRALinear, QLoRALinear):
     with the same decoded weight as the forward in training; in no-grad inference in eval mode,
     once per change of the adapter or the base (the gain ``m / n`` is cached); in train mode or
     where nothing can be cached (tracing), by letting ``A``'s ``r`` rows ride along with ``x`` in
-    one base call when it computes in float32 (a 16-bit product would round the norm). No float copy of the base is kept and no ``W'`` is formed.
+    one base call when it computes in float32 (a 16-bit product would round the norm). No float
+    copy of the base is kept and no ``W'`` is formed.
 
     Takes :class:`QLoRALinear`'s arguments plus ``epsilon``.
     """
