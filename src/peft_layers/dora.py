@@ -373,15 +373,15 @@ class DoRALinear(LoRALinear):
     def _adapter_forward(self, x: Tensor) -> Tensor:
         if has_hooks(self.base_layer):
             self._warn_base_hooks_skipped()
-        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         plain = self._dropout_active() or functorch_active()
-        if plain or (torch.is_grad_enabled() and self._base_weight_trainable()):
-            return self._dropout_forward(x, lora_A, lora_B, bias)
-        if torch.is_grad_enabled():
+        if not plain and torch.is_grad_enabled() and not self._base_weight_trainable():
             return _DoRAFunction.apply(  # A and B in their own dtype: it casts them
-                x, self.lora_A, self.lora_B, self.magnitude, bias, self.scaling, self.epsilon,
-                self.base_row_norm_sq(), self._weight_fn(x.dtype), self._refetch_key_fn(),
+                x, self.lora_A, self.lora_B, self.magnitude, self._bias_in(x.dtype), self.scaling,
+                self.epsilon, self.base_row_norm_sq(), self._weight_fn(x.dtype), self._refetch_key_fn(),
             )
+        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
+        if plain or torch.is_grad_enabled():  # dropout, torch.func, or a trainable base weight
+            return self._dropout_forward(x, lora_A, lora_B, bias)
         return self._inference_forward(x, lora_A, lora_B, bias)
 
     def _runs_base_hooks(self) -> bool:
@@ -428,7 +428,7 @@ class DoRALinear(LoRALinear):
                 # adapter changes every step (the no-grad first pass of reentrant checkpointing)
                 both = self._base_matmul(torch.cat([x, lora_A]))
                 z, base_times_A = both[: x.shape[0]], both[x.shape[0]:]
-                z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+                self._add_update_(z, x, lora_A, lora_B)
                 norm = factored_row_norm(
                     self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon,
                 )
@@ -447,8 +447,12 @@ class DoRALinear(LoRALinear):
         """``x W0^T + s (x A^T) B^T`` without autograd (``z = x W'^T``)."""
         weight_fn = self._inference_weight_fn(x)
         if weight_fn is None:
-            return self._base_matmul(x).addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
+            return self._add_update_(self._base_matmul(x), x, lora_A, lora_B)
         return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight_fn())[0]
+
+    def _add_update_(self, z: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``z += s (x A^T) B^T`` in place (``z``: the base product ``x W0^T``, no autograd)."""
+        return z.addmm_(x @ lora_A.t(), lora_B.t(), alpha=self.scaling)
 
     def _base_plus_update_and_norm(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
         """``(x W0^T + s (x A^T) B^T, n)`` without autograd; ``z`` has the bits of
@@ -469,8 +473,8 @@ class DoRALinear(LoRALinear):
         # the update and the gain in the dtype the adapter's gradients need (float32 over a
         # float16 computation, see lora._gradient_dtype); the caller casts the output back
         dtype = _gradient_dtype(x.dtype, self.lora_A)
-        if dtype != x.dtype:
-            lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        if dtype != x.dtype:  # the adapters' own dtype: the parameters themselves
+            lora_A, lora_B = self.lora_A, self.lora_B
         gain = magnitude_gain(self.magnitude, norm, dtype)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)

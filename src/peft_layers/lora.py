@@ -688,29 +688,25 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     def _adapter_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         """``A``, ``B`` and the base bias in ``dtype`` (casts are differentiable)."""
-        lora_A: Tensor = self.lora_A
-        lora_B: Tensor = self.lora_B
+        return _cast(self.lora_A, dtype), _cast(self.lora_B, dtype), self._bias_in(dtype)
+
+    def _bias_in(self, dtype: torch.dtype) -> Tensor | None:
+        """The base bias in ``dtype`` (the fused functions take ``A`` and ``B`` uncast)."""
         bias = self.bias
-        if lora_A.dtype != dtype:  # .to() of the same dtype returns the tensor, at a call's cost
-            lora_A = lora_A.to(dtype)
-        if lora_B.dtype != dtype:
-            lora_B = lora_B.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        return lora_A, lora_B, bias
+        return None if bias is None else _cast(bias, dtype)
 
     def _base_weight_trainable(self) -> bool:
         return bool(getattr(self.base_layer.weight, "requires_grad", False))
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
         """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
-        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
         if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
             return _LoRAFunction.apply(  # A and B in their own dtype: it casts them
-                x, x_drop, self.lora_A, self.lora_B, bias, self.scaling, self._weight_fn(x.dtype),
-                self._refetch_key_fn(),
+                x, x_drop, self.lora_A, self.lora_B, self._bias_in(x.dtype), self.scaling,
+                self._weight_fn(x.dtype), self._refetch_key_fn(),
             )
+        lora_A, lora_B, bias = self._adapter_tensors(x.dtype)
         x_a = x if x_drop is None else x_drop
         # global forward (pre-)hooks expect to see base_layer called (activation capture), and
         # one of them may hold its output
