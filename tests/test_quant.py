@@ -664,6 +664,25 @@ def test_fallback_without_bitsandbytes_gives_the_same_layer(scheme, monkeypatch)
         QuantizedLinear.from_bnb(linear)
 
 
+def test_bitsandbytes_stand_in_library_is_not_used_for_cuda(monkeypatch):
+    # where bitsandbytes' compiled library fails to load, it imports anyway with a stand-in whose
+    # every call raises: its CPU kernels fall back to torch, its CUDA kernels cannot run
+    from bitsandbytes import cextension
+
+    assert _bnb.native_library_loaded(bnb)  # the real library, on this machine
+    assert _bnb.load(cuda=True) is not None
+    stand_in = cextension.ErrorHandlerMockBNBNativeLibrary("libbitsandbytes_cuda.so: cannot open")
+    with pytest.raises(RuntimeError):
+        stand_in.cquantize_blockwise_fp32()  # what a CUDA kernel would meet
+    monkeypatch.setattr(cextension, "lib", stand_in)
+    monkeypatch.setattr(_bnb, "AVAILABLE", None)
+    monkeypatch.setattr(_bnb, "_MODULES", None)
+    monkeypatch.setattr(_bnb, "NATIVE", None)
+    assert not _bnb.native_library_loaded(bnb)
+    assert _bnb.load(cuda=True) is None
+    assert _bnb.load() is not None and _bnb.load()[0] is bnb
+
+
 # ---- wrapping bitsandbytes layers ----------------------------------------------------------
 def _linear4bit(scheme: str, double_quant: bool, out_f: int = 64, in_f: int = 128, blocksize: int = 64, seed: int = 5):
     torch.manual_seed(seed)

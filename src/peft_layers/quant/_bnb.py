@@ -2,6 +2,12 @@
 
 ``AVAILABLE`` is None until the first :func:`load`, then True or False. Tests set it to False to
 exercise the pure-PyTorch fallback (:mod:`peft_layers.quant.reference`).
+
+``NATIVE`` says whether bitsandbytes' compiled library loaded. Where it fails to load (a CUDA
+version bitsandbytes has no binary for, a missing libcudart), bitsandbytes still imports: it puts
+in a stand-in library whose every call raises. Its CPU kernels then fall back to plain torch and
+still work, but every CUDA kernel would raise, so :func:`load` answers None for CUDA tensors and
+the reference codec serves them.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ import logging
 from types import ModuleType
 
 AVAILABLE: bool | None = None
+NATIVE: bool | None = None
 _MODULES: tuple[ModuleType, ModuleType] | None = None
 
 
-def load() -> tuple[ModuleType, ModuleType] | None:
-    """``(bitsandbytes, bitsandbytes.functional)``, or None when bitsandbytes cannot be imported."""
-    global AVAILABLE, _MODULES
+def load(cuda: bool = False) -> tuple[ModuleType, ModuleType] | None:
+    """``(bitsandbytes, bitsandbytes.functional)``, or None when bitsandbytes cannot be imported,
+    or when ``cuda`` (the tensors are on a CUDA device) and its native library did not load."""
+    global AVAILABLE, NATIVE, _MODULES
     if AVAILABLE is None:
         try:
             # bitsandbytes logs a warning at import on AVX512-BF16 CPUs when its optional
@@ -35,6 +43,15 @@ def load() -> tuple[ModuleType, ModuleType] | None:
         else:
             _MODULES = (bitsandbytes, bitsandbytes.functional)
             AVAILABLE = True
-    if not AVAILABLE or _MODULES is None:
+            NATIVE = native_library_loaded(bitsandbytes)
+    if not AVAILABLE or _MODULES is None or (cuda and not NATIVE):
         return None
     return _MODULES
+
+
+def native_library_loaded(bitsandbytes: ModuleType) -> bool:
+    """Whether ``bitsandbytes.cextension.lib`` is the compiled library, not the stand-in that
+    bitsandbytes >= 0.46 installs when loading it fails (versions without one: True)."""
+    cextension = getattr(bitsandbytes, "cextension", None)
+    stand_in = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    return not (isinstance(stand_in, type) and isinstance(getattr(cextension, "lib", None), stand_in))

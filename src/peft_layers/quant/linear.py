@@ -491,7 +491,7 @@ class QuantizedLinear(nn.Module):
 
     def _quantize_4bit(self, dense: Tensor) -> tuple[Tensor, Tensor]:
         """(packed codes, float32 absmax) of a float32 weight."""
-        modules = _bnb.load()
+        modules = _bnb.load(cuda=dense.is_cuda)
         if modules is None:
             return ref.quantize_4bit(dense, self.scheme, cast(int, self.blocksize))
         packed, state = modules[1].quantize_4bit(
@@ -533,7 +533,7 @@ class QuantizedLinear(nn.Module):
         if not self.double_quant:
             return {"weight": packed, "code": code, "absmax": absmax}
         offset = absmax.mean()
-        modules = _bnb.load()
+        modules = _bnb.load(cuda=absmax.is_cuda)
         if modules is None:
             nested_code = ref.dynamic_map().to(absmax.device)
             qabsmax, nested_absmax = ref.quantize_blockwise(
@@ -614,7 +614,7 @@ class QuantizedLinear(nn.Module):
             # bitsandbytes' int8_vectorwise_dequant is this formula in plain torch ops on every
             # device; the reference gives the same bits with one allocation instead of two
             return ref.dequantize_int8_rowwise(self.weight, self.absmax, dtype)
-        modules = _bnb.load()
+        modules = _bnb.load(cuda=self.weight.is_cuda)
         # On the CPU, bitsandbytes 0.50's dequantize_4bit kernel reads the absmax of a block that
         # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
         # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
@@ -639,7 +639,7 @@ class QuantizedLinear(nn.Module):
         # than the weight goes to F.linear, which raises PyTorch's own error (get_device() builds
         # no torch.device: -1 on the CPU)
         if (
-            _bnb.load() is None or x.shape[0] == 0 or x.dtype == torch.float64
+            _bnb.load(cuda=x.is_cuda) is None or x.shape[0] == 0 or x.dtype == torch.float64
             or x.get_device() != self.weight.get_device()
         ):
             return None
