@@ -95,9 +95,26 @@ def factored_row_norm(
     return norm_sq.clamp_min(0).sqrt().clamp_min(epsilon)
 
 
-def magnitude_gain(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
-    """DoRA's per-row gain ``m / n``, divided in the norm's dtype and returned in ``dtype``."""
-    return (magnitude.to(norm.dtype) / norm).to(dtype)
+def magnitude_gain(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """DoRA's per-row gain ``g = m / n`` in the norm's dtype (float32, or float64), kept there:
+    see :func:`apply_gain` for why it never rounds to 16 bits."""
+    return magnitude.to(norm.dtype) / norm
+
+
+def apply_gain(z: Tensor, gain: Tensor, bias: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+    """``b + g * z`` in ``z``'s dtype, ``g`` (out,) scaling the columns of ``z`` (..., out);
+    ``out=z`` computes in place.
+
+    A 16-bit ``z`` takes it as ``z + (g - 1) * z``. ``g`` itself rounded to 16 bits would lose
+    what DoRA learns: bfloat16's step above 1 is 2^-7, so every gain in [1, 1.0039) would act
+    as exactly 1, and a small step of ``m`` would not reach the output. ``g - 1`` rounds to 16
+    bits relative to its own size, so only the output's own rounding remains.
+    """
+    if z.dtype.itemsize >= 4:
+        gain = _cast(gain, z.dtype)
+        return torch.mul(z, gain, out=out) if bias is None else torch.addcmul(bias, z, gain, out=out)
+    result = torch.addcmul(z, z, (gain - 1).to(z.dtype), out=out)
+    return result if bias is None else result.add_(bias)
 
 
 #: elements of a 16-bit ``W0`` cast to float32 at a time for the norm's terms (16 MiB)
@@ -138,6 +155,21 @@ def base_norm_terms(
     return row_norm_sq.square_(), base_times_A.t()
 
 
+def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tensor:
+    """``W_i *= g_i`` (``divide``: ``W_i /= g_i``) in place, ``g`` in the norm's dtype. A 16-bit
+    ``W`` is multiplied by the float32 ``g`` (one rounding, no rounded gain: see
+    :func:`apply_gain`), a block of rows at a time: the mixed-dtype op computes in a float32
+    buffer of the block's size (:data:`NORM_BLOCK_ELEMENTS`)."""
+    if weight.dtype.itemsize >= 4:
+        gain = _cast(gain, weight.dtype)[:, None]
+        return weight.div_(gain) if divide else weight.mul_(gain)
+    rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block, block_gain = weight[start:start + rows], gain[start:start + rows, None]
+        block.div_(block_gain) if divide else block.mul_(block_gain)
+    return weight
+
+
 class _DoRAFunction(torch.autograd.Function):
     """DoRA's forward and backward on 2-D inputs with dropout inactive.
 
@@ -171,8 +203,8 @@ class _DoRAFunction(torch.autograd.Function):
         base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
         z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
         norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
-        gain = magnitude_gain(magnitude, norm, z.dtype)
-        out = torch.addcmul(bias, z, gain) if bias is not None else z * gain
+        gain = magnitude_gain(magnitude, norm)
+        out = apply_gain(z, gain, bias)
         _save_weight_or_key(ctx, [x, t, z, lora_A, lora_B, gain, norm], weight, weight_key_fn)
         del weight
         ctx.scaling = scaling
@@ -193,7 +225,7 @@ class _DoRAFunction(torch.autograd.Function):
         grad = _cast(grad_out, _gradient_dtype(compute_dtype, lora_A))  # sums over tokens: see there
         if need_m:
             grad_m = ((grad * z).sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)
-        grad_z = grad * gain
+        grad_z = apply_gain(grad, gain)
         grad_t, grad_A, grad_B = _adapter_grads(grad_z, x, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
         if need_x:  # the small product first, the big GEMM accumulating into it (_adapted_mm)
             grad_t, grad_z = _cast(grad_t, compute_dtype), _cast(grad_z, compute_dtype)
@@ -329,10 +361,11 @@ class DoRALinear(LoRALinear):
         """``(m/n - 1) W0 + (m/n) s B A``, so that ``W0 + delta = (m/n) W'``; (out, in)."""
         if self.merged:
             raise ValueError("delta_weight(): the layer is merged, W0 is not available; unmerge() first")
-        norm = self.weight_norm()
-        gain = magnitude_gain(self.magnitude, norm, self.lora_A.dtype)
-        base = self._compute_weight().to(gain.dtype)
-        return (gain - 1)[:, None] * base + gain[:, None] * super().delta_weight()
+        gain = magnitude_gain(self.magnitude, self.weight_norm())
+        dtype = self.lora_A.dtype
+        # g - 1 cast after the subtraction: it keeps its digits in a 16-bit dtype (apply_gain)
+        base = self._compute_weight().to(dtype)
+        return (gain - 1).to(dtype)[:, None] * base + gain.to(dtype)[:, None] * super().delta_weight()
 
     def _merge_weight_(self, weight: Tensor) -> None:
         self._add_lora_product_(weight, self.scaling)
@@ -346,7 +379,7 @@ class DoRALinear(LoRALinear):
         zero = None if weight.is_meta else lost.nonzero().flatten()
         self._merge_zero_rows = (zero, weight[zero].clone()) if zero is not None and zero.numel() else None
         self._merge_gain = gain
-        weight.mul_(applied[:, None])
+        _scale_rows_(weight, gain)
 
     def _check_unmergeable(self) -> None:
         if self.merged and self._merge_gain is None:
@@ -359,9 +392,8 @@ class DoRALinear(LoRALinear):
     def _unmerge_weight_(self, weight: Tensor) -> None:
         gain = self._merge_gain
         assert gain is not None, "unmerge() checks _check_unmergeable() first"
-        applied = gain.to(weight.dtype)
         # rows whose gain is 0 in this dtype are restored below: divide them by 1, not 0
-        weight.div_(torch.where(applied == 0, 1.0, applied)[:, None])
+        _scale_rows_(weight, torch.where(gain.to(weight.dtype) == 0, 1.0, gain), divide=True)
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows
             weight[rows] = saved.to(weight.dtype)  # the layer may have been cast since the merge
@@ -437,11 +469,9 @@ class DoRALinear(LoRALinear):
                 # x's rows differently, and the calls that find the gain cached must give the
                 # same output as this one (eval mode)
                 z, norm = self._base_plus_update_and_norm(x, lora_A, lora_B)
-            gain = magnitude_gain(self.magnitude, norm, z.dtype)
+            gain = magnitude_gain(self.magnitude, norm)
             self._inference_gain_cache = None if key is None else (key, gain)
-        if bias is None:
-            return z.mul_(gain)
-        return torch.addcmul(bias, z, gain, out=z)  # y = b + g * z in one pass, in place
+        return apply_gain(z, gain, bias, out=z)
 
     def _base_plus_update(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
         """``x W0^T + s (x A^T) B^T`` without autograd (``z = x W'^T``)."""
@@ -475,14 +505,15 @@ class DoRALinear(LoRALinear):
         dtype = _gradient_dtype(x.dtype, self.lora_A)
         if dtype != x.dtype:  # the adapters' own dtype: the parameters themselves
             lora_A, lora_B = self.lora_A, self.lora_B
-        gain = magnitude_gain(self.magnitude, norm, dtype)
+        gain = magnitude_gain(self.magnitude, norm)
         if self._dropout_active():
             x_drop = self.lora_dropout(x)
             base_drop = self._base_matmul(x_drop)
         else:
             x_drop, base_drop = x, base_out
         update = (x_drop.to(dtype) @ lora_A.t()) @ lora_B.t()
-        out = base_out + (gain - 1) * base_drop + gain * self.scaling * update
+        # g - 1 cast after the subtraction: it keeps its digits in a 16-bit dtype (apply_gain)
+        out = base_out + (gain - 1).to(dtype) * base_drop + gain.to(dtype) * self.scaling * update
         return out + bias if bias is not None else out
 
     def extra_repr(self) -> str:
