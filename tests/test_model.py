@@ -176,6 +176,20 @@ def test_merge_and_unload_gives_the_same_outputs(method: str) -> None:
     assert not any(p.requires_grad for p in model.parameters() if p.dim() == 2 and p.shape != (50, 32))
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_merge_and_unload_keeps_each_layers_training_mode(mode: str) -> None:
+    # a new nn.Linear starts in training mode; the layers it replaces may not be (found by the
+    # stateful test's helper: an eval() model came back with its merged layers in training)
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "up_proj"], method="dora", rank=2)
+    model.train(mode == "train")
+    model.layers[0].mlp.up_proj.train()  # one layer in another mode than the model
+    modes = {name: m.training for name, m in model.named_modules()}
+    pl.merge_and_unload(model)
+    assert {name: m.training for name, m in model.named_modules()} == {
+        name: training for name, training in modes.items() if not name.endswith(("base_layer", "lora_dropout"))
+    }
+
+
 def test_merge_and_unload_dtype() -> None:
     model = pl.inject_lora(tiny_model(), "q_proj", rank=2)
     pl.merge_and_unload(model, dtype=torch.float64)

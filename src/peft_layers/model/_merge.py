@@ -192,8 +192,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     quantized base, the dtype that holds most of the model's other float parameters (float32
     after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
     input, fits between its neighbours as the adapter layer did; the compute dtype when the
-    model has no other float parameters. The new layers' weight and bias require grad as the
-    bases' did (frozen, but for a bias that ``bias="all"`` trained or a weight the caller
+    model has no other float parameters. The new layers take the training mode of the layers
+    they replace, and their weight and bias require grad as the bases' did (frozen, but for a bias that ``bias="all"`` trained or a weight the caller
     unfroze), and a module to save becomes its trained copy as it is, as in Hugging Face PEFT.
     A ``dtype`` other than that of the layers around them gives layers that the next forward
     feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
@@ -220,7 +220,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         source = type(layer.base_layer) if layer.fan_in_fan_out else getattr(layer.base_layer, "source_cls", None)
         merged = _as_conv1d(linear, source) if is_conv1d_class(source) else linear
         _take_requires_grad(merged, layer.base_layer)
-        return merged
+        # a new module starts in training mode: keep the mode of the layer it replaces
+        return merged.train(layer.training)
 
     _replace_layers(model, layers, build, "merge_and_unload()")
     _replace_layers(model, list(iter_modules_to_save(model)), _trained_copy, "merge_and_unload()")
