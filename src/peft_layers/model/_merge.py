@@ -193,8 +193,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     after :func:`prepare_for_kbit_training`), so that the plain ``nn.Linear``, which casts no
     input, fits between its neighbours as the adapter layer did; the compute dtype when the
     model has no other float parameters. The new layers take the training mode of the layers
-    they replace, and their weight and bias require grad as the bases' did (frozen, but for a bias that ``bias="all"`` trained or a weight the caller
-    unfroze), and a module to save becomes its trained copy as it is, as in Hugging Face PEFT.
+    they replace, and their weight and bias require grad as the bases' did (frozen, but for a
+    bias that ``bias="all"`` trained or a weight the caller unfroze), and a module to save
+    becomes its trained copy as it is, as in Hugging Face PEFT.
     A ``dtype`` other than that of the layers around them gives layers that the next forward
     feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
     (``model.to(dtype)``), as the merge casts only what it builds.
