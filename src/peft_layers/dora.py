@@ -448,13 +448,15 @@ class DoRALinear(LoRALinear):
         # costs no extra pass over the base. A training step never uses this cache.
         key = self._inference_gain_key(x.dtype)
         cache = self._inference_gain_cache
-        if key is not None and cache is not None and cache[0] == key:
+        # A's rows ride with x only where the base computes in the norm's dtype: a 16-bit
+        # A W0^T would round the norm (see base_norm_terms)
+        rides = self._norm_rides_with_input and x.dtype == norm_dtype_for(x.dtype)
+        # in training, a layer whose A rides never reads the cache: a copy (no cache) rides, and
+        # the same state must give the same bits (a gain cached in eval rounds otherwise)
+        if key is not None and cache is not None and cache[0] == key and not (rides and self.training):
             gain = cache[1]
             z = self._base_plus_update(x, lora_A, lora_B)
         else:
-            # A's rows ride with x only where the base computes in the norm's dtype: a 16-bit
-            # A W0^T would round the norm (see base_norm_terms)
-            rides = self._norm_rides_with_input and x.dtype == norm_dtype_for(x.dtype)
             if rides and (key is None or self.training):
                 # nothing can be cached (every call takes this path and rounds alike), or the
                 # adapter changes every step (the no-grad first pass of reentrant checkpointing)
