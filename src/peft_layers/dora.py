@@ -16,7 +16,7 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -121,6 +121,13 @@ def apply_gain(z: Tensor, gain: Tensor, bias: Tensor | None = None, *, out: Tens
 NORM_BLOCK_ELEMENTS = 1 << 22
 
 
+def _row_blocks(weight: Tensor) -> Iterator[slice]:
+    """Slices of ``weight``'s rows of at most :data:`NORM_BLOCK_ELEMENTS` elements (one row at
+    least): the unit in which a 16-bit weight meets float32."""
+    rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    return (slice(start, start + rows) for start in range(0, weight.shape[0], rows))
+
+
 def base_norm_terms(
     weight: Tensor, lora_A: Tensor, cached_row_norm_sq: Tensor | Callable[[], Tensor],
 ) -> tuple[Tensor, Tensor]:
@@ -145,13 +152,12 @@ def base_norm_terms(
         cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
         return cached, (weight @ a_t).t()
     out_features = weight.shape[0]
-    rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
     row_norm_sq = torch.empty(out_features, dtype=dtype, device=weight.device)
     base_times_A = torch.empty(out_features, a_t.shape[1], dtype=dtype, device=weight.device)
-    for start in range(0, out_features, rows):
-        block = weight[start:start + rows].to(dtype)
-        torch.mm(block, a_t, out=base_times_A[start:start + rows])
-        torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[start:start + rows])
+    for rows in _row_blocks(weight):
+        block = weight[rows].to(dtype)
+        torch.mm(block, a_t, out=base_times_A[rows])
+        torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[rows])
     return row_norm_sq.square_(), base_times_A.t()
 
 
@@ -163,9 +169,8 @@ def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tenso
     if weight.dtype.itemsize >= 4:
         gain = _cast(gain, weight.dtype)[:, None]
         return weight.div_(gain) if divide else weight.mul_(gain)
-    rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        block, block_gain = weight[start:start + rows], gain[start:start + rows, None]
+    for rows in _row_blocks(weight):
+        block, block_gain = weight[rows], gain[rows, None]
         block.div_(block_gain) if divide else block.mul_(block_gain)
     return weight
 

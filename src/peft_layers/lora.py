@@ -232,8 +232,8 @@ def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Ten
     """``scaling * (a @ b)`` in one BLAS call.
 
     ``addmm`` with ``beta=0`` never reads its first argument (documented: NaN and inf in it are
-    not propagated); ``shape_of`` is any tensor of the result's shape, dtype and device, so no
-    zeros are allocated for it.
+    not propagated); ``shape_of`` is any tensor of the result's dtype and device that broadcasts
+    to its shape (a 0-dim one will do), so no zeros are allocated for it.
     """
     return torch.addmm(shape_of, a, b, beta=0, alpha=scaling)
 

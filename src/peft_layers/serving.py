@@ -130,7 +130,7 @@ class MultiLoRALinear(nn.Module):
         lora_A, lora_B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
         t = (x @ lora_A.t()).reshape(-1, lora_A.shape[0])
         # out of place (not addmm_ into it): autocast casts addmm's operands, not addmm_'s
-        delta = _scaled_mm(t, lora_B.t(), self.scaling[name], shape_of=t.new_empty(t.shape[0], lora_B.shape[0]))
+        delta = _scaled_mm(t, lora_B.t(), self.scaling[name], shape_of=t.new_empty(()))
         return delta.reshape(*x.shape[:-1], lora_B.shape[0])
 
     def _add_delta_(self, out: Tensor, x: Tensor, name: str) -> None:
