@@ -657,6 +657,49 @@ def test_memory_recorder_ignores_views():
     assert len(rec.big) == 1
 
 
+# ---- the backward writes its temporaries over z when the graph goes after it -------------------
+def _grads_of_one_backward(layer, x, g, *, retain_graph):
+    """Gradients (x, A, B, m) of ``sum(layer(x) * g)``; with ``retain_graph`` the same graph is
+    run backward twice and both results are returned."""
+    params = (layer.lora_A, layer.lora_B, layer.magnitude)
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    runs = 2 if retain_graph else 1
+    return [torch.autograd.grad(out, (x, *params), g, retain_graph=retain_graph) for _ in range(runs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_gives_the_same_bits_whether_or_not_the_graph_is_retained(dtype):
+    """Without ``retain_graph`` the backward reuses ``z``'s buffer for ``G * z`` and ``G * g``;
+    with it, ``z`` must survive for the second run. All three runs give the same bits."""
+    torch.manual_seed(0)
+    layer = _layer(in_f=24, out_f=20, dtype=dtype).train()
+    x, g = torch.randn(6, 24, dtype=dtype), torch.randn(6, 20, dtype=dtype)
+    (freed,) = _grads_of_one_backward(layer, x, g, retain_graph=False)
+    first, second = _grads_of_one_backward(layer, x, g, retain_graph=True)
+    for name, a, b, c in zip(DORA_GRADS, freed, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c), name
+    ref = run_reference(layer, x, g.double())
+    for name, got in zip(DORA_GRADS, freed):
+        assert_close64(got, ref.grads[name], 1e-5 if dtype == torch.float32 else 2e-2, what=name)
+
+
+def test_backward_allocates_no_output_sized_tensor_beyond_lora():
+    """Measured by a recorder over the backward alone: G * z and G * g go into z's buffer."""
+    tokens, size = 64, 48  # tokens * out: the size of z, G and the input gradient
+    recorded = {}
+    for cls in (pl.LoRALinear, pl.DoRALinear):
+        layer = cls(size, size, rank=4)
+        randomize_adapter(layer)
+        x = torch.randn(tokens, size, requires_grad=True)
+        out = layer.train()(x)
+        with _BigTensorRecorder(tokens * size) as rec:
+            out.backward(torch.randn(tokens, size))
+        assert rec.ops > 3 and x.grad is not None
+        recorded[cls.__name__] = rec.big
+    assert len(recorded["DoRALinear"]) <= len(recorded["LoRALinear"]), recorded
+
+
 def test_double_backward_of_the_fused_step_is_refused_with_its_remedy():
     layer = _layer(dtype=torch.float64)
     x = _x((3,), dtype=torch.float64)

@@ -228,6 +228,17 @@ def _base_weight_for_backward(ctx: Any, saved: tuple[Tensor, ...]) -> Tensor:
     return ctx.weight_fn()
 
 
+def _graph_freed_after_backward() -> bool:
+    """Whether the backward now running frees the graph after it (no ``retain_graph``), so a
+    fused backward may overwrite a temporary it saved: nothing will read it again.
+
+    False when torch cannot tell (outside a backward, or a torch without the query): the safe
+    answer, which only costs the fresh buffers.
+    """
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:
     """``scaling * (a @ b)`` in one BLAS call.
 
