@@ -34,6 +34,7 @@ from .adapter import (
     has_hooks,
     is_conv1d,
     overrides_linear_forward,
+    tracing,
 )
 
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
@@ -232,11 +233,12 @@ def _graph_freed_after_backward() -> bool:
     """Whether the backward now running frees the graph after it (no ``retain_graph``), so a
     fused backward may overwrite a temporary it saved: nothing will read it again.
 
-    False when torch cannot tell (outside a backward, or a torch without the query): the safe
-    answer, which only costs the fresh buffers.
+    False when torch cannot tell (outside a backward, a torch without the query, or a backward
+    being traced, where the query cannot be compiled and the graph's buffers are the compiler's):
+    the safe answer, which only costs the fresh buffers.
     """
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not keep_graph()
+    return keep_graph is not None and not tracing() and not keep_graph()
 
 
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:
