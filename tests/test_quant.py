@@ -745,6 +745,34 @@ def test_from_bnb_linear8bit():
     torch.testing.assert_close(layer(x).to(F64), expected_out, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float32, None])
+def test_from_bnb_computes_in_the_dtype_the_module_was_loaded_in(bias_dtype):
+    """A module naming no compute dtype (every Linear8bitLt; a Linear4bit before its first
+    forward) computes in its bias's dtype, as bitsandbytes does for the model's inputs; an
+    explicit ``compute_dtype`` wins. The output matches float64 on the decoded weight."""
+    torch.manual_seed(6)
+    dense = nn.Linear(64, 32, bias=bias_dtype is not None)
+    module = bnb.nn.Linear8bitLt(64, 32, bias=bias_dtype is not None, has_fp16_weights=False)
+    module.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    if bias_dtype is not None:
+        module.bias = nn.Parameter(dense.bias.data.to(bias_dtype), requires_grad=False)
+    module = module.to("cpu")
+    four_bit, _ = _linear4bit("nf4", True)
+    four_bit.compute_dtype = None
+    if bias_dtype is not None:
+        four_bit.bias = nn.Parameter(four_bit.bias.data.to(bias_dtype), requires_grad=False)
+    expected = bias_dtype or torch.float32
+    for source in (module, four_bit):
+        layer = QuantizedLinear.from_bnb(source)
+        assert layer.compute_dtype == expected, type(source).__name__
+        assert QuantizedLinear.from_bnb(source, compute_dtype=torch.float64).compute_dtype == torch.float64
+        x = torch.randn(3, source.in_features).to(expected)
+        bias = 0.0 if source.bias is None else source.bias.to(F64)
+        reference = x.to(F64) @ layer.dequantize(torch.float64).T + bias
+        tolerance = 2e-6 if expected == torch.float32 else 3e-2
+        torch.testing.assert_close(layer(x).to(F64), reference, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("scheme", FOUR_BIT)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_from_bnb_undoes_cpu_repack(scheme, double_quant):

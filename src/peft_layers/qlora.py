@@ -69,7 +69,8 @@ def quantized_base(
     """The quantized base for ``linear``: a ``QuantizedLinear`` as is, a bitsandbytes
     ``Linear4bit``/``Linear8bitLt`` wrapped without requantizing, an ``nn.Linear`` quantized with
     ``quant``, ``blocksize`` and ``double_quant``. ``compute_dtype`` defaults to float32 for a new
-    quantization and to the module's own for a wrapped one; a ``QuantizedLinear`` given with a
+    quantization and to the module's own for a wrapped one (its bias's dtype where it names none:
+    ``QuantizedLinear.from_bnb``); a ``QuantizedLinear`` given with a
     ``compute_dtype`` takes it. The arguments are checked even where the layer's own scheme wins
     (a quantized layer), so that a typo never passes unseen."""
     if quant not in QUANT_SCHEMES:

@@ -101,6 +101,16 @@ def _check_blocksize(blocksize: Any) -> None:
         )
 
 
+def _bias_compute_dtype(module: nn.Module) -> torch.dtype:
+    """The compute dtype a wrapped bitsandbytes module implies when it names none: its bias's
+    (transformers loads the bias in the model's dtype, and bitsandbytes computes in the input's,
+    which is that dtype), else float32."""
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor) and bias.dtype in COMPUTE_DTYPES:
+        return bias.dtype
+    return torch.float32
+
+
 def _check_compute_dtype(compute_dtype: Any) -> None:
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
@@ -290,7 +300,8 @@ class QuantizedLinear(nn.Module):
 
         The packed codes and quantization statistics are taken over as they are (the tensors are
         shared, not copied). ``compute_dtype`` defaults to the module's ``compute_dtype`` (4-bit)
-        if set, else float32.
+        if set, else the dtype of its bias (what transformers loaded the model in: bitsandbytes
+        computes in the input's dtype), else float32.
 
         bitsandbytes >= 0.48 repacks a 4-bit weight in place into a CPU-only layout on the first
         eval-mode forward on an AVX512-BF16 CPU (``quant_state.packing_format_for_cpu``), with
@@ -334,7 +345,7 @@ class QuantizedLinear(nn.Module):
                 "move it to a device first, e.g. module.to('cpu')"
             )
         if compute_dtype is None:
-            compute_dtype = getattr(module, "compute_dtype", None) or torch.float32
+            compute_dtype = getattr(module, "compute_dtype", None) or _bias_compute_dtype(module)
         nested = getattr(state, "nested", False)
         data = weight.data
         converted = bool(getattr(state, "packing_format_for_cpu", False))
@@ -416,7 +427,7 @@ class QuantizedLinear(nn.Module):
             module.out_features,
             bias=module.bias is not None,
             scheme="int8",
-            compute_dtype=compute_dtype or torch.float32,
+            compute_dtype=compute_dtype or _bias_compute_dtype(module),
             device=codes.device,
         )
         layer._bnb_source = (module, codes)
