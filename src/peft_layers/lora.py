@@ -259,15 +259,14 @@ def _adapted_mm(
     The small product (and bias) first; the big GEMM then accumulates into it (``beta=1``), which
     costs less than a separate read-modify-write pass over the output. ``s`` rides in the GEMM's
     ``alpha``, applied before the result is rounded to a 16-bit dtype (``s t`` alone can
-    overflow). Without a bias the first GEMM writes into an uninitialised tensor, which ``beta=0``
-    never reads (documented: NaN and inf in it are not propagated): no ``mul_(s)`` pass over the
-    output.
+    overflow); without a bias, :func:`_scaled_mm` gives ``s t B^T`` with no ``mul_(s)`` pass over
+    the output.
     """
     t = x_a @ lora_A.t()
     if bias is not None:
         out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
     else:
-        out = t.new_empty((t.shape[0], lora_B.shape[0])).addmm_(t, lora_B.t(), beta=0, alpha=scaling)
+        out = _scaled_mm(t, lora_B.t(), scaling, shape_of=t.new_empty(()))
     return out.addmm_(x, weight.t()), t
 
 
