@@ -3,7 +3,8 @@
 The machine serves a small float32 model, ``Twin`` (one input, two linear layers ``left``
 (12 -> 7, bias) and ``right`` (12 -> 5, no bias) side by side, outputs concatenated, plus an
 ``nn.Identity`` called ``tag`` that is no linear layer). It starts with both layers stacked (one
-adapter on ``left`` alone, one on ``right`` alone, one on both) and drives random sequences of:
+adapter on ``left`` alone, one on ``right`` alone, one on both, and one stacked on ``right`` that
+``add_adapter`` then puts on ``left``) and drives random sequences of:
 
 - ``stack_adapters(model, {name: state_dict})`` with one or two adapters that update ``left``,
   ``right`` or both (scaling 1, factors in float32, float64 or bfloat16), with fresh names and
@@ -106,7 +107,7 @@ U_BF16 = 2.0**-8  # bfloat16 unit roundoff (8 significand bits)
 ROUNDINGS = IN + MAX_RANK + 8  # see the module docstring
 GAMMA = ROUNDINGS * U32 / (1 - ROUNDINGS * U32)
 
-NAMES = ("math", "code", "chat", "sql")  # the pool: drawing one already there is a collision
+NAMES = ("math", "code", "chat", "sql", "law", "bio")  # the pool: drawing one already there is a collision
 UNKNOWN = ("nope", "Math", "default")
 SEEDS = st.integers(0, 2**32 - 1)
 FACTOR_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
@@ -415,12 +416,15 @@ class ServingMachine(RuleBasedStateMachine):
     )
 
     @initialize(order=st.permutations(NAMES), ranks=st.tuples(st.integers(1, MAX_RANK), st.integers(1, MAX_RANK)),
-                dtype=FACTOR_DTYPES, seed=SEEDS)
-    def first_stacks(self, order: list[str], ranks: tuple[int, int], dtype: torch.dtype, seed: int) -> None:
+                dtype=FACTOR_DTYPES, scaling=st.sampled_from([0.5, -2.0, 1 / 3, -0.75, 4.0]), seed=SEEDS)
+    def first_stacks(self, order: list[str], ranks: tuple[int, int], dtype: torch.dtype, scaling: float,
+                     seed: int) -> None:
         """Start with both layers stacked: one adapter on each alone and one on both (most of the API
-        needs stacks; a switch between adapters of other layers is where a stale choice shows)."""
-        for i, (name, paths) in enumerate(zip(order, [("left",), ("right",), ("left", "right")])):
+        needs stacks; a switch between adapters of other layers is where a stale choice shows), and
+        one stacked on ``right`` that ``add_adapter`` then puts on ``left`` (checked before and after)."""
+        for i, (name, paths) in enumerate(zip(order, [("left",), ("right",), ("left", "right"), ("right",)])):
             self.stack_adapters([name], paths, ranks, dtype, seed + i)
+        self.add_new("left", order[3], ranks[0], scaling, dtype, seed + 4)
 
     @rule(**STACK_ARGUMENTS)
     def stack_adapters(self, names: list[str], paths: tuple[str, ...], ranks: tuple[int, int],
@@ -453,24 +457,35 @@ class ServingMachine(RuleBasedStateMachine):
     @rule(layer=st.sampled_from(LAYERS), pick=st.integers(-1, 7), rank=st.integers(1, MAX_RANK),
           scaling=SCALINGS, dtype=FACTOR_DTYPES, seed=SEEDS)
     def add_adapter(self, layer: str, pick: int, rank: int, scaling: float, dtype: torch.dtype, seed: int) -> None:
-        """A known name (a collision on its own layers, a new layer for it on the other), or for -1 a
-        new one."""
+        """``pick`` 0-3: a name only the other layer has (then the adapter updates both), 4-7: one
+        this layer has (a collision), -1: a new one."""
         if not self.record[layer]:
             layer = self.stacked()[0]
         known = self.known()
-        if pick >= 0:
-            name = known[pick % len(known)]
-        else:
+        elsewhere = [n for n in known if n not in self.record[layer]]
+        here = list(self.record[layer])
+        if pick < 0:
             name = next((n for n in NAMES if n not in known), f"extra{len(known)}")
-        stack = self.stack(layer)
-        a, b = random_factors(torch.Generator().manual_seed(seed), rank, OUT[layer], dtype)
+        elif pick < 4 and elsewhere:
+            name = elsewhere[pick % len(elsewhere)]
+        else:
+            name = here[pick % len(here)]
         if name in self.record[layer]:  # a duplicate: refused, the adapter there stays as it was
+            stack = self.stack(layer)
+            a, b = random_factors(torch.Generator().manual_seed(seed), rank, OUT[layer], dtype)
             self.check_refused(ValueError, rf"^adapter '{name}': this layer already has an adapter named '{name}'$",
                                lambda: stack.add_adapter(name, a, b, scaling), "add_adapter of a duplicate")
             return
-        # new here (perhaps on the other layer already: then the adapter updates both). The same
-        # mixed batch, with the name in it, just before and right after: its rows here must change
-        # (the layer keeps its row index between calls with the same choice)
+        self.add_new(layer, name, rank, scaling, dtype, seed)
+
+    def add_new(self, layer: str, name: str, rank: int, scaling: float, dtype: torch.dtype, seed: int) -> None:
+        """``add_adapter`` of a name new to ``layer`` (perhaps on the other layer already: then the
+        adapter updates both). The same mixed batch, with the name in it, just before and right
+        after: its rows here must change (the layer keeps its row index between calls with the same
+        choice); then the layer with it active."""
+        stack = self.stack(layer)
+        a, b = random_factors(torch.Generator().manual_seed(seed), rank, OUT[layer], dtype)
+        known = self.known()
         names = [*dict.fromkeys([*known, name]), None]
         x = X.repeat(len(names), 1, 1)
         if name in known:
