@@ -220,3 +220,18 @@ def assert_double_backward_refused(layer: torch.nn.Module, x: Tensor) -> None:
     ):
         g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
         torch.autograd.grad(g_b.sum(), layer.lora_A)
+
+
+class OneTorchThread:
+    """``unittest.TestCase`` mixin: each test runs on one torch thread, the previous count
+    restored after it. For tests over tiny tensors (the state machines), where a second thread
+    only adds synchronisation, which on a busy 2-core machine costs more than the work."""
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def tearDown(self) -> None:
+        torch.set_num_threads(self._threads)
+        super().tearDown()  # type: ignore[misc]

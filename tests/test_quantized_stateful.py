@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import peft_layers as pl
 from peft_layers.quant import reference as codec
 
-from reference import assert_close64, dora_ref, f64, lora_ref
+from reference import OneTorchThread, assert_close64, dora_ref, f64, lora_ref
 
 F64 = torch.float64
 RTOL = 1e-5  # float32 rounding relative to the scale of the output (or gradient)
@@ -433,16 +433,8 @@ class QuantizedLayerMachine(RuleBasedStateMachine):
         assert_state_equal(self.layer, before)
 
 
-class TestQuantizedStateful(QuantizedLayerMachine.TestCase):  # type: ignore[name-defined,misc]
-    """The machine, on one torch thread: its tensors are tiny (at most 96 x 128), where a second
-    thread only adds synchronisation, which on a busy 2-core machine costs more than the work."""
-
-    def setUp(self) -> None:
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def tearDown(self) -> None:
-        torch.set_num_threads(self._threads)
+class TestQuantizedStateful(OneTorchThread, QuantizedLayerMachine.TestCase):  # type: ignore[name-defined,misc]
+    """The machine on one torch thread (:class:`~reference.OneTorchThread`): its tensors are at most 96 x 128."""
 
 
 TestQuantizedStateful.settings = settings(max_examples=35, stateful_step_count=18, deadline=None)

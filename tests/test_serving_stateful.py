@@ -94,7 +94,7 @@ from torch import Tensor, nn
 
 import peft_layers as pl
 
-from reference import f64
+from reference import OneTorchThread, f64
 
 F64 = torch.float64
 IN = 12
@@ -791,16 +791,8 @@ class ServingMachine(RuleBasedStateMachine):
                                before)
 
 
-class TestServingStateful(ServingMachine.TestCase):  # type: ignore[name-defined,misc]
-    """The machine, on one torch thread: its tensors are tiny (at most 12 x 12 x 12), where a
-    second thread only adds synchronisation."""
-
-    def setUp(self) -> None:
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def tearDown(self) -> None:
-        torch.set_num_threads(self._threads)
+class TestServingStateful(OneTorchThread, ServingMachine.TestCase):  # type: ignore[name-defined,misc]
+    """The machine on one torch thread (:class:`~reference.OneTorchThread`): its tensors are at most 12 x 12 x 12."""
 
 
 TestServingStateful.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
