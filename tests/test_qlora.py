@@ -15,6 +15,7 @@ import peft_layers as pl
 from peft_layers.model import iter_adapter_layers
 from peft_layers.qlora import QDoRALinear, QLoRALinear
 from peft_layers.quant import QuantizedLinear
+from peft_layers.quant import linear as quant_linear
 from peft_layers.quant import reference as ref
 
 from models import bnb_linear4bit, bnb_linear8bit, tiny_model, tokens
@@ -458,6 +459,40 @@ def test_qdora_step_creates_no_more_big_tensors_than_qlora(scheme: str) -> None:
     dora_count = _count_step(qdora, OUT * IN)
     assert lora_count >= 1  # the decoded weight itself is seen: the counter works
     assert dora_count <= lora_count
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_forward_and_gradients_with_the_base_decoded_in_row_blocks_match_float64(
+    cls, scheme, dtype, rtol, monkeypatch,
+) -> None:
+    # a large base on the CPU is decoded a block of rows at a time (peft_layers._row_blocks):
+    # here 7 rows of 128 per block, 14 blocks
+    monkeypatch.setattr(quant_linear, "DECODE_BLOCK_BYTES", 7 * IN * dtype.itemsize)
+    layer = cls.from_linear(make_linear(), quant=scheme, rank=4, alpha=8.0, compute_dtype=dtype)
+    assert layer.base_layer._decode_rows_per_block(dtype) == 7
+    randomize_adapter(layer, scale=0.3)
+    x = torch.randn(2, TOKENS, IN)
+    grad_out = torch.randn(2, TOKENS, OUT)
+    expected = reference(layer, x, grad_out)  # on W0 decoded in the compute dtype
+    got = run(layer, x, grad_out)
+    for key, value in expected.items():
+        assert_close64(got[key], value, rtol=rtol, what=key)
+    for training in (True, False):  # the no-grad paths: the fused product, the cached DoRA gain
+        layer.train(training)
+        with torch.no_grad():
+            assert_close64(layer(x), expected["out"], rtol=rtol, what=f"no-grad output, training={training}")
+
+
+@pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])
+def test_a_train_step_over_a_base_decoded_in_row_blocks_never_holds_the_dense_weight(cls, monkeypatch) -> None:
+    layer = cls.from_linear(make_linear(), quant="nf4", rank=4)
+    randomize_adapter(layer)
+    assert _count_step(layer, OUT * IN) >= 1  # decoded whole: the counter sees it
+    monkeypatch.setattr(quant_linear, "DECODE_BLOCK_BYTES", 16 * IN * 4)
+    assert _count_step(layer, OUT * IN) == 0
+    assert _count_step(layer, 16 * IN) >= 1  # the blocks themselves
 
 
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])

@@ -1090,3 +1090,86 @@ def test_hooks_on_a_wrapped_bitsandbytes_module_are_named_as_not_running():
         layer = QuantizedLinear.from_bnb(module)
     layer(torch.randn(2, 128))
     assert calls == []
+
+
+# ---- decoding in row blocks (large weights on the CPU) ---------------------------------------
+def _blocks_of(monkeypatch, rows: int, in_features: int, dtype: torch.dtype = torch.float32) -> None:
+    """Make the CPU paths decode ``rows`` rows of ``in_features`` at a time (DECODE_BLOCK_BYTES)."""
+    monkeypatch.setattr(quant.linear, "DECODE_BLOCK_BYTES", rows * in_features * dtype.itemsize)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    scheme=st.sampled_from(QUANT_SCHEMES), double_quant=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    out_f=st.integers(2, 40), rows=st.integers(1, 39), seed=st.integers(0, 2**16),
+)
+def test_decoding_in_row_blocks_gives_the_rows_of_the_whole_decode_bit_for_bit(
+    scheme, double_quant, dtype, out_f, rows, seed,
+):
+    layer = QuantizedLinear.from_linear(_linear(out_f, 128, seed=seed), scheme, double_quant=double_quant)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _blocks_of(monkeypatch, rows, 128, dtype)
+        blocks = list(layer._decode_blocks(dtype))
+    whole = layer.dequantize(dtype)
+    if rows >= out_f:  # the weight fits one block: decoded whole
+        assert len(blocks) == 1 and blocks[0][0] is None
+    else:
+        starts = [block_rows.start for block_rows, _ in blocks]
+        assert starts == list(range(0, out_f, rows)) and blocks[-1][0].stop == out_f
+    decoded = torch.cat([block for _, block in blocks])
+    assert decoded.dtype == dtype
+    torch.testing.assert_close(decoded, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_input_gradient_in_row_blocks_match_float64(monkeypatch, scheme, bias):
+    layer = QuantizedLinear.from_linear(_linear(40, 96 if scheme == "int8" else 128, bias=bias), scheme)
+    in_f = layer.in_features
+    _blocks_of(monkeypatch, 7, in_f)  # 6 blocks, the last one short
+    assert layer._decode_rows_per_block(torch.float32) == 7
+    x = torch.randn(2, 5, in_f, requires_grad=True)
+    grad_out = torch.randn(2, 5, 40)
+    y = layer(x)
+    (y * grad_out).sum().backward()
+    w = layer.dequantize().to(F64)
+    expected = x.detach().to(F64) @ w.T + (0 if layer.bias is None else layer.bias.to(F64))
+    torch.testing.assert_close(y.detach().to(F64), expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(x.grad.to(F64), grad_out.to(F64) @ w, rtol=2e-6, atol=2e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.matmul(x).to(F64), x.detach().to(F64) @ w.T, rtol=2e-6, atol=2e-6)
+
+
+def test_weights_that_cannot_be_cut_into_row_blocks_decode_whole(monkeypatch):
+    _blocks_of(monkeypatch, 1, 96)
+    spanning = QuantizedLinear.from_linear(_linear(40, 96), "nf4")  # blocks of 64 span rows
+    assert spanning._decode_rows_per_block(torch.float32) is None
+    assert QuantizedLinear.from_linear(_linear(40, 128), "nf4")._decode_rows_per_block(torch.float32) is not None
+    big_blocks = QuantizedLinear.from_linear(_linear(4, 2048), "nf4", blocksize=2048)  # the reference codec's
+    assert big_blocks._decode_rows_per_block(torch.float32) is None
+    monkeypatch.setattr(_bnb, "load", lambda cuda=False: None)  # no bitsandbytes: the reference codec
+    assert QuantizedLinear.from_linear(_linear(40, 128), "nf4")._decode_rows_per_block(torch.float32) is None
+
+
+def test_a_blocked_forward_and_backward_never_hold_the_whole_dense_weight(monkeypatch):
+    layer = QuantizedLinear.from_linear(_linear(64, 128), "nf4")
+    x = torch.randn(8, 128, requires_grad=True)
+    sizes = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # float outputs only: the packed codes' views are uint8
+            flat = torch.utils._pytree.tree_flatten(out)[0]
+            sizes.extend(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())
+            return out
+
+    with Recorder():
+        layer(x).sum().backward()
+    assert max(sizes) == 64 * 128  # decoded whole: the recorder sees the dense weight
+    sizes.clear()
+    _blocks_of(monkeypatch, 16, 128)
+    with Recorder():
+        layer(x).sum().backward()
+    assert max(sizes) == 16 * 128  # a block of 16 rows at most

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _row_blocks
+from ._row_blocks import DecodedInBlocks, RowBlocks
 from ._warnings import warn as _warn
 from .adapter import (
     autocast_enabled,
@@ -36,7 +38,7 @@ from .lora import (
     LoRALinear,
     _adapted_mm,
     _adapter_grads,
-    _base_weight_for_backward,
+    _base_weight_blocks_for_backward,
     _cast,
     _gradient_dtype,
     _check_positive,
@@ -122,7 +124,7 @@ def apply_gain(z: Tensor, gain: Tensor, bias: Tensor | None = None, *, out: Tens
 NORM_BLOCK_ELEMENTS = 1 << 22
 
 
-def _row_blocks(weight: Tensor) -> Iterator[slice]:
+def _norm_row_blocks(weight: Tensor) -> Iterator[slice]:
     """Slices of ``weight``'s rows of at most :data:`NORM_BLOCK_ELEMENTS` elements (one row at
     least): the unit in which a 16-bit weight meets float32."""
     rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
@@ -155,11 +157,27 @@ def base_norm_terms(
     out_features = weight.shape[0]
     row_norm_sq = torch.empty(out_features, dtype=dtype, device=weight.device)
     base_times_A = torch.empty(out_features, a_t.shape[1], dtype=dtype, device=weight.device)
-    for rows in _row_blocks(weight):
+    for rows in _norm_row_blocks(weight):
         block = weight[rows].to(dtype)
         torch.mm(block, a_t, out=base_times_A[rows])
         torch.linalg.vector_norm(block, dim=1, out=row_norm_sq[rows])
     return row_norm_sq.square_(), base_times_A.t()
+
+
+def _norm_terms_by_block(
+    blocks: RowBlocks, lora_A: Tensor, cached_row_norm_sq: Tensor, row_norm_sq: Tensor, base_times_A: Tensor,
+) -> RowBlocks:
+    """``blocks`` (the row blocks of ``W0``, :mod:`peft_layers._row_blocks`) passed through,
+    with :func:`base_norm_terms` of each block written into the same rows of ``row_norm_sq``
+    (out,) and ``base_times_A`` (out, r) as it goes by: the base GEMM and the norm read each
+    decoded block once."""
+    for rows, block in blocks:
+        cached = cached_row_norm_sq if rows is None else cached_row_norm_sq[rows]
+        block_norm_sq, block_times_A = base_norm_terms(block, lora_A, cached)
+        target = slice(None) if rows is None else rows
+        row_norm_sq[target] = block_norm_sq
+        base_times_A[target] = block_times_A.t()
+        yield rows, block
 
 
 def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tensor:
@@ -170,7 +188,7 @@ def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tenso
     if weight.dtype.itemsize >= 4:
         gain = _cast(gain, weight.dtype)[:, None]
         return weight.div_(gain) if divide else weight.mul_(gain)
-    for rows in _row_blocks(weight):
+    for rows in _norm_row_blocks(weight):
         block, block_gain = weight[rows], gain[rows, None]
         block.div_(block_gain) if divide else block.mul_(block_gain)
     return weight
@@ -204,10 +222,19 @@ class _DoRAFunction(torch.autograd.Function):
         weight_fn: Callable[[], Tensor],
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
-        weight = weight_fn()
         a, b = _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)  # backward returns their gradients in their dtype
-        base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
-        z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
+        weight: Tensor | RowBlocks
+        if isinstance(weight_fn, DecodedInBlocks):  # both products read each block as it goes by
+            dtype = norm_dtype_for(x.dtype)
+            base_row_norm_sq = x.new_empty(cached_row_norm_sq.shape[0], dtype=dtype)
+            base_times_A = x.new_empty(cached_row_norm_sq.shape[0], a.shape[0], dtype=dtype)
+            weight = _norm_terms_by_block(weight_fn.blocks(), a, cached_row_norm_sq, base_row_norm_sq, base_times_A)
+            z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
+            base_times_A = base_times_A.t()
+        else:
+            weight = weight_fn()
+            base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
+            z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
         norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm)
         out = apply_gain(z, gain, bias)
@@ -240,7 +267,8 @@ class _DoRAFunction(torch.autograd.Function):
         grad_t, grad_A, grad_B = _adapter_grads(grad_z, x, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
         if need_x:  # the small product first, the big GEMM accumulating into it (_adapted_mm)
             grad_t, grad_z = _cast(grad_t, compute_dtype), _cast(grad_z, compute_dtype)
-            grad_x = (grad_t @ _cast(lora_A, compute_dtype)).addmm_(grad_z, _base_weight_for_backward(ctx, saved))
+            into = grad_t @ _cast(lora_A, compute_dtype)
+            grad_x = _row_blocks.grad_times_weight(grad_z, _base_weight_blocks_for_backward(ctx, saved), into)
         return grad_x, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
@@ -491,7 +519,7 @@ class DoRALinear(LoRALinear):
         weight_fn = self._inference_weight_fn(x)
         if weight_fn is None:
             return self._add_update_(self._base_matmul(x), x, lora_A, lora_B)
-        return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight_fn())[0]
+        return _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, _row_blocks.weight_blocks(weight_fn))[0]
 
     def _add_update_(self, z: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
         """``z += s (x A^T) B^T`` in place (``z``: the base product ``x W0^T``, no autograd)."""

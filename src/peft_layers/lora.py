@@ -23,6 +23,8 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from . import _row_blocks
+from ._row_blocks import RowBlocks
 from ._warnings import warn as _warn
 from .adapter import (
     AdapterMixin,
@@ -199,34 +201,39 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _save_weight_or_key(ctx: Any, tensors: list[Tensor | None], weight: Tensor, key_fn: Callable | None) -> None:
-    """Save ``tensors`` for backward, with ``W0`` itself when ``key_fn`` is None (a dense base:
-    autograd then checks its version, as for ``nn.Linear``), else the key of a ``W0`` that
-    backward decodes again (:func:`_base_weight_for_backward`)."""
+def _save_weight_or_key(
+    ctx: Any, tensors: list[Tensor | None], weight: Tensor | RowBlocks, key_fn: Callable | None,
+) -> None:
+    """Save ``tensors`` for backward, with ``W0`` itself when ``key_fn`` is None (a dense base,
+    whose ``weight`` is the tensor or its single block: autograd then checks its version, as for
+    ``nn.Linear``), else the key of a ``W0`` that backward decodes again
+    (:func:`_base_weight_blocks_for_backward`)."""
     ctx.weight_saved = key_fn is None
     if key_fn is None:
+        dense = weight if isinstance(weight, Tensor) else _row_blocks.single_block(weight)
         # only the input gradient reads W0 (argument 0 of both functions): without one, nothing
         # about W0 is kept or checked
-        tensors = [*tensors, weight if ctx.needs_input_grad[0] else None]
+        tensors = [*tensors, dense if ctx.needs_input_grad[0] else None]
     else:
         ctx.weight_key_fn = key_fn
         ctx.weight_key = key_fn()
     ctx.save_for_backward(*tensors)
 
 
-def _base_weight_for_backward(ctx: Any, saved: tuple[Tensor, ...]) -> Tensor:
-    """``W0`` in backward: the saved one, or decoded again through ``ctx.weight_fn`` after checking
-    that the base did not change since forward (a merge, ``requantize_`` or ``load_state_dict`` in
-    between would give the input gradient of another weight)."""
+def _base_weight_blocks_for_backward(ctx: Any, saved: tuple[Tensor, ...]) -> RowBlocks:
+    """``W0`` in backward, as row blocks (:mod:`peft_layers._row_blocks`): the saved one, or
+    decoded again through ``ctx.weight_fn`` after checking that the base did not change since
+    forward (a merge, ``requantize_`` or ``load_state_dict`` in between would give the input
+    gradient of another weight)."""
     if ctx.weight_saved:
-        return saved[-1]
+        return _row_blocks.whole(saved[-1])
     if ctx.weight_key_fn() != ctx.weight_key:
         raise RuntimeError(
             "the base weight of this LoRA/DoRA layer changed between forward and backward (merge(), "
             "unmerge(), requantize_, load_state_dict, .to or an in-place write), so the input "
             "gradient would use the wrong weight; run backward before changing the base weight"
         )
-    return ctx.weight_fn()
+    return _row_blocks.weight_blocks(ctx.weight_fn)
 
 
 def _graph_freed_after_backward() -> bool:
@@ -252,9 +259,11 @@ def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Ten
 
 
 def _adapted_mm(
-    x: Tensor, x_a: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: float, weight: Tensor,
+    x: Tensor, x_a: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: float,
+    weight: Tensor | RowBlocks,
 ) -> tuple[Tensor, Tensor]:
-    """``(x W^T + b + s t B^T, t)`` with ``t = x_a A^T``, for 2-D ``x`` and ``x_a``.
+    """``(x W^T + b + s t B^T, t)`` with ``t = x_a A^T``, for 2-D ``x`` and ``x_a``; ``weight``
+    is ``W`` or its row blocks (:mod:`peft_layers._row_blocks`).
 
     The small product (and bias) first; the big GEMM then accumulates into it (``beta=1``), which
     costs less than a separate read-modify-write pass over the output. ``s`` rides in the GEMM's
@@ -267,7 +276,9 @@ def _adapted_mm(
         out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
     else:
         out = _scaled_mm(t, lora_B.t(), scaling, shape_of=t.new_empty(()))
-    return out.addmm_(x, weight.t()), t
+    if isinstance(weight, Tensor):
+        return out.addmm_(x, weight.t()), t
+    return _row_blocks.add_x_wt_(out, x, weight), t
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -331,7 +342,7 @@ class _LoRAFunction(torch.autograd.Function):
         weight_fn: Callable[[], Tensor],
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
-        weight = weight_fn()
+        weight = _row_blocks.weight_blocks(weight_fn)  # a dense W fetched now; blocks as used
         x_a = x if x_drop is None else x_drop
         out, t = _adapted_mm(x, x_a, _cast(lora_A, x.dtype), _cast(lora_B, x.dtype), bias, scaling, weight)
         _save_weight_or_key(ctx, [x_a, t, lora_A, lora_B], weight, weight_key_fn)
@@ -349,16 +360,15 @@ class _LoRAFunction(torch.autograd.Function):
         need_x, need_x_drop, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         grad_x = grad_x_drop = grad_bias = weight = None
         if need_x:
-            weight = _base_weight_for_backward(ctx, saved)
+            weight = _base_weight_blocks_for_backward(ctx, saved)
         compute_dtype = grad_out.dtype
         grad_z = _cast(grad_out, _gradient_dtype(compute_dtype, lora_A))
         grad_t, grad_A, grad_B = _adapter_grads(grad_z, x_a, t, lora_A, lora_B, ctx.scaling, need_A, need_B)
         grad_t, lora_A = _cast(grad_t, compute_dtype), _cast(lora_A, compute_dtype)
         if weight is not None:
-            if ctx.shared_input:
-                grad_x = (grad_t @ lora_A).addmm_(grad_out, weight)
-            else:
-                grad_x = grad_out @ weight
+            # the small product first, the big GEMM(s) accumulating into it (_adapted_mm)
+            into = grad_t @ lora_A if ctx.shared_input else None
+            grad_x = _row_blocks.grad_times_weight(grad_out, weight, into)
             del weight
         if need_x_drop:
             grad_x_drop = grad_t @ lora_A
@@ -726,7 +736,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         if not torch.is_grad_enabled() and not hooked:
             weight_fn = self._inference_weight_fn(x)
             if weight_fn is not None:
-                return _adapted_mm(x, x_a, lora_A, lora_B, bias, self.scaling, weight_fn())[0]
+                weight = _row_blocks.weight_blocks(weight_fn)
+                return _adapted_mm(x, x_a, lora_A, lora_B, bias, self.scaling, weight)[0]
         out = self.base_layer(x)
         t = x_a @ lora_A.t()
         if hooked:  # add out of place

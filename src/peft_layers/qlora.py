@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from . import _row_blocks
 from ._warnings import warn as _warn
 from .adapter import SameObject, class_path, overrides_linear_forward, tracing
 from .dora import DoRALinear
@@ -237,7 +238,11 @@ class QLoRALinear(LoRALinear):
         return self.base_layer.dequantize()
 
     def _weight_fn(self, dtype: torch.dtype) -> Callable[[], Tensor]:
-        return functools.partial(self.base_layer.dequantize, dtype)  # decodes straight into dtype
+        base = self.base_layer
+        whole = functools.partial(base.dequantize, dtype)  # decodes straight into dtype
+        if base._decodes_in_blocks(dtype):  # a large weight on the CPU: see peft_layers._row_blocks
+            return _row_blocks.DecodedInBlocks(whole, functools.partial(base._decode_blocks, dtype))
+        return whole
 
     def _read_base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.base_layer.dequantize(dtype)
