@@ -386,13 +386,20 @@ def test_qdora_norm_cache_sees_in_place_writes_into_the_quantized_tensors(scheme
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["decoded whole", "decoded in row blocks"])
 @pytest.mark.parametrize("rows", [1, 7, 37])
-def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_is_cached(rows: int) -> None:
+def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_is_cached(
+    rows: int, blocks: bool, monkeypatch,
+) -> None:
     """In eval mode, the call that computes the gain and the calls that reuse it multiply x by the
     same base alone: stacked with A's rows, the GEMM rounded x's rows differently (seen at 1 and 7
-    rows). In train mode (reentrant checkpointing's no-grad pass) A still rides along with x."""
+    rows); decoded whole by one and in row blocks by the other, it can too (seen at 1 and 3 rows).
+    In train mode (reentrant checkpointing's no-grad pass) A still rides along with x."""
+    if blocks:
+        monkeypatch.setattr(quant_linear, "DECODE_BLOCK_BYTES", 7 * 256 * 4)  # 19 blocks of 7 rows
     torch.manual_seed(0)
     layer = QDoRALinear.from_linear(nn.Linear(256, 128), rank=8, quant="nf4").eval()
+    assert layer.base_layer._decodes_in_blocks(torch.float32) == blocks
     randomize_adapter(layer)
     x = torch.randn(rows, 256)
     with torch.no_grad():
@@ -403,6 +410,8 @@ def test_qdora_no_grad_forward_gives_the_same_output_before_and_after_its_gain_i
     expected = dora_ref(f64(x), f64(layer.base_layer.dequantize()), f64(layer.bias), f64(layer.lora_A),
                         f64(layer.lora_B), f64(layer.magnitude), layer.scaling, layer.epsilon)
     assert_close64(first, expected, rtol=1e-5)
+    if blocks:  # the decodes below are counted through dequantize(), which blocks do not call
+        return
     # train mode: one decode for x and A together (the weight is decoded once per call)
     layer.train()
     decodes = {"n": 0}

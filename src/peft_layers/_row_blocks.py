@@ -5,7 +5,8 @@ A quantized base stores codes, not ``W``: every product decodes it again. Decode
 returns it on free, so each decode of a 4096 x 4096 float32 weight page-faults 64 MiB) and is
 written out to memory only to be read back by the GEMM. Decoded in row blocks of a few MiB, each
 block is reused memory and is multiplied while it is still in cache (measured in
-docs/benchmarks.md: a 4096 x 4096 NF4 forward 1.4x faster, the weight never dense in memory).
+docs/quantization.md: a 4096 x 4096 NF4 forward in 0.69x the time, the weight never whole in
+memory).
 
 ``blocks`` below is an iterable of ``(rows, W[rows])`` pairs covering ``W``'s rows in order;
 ``rows`` is a slice, or None for a single block holding all of ``W``. A single block computes

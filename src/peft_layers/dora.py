@@ -180,6 +180,29 @@ def _norm_terms_by_block(
         yield rows, block
 
 
+def _update_and_norm_terms(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_fn: Callable[[], Tensor],
+    cached_row_norm_sq: Tensor | Callable[[], Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | RowBlocks]:
+    """``(z, t, ||W0||^2 per row, A W0^T, W0)`` with ``z = x W0^T + s t B^T``, ``t = x A^T``
+    (:func:`~peft_layers.lora._adapted_mm`) and the norm's terms from :func:`base_norm_terms`,
+    for 2-D ``x`` in the compute dtype and ``A``, ``B`` cast to it. ``W0`` is what the products
+    read: the dense weight, or the consumed row blocks of a
+    :class:`~peft_layers._row_blocks.DecodedInBlocks` one, which both products read block by
+    block as it goes by (decoded once)."""
+    if not isinstance(weight_fn, DecodedInBlocks):
+        weight = weight_fn()
+        base_row_norm_sq, base_times_A = base_norm_terms(weight, lora_A, cached_row_norm_sq)
+        return (*_adapted_mm(x, x, lora_A, lora_B, None, scaling, weight), base_row_norm_sq, base_times_A, weight)
+    cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
+    dtype = norm_dtype_for(x.dtype)
+    base_row_norm_sq = x.new_empty(cached.shape[0], dtype=dtype)
+    base_times_A = x.new_empty(cached.shape[0], lora_A.shape[0], dtype=dtype)
+    blocks = _norm_terms_by_block(weight_fn.blocks(), lora_A, cached, base_row_norm_sq, base_times_A)
+    z, t = _adapted_mm(x, x, lora_A, lora_B, None, scaling, blocks)
+    return z, t, base_row_norm_sq, base_times_A.t(), blocks
+
+
 def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tensor:
     """``W_i *= g_i`` (``divide``: ``W_i /= g_i``) in place, ``g`` in the norm's dtype. A 16-bit
     ``W`` is multiplied by the float32 ``g`` (one rounding, no rounded gain: see
@@ -223,18 +246,9 @@ class _DoRAFunction(torch.autograd.Function):
         weight_key_fn: Callable[[], tuple] | None,
     ) -> Tensor:
         a, b = _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)  # backward returns their gradients in their dtype
-        weight: Tensor | RowBlocks
-        if isinstance(weight_fn, DecodedInBlocks):  # both products read each block as it goes by
-            dtype = norm_dtype_for(x.dtype)
-            base_row_norm_sq = x.new_empty(cached_row_norm_sq.shape[0], dtype=dtype)
-            base_times_A = x.new_empty(cached_row_norm_sq.shape[0], a.shape[0], dtype=dtype)
-            weight = _norm_terms_by_block(weight_fn.blocks(), a, cached_row_norm_sq, base_row_norm_sq, base_times_A)
-            z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
-            base_times_A = base_times_A.t()
-        else:
-            weight = weight_fn()
-            base_row_norm_sq, base_times_A = base_norm_terms(weight, a, cached_row_norm_sq)
-            z, t = _adapted_mm(x, x, a, b, None, scaling, weight)
+        z, t, base_row_norm_sq, base_times_A, weight = _update_and_norm_terms(
+            x, a, b, scaling, weight_fn, cached_row_norm_sq,
+        )
         norm = factored_row_norm(base_row_norm_sq, a, b, base_times_A, scaling, epsilon)
         gain = magnitude_gain(magnitude, norm)
         out = apply_gain(z, gain, bias)
@@ -532,9 +546,10 @@ class DoRALinear(LoRALinear):
         if weight_fn is None:  # the base multiplies without a decoded weight: decode one for n
             norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
             return self._base_plus_update(x, lora_A, lora_B), norm
-        weight = weight_fn()
-        z = _adapted_mm(x, x, lora_A, lora_B, None, self.scaling, weight)[0]
-        return z, self._row_norm(lora_A, lora_B, weight)
+        z, _, base_row_norm_sq, base_times_A, _ = _update_and_norm_terms(
+            x, lora_A, lora_B, self.scaling, weight_fn, self.base_row_norm_sq,
+        )
+        return z, factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, self.scaling, self.epsilon)
 
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd

@@ -319,7 +319,9 @@ class _LoRAFunction(torch.autograd.Function):
     ``W`` is saved (the parameter itself: autograd checks its version, as for ``nn.Linear``); a
     quantized one is decoded again in backward through ``weight_fn``, so no dense copy stays alive
     between forward and backward, and ``weight_key_fn`` must give its forward value then (see
-    :func:`_base_weight_for_backward`). ``W`` itself gets no gradient (it is frozen).
+    :func:`_base_weight_blocks_for_backward`); a large one on the CPU is decoded a block of rows at
+    a time (a :class:`~peft_layers._row_blocks.DecodedInBlocks` ``weight_fn``), never whole.
+    ``W`` itself gets no gradient (it is frozen).
     ``x_drop`` is the dropped-out input, or None when it is ``x`` itself. ``A`` and ``B`` come
     in their own dtype and are cast to ``x``'s here, so that backward can return their gradients
     in their dtype (:func:`_gradient_dtype`).

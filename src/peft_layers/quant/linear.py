@@ -71,9 +71,10 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #   int8 dequantize + F.linear                28.1 ms  0.89x     349 ms  1.68x
 #   int8 bnb.matmul (int8 activations)        14.6 ms  0.46x      70 ms  0.34x
 #
-# 4-bit on the CPU: dequantize + F.linear. bnb.matmul_4bit on the standard layout does the same
-# work (dequantize, then F.linear). The one faster bitsandbytes path, Linear4bit's eval kernel
-# (2.3x faster at 4096 here; issue 3 measured it 2.4x slower on its machine), needs the weight
+# 4-bit on the CPU: dequantize + F.linear (a large weight in row blocks, DECODE_BLOCK_BYTES
+# below). bnb.matmul_4bit on the standard layout does the same work (dequantize, then F.linear).
+# The one faster bitsandbytes path, Linear4bit's eval kernel (2.3x faster at 4096 here; issue 3
+# measured it 2.4x slower on its machine), needs the weight
 # repacked into its AVX512-BF16 layout, which we must never trigger: that layout drops double
 # quantization (0.531 bytes/weight, over our 0.53 budget), rounds absmax to bfloat16 and multiplies
 # in bfloat16 (3.2e-3 relative error against x @ dequantize()^T, against 2.6e-7 for ours).
@@ -128,7 +129,8 @@ class _QuantizedMatmul(torch.autograd.Function):
     """``x W^T + b`` for 2-D ``x`` with ``W`` quantized.
 
     Backward gives ``x`` (and ``b``, if it requires grad) a gradient: ``grad_x = grad W``. ``W`` is
-    dequantized again in backward instead of being saved, so no dense copy of the weight stays
+    dequantized again in backward instead of being saved (a large one on the CPU a block of rows at a
+    time, :data:`DECODE_BLOCK_BYTES`), so no dense copy of the weight stays
     alive between forward and backward.
     """
 
@@ -712,7 +714,9 @@ class QuantizedLinear(nn.Module):
     def _bnb_kernel_for(self, x: Tensor) -> str | None:
         """Which of bitsandbytes' matmul kernels :meth:`forward` runs on the 2-D ``x``: ``"int8"``
         (``int8_activations``), ``"4bit"`` (``matmul_4bit``, on CUDA), or None when it decodes the
-        weight and calls ``F.linear``, computing exactly ``x @ dequantize(x.dtype)^T``."""
+        weight and calls ``F.linear``, computing exactly ``x @ dequantize(x.dtype)^T`` (on the CPU,
+        a large weight a block of rows, hence of output columns, at a time: the same dot products,
+        see :mod:`peft_layers._row_blocks`)."""
         # bitsandbytes' kernels take raw pointers and check no device: an input on another device
         # than the weight goes to F.linear, which raises PyTorch's own error (get_device() builds
         # no torch.device: -1 on the CPU)
