@@ -92,8 +92,8 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: bytes (see peft_layers._row_blocks). Measured on a 2-core AMD EPYC (AVX2), x (512, 4096)
 #: float32, NF4 4096 x 4096: a forward took 212 ms decoded whole, 151 / 145 / 149 / 189 ms in
 #: blocks of 4 / 8 / 16 / 32 MiB. At 32 MiB glibc maps each block afresh (its mmap threshold
-#: tops out there); below, a freed block is reused. A weight within one block decodes whole,
-#: as before (at 1024 x 1024 blocking measured the same within noise).
+#: tops out there); below, a freed block is reused. A weight within one block (1024 x 1024 in
+#: float32 is 4 MiB) decodes whole.
 DECODE_BLOCK_BYTES = 8 << 20
 
 
@@ -129,9 +129,9 @@ class _QuantizedMatmul(torch.autograd.Function):
     """``x W^T + b`` for 2-D ``x`` with ``W`` quantized.
 
     Backward gives ``x`` (and ``b``, if it requires grad) a gradient: ``grad_x = grad W``. ``W`` is
-    dequantized again in backward instead of being saved (a large one on the CPU a block of rows at a
-    time, :data:`DECODE_BLOCK_BYTES`), so no dense copy of the weight stays
-    alive between forward and backward.
+    dequantized again in backward instead of being saved (a large one on the CPU a block of rows
+    at a time, :data:`DECODE_BLOCK_BYTES`), so no dense copy of the weight stays alive between
+    forward and backward.
     """
 
     @staticmethod
