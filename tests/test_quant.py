@@ -1173,3 +1173,58 @@ def test_a_blocked_forward_and_backward_never_hold_the_whole_dense_weight(monkey
     with Recorder():
         layer(x).sum().backward()
     assert max(sizes) == 16 * 128  # a block of 16 rows at most
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    scheme=st.sampled_from(QUANT_SCHEMES), double_quant=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    out_f=st.integers(2, 40), rows=st.integers(1, 39), seed=st.integers(0, 2**16),
+)
+def test_quantizing_in_row_blocks_stores_what_quantizing_whole_stores(scheme, double_quant, dtype, out_f, rows, seed):
+    weight = _weight(out_f, 128, seed=seed).to(dtype)
+    whole = QuantizedLinear(128, out_f, scheme=scheme, double_quant=double_quant)
+    whole.requantize_(weight)
+    blocked = QuantizedLinear(128, out_f, scheme=scheme, double_quant=double_quant)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _blocks_of(monkeypatch, rows, 128)  # the encode works in float32
+        assert (blocked._decode_rows_per_block(torch.float32) is None) == (rows >= out_f)
+        blocked.requantize_(weight)
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(blocked.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_non_finite_value_in_a_late_row_block_leaves_the_layer_as_it_was(monkeypatch):
+    layer = QuantizedLinear.from_linear(_linear(40, 128), "nf4")
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    version = layer.version
+    _blocks_of(monkeypatch, 7, 128)
+    weight = _weight(40, 128, seed=3)
+    weight[38, 5] = float("nan")  # in the sixth and last block
+    with pytest.raises(ValueError, match="weight: expected finite values"):
+        layer.requantize_(weight)
+    assert layer.version == version
+    for name, tensor in layer.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_quantizing_a_large_16_bit_weight_holds_no_float32_copy_of_it(monkeypatch):
+    weight = _weight(64, 128, seed=4).bfloat16()
+    layer = QuantizedLinear(128, 64, scheme="nf4")
+    sizes = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = torch.utils._pytree.tree_flatten(out)[0]
+            sizes.extend(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
+            return out
+
+    with Recorder():
+        layer.requantize_(weight)
+    assert max(sizes) >= 64 * 128  # quantized whole: the float32 copy
+    sizes.clear()
+    _blocks_of(monkeypatch, 16, 128)
+    with Recorder():
+        layer.requantize_(weight)
+    assert max(sizes) <= 16 * 128  # a block of 16 rows at most

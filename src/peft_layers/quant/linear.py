@@ -498,17 +498,32 @@ class QuantizedLinear(nn.Module):
                 "model first (load its weights, or build it on a real device)"
             )
         with torch.no_grad():
-            dense = weight.detach().to(device=self.weight.device, dtype=torch.float32).contiguous()
-            if not bool(torch.isfinite(dense).all()):
-                raise ValueError("weight: expected finite values, got NaN or inf")
-            if self.scheme == "int8":
-                tensors = self._encode_int8(dense)
-            else:
-                tensors = self._encode_4bit(*self._quantize_4bit(dense))
-            self._check_decodable(tensors, dense)
+            weight = weight.detach()
+            per_block = self._decode_rows_per_block(torch.float32)
+            if per_block is None:
+                encoded = self._encode_rows(weight)
+            else:  # a large weight on the CPU, in the row blocks the decode uses (see there)
+                blocks = [self._encode_rows(weight[start: start + per_block])
+                          for start in range(0, self.out_features, per_block)]
+                encoded = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
+            tensors = encoded if self.scheme == "int8" else self._encode_4bit(**encoded)
+            self._check_decodable(tensors, weight)
             self._store(tensors)
         self.version += 1
         self._bnb_source = None
+
+    def _encode_rows(self, weight: Tensor) -> dict[str, Tensor]:
+        """The codes and float32 absmax of some whole rows of a weight (4-bit: ``packed`` and
+        ``absmax``, one per block; int8: ``weight`` and ``absmax``, one per row), from a float32
+        copy of just those rows. A row ends a 4-bit block wherever :meth:`requantize_` cuts the
+        weight into rows, so the rows' codes are those of the whole weight."""
+        dense = weight.to(device=self.weight.device, dtype=torch.float32).contiguous()
+        if not bool(torch.isfinite(dense).all()):
+            raise ValueError("weight: expected finite values, got NaN or inf")
+        if self.scheme == "int8":
+            return self._encode_int8(dense)
+        packed, absmax = self._quantize_4bit(dense)
+        return {"packed": packed, "absmax": absmax}
 
     def _quantize_4bit(self, dense: Tensor) -> tuple[Tensor, Tensor]:
         """(packed codes, float32 absmax) of a float32 weight."""
