@@ -502,6 +502,13 @@ def test_a_train_step_over_a_base_decoded_in_row_blocks_never_holds_the_dense_we
     monkeypatch.setattr(quant_linear, "DECODE_BLOCK_BYTES", 16 * IN * 4)
     assert _count_step(layer, OUT * IN) == 0
     assert _count_step(layer, 16 * IN) >= 1  # the blocks themselves
+    if isinstance(layer, QDoRALinear):  # the cached row norms of W0 come from the blocks too
+        layer.reset_norm_cache()
+        with _BigTensorCounter(OUT * IN) as counter:
+            norm_sq = layer.base_row_norm_sq()
+        assert counter.count == 0
+        expected = f64(layer.base_layer.dequantize()).norm(dim=1) ** 2
+        assert_close64(norm_sq, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])

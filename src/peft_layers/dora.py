@@ -361,9 +361,12 @@ class DoRALinear(LoRALinear):
         key = self._base_weight_key()
         if key is not None and self._base_row_norm_key == key and self._base_row_norm_sq is not None:
             return self._base_row_norm_sq
-        with torch.no_grad():
-            weight = self._compute_weight()
-            norm_sq = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype)).square()
+        with torch.no_grad():  # a large quantized W0 on the CPU a block of rows at a time
+            blocks = _row_blocks.weight_blocks(self._weight_fn(self.compute_dtype))
+            norm_sq = torch.cat([
+                torch.linalg.vector_norm(block, dim=1, dtype=norm_dtype_for(block.dtype)).square()
+                for _, block in blocks
+            ])
         if key is not None:  # no key (tracing, torch.func, inference tensors): nothing is stored
             self._base_row_norm_sq, self._base_row_norm_key = norm_sq, key
         return norm_sq
