@@ -19,7 +19,7 @@ from peft_layers.quant import linear as quant_linear
 from peft_layers.quant import reference as ref
 
 from models import bnb_linear4bit, bnb_linear8bit, tiny_model, tokens
-from reference import assert_close64, dora_ref, f64, lora_ref, randomize_adapter
+from reference import assert_close64, direct_row_norm, dora_ref, f64, lora_ref, randomize_adapter
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -509,6 +509,20 @@ def test_a_train_step_over_a_base_decoded_in_row_blocks_never_holds_the_dense_we
         assert counter.count == 0
         expected = f64(layer.base_layer.dequantize()).norm(dim=1) ** 2
         assert_close64(norm_sq, expected, rtol=1e-6)
+
+
+def test_qdora_norms_over_row_blocks_hold_no_whole_weight_with_dropout_too(monkeypatch) -> None:
+    # with dropout active, the norm is computed apart from the products (_row_norm), as it is by
+    # weight_norm() (merges) and by a no-grad call whose base multiplies without a decoded weight
+    layer = QDoRALinear.from_linear(make_linear(), quant="nf4", rank=4, dropout=0.25)
+    randomize_adapter(layer, scale=0.3)
+    monkeypatch.setattr(quant_linear, "DECODE_BLOCK_BYTES", 16 * IN * 4)
+    assert _count_step(layer, OUT * IN) == 0
+    with _BigTensorCounter(OUT * IN) as counter:
+        norm = layer.weight_norm()
+    assert counter.count == 0
+    expected = direct_row_norm(f64(decoded_base(layer)), f64(layer.lora_A), f64(layer.lora_B), layer.scaling)
+    assert_close64(norm, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])

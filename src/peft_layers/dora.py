@@ -165,19 +165,27 @@ def base_norm_terms(
 
 
 def _norm_terms_by_block(
-    blocks: RowBlocks, lora_A: Tensor, cached_row_norm_sq: Tensor, row_norm_sq: Tensor, base_times_A: Tensor,
-) -> RowBlocks:
-    """``blocks`` (the row blocks of ``W0``, :mod:`peft_layers._row_blocks`) passed through,
-    with :func:`base_norm_terms` of each block written into the same rows of ``row_norm_sq``
-    (out,) and ``base_times_A`` (out, r) as it goes by: the base GEMM and the norm read each
-    decoded block once."""
-    for rows, block in blocks:
-        cached = cached_row_norm_sq if rows is None else cached_row_norm_sq[rows]
-        block_norm_sq, block_times_A = base_norm_terms(block, lora_A, cached)
-        target = slice(None) if rows is None else rows
-        row_norm_sq[target] = block_norm_sq
-        base_times_A[target] = block_times_A.t()
-        yield rows, block
+    blocks: RowBlocks, lora_A: Tensor, cached_row_norm_sq: Tensor,
+) -> tuple[Tensor, Tensor, RowBlocks]:
+    """:func:`base_norm_terms` of a ``W0`` given as row blocks (:mod:`peft_layers._row_blocks`):
+    ``(||W0||^2 per row, A W0^T, blocks)``, where the returned ``blocks`` pass the given ones
+    through and fill the two terms in, a block's rows at a time, as they go by. The terms are
+    complete once the blocks are consumed: the base GEMM and the norm then read each decoded
+    block once (or the caller consumes them for the norm alone)."""
+    dtype = norm_dtype_for(lora_A.dtype)
+    row_norm_sq = lora_A.new_empty(cached_row_norm_sq.shape[0], dtype=dtype)
+    base_times_A = lora_A.new_empty(cached_row_norm_sq.shape[0], lora_A.shape[0], dtype=dtype)
+
+    def filling() -> RowBlocks:
+        for rows, block in blocks:
+            cached = cached_row_norm_sq if rows is None else cached_row_norm_sq[rows]
+            block_norm_sq, block_times_A = base_norm_terms(block, lora_A, cached)
+            target = slice(None) if rows is None else rows
+            row_norm_sq[target] = block_norm_sq
+            base_times_A[target] = block_times_A.t()
+            yield rows, block
+
+    return row_norm_sq, base_times_A.t(), filling()
 
 
 def _update_and_norm_terms(
@@ -195,12 +203,9 @@ def _update_and_norm_terms(
         base_row_norm_sq, base_times_A = base_norm_terms(weight, lora_A, cached_row_norm_sq)
         return (*_adapted_mm(x, x, lora_A, lora_B, None, scaling, weight), base_row_norm_sq, base_times_A, weight)
     cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
-    dtype = norm_dtype_for(x.dtype)
-    base_row_norm_sq = x.new_empty(cached.shape[0], dtype=dtype)
-    base_times_A = x.new_empty(cached.shape[0], lora_A.shape[0], dtype=dtype)
-    blocks = _norm_terms_by_block(weight_fn.blocks(), lora_A, cached, base_row_norm_sq, base_times_A)
+    base_row_norm_sq, base_times_A, blocks = _norm_terms_by_block(weight_fn.blocks(), lora_A, cached)
     z, t = _adapted_mm(x, x, lora_A, lora_B, None, scaling, blocks)
-    return z, t, base_row_norm_sq, base_times_A.t(), blocks
+    return z, t, base_row_norm_sq, base_times_A, blocks
 
 
 def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tensor:
@@ -404,12 +409,20 @@ class DoRALinear(LoRALinear):
             raise ValueError("weight_norm(): the layer is merged, W0 is not available; unmerge() first")
         with torch.no_grad(), autocast_off(self.lora_A):
             lora_A, lora_B, _ = self._adapter_tensors(self.compute_dtype)
-            return self._row_norm(lora_A, lora_B, self._compute_weight())
+            return self._row_norm(lora_A, lora_B, self._weight_fn(self.compute_dtype))
 
-    def _row_norm(self, lora_A: Tensor, lora_B: Tensor, weight: Tensor) -> Tensor:
-        """:func:`factored_row_norm` of ``weight`` (``W0`` as the forward multiplies by it) with
-        this layer's ``s`` and ``epsilon`` (:func:`base_norm_terms`)."""
-        base_row_norm_sq, base_times_A = base_norm_terms(weight, lora_A, self.base_row_norm_sq)
+    def _row_norm(self, lora_A: Tensor, lora_B: Tensor, weight_fn: Callable[[], Tensor]) -> Tensor:
+        """:func:`factored_row_norm` of the ``W0`` that ``weight_fn`` gives (as the forward
+        multiplies by it; a :class:`~peft_layers._row_blocks.DecodedInBlocks` one a block of rows
+        at a time) with this layer's ``s`` and ``epsilon`` (:func:`base_norm_terms`)."""
+        if isinstance(weight_fn, DecodedInBlocks):
+            base_row_norm_sq, base_times_A, blocks = _norm_terms_by_block(
+                weight_fn.blocks(), lora_A, self.base_row_norm_sq(),
+            )
+            for _ in blocks:  # fills the two terms in
+                pass
+        else:
+            base_row_norm_sq, base_times_A = base_norm_terms(weight_fn(), lora_A, self.base_row_norm_sq)
         return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, self.scaling, self.epsilon)
 
     # ---- the delta ------------------------------------------------------------------------
@@ -547,7 +560,7 @@ class DoRALinear(LoRALinear):
         :meth:`_base_plus_update`. A quantized ``W0`` is decoded once for both."""
         weight_fn = self._inference_weight_fn(x)
         if weight_fn is None:  # the base multiplies without a decoded weight: decode one for n
-            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
+            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype))
             return self._base_plus_update(x, lora_A, lora_B), norm
         z, _, base_row_norm_sq, base_times_A, _ = _update_and_norm_terms(
             x, lora_A, lora_B, self.scaling, weight_fn, self.base_row_norm_sq,
@@ -558,7 +571,7 @@ class DoRALinear(LoRALinear):
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
         with torch.no_grad():  # n is detached: no gradient flows through the norm
-            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype)())
+            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype))
         # the update and the gain in the dtype the adapter's gradients need (float32 over a
         # float16 computation, see lora._gradient_dtype); the caller casts the output back
         dtype = _gradient_dtype(x.dtype, self.lora_A)
