@@ -1098,6 +1098,24 @@ def _blocks_of(monkeypatch, rows: int, in_features: int, dtype: torch.dtype = to
     monkeypatch.setattr(quant.linear, "DECODE_BLOCK_BYTES", rows * in_features * dtype.itemsize)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _OutputSizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every op output of one of ``dtypes`` (the packed codes'
+    uint8 views are left out by naming float dtypes)."""
+
+    def __init__(self, dtypes: tuple[torch.dtype, ...]) -> None:
+        super().__init__()
+        self.dtypes, self.sizes = dtypes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_flatten(out)[0]
+        self.sizes.extend(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.dtype in self.dtypes)
+        return out
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     scheme=st.sampled_from(QUANT_SCHEMES), double_quant=st.booleans(),
@@ -1155,24 +1173,13 @@ def test_weights_that_cannot_be_cut_into_row_blocks_decode_whole(monkeypatch):
 def test_a_blocked_forward_and_backward_never_hold_the_whole_dense_weight(monkeypatch):
     layer = QuantizedLinear.from_linear(_linear(64, 128), "nf4")
     x = torch.randn(8, 128, requires_grad=True)
-    sizes = []
-
-    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # float outputs only: the packed codes' views are uint8
-            flat = torch.utils._pytree.tree_flatten(out)[0]
-            sizes.extend(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())
-            return out
-
-    with Recorder():
+    with _OutputSizes(FLOAT_DTYPES) as whole:
         layer(x).sum().backward()
-    assert max(sizes) == 64 * 128  # decoded whole: the recorder sees the dense weight
-    sizes.clear()
+    assert max(whole.sizes) == 64 * 128  # decoded whole: the recorder sees the dense weight
     _blocks_of(monkeypatch, 16, 128)
-    with Recorder():
+    with _OutputSizes(FLOAT_DTYPES) as blocked:
         layer(x).sum().backward()
-    assert max(sizes) == 16 * 128  # a block of 16 rows at most
+    assert max(blocked.sizes) == 16 * 128  # a block of 16 rows at most
 
 
 @settings(max_examples=30, deadline=None)
@@ -1211,20 +1218,10 @@ def test_a_non_finite_value_in_a_late_row_block_leaves_the_layer_as_it_was(monke
 def test_quantizing_a_large_16_bit_weight_holds_no_float32_copy_of_it(monkeypatch):
     weight = _weight(64, 128, seed=4).bfloat16()
     layer = QuantizedLinear(128, 64, scheme="nf4")
-    sizes = []
-
-    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            flat = torch.utils._pytree.tree_flatten(out)[0]
-            sizes.extend(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
-            return out
-
-    with Recorder():
+    with _OutputSizes((torch.float32,)) as whole:
         layer.requantize_(weight)
-    assert max(sizes) >= 64 * 128  # quantized whole: the float32 copy
-    sizes.clear()
+    assert max(whole.sizes) >= 64 * 128  # quantized whole: the float32 copy
     _blocks_of(monkeypatch, 16, 128)
-    with Recorder():
+    with _OutputSizes((torch.float32,)) as blocked:
         layer.requantize_(weight)
-    assert max(sizes) <= 16 * 128  # a block of 16 rows at most
+    assert max(blocked.sizes) <= 16 * 128  # a block of 16 rows at most

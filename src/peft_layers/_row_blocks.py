@@ -38,9 +38,10 @@ def whole(weight: Tensor) -> RowBlocks:
 class DecodedInBlocks:
     """A base weight the fused functions fetch a block of rows at a time.
 
-    ``blocks()`` decodes ``W`` block by block (one or two blocks alive at a time); calling the
-    object decodes it whole, for the consumers that need all of it at once (DoRA's norm, merges).
-    A dense base's weight function is a plain function; :func:`weight_blocks` tells them apart.
+    ``blocks()`` decodes ``W`` block by block (one or two blocks alive at a time). Calling the
+    object decodes it whole, so that it is still a weight function for a consumer that needs all
+    of ``W`` at once (none of the layers' own paths does). A dense base's weight function is a
+    plain function; :func:`weight_blocks` tells them apart.
     """
 
     def __init__(self, whole_fn: Callable[[], Tensor], blocks_fn: Callable[[], RowBlocks]) -> None:

@@ -191,19 +191,21 @@ def _norm_terms_by_block(
 def _update_and_norm_terms(
     x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_fn: Callable[[], Tensor],
     cached_row_norm_sq: Tensor | Callable[[], Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | RowBlocks]:
-    """``(z, t, ||W0||^2 per row, A W0^T, W0)`` with ``z = x W0^T + s t B^T``, ``t = x A^T``
-    (:func:`~peft_layers.lora._adapted_mm`) and the norm's terms from :func:`base_norm_terms`,
-    for 2-D ``x`` in the compute dtype and ``A``, ``B`` cast to it. ``W0`` is what the products
-    read: the dense weight, or the consumed row blocks of a
-    :class:`~peft_layers._row_blocks.DecodedInBlocks` one, which both products read block by
+) -> tuple[Tensor, Tensor, Tensor, Tensor, RowBlocks]:
+    """``(z, t, ||W0||^2 per row, A W0^T, W0's row blocks)`` with ``z = x W0^T + s t B^T``,
+    ``t = x A^T`` (:func:`~peft_layers.lora._adapted_mm`) and the norm's terms from
+    :func:`base_norm_terms`, for 2-D ``x`` in the compute dtype and ``A``, ``B`` cast to it. The
+    blocks are what the products read: the dense weight as one block, or the consumed blocks of
+    a :class:`~peft_layers._row_blocks.DecodedInBlocks` one, which both products read block by
     block as it goes by (decoded once)."""
-    if not isinstance(weight_fn, DecodedInBlocks):
+    blocks: RowBlocks
+    if isinstance(weight_fn, DecodedInBlocks):
+        cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
+        base_row_norm_sq, base_times_A, blocks = _norm_terms_by_block(weight_fn.blocks(), lora_A, cached)
+    else:
         weight = weight_fn()
         base_row_norm_sq, base_times_A = base_norm_terms(weight, lora_A, cached_row_norm_sq)
-        return (*_adapted_mm(x, x, lora_A, lora_B, None, scaling, weight), base_row_norm_sq, base_times_A, weight)
-    cached = cached_row_norm_sq if isinstance(cached_row_norm_sq, Tensor) else cached_row_norm_sq()
-    base_row_norm_sq, base_times_A, blocks = _norm_terms_by_block(weight_fn.blocks(), lora_A, cached)
+        blocks = _row_blocks.whole(weight)
     z, t = _adapted_mm(x, x, lora_A, lora_B, None, scaling, blocks)
     return z, t, base_row_norm_sq, base_times_A, blocks
 

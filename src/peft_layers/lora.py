@@ -201,19 +201,15 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _save_weight_or_key(
-    ctx: Any, tensors: list[Tensor | None], weight: Tensor | RowBlocks, key_fn: Callable | None,
-) -> None:
+def _save_weight_or_key(ctx: Any, tensors: list[Tensor | None], weight: RowBlocks, key_fn: Callable | None) -> None:
     """Save ``tensors`` for backward, with ``W0`` itself when ``key_fn`` is None (a dense base,
-    whose ``weight`` is the tensor or its single block: autograd then checks its version, as for
-    ``nn.Linear``), else the key of a ``W0`` that backward decodes again
-    (:func:`_base_weight_blocks_for_backward`)."""
+    whose ``weight`` is a single block: autograd then checks its version, as for ``nn.Linear``),
+    else the key of a ``W0`` that backward decodes again (:func:`_base_weight_blocks_for_backward`)."""
     ctx.weight_saved = key_fn is None
     if key_fn is None:
-        dense = weight if isinstance(weight, Tensor) else _row_blocks.single_block(weight)
         # only the input gradient reads W0 (argument 0 of both functions): without one, nothing
         # about W0 is kept or checked
-        tensors = [*tensors, dense if ctx.needs_input_grad[0] else None]
+        tensors = [*tensors, _row_blocks.single_block(weight) if ctx.needs_input_grad[0] else None]
     else:
         ctx.weight_key_fn = key_fn
         ctx.weight_key = key_fn()
@@ -259,11 +255,10 @@ def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Ten
 
 
 def _adapted_mm(
-    x: Tensor, x_a: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: float,
-    weight: Tensor | RowBlocks,
+    x: Tensor, x_a: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: float, weight: RowBlocks,
 ) -> tuple[Tensor, Tensor]:
     """``(x W^T + b + s t B^T, t)`` with ``t = x_a A^T``, for 2-D ``x`` and ``x_a``; ``weight``
-    is ``W`` or its row blocks (:mod:`peft_layers._row_blocks`).
+    is ``W``'s row blocks (:mod:`peft_layers._row_blocks`: a dense ``W`` is one block).
 
     The small product (and bias) first; the big GEMM then accumulates into it (``beta=1``), which
     costs less than a separate read-modify-write pass over the output. ``s`` rides in the GEMM's
@@ -276,8 +271,6 @@ def _adapted_mm(
         out = torch.addmm(bias, t, lora_B.t(), alpha=scaling)
     else:
         out = _scaled_mm(t, lora_B.t(), scaling, shape_of=t.new_empty(()))
-    if isinstance(weight, Tensor):
-        return out.addmm_(x, weight.t()), t
     return _row_blocks.add_x_wt_(out, x, weight), t
 
 
