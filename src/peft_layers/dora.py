@@ -522,8 +522,9 @@ class DoRALinear(LoRALinear):
         # A's rows ride with x only where the base computes in the norm's dtype: a 16-bit
         # A W0^T would round the norm (see base_norm_terms)
         rides = self._norm_rides_with_input and x.dtype == norm_dtype_for(x.dtype)
-        # in training, a layer whose A rides never reads the cache: a copy (no cache) rides, and
-        # the same state must give the same bits (a gain cached in eval rounds otherwise)
+        # in training, a layer whose A rides neither reads nor fills the cache: the same state
+        # must give the same bits whatever calls came before (a copy has no cache), and a gain
+        # from the [x; A] product rounds otherwise than one from the eval path
         if key is not None and cache is not None and cache[0] == key and not (rides and self.training):
             gain = cache[1]
             z = self._base_plus_update(x, lora_A, lora_B)
@@ -537,13 +538,14 @@ class DoRALinear(LoRALinear):
                 norm = factored_row_norm(
                     self.base_row_norm_sq(), lora_A, lora_B, base_times_A, self.scaling, self.epsilon,
                 )
+                gain = magnitude_gain(self.magnitude, norm)  # not cached (above)
             else:
                 # two products, not one over the rows of [x; A]: a GEMM over more rows rounds
                 # x's rows differently, and the calls that find the gain cached must give the
                 # same output as this one (eval mode)
                 z, norm = self._base_plus_update_and_norm(x, lora_A, lora_B)
-            gain = magnitude_gain(self.magnitude, norm)
-            self._inference_gain_cache = None if key is None else (key, gain)
+                gain = magnitude_gain(self.magnitude, norm)
+                self._inference_gain_cache = None if key is None else (key, gain)
         return apply_gain(z, gain, bias, out=z)
 
     def _base_plus_update(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
