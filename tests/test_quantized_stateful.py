@@ -97,11 +97,12 @@ def assert_codec_agrees(base: pl.quant.QuantizedLinear, target: Tensor, quant: s
     The two targets differ by float32 rounding (a few ulps; the library forms its own in float32),
     so a code can differ only for a value within a few ulps of a rounding midpoint. int8: all but
     MAX_FLIPS (or one in 1000) decoded values agree to SLACK. 4-bit, compared as stored: the 4-bit
-    codes agree but for as many flips; a block's double-quantized absmax code is the same, or one
-    step away where that block's absmax sits at a midpoint of the 8-bit nested code (seen once in
-    an explored run of 1,500 sequences of 40 steps: all 64 values of that block then decoded one
-    nested step apart), in at most MAX_FLIPS blocks; the nested absmax and the offset agree to float32
-    rounding. A wrong level, block scale or nested statistic fails."""
+    codes agree but for as many flips. A block's double-quantized absmax code is the same, or one
+    step away (the nested code is sorted) where that block's absmax sits at a midpoint of the
+    8-bit nested code, in at most MAX_FLIPS blocks: seen once in an explored run of 1,500
+    sequences of 40 steps, where all 64 values of that block then decoded one nested step apart.
+    The nested absmax and the offset agree to float32 rounding. A wrong level, block scale or
+    nested statistic fails."""
     t32 = target.to(torch.float32)
     flips_allowed = max(MAX_FLIPS, target.numel() // 1000)
     if quant == "int8":
