@@ -503,8 +503,7 @@ class QuantizedLinear(nn.Module):
             if per_block is None:
                 encoded = self._encode_rows(weight)
             else:  # a large weight on the CPU, in the row blocks the decode uses (see there)
-                blocks = [self._encode_rows(weight[start: start + per_block])
-                          for start in range(0, self.out_features, per_block)]
+                blocks = [self._encode_rows(weight[rows]) for rows in self._row_slices(per_block)]
                 encoded = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
             tensors = encoded if self.scheme == "int8" else self._encode_4bit(**encoded)
             self._check_decodable(tensors, weight)
@@ -692,11 +691,13 @@ class QuantizedLinear(nn.Module):
         if per_block is None:
             return _row_blocks.whole(self.dequantize(dtype))
         decode_rows = self._row_decoder(dtype)
-        return (
-            (rows, decode_rows(rows))
-            for rows in (slice(start, min(start + per_block, self.out_features))
-                         for start in range(0, self.out_features, per_block))
-        )
+        return ((rows, decode_rows(rows)) for rows in self._row_slices(per_block))
+
+    def _row_slices(self, per_block: int) -> list[slice]:
+        """Slices of ``per_block`` rows (the last one shorter) covering the weight's rows in
+        order: the blocks that :meth:`_decode_blocks` decodes and :meth:`requantize_` encodes."""
+        return [slice(start, min(start + per_block, self.out_features))
+                for start in range(0, self.out_features, per_block)]
 
     def _row_decoder(self, dtype: torch.dtype) -> Callable[[slice], Tensor]:
         """A function decoding ``W[rows]`` in ``dtype``; the nested absmax is decoded once, here,
