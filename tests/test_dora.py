@@ -263,6 +263,29 @@ def test_factored_norm_near_cancelling_rows(in_f, out_f, rank, s, residual, seed
     assert_close64(n[fine], n_ref[fine], 1e-5, what="non-cancelling rows")
 
 
+@given(in_f=st.integers(2, 64), out_f=st.integers(2, 24), rank=st.integers(2, 6), s=st.floats(0.5, 4.0),
+       spread=st.sampled_from([1e-4, 1e-2, 1e-1]), seed=st.integers(0, 2**16))
+def test_factored_norm_with_nearly_dependent_rows_of_A(in_f, out_f, rank, s, spread, seed):
+    """A's rows nearly parallel and an update larger than W0: the summands of the quadratic term,
+    ``s^2 B_ik (B A A^T)_ik``, are far larger than ``s^2 ||B_i A||^2``. Summed in float64, n^2
+    keeps only the rounding of its float32 inputs (||W0_i||^2 and A W0^T): no term in |B| |A| |A| |B|."""
+    rank = min(rank, in_f)
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(1, in_f, generator=gen, dtype=F64)
+    a = torch.randn(rank, 1, generator=gen, dtype=F64) * direction + spread * torch.randn(rank, in_f, generator=gen, dtype=F64)
+    b = 3 * torch.randn(out_f, rank, generator=gen, dtype=F64)
+    w0 = 0.1 * torch.randn(out_f, in_f, generator=gen, dtype=F64)
+    w0, a, b = w0.float(), a.float(), b.float()
+
+    n_ref = direct_row_norm(w0, a, b, s)  # exact W' of the fp32 values, in float64
+    err_sq = (_factored(w0, a, b, s).double().square() - n_ref.square()).abs()
+    eps = torch.finfo(torch.float32).eps
+    aa, ba, wa = f64(a).abs(), f64(b).abs(), f64(w0).abs()
+    inputs = wa.square().sum(1) + 2 * s * (ba * (aa @ wa.T).T).sum(1)  # what rounds in float32
+    bound = (in_f + 2) * eps * inputs + 3 * eps * n_ref.square()  # and n itself, rounded to float32
+    assert torch.all(err_sq <= bound), (err_sq / bound).max()
+
+
 @given(in_f=st.integers(2, 48), out_f=st.integers(2, 24), rank=st.integers(1, 6), s=st.floats(0.1, 4.0),
        seed=st.integers(0, 2**16))
 def test_factored_norm_bf16_inputs(in_f, out_f, rank, s, seed):

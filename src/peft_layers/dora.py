@@ -79,23 +79,34 @@ def factored_row_norm(
         scaling: ``s``. epsilon: lower clamp of ``n``.
 
     Returns:
-        ``n``, shape (out,), in ``base_row_norm_sq``'s dtype, clamped to ``>= epsilon``. In float32
-        the factored form carries an absolute error of about ``eps32 * ||W0_i||^2`` in ``n_i^2``;
-        only a row that nearly cancels (``n_i << ||W0_i||``) notices it.
+        ``n``, shape (out,), in ``base_row_norm_sq``'s dtype, clamped to ``>= epsilon``. The sum
+        runs in float64 (float32 on MPS, which has none): its inputs are ``(out, r)`` and
+        ``(r, r)`` tensors, so this costs little, and the quadratic term's ``r`` summands
+        ``s^2 B_ik (B A A^T)_ik`` can be far larger than their sum ``s^2 ||B_i A||^2`` when
+        ``A``'s rows are nearly dependent (in float32 a norm then lost up to 30 times
+        ``eps32``). What remains is the rounding of the inputs, an absolute error of about
+        ``eps32 * ||W0_i||^2`` in ``n_i^2`` for a float32 ``W0``: only a row that nearly cancels
+        (``n_i << ||W0_i||``) notices it.
     """
     if autocast_enabled(base_row_norm_sq):  # the norm keeps its own dtype under autocast
         with autocast_off(base_row_norm_sq):
             return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
     dtype = base_row_norm_sq.dtype
-    a = lora_A.to(dtype)
-    b = lora_B.to(dtype)
+    work = _sum_dtype(base_row_norm_sq.device)
+    a = lora_A.to(work)
+    b = lora_B.to(work)
     gram = a @ a.t()
     # 2 s (A W0^T)^T + s^2 B (A A^T), then the row-wise dot with B
-    mixed = torch.addmm(base_times_A.t().to(dtype), b, gram, beta=2 * scaling, alpha=scaling * scaling)
-    norm_sq = base_row_norm_sq + (b * mixed).sum(dim=1)
+    mixed = torch.addmm(base_times_A.t().to(work), b, gram, beta=2 * scaling, alpha=scaling * scaling)
+    norm_sq = base_row_norm_sq.to(work) + (b * mixed).sum(dim=1)
     # out of place: torch.export traces this into a graph that autograd differentiates, where an
     # in-place op after sqrt would break sqrt's backward (and these are (out,) vectors: cheap)
-    return norm_sq.clamp_min(0).sqrt().clamp_min(epsilon)
+    return norm_sq.clamp_min(0).sqrt().to(dtype).clamp_min(epsilon)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype :func:`factored_row_norm` sums in: float64, but on MPS (no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def magnitude_gain(magnitude: Tensor, norm: Tensor) -> Tensor:
