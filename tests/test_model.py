@@ -6,6 +6,7 @@ import copy
 import pickle
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -1173,7 +1174,7 @@ def test_an_empty_exclude_excludes_nothing() -> None:
 def test_multihead_attention_out_proj_is_refused() -> None:
     """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: an adapter
     there would change nothing (and a merge would change the output), so it is refused."""
-    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TypeError, match=r"^targets: 'self_attn.out_proj' is the out_proj of an nn.MultiheadAttention.*exclude it"):
         pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear))
@@ -1181,6 +1182,65 @@ def test_multihead_attention_out_proj_is_refused() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     pl.inject_lora(model, lambda name, module: isinstance(module, nn.Linear), exclude="out_proj")
     assert adapter_names(model) == ["linear1", "linear2"]
+
+
+def _encoder(batch_first: bool, activation: Any = "relu") -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                       batch_first=batch_first, activation=activation)
+    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+
+def _eval_output_uses_the_adapters(model: nn.Module) -> None:
+    """With B random, the eval output equals the train-mode one (dropout 0) and the merged model's,
+    and differs from the base model's: the adapters are applied in eval too."""
+    with torch.no_grad():
+        for _, layer in pl.model.iter_adapter_layers(model):
+            layer.lora_B.normal_()
+    x = torch.randn(2, 5, 8)
+    y_train = model.train()(x)
+    with torch.no_grad():
+        y_eval = model.eval()(x)
+        with pl.disable_adapters(model):
+            y_base = model(x)
+        assert not torch.allclose(y_eval, y_base, atol=1e-3)
+        torch.testing.assert_close(y_eval, y_train.detach(), rtol=1e-5, atol=1e-5)
+        pl.merge_and_unload(model)
+        torch.testing.assert_close(model(x), y_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_encoder_feed_forward_on_torchs_fast_path_is_refused() -> None:
+    """In eval, an nn.TransformerEncoderLayer with batch_first=True hands linear1/linear2's weights
+    to torch's fused kernel and never calls them: adapters there would silently do nothing (as
+    Hugging Face PEFT's do). Refused, model untouched, unless the fast path is switched off."""
+    model = _encoder(batch_first=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"^targets: 'layers.0.linear1' is the linear1 of an nn.TransformerEncoderLayer "
+                                        r"that torch runs through its fast path.*set_fastpath_enabled\(False\).*exclude it"):
+        pl.inject_lora(model, ["linear1", "linear2"], rank=2)
+    with pytest.raises(TypeError, match=r"^targets: 'layers.0.linear1' is the linear1"):
+        pl.inject_lora(model, "all-linear", rank=2)  # 'all-linear' says so too, rather than adapt nothing
+    assert not any(isinstance(m, pl.LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        pl.inject_lora(model, ["linear1", "linear2"], rank=2)
+        _eval_output_uses_the_adapters(model)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize("batch_first, activation", [(False, "relu"), (True, torch.nn.functional.silu)])
+def test_transformer_encoder_feed_forward_off_the_fast_path_takes_adapters(batch_first, activation) -> None:
+    """batch_first=False, or an activation the fused kernel lacks: torch never takes the fast path,
+    so linear1/linear2 take adapters, which work in eval."""
+    model = _encoder(batch_first, activation)
+    pl.inject_lora(model, ["linear1", "linear2"], rank=2)
+    assert adapter_names(model) == ["layers.0.linear1", "layers.0.linear2"]
+    if not batch_first:
+        return  # the layer wants (seq, batch, d): the helper's (batch, seq, d) is only a shape
+    _eval_output_uses_the_adapters(model)
 
 
 def test_quantizing_a_module_the_model_keeps_in_float32_is_refused() -> None:

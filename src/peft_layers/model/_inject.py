@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._warnings import warn as _warn
@@ -448,18 +449,61 @@ def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, 
         )
 
 
+def weight_read_directly(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """Why the module ``name`` has its weight read by its parent without being called, so that
+    an adapter there would silently do nothing (a sentence ending in what to do), or None.
+
+    - the ``out_proj`` of an ``nn.MultiheadAttention``, always;
+    - ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` that can take torch's fast
+      path: in eval mode it hands their weights to ``torch._transformer_encoder_layer_fwd``
+      (``nn.TransformerEncoder`` first nests the batch), unless the fast path is switched off
+      with ``torch.backends.mha.set_fastpath_enabled(False)``. Only layers that meet the path's
+      fixed conditions are refused: ``batch_first=True``, a relu or gelu activation, an even
+      number of heads, an in-projection bias and one embedding size, equal norm epsilons.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = modules.get(parent_name)
+    if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        return (
+            "the out_proj of an nn.MultiheadAttention, which reads its weight directly and never "
+            "calls it: an adapter there would do nothing; exclude it"
+        )
+    if child in ("linear1", "linear2") and isinstance(parent, nn.TransformerEncoderLayer) and _fast_path_possible(parent):
+        return (
+            f"the {child} of an nn.TransformerEncoderLayer that torch runs through its fast path in "
+            "eval mode (batch_first=True, relu or gelu, an even number of heads), which reads its "
+            "weight directly: an adapter there would do nothing in eval; switch the fast path off "
+            "with torch.backends.mha.set_fastpath_enabled(False) before injecting, and keep it off "
+            "while the adapters are unmerged, or exclude it"
+        )
+    return None
+
+
+def _fast_path_possible(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether ``layer`` meets the fixed conditions of torch's fast path (its forward checks the
+    rest, the mode, autocast and the input, on every call)."""
+    fast_path_enabled = getattr(torch.backends.mha, "get_fastpath_enabled", lambda: True)
+    attention = layer.self_attn
+    return bool(
+        fast_path_enabled()
+        and attention.batch_first
+        and attention.in_proj_bias is not None
+        and attention._qkv_same_embed_dim
+        and getattr(layer, "activation_relu_or_gelu", True)
+        and getattr(layer.norm1, "eps", None) == getattr(layer.norm2, "eps", None)
+        and attention.num_heads % 2 == 0
+    )
+
+
 def _check_called(
     model: nn.Module, modules: dict[str, nn.Module], name: str, method: str, kept: list[tuple[str, list[str]]]
 ) -> None:
     """Refuse a linear layer that its model never calls as a module, or whose weight dtype the
     model reads (``kept``: :func:`_keep_in_fp32_lists`), where an adapter would silently do
     nothing or break the forward."""
-    parent_name, _, child = name.rpartition(".")
-    if child == "out_proj" and isinstance(modules.get(parent_name), nn.MultiheadAttention):
-        raise TypeError(
-            f"targets: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-            "directly and never calls it: an adapter there would do nothing; exclude it"
-        )
+    reason = weight_read_directly(modules, name)
+    if reason is not None:
+        raise TypeError(f"targets: {name!r} is {reason}")
     hits = _kept_unquantized(kept, modules[name], name, method)
     if hits:
         raise TypeError(
