@@ -199,6 +199,84 @@ def test_merge_and_unload_dtype() -> None:
         pl.merge_and_unload(pl.inject_lora(tiny_model(), "q_proj"), dtype=torch.int8)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_and_unload_puts_back_each_base_module_with_its_hooks(method: str) -> None:
+    """A float base comes back as the very module (as Hugging Face PEFT's in-place merge), so the
+    hooks registered on it before injection run after the merge; its weight is a new tensor of
+    W0 + delta, and another module tied to the old one keeps W0."""
+    model = tiny_model()
+    q_proj = model.layers[0].attn.q_proj
+    tied = nn.Linear(32, 32, bias=False)
+    tied.weight = q_proj.weight  # shares W0 with the target
+    w0 = q_proj.weight.detach().clone()
+    seen: list[str] = []
+    q_proj.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    q_proj.register_forward_hook(lambda module, args, out: seen.append("post"))
+    pl.inject_adapters(model, ["q_proj", "v_proj"], method=method, rank=4)
+    randomize_adapters(model)
+    layer = model.layers[0].attn.q_proj
+    batch = tokens()
+    with torch.no_grad():
+        adapted = model(batch)
+        merged = w0.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+        if method == "dora":
+            merged *= (layer.magnitude.double() / merged.norm(dim=1))[:, None]
+    seen.clear()
+    pl.merge_and_unload(model)
+    assert model.layers[0].attn.q_proj is q_proj and type(q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), adapted, rtol=1e-5, atol=1e-5)
+    assert seen == ["pre", "post"]  # the hooks ran, once each, in the merged model
+    torch.testing.assert_close(q_proj.weight.double(), merged, rtol=1e-5, atol=1e-6)
+    assert not q_proj.weight.requires_grad
+    assert q_proj.weight is not tied.weight and torch.equal(tied.weight, w0)
+
+
+def test_merge_and_unload_that_fails_leaves_every_base_as_it_was(monkeypatch) -> None:
+    """The bases are given their merged weights only after every layer is built: a build that
+    fails (here the second) leaves the first base's weight, the adapters and the outputs as
+    they were."""
+    model = pl.inject_adapters(tiny_model(), ["q_proj", "v_proj"], rank=4)
+    randomize_adapters(model)
+    batch = tokens()
+    with torch.no_grad():
+        before = model(batch)
+    weights = {name: layer.base_layer.weight for name, layer in iter_adapter_layers(model)}
+    values = {name: w.detach().clone() for name, w in weights.items()}
+    calls = []
+    original = pl.LoRALinear.to_linear
+
+    def failing_second(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LoRALinear, "to_linear", failing_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        pl.merge_and_unload(model)
+    assert len(calls) == 2
+    assert {name: layer.base_layer.weight for name, layer in iter_adapter_layers(model)} == weights
+    assert all(torch.equal(weights[name], values[name]) for name in weights)
+    with torch.no_grad():
+        assert torch.equal(model(batch), before)
+
+
+def test_merge_and_unload_gives_a_base_with_a_forward_of_its_own_a_plain_linear() -> None:
+    """A subclass whose forward is not ``x W^T + b`` cannot take the merged weight and keep its
+    meaning: it becomes a plain nn.Linear, with the warning to_linear() gives."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(4, 4))
+    pl.inject_adapters(model, ["0"], rank=2)
+    with pytest.warns(UserWarning, match="a forward of its own"):
+        pl.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear
+
+
 def test_unload_gives_back_the_original_layers_and_outputs() -> None:
     model = tiny_model()
     originals = {name: m for name, m in model.named_modules() if name.endswith(ALL_LINEAR)}

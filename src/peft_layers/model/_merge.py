@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .._warnings import warn as _warn
-from ..adapter import is_conv1d_class, is_sharded
-from ..lora import LoRALinear
+from ..adapter import is_conv1d, is_conv1d_class, is_sharded, overrides_linear_forward
+from ..lora import LoRALinear, is_bitsandbytes_module
 from ..modules_to_save import ModuleToSave
 from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
 from ..quant import QuantizedLinear
@@ -171,21 +172,47 @@ def _one_requantize_warning(
     )
 
 
+@dataclass
+class _WithNewParameters:
+    """A module to put back once it holds ``parameters`` (by attribute name) and is in mode
+    ``training``: set only after every layer is built, so that a build that fails leaves the
+    model as it was."""
+
+    module: nn.Module
+    parameters: dict[str, nn.Parameter]
+    training: bool
+
+    def finish(self) -> nn.Module:
+        for name, parameter in self.parameters.items():
+            setattr(self.module, name, parameter)
+        return self.module.train(self.training)
+
+
 def _replace_layers(
-    model: nn.Module, layers: list[tuple[str, Any]], build: Callable[[Any], nn.Module], caller: str
+    model: nn.Module,
+    layers: list[tuple[str, Any]],
+    build: Callable[[Any], nn.Module | _WithNewParameters],
+    caller: str,
 ) -> None:
-    """Put ``build(layer)`` in place of each layer, under every name the layer has."""
+    """Put ``build(layer)`` in place of each layer, under every name the layer has; every layer is
+    built before the first is put in place."""
     names = _module_names(model)
     new_modules = [(names[id(layer)], build(layer)) for _, layer in _progress(layers, caller)]
     for layer_names, new in new_modules:
+        module = new.finish() if isinstance(new, _WithNewParameters) else new
         for name in layer_names:
-            _set_module(model, name, new)
+            _set_module(model, name, module)
 
 
 def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every adapter layer with a plain ``nn.Linear`` holding ``W0 + delta`` (a
     transformers ``Conv1D``, in its ``(in, out)`` layout, for a ``Conv1D`` base), and every
     module to save (:class:`~peft_layers.ModuleToSave`) with its trained copy.
+
+    A float base is that layer: the base module itself comes back, with its hooks, holding the
+    merged weight as a new tensor (a weight tied to other modules stays theirs). A quantized
+    base, a computed weight or a forward of the base's own gives a new ``nn.Linear``. No base
+    changes before every layer is merged, so an error changes nothing.
 
     The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``
     is the dtype of the new weights. By default: for a dense base, its weight's dtype; for a
@@ -214,9 +241,11 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     _refuse_sharded_layers(layers, "merge_and_unload()")
     neighbours = _surrounding_dtype(model, layers)
 
-    def build(layer: LoRALinear) -> nn.Module:
+    def build(layer: LoRALinear) -> nn.Module | _WithNewParameters:
         quantized = isinstance(layer.base_layer, QuantizedLinear)
         linear = layer.to_linear(dtype or (quantized and neighbours) or layer.compute_dtype)
+        if _keeps_its_base(layer):
+            return _base_with_merged_weight(layer, linear)
         # the model's own layout: a Conv1D base, or one transformers quantized from a Conv1D
         source = type(layer.base_layer) if layer.fan_in_fan_out else getattr(layer.base_layer, "source_cls", None)
         merged = _as_conv1d(linear, source) if is_conv1d_class(source) else linear
@@ -237,6 +266,33 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             "'dora'), then merge_and_unload()",
         )
     return model
+
+
+def _keeps_its_base(layer: LoRALinear) -> bool:
+    """Whether ``merge_and_unload`` puts ``layer``'s base module itself back, with the merged
+    weight, rather than a new one: a float ``nn.Linear`` or ``Conv1D`` whose weight is a plain
+    parameter and whose forward is ``x W^T + b``. It keeps its hooks, its class and its other
+    attributes, as Hugging Face PEFT's merge in place does. A quantized base becomes a float
+    layer (a new module); a computed weight (a parametrization) and a forward of the base's own
+    get a plain ``nn.Linear`` (see ``to_linear``)."""
+    base = layer.base_layer
+    return (
+        isinstance(base, nn.Linear) or is_conv1d(base)
+    ) and not is_bitsandbytes_module(base) and "weight" in base._parameters and not overrides_linear_forward(base)
+
+
+def _base_with_merged_weight(layer: LoRALinear, linear: nn.Linear) -> _WithNewParameters:
+    """``layer``'s base, to hold ``linear``'s merged weight (transposed for a ``Conv1D``) and bias
+    as new parameters: a weight tied to other modules stays theirs, unmerged, as with a new
+    layer. The base's ``requires_grad`` flags carry over (a bias that ``bias="all"`` trained)."""
+    base = layer.base_layer
+    weight = linear.weight.detach()
+    weight = weight.t().contiguous() if layer.fan_in_fan_out else weight
+    parameters = {"weight": nn.Parameter(weight, requires_grad=base.weight.requires_grad)}
+    bias = base.bias
+    if bias is not None and bias.dtype != weight.dtype:  # merge_and_unload(dtype=...) casts both
+        parameters["bias"] = nn.Parameter(linear.bias.detach(), requires_grad=bias.requires_grad)
+    return _WithNewParameters(base, parameters, layer.training)
 
 
 def _trained_copy(saved: ModuleToSave) -> nn.Module:
