@@ -1562,6 +1562,29 @@ def test_all_linear_leaves_out_a_top_level_classifier_or_score_head() -> None:
         assert isinstance(model.body, pl.LoRALinear) and type(getattr(model, head)) is nn.Linear
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_all_linear_through_a_wrapper_adapts_what_it_adapts_in_the_plain_model(wrap: str) -> None:
+    """torch.compile's and DataParallel's wrappers rename every module; the output layer and a
+    top-level head are still the model's and are left out."""
+    transformers = pytest.importorskip("transformers")
+
+    def build() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=False))
+        classifier = nn.Module()
+        classifier.body, classifier.score = nn.Linear(8, 8), nn.Linear(8, 2)
+        return llama, classifier
+
+    for plain, inner in zip(build(), build()):
+        pl.inject_adapters(plain, "all-linear", rank=2)
+        wrapper = torch.compile(inner, backend="eager") if wrap == "compile" else nn.DataParallel(inner)
+        pl.inject_adapters(wrapper, "all-linear", rank=2)
+        assert _adapted_names(inner) == _adapted_names(plain)
+        assert not any(name.endswith(("lm_head", "score")) for name in _adapted_names(inner))
+
+
 def test_merge_and_unload_keeps_a_dense_bf16_layer_in_bf16_among_float32_neighbours() -> None:
     """The neighbours' dtype is for a quantized base (its float layer has no dtype of its own)."""
     model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8), nn.Linear(8, 8))

@@ -159,7 +159,8 @@ class _AllLinear:
     """The targets ``"all-linear"`` stands for: every layer that ``method`` can wrap, except
     the output layers that Hugging Face PEFT also leaves out (a transformers model's
     ``get_output_embeddings()``, as a language model's ``lm_head``) and a top-level ``score``
-    or ``classifier`` head, the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
+    or ``classifier`` head (both asked of the model inside ``torch.compile``'s and data-parallel
+    wrappers, :func:`unwrapped`), the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
     (which the attention never calls), and what lies inside these or inside an adapter layer.
     With ``"qlora"``/``"qdora"``, a float layer the model keeps unquantized (transformers'
     ``_keep_in_fp32_modules``, T5's ``wo``) gets ``"lora"``/``"dora"``, as Hugging Face PEFT
@@ -170,9 +171,11 @@ class _AllLinear:
         self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, scope: Callable[[str], bool]
     ) -> None:
         self.model, self.method, self.scope = model, method, scope
-        left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
-        if is_transformers_subclass(type(model), "PreTrainedModel"):  # as Hugging Face PEFT: only these
-            left_out.append(cast(Any, model).get_output_embeddings())
+        # the heads are the model's, inside torch.compile's and data-parallel wrappers
+        inner = unwrapped(model)
+        left_out = [getattr(inner, name, None) for name in _CLASSIFIER_HEADS]
+        if is_transformers_subclass(type(inner), "PreTrainedModel"):  # as Hugging Face PEFT: only these
+            left_out.append(cast(Any, inner).get_output_embeddings())
         left_out += [m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
         left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
