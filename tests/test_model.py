@@ -237,6 +237,32 @@ def test_unload_is_exact_for_unmerged_layers() -> None:
         assert torch.equal(model(batch), expected)
 
 
+def _root_layers() -> list[tuple[str, nn.Module]]:
+    torch.manual_seed(0)
+    return [
+        ("merge_and_unload", pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("merge_and_unload", pl.DoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("unload", pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("unload", pl.MultiLoRALinear(nn.Linear(4, 4))),
+        ("unload", pl.ModuleToSave(nn.Linear(4, 4))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_root_layers())))
+def test_a_model_that_is_itself_an_adapter_layer_is_pointed_to_the_layer_tools(index: int) -> None:
+    """merge_and_unload and unload replace layers in their parent, which the root has not: they
+    refuse it as inject_adapters refuses a root linear layer, and change nothing."""
+    tool, model = _root_layers()[index]
+    children, state = dict(model.named_children()), copy.deepcopy(model.state_dict())
+    hint = {"merge_and_unload": r"model\.to_linear\(\)"}.get(tool, r"model\.(base_layer|original)")
+    with pytest.raises(ValueError, match=rf"^{tool}\(\): model is itself a {type(model).__name__}, which cannot "
+                       rf"be replaced in place; .*{hint}"):
+        getattr(pl, tool)(model)
+    assert dict(model.named_children()) == children
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
 def test_merge_errors_change_nothing() -> None:
     model = pl.inject_lora(tiny_model(), list(ATTN))
     with pytest.raises(ValueError, match="no adapter layer is merged"):

@@ -522,3 +522,16 @@ def test_module_to_save_rejects_what_is_not_a_module() -> None:
     wrapped = pl.ModuleToSave(nn.Linear(3, 2))
     assert wrapped.trained is not wrapped.original
     assert torch.equal(wrapped.trained.weight, wrapped.original.weight)
+
+
+def test_the_adapter_state_dict_of_a_model_that_is_a_module_to_save_holds_its_own_keys() -> None:
+    """A root module to save has no path: its keys are those of its own state dict, unprefixed,
+    and load back."""
+    torch.manual_seed(0)
+    saved = pl.ModuleToSave(nn.Linear(3, 2))
+    state = pl.adapter_state_dict(saved)
+    assert list(state) == ["trained.weight", "trained.bias"]
+    assert all(torch.equal(value, saved.state_dict()[key]) for key, value in state.items())
+    ones = {key: torch.ones_like(value) for key, value in state.items()}
+    pl.load_adapter_state_dict(saved, ones)
+    assert torch.equal(saved.trained.weight, torch.ones(2, 3)) and not torch.equal(saved.original.weight, torch.ones(2, 3))

@@ -22,6 +22,7 @@ from ._tree import (
     _module_names,
     _progress,
     _set_module,
+    _stack_class,
     _stacked_layers,
     iter_adapter_layers,
     iter_modules_to_save,
@@ -171,6 +172,29 @@ def _one_requantize_warning(
     )
 
 
+#: (caller, class) -> what to use instead of a call on a model that is itself that layer
+_ROOT_HINTS: dict[tuple[str, str], str] = {
+    ("merge_and_unload()", "LoRALinear"): "model.to_linear() gives its merged nn.Linear",
+    ("merge_and_unload()", "ModuleToSave"): "model.trained is its trained copy",
+    ("unload()", "LoRALinear"): "model.base_layer is the layer it wraps (call model.unmerge() first if it is merged)",
+    ("unload()", "MultiLoRALinear"): "model.base_layer is the layer it stacks on",
+    ("unload()", "ModuleToSave"): "model.original is the module it wraps",
+}
+
+
+def _refuse_root(model: nn.Module, caller: str) -> None:
+    """Raise ``ValueError`` if ``model`` itself is an adapter layer, a stack of served adapters or
+    a module to save: ``caller`` replaces such modules in their parent, and the root has none."""
+    kinds = (LoRALinear, _stack_class(), ModuleToSave)
+    kind = next((cls.__name__ for cls in kinds if isinstance(model, cls)), None)
+    if kind is None:
+        return
+    raise ValueError(
+        f"{caller}: model is itself a {type(model).__name__}, which cannot be replaced in place; "
+        f"{caller[:-2]} takes a model that holds adapter layers; {_ROOT_HINTS[(caller, kind)]}"
+    )
+
+
 def _replace_layers(
     model: nn.Module, layers: list[tuple[str, Any]], build: Callable[[Any], nn.Module], caller: str
 ) -> None:
@@ -199,6 +223,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     A ``dtype`` other than that of the layers around them gives layers that the next forward
     feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
     (``model.to(dtype)``), as the merge casts only what it builds.
+    A ``model`` that is itself an adapter layer or module to save raises ``ValueError`` (it has
+    no parent to be replaced in): ``layer.to_linear()`` merges a single layer.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -212,6 +238,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         )
 
     _refuse_sharded_layers(layers, "merge_and_unload()")
+    _refuse_root(model, "merge_and_unload()")
     neighbours = _surrounding_dtype(model, layers)
 
     def build(layer: LoRALinear) -> nn.Module:
@@ -318,6 +345,8 @@ def unload(model: nn.Module) -> nn.Module:
     requantizes); otherwise its ``QuantizedLinear`` base. Layers stacked for serving
     (``MultiLoRALinear``, from ``stack_adapters``) give back their base layer too, with all their
     adapters dropped, and modules to save their original module (its trained copy is dropped).
+    A ``model`` that is itself one of these raises ``ValueError`` (it has no parent to be
+    replaced in): its ``base_layer`` (``original``) is the module it wraps.
     """
     layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
     saved = list(iter_modules_to_save(model))
@@ -331,6 +360,7 @@ def unload(model: nn.Module) -> nn.Module:
             "back), so unload after the block"
         )
     _refuse_fsdp_units(layers)
+    _refuse_root(model, "unload()")
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()
