@@ -273,8 +273,9 @@ def _trained_copy(saved: ModuleToSave) -> nn.Module:
 
 
 def _take_requires_grad(merged: nn.Module, base: nn.Module) -> None:
-    """Give the merged layer's weight and bias the ``requires_grad`` of the base's (a bias that
-    ``bias="all"`` trained stays trainable; a quantized base's codes are never trainable)."""
+    """Give the weight and bias of ``merged`` (a merged layer, or the bitsandbytes module that
+    ``unload`` puts back) the ``requires_grad`` of the base's (a bias that ``bias="all"`` trained
+    stays trainable; a quantized base's codes are never trainable)."""
     for name in ("weight", "bias"):
         tensor, before = getattr(merged, name, None), getattr(base, name, None)
         if isinstance(tensor, nn.Parameter) and isinstance(before, Tensor):
@@ -371,7 +372,12 @@ def unload(model: nn.Module) -> nn.Module:
             layer.unmerge()
         base = layer.base_layer
         original = base.bnb_module if isinstance(base, QuantizedLinear) else None
-        return base if original is None else original
+        if original is None:
+            return base
+        # injection froze (or bias="all" trained) the QuantizedLinear's own bias Parameter, which
+        # shares its storage with the module's: the module comes back with the flags set there
+        _take_requires_grad(original, base)
+        return original
 
     merged = [layer for _, layer in layers if isinstance(layer, LoRALinear) and layer.merged]
     with _one_requantize_warning(merged, "unload()", UNMERGE_REQUANTIZE_CONSEQUENCE):
