@@ -483,6 +483,14 @@ def test_a_model_that_is_itself_a_linear_layer_is_pointed_to_from_linear() -> No
     assert not list(linear.named_children())
 
 
+def test_the_base_of_a_model_that_is_itself_an_adapter_layer_is_refused() -> None:
+    layer = pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)
+    base = layer.base_layer
+    with pytest.raises(ValueError, match=r"^targets: 'base_layer' already has an adapter \(LoRALinear\)"):
+        pl.inject_lora(layer, ["base_layer"], rank=2)
+    assert layer.base_layer is base and type(base) is nn.Linear
+
+
 def test_target_that_is_not_linear() -> None:
     with pytest.raises(TypeError, match="LayerNorm"):
         pl.inject_lora(tiny_model(), "norm1")

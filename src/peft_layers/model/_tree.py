@@ -147,6 +147,8 @@ def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
     """The adapter layer, stack of served adapters or module to save that ``name`` lies inside
     (as its ``base_layer``, ``original``/``trained`` or deeper), or None."""
     holders = (LoRALinear, _stack_class(), ModuleToSave)
+    if name and isinstance(model, holders):  # a model that is itself one holds every other name
+        return model
     module = model
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
