@@ -633,6 +633,37 @@ def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) 
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("lazy_at", [0, 2])
+def test_a_model_with_a_lazy_module_not_yet_run_is_refused_by_name(lazy_at: int) -> None:
+    """Injection freezes every parameter, which torch refuses for uninitialized ones: the lazy
+    module is named, whether it is the target or elsewhere, and the model stays as it was."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[lazy_at] = nn.LazyLinear(4)
+    target = str(2 - lazy_at)
+    before = [(name, module) for name, module in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"^model: 1 module\(s\) hold uninitialized parameters \(lazy modules\): "
+                       rf"'{lazy_at}' \(LazyLinear\); run a forward"):
+        pl.inject_adapters(model, [target], rank=2)
+    assert [(name, module) for name, module in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
+    model(torch.randn(3, 4))  # materialised: injection works
+    pl.inject_adapters(model, [target], rank=2)
+    assert isinstance(model[int(target)], pl.LoRALinear) and not model[lazy_at].weight.requires_grad
+
+
+def test_the_rollback_of_a_failed_change_skips_uninitialized_parameters_and_raises_the_real_error() -> None:
+    from peft_layers.model._tree import _undo_on_error
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 4))
+    inner = model[1]
+    with pytest.raises(RuntimeError, match="^the real error$"):
+        with _undo_on_error(model, [model[1]], values=True):
+            model[1].weight.requires_grad_(False)
+            model[1] = nn.Identity()
+            raise RuntimeError("the real error")
+    assert model[1] is inner and inner.weight.requires_grad and inner.bias.requires_grad
+
+
 @pytest.mark.parametrize(
     ("method", "kwargs", "message"),
     [

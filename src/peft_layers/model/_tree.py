@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from tqdm.auto import tqdm
 
 from .._warnings import warn as _warn
@@ -251,15 +252,19 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
     """If the body raises, put ``model`` back as it was before it ran, then re-raise.
 
     Put back: each of ``modules`` under every name it had (so a replacement installed in its place
-    comes out), the ``requires_grad`` flag of every parameter of ``model``, and for each of
+    comes out), the ``requires_grad`` flag of every parameter of ``model`` that the body changed,
+    and for each of
     ``modules`` and its submodules the parameter and buffer objects, their storage and plain
     attributes (``training``, a quantized layer's ``version``, ...). With ``values`` also the
     contents of those tensors, which PiSSA rewrites in place; that copy costs memory, so only then.
+    Uninitialized tensors (of lazy modules, ``nn.LazyLinear``) are left alone: torch refuses every
+    operation on them, so the body cannot have changed them, and touching them would raise in
+    place of the body's error.
     """
     modules = list(modules)
     all_names = _module_names(model)
     placed = [(name, module) for module in modules for name in all_names.get(id(module), []) if name]
-    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if not is_lazy(parameter)]
     states = []  # (submodule, its parameter dict, buffer dict, plain attributes)
     tensors = []  # (tensor, its storage, a copy of its values or None)
     for module in modules:
@@ -267,7 +272,7 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
             plain = {k: v for k, v in vars(sub).items() if not isinstance(v, dict)}
             states.append((sub, dict(sub._parameters), dict(sub._buffers), plain))
             for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
-                if tensor is not None:
+                if tensor is not None and not is_lazy(tensor):
                     tensors.append((tensor, tensor.data, tensor.detach().clone() if values else None))
     try:
         yield
@@ -286,7 +291,8 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
                 if copy is not None:
                     storage.copy_(copy)
         for parameter, flag in grad_flags:
-            parameter.requires_grad_(flag)
+            if parameter.requires_grad != flag:
+                parameter.requires_grad_(flag)
         raise
 
 
