@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -481,6 +482,26 @@ def test_modules_with_extra_state_are_refused() -> None:
     with pytest.raises(TypeError, match=r"modules_to_save: '1' is or holds a module with extra state"):
         pl.inject_adapters(model, ["0"], rank=2, modules_to_save=["1"])
     assert type(model[0]) is nn.Linear
+
+
+class _Locked(nn.Linear):
+    """A head holding a lock, which deepcopy cannot copy."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 2)
+        self.lock = threading.Lock()
+
+
+def test_a_module_to_save_that_cannot_be_copied_is_named_and_the_model_stays() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _Locked())
+    before = [(name, module) for name, module in model.named_modules()]
+    copy_error = r"module: the _Locked cannot be deep-copied \(cannot pickle '_thread.lock' object\); a module to save"
+    with pytest.raises(TypeError, match=r"^inject_adapters\(\): modules_to_save: module '1': " + copy_error):
+        pl.inject_adapters(model, ["0"], rank=2, modules_to_save=["1"])
+    assert [(name, module) for name, module in model.named_modules()] == before
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    with pytest.raises(TypeError, match="^" + copy_error):
+        pl.ModuleToSave(_Locked())
 
 
 def test_nested_modules_to_save_are_refused_and_a_module_named_trained_is_not_one() -> None:

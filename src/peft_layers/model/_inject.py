@@ -273,7 +273,9 @@ def inject_adapters(
             relaxed = isinstance(targets, _AllLinear) and rank_key is None and not pissa
             with ranks_above_features_allowed() if relaxed else contextlib.nullcontext():
                 replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
-        copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
+        copies: list[tuple[list[str], nn.Module]] = [
+            (all_names[id(m)], _build_saved(all_names[id(m)][0], m)) for m in saved
+        ]
         for names, new in [*replacements, *copies]:
             for name in names:
                 _set_module(model, name, new)
@@ -509,6 +511,17 @@ def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: di
     # a new module starts in training mode: in an eval() model its dropout would run
     layer.train(module.training)
     return layer
+
+
+def _build_saved(name: str, module: nn.Module) -> ModuleToSave:
+    """``ModuleToSave(module)``; an error of its copy raises the same error type, with
+    ``modules_to_save`` and the module's name in front."""
+    try:
+        return ModuleToSave(module)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if type(error) not in (TypeError, ValueError, RuntimeError):  # a subclass may take other arguments
+            raise
+        raise type(error)(f"inject_adapters(): modules_to_save: module {name!r}: {error}") from error
 
 
 def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
