@@ -1056,7 +1056,8 @@ def test_merge_and_unload_refuses_a_disabled_adapter() -> None:
     [pl.merge_adapters, pl.unmerge_adapters, pl.merge_and_unload, pl.unload, pl.adapter_state_dict,
      pl.trainable_parameters, pl.print_trainable_parameters, pl.prepare_for_kbit_training,
      lambda model: pl.inject_lora(model, "q_proj"), lambda model: pl.load_adapter_state_dict(model, {}),
-     lambda model: pl.disable_adapters(model).__enter__()],
+     lambda model: pl.disable_adapters(model).__enter__(),
+     lambda model: list(pl.model.iter_adapter_layers(model)), lambda model: list(pl.model.iter_modules_to_save(model))],
 )
 def test_every_model_tool_names_a_model_that_is_not_a_module(tool) -> None:
     with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):

@@ -340,6 +340,7 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def iter_modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
     """Each :class:`ModuleToSave` of ``model`` once, with its first dotted name."""
+    _check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, ModuleToSave):
             yield name, module
