@@ -316,6 +316,32 @@ def test_unload_is_exact_for_unmerged_layers() -> None:
         assert torch.equal(model(batch), expected)
 
 
+def _root_layers() -> list[tuple[str, nn.Module]]:
+    torch.manual_seed(0)
+    return [
+        ("merge_and_unload", pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("merge_and_unload", pl.DoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("unload", pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)),
+        ("unload", pl.MultiLoRALinear(nn.Linear(4, 4))),
+        ("unload", pl.ModuleToSave(nn.Linear(4, 4))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_root_layers())))
+def test_a_model_that_is_itself_an_adapter_layer_is_pointed_to_the_layer_tools(index: int) -> None:
+    """merge_and_unload and unload replace layers in their parent, which the root has not: they
+    refuse it as inject_adapters refuses a root linear layer, and change nothing."""
+    tool, model = _root_layers()[index]
+    children, state = dict(model.named_children()), copy.deepcopy(model.state_dict())
+    hint = {"merge_and_unload": r"model\.to_linear\(\)"}.get(tool, r"model\.(base_layer|original)")
+    with pytest.raises(ValueError, match=rf"^{tool}\(\): model is itself a {type(model).__name__}, which cannot "
+                       rf"be replaced in place; .*{hint}"):
+        getattr(pl, tool)(model)
+    assert dict(model.named_children()) == children
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
 def test_merge_errors_change_nothing() -> None:
     model = pl.inject_lora(tiny_model(), list(ATTN))
     with pytest.raises(ValueError, match="no adapter layer is merged"):
@@ -536,6 +562,14 @@ def test_a_model_that_is_itself_a_linear_layer_is_pointed_to_from_linear() -> No
     assert not list(linear.named_children())
 
 
+def test_the_base_of_a_model_that_is_itself_an_adapter_layer_is_refused() -> None:
+    layer = pl.LoRALinear.from_linear(nn.Linear(4, 4), rank=2)
+    base = layer.base_layer
+    with pytest.raises(ValueError, match=r"^targets: 'base_layer' already has an adapter \(LoRALinear\)"):
+        pl.inject_lora(layer, ["base_layer"], rank=2)
+    assert layer.base_layer is base and type(base) is nn.Linear
+
+
 def test_target_that_is_not_linear() -> None:
     with pytest.raises(TypeError, match="LayerNorm"):
         pl.inject_lora(tiny_model(), "norm1")
@@ -676,6 +710,37 @@ def test_a_failed_inject_leaves_the_model_bit_identical(method: str, init: str) 
     with pytest.raises(TypeError, match=r"inject_adapters\(\): module '0': use_rslora: expected a bool"):
         pl.inject_adapters(model, ["0", "1"], method=method, use_rslora="yes")
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("lazy_at", [0, 2])
+def test_a_model_with_a_lazy_module_not_yet_run_is_refused_by_name(lazy_at: int) -> None:
+    """Injection freezes every parameter, which torch refuses for uninitialized ones: the lazy
+    module is named, whether it is the target or elsewhere, and the model stays as it was."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[lazy_at] = nn.LazyLinear(4)
+    target = str(2 - lazy_at)
+    before = [(name, module) for name, module in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"^model: 1 module\(s\) hold uninitialized parameters \(lazy modules\): "
+                       rf"'{lazy_at}' \(LazyLinear\); run a forward"):
+        pl.inject_adapters(model, [target], rank=2)
+    assert [(name, module) for name, module in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
+    model(torch.randn(3, 4))  # materialised: injection works
+    pl.inject_adapters(model, [target], rank=2)
+    assert isinstance(model[int(target)], pl.LoRALinear) and not model[lazy_at].weight.requires_grad
+
+
+def test_the_rollback_of_a_failed_change_skips_uninitialized_parameters_and_raises_the_real_error() -> None:
+    from peft_layers.model._tree import _undo_on_error
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 4))
+    inner = model[1]
+    with pytest.raises(RuntimeError, match="^the real error$"):
+        with _undo_on_error(model, [model[1]], values=True):
+            model[1].weight.requires_grad_(False)
+            model[1] = nn.Identity()
+            raise RuntimeError("the real error")
+    assert model[1] is inner and inner.weight.requires_grad and inner.bias.requires_grad
 
 
 @pytest.mark.parametrize(
@@ -1070,7 +1135,8 @@ def test_merge_and_unload_refuses_a_disabled_adapter() -> None:
     [pl.merge_adapters, pl.unmerge_adapters, pl.merge_and_unload, pl.unload, pl.adapter_state_dict,
      pl.trainable_parameters, pl.print_trainable_parameters, pl.prepare_for_kbit_training,
      lambda model: pl.inject_lora(model, "q_proj"), lambda model: pl.load_adapter_state_dict(model, {}),
-     lambda model: pl.disable_adapters(model).__enter__()],
+     lambda model: pl.disable_adapters(model).__enter__(),
+     lambda model: list(pl.model.iter_adapter_layers(model)), lambda model: list(pl.model.iter_modules_to_save(model))],
 )
 def test_every_model_tool_names_a_model_that_is_not_a_module(tool) -> None:
     with pytest.raises(TypeError, match="^model: expected an nn.Module, got NoneType$"):
@@ -1698,6 +1764,29 @@ def test_all_linear_leaves_out_a_top_level_classifier_or_score_head() -> None:
         setattr(model, head, nn.Linear(8, 2))
         pl.inject_adapters(model, "all-linear", rank=2)
         assert isinstance(model.body, pl.LoRALinear) and type(getattr(model, head)) is nn.Linear
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_all_linear_through_a_wrapper_adapts_what_it_adapts_in_the_plain_model(wrap: str) -> None:
+    """torch.compile's and DataParallel's wrappers rename every module; the output layer and a
+    top-level head are still the model's and are left out."""
+    transformers = pytest.importorskip("transformers")
+
+    def build() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=False))
+        classifier = nn.Module()
+        classifier.body, classifier.score = nn.Linear(8, 8), nn.Linear(8, 2)
+        return llama, classifier
+
+    for plain, inner in zip(build(), build()):
+        pl.inject_adapters(plain, "all-linear", rank=2)
+        wrapper = torch.compile(inner, backend="eager") if wrap == "compile" else nn.DataParallel(inner)
+        pl.inject_adapters(wrapper, "all-linear", rank=2)
+        assert _adapted_names(inner) == _adapted_names(plain)
+        assert not any(name.endswith(("lm_head", "score")) for name in _adapted_names(inner))
 
 
 def test_merge_and_unload_keeps_a_dense_bf16_layer_in_bf16_among_float32_neighbours() -> None:

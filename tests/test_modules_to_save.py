@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -483,6 +484,26 @@ def test_modules_with_extra_state_are_refused() -> None:
     assert type(model[0]) is nn.Linear
 
 
+class _Locked(nn.Linear):
+    """A head holding a lock, which deepcopy cannot copy."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 2)
+        self.lock = threading.Lock()
+
+
+def test_a_module_to_save_that_cannot_be_copied_is_named_and_the_model_stays() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _Locked())
+    before = [(name, module) for name, module in model.named_modules()]
+    copy_error = r"module: the _Locked cannot be deep-copied \(cannot pickle '_thread.lock' object\); a module to save"
+    with pytest.raises(TypeError, match=r"^inject_adapters\(\): modules_to_save: module '1': " + copy_error):
+        pl.inject_adapters(model, ["0"], rank=2, modules_to_save=["1"])
+    assert [(name, module) for name, module in model.named_modules()] == before
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    with pytest.raises(TypeError, match="^" + copy_error):
+        pl.ModuleToSave(_Locked())
+
+
 def test_nested_modules_to_save_are_refused_and_a_module_named_trained_is_not_one() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"modules_to_save: \['1.0', '1.1'\] lie inside '1', which is saved whole"):
@@ -522,3 +543,16 @@ def test_module_to_save_rejects_what_is_not_a_module() -> None:
     wrapped = pl.ModuleToSave(nn.Linear(3, 2))
     assert wrapped.trained is not wrapped.original
     assert torch.equal(wrapped.trained.weight, wrapped.original.weight)
+
+
+def test_the_adapter_state_dict_of_a_model_that_is_a_module_to_save_holds_its_own_keys() -> None:
+    """A root module to save has no path: its keys are those of its own state dict, unprefixed,
+    and load back."""
+    torch.manual_seed(0)
+    saved = pl.ModuleToSave(nn.Linear(3, 2))
+    state = pl.adapter_state_dict(saved)
+    assert list(state) == ["trained.weight", "trained.bias"]
+    assert all(torch.equal(value, saved.state_dict()[key]) for key, value in state.items())
+    ones = {key: torch.ones_like(value) for key, value in state.items()}
+    pl.load_adapter_state_dict(saved, ones)
+    assert torch.equal(saved.trained.weight, torch.ones(2, 3)) and not torch.equal(saved.original.weight, torch.ones(2, 3))

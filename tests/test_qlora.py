@@ -181,6 +181,50 @@ def test_unload_gives_back_the_bitsandbytes_module(kind: str, method: str) -> No
         assert torch.equal(model(x), expected)
 
 
+def _trained_one_step(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(TOKENS, IN)).square().sum().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("loaded_trainable", [True, False])
+@pytest.mark.parametrize("bias", ["none", "all"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_unload_gives_back_the_bitsandbytes_module_with_the_flags_injection_set(
+    kind: str, bias: str, loaded_trainable: bool
+) -> None:
+    """The QuantizedLinear holds the module's bias in a Parameter of its own, which injection
+    freezes (or bias="all" trains): the module comes back with that flag, whatever it had before
+    (transformers loads its biases trainable)."""
+    model = _bnb_model(kind).train()
+    original = model[0]
+    original.bias.requires_grad_(loaded_trainable)
+    pl.inject_adapters(model, ["0"], method="qlora", rank=4, bias=bias)
+    _trained_one_step(model)
+    flags = {
+        name.replace("base_layer.", ""): p.requires_grad for name, p in model.named_parameters() if "lora_" not in name
+    }
+    trained_bias = model[0].base_layer.bias.detach().clone()
+    pl.unload(model)
+    assert model[0] is original
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert flags["0.bias"] is (bias == "all") and torch.equal(original.bias, trained_bias)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_and_unload_over_a_bitsandbytes_base_keeps_the_bias_that_bias_all_trained(kind: str) -> None:
+    model = _bnb_model(kind).train()
+    model[0].bias.requires_grad_(True)
+    before = model[0].bias.detach().clone()
+    pl.inject_adapters(model, ["0"], method="qlora", rank=4, bias="all")
+    _trained_one_step(model)
+    trained_bias = model[0].base_layer.bias.detach().clone()
+    assert not torch.equal(trained_bias, before)
+    pl.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and model[0].bias.requires_grad
+    assert torch.equal(model[0].bias.detach(), trained_bias)
+
+
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
 def test_a_model_level_load_without_the_base_codes_leaves_the_base_as_it_is(method: str) -> None:
     # a load of other modules (strict=False) between forward and backward: the base did not

@@ -8,6 +8,7 @@ formula.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -618,6 +619,39 @@ def test_an_adapter_for_the_model_itself_is_refused_changing_nothing() -> None:
     pl.set_adapter(stack, "b")
     with torch.no_grad():
         torch.testing.assert_close(stack(x), linear(x) + x @ lora_A.t() @ lora_B.t(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("own", ["stack", "lora", "root stack"])
+def test_a_path_inside_a_stack_or_lora_layer_is_refused_as_inject_lora_refuses_it(own: str) -> None:
+    """A stack at the base_layer of a stack or LoRA layer would nest inside it, and unload would
+    not give back the model's layer: refused, naming the path, and the model stays as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6))
+    original = model[0]
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    if own == "lora":
+        pl.inject_lora(model, ["0"], rank=2)
+    else:
+        pl.stack_adapters(model, {"s": {"0.lora_A": A, "0.lora_B": B}})
+    path = "0.base_layer"
+    if own == "root stack":
+        model, path = model[0], "base_layer"
+    with pytest.raises(ValueError, match=re.escape(f"{path!r} already has an adapter")):
+        pl.inject_lora(model, [path], rank=2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"module {path!r}: {path!r} lies inside ") + r".*already has an adapter"):
+        pl.stack_adapters(model, {"t": {f"{path}.lora_A": A, f"{path}.lora_B": B}})
+    after = snapshot(model)
+    assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+    if own != "root stack":
+        pl.unload(model)
+        assert model[0] is original
+
+
+def test_the_layers_listed_for_a_missing_path_are_where_adapters_can_go() -> None:
+    model = pl.inject_lora(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6)), ["0"], rank=2)
+    with pytest.raises(ValueError, match=re.escape("its linear layers include ['0', '1']")):
+        pl.stack_adapters(model, {"t": {"2.lora_A": torch.randn(2, 6), "2.lora_B": torch.randn(6, 2)}})
 
 
 def test_a_global_forward_hook_sees_the_base_output_of_a_stacks_base() -> None:

@@ -38,9 +38,10 @@ class ModuleToSave(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+        trained = _deep_copy(module)
         super().__init__()
         self.original = module
-        self.trained = copy.deepcopy(module)
+        self.trained = trained
         self.original.requires_grad_(False)
         self.trained.requires_grad_(True)
         self.enabled = True
@@ -76,3 +77,17 @@ class ModuleToSave(nn.Module):
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}"
+
+
+def _deep_copy(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, the trained copy; an error of the copy (an attribute that cannot
+    be copied, such as a lock) says which module and why it is copied."""
+    try:
+        return copy.deepcopy(module)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if type(error) not in (TypeError, ValueError, RuntimeError):  # a subclass may take other arguments
+            raise
+        raise type(error)(
+            f"module: the {type(module).__name__} cannot be deep-copied ({error}); a module to save "
+            "trains a deep copy of it"
+        ) from error

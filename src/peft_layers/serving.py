@@ -250,6 +250,19 @@ def _stackable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, QuantizedLinear, MultiLoRALinear, LoRALinear)) or is_conv1d(module)
 
 
+def _holder_path(modules: Mapping[str, nn.Module], path: str) -> str | None:
+    """The path of the adapter layer or stack (of ``modules``, by path) that ``path`` lies inside
+    (its ``base_layer`` or deeper), or None."""
+    if not path:
+        return None
+    parts = path.split(".")
+    for end in range(len(parts)):  # from the root down
+        prefix = ".".join(parts[:end])
+        if isinstance(modules.get(prefix), (LoRALinear, MultiLoRALinear)):
+            return prefix
+    return None
+
+
 def stack_adapters(
     model: nn.Module, adapters: Mapping[str, str | os.PathLike[str] | Mapping[str, Tensor]]
 ) -> nn.Module:
@@ -271,7 +284,8 @@ def stack_adapters(
     Raises ``TypeError``/``ValueError`` naming the adapter and module: a name that is empty,
     holds a ``'.'``, is taken or is an attribute of ``nn.ParameterDict`` (``"keys"``, ``"to"``); a
     DoRA adapter or layer; a merged LoRA layer, or one inside a disable block; a module path the
-    model does not have, or one that is not a linear layer; factors whose shapes do not fit; an
+    model does not have, one that is not a linear layer, or one inside an adapter layer or stack
+    (its ``base_layer``: name the layer itself); factors whose shapes do not fit; an
     adapter with no modules. On any error the model is unchanged. A ``torch.compile``'d or
     data-parallel model is stacked inside its wrapper (:func:`~peft_layers.model.unwrapped`),
     where the adapters' module paths are.
@@ -343,8 +357,17 @@ def stack_adapters(
             )
         module = modules.get(path)
         if module is None:
-            linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear)) or is_conv1d(m)][:20]
+            # where adapters can go: not the layers inside adapter layers and stacks
+            linears = [n for n, m in modules.items() if _stackable(m) and _holder_path(modules, n) is None][:20]
             raise ValueError(f"{where}: the model has no module {path!r}; its linear layers include {linears}")
+        holder = _holder_path(modules, path)
+        if holder is not None:
+            at = f"the layer at {holder!r}" if holder else "the model itself"
+            raise ValueError(
+                f"{where}: {path!r} lies inside {at}, which already has an adapter "
+                f"({type(modules[holder]).__name__}); a stack there would nest inside it. Name "
+                f"{holder!r} to add the adapter beside the others, or unload(model) first"
+            )
         if id(module) in plan:
             return plan[id(module)]
         if not _stackable(module):

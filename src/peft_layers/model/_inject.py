@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .._warnings import warn as _warn
 from ..adapter import is_conv1d
@@ -110,8 +111,9 @@ def inject_adapters(
     message lists the linear layers, nearest first), if a match already is an adapter layer or
     lies inside one; ``TypeError`` if a match is not a linear layer the method can wrap or a layer
     argument is not one the method takes; and the layer's own error, prefixed with the module's
-    name, for a value it rejects. Nothing is changed when an error is raised (no flag, no weight,
-    not even a PiSSA residual).
+    name, for a value it rejects; ``ValueError`` for a model with lazy modules not yet run
+    (``nn.LazyLinear``: run a forward first). Nothing is changed when an error is raised (no
+    flag, no weight, not even a PiSSA residual).
     """
     _check_model(model)
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, (str, re.Pattern)):
@@ -124,6 +126,7 @@ def inject_adapters(
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}{hint}")
     rank_pattern = _check_pattern("rank_pattern", rank_pattern, int)
     alpha_pattern = _check_pattern("alpha_pattern", alpha_pattern, float)
+    _refuse_lazy(model)
     # whether a module lies in a model loaded quantized (asked of quantized methods only)
     scope: Callable[[str], bool] = _LoadedQuantized(model) if method in FLOAT_METHOD else (lambda name: False)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # any case, as Hugging Face PEFT
@@ -271,7 +274,9 @@ def inject_adapters(
             relaxed = isinstance(targets, _AllLinear) and rank_key is None and not pissa
             with ranks_above_features_allowed() if relaxed else contextlib.nullcontext():
                 replacements.append((names, _build_layer(layer_cls, first, modules[first], kwargs)))
-        copies: list[tuple[list[str], nn.Module]] = [(all_names[id(m)], ModuleToSave(m)) for m in saved]
+        copies: list[tuple[list[str], nn.Module]] = [
+            (all_names[id(m)], _build_saved(all_names[id(m)][0], m)) for m in saved
+        ]
         for names, new in [*replacements, *copies]:
             for name in names:
                 _set_module(model, name, new)
@@ -552,9 +557,37 @@ def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: di
     return layer
 
 
+def _build_saved(name: str, module: nn.Module) -> ModuleToSave:
+    """``ModuleToSave(module)``; an error of its copy raises the same error type, with
+    ``modules_to_save`` and the module's name in front."""
+    try:
+        return ModuleToSave(module)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if type(error) not in (TypeError, ValueError, RuntimeError):  # a subclass may take other arguments
+            raise
+        raise type(error)(f"inject_adapters(): modules_to_save: module {name!r}: {error}") from error
+
+
 def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
     """:func:`inject_adapters` with ``method="lora"``: the plain LoRA layers of the model."""
     return inject_adapters(model, targets, method="lora", **kwargs)
+
+
+def _refuse_lazy(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` holds uninitialized parameters (lazy modules, such as
+    ``nn.LazyLinear`` before its first forward): injection freezes every parameter of the model,
+    which torch refuses for those, and a lazy layer has no size to adapt yet."""
+    lazy = {
+        name: type(module).__name__ for name, module in model.named_modules()
+        if any(is_lazy(parameter) for parameter in module.parameters(recurse=False))
+    }
+    if lazy:
+        listed = ", ".join(f"{name!r} ({kind})" for name, kind in list(lazy.items())[:5])
+        raise ValueError(
+            f"model: {len(lazy)} module(s) hold uninitialized parameters (lazy modules): {listed}"
+            f"{' ...' if len(lazy) > 5 else ''}; run a forward with a dummy batch first, which gives "
+            "them their sizes, then inject adapters"
+        )
 
 
 def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:

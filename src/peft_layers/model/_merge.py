@@ -23,6 +23,7 @@ from ._tree import (
     _module_names,
     _progress,
     _set_module,
+    _stack_class,
     _stacked_layers,
     iter_adapter_layers,
     iter_modules_to_save,
@@ -172,6 +173,29 @@ def _one_requantize_warning(
     )
 
 
+#: (caller, class) -> what to use instead of a call on a model that is itself that layer
+_ROOT_HINTS: dict[tuple[str, str], str] = {
+    ("merge_and_unload()", "LoRALinear"): "model.to_linear() gives its merged nn.Linear",
+    ("merge_and_unload()", "ModuleToSave"): "model.trained is its trained copy",
+    ("unload()", "LoRALinear"): "model.base_layer is the layer it wraps (call model.unmerge() first if it is merged)",
+    ("unload()", "MultiLoRALinear"): "model.base_layer is the layer it stacks on",
+    ("unload()", "ModuleToSave"): "model.original is the module it wraps",
+}
+
+
+def _refuse_root(model: nn.Module, caller: str) -> None:
+    """Raise ``ValueError`` if ``model`` itself is an adapter layer, a stack of served adapters or
+    a module to save: ``caller`` replaces such modules in their parent, and the root has none."""
+    kinds = (LoRALinear, _stack_class(), ModuleToSave)
+    kind = next((cls.__name__ for cls in kinds if isinstance(model, cls)), None)
+    if kind is None:
+        return
+    raise ValueError(
+        f"{caller}: model is itself a {type(model).__name__}, which cannot be replaced in place; "
+        f"{caller[:-2]} takes a model that holds adapter layers; {_ROOT_HINTS[(caller, kind)]}"
+    )
+
+
 @dataclass
 class _WithNewParameters:
     """A module to put back once it holds ``parameters`` (by attribute name) and is in mode
@@ -226,6 +250,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     A ``dtype`` other than that of the layers around them gives layers that the next forward
     feeds inputs of another dtype (``nn.Linear`` casts none): cast the whole model with it
     (``model.to(dtype)``), as the merge casts only what it builds.
+    A ``model`` that is itself an adapter layer or module to save raises ``ValueError`` (it has
+    no parent to be replaced in): ``layer.to_linear()`` merges a single layer.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -239,6 +265,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
         )
 
     _refuse_sharded_layers(layers, "merge_and_unload()")
+    _refuse_root(model, "merge_and_unload()")
     neighbours = _surrounding_dtype(model, layers)
 
     def build(layer: LoRALinear) -> nn.Module | _WithNewParameters:
@@ -302,8 +329,9 @@ def _trained_copy(saved: ModuleToSave) -> nn.Module:
 
 
 def _take_requires_grad(merged: nn.Module, base: nn.Module) -> None:
-    """Give the merged layer's weight and bias the ``requires_grad`` of the base's (a bias that
-    ``bias="all"`` trained stays trainable; a quantized base's codes are never trainable)."""
+    """Give the weight and bias of ``merged`` (a merged layer, or the bitsandbytes module that
+    ``unload`` puts back) the ``requires_grad`` of the base's (a bias that ``bias="all"`` trained
+    stays trainable; a quantized base's codes are never trainable)."""
     for name in ("weight", "bias"):
         tensor, before = getattr(merged, name, None), getattr(base, name, None)
         if isinstance(tensor, nn.Parameter) and isinstance(before, Tensor):
@@ -374,6 +402,8 @@ def unload(model: nn.Module) -> nn.Module:
     requantizes); otherwise its ``QuantizedLinear`` base. Layers stacked for serving
     (``MultiLoRALinear``, from ``stack_adapters``) give back their base layer too, with all their
     adapters dropped, and modules to save their original module (its trained copy is dropped).
+    A ``model`` that is itself one of these raises ``ValueError`` (it has no parent to be
+    replaced in): its ``base_layer`` (``original``) is the module it wraps.
     """
     layers: list[tuple[str, Any]] = [*iter_adapter_layers(model), *_stacked_layers(model)]
     saved = list(iter_modules_to_save(model))
@@ -387,6 +417,7 @@ def unload(model: nn.Module) -> nn.Module:
             "back), so unload after the block"
         )
     _refuse_fsdp_units(layers)
+    _refuse_root(model, "unload()")
     for _, layer in layers:  # every refusal before the first change
         if isinstance(layer, LoRALinear) and layer.merged:
             layer._check_unmergeable()
@@ -397,7 +428,12 @@ def unload(model: nn.Module) -> nn.Module:
             layer.unmerge()
         base = layer.base_layer
         original = base.bnb_module if isinstance(base, QuantizedLinear) else None
-        return base if original is None else original
+        if original is None:
+            return base
+        # injection froze (or bias="all" trained) the QuantizedLinear's own bias Parameter, which
+        # shares its storage with the module's: the module comes back with the flags set there
+        _take_requires_grad(original, base)
+        return original
 
     merged = [layer for _, layer in layers if isinstance(layer, LoRALinear) and layer.merged]
     with _one_requantize_warning(merged, "unload()", UNMERGE_REQUANTIZE_CONSEQUENCE):

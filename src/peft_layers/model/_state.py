@@ -73,7 +73,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; and
     the state of each module to save's trained copy (``"<path>.trained.weight"``, ...). Paths
     are those of the model inside ``torch.compile``'s and data-parallel wrappers
-    (:func:`unwrapped`). A model without adapters gives an empty dict; a model whose adapters are
+    (:func:`unwrapped`). Every key is a key of ``model.state_dict()``, so a model that is itself
+    an adapter layer or module to save gives its own keys, unprefixed (``"lora_A"``,
+    ``"trained.weight"``), which :func:`load_adapter_state_dict` takes back. A model without adapters gives an empty dict; a model whose adapters are
     stacked for serving raises ``ValueError`` (they are not trainable layers: ``unload`` first)."""
     model = unwrapped(model)
     _refuse_stacks_only(model, "adapter_state_dict()")
@@ -83,7 +85,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for parameter_name in layer.adapter_parameter_names:
             state[prefix + parameter_name] = getattr(layer, parameter_name).detach()
     for name, saved in iter_modules_to_save(model):
-        for key, tensor in saved.trained.state_dict(prefix=f"{name}.trained.").items():
+        prefix = f"{name}." if name else ""
+        for key, tensor in saved.trained.state_dict(prefix=f"{prefix}trained.").items():
             state[key] = tensor
     return state
 

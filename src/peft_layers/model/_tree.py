@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from tqdm.auto import tqdm
 
 from .._warnings import warn as _warn
@@ -147,6 +148,8 @@ def _enclosing_adapter(model: nn.Module, name: str) -> nn.Module | None:
     """The adapter layer, stack of served adapters or module to save that ``name`` lies inside
     (as its ``base_layer``, ``original``/``trained`` or deeper), or None."""
     holders = (LoRALinear, _stack_class(), ModuleToSave)
+    if name and isinstance(model, holders):  # a model that is itself one holds every other name
+        return model
     module = model
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
@@ -159,7 +162,8 @@ class _AllLinear:
     """The targets ``"all-linear"`` stands for: every layer that ``method`` can wrap, except
     the output layers that Hugging Face PEFT also leaves out (a transformers model's
     ``get_output_embeddings()``, as a language model's ``lm_head``) and a top-level ``score``
-    or ``classifier`` head, the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
+    or ``classifier`` head (both asked of the model inside ``torch.compile``'s and data-parallel
+    wrappers, :func:`unwrapped`), the modules to save, the ``out_proj`` of an ``nn.MultiheadAttention``
     (which the attention never calls), and what lies inside these or inside an adapter layer.
     With ``"qlora"``/``"qdora"``, a float layer the model keeps unquantized (transformers'
     ``_keep_in_fp32_modules``, T5's ``wo``) gets ``"lora"``/``"dora"``, as Hugging Face PEFT
@@ -170,9 +174,11 @@ class _AllLinear:
         self, model: nn.Module, method: str, modules_to_save: TargetSpec | None, scope: Callable[[str], bool]
     ) -> None:
         self.model, self.method, self.scope = model, method, scope
-        left_out = [getattr(model, name, None) for name in _CLASSIFIER_HEADS]
-        if is_transformers_subclass(type(model), "PreTrainedModel"):  # as Hugging Face PEFT: only these
-            left_out.append(cast(Any, model).get_output_embeddings())
+        # the heads are the model's, inside torch.compile's and data-parallel wrappers
+        inner = unwrapped(model)
+        left_out = [getattr(inner, name, None) for name in _CLASSIFIER_HEADS]
+        if is_transformers_subclass(type(inner), "PreTrainedModel"):  # as Hugging Face PEFT: only these
+            left_out.append(cast(Any, inner).get_output_embeddings())
         left_out += [m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         saved = _spec_parts(modules_to_save, "modules_to_save", allow_empty=True) if modules_to_save is not None else []
         left_out += [m for n, m in model.named_modules() if n and any(_part_matches(p, n, m) for p in saved)]
@@ -246,15 +252,19 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
     """If the body raises, put ``model`` back as it was before it ran, then re-raise.
 
     Put back: each of ``modules`` under every name it had (so a replacement installed in its place
-    comes out), the ``requires_grad`` flag of every parameter of ``model``, and for each of
+    comes out), the ``requires_grad`` flag of every parameter of ``model`` that the body changed,
+    and for each of
     ``modules`` and its submodules the parameter and buffer objects, their storage and plain
     attributes (``training``, a quantized layer's ``version``, ...). With ``values`` also the
     contents of those tensors, which PiSSA rewrites in place; that copy costs memory, so only then.
+    Uninitialized tensors (of lazy modules, ``nn.LazyLinear``) are left alone: torch refuses every
+    operation on them, so the body cannot have changed them, and touching them would raise in
+    place of the body's error.
     """
     modules = list(modules)
     all_names = _module_names(model)
     placed = [(name, module) for module in modules for name in all_names.get(id(module), []) if name]
-    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if not is_lazy(parameter)]
     states = []  # (submodule, its parameter dict, buffer dict, plain attributes)
     tensors = []  # (tensor, its storage, a copy of its values or None)
     for module in modules:
@@ -262,7 +272,7 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
             plain = {k: v for k, v in vars(sub).items() if not isinstance(v, dict)}
             states.append((sub, dict(sub._parameters), dict(sub._buffers), plain))
             for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
-                if tensor is not None:
+                if tensor is not None and not is_lazy(tensor):
                     tensors.append((tensor, tensor.data, tensor.detach().clone() if values else None))
     try:
         yield
@@ -281,7 +291,8 @@ def _undo_on_error(model: nn.Module, modules: Iterable[nn.Module], *, values: bo
                 if copy is not None:
                     storage.copy_(copy)
         for parameter, flag in grad_flags:
-            parameter.requires_grad_(flag)
+            if parameter.requires_grad != flag:
+                parameter.requires_grad_(flag)
         raise
 
 
@@ -329,6 +340,7 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def iter_modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
     """Each :class:`ModuleToSave` of ``model`` once, with its first dotted name."""
+    _check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, ModuleToSave):
             yield name, module
