@@ -1237,6 +1237,47 @@ def test_a_model_module_named_base_layer_is_no_nested_adapter(tmp_path: Path) ->
     assert torch.equal(load_adapter(Outer(), tmp_path)(x), model(x))
 
 
+class _WithBaseLayer(nn.Module):
+    """``enc.base_layer``: a plain module of the model named ``base_layer``, beside the target
+    ``enc.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Module()
+        self.enc.base_layer = nn.Linear(8, 8)
+        self.enc.fc = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.enc.fc(torch.tanh(self.enc.base_layer(x)))
+
+
+@needs_peft
+def test_a_trained_bias_of_a_model_module_named_base_layer_loads(tmp_path: Path) -> None:
+    """With ``bias="all"``, the bias of the model's own ``enc.base_layer`` is saved as
+    ``enc.base_layer.bias``, which the reader took for the base bias of an adapter at ``enc`` and
+    refused ("a bias for 'enc' without the module's own tensors"). No target matches ``enc``, so
+    it is that module's bias, as Hugging Face PEFT loads it."""
+    import peft
+
+    model = inject_adapters(_WithBaseLayer(), ["fc"], rank=2, bias="all")
+    randomize(model)
+    with torch.no_grad():
+        model.enc.base_layer.bias.add_(1.0)
+    save_adapter(model, tmp_path)
+    assert "base_model.model.enc.base_layer.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    assert set(read_adapter(tmp_path).other_biases) == {"enc.base_layer"}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        for into in (_WithBaseLayer(), inject_adapters(_WithBaseLayer(), ["fc"], rank=2, bias="all")):
+            loaded = load_adapter(into, tmp_path)  # injects, then fills
+            assert torch.equal(loaded.enc.base_layer.bias, model.enc.base_layer.bias)
+            assert torch.equal(loaded(x), expected)
+        theirs = peft.PeftModel.from_pretrained(_WithBaseLayer(), tmp_path)
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) -> None:
     """Embedding, convolution and nested (nn.MultiheadAttention) adapters, and modules saved for
     ``ensure_weight_tying``, were refused with messages about key forms, shapes or targets."""

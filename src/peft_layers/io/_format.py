@@ -363,6 +363,15 @@ class _LayerSelection:
         return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
 
 
+def _may_be_adapted(module: str, target_modules: str | list[str] | None, selection: _LayerSelection) -> bool:
+    """Whether Hugging Face PEFT, under the config, could put an adapter at ``module``:
+    ``target_modules`` matches it (or is unset, which decides nothing) and no other field leaves
+    it out."""
+    if target_modules is None:
+        return True
+    return _target_matches(target_modules, module) and selection.why_left_out(module, target_modules) is None
+
+
 def _layer_index_regex(layers_pattern: str) -> str:
     """The layer index after ``layers_pattern`` in a module name, as Hugging Face PEFT reads it."""
     return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
@@ -688,12 +697,17 @@ def _parse(
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
         if "lora_A" not in parts and "lora_B" not in parts:
+            if "base_bias" in parts and not _may_be_adapted(module, target_modules, selection):
+                # no adapter can be at `module`: the key is the bias of the model's own module
+                # named base_layer inside it (bias="all"), as Hugging Face PEFT loads it
+                other_biases[f"{module}.base_layer" if module else "base_layer"] = parts.pop("base_bias")
             if set(parts) == {"base_bias"} and bias == "all":  # another name of a shared layer
                 alias_biases[module] = parts["base_bias"]
                 continue
             if set(parts) - {"bias"}:
                 raise ValueError(f"{wp}: module {module!r} has {sorted(parts)} but no lora_A/lora_B")
-            other_biases[module] = parts["bias"]
+            if "bias" in parts:
+                other_biases[module] = parts["bias"]
             continue
         for kind in ("lora_A", "lora_B"):
             if kind not in parts:
