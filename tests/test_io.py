@@ -1405,6 +1405,25 @@ def test_merged_layers_and_inject_kwargs_are_refused(saved_lora: Path) -> None:
         load_adapter(base_net(), saved_lora, rank=2)
 
 
+def test_arguments_the_file_decides_are_refused_by_name(tmp_path: Path) -> None:
+    """``modules_to_save=`` was dropped without a word when the file has modules to save, and
+    ``exclude=`` went on to inject_adapters and failed later with a message about the model's
+    adapters. Like ``rank=``, both are refused up front, with or without adapters in the model."""
+    save_adapter(adapted("lora", modules_to_save=["norm"]), tmp_path / "with_saved")
+    save_adapter(adapted("lora"), tmp_path / "plain")
+    for folder in ("with_saved", "plain"):
+        for name, value in (("modules_to_save", ["block.fc"]), ("exclude", ["block.fc"]), ("targets", ["fc"])):
+            for model in (base_net(), inject_adapters(base_net(), list(PATHS), rank=4, modules_to_save=["norm"])):
+                before = snapshot(model)
+                with pytest.raises(TypeError, match=rf"\['{name}'\] come from the adapter file .*got {name}=\['"):
+                    load_adapter(model, tmp_path / folder, **{name: value})
+                assert_unchanged(model, before)
+    with pytest.raises(TypeError, match=r"\['modules_to_save'\] come from the adapter file"):
+        load_adapter(base_net(), tmp_path / "missing", modules_to_save=["norm"])  # before the files are read
+    loaded = load_adapter(base_net(), tmp_path / "with_saved", dropout=0.0)  # a layer argument the file leaves open
+    assert [name for name, module in loaded.named_modules() if isinstance(module, pl.ModuleToSave)] == ["norm"]
+
+
 def test_failure_after_injection_is_undone(saved_lora: Path, monkeypatch) -> None:
     model = base_net()
     model.norm.weight.requires_grad_(True)  # inject would freeze it: the rollback must not

@@ -338,7 +338,10 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
         saved.trained.load_state_dict(state)
 
 
-_FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
+#: inject_adapters arguments that the file decides: load_adapter refuses them
+_FROM_FILE = (
+    "targets", "exclude", "modules_to_save", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init",
+)
 _QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
 
 
@@ -392,10 +395,19 @@ def _methods_by_path(adapter: AdapterFile, method: str, named: bool, modules: Ma
     return {p: FLOAT_METHOD[method] if p in floats else method for p in adapter.modules}
 
 
-def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
-    given = sorted(set(inject_kwargs) & set(_FROM_FILE))
+def _refuse_from_file(inject_kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming the ``inject_kwargs`` that the file decides (:data:`_FROM_FILE`)."""
+    given = [name for name in _FROM_FILE if name in inject_kwargs]
     if given:
-        raise TypeError(f"load_adapter(): {given} come from the adapter file and cannot be passed")
+        passed = ", ".join(f"{name}={inject_kwargs[name]!r}" for name in given)
+        raise TypeError(
+            f"load_adapter(): {given} come from the adapter file and cannot be passed (got {passed}); "
+            f"the file decides {list(_FROM_FILE)}, and inject_kwargs may set the method and the layer "
+            "arguments it leaves open (method, dropout, bias, quant, compute_dtype, ...)"
+        )
+
+
+def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
     overrides = dict(inject_kwargs)
     method = overrides.pop("method", adapter.method)
     if method not in METHODS:
@@ -530,8 +542,10 @@ def load_adapter(
       ``"peft_layers"`` field: ``"lora_plus"``, ``"qlora"``, ``"qdora"`` with the recorded
       quantization), each module with its rank and alpha, the file's ``use_rslora``,
       ``lora_dropout`` and ``bias`` mode. ``inject_kwargs`` (``method``, ``quant``, ``dropout``,
-      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes (targets,
-      ranks, alphas, ``use_rslora``, ``init``). ``init_lora_weights="pissa"`` re-creates the PiSSA
+      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes: passing
+      ``targets``, ``exclude``, ``modules_to_save``, ``rank``, ``alpha``, ``rank_pattern``,
+      ``alpha_pattern``, ``use_rslora`` or ``init`` raises ``TypeError``, whether the model has
+      adapters or not. ``init_lora_weights="pissa"`` re-creates the PiSSA
       residual of the base as Hugging Face PEFT does. The caller's RNG is not advanced.
 
     A file holding a targeted layer's full base weight (``<p>.base_layer.weight``, which Hugging
@@ -548,8 +562,10 @@ def load_adapter(
         NotADirectoryError: ``directory`` is a file (such as the weights file itself).
         ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
             config against tensors) or files that do not fit the model.
-        TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
+        TypeError: a bad argument type, an ``inject_kwargs`` argument the file decides, or
+            ``inject_kwargs`` with a model that has adapters.
     """
+    _refuse_from_file(inject_kwargs)
     wrapper, model = model, unwrapped(model)  # the files name the model's own modules
     adapter = read_adapter(directory, adapter_name=adapter_name)
     if next(iter_adapter_layers(model), None) is not None:
