@@ -224,6 +224,26 @@ def test_filling_existing_layers_takes_the_files_rslora_and_epsilon(method: str,
     assert torch.equal(target.eval()(x), model(x))
 
 
+@needs_peft
+def test_filling_dora_layers_from_a_file_without_epsilon_takes_the_default(tmp_path: Path) -> None:
+    """A file records DoRA's epsilon only when it is not the default 1e-8 (Hugging Face PEFT's
+    never do). Filling layers built with another epsilon kept theirs, and the outputs differed
+    from the saved model's and from Hugging Face PEFT's on the same file."""
+    import peft
+
+    model = adapted("dora")
+    save_adapter(model, tmp_path)
+    assert our_field(tmp_path) is None
+    target = inject_adapters(base_net(), list(PATHS), method="dora", rank=4, rank_pattern={"^block\\.out": 2}, epsilon=1.0)
+    load_adapter(target, tmp_path)
+    assert all(layer.epsilon == 1e-8 for _, layer in iter_adapter_layers(target))
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(target.eval()(x), model(x))
+        theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+        torch.testing.assert_close(target(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_config_fields_and_patterns(tmp_path: Path) -> None:
     model = adapted("dora", alpha_pattern={"^block\\.fc": 5.0}, dropout=0.1)
     save_adapter(model, tmp_path)

@@ -29,7 +29,7 @@ from ..model import (
 from ..model._inject import _module_to_save_refusal
 from ..model._methods import QUANTIZED_BASE_METHODS, _LoadedQuantized, _layer_method
 from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error
-from ._format import AdapterFile, ModuleAdapter, read_adapter
+from ._format import _DORA_EPSILON, AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
 
 
@@ -328,8 +328,8 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
                 cast(Tensor, layer.base_layer.weight).copy_(module.base_weight)
             layer.alpha = module.alpha
             layer.use_rslora = adapter.use_rslora
-            if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
-                layer.epsilon = adapter.layer_kwargs["epsilon"]
+            if isinstance(layer, DoRALinear):  # a file without the field (all of Hugging Face's) means the default
+                layer.epsilon = adapter.layer_kwargs.get("epsilon", _DORA_EPSILON)
             if isinstance(layer, LoRAPlusLinear) and "lr_ratio" in adapter.layer_kwargs:
                 layer.lr_ratio = adapter.layer_kwargs["lr_ratio"]
         for bias, tensor in plan.biases:
@@ -534,7 +534,8 @@ def load_adapter(
     - If ``model`` has adapter layers, the file fills them: every adapter layer must have its
       tensors in the file and every module in the file must be an adapter layer of the model,
       with the same rank and shapes; a DoRA file needs DoRA layers and a LoRA file plain LoRA
-      layers. The layers take the file's ``alpha`` and ``use_rslora`` (they define the function);
+      layers. The layers take the file's ``alpha``, ``use_rslora`` and DoRA ``epsilon`` (1e-8
+      when the file records none; they define the function);
       dropout and the base are left as they are (but for a base weight or bias the file holds).
       ``inject_kwargs`` are not allowed then.
     - If ``model`` has no adapter layers, the file's modules are wrapped first with
