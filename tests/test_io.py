@@ -1530,6 +1530,35 @@ def test_crash_mid_save_leaves_the_old_files(tmp_path: Path, monkeypatch) -> Non
     assert read_adapter(tmp_path).method == "dora"
 
 
+def test_a_failed_save_removes_the_folders_it_created_only(tmp_path: Path, monkeypatch) -> None:
+    """A save that failed while writing (a full disk) left the folders it had created behind,
+    empty (``runs/adapter/math/``). It removes those, and only those."""
+    import errno
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "old" / "keep").mkdir(parents=True)
+    save_adapter(adapted("lora"), tmp_path / "old", adapter_name="math")
+    old = folder_bytes(tmp_path / "old" / "math")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    model = adapted("dora")
+    for directory, adapter_name in (
+        (tmp_path / "runs" / "adapter", "math"),  # three new folders
+        (tmp_path / "old" / "new", None),  # one new folder in an old one
+        (tmp_path / "old" / "keep", "math"),  # one new folder in an old, empty one
+        (tmp_path / "old", "math"),  # an old adapter: no new folder
+        (tmp_path / "old" / "keep", None),  # an old empty folder
+    ):
+        with pytest.raises(OSError, match="No space left"):
+            save_adapter(model, directory, adapter_name=adapter_name)
+    monkeypatch.undo()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "old", "old/keep", "old/math", "old/math/adapter_config.json", "old/math/adapter_model.safetensors",
+    ]
+    assert folder_bytes(tmp_path / "old" / "math") == old
+
+
 def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no adapter layers"):
         save_adapter(base_net(), tmp_path)

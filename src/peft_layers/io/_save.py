@@ -366,6 +366,41 @@ def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
                 pass
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents (``FileExistsError`` if one is a file); return
+    the folders this call created, outermost first (one made meanwhile by another process is not
+    among them)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            break
+        missing.append(path)
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+                continue
+            created.append(path)
+    except BaseException:
+        _remove_folders(created)
+        raise
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove ``created`` (outermost first, as :func:`_make_folders` returns them), innermost
+    first; a folder that is no longer empty (another writer's files) stays."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str | None = None) -> Path:
     """Save ``model``'s adapter layers as a Hugging Face PEFT adapter; returns the folder.
 
@@ -383,7 +418,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
 
     The save is atomic: both files are written to temporary files in the folder and fsynced, then
     renamed over the old ones (a failed second rename undoes the first). On any error, the files
-    that were in the folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
+    that were in the folder before are still there, unchanged, and the folders this call created
+    are removed (never ones that existed before). Raises ``ValueError`` if the model has no adapter
     layers, or if its layers mix what one file cannot hold (methods, use_rslora, two
     quantizations, DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA). QLoRA layers beside LoRA
     layers on float bases (QDoRA beside DoRA) are one adapter, as a model loaded in 4 bits that
@@ -406,8 +442,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
             f"adapter_name: {str(folder)!r} is a file; the adapter {adapter_name!r} is saved into a "
             "folder of that name"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder, files)
+    created = _make_folders(folder)
+    try:
+        _write_atomically(folder, files)
+    except BaseException:  # a failed save leaves no empty adapter folder behind
+        _remove_folders(created)
+        raise
     _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
     return folder
 
