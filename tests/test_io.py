@@ -561,6 +561,29 @@ def test_shared_module_warns_that_peft_adapts_the_first_name_only(tmp_path: Path
         load_adapter(filled, tmp_path / "hf")
 
 
+def test_a_shared_module_warning_turned_error_changes_nothing(tmp_path: Path) -> None:
+    """Under ``-W error`` the shared-module warning raised after load_adapter had injected and
+    filled (the model kept the adapter layers), and after save_adapter had written the files.
+    Both warn before they change anything now."""
+    ours = randomize(inject_adapters(EncDec(), ["enc"], rank=4)).eval()
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        save_adapter(ours, tmp_path / "old")
+    old = folder_bytes(tmp_path / "old")
+    other = randomize(inject_adapters(EncDec(), ["enc"], rank=4), seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for directory in (tmp_path / "new" / "adapter", tmp_path / "old"):
+            with pytest.raises(UserWarning, match=SHARED_WARNING):
+                save_adapter(other, directory)
+        for model in (EncDec(), randomize(inject_adapters(EncDec(), ["enc"], rank=4), seed=8)):  # injects, fills
+            before = snapshot(model)
+            with pytest.raises(UserWarning, match=SHARED_WARNING):
+                load_adapter(model, tmp_path / "old")
+            assert_unchanged(model, before)
+    assert not (tmp_path / "new").exists()
+    assert folder_bytes(tmp_path / "old") == old
+
+
 @needs_peft
 @pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # peft: layers.1.fc, the same module as layers.0.fc
 def test_no_shared_warning_where_peft_adapts_every_name(tmp_path: Path) -> None:

@@ -339,6 +339,15 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
 
 
 #: inject_adapters arguments that the file decides: load_adapter refuses them
+def _fill(model: nn.Module, adapter: AdapterFile) -> None:
+    """Check the file against the model's adapter layers, warn, then copy the tensors: a warning
+    that the caller turned into an error (``-W error``) stops the load before anything is copied."""
+    plan = _plan_fill(model, adapter)
+    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
+    _apply(plan, adapter)
+
+
+#: inject_adapters arguments that the file decides: load_adapter refuses them
 _FROM_FILE = (
     "targets", "exclude", "modules_to_save", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init",
 )
@@ -510,7 +519,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
             with torch.random.fork_rng(devices=_cuda_devices(model)), ranks_above_features_allowed():
                 inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
-        _apply(_plan_fill(model, adapter), adapter)
+        _fill(model, adapter)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -556,7 +565,8 @@ def load_adapter(
     leave plain (it adapts the first name only) gives a ``UserWarning`` naming them.
 
     Everything is checked before the model changes; on any error the model is as it was (an
-    injection is undone). Returns ``model``.
+    injection is undone), also when a warning is turned into an error (``-W error``): warnings
+    come before the tensors are copied. Returns ``model``.
 
     Raises:
         FileNotFoundError: the adapter folder or its files do not exist.
@@ -575,7 +585,7 @@ def load_adapter(
                 f"load_adapter(): {sorted(inject_kwargs)} apply only when the model has no adapter layers "
                 "(the file's adapters are injected then); this model has adapter layers, which the file fills"
             )
-        _apply(_plan_fill(model, adapter), adapter)
+        _fill(model, adapter)
     elif _stacked_layers(model):
         raise ValueError(
             "load_adapter(): the model's adapters are stacked for serving (stack_adapters()); "
@@ -583,7 +593,6 @@ def load_adapter(
             "unload(model) takes the stacks off first"
         )
     else:
-        _inject_and_fill(model, adapter, inject_kwargs)
-    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
+        _inject_and_fill(model, adapter, inject_kwargs)  # a failure, a warning as error too, undoes it
     return wrapper
 

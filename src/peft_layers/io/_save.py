@@ -411,7 +411,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
 
     Each adapter layer is saved once, under its first module name. A layer shared under names
     that Hugging Face PEFT would not all adapt (``model.dec = model.enc``: it adapts ``enc`` only)
-    gets a ``UserWarning`` naming them: the file computes something else there. The config's ``r`` and
+    gets a ``UserWarning`` naming them, before anything is written: the file computes
+    something else there. The config's ``r`` and
     ``lora_alpha`` are the most common rank and alpha; other layers get ``rank_pattern``/
     ``alpha_pattern`` entries. Trained biases are saved when they train (``requires_grad``):
     those of the adapter layers (``bias="lora_only"``), or every bias (``bias="all"``).
@@ -442,13 +443,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
             f"adapter_name: {str(folder)!r} is a file; the adapter {adapter_name!r} is saved into a "
             "folder of that name"
         )
+    # before anything is written: a warning turned into an error (-W error) leaves no new files
+    _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
     created = _make_folders(folder)
     try:
         _write_atomically(folder, files)
     except BaseException:  # a failed save leaves no empty adapter folder behind
         _remove_folders(created)
         raise
-    _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
     return folder
 
 
