@@ -1582,6 +1582,15 @@ def test_a_failed_save_removes_the_folders_it_created_only(tmp_path: Path, monke
     assert folder_bytes(tmp_path / "old" / "math") == old
 
 
+def test_saving_a_model_on_the_meta_device_is_refused_by_name(tmp_path: Path) -> None:
+    """It raised torch's ``NotImplementedError: Cannot copy out of meta tensor``."""
+    with torch.device("meta"), pytest.warns(UserWarning, match="the base layer is on the meta device"):
+        model = inject_adapters(Net(), list(PATHS), rank=4)
+    with pytest.raises(ValueError, match=r"save_adapter\(\): model: \['base_model.model.block.fc.lora_A.weight', .* and 1 more are on the meta device.*materialise the model first"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no adapter layers"):
         save_adapter(base_net(), tmp_path)

@@ -237,6 +237,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             "those modules is missing; load_adapter() reads it exactly",
         )
     _refuse_sharded(tensors.values(), "save_adapter()")
+    _refuse_meta(tensors)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all()))
     if non_finite:  # load_adapter refuses such a file: better to say so before it is written
@@ -274,6 +275,19 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         return tensors, config, None
     version = 2 if "float_modules" in ours else 1  # the lowest that describes the file
     return tensors, config, {"version": version, "method": method, **ours}
+
+
+def _refuse_meta(tensors: dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming the keys of ``tensors`` on the meta device: they hold no values
+    to write."""
+    meta = sorted(key for key, tensor in tensors.items() if tensor.is_meta)
+    if meta:
+        more = f" and {len(meta) - 5} more" if len(meta) > 5 else ""
+        raise ValueError(
+            f"save_adapter(): model: {meta[:5]}{more} are on the meta device, which holds no values "
+            "to save; materialise the model first (to_empty(), then load its weights and train or "
+            "load the adapters), then save it. Nothing was written"
+        )
 
 
 #: the modules inside a Hugging Face PEFT LoRA layer (0.21, adapter "default"), and a DoRA layer's
@@ -421,7 +435,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
     renamed over the old ones (a failed second rename undoes the first). On any error, the files
     that were in the folder before are still there, unchanged, and the folders this call created
     are removed (never ones that existed before). Raises ``ValueError`` if the model has no adapter
-    layers, or if its layers mix what one file cannot hold (methods, use_rslora, two
+    layers, if its adapter tensors are on the meta device (no values: materialise the model
+    first), or if its layers mix what one file cannot hold (methods, use_rslora, two
     quantizations, DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA). QLoRA layers beside LoRA
     layers on float bases (QDoRA beside DoRA) are one adapter, as a model loaded in 4 bits that
     keeps some layers unquantized (T5's ``wo``) has them: our field lists the float ones.
