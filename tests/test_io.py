@@ -224,6 +224,26 @@ def test_filling_existing_layers_takes_the_files_rslora_and_epsilon(method: str,
     assert torch.equal(target.eval()(x), model(x))
 
 
+@needs_peft
+def test_filling_dora_layers_from_a_file_without_epsilon_takes_the_default(tmp_path: Path) -> None:
+    """A file records DoRA's epsilon only when it is not the default 1e-8 (Hugging Face PEFT's
+    never do). Filling layers built with another epsilon kept theirs, and the outputs differed
+    from the saved model's and from Hugging Face PEFT's on the same file."""
+    import peft
+
+    model = adapted("dora")
+    save_adapter(model, tmp_path)
+    assert our_field(tmp_path) is None
+    target = inject_adapters(base_net(), list(PATHS), method="dora", rank=4, rank_pattern={"^block\\.out": 2}, epsilon=1.0)
+    load_adapter(target, tmp_path)
+    assert all(layer.epsilon == 1e-8 for _, layer in iter_adapter_layers(target))
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(target.eval()(x), model(x))
+        theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+        torch.testing.assert_close(target(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_config_fields_and_patterns(tmp_path: Path) -> None:
     model = adapted("dora", alpha_pattern={"^block\\.fc": 5.0}, dropout=0.1)
     save_adapter(model, tmp_path)
@@ -539,6 +559,29 @@ def test_shared_module_warns_that_peft_adapts_the_first_name_only(tmp_path: Path
         filled = load_adapter(EncDec(), tmp_path / "hf")
     with pytest.warns(UserWarning, match=SHARED_WARNING):
         load_adapter(filled, tmp_path / "hf")
+
+
+def test_a_shared_module_warning_turned_error_changes_nothing(tmp_path: Path) -> None:
+    """Under ``-W error`` the shared-module warning raised after load_adapter had injected and
+    filled (the model kept the adapter layers), and after save_adapter had written the files.
+    Both warn before they change anything now."""
+    ours = randomize(inject_adapters(EncDec(), ["enc"], rank=4)).eval()
+    with pytest.warns(UserWarning, match=SHARED_WARNING):
+        save_adapter(ours, tmp_path / "old")
+    old = folder_bytes(tmp_path / "old")
+    other = randomize(inject_adapters(EncDec(), ["enc"], rank=4), seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for directory in (tmp_path / "new" / "adapter", tmp_path / "old"):
+            with pytest.raises(UserWarning, match=SHARED_WARNING):
+                save_adapter(other, directory)
+        for model in (EncDec(), randomize(inject_adapters(EncDec(), ["enc"], rank=4), seed=8)):  # injects, fills
+            before = snapshot(model)
+            with pytest.raises(UserWarning, match=SHARED_WARNING):
+                load_adapter(model, tmp_path / "old")
+            assert_unchanged(model, before)
+    assert not (tmp_path / "new").exists()
+    assert folder_bytes(tmp_path / "old") == old
 
 
 @needs_peft
@@ -1237,6 +1280,47 @@ def test_a_model_module_named_base_layer_is_no_nested_adapter(tmp_path: Path) ->
     assert torch.equal(load_adapter(Outer(), tmp_path)(x), model(x))
 
 
+class _WithBaseLayer(nn.Module):
+    """``enc.base_layer``: a plain module of the model named ``base_layer``, beside the target
+    ``enc.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Module()
+        self.enc.base_layer = nn.Linear(8, 8)
+        self.enc.fc = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.enc.fc(torch.tanh(self.enc.base_layer(x)))
+
+
+@needs_peft
+def test_a_trained_bias_of_a_model_module_named_base_layer_loads(tmp_path: Path) -> None:
+    """With ``bias="all"``, the bias of the model's own ``enc.base_layer`` is saved as
+    ``enc.base_layer.bias``, which the reader took for the base bias of an adapter at ``enc`` and
+    refused ("a bias for 'enc' without the module's own tensors"). No target matches ``enc``, so
+    it is that module's bias, as Hugging Face PEFT loads it."""
+    import peft
+
+    model = inject_adapters(_WithBaseLayer(), ["fc"], rank=2, bias="all")
+    randomize(model)
+    with torch.no_grad():
+        model.enc.base_layer.bias.add_(1.0)
+    save_adapter(model, tmp_path)
+    assert "base_model.model.enc.base_layer.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    assert set(read_adapter(tmp_path).other_biases) == {"enc.base_layer"}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        for into in (_WithBaseLayer(), inject_adapters(_WithBaseLayer(), ["fc"], rank=2, bias="all")):
+            loaded = load_adapter(into, tmp_path)  # injects, then fills
+            assert torch.equal(loaded.enc.base_layer.bias, model.enc.base_layer.bias)
+            assert torch.equal(loaded(x), expected)
+        theirs = peft.PeftModel.from_pretrained(_WithBaseLayer(), tmp_path)
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hugging_face_layer_kinds_we_do_not_support_are_named(saved_lora: Path) -> None:
     """Embedding, convolution and nested (nn.MultiheadAttention) adapters, and modules saved for
     ``ensure_weight_tying``, were refused with messages about key forms, shapes or targets."""
@@ -1364,6 +1448,25 @@ def test_merged_layers_and_inject_kwargs_are_refused(saved_lora: Path) -> None:
         load_adapter(base_net(), saved_lora, rank=2)
 
 
+def test_arguments_the_file_decides_are_refused_by_name(tmp_path: Path) -> None:
+    """``modules_to_save=`` was dropped without a word when the file has modules to save, and
+    ``exclude=`` went on to inject_adapters and failed later with a message about the model's
+    adapters. Like ``rank=``, both are refused up front, with or without adapters in the model."""
+    save_adapter(adapted("lora", modules_to_save=["norm"]), tmp_path / "with_saved")
+    save_adapter(adapted("lora"), tmp_path / "plain")
+    for folder in ("with_saved", "plain"):
+        for name, value in (("modules_to_save", ["block.fc"]), ("exclude", ["block.fc"]), ("targets", ["fc"])):
+            for model in (base_net(), inject_adapters(base_net(), list(PATHS), rank=4, modules_to_save=["norm"])):
+                before = snapshot(model)
+                with pytest.raises(TypeError, match=rf"\['{name}'\] come from the adapter file .*got {name}=\['"):
+                    load_adapter(model, tmp_path / folder, **{name: value})
+                assert_unchanged(model, before)
+    with pytest.raises(TypeError, match=r"\['modules_to_save'\] come from the adapter file"):
+        load_adapter(base_net(), tmp_path / "missing", modules_to_save=["norm"])  # before the files are read
+    loaded = load_adapter(base_net(), tmp_path / "with_saved", dropout=0.0)  # a layer argument the file leaves open
+    assert [name for name, module in loaded.named_modules() if isinstance(module, pl.ModuleToSave)] == ["norm"]
+
+
 def test_failure_after_injection_is_undone(saved_lora: Path, monkeypatch) -> None:
     model = base_net()
     model.norm.weight.requires_grad_(True)  # inject would freeze it: the rollback must not
@@ -1448,6 +1551,44 @@ def test_crash_mid_save_leaves_the_old_files(tmp_path: Path, monkeypatch) -> Non
     save_adapter(new_model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert read_adapter(tmp_path).method == "dora"
+
+
+def test_a_failed_save_removes_the_folders_it_created_only(tmp_path: Path, monkeypatch) -> None:
+    """A save that failed while writing (a full disk) left the folders it had created behind,
+    empty (``runs/adapter/math/``). It removes those, and only those."""
+    import errno
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "old" / "keep").mkdir(parents=True)
+    save_adapter(adapted("lora"), tmp_path / "old", adapter_name="math")
+    old = folder_bytes(tmp_path / "old" / "math")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    model = adapted("dora")
+    for directory, adapter_name in (
+        (tmp_path / "runs" / "adapter", "math"),  # three new folders
+        (tmp_path / "old" / "new", None),  # one new folder in an old one
+        (tmp_path / "old" / "keep", "math"),  # one new folder in an old, empty one
+        (tmp_path / "old", "math"),  # an old adapter: no new folder
+        (tmp_path / "old" / "keep", None),  # an old empty folder
+    ):
+        with pytest.raises(OSError, match="No space left"):
+            save_adapter(model, directory, adapter_name=adapter_name)
+    monkeypatch.undo()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "old", "old/keep", "old/math", "old/math/adapter_config.json", "old/math/adapter_model.safetensors",
+    ]
+    assert folder_bytes(tmp_path / "old" / "math") == old
+
+
+def test_saving_a_model_on_the_meta_device_is_refused_by_name(tmp_path: Path) -> None:
+    """It raised torch's ``NotImplementedError: Cannot copy out of meta tensor``."""
+    with torch.device("meta"), pytest.warns(UserWarning, match="the base layer is on the meta device"):
+        model = inject_adapters(Net(), list(PATHS), rank=4)
+    with pytest.raises(ValueError, match=r"save_adapter\(\): model: \['base_model.model.block.fc.lora_A.weight', .* and 1 more are on the meta device.*materialise the model first"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:

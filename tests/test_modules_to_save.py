@@ -384,6 +384,51 @@ def test_names_that_end_names_hugging_face_builds_inside_its_lora_layers_warn(
         peft.PeftModel.from_pretrained(_NamedHead(head), str(tmp_path))
 
 
+class _Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+
+class _HeadWithBaseLayer(nn.Module):
+    """A module to save ``head`` whose child is named ``base_layer``, beside the target ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+        self.head = _Wrapped()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_a_module_to_save_with_a_child_named_base_layer_loads(tmp_path: Path) -> None:
+    """Its state is saved as ``head.base_layer.weight``/``.bias``, which the reader took for the
+    base weight and bias of an adapter at ``head`` and refused ("module 'head' has ['base_bias',
+    'base_weight'] but no lora_A/lora_B"); ``head`` has no factors, so they are the module's state,
+    as Hugging Face PEFT loads them."""
+    model = pl.inject_adapters(_HeadWithBaseLayer(), ["fc"], rank=2, modules_to_save=["head"])
+    with torch.no_grad():
+        model.fc.lora_B.normal_()
+        model.head.trained.base_layer.weight.add_(1.0)
+    pl.save_adapter(model, tmp_path)
+    saved = pl.io.read_adapter(tmp_path).saved_modules
+    assert {path: sorted(state) for path, state in saved.items()} == {"head": ["base_layer.bias", "base_layer.weight"]}
+    x = torch.randn(3, 8)
+    expected = _outputs(model, x)
+    fill = pl.inject_adapters(_HeadWithBaseLayer(), ["fc"], rank=2, modules_to_save=["head"])
+    for into in (_HeadWithBaseLayer(), fill):  # the load injects, the load fills
+        loaded = pl.load_adapter(into, tmp_path)
+        assert torch.equal(loaded.head.trained.base_layer.weight, model.head.trained.base_layer.weight)
+        torch.testing.assert_close(_outputs(loaded, x), expected, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(_HeadWithBaseLayer(), str(tmp_path))
+    torch.testing.assert_close(_outputs(theirs, x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_a_module_to_save_takes_the_training_mode_of_its_module() -> None:
     """Like the adapter layers, the wrapper injected into an ``eval()`` model is in eval mode (it
     said ``training=True`` while its modules were in eval)."""

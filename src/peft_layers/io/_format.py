@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,15 @@ class _LayerSelection:
         return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
 
 
+def _may_be_adapted(module: str, target_modules: str | list[str] | None, selection: _LayerSelection) -> bool:
+    """Whether Hugging Face PEFT, under the config, could put an adapter at ``module``:
+    ``target_modules`` matches it (or is unset, which decides nothing) and no other field leaves
+    it out."""
+    if target_modules is None:
+        return True
+    return _target_matches(target_modules, module) and selection.why_left_out(module, target_modules) is None
+
+
 def _layer_index_regex(layers_pattern: str) -> str:
     """The layer index after ``layers_pattern`` in a module name, as Hugging Face PEFT reads it."""
     return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
@@ -504,24 +513,46 @@ def _split_key(key: str, path: Path, hint: str = "") -> tuple[str, str]:
     )
 
 
-def _saved_module_key(key: str, names: list[str], *, exact: bool) -> tuple[str, str] | None:
+def _saved_module_key(
+    key: str, names: list[str], *, exact: bool, adapters: Collection[str] = ()
+) -> tuple[str, str] | None:
     """``"base_model.model.<p>.<k>"`` -> ``(p, k)`` when ``p`` is a module to save: the shortest
     dotted prefix of the key that is one of ``names`` (``exact``: the full names our field
     records) or ends with one (the config's ``modules_to_save``, matched as Hugging Face PEFT
-    matches them: the module's name ends with the string). None for adapter keys and keys of
-    other modules."""
+    matches them: the module's name ends with the string). None for keys of other modules and
+    for the adapter keys of ``adapters`` (the modules with factors in the file)."""
     rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
-    # exact names win over the layout's suffixes (a module to save named "base_layer" has the key
-    # "base_layer.weight"); suffix matching would take adapter keys ("fc.base_layer" ends "layer")
-    if not names or rest is None or (not exact and rest.endswith(_ADAPTER_SUFFIXES)):
+    if not names or rest is None:
         return None
     parts = rest.split(".")
-    for end in range(1, len(parts)):
+    last = len(parts) - 1  # the longest prefix that leaves a key
+    # exact names win over the layout's suffixes (a module to save named "base_layer" has the key
+    # "base_layer.weight"). A suffix match must not reach into an adapter suffix ("fc.base_layer"
+    # ends "layer"), nor take an adapter module's keys; a module to save that holds a module named
+    # base_layer has such keys too ("head.base_layer.weight")
+    suffix = None if exact else next((s for s in _ADAPTER_SUFFIXES if rest == s or rest.endswith("." + s)), None)
+    if suffix is not None:
+        module = rest[: -len(suffix)].rstrip(".")
+        if not module or module in adapters:
+            return None
+        last = module.count(".") + 1
+    for end in range(1, last + 1):
         path = ".".join(parts[:end])
         matches = (path in names) if exact else any(path.endswith(name) for name in names)
         if matches:
             return path, ".".join(parts[end:])
     return None
+
+
+def _factor_modules(tensors: Mapping[str, Tensor]) -> set[str]:
+    """The module paths that have a LoRA factor (``<p>.lora_A.weight``, ``<p>.lora_B.weight``)."""
+    paths = set()
+    for key in tensors:
+        rest = key[len(KEY_PREFIX):]
+        for suffix in ("lora_A.weight", "lora_B.weight"):
+            if key.startswith(KEY_PREFIX) and (rest == suffix or rest.endswith("." + suffix)):
+                paths.add(rest[: -len(suffix)].rstrip("."))
+    return paths
 
 
 def _overlaps(path: str, other: str) -> bool:
@@ -666,11 +697,12 @@ def _parse(
         if config.get("ensure_weight_tying") is True
         else ""
     )
+    factor_modules = _factor_modules(tensors)
     for key in sorted(tensors):  # safetensors hands keys back in no fixed order
         if velora and _VELORA_KEY.search(key):
             continue
         tensor = tensors[key]
-        saved = _saved_module_key(key, saved_names, exact=exact_saved)
+        saved = _saved_module_key(key, saved_names, exact=exact_saved, adapters=factor_modules)
         if saved is not None:  # a module's own state: integer buffers (BatchNorm's count) too
             if not saved[1].startswith(_HF_WRAPPER_KEYS):
                 saved_modules.setdefault(saved[0], {})[saved[1]] = tensor
@@ -688,12 +720,17 @@ def _parse(
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
         if "lora_A" not in parts and "lora_B" not in parts:
+            if "base_bias" in parts and not _may_be_adapted(module, target_modules, selection):
+                # no adapter can be at `module`: the key is the bias of the model's own module
+                # named base_layer inside it (bias="all"), as Hugging Face PEFT loads it
+                other_biases[f"{module}.base_layer" if module else "base_layer"] = parts.pop("base_bias")
             if set(parts) == {"base_bias"} and bias == "all":  # another name of a shared layer
                 alias_biases[module] = parts["base_bias"]
                 continue
             if set(parts) - {"bias"}:
                 raise ValueError(f"{wp}: module {module!r} has {sorted(parts)} but no lora_A/lora_B")
-            other_biases[module] = parts["bias"]
+            if "bias" in parts:
+                other_biases[module] = parts["bias"]
             continue
         for kind in ("lora_A", "lora_B"):
             if kind not in parts:

@@ -29,7 +29,7 @@ from ..model import (
 from ..model._inject import _module_to_save_refusal
 from ..model._methods import QUANTIZED_BASE_METHODS, _LoadedQuantized, _layer_method
 from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error
-from ._format import AdapterFile, ModuleAdapter, read_adapter
+from ._format import _DORA_EPSILON, AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
 
 
@@ -328,8 +328,8 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
                 cast(Tensor, layer.base_layer.weight).copy_(module.base_weight)
             layer.alpha = module.alpha
             layer.use_rslora = adapter.use_rslora
-            if isinstance(layer, DoRALinear) and "epsilon" in adapter.layer_kwargs:
-                layer.epsilon = adapter.layer_kwargs["epsilon"]
+            if isinstance(layer, DoRALinear):  # a file without the field (all of Hugging Face's) means the default
+                layer.epsilon = adapter.layer_kwargs.get("epsilon", _DORA_EPSILON)
             if isinstance(layer, LoRAPlusLinear) and "lr_ratio" in adapter.layer_kwargs:
                 layer.lr_ratio = adapter.layer_kwargs["lr_ratio"]
         for bias, tensor in plan.biases:
@@ -338,7 +338,19 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
         saved.trained.load_state_dict(state)
 
 
-_FROM_FILE = ("targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init")
+#: inject_adapters arguments that the file decides: load_adapter refuses them
+def _fill(model: nn.Module, adapter: AdapterFile) -> None:
+    """Check the file against the model's adapter layers, warn, then copy the tensors: a warning
+    that the caller turned into an error (``-W error``) stops the load before anything is copied."""
+    plan = _plan_fill(model, adapter)
+    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
+    _apply(plan, adapter)
+
+
+#: inject_adapters arguments that the file decides: load_adapter refuses them
+_FROM_FILE = (
+    "targets", "exclude", "modules_to_save", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init",
+)
 _QUANT_KWARGS = ("quant", "blocksize", "double_quant", "compute_dtype")
 
 
@@ -392,10 +404,19 @@ def _methods_by_path(adapter: AdapterFile, method: str, named: bool, modules: Ma
     return {p: FLOAT_METHOD[method] if p in floats else method for p in adapter.modules}
 
 
-def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
-    given = sorted(set(inject_kwargs) & set(_FROM_FILE))
+def _refuse_from_file(inject_kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming the ``inject_kwargs`` that the file decides (:data:`_FROM_FILE`)."""
+    given = [name for name in _FROM_FILE if name in inject_kwargs]
     if given:
-        raise TypeError(f"load_adapter(): {given} come from the adapter file and cannot be passed")
+        passed = ", ".join(f"{name}={inject_kwargs[name]!r}" for name in given)
+        raise TypeError(
+            f"load_adapter(): {given} come from the adapter file and cannot be passed (got {passed}); "
+            f"the file decides {list(_FROM_FILE)}, and inject_kwargs may set the method and the layer "
+            "arguments it leaves open (method, dropout, bias, quant, compute_dtype, ...)"
+        )
+
+
+def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict[str, Any]) -> None:
     overrides = dict(inject_kwargs)
     method = overrides.pop("method", adapter.method)
     if method not in METHODS:
@@ -498,7 +519,7 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
             # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
             with torch.random.fork_rng(devices=_cuda_devices(model)), ranks_above_features_allowed():
                 inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
-        _apply(_plan_fill(model, adapter), adapter)
+        _fill(model, adapter)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -522,7 +543,8 @@ def load_adapter(
     - If ``model`` has adapter layers, the file fills them: every adapter layer must have its
       tensors in the file and every module in the file must be an adapter layer of the model,
       with the same rank and shapes; a DoRA file needs DoRA layers and a LoRA file plain LoRA
-      layers. The layers take the file's ``alpha`` and ``use_rslora`` (they define the function);
+      layers. The layers take the file's ``alpha``, ``use_rslora`` and DoRA ``epsilon`` (1e-8
+      when the file records none; they define the function);
       dropout and the base are left as they are (but for a base weight or bias the file holds).
       ``inject_kwargs`` are not allowed then.
     - If ``model`` has no adapter layers, the file's modules are wrapped first with
@@ -530,8 +552,10 @@ def load_adapter(
       ``"peft_layers"`` field: ``"lora_plus"``, ``"qlora"``, ``"qdora"`` with the recorded
       quantization), each module with its rank and alpha, the file's ``use_rslora``,
       ``lora_dropout`` and ``bias`` mode. ``inject_kwargs`` (``method``, ``quant``, ``dropout``,
-      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes (targets,
-      ranks, alphas, ``use_rslora``, ``init``). ``init_lora_weights="pissa"`` re-creates the PiSSA
+      ``bias``, ``compute_dtype``, ...) override these, except what the file fixes: passing
+      ``targets``, ``exclude``, ``modules_to_save``, ``rank``, ``alpha``, ``rank_pattern``,
+      ``alpha_pattern``, ``use_rslora`` or ``init`` raises ``TypeError``, whether the model has
+      adapters or not. ``init_lora_weights="pissa"`` re-creates the PiSSA
       residual of the base as Hugging Face PEFT does. The caller's RNG is not advanced.
 
     A file holding a targeted layer's full base weight (``<p>.base_layer.weight``, which Hugging
@@ -541,15 +565,18 @@ def load_adapter(
     leave plain (it adapts the first name only) gives a ``UserWarning`` naming them.
 
     Everything is checked before the model changes; on any error the model is as it was (an
-    injection is undone). Returns ``model``.
+    injection is undone), also when a warning is turned into an error (``-W error``): warnings
+    come before the tensors are copied. Returns ``model``.
 
     Raises:
         FileNotFoundError: the adapter folder or its files do not exist.
         NotADirectoryError: ``directory`` is a file (such as the weights file itself).
         ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
             config against tensors) or files that do not fit the model.
-        TypeError: a bad argument type, or ``inject_kwargs`` with a model that has adapters.
+        TypeError: a bad argument type, an ``inject_kwargs`` argument the file decides, or
+            ``inject_kwargs`` with a model that has adapters.
     """
+    _refuse_from_file(inject_kwargs)
     wrapper, model = model, unwrapped(model)  # the files name the model's own modules
     adapter = read_adapter(directory, adapter_name=adapter_name)
     if next(iter_adapter_layers(model), None) is not None:
@@ -558,7 +585,7 @@ def load_adapter(
                 f"load_adapter(): {sorted(inject_kwargs)} apply only when the model has no adapter layers "
                 "(the file's adapters are injected then); this model has adapter layers, which the file fills"
             )
-        _apply(_plan_fill(model, adapter), adapter)
+        _fill(model, adapter)
     elif _stacked_layers(model):
         raise ValueError(
             "load_adapter(): the model's adapters are stacked for serving (stack_adapters()); "
@@ -566,7 +593,6 @@ def load_adapter(
             "unload(model) takes the stacks off first"
         )
     else:
-        _inject_and_fill(model, adapter, inject_kwargs)
-    _warn_shared(model, "load_adapter()", f"the file {str(adapter.directory)!r}")
+        _inject_and_fill(model, adapter, inject_kwargs)  # a failure, a warning as error too, undoes it
     return wrapper
 

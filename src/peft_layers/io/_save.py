@@ -237,6 +237,7 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             "those modules is missing; load_adapter() reads it exactly",
         )
     _refuse_sharded(tensors.values(), "save_adapter()")
+    _refuse_meta(tensors)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all()))
     if non_finite:  # load_adapter refuses such a file: better to say so before it is written
@@ -274,6 +275,19 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
         return tensors, config, None
     version = 2 if "float_modules" in ours else 1  # the lowest that describes the file
     return tensors, config, {"version": version, "method": method, **ours}
+
+
+def _refuse_meta(tensors: dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming the keys of ``tensors`` on the meta device: they hold no values
+    to write."""
+    meta = sorted(key for key, tensor in tensors.items() if tensor.is_meta)
+    if meta:
+        more = f" and {len(meta) - 5} more" if len(meta) > 5 else ""
+        raise ValueError(
+            f"save_adapter(): model: {meta[:5]}{more} are on the meta device, which holds no values "
+            "to save; materialise the model first (to_empty(), then load its weights and train or "
+            "load the adapters), then save it. Nothing was written"
+        )
 
 
 #: the modules inside a Hugging Face PEFT LoRA layer (0.21, adapter "default"), and a DoRA layer's
@@ -366,6 +380,41 @@ def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
                 pass
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents (``FileExistsError`` if one is a file); return
+    the folders this call created, outermost first (one made meanwhile by another process is not
+    among them)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            break
+        missing.append(path)
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+                continue
+            created.append(path)
+    except BaseException:
+        _remove_folders(created)
+        raise
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove ``created`` (outermost first, as :func:`_make_folders` returns them), innermost
+    first; a folder that is no longer empty (another writer's files) stays."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str | None = None) -> Path:
     """Save ``model``'s adapter layers as a Hugging Face PEFT adapter; returns the folder.
 
@@ -376,15 +425,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
 
     Each adapter layer is saved once, under its first module name. A layer shared under names
     that Hugging Face PEFT would not all adapt (``model.dec = model.enc``: it adapts ``enc`` only)
-    gets a ``UserWarning`` naming them: the file computes something else there. The config's ``r`` and
+    gets a ``UserWarning`` naming them, before anything is written: the file computes
+    something else there. The config's ``r`` and
     ``lora_alpha`` are the most common rank and alpha; other layers get ``rank_pattern``/
     ``alpha_pattern`` entries. Trained biases are saved when they train (``requires_grad``):
     those of the adapter layers (``bias="lora_only"``), or every bias (``bias="all"``).
 
     The save is atomic: both files are written to temporary files in the folder and fsynced, then
     renamed over the old ones (a failed second rename undoes the first). On any error, the files
-    that were in the folder before are still there, unchanged. Raises ``ValueError`` if the model has no adapter
-    layers, or if its layers mix what one file cannot hold (methods, use_rslora, two
+    that were in the folder before are still there, unchanged, and the folders this call created
+    are removed (never ones that existed before). Raises ``ValueError`` if the model has no adapter
+    layers, if its adapter tensors are on the meta device (no values: materialise the model
+    first), or if its layers mix what one file cannot hold (methods, use_rslora, two
     quantizations, DoRA epsilon, LoRA+ ratio, PiSSA and non-PiSSA). QLoRA layers beside LoRA
     layers on float bases (QDoRA beside DoRA) are one adapter, as a model loaded in 4 bits that
     keeps some layers unquantized (T5's ``wo``) has them: our field lists the float ones.
@@ -406,9 +458,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter
             f"adapter_name: {str(folder)!r} is a file; the adapter {adapter_name!r} is saved into a "
             "folder of that name"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder, files)
+    # before anything is written: a warning turned into an error (-W error) leaves no new files
     _warn_shared(model, "save_adapter()", f"the file {str(folder)!r}")
+    created = _make_folders(folder)
+    try:
+        _write_atomically(folder, files)
+    except BaseException:  # a failed save leaves no empty adapter folder behind
+        _remove_folders(created)
+        raise
     return folder
 
 
