@@ -648,6 +648,41 @@ def test_a_path_inside_a_stack_or_lora_layer_is_refused_as_inject_lora_refuses_i
         assert model[0] is original
 
 
+def test_a_layer_whose_parent_reads_its_weight_directly_gets_no_stack() -> None:
+    """An nn.TransformerEncoderLayer with batch_first=True reads linear1's weight on torch's fast
+    path in eval, where serving runs: a stack there would serve the base model to every row.
+    Refused (as inject_adapters refuses it), model unchanged; with the fast path off, each row
+    gets its adapter in eval."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False).eval()
+    A, B = torch.randn(2, 8), torch.randn(16, 2)
+    adapter = {"layers.0.linear1.lora_A": A, "layers.0.linear1.lora_B": B}
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"^adapters\['s'\], module 'layers.0.linear1': 'layers.0.linear1' is the linear1 of an "
+                                        r"nn.TransformerEncoderLayer .*set_fastpath_enabled\(False\)"):
+        pl.stack_adapters(model, {"s": adapter})
+    after = snapshot(model)
+    assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+
+    x = torch.randn(2, 5, 8)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            base_out = model(x)
+            linear1 = model.layers[0].linear1
+            linear1.weight += B @ A  # the adapter merged by hand: the reference for its rows
+            merged_out = model(x)
+            linear1.weight -= B @ A
+            pl.stack_adapters(model, {"s": adapter})
+            with pl.adapter_batch(model, ["s", None]):
+                served = model(x)
+        torch.testing.assert_close(served[0], merged_out[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(served[1], base_out[1], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
 def test_the_layers_listed_for_a_missing_path_are_where_adapters_can_go() -> None:
     model = pl.inject_lora(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6)), ["0"], rank=2)
     with pytest.raises(ValueError, match=re.escape("its linear layers include ['0', '1']")):

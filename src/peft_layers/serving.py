@@ -32,6 +32,7 @@ from .dora import DoRALinear
 from .io._save import _bias_mode
 from .lora import LoRALinear, _scaled_mm, is_bitsandbytes_module
 from .model import iter_adapter_layers, iter_modules_to_save, unwrapped
+from .model._inject import weight_read_directly
 from .model._methods import _check_model
 from .model._tree import _module_names, _set_module
 from .quant import QuantizedLinear
@@ -372,6 +373,9 @@ def stack_adapters(
             return plan[id(module)]
         if not _stackable(module):
             raise TypeError(f"{where}: {path!r} is a {type(module).__name__}, not a linear layer")
+        reason = weight_read_directly(modules, path)
+        if reason is not None:
+            raise TypeError(f"{where}: {path!r} is {reason}")
         if isinstance(module, MultiLoRALinear):
             plan[id(module)] = module
         else:

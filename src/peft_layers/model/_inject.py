@@ -456,7 +456,7 @@ def _warn_tied(model: nn.Module, targets: list[tuple[list[str], nn.Module]], *, 
 
 def weight_read_directly(modules: Mapping[str, nn.Module], name: str) -> str | None:
     """Why the module ``name`` has its weight read by its parent without being called, so that
-    an adapter there would silently do nothing (a sentence ending in what to do), or None.
+    an adapter there would silently do nothing, or None.
 
     - the ``out_proj`` of an ``nn.MultiheadAttention``, always;
     - ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` that can take torch's fast
@@ -471,15 +471,15 @@ def weight_read_directly(modules: Mapping[str, nn.Module], name: str) -> str | N
     if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
         return (
             "the out_proj of an nn.MultiheadAttention, which reads its weight directly and never "
-            "calls it: an adapter there would do nothing; exclude it"
+            "calls it: an adapter there would do nothing"
         )
     if child in ("linear1", "linear2") and isinstance(parent, nn.TransformerEncoderLayer) and _fast_path_possible(parent):
         return (
             f"the {child} of an nn.TransformerEncoderLayer that torch runs through its fast path in "
             "eval mode (batch_first=True, relu or gelu, an even number of heads), which reads its "
-            "weight directly: an adapter there would do nothing in eval; switch the fast path off "
-            "with torch.backends.mha.set_fastpath_enabled(False) before injecting, and keep it off "
-            "while the adapters are unmerged, or exclude it"
+            "weight directly: an adapter there would do nothing in eval unless the fast path is "
+            "switched off (torch.backends.mha.set_fastpath_enabled(False) before adding adapters, "
+            "kept off while they are unmerged)"
         )
     return None
 
@@ -508,7 +508,7 @@ def _check_called(
     nothing or break the forward."""
     reason = weight_read_directly(modules, name)
     if reason is not None:
-        raise TypeError(f"targets: {name!r} is {reason}")
+        raise TypeError(f"targets: {name!r} is {reason}; exclude it")
     hits = _kept_unquantized(kept, modules[name], name, method)
     if hits:
         raise TypeError(
