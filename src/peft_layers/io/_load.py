@@ -338,7 +338,6 @@ def _apply(plan: _FillPlan, adapter: AdapterFile) -> None:
         saved.trained.load_state_dict(state)
 
 
-#: inject_adapters arguments that the file decides: load_adapter refuses them
 def _fill(model: nn.Module, adapter: AdapterFile) -> None:
     """Check the file against the model's adapter layers, warn, then copy the tensors: a warning
     that the caller turned into an error (``-W error``) stops the load before anything is copied."""

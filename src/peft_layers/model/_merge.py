@@ -315,8 +315,8 @@ def _base_with_merged_weight(layer: LoRALinear, linear: nn.Linear) -> _WithNewPa
     base = layer.base_layer
     weight = linear.weight.detach()
     weight = weight.t().contiguous() if layer.fan_in_fan_out else weight
-    parameters = {"weight": nn.Parameter(weight, requires_grad=base.weight.requires_grad)}
-    bias = base.bias
+    parameters = {"weight": nn.Parameter(weight, requires_grad=layer.weight.requires_grad)}
+    bias = layer.bias  # the base's own
     if bias is not None and bias.dtype != weight.dtype:  # merge_and_unload(dtype=...) casts both
         parameters["bias"] = nn.Parameter(linear.bias.detach(), requires_grad=bias.requires_grad)
     return _WithNewParameters(base, parameters, layer.training)
