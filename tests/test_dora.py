@@ -870,6 +870,29 @@ def test_a_merged_layer_that_loads_other_values_refuses_to_unmerge():
     assert target.merged and torch.equal(target.weight, before)
 
 
+def test_a_merged_layer_moved_to_meta_is_emptied_and_loads_like_a_fresh_one():
+    """``to_empty()`` after ``.to("meta")`` raised "Cannot copy out of meta tensor" on the merge's
+    gain and left the layer half moved (a merged LoRA layer went through). The gain holds no
+    values on meta, as the weight does not: the layer empties, refuses to unmerge, and loading
+    the merged state back gives the merged function again."""
+    torch.manual_seed(0)
+    layer = pl.DoRALinear(16, 12, rank=2)
+    randomize_adapter(layer, seed=1)
+    layer.merge()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+    layer.to("meta").to_empty(device="cpu")
+    assert all(t.device.type == "cpu" for t in layer.state_dict().values())
+    with pytest.warns(UserWarning, match="loaded other values into a merged layer"):  # to_empty's garbage before
+        layer.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^unmerge\(\): this merged DoRA layer .*to_empty\(\)"):
+        layer.unmerge()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_zero_magnitude_row_unmerges_after_a_cast(dtype):
     """The W' row kept aside for a zero magnitude follows the layer's casts."""

@@ -591,13 +591,16 @@ def test_state_dict_of_a_float_linear_is_rejected(scheme):
     assert torch.equal(layer.dequantize(), dense)
 
 
+@pytest.mark.parametrize("cast", ["to", "type"])
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
-def test_to_moves_every_tensor_and_keeps_statistics_dtype(scheme):
+def test_to_moves_every_tensor_and_keeps_statistics_dtype(scheme, cast):
+    """``.to(dtype)`` casts floating tensors, ``Module.type(dtype)`` every tensor, the integer
+    codes too: either way only the bias is cast, and the layer decodes what it did."""
     layer = QuantizedLinear.from_linear(_linear(24, 64), scheme)
     dense = layer.dequantize()
     dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
     version = layer.version
-    layer.to(torch.float16)
+    getattr(layer, cast)(torch.float16)
     assert layer.version != version
     assert layer.bias.dtype == torch.float16
     assert {k: v.dtype for k, v in layer.state_dict().items() if k != "bias"} == {

@@ -403,6 +403,11 @@ class DoRALinear(LoRALinear):
         # values that changed
         self.reset_norm_cache()
         device = self.magnitude.device
+        held = self._merge_gain
+        if held is not None and held.is_meta and device.type != "meta":
+            # to_empty() after a move to meta: the merge's gain holds no values to move, as the
+            # merged weight holds none; unmerge() is refused until a merge of loaded values
+            self._merged_values_replaced()
         if self._merge_gain is not None:
             self._merge_gain = self._merge_gain.to(device)
         if self._merge_zero_rows is not None:
@@ -466,9 +471,9 @@ class DoRALinear(LoRALinear):
     def _check_unmergeable(self) -> None:
         if self.merged and self._merge_gain is None:
             raise ValueError(
-                "unmerge(): this merged DoRA layer loaded a state dict after its merge, and the merge's "
-                "per-row gain m / ||W0 + s B A|| is in no state dict, so W0 cannot be recovered; load "
-                "state dicts into unmerged layers (merge after loading)"
+                "unmerge(): this merged DoRA layer loaded a state dict (or was emptied by to_empty()) "
+                "after its merge, and the merge's per-row gain m / ||W0 + s B A|| is in no state dict, "
+                "so W0 cannot be recovered; load state dicts into unmerged layers (merge after loading)"
             )
 
     def _unmerge_weight_(self, weight: Tensor) -> None:

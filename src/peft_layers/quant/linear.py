@@ -946,14 +946,18 @@ class QuantizedLinear(nn.Module):
         return problems
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> QuantizedLinear:
-        # .to(device) moves every tensor; a dtype cast (.half(), .to(torch.bfloat16)) must not
-        # round the float32 statistics, so buffers keep their dtype (only the bias is cast).
+        # .to(device) moves every tensor; a dtype cast (.half(), .to(torch.bfloat16), .type())
+        # must not round the float32 statistics or cast the codes, so buffers and the codes keep
+        # their dtype (only the bias is cast).
         before = dict(self._buffers)
+        codes = self.weight.detach()  # the old storage: the cast may write the parameter in place
         super()._apply(fn, *args, **kwargs)
         for name, old in before.items():
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        if self.weight.dtype != codes.dtype:  # Module.type() casts integer tensors too
+            self.weight = nn.Parameter(codes.to(self.weight.device), requires_grad=False)
         self.version += 1
         if self.bnb_module is None:  # moved: do not keep the module's old storage alive
             self._bnb_source = None
