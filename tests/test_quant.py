@@ -332,6 +332,28 @@ def test_int8_error_within_half_step():
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.absmax, weight.abs().amax(dim=1))
 
 
+@pytest.mark.parametrize("path", ["bitsandbytes", "reference"])
+def test_int8_rows_below_127_over_float_max_keep_their_values(path, monkeypatch):
+    """A row whose absmax is below 127 / FLT_MAX (3.7e-37) made ``127 / absmax`` inf, and
+    ``w * inf`` cast to int8 stored zeros: the row decoded to zeros, silently. It now decodes
+    within half a step, and the other rows keep bitsandbytes' codes."""
+    if path == "reference":
+        monkeypatch.setattr(_bnb, "load", lambda *args, **kwargs: None)
+    weight = _weight(4, 16, seed=3)
+    weight[0] *= 1e-37 / weight[0].abs().max()  # absmax 1e-37
+    weight[1] *= 4e-37 / weight[1].abs().max()  # just above: 127 / absmax is finite
+    layer = QuantizedLinear.from_linear(_linear(4, 16), "int8")
+    layer.requantize_(weight)
+    row_absmax = weight.abs().amax(dim=1, keepdim=True).to(F64)
+    err = (layer.dequantize().to(F64) - weight.to(F64)).abs()
+    assert bool((err <= row_absmax / 254 * (1 + 1e-5)).all())
+    assert bool((layer.weight[0] != 0).any())
+    codes, _ = ref.quantize_int8_rowwise(weight)
+    assert torch.equal(layer.weight, codes)
+    bnb_codes, _, _ = bnbF.int8_vectorwise_quant(weight)
+    assert torch.equal(layer.weight[1:], bnb_codes[1:])
+
+
 # ---- forward, matmul, gradients -------------------------------------------------------------
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3), (0,)])

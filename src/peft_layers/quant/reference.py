@@ -507,7 +507,20 @@ def quantize_int8_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
     absmax = w.abs().amax(dim=1)
     codes = torch.round(w * (127.0 / absmax).unsqueeze(1))
     codes[absmax == 0] = 0
-    return codes.to(torch.int8), absmax
+    codes = codes.to(torch.int8)
+    encode_tiny_int8_rows_(codes, w, absmax)
+    return codes, absmax
+
+
+def encode_tiny_int8_rows_(codes: Tensor, weight: Tensor, absmax: Tensor) -> None:
+    """Re-encode in ``codes`` the rows whose absmax is nonzero but below ``127 / FLT_MAX``
+    (about 3.7e-37), as ``round(w / absmax_row * 127)``: there ``127 / absmax`` overflows to
+    inf, and ``w * inf`` cast to int8 is undefined (zero on x86), so such a row would decode
+    to zeros. Other rows keep bitsandbytes' codes bit for bit."""
+    tiny = (absmax > 0) & torch.isinf(127.0 / absmax)
+    if bool(tiny.any()):  # quantizing runs once per weight: the check's sync costs nothing
+        rows = weight[tiny].float()
+        codes[tiny] = torch.round(rows / absmax[tiny].unsqueeze(1) * 127.0).to(torch.int8)
 
 
 def dequantize_int8_rowwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
