@@ -83,8 +83,8 @@ def factored_row_norm(
         runs in float64 (float32 on MPS, which has none): its inputs are ``(out, r)`` and
         ``(r, r)`` tensors, so this costs little, and the quadratic term's ``r`` summands
         ``s^2 B_ik (B A A^T)_ik`` can be far larger than their sum ``s^2 ||B_i A||^2`` when
-        ``A``'s rows are nearly dependent (in float32 a norm then lost up to 30 times
-        ``eps32``). What remains is the rounding of the inputs, an absolute error of about
+        ``A``'s rows are nearly dependent (summed in float32, a norm was seen 120 ``eps32``
+        off). What remains is the rounding of the inputs, an absolute error of about
         ``eps32 * ||W0_i||^2`` in ``n_i^2`` for a float32 ``W0``: only a row that nearly cancels
         (``n_i << ||W0_i||``) notices it.
     """

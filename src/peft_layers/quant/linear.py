@@ -593,7 +593,7 @@ class QuantizedLinear(nn.Module):
         else:
             codes, absmax, _ = modules[1].int8_vectorwise_quant(dense)
             codes[absmax == 0] = 0  # a zero row: bitsandbytes computes 0 * (127 / 0)
-            ref.encode_tiny_int8_rows_(codes, dense, absmax)  # and w * inf below 3.7e-37
+            ref._encode_tiny_int8_rows_(codes, dense, absmax)  # and w * inf below 3.7e-37
         return {"weight": codes, "absmax": absmax.float()}
 
     def _bnb_quant_state(self, functional: Any, dtype: torch.dtype) -> Any:

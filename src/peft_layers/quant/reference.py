@@ -508,11 +508,11 @@ def quantize_int8_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
     codes = torch.round(w * (127.0 / absmax).unsqueeze(1))
     codes[absmax == 0] = 0
     codes = codes.to(torch.int8)
-    encode_tiny_int8_rows_(codes, w, absmax)
+    _encode_tiny_int8_rows_(codes, w, absmax)
     return codes, absmax
 
 
-def encode_tiny_int8_rows_(codes: Tensor, weight: Tensor, absmax: Tensor) -> None:
+def _encode_tiny_int8_rows_(codes: Tensor, weight: Tensor, absmax: Tensor) -> None:
     """Re-encode in ``codes`` the rows whose absmax is nonzero but below ``127 / FLT_MAX``
     (about 3.7e-37), as ``round(w / absmax_row * 127)``: there ``127 / absmax`` overflows to
     inf, and ``w * inf`` cast to int8 is undefined (zero on x86), so such a row would decode
