@@ -900,6 +900,19 @@ def test_load_adapter_state_dict_that_would_load_nothing_raises_even_if_not_stri
     assert pl.load_adapter_state_dict(model, {}, strict=False) is model  # nothing given, nothing to load
 
 
+def test_load_adapter_state_dict_with_keys_of_mixed_types() -> None:
+    """Extra keys of mixed types (an int beside strs) broke the sort of the unexpected keys with a
+    bare TypeError: ``strict=False`` ignores them and loads the rest; ``strict`` names them."""
+    source = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
+    randomize_adapters(source)
+    model = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
+    state = {**pl.adapter_state_dict(source), 1: torch.zeros(1), "step": torch.zeros(1)}
+    pl.load_adapter_state_dict(model, state, strict=False)
+    assert all(torch.equal(v, pl.adapter_state_dict(source)[k]) for k, v in pl.adapter_state_dict(model).items())
+    with pytest.raises(ValueError, match=r"unexpected: \[1, 'step'\]"):
+        pl.load_adapter_state_dict(model, state)
+
+
 # ---- k-bit preparation -----------------------------------------------------------------------------
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -1029,6 +1042,24 @@ def test_prepare_for_kbit_training_without_checkpointing_support_changes_nothing
     assert [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
     assert all(not m._forward_hooks for m in model.modules())
     assert not hasattr(model.embed, "_peft_layers_grad_hook")
+
+
+def test_prepare_for_kbit_training_refuses_a_model_that_says_it_cannot_checkpoint() -> None:
+    """A transformers model with ``supports_gradient_checkpointing = False`` has the method but
+    raises inside it, which came after the freeze, the float32 cast and the hook: the call now
+    refuses first and changes nothing."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.supports_gradient_checkpointing = False  # as JetMoe, CLAP, Flava, ... declare it
+    with pytest.raises(ValueError):  # what transformers itself says of such a model
+        model.gradient_checkpointing_enable()
+    before = [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"^gradient_checkpointing: LlamaForCausalLM does not support it"):
+        pl.prepare_for_kbit_training(model, gradient_checkpointing=True)
+    assert [(name, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 class _NoTokenEmbeddings(nn.Module):

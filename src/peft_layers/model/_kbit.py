@@ -53,7 +53,8 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
       the adapters inside them. Without an embedding layer, nothing is hooked.
     - with ``gradient_checkpointing=True``, calls the model's ``gradient_checkpointing_enable()``
       (``activation_checkpointing_enable()``, its name since transformers 5, where it has it)
-      (Hugging Face models have it; for other models it raises ``ValueError`` before anything is
+      (Hugging Face models have it; for other models, and for a transformers model whose
+      ``supports_gradient_checkpointing`` is False, it raises ``ValueError`` before anything is
       changed: wrap blocks with ``torch.utils.checkpoint.checkpoint`` yourself).
     """
     _check_model(model)
@@ -69,6 +70,13 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
             f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable() "
             "(nor activation_checkpointing_enable()); wrap its blocks with "
             "torch.utils.checkpoint.checkpoint instead"
+        )
+    # a transformers model that cannot checkpoint raises only inside enable(), after the changes
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", True) is False:
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it (its "
+            "supports_gradient_checkpointing is False); pass gradient_checkpointing=False, or wrap "
+            "its blocks with torch.utils.checkpoint.checkpoint yourself"
         )
     embeddings = _input_embeddings(model)  # before any change: a getter may raise
     adapter_tensors = {id(p) for _, layer in iter_adapter_layers(model) for p in layer.adapter_parameters()}

@@ -122,7 +122,7 @@ def load_adapter_state_dict(
                 stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
                 return load_adapter_state_dict(wrapper, stripped, strict=strict)
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(set(state_dict) - set(expected), key=str)  # a non-str key may be among them
     if strict and (missing or unexpected):
         raise ValueError(
             f"state_dict: keys do not fit the model's adapters; missing: {missing}, unexpected: {unexpected}"
