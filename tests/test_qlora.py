@@ -687,6 +687,24 @@ def test_a_quantized_base_weight_counts_its_values_not_its_packed_storage() -> N
     assert pl.trainable_parameters(model) == (trainable, 64 * 32 + trainable)
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3)])
+def test_a_wrapped_4bit_weight_with_an_odd_count_counts_as_hugging_face_peft_counts_it(shape) -> None:
+    """An odd ``out * in`` fills its last byte half: Hugging Face PEFT (and we, before injection)
+    count the packed bytes twice, pad included; the wrapped weight counted ``out * in``, one less."""
+    peft = pytest.importorskip("peft")
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(bnb_linear4bit(nn.Linear(*shape)))
+
+    ours = model()
+    before = pl.trainable_parameters(ours)[1]
+    pl.inject_adapters(ours, ["0"], method="qlora", rank=2)
+    theirs = peft.get_peft_model(model(), peft.LoraConfig(r=2, target_modules=["0"]))
+    assert pl.trainable_parameters(ours) == tuple(theirs.get_nb_trainable_parameters())
+    assert pl.trainable_parameters(ours)[1] == before + 2 * (shape[0] + shape[1])
+
+
 # ---- the base weight changing between forward and backward --------------------------------
 @pytest.mark.parametrize("change", ["merge", "requantize_"])
 @pytest.mark.parametrize("cls", [QLoRALinear, QDoRALinear])

@@ -30,7 +30,9 @@ def _is_packed_4bit(parameter: Tensor) -> bool:
 def _value_count(module: nn.Module, name: str, parameter: Tensor) -> int:
     """How many weight values ``parameter`` stands for (packed storage counts what it encodes)."""
     if name == "weight" and isinstance(module, QuantizedLinear):
-        return module.out_features * module.in_features
+        values = module.out_features * module.in_features
+        # 4-bit codes fill whole bytes: Hugging Face PEFT counts the pad of an odd count too
+        return values if module.scheme == "int8" else values + values % 2
     if _is_packed_4bit(parameter):
         # two 4-bit values per byte of storage, as Hugging Face PEFT counts them
         return parameter.numel() * 2 * parameter.element_size()
@@ -43,7 +45,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     Shared parameters count once. A packed 4-bit weight counts the values it encodes, so the
     numbers equal Hugging Face PEFT's ``get_nb_trainable_parameters()`` for the same model; a
     ``QuantizedLinear`` counts ``out_features * in_features`` for its weight, stored as a parameter
-    or as buffers.
+    or as buffers (a 4-bit one rounded up to whole bytes, two values each, as Hugging Face PEFT
+    counts an odd count's pad).
     """
     _check_model(model)
     trainable = total = 0
