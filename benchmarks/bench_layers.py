@@ -35,7 +35,10 @@ FORWARD_VARIANTS = ("linear", "lora", "dora", "hf_lora", "hf_dora", "lora_merged
 # linear_copy is an A/A control: a second, identical nn.Linear; its ratio to linear is the noise
 PAIRED_VARIANTS = {
     "train": ("linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora"),
-    "forward": ("linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged"),
+    "forward": (
+        "linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged",
+        "dora_uncached", "hf_dora_cached",  # the gain computed every call; Hugging Face's cache on
+    ),
 }
 
 

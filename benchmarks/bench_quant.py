@@ -30,6 +30,7 @@ from harness import (
     shape_params,
     time_paired,
     time_sequential,
+    wrapped_for,
 )
 
 quant = pytest.importorskip("peft_layers.quant", exc_type=ImportError)
@@ -43,6 +44,9 @@ TRAIN_VARIANTS = ("quantized", "qlora", "qdora", "bnb_4bit", "hf_qlora", "hf_qdo
 FORWARD_VARIANTS = TRAIN_VARIANTS
 # quantized_copy is an A/A control: a second, identical QuantizedLinear
 PAIRED_VARIANTS = ("quantized", "quantized_copy", "qlora", "qdora", "bnb_4bit", "hf_qlora", "hf_qdora")
+#: no-grad forwards also time QDoRA with its adapter changed before each call (no cached gain)
+#: and Hugging Face PEFT's QDoRA with its opt-in DoraCaching on
+PAIRED_FORWARD_VARIANTS = (*PAIRED_VARIANTS, "qdora_uncached", "hf_qdora_cached")
 MEMORY_VARIANTS = ("quantized", "qlora", "qdora", "hf_qlora", "hf_qdora")
 
 
@@ -72,16 +76,16 @@ def build_quant_variant(name: str, in_features: int, out_features: int) -> nn.Mo
         return bnb_linear4bit(linear)
     if name == "qlora":
         layer: nn.Module = qlora.QLoRALinear.from_linear(linear, quant=SCHEME, rank=RANK, alpha=ALPHA, **options)
-    elif name == "qdora":
+    elif name in ("qdora", "qdora_uncached"):
         layer = qlora.QDoRALinear.from_linear(linear, quant=SCHEME, rank=RANK, alpha=ALPHA, **options)
     elif name == "hf_qlora":
         layer = hf_peft_layer(bnb_linear4bit(linear), use_dora=False)
-    elif name == "hf_qdora":
+    elif name in ("hf_qdora", "hf_qdora_cached"):
         layer = hf_peft_layer(bnb_linear4bit(linear), use_dora=True)
     else:
         raise ValueError(f"variant: unknown quantized variant {name!r}")
     perturb_adapter_(layer)
-    return layer
+    return wrapped_for(name, layer)
 
 
 def _case(variant: str, shape: tuple[int, int, int]) -> Case:
@@ -103,7 +107,8 @@ def test_forward(benchmark, shape, variant):
 
 @pytest.mark.parametrize(("shape", "kind"), shape_params(KINDS))
 def test_paired(benchmark, shape, kind):
-    cases = {variant: _case(variant, shape) for variant in PAIRED_VARIANTS}
+    variants = PAIRED_FORWARD_VARIANTS if kind == "forward" else PAIRED_VARIANTS
+    cases = {variant: _case(variant, shape) for variant in variants}
     rounds = rounds_for(shape, 120, 25) if kind.startswith("train") else rounds_for(shape, 150, 30)
     time_paired(benchmark, cases, suite="quant", kind=kind, shape=shape, rounds=rounds)
 

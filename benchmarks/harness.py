@@ -132,14 +132,57 @@ def perturb_adapter_(layer: nn.Module, *, seed: int = SEED + 1) -> None:
 
 
 class _Holder(nn.Module):
-    """The smallest model Hugging Face PEFT can wrap: one linear layer called ``proj``."""
+    """The smallest model Hugging Face PEFT can wrap: one linear layer called ``proj``.
+
+    ``is_loaded_in_4bit`` is what a transformers model loaded in 4 bits says of itself: over a
+    bitsandbytes ``Linear4bit`` it makes Hugging Face PEFT pick its QLoRA layer
+    (``peft.tuners.lora.bnb.Linear4bit``), the one its users get, not its generic LoRA layer."""
 
     def __init__(self, proj: nn.Module) -> None:
         super().__init__()
         self.proj = proj
+        self.is_loaded_in_4bit = is_bitsandbytes_4bit(proj)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
+
+
+def is_bitsandbytes_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (by class name: bitsandbytes need not
+    be importable for the dense suites)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+class AdapterChangedEachCall(nn.Module):
+    """``layer`` with its adapter changed before every call: ``A``'s version counter is bumped
+    (its values kept), so a DoRA layer's no-grad forward finds no cached gain ``m / n`` and
+    computes it, as the first forward after an optimizer step does."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = _features(layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.layer.lora_A.add_(0.0)
+        return self.layer(x)
+
+
+class WithDoraCaching(nn.Module):
+    """Hugging Face PEFT's layer called inside ``peft.helpers.DoraCaching()``: its opt-in cache of
+    the weight norm and of ``B A``, off by default, is on (and kept between calls in eval)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = _features(layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from peft.helpers import DoraCaching
+
+        with DoraCaching():
+            return self.layer(x)
 
 
 def hf_peft_layer(base: nn.Module, *, use_dora: bool) -> nn.Module:
@@ -173,7 +216,9 @@ def build_dense_variant(name: str, in_features: int, out_features: int) -> nn.Mo
     """One variant over a fresh copy of the seeded weight.
 
     ``linear``/``linear_copy`` (the A/A control), ``lora``, ``dora``, ``hf_lora``, ``hf_dora``,
-    ``lora_merged``, ``dora_merged``.
+    ``lora_merged``, ``dora_merged``; for no-grad forwards also ``dora_uncached`` (the adapter
+    changed before each call: :class:`AdapterChangedEachCall`) and ``hf_dora_cached``
+    (:class:`WithDoraCaching`).
     """
     import peft_layers as pl
 
@@ -182,17 +227,26 @@ def build_dense_variant(name: str, in_features: int, out_features: int) -> nn.Mo
         return linear
     if name in ("lora", "lora_merged"):
         layer: nn.Module = pl.LoRALinear.from_linear(linear, rank=RANK, alpha=ALPHA)
-    elif name in ("dora", "dora_merged"):
+    elif name in ("dora", "dora_merged", "dora_uncached"):
         layer = pl.DoRALinear.from_linear(linear, rank=RANK, alpha=ALPHA)
     elif name == "hf_lora":
         layer = hf_peft_layer(linear, use_dora=False)
-    elif name == "hf_dora":
+    elif name in ("hf_dora", "hf_dora_cached"):
         layer = hf_peft_layer(linear, use_dora=True)
     else:
         raise ValueError(f"variant: unknown dense variant {name!r}")
     perturb_adapter_(layer)
     if name.endswith("_merged"):
         layer.merge()
+    return wrapped_for(name, layer)
+
+
+def wrapped_for(name: str, layer: nn.Module) -> nn.Module:
+    """``layer`` in the wrapper that a variant's name asks for (``*_uncached``, ``*_cached``)."""
+    if name.endswith("_uncached"):
+        return AdapterChangedEachCall(layer)
+    if name.endswith("_cached"):
+        return WithDoraCaching(layer)
     return layer
 
 

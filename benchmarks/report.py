@@ -41,7 +41,9 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 NOISE_FLOOR = 0.01
 VARIANT_ORDER = (
     "linear", "linear_copy", "lora", "dora", "hf_lora", "hf_dora", "lora_merged", "dora_merged",
+    "dora_uncached", "hf_dora_cached",
     "quantized", "quantized_copy", "qlora", "qdora", "bnb_4bit", "hf_qlora", "hf_qdora",
+    "qdora_uncached", "hf_qdora_cached",
     "multi_lora", "hf_mixed",
 )
 #: above this share of CPU time taken by other processes during the paired runs, the report warns
@@ -80,6 +82,10 @@ LAYER_RATIOS = (
     Ratio("LoRA / HF PEFT LoRA", "layers", "train", "lora", "hf_lora"),
     Ratio("LoRA / HF PEFT LoRA", "layers", "forward", "lora", "hf_lora"),
     Ratio("DoRA / HF PEFT DoRA", "layers", "forward", "dora", "hf_dora"),
+    Ratio("DoRA / HF PEFT DoRA with DoraCaching", "layers", "forward", "dora", "hf_dora_cached",
+          note="both sides cache"),
+    Ratio("DoRA, adapter changed each call / LoRA", "layers", "forward", "dora_uncached", "lora",
+          note="gain computed every call"),
     Ratio("HF PEFT LoRA / nn.Linear", "layers", "train", "hf_lora", "linear", note="issue 2 saw 1.17 / 1.0"),
     Ratio("HF PEFT DoRA / HF PEFT LoRA", "layers", "train", "hf_dora", "hf_lora", note="issue 2 saw 1.6-1.8"),
     Ratio("HF PEFT DoRA / HF PEFT LoRA", "layers", "forward", "hf_dora", "hf_lora", note="issue 2 saw 2.3-2.6"),
@@ -96,6 +102,10 @@ QUANT_RATIOS = (
     Ratio("QDoRA / HF PEFT QDoRA", "quant", "train", "qdora", "hf_qdora"),
     Ratio("QLoRA / HF PEFT QLoRA", "quant", "forward", "qlora", "hf_qlora"),
     Ratio("QDoRA / HF PEFT QDoRA", "quant", "forward", "qdora", "hf_qdora"),
+    Ratio("QDoRA / HF PEFT QDoRA with DoraCaching", "quant", "forward", "qdora", "hf_qdora_cached",
+          note="both sides cache"),
+    Ratio("QDoRA, adapter changed each call / QuantizedLinear", "quant", "forward", "qdora_uncached",
+          "quantized", note="gain computed every call"),
     Ratio("QuantizedLinear / bnb Linear4bit", "quant", "train", "quantized", "bnb_4bit"),
     Ratio("QuantizedLinear / bnb Linear4bit", "quant", "forward", "quantized", "bnb_4bit"),
     Ratio("HF PEFT QLoRA / bnb Linear4bit", "quant", "train", "hf_qlora", "bnb_4bit", note="issue 3 saw 1.15-1.2"),
