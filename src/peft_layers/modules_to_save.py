@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from ._errors import errors_restated
+
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
 __all__ = [
     "ModuleToSave",
@@ -82,12 +84,11 @@ class ModuleToSave(nn.Module):
 def _deep_copy(module: nn.Module) -> nn.Module:
     """``copy.deepcopy(module)``, the trained copy; an error of the copy (an attribute that cannot
     be copied, such as a lock) says which module and why it is copied."""
-    try:
-        return copy.deepcopy(module)
-    except (TypeError, ValueError, RuntimeError) as error:
-        if type(error) not in (TypeError, ValueError, RuntimeError):  # a subclass may take other arguments
-            raise
-        raise type(error)(
+    def restate(error: Exception) -> str:
+        return (
             f"module: the {type(module).__name__} cannot be deep-copied ({error}); a module to save "
             "trains a deep copy of it"
-        ) from error
+        )
+
+    with errors_restated(restate, (TypeError, ValueError, RuntimeError), keep_cause=True):
+        return copy.deepcopy(module)

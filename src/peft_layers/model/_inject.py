@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from .._errors import errors_restated
 from .._warnings import warn as _warn
 from ..adapter import is_conv1d
 from ..lora import (
@@ -546,12 +547,9 @@ def _kept_unquantized(kept: list[tuple[str, list[str]]], module: nn.Module, name
 def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: dict[str, Any]) -> LoRALinear:
     """``cls.from_linear(module, **kwargs)`` in the training mode of ``module``; an argument the
     layer rejects raises the layer's error type, with the module's name in front."""
-    try:
+    with errors_restated(lambda error: f"inject_adapters(): module {name!r}: {error}", (TypeError, ValueError),
+                         keep_cause=False):
         layer = cls.from_linear(module, **kwargs)
-    except (TypeError, ValueError) as error:
-        if type(error) not in (TypeError, ValueError):  # a subclass may take other arguments
-            raise
-        raise type(error)(f"inject_adapters(): module {name!r}: {error}") from None
     # a new module starts in training mode: in an eval() model its dropout would run
     layer.train(module.training)
     return layer
@@ -560,12 +558,9 @@ def _build_layer(cls: type[LoRALinear], name: str, module: nn.Module, kwargs: di
 def _build_saved(name: str, module: nn.Module) -> ModuleToSave:
     """``ModuleToSave(module)``; an error of its copy raises the same error type, with
     ``modules_to_save`` and the module's name in front."""
-    try:
+    with errors_restated(lambda error: f"inject_adapters(): modules_to_save: module {name!r}: {error}",
+                         (TypeError, ValueError, RuntimeError), keep_cause=True):
         return ModuleToSave(module)
-    except (TypeError, ValueError, RuntimeError) as error:
-        if type(error) not in (TypeError, ValueError, RuntimeError):  # a subclass may take other arguments
-            raise
-        raise type(error)(f"inject_adapters(): modules_to_save: module {name!r}: {error}") from error
 
 
 def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
