@@ -488,6 +488,14 @@ _KEY_KINDS = (
 _ADAPTER_SUFFIXES = tuple(suffix for suffix, kind in _KEY_KINDS if kind != "bias")
 
 
+def _module_before(rest: str, suffix: str) -> str | None:
+    """The module path of the key ``rest`` (prefix removed) if it ends in ``suffix``: ``"p"`` for
+    ``"p.<suffix>"``, ``""`` for the suffix alone; else None."""
+    if rest == suffix or rest.endswith("." + suffix):
+        return rest[: -len(suffix)].rstrip(".")
+    return None
+
+
 def _split_key(key: str, path: Path, hint: str = "") -> tuple[str, str]:
     """``"base_model.model.<p>.lora_A.weight"`` -> ``(p, "lora_A")``; likewise lora_B,
     magnitude, base_bias (``<p>.base_layer.bias``), base_weight (``<p>.base_layer.weight``) and
@@ -496,8 +504,8 @@ def _split_key(key: str, path: Path, hint: str = "") -> tuple[str, str]:
         raise ValueError(f"{path}: unexpected key {key!r}: keys start with {KEY_PREFIX!r} in this layout")
     rest = key[len(KEY_PREFIX):]
     for suffix, kind in _KEY_KINDS:
-        if rest == suffix or rest.endswith("." + suffix):
-            module = rest[: -len(suffix)].rstrip(".")
+        module = _module_before(rest, suffix)
+        if module is not None:
             if kind == "bias" and re.search(r"(^|\.)lora_[A-Za-z_]+$", module):
                 break  # lora_B.bias and the like: a LoRA bias, which we do not support
             return module, kind
@@ -530,9 +538,9 @@ def _saved_module_key(
     # "base_layer.weight"). A suffix match must not reach into an adapter suffix ("fc.base_layer"
     # ends "layer"), nor take an adapter module's keys; a module to save that holds a module named
     # base_layer has such keys too ("head.base_layer.weight")
-    suffix = None if exact else next((s for s in _ADAPTER_SUFFIXES if rest == s or rest.endswith("." + s)), None)
-    if suffix is not None:
-        module = rest[: -len(suffix)].rstrip(".")
+    before = (_module_before(rest, suffix) for suffix in _ADAPTER_SUFFIXES)
+    module = None if exact else next((m for m in before if m is not None), None)
+    if module is not None:
         if not module or module in adapters:
             return None
         last = module.count(".") + 1
@@ -546,13 +554,9 @@ def _saved_module_key(
 
 def _factor_modules(tensors: Mapping[str, Tensor]) -> set[str]:
     """The module paths that have a LoRA factor (``<p>.lora_A.weight``, ``<p>.lora_B.weight``)."""
-    paths = set()
-    for key in tensors:
-        rest = key[len(KEY_PREFIX):]
-        for suffix in ("lora_A.weight", "lora_B.weight"):
-            if key.startswith(KEY_PREFIX) and (rest == suffix or rest.endswith("." + suffix)):
-                paths.add(rest[: -len(suffix)].rstrip("."))
-    return paths
+    rests = [key[len(KEY_PREFIX):] for key in tensors if key.startswith(KEY_PREFIX)]
+    modules = (_module_before(rest, suffix) for rest in rests for suffix in ("lora_A.weight", "lora_B.weight"))
+    return {module for module in modules if module is not None}
 
 
 def _overlaps(path: str, other: str) -> bool:
