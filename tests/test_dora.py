@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -1015,3 +1016,26 @@ def test_jit_trace_bakes_no_cached_gain_into_the_graph(method: str, warm: bool) 
         expected = dora_ref(f64(x), f64(weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
                             f64(layer.magnitude), layer.scaling, layer.epsilon)
         assert_close64(traced(x), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "has_fp64", "expected"),
+    [
+        ("cpu", None, torch.float64),
+        ("cuda:1", None, torch.float64),
+        ("mps", None, torch.float32),
+        ("xpu:0", True, torch.float64),
+        ("xpu:1", False, torch.float32),
+    ],
+)
+def test_the_norm_and_compose_work_in_float64_where_the_device_has_it(monkeypatch, device, has_fp64, expected):
+    """float64 where the device has it; MPS has none, nor has an Intel Arc XPU, whose
+    properties say so (an XPU is faked here: its properties are the only thing read)."""
+    from peft_layers import _devices
+
+    _devices._xpu_widest_float.cache_clear()
+    monkeypatch.setattr(
+        torch.xpu, "get_device_properties", lambda index: types.SimpleNamespace(has_fp64=has_fp64)
+    )
+    assert _devices.widest_float(torch.device(device)) == expected
+    _devices._xpu_widest_float.cache_clear()

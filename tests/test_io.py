@@ -8,6 +8,7 @@ tensor, every module object, every requires_grad flag) or the old files are unch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -363,6 +364,30 @@ def test_rng_is_not_advanced_by_an_injecting_load(tmp_path: Path) -> None:
     state = torch.get_rng_state()
     load_adapter(target, tmp_path)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_load_keeps_the_random_state_of_every_accelerator_the_model_is_on(monkeypatch) -> None:
+    """The random states kept around a load's injection: the CPU's, and each accelerator type's
+    on the devices the model's tensors are on (not only CUDA's: MPS and XPU draw the fresh
+    factors from their own generators too). No accelerator here: fork_rng's calls are recorded."""
+    from peft_layers.io import _load
+
+    forked = []
+
+    @contextlib.contextmanager
+    def recording_fork_rng(devices=None, device_type=None):
+        forked.append((device_type, list(devices)))
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", recording_fork_rng)
+    on = [torch.device(d) for d in ("cuda:1", "cpu", "mps", "cuda:0", "meta", "cuda:1", "xpu:2")]
+    model = types.SimpleNamespace(
+        parameters=lambda: iter(types.SimpleNamespace(device=d) for d in on[:4]),
+        buffers=lambda: iter(types.SimpleNamespace(device=d) for d in on[4:]),
+    )
+    with _load._random_states_kept(model):
+        pass
+    assert forked == [(None, []), ("cuda", [0, 1]), ("mps", [0]), ("xpu", [2])]
 
 
 def test_trained_biases_round_trip(tmp_path: Path) -> None:

@@ -633,6 +633,35 @@ def test_to_moves_every_tensor_and_keeps_statistics_dtype(scheme, cast):
     assert all(t.device.type == "meta" for t in layer.state_dict().values())
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+def test_built_under_a_device_context_puts_every_tensor_there(scheme, double_quant):
+    """Under ``with torch.device("meta")`` every tensor follows the context, the constant code
+    tables too (they were left on the CPU, and the nested one could not even be built); the
+    usual meta recipe, ``to_empty`` then ``load_state_dict``, then decodes what the source does."""
+    source = QuantizedLinear.from_linear(_linear(24, 64), scheme, double_quant=double_quant)
+    with torch.device("meta"):
+        layer = QuantizedLinear(64, 24, scheme=scheme, double_quant=double_quant)
+    assert {k: t.device.type for k, t in layer.state_dict().items()} == {
+        k: "meta" for k in source.state_dict()
+    }
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer.dequantize(), source.dequantize())
+
+
+def test_code_tables_are_built_on_the_cpu_whatever_the_default_device():
+    """The codec's constant tables are CPU tensors under any default device, equal to the ones
+    built without one (bitsandbytes' values, tested elsewhere)."""
+    nested, nf4, fp4 = ref.dynamic_map(), ref.four_bit_code("nf4"), ref.four_bit_code("fp4")
+    with torch.device("meta"):
+        tables = ref.dynamic_map(), ref.four_bit_code("nf4"), ref.four_bit_code("fp4")
+        midpoints, order = ref._sorted_levels("fp4")
+    for built, expected in zip(tables, (nested, nf4, fp4)):
+        assert built.device.type == "cpu" and torch.equal(built, expected)
+    assert midpoints.device.type == order.device.type == "cpu"
+
+
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
 def test_deepcopy_is_independent(scheme):
     layer = QuantizedLinear.from_linear(_linear(24, 64), scheme)

@@ -32,6 +32,7 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
+from ._devices import widest_float
 from ._warnings import warn as _warn
 from .adapter import holds_non_finite
 from .dora import DoRALinear
@@ -118,12 +119,6 @@ def _check_pair(lora_A: Tensor, lora_B: Tensor, where: str) -> None:
         )
 
 
-def _work_dtype(device: torch.device) -> torch.dtype:
-    # float64 costs little on these (dim, R) matrices and keeps the SVD of near-equal singular
-    # values stable; MPS has no float64
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _combine_checked(
     factors: list[tuple[Tensor, Tensor, float]],
     weights: list[float],
@@ -167,7 +162,9 @@ def _combine_checked(
         return lora_A, lora_B
 
     # "cat" and "svd" both start from the concatenated factors: B_cat A_cat = sum_i w_i s_i B_i A_i
-    work = dtype if method == "cat" else _work_dtype(device)
+    # float64 costs little on these (dim, R) matrices and keeps the SVD of near-equal singular
+    # values stable
+    work = dtype if method == "cat" else widest_float(device)
     lora_A = torch.cat([a.to(device, work) * (w * s) for (a, _, s), w in zip(factors, weights)])
     lora_B = torch.cat([b.to(device, work) for _, b, _ in factors], dim=1)
     if method == "cat":

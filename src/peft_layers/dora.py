@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _row_blocks
+from ._devices import widest_float
 from ._row_blocks import DecodedInBlocks, RowBlocks
 from ._warnings import warn as _warn
 from .adapter import (
@@ -80,19 +81,19 @@ def factored_row_norm(
 
     Returns:
         ``n``, shape (out,), in ``base_row_norm_sq``'s dtype, clamped to ``>= epsilon``. The sum
-        runs in float64 (float32 on MPS, which has none): its inputs are ``(out, r)`` and
-        ``(r, r)`` tensors, so this costs little, and the quadratic term's ``r`` summands
-        ``s^2 B_ik (B A A^T)_ik`` can be far larger than their sum ``s^2 ||B_i A||^2`` when
-        ``A``'s rows are nearly dependent (summed in float32, a norm was seen 120 ``eps32``
-        off). What remains is the rounding of the inputs, an absolute error of about
-        ``eps32 * ||W0_i||^2`` in ``n_i^2`` for a float32 ``W0``: only a row that nearly cancels
-        (``n_i << ||W0_i||``) notices it.
+        runs in float64 (float32 on devices without it: MPS, Intel Arc): its inputs are
+        ``(out, r)`` and ``(r, r)`` tensors, so this costs little, and the quadratic term's
+        ``r`` summands ``s^2 B_ik (B A A^T)_ik`` can be far larger than their sum
+        ``s^2 ||B_i A||^2`` when ``A``'s rows are nearly dependent (summed in float32, a norm
+        was seen 120 ``eps32`` off). What remains is the rounding of the inputs, an absolute
+        error of about ``eps32 * ||W0_i||^2`` in ``n_i^2`` for a float32 ``W0``: only a row that
+        nearly cancels (``n_i << ||W0_i||``) notices it.
     """
     if autocast_enabled(base_row_norm_sq):  # the norm keeps its own dtype under autocast
         with autocast_off(base_row_norm_sq):
             return factored_row_norm(base_row_norm_sq, lora_A, lora_B, base_times_A, scaling, epsilon)
     dtype = base_row_norm_sq.dtype
-    work = _sum_dtype(base_row_norm_sq.device)
+    work = widest_float(base_row_norm_sq.device)
     a = lora_A.to(work)
     b = lora_B.to(work)
     gram = a @ a.t()
@@ -102,11 +103,6 @@ def factored_row_norm(
     # out of place: torch.export traces this into a graph that autograd differentiates, where an
     # in-place op after sqrt would break sqrt's backward (and these are (out,) vectors: cheap)
     return norm_sq.clamp_min(0).sqrt().to(dtype).clamp_min(epsilon)
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    """The dtype :func:`factored_row_norm` sums in: float64, but on MPS (no float64)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def magnitude_gain(magnitude: Tensor, norm: Tensor) -> Tensor:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -307,7 +308,7 @@ def _check_ranges(plan: _FillPlan, adapter: AdapterFile) -> None:
 def _rounding_limit(dtype: torch.dtype) -> float:
     """The magnitude from which a value rounds past ``dtype``'s largest: half a step above it,
     the step read off the bit patterns (``finfo.eps`` is wrong for some float8 types)."""
-    largest = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    largest = torch.tensor(torch.finfo(dtype).max, dtype=dtype, device="cpu")
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     below = (largest.view(bits) - 1).view(dtype)
     return float(largest) + (float(largest) - float(below)) / 2
@@ -516,15 +517,33 @@ def _inject_and_fill(model: nn.Module, adapter: AdapterFile, inject_kwargs: dict
                 kwargs["modules_to_save"] = lambda name, module: name in saved_paths
             paths = set(group)
             # the file overwrites the fresh A, B: don't let their initialisation move the caller's RNG
-            with torch.random.fork_rng(devices=_cuda_devices(model)), ranks_above_features_allowed():
+            with _random_states_kept(model), ranks_above_features_allowed():
                 inject_adapters(model, lambda name, module: name in paths, method=method, **kwargs)
         _fill(model, adapter)
 
 
-def _cuda_devices(model: nn.Module) -> list[int]:
-    """The CUDA devices ``model``'s tensors are on: new adapter tensors are initialised there, from
-    those devices' generators (``fork_rng`` saves and restores the CPU's and these)."""
-    return sorted({t.get_device() for t in itertools.chain(model.parameters(), model.buffers()) if t.is_cuda})
+@contextlib.contextmanager
+def _random_states_kept(model: nn.Module) -> Iterator[None]:
+    """Restore, on exit, the CPU's random state and that of every accelerator ``model``'s
+    tensors are on (CUDA, MPS, XPU...): new adapter tensors are initialised there, from those
+    devices' generators. A device type torch has no generator module for is skipped."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU's
+        for device_type, indices in _accelerator_devices(tensors).items():
+            if hasattr(getattr(torch, device_type, None), "get_rng_state"):
+                stack.enter_context(torch.random.fork_rng(devices=indices, device_type=device_type))
+        yield
+
+
+def _accelerator_devices(tensors: Iterable[Tensor]) -> dict[str, list[int]]:
+    """The devices of ``tensors`` other than the CPU and meta: their indices by device type."""
+    found: dict[str, set[int]] = {}
+    for tensor in tensors:
+        device = tensor.device
+        if device.type not in ("cpu", "meta"):
+            found.setdefault(device.type, set()).add(device.index or 0)
+    return {device_type: sorted(indices) for device_type, indices in found.items()}
 
 
 def load_adapter(

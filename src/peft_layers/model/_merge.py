@@ -89,7 +89,7 @@ def _sharing_elements(views: list[tuple[str, Tensor]]) -> list[str]:
     if not any(_overlap(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]):
         return []
     start = min(span.start for span in spans)
-    owner = torch.zeros(max(span.stop for span in spans) - start, dtype=torch.int32)
+    owner = torch.zeros(max(span.stop for span in spans) - start, dtype=torch.int32, device="cpu")
     sharing: set[str] = set()
     for index, (name, view) in enumerate(views, start=1):
         if 0 in view.stride():  # an expanded view reads its elements more than once: not a plain weight

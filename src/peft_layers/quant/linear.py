@@ -261,12 +261,14 @@ class QuantizedLinear(nn.Module):
             torch.full(((numel + 1) // 2, 1), zero_code, dtype=torch.uint8, device=device),
             requires_grad=False,
         )
-        self.register_buffer("code", ref.four_bit_code(self.scheme).to(device))
+        # the table is copied from a CPU constant, so it goes where the factories above put the
+        # weight: `device`, or else the default device (a `with torch.device(...)` block included)
+        self.register_buffer("code", ref.four_bit_code(self.scheme).to(self.weight.device))
         if self.double_quant:
             n_nested = -(-n_blocks // ref.DOUBLE_QUANT_BLOCKSIZE)
             self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
             self.register_buffer("nested_absmax", torch.zeros(n_nested, device=device))
-            self.register_buffer("nested_code", ref.dynamic_map().to(device))
+            self.register_buffer("nested_code", ref.dynamic_map().to(self.weight.device))
             self.register_buffer("offset", torch.zeros((), device=device))
         else:
             self.register_buffer("absmax", torch.zeros(n_blocks, device=device))

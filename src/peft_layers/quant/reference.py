@@ -79,12 +79,15 @@ NF4_CODE = torch.tensor(
         1.0,
     ],
     dtype=torch.float32,
+    device="cpu",  # not the default device: an import under `torch.set_default_device` included
 )
 
 # FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2) in bit-pattern order: index j has sign
 # bit j >> 3 and magnitude bits j & 7 -> 0, 0.0625, 8, 12, 4, 6, 2, 3; divided by 12 in float32.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-FP4_CODE = torch.tensor(_FP4_MAGNITUDES + tuple(-m for m in _FP4_MAGNITUDES), dtype=torch.float32)
+FP4_CODE = torch.tensor(
+    _FP4_MAGNITUDES + tuple(-m for m in _FP4_MAGNITUDES), dtype=torch.float32, device="cpu"
+)
 FP4_CODE = FP4_CODE / FP4_CODE.abs().max()
 
 # Quantization sorts the levels and rounds to the nearest; FP4 holds both +0 (index 0) and -0
@@ -108,9 +111,9 @@ def _sorted_levels(quant_type: str) -> tuple[Tensor, Tensor]:
     """(midpoints between adjacent sorted levels, code index of each sorted level)."""
     code = four_bit_code(quant_type)
     if quant_type == "nf4":
-        order = torch.arange(16)
+        order = torch.arange(16, device="cpu")
     else:
-        order = torch.tensor(_FP4_SORTED_ORDER)
+        order = torch.tensor(_FP4_SORTED_ORDER, device="cpu")
     levels = code[order]
     return (levels[:-1] + levels[1:]) / 2, order
 
@@ -140,7 +143,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     extra_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
 
     def level(exponent: int, count: int) -> None:
-        points = torch.linspace(0.1, 1, count, dtype=torch.float32)
+        points = torch.linspace(0.1, 1, count, dtype=torch.float32, device="cpu")
         midpoints = (points[:-1] + points[1:]) / 2.0
         scale = 10 ** (exponent - max_exponent_bits + 1)
         values.extend((scale * midpoints).tolist())
@@ -160,7 +163,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
         )
     values += [0.0] * (256 - len(values))
     values.sort()
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
 # ---- input checks -----------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4", blocksize: int = 64) 
     sorted_index = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
     codes = order.to(scaled.device)[sorted_index]
     if numel % 2:  # the padding nibble is the code of 0.0, as bitsandbytes pads with a scaled 0
-        zero = order[torch.bucketize(torch.zeros(1), midpoints)].to(codes.device)
+        zero = order[torch.bucketize(torch.zeros(1, device="cpu"), midpoints)].to(codes.device)
         codes = torch.cat([codes, zero])
     return _pack_4bit(codes), absmax
 

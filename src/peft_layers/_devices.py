@@ -1,0 +1,24 @@
+"""What a device can compute in."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64 where ``device`` computes in it, else float32: MPS has no float64, nor have Intel
+    Arc XPUs (their properties say so, ``has_fp64``). Used for small sums and decompositions
+    that must not lose digits (DoRA's factored norm, compose's SVD)."""
+    if device.type == "mps":
+        return torch.float32
+    if device.type == "xpu":
+        return _xpu_widest_float(device.index)
+    return torch.float64
+
+
+@functools.lru_cache(maxsize=None)
+def _xpu_widest_float(index: int | None) -> torch.dtype:
+    properties = torch.xpu.get_device_properties(index)
+    return torch.float64 if getattr(properties, "has_fp64", True) else torch.float32
