@@ -366,6 +366,19 @@ def test_rng_is_not_advanced_by_an_injecting_load(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_hugging_face_is_trainable_gets_what_to_do_instead(tmp_path: Path) -> None:
+    """``PeftModel.from_pretrained``'s ``is_trainable`` has no place here: the error says what
+    load_adapter leaves and how to get Hugging Face PEFT's inference default; nothing changes."""
+    save_adapter(adapted("lora"), tmp_path)
+    target = base_net()
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(TypeError, match=r"is_trainable: .*Hugging Face PEFT's is_trainable is not needed: load_adapter "
+                                        r"leaves the adapters trainable .*model\.eval\(\)\.requires_grad_\(False\)"):
+        load_adapter(target, tmp_path, is_trainable=False)
+    assert not list(iter_adapter_layers(target))
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
 def test_load_keeps_the_random_state_of_every_accelerator_the_model_is_on(monkeypatch) -> None:
     """The random states kept around a load's injection: the CPU's, and each accelerator type's
     on the devices the model's tensors are on (not only CUDA's: MPS and XPU draw the fresh
@@ -1621,9 +1634,31 @@ def test_save_refuses_what_one_file_cannot_hold(tmp_path: Path) -> None:
         save_adapter(base_net(), tmp_path)
     mixed = inject_adapters(base_net(), re.compile("fc"), method="dora", rank=2)
     inject_adapters(mixed, ["block.fc"], method="lora", rank=2)
-    with pytest.raises(ValueError, match="mixes"):
+    with pytest.raises(ValueError, match=r"mixes.*save pl\.adapter_state_dict\(model\).*pl\.load_adapter_state_dict\(\)"):
         save_adapter(mixed, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_mixed_model_keeps_its_adapters_the_way_the_refusal_says(tmp_path: Path) -> None:
+    """LoRA beside DoRA has no adapter file; the refusal's route (the adapter state dict in a
+    safetensors file, loaded into a model injected the same way) restores the model exactly."""
+    from safetensors.torch import load_file, save_file
+
+    def mixed() -> Net:
+        model = inject_adapters(base_net(), re.compile("fc"), method="dora", rank=2)
+        return inject_adapters(model, ["block.fc"], method="lora", rank=2)
+
+    torch.manual_seed(0)
+    trained = mixed()
+    with torch.no_grad():
+        for parameter in pl.adapter_state_dict(trained).values():
+            parameter.add_(torch.randn_like(parameter))
+    save_file(pl.adapter_state_dict(trained), tmp_path / "adapters.safetensors")
+    restored = mixed()
+    pl.load_adapter_state_dict(restored, load_file(tmp_path / "adapters.safetensors"))
+    x = inputs()
+    assert torch.equal(restored(x), trained(x))
+    assert not torch.equal(mixed()(x), trained(x))
 
 
 def partly_quantized_net() -> Net:

@@ -1018,20 +1018,33 @@ def test_prepare_for_kbit_training_checkpoints_a_transformers_model_as_it_trains
     base = transformers.LlamaForCausalLM(config).train()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     grads = []
-    for checkpointed in (False, True):
+    # plain, checkpointed (transformers' default: reentrant), and non-reentrant through the kwargs
+    for checkpointed, kwargs in ((False, None), (True, None), (True, {"use_reentrant": False})):
         torch.manual_seed(1)  # the same A
         model = pl.inject_lora(copy.deepcopy(base), "q_proj", rank=2)
         randomize_adapters(model)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # transformers 5's deprecated name warns
-            pl.prepare_for_kbit_training(model, gradient_checkpointing=checkpointed)
+            pl.prepare_for_kbit_training(model, gradient_checkpointing=checkpointed, gradient_checkpointing_kwargs=kwargs)
         new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers 5; the old one warns
         assert getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing") == checkpointed
+        if kwargs is not None:
+            assert model.model.layers[0]._gradient_checkpointing_func.keywords == kwargs
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([layer.lora_B.grad for _, layer in iter_adapter_layers(model)])
-    for plain, checkpointed in zip(*grads):
+    for plain, *checkpointed in zip(*grads):
         assert plain.abs().sum() > 0
-        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+        for grad in checkpointed:
+            torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_prepare_for_kbit_training_refuses_checkpointing_kwargs_without_checkpointing() -> None:
+    model = tiny_model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs: \{'use_reentrant': False\} given with gradient_checkpointing=False"):
+        pl.prepare_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(TypeError, match=r"gradient_checkpointing_kwargs: expected a dict or None, got 'no'"):
+        pl.prepare_for_kbit_training(model, True, gradient_checkpointing_kwargs="no")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_prepare_for_kbit_training_without_checkpointing_support_changes_nothing() -> None:
@@ -1569,10 +1582,16 @@ def test_meta_device_recipe_gives_a_model_equal_to_its_base(method: str) -> None
     with pytest.warns(UserWarning, match=rf"the base layer is on the meta device.*reset_parameters\(\).*{note}"):
         pl.inject_adapters(model, ["q_proj"], method=method, rank=4)
     model.to_empty(device="cpu")
+    adapted = {name for name, module in model.named_modules() if isinstance(module, pl.LoRALinear)}
+
+    def under_base_layer(key: str) -> str:  # docs/model.md's renaming
+        module, _, leaf = key.rpartition(".")
+        return f"{module}.base_layer.{leaf}" if module in adapted else key
 
     def load_base() -> None:
-        state = {name.replace("q_proj.", "q_proj.base_layer."): value for name, value in base.state_dict().items()}
-        model.load_state_dict(state, strict=False)
+        result = model.load_state_dict({under_base_layer(k): v for k, v in base.state_dict().items()}, strict=False)
+        assert not result.unexpected_keys
+        assert {key.rpartition(".")[2] for key in result.missing_keys} <= {"lora_A", "lora_B", "magnitude"}
 
     if method == "dora":
         load_base()
@@ -1584,6 +1603,24 @@ def test_meta_device_recipe_gives_a_model_equal_to_its_base(method: str) -> None
     assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
     if method == "dora":
         torch.testing.assert_close(layer.magnitude, base.q_proj.weight.norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_plus", "dora"])
+def test_meta_device_recipe_with_assign_gives_a_model_equal_to_its_base(method: str) -> None:
+    """docs/model.md's simpler recipe: build on meta, ``load_state_dict(assign=True)``, inject:
+    the model equals its base, DoRA's magnitude is the row norms of the loaded weight."""
+    torch.manual_seed(0)
+    base = _TwoLinears()
+    x = torch.randn(3, 32)
+    with torch.device("meta"):
+        model = _TwoLinears()
+    model.load_state_dict(base.state_dict(), assign=True)
+    pl.inject_adapters(model, ["q_proj"], method=method, rank=4)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    if method == "dora":
+        torch.testing.assert_close(model.q_proj.magnitude, base.q_proj.weight.norm(dim=1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-6)
 

@@ -147,6 +147,11 @@ def test_bad_arguments() -> None:
         pl.loraplus_param_groups(tiny_model().requires_grad_(False), 1e-3)
     with pytest.raises(TypeError, match="optimizer_cls"):
         pl.create_loraplus_optimizer(model, "adam", lr=1e-3)
+    # Hugging Face PEFT's names get ours, not AdamW's "unexpected keyword argument"
+    for theirs, ours in (("loraplus_lr_ratio", "lr_ratio= here"), ("loraplus_weight_decay", "weight_decay= here"),
+                         ("loraplus_lr_embedding", "for adapters on embeddings")):
+        with pytest.raises(TypeError, match=rf"^{theirs}: .*got {theirs}=4\); Hugging Face PEFT's {theirs} is {ours}"):
+            pl.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, **{theirs: 4})
 
 
 def test_a_model_without_adapter_layers_is_refused() -> None:

@@ -344,3 +344,29 @@ def test_files_with_hugging_face_peft_layer_selection_load_as_it_loads_them(fiel
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"module '{re.escape(left_out[0])}' has adapter tensors, but adapter_config.json leaves it out"):
         pl.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_a_file_saved_from_a_pretrained_model_opens_with_auto_peft_model(tmp_path) -> None:
+    """The file records the base's ``name_or_path``, as Hugging Face PEFT's does, so that
+    ``AutoPeftModelForCausalLM.from_pretrained(folder)`` builds the base from it and computes
+    what our model computes; a model built from a config records nothing."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    ours = pl.inject_lora(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), ["q_proj", "v_proj"],
+                          rank=2, init="gaussian")
+    with torch.no_grad():
+        for _, layer in pl.model.iter_adapter_layers(ours):
+            layer.lora_B.normal_()
+    pl.save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    pl.save_adapter(pl.inject_lora(transformers.LlamaForCausalLM(config), ["q_proj"], rank=2), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] is None

@@ -124,6 +124,10 @@ _HF_ARGUMENTS = {
     "layers_to_transform": r"a regex target, e.g. re.compile(r'.*layers\.(0|1)\..*_proj')",
     "layers_pattern": r"a regex target, e.g. re.compile(r'.*layers\.(0|1)\..*_proj')",
     "task_type": "modules_to_save=[<the head's name>]",
+    "is_trainable": (
+        "not needed: load_adapter leaves the adapters trainable and the model's train/eval mode as "
+        "it was; for inference call model.eval().requires_grad_(False)"
+    ),
 }
 
 

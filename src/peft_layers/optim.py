@@ -91,6 +91,15 @@ def loraplus_param_groups(
     return groups
 
 
+#: Hugging Face PEFT's names for create_loraplus_optimizer's arguments, and ours
+_HF_LORAPLUS_ARGUMENTS = {
+    "loraplus_lr_ratio": "lr_ratio= here",
+    "loraplus_weight_decay": "weight_decay= here",
+    # theirs is the learning rate of LoRA layers over embeddings, which peft_layers does not have
+    "loraplus_lr_embedding": "for adapters on embeddings, which peft_layers does not have",
+}
+
+
 def create_loraplus_optimizer(
     model: nn.Module,
     optimizer_cls: Callable[..., torch.optim.Optimizer],
@@ -110,6 +119,12 @@ def create_loraplus_optimizer(
     """
     if not callable(optimizer_cls):
         raise TypeError(f"optimizer_cls: expected an optimizer class, got {optimizer_cls!r}")
+    for theirs, ours in _HF_LORAPLUS_ARGUMENTS.items():
+        if theirs in kwargs:  # else the optimizer's own "unexpected keyword argument" error
+            raise TypeError(
+                f"{theirs}: create_loraplus_optimizer takes no argument {theirs!r} (got "
+                f"{theirs}={kwargs[theirs]!r}); Hugging Face PEFT's {theirs} is {ours}"
+            )
     weight_decay = kwargs.pop("weight_decay", 0.0)
     groups = loraplus_param_groups(model, lr, lr_ratio=lr_ratio, weight_decay=weight_decay)
     optimizer = optimizer_cls(groups, lr=lr, **kwargs)

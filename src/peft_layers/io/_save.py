@@ -87,8 +87,10 @@ def _uniform(layers: Sequence[tuple[str, LoRALinear]], what: str, value_of, show
             by_value.setdefault(repr(shown(layer) if shown else values[name]), []).append(name)
         raise ValueError(
             f"save_adapter(): one adapter file holds one {what} for all layers, but the model mixes "
-            f"{', '.join(f'{value} at {names}' for value, names in by_value.items())}; save the groups "
-            "as separate adapters"
+            f"{', '.join(f'{value} at {names}' for value, names in by_value.items())}. To keep these "
+            "adapters, save pl.adapter_state_dict(model) (e.g. with safetensors.torch.save_file) and "
+            "restore it with pl.load_adapter_state_dict() into a model injected the same way; for "
+            "Hugging Face PEFT, train one setting per model"
         )
     return next(iter(values.values()))
 
@@ -175,6 +177,14 @@ def _warn_shared(model: nn.Module, caller: str, file: str) -> None:
         )
 
 
+def _name_or_path(model: nn.Module) -> str | None:
+    """Where the model was loaded from (a transformers model's ``name_or_path``: a Hub name or a
+    folder), as Hugging Face PEFT records it: ``AutoPeftModel*.from_pretrained`` builds the
+    base from it. None for a model built otherwise (transformers gives ``""`` then)."""
+    name = getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
 def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
     """The tensors (Hugging Face keys), the config and our field (None when a ``LoraConfig`` says
     it all) of ``model``'s adapter."""
@@ -248,7 +258,9 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
 
     config: dict[str, Any] = {
         "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": None,
+        # with no task_type, AutoPeftModel builds the base from this class and name_or_path
+        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+        "base_model_name_or_path": _name_or_path(model),
         "bias": _BIAS_TO_HF[bias],
         "exclude_modules": None,
         # Hugging Face PEFT decides per layer by its type (it corrects a wrong value with a

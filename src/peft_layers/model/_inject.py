@@ -200,9 +200,15 @@ def inject_adapters(
                         allowed += " (and transformers Conv1D, a float layer of a model loaded quantized)"
                 kind = type(module).__name__
                 article = "an" if kind[:1].lower() in "aeiou" else "a"
+                way_out = ""
+                if method in FLOAT_METHOD and is_conv1d(module):
+                    way_out = (
+                        f": give it {FLOAT_METHOD[method]!r}, or load the model in 4 or 8 bits with "
+                        f"transformers, whose quantized layers {method!r} wraps"
+                    )
                 raise TypeError(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
-                    f"method {method!r} wraps {allowed} only"
+                    f"method {method!r} wraps {allowed} only{way_out}"
                 )
             if isinstance(targets, _AllLinear) and _kept_unquantized(kept, module, name, layer_method):
                 layer_method = FLOAT_METHOD[layer_method]  # as Hugging Face PEFT: LoRA/DoRA on a layer kept float

@@ -32,7 +32,12 @@ def _require_grad_hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor
     return output.requires_grad_(True)
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+def prepare_for_kbit_training(
+    model: nn.Module,
+    gradient_checkpointing: bool = False,
+    *,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
     """Get a (quantized) model ready for adapter training, as Hugging Face PEFT's
     ``prepare_model_for_kbit_training`` does; returns ``model``.
 
@@ -56,10 +61,24 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
       (Hugging Face models have it; for other models, and for a transformers model whose
       ``supports_gradient_checkpointing`` is False, it raises ``ValueError`` before anything is
       changed: wrap blocks with ``torch.utils.checkpoint.checkpoint`` yourself).
+      ``gradient_checkpointing_kwargs`` go to that call, as in Hugging Face PEFT (e.g.
+      ``{"use_reentrant": False}``, passed on to ``torch.utils.checkpoint.checkpoint``). Unlike
+      Hugging Face PEFT, whose default turns checkpointing on for a model loaded in 4 or 8 bits,
+      it is off unless asked.
     """
     _check_model(model)
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
+    if gradient_checkpointing_kwargs is not None:
+        if not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(
+                f"gradient_checkpointing_kwargs: expected a dict or None, got {gradient_checkpointing_kwargs!r}"
+            )
+        if not gradient_checkpointing:
+            raise ValueError(
+                f"gradient_checkpointing_kwargs: {gradient_checkpointing_kwargs!r} given with "
+                "gradient_checkpointing=False, where nothing would use them; pass gradient_checkpointing=True"
+            )
     # transformers 5 renamed it activation_checkpointing_enable (the old name warns FutureWarning
     # and calls it; the new one still calls a subclass's override of the old one)
     enable = getattr(model, "activation_checkpointing_enable", None)
@@ -102,5 +121,10 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
         embeddings.register_forward_hook(_require_grad_hook)
         setattr(embeddings, "_peft_layers_grad_hook", True)
     if gradient_checkpointing:
-        cast(Callable[[], Any], enable)()
+        if gradient_checkpointing_kwargs is None:
+            cast(Callable[[], Any], enable)()
+        else:  # transformers 5 renamed the argument with the method
+            renamed = getattr(enable, "__name__", "") == "activation_checkpointing_enable"
+            keyword = "activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"
+            cast(Callable[..., Any], enable)(**{keyword: gradient_checkpointing_kwargs})
     return model
