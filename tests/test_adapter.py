@@ -558,3 +558,29 @@ def test_a_non_tensor_input_raises_like_quantized_linear(cls):
     with pytest.raises(TypeError) as quantized:
         QuantizedLinear(64, 4)(x)
     assert str(info.value) == str(quantized.value) == "input: expected a floating-point tensor, got ndarray"
+
+
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_merge_unmerge_and_delta_weight_use_the_rslora_scaling(cls):
+    """use_rslora: s = alpha / sqrt(r) in the merge, the unmerge, delta_weight and the norm, not
+    only in the forward (r = 4: alpha / r is half of it)."""
+    torch.manual_seed(0)
+    layer = cls(12, 10, rank=4, alpha=8.0, use_rslora=True)
+    randomize_adapter(layer)
+    assert layer.scaling == 4.0
+    s = 8.0 / 4**0.5  # independent of the layer
+    w0, a, b = f64(layer.weight), f64(layer.lora_A), f64(layer.lora_B)
+    w_prime = w0 + s * b @ a
+    expected_w = w_prime
+    if cls is pl.DoRALinear:
+        assert_close64(layer.weight_norm(), w_prime.norm(dim=1), 1e-5, what="weight_norm")
+        expected_w = (f64(layer.magnitude) / w_prime.norm(dim=1))[:, None] * w_prime
+    assert_close64(layer.delta_weight(), expected_w - w0, 1e-5, what="delta_weight")
+    x = torch.randn(4, 12)
+    layer.train()
+    y = layer(x.requires_grad_(True))  # the fused training step
+    assert_close64(y, f64(x) @ expected_w.t() + f64(layer.bias), 1e-5, what="training forward")
+    layer.merge()
+    assert_close64(layer.weight, expected_w, 1e-5, what="merged weight")
+    layer.unmerge()
+    assert_close64(layer.weight, w0, 1e-5, what="W0 after unmerge")

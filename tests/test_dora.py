@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peft_layers as pl
 from peft_layers import dora as dora_module
-from peft_layers.dora import factored_row_norm
+from peft_layers.dora import base_norm_terms, factored_row_norm
 
 LEADING = [(), (5,), (2, 3)]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -215,10 +215,12 @@ def test_bf16_base_trains_fp32_adapters():
 
 # ---- the norm: factored == direct --------------------------------------------------------------
 def _factored(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, eps: float = 0.0) -> torch.Tensor:
-    """``factored_row_norm`` fed as the layer feeds it: ||W0||^2 in fp32 (fp64), A W0^T in W0's dtype."""
+    """``factored_row_norm`` fed as the layer feeds it (``base_norm_terms``): ||W0||^2 and A W0^T
+    in fp32 (fp64), a 16-bit W0 cast up a block of rows at a time."""
     norm_dtype = torch.promote_types(w0.dtype, torch.float32)
-    sq = torch.linalg.vector_norm(w0, dim=1, dtype=norm_dtype).square()
-    return factored_row_norm(sq, a, b, (w0 @ a.t().to(w0.dtype)).t(), s, eps)
+    cached = torch.linalg.vector_norm(w0, dim=1, dtype=norm_dtype).square()
+    row_norm_sq, a_w0t = base_norm_terms(w0, a, cached)
+    return factored_row_norm(row_norm_sq, a, b, a_w0t, s, eps)
 
 
 @given(in_f=st.integers(1, 40), out_f=st.integers(1, 40), rank=st.integers(1, 8),
@@ -290,7 +292,8 @@ def test_factored_norm_with_nearly_dependent_rows_of_A(in_f, out_f, rank, s, spr
 @given(in_f=st.integers(2, 48), out_f=st.integers(2, 24), rank=st.integers(1, 6), s=st.floats(0.1, 4.0),
        seed=st.integers(0, 2**16))
 def test_factored_norm_bf16_inputs(in_f, out_f, rank, s, seed):
-    """bf16 W0/A/B: the norm is taken in fp32 of the bf16 values; A W0^T is rounded to bf16 once."""
+    """bf16 W0/A/B: the norm is taken in fp32 of the bf16 values, A W0^T included (rounded to
+    bf16, it would carry 2^-8 of the cross term into n^2)."""
     rank = min(rank, in_f, out_f)
     gen = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out_f, in_f, generator=gen).bfloat16()
@@ -299,9 +302,11 @@ def test_factored_norm_bf16_inputs(in_f, out_f, rank, s, seed):
     n = _factored(w0, a, b, s)
     assert n.dtype == torch.float32  # fp32 norm whatever the compute dtype
     n_ref = direct_row_norm(w0, a, b, s)
-    # error budget: A W0^T rounded to bf16 (2^-8 relative per entry) in the cross term, plus fp32
-    cross = 2 * s * (f64(b).abs() * (f64(a) @ f64(w0).T).abs().T).sum(1)
-    tol_sq = 2.0 ** -7 * cross + 16 * EPS32 * (f64(w0).square().sum(1) + (s * f64(b) @ f64(a)).square().sum(1))
+    # error budget: float32 sums of the bf16 values (in + 2 roundings per entry of A W0^T), plus fp32
+    cross = 2 * s * (f64(b).abs() * (f64(a).abs() @ f64(w0).abs().T).T).sum(1)
+    tol_sq = (in_f + 2) * EPS32 * cross + 16 * EPS32 * (
+        f64(w0).square().sum(1) + (s * f64(b) @ f64(a)).square().sum(1)
+    )
     err_sq = (n.double().square() - n_ref.square()).abs()
     assert torch.all(err_sq <= tol_sq), (err_sq / tol_sq).max()
 
@@ -314,7 +319,7 @@ def test_bf16_layer_weight_norm_matches_direct_norm():
     a, b = layer.lora_A.detach().bfloat16(), layer.lora_B.detach().bfloat16()
     n_ref = direct_row_norm(base.weight, a, b, layer.scaling)
     assert layer.weight_norm().dtype == torch.float32
-    assert_close64(layer.weight_norm(), n_ref, 1e-2, what="bf16 layer norm")
+    assert_close64(layer.weight_norm(), n_ref, 1e-5, what="bf16 layer norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1039,3 +1044,27 @@ def test_the_norm_and_compose_work_in_float64_where_the_device_has_it(monkeypatc
     )
     assert _devices.widest_float(torch.device(device)) == expected
     _devices._xpu_widest_float.cache_clear()
+
+
+def test_norm_caches_are_dropped_when_a_cast_hands_back_the_old_storage():
+    """Deterministic form of test_norm_caches_do_not_survive_a_dtype_round_trip, whose allocator
+    does not always give the address back (run after the rest of test_dora.py, never: the mutant
+    without reset_norm_cache() in _apply passed). Here the 'cast' writes rounded values into the
+    weight's own storage: same object, address and version counter, as a lucky round trip."""
+    torch.manual_seed(0)
+    layer = pl.DoRALinear.from_linear(nn.Linear(64, 64), rank=4, alpha=8.0)
+    randomize_adapter(layer)
+    x = torch.randn(3, 64)
+    for grad in (True, False):  # fill ||W0||^2 and the no-grad m / n caches
+        with torch.set_grad_enabled(grad):
+            layer(x)
+    weight = layer.base_layer.weight
+    storage = weight.data  # a view with its own version counter: writes leave weight's alone
+    rounded = weight.detach().to(torch.bfloat16).float()
+    layer._apply(lambda t: storage.copy_(rounded) if t is weight else t)
+    assert weight.data_ptr() == storage.data_ptr() and layer.base_layer.weight is weight
+    expected = dora_ref(f64(x), f64(weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
+                        f64(layer.magnitude), layer.scaling, layer.epsilon)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert_close64(layer(x), expected, 1e-5, what=f"grad={grad}")

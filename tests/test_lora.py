@@ -327,6 +327,11 @@ def test_loraplus_default_ratio_and_forward_is_lora():
     layer = pl.LoRAPlusLinear(8, 6, rank=2)
     assert layer.lr_ratio == 16.0
     assert isinstance(layer, pl.LoRALinear)
+    randomize_adapter(layer)
+    x = torch.randn(5, 8)
+    expected = lora_ref(f64(x), f64(layer.weight), f64(layer.bias), f64(layer.lora_A), f64(layer.lora_B),
+                        layer.alpha / layer.rank)
+    assert_close64(layer(x), expected, 1e-5, what="LoRA+ forward")
 
 
 @pytest.mark.parametrize("lr", [0, -1e-3, float("nan"), float("inf"), True, "0.1"])
@@ -929,3 +934,27 @@ def test_a_backward_hook_on_the_base_runs_once_per_backward(kind):
     layer = pl.LoRALinear.from_linear(linear, rank=2)
     layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
     assert calls == [linear]
+
+
+@pytest.mark.parametrize("merge", ["merge", "to_linear"])
+def test_bf16_merge_forms_s_b_a_in_float32_then_rounds_twice_at_most(merge):
+    """fp32 adapters over a bf16 W0: s B A is formed in float32 and meets bf16 twice (its own
+    cast, then the sum): |merged - (W0 + s B A)| <= u16 (|W0 + s B A| + |s B A|), u16 = 2^-8.
+    Formed from bf16-rounded A and B, it is off by u16 s |B| |A| (measured 44x the bound)."""
+    torch.manual_seed(0)
+    layer = pl.LoRALinear.from_linear(nn.Linear(64, 32, dtype=torch.bfloat16), rank=8, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.1)
+        layer.lora_B.normal_(0, 0.3)  # an update as large as W0
+    delta = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    exact = f64(layer.weight) + delta
+    if merge == "merge":
+        layer.merge()
+        merged = layer.weight
+    else:
+        merged = layer.to_linear().weight
+    assert merged.dtype == torch.bfloat16
+    s_ba = layer.scaling * f64(layer.lora_B).abs() @ f64(layer.lora_A).abs()
+    bound = 2.0**-8 * (exact.abs() + delta.abs()) + 10 * torch.finfo(torch.float32).eps * s_ba
+    err = (f64(merged) - exact).abs()
+    assert torch.all(err <= bound), float((err / bound).max())
