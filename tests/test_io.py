@@ -1939,3 +1939,22 @@ def test_a_non_adapter_bias_of_the_wrong_shape_is_refused_and_changes_nothing(tm
     with pytest.raises(ValueError, match=r"bias \(1,\) for 'norm'"):
         load_adapter(target, tmp_path)
     assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
+
+
+def test_a_loaded_adapter_trains_the_files_biases_and_saves_them_again(tmp_path: Path) -> None:
+    """Loading a ``bias="lora_only"`` file into a plain model trains the adapted layers' biases
+    (the file's bias mode) and no other, so saving again writes the same file; loaded frozen, the
+    trained bias would silently drop out of the second save."""
+    from safetensors.torch import load_file
+
+    model = inject_adapters(base_net(), re.compile("fc"), bias="adapter_only", rank=2)  # not block.fc
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+        model.fc.lora_B.normal_()
+    save_adapter(model, tmp_path / "first")
+    loaded = load_adapter(base_net(), tmp_path / "first")
+    assert loaded.fc.bias.requires_grad and not loaded.block.fc.bias.requires_grad
+    save_adapter(loaded, tmp_path / "second")
+    first, second = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "second"))
+    assert any(key.endswith("fc.base_layer.bias") or key.endswith("fc.bias") for key in first)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

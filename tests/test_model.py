@@ -1887,3 +1887,27 @@ def test_nested_disable_blocks_keep_a_module_to_save_disabled_until_the_outer_on
         assert model[1].enabled is False
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     assert model[1].enabled is True
+
+
+def test_regex_target_and_exclude_are_full_matches_not_prefix_matches() -> None:
+    """A compiled regex must match the whole dotted name: a prefix (re.match) is not enough."""
+    with pytest.raises(ValueError, match="matches no module"):
+        pl.inject_lora(tiny_model(), re.compile(r"layers\.1\.attn\.q"))  # a prefix of layers.1.attn.q_proj
+    # "layers\.0" full-matches the block layers.0 (so it is no typo) but none of the targets
+    model = pl.inject_lora(tiny_model(), "q_proj", exclude=re.compile(r"layers\.0"))
+    assert [n for n, _ in iter_adapter_layers(model)] == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+
+
+def test_the_first_matching_pattern_key_wins_as_in_hugging_face_peft() -> None:
+    """Of two rank_pattern / alpha_pattern keys that match a name, the first wins, in either order,
+    as in Hugging Face PEFT's get_pattern_key."""
+    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
+
+    for patterns in ({r"layers\.0\.attn\.q_proj": 2, "q_proj": 6}, {"q_proj": 6, r"layers\.0\.attn\.q_proj": 2}):
+        for name in ("layers.0.attn.q_proj", "layers.1.attn.q_proj"):
+            assert pattern_key(patterns, name) == get_pattern_key(list(patterns), name)
+    model = pl.inject_lora(tiny_model(), "q_proj", rank=4, rank_pattern={r"layers\.0\.attn\.q_proj": 2, "q_proj": 6},
+                           alpha_pattern={r"layers\.1\.attn\.q_proj": 3.0, "q_proj": 5.0})
+    layers = dict(iter_adapter_layers(model))
+    assert (layers["layers.0.attn.q_proj"].rank, layers["layers.1.attn.q_proj"].rank) == (2, 6)
+    assert (layers["layers.0.attn.q_proj"].alpha, layers["layers.1.attn.q_proj"].alpha) == (5.0, 3.0)

@@ -601,3 +601,51 @@ def test_the_adapter_state_dict_of_a_model_that_is_a_module_to_save_holds_its_ow
     ones = {key: torch.ones_like(value) for key, value in state.items()}
     pl.load_adapter_state_dict(saved, ones)
     assert torch.equal(saved.trained.weight, torch.ones(2, 3)) and not torch.equal(saved.original.weight, torch.ones(2, 3))
+
+
+class _NetWithNestedHead(nn.Module):
+    """fc, then head.classifier: a module to save named by a suffix of its path in Hugging Face PEFT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Module()
+        self.head.classifier = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.classifier(torch.tanh(self.fc(x)))
+
+
+def test_a_peft_file_whose_module_to_save_is_named_by_a_suffix_loads_with_peft_outputs(tmp_path) -> None:
+    """Hugging Face PEFT matches modules_to_save names as string suffixes: its file naming
+    "classifier" for head.classifier loads here with the same module saved and its outputs."""
+    theirs = peft.get_peft_model(_NetWithNestedHead(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"],
+                                                         modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    theirs.save_pretrained(tmp_path)
+    ours = pl.load_adapter(_NetWithNestedHead(), tmp_path)
+    assert isinstance(ours.head.classifier, pl.ModuleToSave)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ours(x), theirs.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+def test_filling_a_model_whose_module_to_save_the_file_lacks_is_refused(tmp_path) -> None:
+    """Filling a model's modules to save needs their state in the file: a file without it is
+    refused (missing keys), not loaded around the module, which would keep its old values."""
+    pl.save_adapter(pl.inject_lora(_NetWithNestedHead(), ["fc"], rank=2), tmp_path)
+    model = pl.inject_lora(_NetWithNestedHead(), ["fc"], rank=2, modules_to_save=["head"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing keys"):
+        pl.load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_module_to_save_built_directly_freezes_its_original() -> None:
+    """The original inside a directly built ModuleToSave is frozen, not only after inject_adapters."""
+    saved = pl.ModuleToSave(nn.Linear(3, 2))
+    assert not any(p.requires_grad for p in saved.original.parameters())
+    assert all(p.requires_grad for p in saved.trained.parameters())
