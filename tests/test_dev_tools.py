@@ -149,6 +149,51 @@ def test_dev_usage_and_exit_code(arguments: list[str], exit_code: int) -> None:
     assert "python3 dev.py test " in done.stdout
 
 
+def _dev_in(tmp_path: Path, monkeypatch, python: Path) -> tuple[ModuleType, list]:
+    """dev.py loaded with its checkout moved to ``tmp_path`` and its .venv's Python at ``python``;
+    the commands it would run, and the venvs it would create, are recorded instead."""
+    dev = _load_script(ROOT / "dev.py", "dev_under_test")
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.setattr(dev, "ROOT", tmp_path)
+    monkeypatch.setattr(dev, "VENV", tmp_path / ".venv")
+    monkeypatch.setattr(dev, "PYTHON", python)
+    monkeypatch.setattr(dev, "STAMP", tmp_path / ".venv" / "stamp")
+    calls: list = []
+    monkeypatch.setattr(dev, "run", lambda *args: calls.append(("run", *map(str, args))))
+    monkeypatch.setattr(dev.venv, "create", lambda path, **kw: calls.append(("create", str(path), kw)))
+    monkeypatch.setattr(dev, "venv_imports", lambda module: True)  # torch and the model are there
+    (tmp_path / ".venv").mkdir()
+    return dev, calls
+
+
+def test_dev_install_skips_a_complete_install_for_this_checkout(tmp_path: Path, monkeypatch) -> None:
+    dev, calls = _dev_in(tmp_path, monkeypatch, Path(sys.executable))  # a Python with pip
+    dev.STAMP.write_text(dev.stamp_text())
+    dev.install()
+    assert calls == []
+    assert str(tmp_path) in dev.stamp_text() and dev.TORCH_PIN in dev.stamp_text()
+
+
+def test_dev_install_installs_again_for_a_copied_checkout(tmp_path: Path, monkeypatch) -> None:
+    """The stamp of another checkout (a copy: its editable install points at the original) does
+    not count: the package is installed again, and the stamp then names this checkout."""
+    dev, calls = _dev_in(tmp_path, monkeypatch, Path(sys.executable))
+    dev.STAMP.write_text(dev.stamp_text().replace(str(tmp_path), "/elsewhere"))
+    dev.install()
+    assert calls == [("run", str(sys.executable), "-m", "pip", "install", "--quiet", "-e", ".[test,bench]")]
+    assert dev.STAMP.read_text() == dev.stamp_text()
+
+
+def test_dev_install_makes_a_broken_venv_anew(tmp_path: Path, monkeypatch) -> None:
+    """A stamped .venv whose Python is gone (its base Python removed) is created again, cleared,
+    instead of failing on every run."""
+    dev, calls = _dev_in(tmp_path, monkeypatch, tmp_path / ".venv" / "bin" / "python")
+    dev.STAMP.write_text(dev.stamp_text())
+    dev.install()
+    assert calls[0] == ("create", str(tmp_path / ".venv"), {"with_pip": True, "clear": True})
+    assert calls[1][-2:] == ("-e", ".[test,bench]")
+
+
 # ---- examples/finetune_minilm.py -----------------------------------------------------------------
 @pytest.mark.parametrize("text", ["0", "-1", "-300", "1.5", "many"])
 def test_positive_int_rejects_what_is_not_an_integer_of_at_least_one(text: str) -> None:
