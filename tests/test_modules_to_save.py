@@ -620,8 +620,8 @@ class _NetWithNestedHead(nn.Module):
 def test_a_peft_file_whose_module_to_save_is_named_by_a_suffix_loads_with_peft_outputs(tmp_path) -> None:
     """Hugging Face PEFT matches modules_to_save names as string suffixes: its file naming
     "classifier" for head.classifier loads here with the same module saved and its outputs."""
-    theirs = peft.get_peft_model(_NetWithNestedHead(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"],
-                                                         modules_to_save=["classifier"]))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], modules_to_save=["classifier"])
+    theirs = peft.get_peft_model(_NetWithNestedHead(), config)
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:
