@@ -79,11 +79,14 @@ def prepare_for_kbit_training(
                 f"gradient_checkpointing_kwargs: {gradient_checkpointing_kwargs!r} given with "
                 "gradient_checkpointing=False, where nothing would use them; pass gradient_checkpointing=True"
             )
-    # transformers 5 renamed it activation_checkpointing_enable (the old name warns FutureWarning
-    # and calls it; the new one still calls a subclass's override of the old one)
+    # transformers 5 renamed it activation_checkpointing_enable, and its kwargs argument with it
+    # (the old name warns FutureWarning and calls it; the new one still calls a subclass's
+    # override of the old one)
     enable = getattr(model, "activation_checkpointing_enable", None)
+    kwargs_name = "activation_checkpointing_kwargs"
     if not callable(enable):
         enable = getattr(model, "gradient_checkpointing_enable", None)
+        kwargs_name = "gradient_checkpointing_kwargs"
     if gradient_checkpointing and not callable(enable):
         raise ValueError(
             f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable() "
@@ -123,8 +126,6 @@ def prepare_for_kbit_training(
     if gradient_checkpointing:
         if gradient_checkpointing_kwargs is None:
             cast(Callable[[], Any], enable)()
-        else:  # transformers 5 renamed the argument with the method
-            renamed = getattr(enable, "__name__", "") == "activation_checkpointing_enable"
-            keyword = "activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"
-            cast(Callable[..., Any], enable)(**{keyword: gradient_checkpointing_kwargs})
+        else:
+            cast(Callable[..., Any], enable)(**{kwargs_name: gradient_checkpointing_kwargs})
     return model
