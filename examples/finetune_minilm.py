@@ -1,10 +1,12 @@
 """Fine-tune a real pretrained encoder, all-MiniLM-L6-v2, with LoRA, DoRA and QDoRA (NF4).
 
 The task is sentiment with negation: "the soup was great" is positive, "the soup was not great"
-negative. A trained linear head over the frozen encoder does poorly on it (0.698 held-out
-accuracy here): as far as its mean-pooled sentence vector carries the word's polarity and the
-presence of a negation side by side, the label is their exclusive or, which no linear head
-separates. Adapters in the encoder can learn the composition. The test sentences use
+negative. A trained linear head over the frozen encoder fits the training sentences but does
+not carry the negation over to words it has not seen (0.698 held-out accuracy here; a head
+fitted to convergence reaches 0.69-0.74): where the mean-pooled sentence vector carries the
+word's polarity and the presence of a negation side by side, the label is their exclusive or,
+and the head can only learn it word by word. Adapters in the encoder can learn the
+composition. The test sentences use
 adjectives and subjects that training never saw, so the accuracy measures what the adapters
 learned, not what they memorised.
 
@@ -189,6 +191,9 @@ METHODS = {
 
 
 def run_method(name: str, tokenizer, fresh_model, train_split: Split, test_split: Split, steps: int) -> dict:
+    """Inject ``METHODS[name]``, train, save, reload, merge; the figures, checked (``check``)."""
+    if name not in METHODS:
+        raise ValueError(f"name: expected one of {sorted(METHODS)}, got {name!r}")
     kwargs = METHODS[name]
     model = pl.inject_adapters(fresh_model(), TARGETS, modules_to_save=["head"], **kwargs)
     trainable, total = pl.trainable_parameters(model)
@@ -266,8 +271,9 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with code 2 and a message naming the option on a bad value."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per method (default 300)")
-    parser.add_argument("--quick", action="store_true", help="60 steps")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, default=300, help="training steps per method (default 300)")
+    length.add_argument("--quick", action="store_true", help="60 steps")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     return parser.parse_args(argv)
 
@@ -283,18 +289,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_split, test_split = make_splits()
     print(f"all-MiniLM-L6-v2, {len(train_split.sentences)} training sentences, {len(test_split.sentences)} "
           f"test sentences (unseen adjectives and subjects), {steps} steps of 32\n")
-    results = [head_only_baseline(tokenizer, fresh_model, train_split, test_split, steps)]
-    results += [run_method(name, tokenizer, fresh_model, train_split, test_split, steps) for name in methods]
-
     print(f"{'method':<10} {'trainable':>10} {'of':>11} {'train s':>8} {'test acc':>9} {'merged acc':>11}   "
-          "max |difference| of the test logits from the trained model's, relative")
-    for r in results:
-        checks = "   ".join(f"{key} {r[key]:.1e}" for key in ("merged", "merge_and_unload", "reload", "hf_peft")
-                           if r.get(key) is not None)
-        merged_accuracy = f"{r['merged_accuracy']:.3f}" if "merged_accuracy" in r else "-"
-        print(f"{r['method']:<10} {r['trainable']:>10,} {r['total']:>11,} {r['seconds']:>8.1f} "
-              f"{r['accuracy']:>9.3f} {merged_accuracy:>11}   {checks}")
+          "max |difference| of the test logits from the trained model's, relative", flush=True)
+    # each row as soon as its method has run: a whole run takes minutes
+    results = [head_only_baseline(tokenizer, fresh_model, train_split, test_split, steps)]
+    print_row(results[-1])
+    for name in methods:
+        results.append(run_method(name, tokenizer, fresh_model, train_split, test_split, steps))
+        print_row(results[-1])
     return results
+
+
+def print_row(r: dict) -> None:
+    """One method's line of the table ``main`` prints."""
+    checks = "   ".join(f"{key} {r[key]:.1e}" for key in ("merged", "merge_and_unload", "reload", "hf_peft")
+                       if r.get(key) is not None)
+    merged_accuracy = f"{r['merged_accuracy']:.3f}" if "merged_accuracy" in r else "-"
+    print(f"{r['method']:<10} {r['trainable']:>10,} {r['total']:>11,} {r['seconds']:>8.1f} "
+          f"{r['accuracy']:>9.3f} {merged_accuracy:>11}   {checks}", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,18 +160,39 @@ def test_qdora_over_nf4_minilm(pretrained, batch, tmp_path) -> None:
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["dora", "qdora"])
+def _first(split, count: int):
+    """The first ``count`` sentences of ``split`` (the checks read every test logit: fewer is faster)."""
+    return example.Split(split.sentences[:count], split.labels[:count])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qdora"])
 def test_the_example_trains_saves_merges_and_checks(pretrained, method) -> None:
     # the example's own path for one method, a few steps: its checks (merge, merge_and_unload,
     # reload, Hugging Face PEFT reading the file) raise past their tolerances
     tokenizer, fresh_model = pretrained
     train_split, test_split = example.make_splits()
-    result = example.run_method(method, tokenizer, fresh_model, train_split, test_split, steps=6)
-    # trainable: r (in + out) per adapted Linear, the magnitudes (out), and the head
+    assert len(train_split.sentences) == 4320 and len(test_split.sentences) == 480
+    result = example.run_method(method, tokenizer, fresh_model, train_split, _first(test_split, 64), steps=6)
+    # trainable: r (in + out) per adapted Linear, the magnitudes (out) for DoRA, and the head
     hidden, intermediate, blocks, rank = 384, 1536, 6, 8
     shapes = [(hidden, hidden)] * 4 + [(hidden, intermediate), (intermediate, hidden)]
-    per_block = sum(rank * (fan_in + fan_out) + fan_out for fan_in, fan_out in shapes)
+    magnitudes = method != "lora"
+    per_block = sum(rank * (fan_in + fan_out) + magnitudes * fan_out for fan_in, fan_out in shapes)
     assert result["trainable"] == blocks * per_block + hidden * 2 + 2
     assert result["reload"] == 0.0 and result["merge_and_unload"] < 1e-4
-    assert ("hf_peft" in result) == (method == "dora")
-    assert 0.0 <= result["accuracy"] <= 1.0 and len(test_split.sentences) == 480
+    assert ("hf_peft" in result) == (method != "qdora")
+
+
+def test_the_example_baseline_trains_the_head_alone(pretrained) -> None:
+    tokenizer, fresh_model = pretrained
+    train_split, test_split = example.make_splits()
+    result = example.head_only_baseline(tokenizer, fresh_model, train_split, _first(test_split, 16), steps=1)
+    assert result["trainable"] == 384 * 2 + 2  # the head's weight and bias
+
+
+def test_the_example_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match=r"name: expected one of \['dora', 'lora', 'qdora'\], got 'LoRA'"):
+        example.run_method("LoRA", None, None, None, None, steps=1)
+    with pytest.raises(SystemExit) as exit_info:  # 60 steps or N steps, not both
+        example.parse_args(["--quick", "--steps", "500"])
+    assert exit_info.value.code == 2
