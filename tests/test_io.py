@@ -1958,3 +1958,145 @@ def test_a_loaded_adapter_trains_the_files_biases_and_saves_them_again(tmp_path:
     first, second = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "second"))
     assert any(key.endswith("fc.base_layer.bias") or key.endswith("fc.bias") for key in first)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ---- from a mutation audit of io/ and model/_state.py ----------------------------------------
+@needs_peft
+def test_a_config_without_r_and_lora_alpha_takes_hugging_face_peft_defaults(tmp_path: Path) -> None:
+    """A hand-written config may leave out ``r`` and ``lora_alpha``; Hugging Face PEFT's
+    ``LoraConfig`` then means r=8, lora_alpha=8 (read from peft itself, the known value), so the
+    scaling is 1."""
+    import peft
+
+    defaults = peft.LoraConfig()
+    model = adapted("lora", rank=defaults.r, alpha=float(defaults.lora_alpha), rank_pattern={})
+    save_adapter(model, tmp_path)
+    edit_config(tmp_path, lambda c: (c.pop("r"), c.pop("lora_alpha")))
+    adapter = read_adapter(tmp_path)
+    assert {p: (m.rank, m.alpha) for p, m in adapter.modules.items()} == dict.fromkeys(
+        PATHS, (defaults.r, float(defaults.lora_alpha))
+    )
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "target_modules",
+    [["fc", "block.fc"], r"fc|block\.fc|block\.o"],
+    ids=["list-leaves-out-block.out", "regex-matches-only-a-prefix-of-block.out"],
+)
+def test_a_module_that_target_modules_does_not_match_is_refused(saved_lora: Path, target_modules) -> None:
+    """The file holds factors for ``block.out``, but its config's target_modules does not match
+    it: as a list that leaves it out, or as a regex that matches only a prefix ("block.o";
+    Hugging Face PEFT full-matches a string). Hugging Face PEFT would put no adapter there, so the
+    file contradicts itself and must be refused, leaving the model as it was."""
+    edit_config(saved_lora, lambda c: c.update(target_modules=target_modules))
+    with pytest.raises(ValueError, match=r"module 'block.out' is not matched by target_modules"):
+        read_adapter(saved_lora)
+    for model in targets():
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="not matched by target_modules"):
+            load_adapter(model, saved_lora)
+        assert_unchanged(model, before)
+
+
+@needs_peft
+def test_null_boolean_config_fields_mean_false_as_in_hugging_face_peft(tmp_path: Path) -> None:
+    """``use_dora``, ``use_rslora`` and ``fan_in_fan_out`` written as JSON null: Hugging Face
+    PEFT treats None as false (plain LoRA, alpha / r); ours must load the file the same way, with
+    outputs equal to peft's and to the saved model's."""
+    import peft
+
+    model = adapted("lora")
+    save_adapter(model, tmp_path)
+    edit_config(tmp_path, lambda c: c.update(use_dora=None, use_rslora=None, fan_in_fan_out=None))
+    loaded = load_adapter(base_net(), tmp_path).eval()
+    assert all(not layer.use_rslora for _, layer in iter_adapter_layers(loaded))
+    theirs = peft.PeftModel.from_pretrained(base_net(), tmp_path).eval()
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        torch.testing.assert_close(loaded(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_read_adapter_refuses_a_magnitude_of_the_wrong_length(tmp_path: Path) -> None:
+    """``read_adapter`` (public, also used by stack_adapters/combine) promises a magnitude of
+    shape (out,). A DoRA file whose ``block.fc`` magnitude has 23 entries for 24 outputs must be
+    refused by the file check itself, naming the key, not only later by a model's layer."""
+    save_adapter(adapted("dora"), tmp_path)
+    key = "base_model.model.block.fc.lora_magnitude_vector"
+    edit_tensors(tmp_path, lambda t: t.update({key: t[key][:23].clone()}))
+    with pytest.raises(ValueError, match=r"'block.fc': lora_magnitude_vector \(23,\) should be \(24,\)"):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("init", ["olora", "loftq", "corda", "pissa_niter_4"])
+def test_inits_that_rewrite_the_base_in_other_ways_are_refused(saved_lora: Path, init: str) -> None:
+    """Hugging Face PEFT's OLoRA (QR of W0), LoftQ, CorDA and fast-SVD PiSSA subtract something
+    other than the exact PiSSA residual from the base; only True/False/gaussian/eva/orthogonal
+    (base untouched) and "pissa" are reproduced. A file with another init must be refused by
+    name, the model unchanged: loading it as PiSSA or as plain LoRA gives other outputs."""
+    edit_config(saved_lora, lambda c: c.update(init_lora_weights=init))
+    for model in targets():
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' changes the base weights"):
+            load_adapter(model, saved_lora)
+        assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapters_are_saved_in_their_own_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Hugging Face PEFT's save_pretrained writes each adapter tensor in the dtype it has (a
+    bf16 model gives a bf16 file, half the bytes of float32). Ours must too, bit for bit."""
+    model = adapted("dora").to(dtype)
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    expected = {}
+    for name, layer in iter_adapter_layers(model):
+        expected[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A
+        expected[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B
+        expected[f"base_model.model.{name}.lora_magnitude_vector"] = layer.magnitude
+    assert tensors.keys() == expected.keys()
+    for key, value in expected.items():
+        assert tensors[key].dtype == dtype, key
+        assert torch.equal(tensors[key], value.detach()), key
+
+
+def test_a_float32_file_fills_bfloat16_layers_in_their_own_dtype(tmp_path: Path) -> None:
+    """Filling existing layers copies the file's values into the model's tensors (as
+    load_state_dict does): a float32 file into layers cast to bf16 leaves every adapter tensor
+    bf16 and the same Parameter over the same storage (an optimizer built before the load still
+    holds it), with the file's values rounded to bf16. (An injecting load makes float32 adapters,
+    as Hugging Face PEFT's autocast_adapter_dtype does; that is not checked here.)"""
+    source = adapted("lora")
+    save_adapter(source, tmp_path)
+    file = read_adapter(tmp_path)
+    filled = inject_adapters(base_net(), list(PATHS), rank=4, rank_pattern={"^block\\.out": 2}).to(torch.bfloat16)
+    held = {name: (layer.lora_A, layer.lora_A.data_ptr()) for name, layer in iter_adapter_layers(filled)}
+    load_adapter(filled, tmp_path)
+    for name, layer in iter_adapter_layers(filled):
+        for kind in ("lora_A", "lora_B"):
+            tensor = getattr(layer, kind)
+            assert tensor.dtype == torch.bfloat16, (name, kind)
+            assert torch.equal(tensor, getattr(file.modules[name], kind).to(torch.bfloat16)), (name, kind)
+        assert layer.lora_A is held[name][0] and layer.lora_A.data_ptr() == held[name][1], name
+
+
+def test_adapter_state_dict_is_detached_like_state_dict() -> None:
+    """``adapter_state_dict`` promises detached tensors, as ``model.state_dict()`` gives: no
+    tensor requires grad or is a Parameter (so in-place edits and torch.save work on it, and it
+    keeps no autograd tie to the model), yet each holds the model's values (compared with
+    ``model.state_dict()``, the reference)."""
+    model = inject_adapters(base_net(), list(PATHS), method="dora", rank=4, modules_to_save=["norm"])
+    state = adapter_state_dict(model)
+    full = model.state_dict()
+    assert any(key.endswith("magnitude") for key in state) and any(".trained." in key for key in state)
+    for key, tensor in state.items():
+        assert not tensor.requires_grad and not isinstance(tensor, nn.Parameter), key
+        assert torch.equal(tensor, full[key]), key
+    key = next(k for k in state if k.endswith("lora_B"))
+    state[key].add_(1.0)  # a detached view: an in-place edit is allowed
