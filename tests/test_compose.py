@@ -426,3 +426,29 @@ def test_an_adapter_with_no_modules_is_refused() -> None:
         combine_adapters([{}], [1.0])
     with pytest.raises(ValueError, match=r"^state_dicts_or_dirs\[1\]: holds no adapter modules"):
         combine_adapters([{"x.lora_A": pair[0], "x.lora_B": pair[1]}, {}], [1.0, 1.0])
+
+
+# ---- from a mutation audit of compose.py ------------------------------------------------------
+def test_combine_adapters_names_the_adapter_that_holds_a_bad_module() -> None:
+    """A module only the second adapter updates: an error there names ``state_dicts_or_dirs[1]``,
+    not the first one."""
+    generator = torch.Generator().manual_seed(0)
+    good = {"x.lora_A": torch.randn(2, 5, generator=generator), "x.lora_B": torch.randn(4, 2, generator=generator)}
+    bad_B = torch.randn(4, 2, generator=generator)
+    bad_B[0, 0] = float("nan")
+    bad = {**good, "y.lora_A": torch.randn(2, 5, generator=generator), "y.lora_B": bad_B}
+    with pytest.raises(ValueError, match=r"^module 'y': state_dicts_or_dirs\[1\] has NaN or inf in its factor B"):
+        combine_adapters([good, bad], [1.0, 1.0])
+
+
+def test_combine_adapters_svd_default_rank_is_the_largest_even_when_a_later_adapter_has_it() -> None:
+    """The default "svd" rank is the largest rank of *any* adapter at any module: with the
+    larger-rank adapter second, the rank-2 + rank-3 sum keeps rank 3 (and is exact for the
+    rank-3 update of a single module)."""
+    generator = torch.Generator().manual_seed(0)
+    small = {"x.lora_A": torch.randn(2, 7, generator=generator), "x.lora_B": torch.randn(6, 2, generator=generator)}
+    large = {"y.lora_A": torch.randn(3, 7, generator=generator), "y.lora_B": torch.randn(6, 3, generator=generator)}
+    combined = combine_adapters([small, large], [1.0, -0.5], method="svd")
+    assert combined["x.lora_A"].shape == (3, 7) and combined["y.lora_A"].shape == (3, 7)
+    expected = -0.5 * large["y.lora_B"].double() @ large["y.lora_A"].double()
+    torch.testing.assert_close(combined["y.lora_B"].double() @ combined["y.lora_A"].double(), expected, rtol=1e-5, atol=1e-5)

@@ -649,3 +649,11 @@ def test_a_module_to_save_built_directly_freezes_its_original() -> None:
     saved = pl.ModuleToSave(nn.Linear(3, 2))
     assert not any(p.requires_grad for p in saved.original.parameters())
     assert all(p.requires_grad for p in saved.trained.parameters())
+
+
+def test_a_module_to_save_of_a_frozen_module_trains_its_copy() -> None:
+    """``trained`` is the copy whose parameters train, also when the module given was frozen
+    (a model frozen before its head is wrapped by hand)."""
+    saved = pl.ModuleToSave(nn.Linear(3, 2).requires_grad_(False))
+    assert all(p.requires_grad for p in saved.trained.parameters())
+    assert not any(p.requires_grad for p in saved.original.parameters())

@@ -193,6 +193,7 @@ def test_add_adapter_rejects_bad_input() -> None:
         (("a", lora_A, lora_B, True), TypeError, "scaling: expected a finite real number, got bool True"),
         (("a", lora_A, lora_B, torch.tensor(1.0)), TypeError, r"scaling: expected a finite real number, got Tensor tensor\(1\.\)"),
         (("a", lora_A, torch.zeros(3, 2), 1.0), ValueError, r"adapter 'a': A \(2, 5\) and B \(3, 2\) do not fit"),
+        (("a", lora_A, torch.zeros(4, 3), 1.0), ValueError, r"adapter 'a': A \(2, 5\) and B \(4, 3\) do not fit"),
     ]
     for arguments, error, match in cases:
         with pytest.raises(error, match=match):
@@ -862,3 +863,84 @@ def test_a_float16_batch_scales_each_adapter_before_rounding():
     rows = [0, 2, 3]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[rows].to(f64), expected[rows], rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+
+
+# ---- from a mutation audit of serving.py -------------------------------------------------------
+def _formula(x: Tensor, base: nn.Linear, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """base(x) + s (x A^T) B^T in float64."""
+    x = x.double()
+    out = x @ base.weight.double().t() + base.bias.double()
+    return out + scaling * (x @ lora_A.double().t()) @ lora_B.double().t()
+
+
+def test_add_adapter_keeps_a_copy_not_the_callers_tensors() -> None:
+    """``add_adapter`` adds a *frozen copy*: writing to the caller's A or B afterwards (e.g. the
+    training model the factors came from, which keeps training) must not change what the stack
+    serves. Checked against the float64 formula with the values at the time of the call."""
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4)
+    lora_A, lora_B = torch.randn(2, 5), torch.randn(4, 2)
+    kept_A, kept_B = lora_A.clone(), lora_B.clone()
+    stack = pl.MultiLoRALinear(base)
+    stack.add_adapter("a", lora_A, lora_B, 0.5)
+    stack.active_adapter = "a"
+    with torch.no_grad():
+        lora_A.add_(1.0)
+        lora_B.add_(1.0)
+        x = torch.randn(3, 5)
+        torch.testing.assert_close(stack(x).double(), _formula(x, base, kept_A, kept_B, 0.5), rtol=1e-6, atol=1e-6)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+def _trained_lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    pl.inject_lora(model, targets, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for _, layer in pl.model.iter_adapter_layers(model):
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    return model.requires_grad_(False)
+
+
+def test_a_model_with_a_merged_lora_layer_is_refused_and_stays() -> None:
+    """A merged layer's base already holds ``W0 + s B A``; stacked with its adapter kept as
+    "default", every row would get the update twice (and the others it on top). It must be
+    refused, changing nothing."""
+    model = pl.merge_adapters(_trained_lora(_net(), ["0"]))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match=r"model: '0' is merged; unmerge_adapters\(model\) before stacking"):
+        pl.stack_adapters(model, {"a": {"2.lora_A": torch.randn(1, 6), "2.lora_B": torch.randn(4, 1)}})
+    assert not any(isinstance(m, pl.MultiLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_the_name_default_is_refused_when_the_model_has_its_own_lora_layers() -> None:
+    """"default" names the model's own adapter in the stack; a new adapter under that name on
+    another layer would be switched on together with it by ``set_adapter(model, "default")``.
+    It must be refused naming the clash."""
+    model = _trained_lora(_net(), ["0"])
+    with pytest.raises(ValueError, match=r"adapters: the name 'default' is taken by the model's own LoRA adapter"):
+        pl.stack_adapters(model, {"default": {"2.lora_A": torch.randn(1, 6), "2.lora_B": torch.randn(4, 1)}})
+    assert isinstance(model[0], pl.LoRALinear) and isinstance(model[2], nn.Linear)
+
+
+def test_adapter_batch_takes_the_names_as_they_were_when_the_block_began() -> None:
+    """``adapter_batch`` keeps its own list: the caller reusing (mutating) its list inside the
+    block must not change which row gets which adapter."""
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4)
+    lora_A, lora_B = torch.randn(2, 5), torch.randn(4, 2)
+    model = nn.Sequential(base)
+    pl.stack_adapters(model, {"a": {"0.lora_A": lora_A, "0.lora_B": lora_B}})
+    x = torch.randn(2, 5)
+    names = ["a", None]
+    with torch.no_grad(), pl.adapter_batch(model, names):
+        names[0], names[1] = None, "a"
+        out = model(x).double()
+    expected = torch.stack([_formula(x[0], base, lora_A, lora_B, 1.0), _formula(x[1], base, lora_A, 0 * lora_B, 1.0)])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
