@@ -864,3 +864,16 @@ def test_qpissa_with_rslora_starts_at_the_base_up_to_quantization() -> None:
     with torch.no_grad():
         plain_error = float((plain(x) - linear(x)).abs().max())
     assert errors[True] < plain_error and errors[False] < plain_error, (errors, plain_error)
+
+
+def test_qdora_norm_cache_follows_a_change_of_the_base_compute_dtype():
+    """QDoRA caches ``||dq(Q)||^2`` per row; ``dq`` depends on the base's ``compute_dtype`` (a
+    bfloat16 decode rounds every weight), so a change of it (``quantized_base(layer,
+    compute_dtype=...)``, or setting the attribute) must refresh the cache. Against float64
+    norms of the bfloat16 decode."""
+    torch.manual_seed(0)
+    layer = pl.QDoRALinear.from_linear(nn.Linear(64, 32), quant="nf4", rank=4)
+    layer.base_row_norm_sq()  # cached for float32
+    layer.base_layer.compute_dtype = torch.bfloat16
+    expected = layer.base_layer.dequantize(torch.bfloat16).double().square().sum(dim=1)
+    torch.testing.assert_close(layer.base_row_norm_sq().double(), expected, rtol=1e-6, atol=0)

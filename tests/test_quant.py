@@ -1279,3 +1279,282 @@ def test_quantizing_a_large_16_bit_weight_holds_no_float32_copy_of_it(monkeypatc
     with _OutputSizes((torch.float32,)) as blocked:
         layer.requantize_(weight)
     assert max(blocked.sizes) <= 16 * 128  # a block of 16 rows at most
+
+
+# ---- from a mutation audit of quant/: boundaries, ownership of a wrapped module, dtypes -------
+def test_unpack_4bit_refuses_one_code_more_than_the_bytes_hold():
+    """``numel`` may be at most twice the byte count: one more would silently return fewer codes
+    than asked (the slice stops at the end). Boundary: 2 * bytes passes, 2 * bytes + 1 raises."""
+    packed = ref.pack_4bit(torch.tensor([1, 2, 3, 4]))  # 2 bytes
+    assert ref.unpack_4bit(packed, 4).tolist() == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"^numel: expected at most 4 .*got 5$"):
+        ref.unpack_4bit(packed, 5)
+
+
+def test_dequantize_4bit_refuses_more_bytes_than_the_shape_needs():
+    """``packed`` must hold exactly ceil(n / 2) bytes: a longer buffer (codes of another, larger
+    shape) would otherwise decode its first n codes silently."""
+    weight = _weight(8, 64)
+    packed, absmax = ref.quantize_4bit(weight, "nf4", 64)  # 256 bytes, 8 blocks
+    longer = torch.cat([packed, packed[:1]])
+    with pytest.raises(ValueError, match=r"^packed: expected 256 bytes .* got 257$"):
+        ref.dequantize_4bit(longer, absmax, (8, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dequantize_4bit_returns_the_requested_dtype(dtype):
+    """The public reference ``dequantize_4bit(dtype=...)`` gives ``dtype``, with the bits of the
+    float32 decode cast once (QuantizedLinear casts again after it, which hides a missing cast)."""
+    weight = _weight(8, 64, seed=1)
+    packed, absmax = ref.quantize_4bit(weight, "nf4", 64)
+    out = ref.dequantize_4bit(packed, absmax, (8, 64), "nf4", 64, dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.dequantize_4bit(packed, absmax, (8, 64), "nf4", 64).to(dtype))
+
+
+def test_blockwise_8bit_with_a_code_whose_midpoints_sit_on_the_lookup_grid():
+    """``quantize_blockwise`` takes any sorted 256-value ``code``; bitsandbytes' CPU lookup table
+    sends a grid point equal to a midpoint to the lower code. With the default dynamic map no
+    grid point is a midpoint, so only a code built from grid points shows the tie rule."""
+    grid = torch.arange(65536, dtype=torch.float32) * 2.0 / 65535 - 1.0
+    code = torch.cat([grid[0:510:2], torch.ones(1)])  # 251 midpoints fall on grid points
+    values = torch.cat([torch.ones(1), grid[:255], torch.ones(1), grid[255:510]])
+    expected, expected_absmax = torch.ops.bitsandbytes.quantize_blockwise.default(values, code, 256)
+    indices, absmax = ref.quantize_blockwise(values, code, 256)
+    assert torch.equal(indices, expected) and torch.equal(absmax, expected_absmax)
+
+
+def test_reference_blocksize_must_be_at_least_two():
+    """The reference codec takes any int blocksize >= 2 (documented); 1 is refused by name, 2
+    works and matches bitsandbytes' own blockwise layout (one absmax per pair of values)."""
+    weight = _weight(4, 6, seed=2)
+    with pytest.raises(ValueError, match=r"^blocksize: expected an int >= 2, got 1$"):
+        ref.quantize_4bit(weight, "nf4", 1)
+    with pytest.raises(ValueError, match=r"^blocksize: expected an int >= 2, got 1$"):
+        ref.dequantize_blockwise(torch.zeros(4, dtype=torch.uint8), torch.ones(4), None, 1)
+    packed, absmax = ref.quantize_4bit(weight, "nf4", 2)
+    assert absmax.shape == (12,)
+    assert torch.equal(absmax, weight.reshape(-1, 2).abs().amax(dim=1))
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_constructed_4bit_layer_stores_the_code_of_zero(scheme, double_quant):
+    """A freshly built 4-bit layer holds the code of 0.0 in every nibble (documented "all zeros";
+    nf4's zero is level 7, fp4's level 0), so it decodes to +0.0 exactly, not to -1 * 0 = -0.0."""
+    layer = QuantizedLinear(64, 3, scheme=scheme, double_quant=double_quant)  # 192 values
+    zero_index = int((ref.four_bit_code(scheme) == 0).nonzero()[0])
+    codes = ref.unpack_4bit(layer.weight, 3 * 64)
+    assert bool((codes == zero_index).all())
+    dense = layer.dequantize()
+    assert not bool(torch.signbit(dense).any()) and not bool(dense.any())
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_from_linear_copies_the_bias_so_the_two_layers_stay_independent(scheme):
+    """``from_linear`` leaves ``linear`` unmodified and holds storage of its own: an in-place
+    write to either bias (an optimizer step on a trained bias, a user edit) must not reach the
+    other one."""
+    linear = _linear(24, 64)
+    layer = QuantizedLinear.from_linear(linear, scheme)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    expected_bias = linear.bias.detach().clone()
+    with torch.no_grad():
+        linear.bias.add_(1.0)
+    assert torch.equal(layer.bias, expected_bias)
+    assert torch.equal(layer(x), before)
+    with torch.no_grad():
+        layer.bias.mul_(0.0)
+    assert torch.equal(linear.bias.detach(), expected_bias + 1.0)
+
+
+def test_from_bnb_linear8bit_refuses_row_statistics_of_the_wrong_length():
+    """``SCB`` must hold one absmax per output row, beside the weight: one of another length is
+    refused when wrapping (by name), not left to fail, or broadcast, at the first forward."""
+    module = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
+    module.state.SCB = module.weight.SCB[:-1].clone()
+    with pytest.raises(ValueError, match=r"row statistics \(SCB\) are \(31,\) on cpu.*expected \(32,\)"):
+        QuantizedLinear.from_bnb(module)
+    module.state.SCB = module.weight.SCB.reshape(1, 32).clone()  # right count, wrong shape
+    with pytest.raises(ValueError, match=r"row statistics \(SCB\) are \(1, 32\)"):
+        QuantizedLinear.from_bnb(module)
+
+
+def test_requantizing_a_wrapped_layer_lets_the_bitsandbytes_module_go():
+    """After ``requantize_`` the layer holds codes of its own (``bnb_module`` is None) and must
+    not keep the wrapped Linear4bit, and with it the old codes, alive."""
+    import gc
+    import weakref
+
+    module, dense = _linear4bit("nf4", True)
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.bnb_module is module
+    gone = weakref.ref(module)
+    del module
+    gc.collect()
+    assert gone() is not None  # still wrapped
+    layer.requantize_(dense.weight)
+    gc.collect()
+    assert layer.bnb_module is None and gone() is None
+
+
+def test_a_weight_whose_absmax_mean_overflows_is_refused_by_the_reference_codec_too():
+    """Double quantization decodes absmax around their float32 mean: when that mean overflows to
+    inf the layer must refuse the weight. Without bitsandbytes the reference codec's nested
+    absmax of ``absmax - inf`` comes out finite (FLT_MAX), so only the offset shows the overflow;
+    the refusal must not depend on which codec quantized."""
+    from peft_layers.quant import _bnb
+
+    weight = torch.zeros(64, 64)
+    weight[:40] = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).clamp(-3, 3) / 3 * 3e38
+    for codec in ("bitsandbytes", "reference"):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            if codec == "reference":
+                monkeypatch.setattr(_bnb, "load", lambda *args, **kwargs: None)
+            layer = QuantizedLinear(64, 64, scheme="nf4", double_quant=True)
+            with pytest.raises(ValueError, match=r"^weight: values up to .* would decode to inf"):
+                layer.requantize_(weight)
+            assert torch.equal(layer.dequantize(), torch.zeros(64, 64)), codec
+
+
+def test_blockwise_8bit_of_infinite_values_matches_bitsandbytes():
+    """bitsandbytes' CPU quantize_blockwise keeps an infinite value's absmax inf (and maps it, as
+    0 * inf = NaN, to index 0); so must the reference (it once clamped inf to FLT_MAX, giving +inf
+    index 255)."""
+    code = ref.dynamic_map()
+    for values in (torch.tensor([float("-inf"), 1.0, 0.5]), torch.tensor([float("inf"), 1.0, -0.5])):
+        expected, expected_absmax = torch.ops.bitsandbytes.quantize_blockwise.default(values, code, 256)
+        indices, absmax = ref.quantize_blockwise(values, code, 256)
+        assert torch.equal(indices, expected) and torch.equal(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((40, 96), 64), ((8, 4096), 4096)])
+def test_cpu_decoding_avoids_bitsandbytes_where_its_kernel_is_unreliable(shape, blocksize):
+    """On the CPU, blocks spanning rows (in_features % blocksize) and blocksize >= 2048 are decoded
+    by the reference codec: bitsandbytes 0.50's kernel reads the wrong absmax there on some CPUs
+    (not on every one, so comparing values alone passes on a machine where it happens to be right)
+    and compiles a fallback for large blocks. Checked by watching bitsandbytes' decode, and the
+    result against the float64 formula."""
+    layer = QuantizedLinear.from_linear(_linear(*shape), "nf4", blocksize)
+    calls = []
+    original = bnbF.dequantize_4bit
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(bnbF, "dequantize_4bit", lambda *a, **k: calls.append(1) or original(*a, **k))
+        dense = layer.dequantize()
+    assert calls == []
+    expected = _dequant_formula(layer._reference_state())
+    assert torch.equal(dense, expected)
+
+
+def test_loading_a_state_dict_into_a_wrapped_layer_stops_vouching_for_the_module():
+    """``load_state_dict`` writes the codes in place, into storage the wrapped bitsandbytes module
+    shares; the layer then no longer offers that module back (``bnb_module`` None, documented),
+    since ``unload`` would return a module whose state the layer cannot vouch for."""
+    module, _ = _linear4bit("nf4", True)
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.bnb_module is module
+    source = QuantizedLinear.from_linear(_linear(64, 128, seed=9), "nf4")
+    layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer.dequantize(), source.dequantize())
+    assert layer.bnb_module is None
+
+
+def test_a_state_dict_with_a_bias_of_another_float_dtype_loads_cast():
+    """Only the codes and statistics must match in dtype; a bias saved in another float dtype
+    (a model saved in float16) loads, cast to the layer's bias dtype as nn.Linear does."""
+    source = QuantizedLinear.from_linear(_linear(24, 64), "nf4")
+    state = {**source.state_dict(), "bias": source.bias.detach().half()}
+    layer = QuantizedLinear(64, 24, scheme="nf4")
+    layer.load_state_dict(state)
+    assert layer.bias.dtype == torch.float32
+    assert torch.equal(layer.bias, source.bias.half().float())
+    assert torch.equal(layer.dequantize(), source.dequantize())
+
+
+def test_a_copy_of_a_wrapped_layer_leaves_the_bitsandbytes_module_behind_but_keeps_the_flag():
+    """A deepcopy or pickle of a ``from_bnb`` layer holds codes of its own: it offers no
+    bitsandbytes module back and does not carry the module along (a pickle the size of a plain
+    layer's), while ``from_bitsandbytes`` (the model was loaded quantized) is kept;
+    ``from_linear`` layers say False."""
+    import copy
+    import io
+
+    module, dense = _linear4bit("nf4", True)
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.from_bitsandbytes and layer.bnb_module is module
+    assert not QuantizedLinear.from_linear(dense).from_bitsandbytes
+    buffer, plain = io.BytesIO(), io.BytesIO()
+    torch.save(layer, buffer)
+    torch.save(QuantizedLinear.from_linear(dense), plain)
+    # the module (its own copy of the codes) is not pickled along: same size as a plain layer
+    assert buffer.getbuffer().nbytes < 1.2 * plain.getbuffer().nbytes
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert twin.bnb_module is None and twin.from_bitsandbytes
+        assert torch.equal(twin.dequantize(), layer.dequantize())
+
+
+def test_loading_bitsandbytes_silences_its_cpu_ops_logger_only_during_the_import():
+    """``_bnb.load`` raises the level of bitsandbytes' CPU-ops logger to hide one misleading
+    import-time warning, then puts the user's level back: logging configured by the user must not
+    be changed for good."""
+    import logging
+
+    from peft_layers.quant import _bnb
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(_bnb, "AVAILABLE", None)
+        monkeypatch.setattr(_bnb, "_MODULES", None)
+        monkeypatch.setattr(_bnb, "NATIVE", None)
+        monkeypatch.setattr(logger, "level", logging.DEBUG)
+        assert _bnb.load() is not None
+        assert logger.level == logging.DEBUG
+
+
+def test_casting_a_wrapped_layer_lets_the_bitsandbytes_module_go():
+    """``.half()`` casts the layer's bias away from the module's (``bnb_module`` None): the layer
+    must then drop its reference, not keep the module and its storage alive."""
+    import gc
+    import weakref
+
+    module, _ = _linear4bit("nf4", True)
+    layer = QuantizedLinear.from_bnb(module)
+    gone = weakref.ref(module)
+    del module
+    layer.half()
+    gc.collect()
+    assert layer.bnb_module is None and gone() is None
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_from_bnb_reads_codes_kept_in_another_quant_storage_dtype(storage):
+    """Linear4bit can keep its packed codes in a float ``quant_storage`` (for FSDP); the wrap
+    views them as the uint8 ``(n / 2, 1)`` layout, decoding to bitsandbytes' own weight."""
+    torch.manual_seed(5)
+    dense = nn.Linear(128, 64)
+    module = bnb.nn.Linear4bit(128, 64, quant_type="nf4", quant_storage=storage)
+    module.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4", quant_storage=storage, module=module
+    )
+    module = module.to("cpu")
+    assert module.weight.dtype == storage
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (64 * 128 // 2, 1)
+    state = module.weight.quant_state
+    expected = bnbF.dequantize_4bit(module.weight.data.view(torch.uint8).reshape(-1, 1), state)
+    assert torch.equal(layer.dequantize(), expected)
+
+
+def test_from_bnb_takes_the_compute_dtype_a_linear4bit_names():
+    """A Linear4bit built with ``compute_dtype`` computes in it, whatever its bias's dtype: the
+    wrap takes it over (the bias's dtype is only the fallback when the module names none)."""
+    module, _ = _linear4bit("nf4", True)
+    module.compute_dtype = torch.bfloat16
+    assert module.bias.dtype == torch.float32
+    layer = QuantizedLinear.from_bnb(module)
+    assert layer.compute_dtype == torch.bfloat16
+    x = torch.randn(3, 128)
+    expected = x.bfloat16().to(F64) @ layer.dequantize(torch.bfloat16).to(F64).T + module.bias.to(F64)
+    torch.testing.assert_close(layer(x).to(F64), expected, rtol=2e-2, atol=2e-2)

@@ -378,7 +378,8 @@ def quantize_blockwise(
     Matches bitsandbytes' CPU kernel bit for bit, which is not exact nearest rounding: each block's
     values are scaled by the float32 reciprocal of their absmax, clamped to [-1, 1], mapped to a
     grid index ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each step rounded to float32) and looked up
-    in :func:`_lookup_table`. A block whose absmax is 0 stores index 0. NaNs do not enter absmax.
+    in :func:`_lookup_table`. A block whose absmax is 0 stores index 0. NaNs do not enter absmax;
+an infinite value gives an infinite absmax, as in bitsandbytes.
     ``code`` defaults to :func:`dynamic_map`; a given one must hold 256 values.
     """
     _check_blocksize(blocksize)
@@ -392,7 +393,9 @@ def quantize_blockwise(
     flat = values.detach().reshape(-1).float()
     numel = flat.numel()
     padded, _ = _block_absmax(flat, blocksize)
-    absmax = torch.nan_to_num(padded, nan=0.0).abs().amax(dim=1)
+    # only NaN is kept out of absmax: nan_to_num would also clamp +-inf to +-FLT_MAX, where
+    # bitsandbytes keeps an infinite absmax (and an infinite value then maps, as 0 * inf, to index 0)
+    absmax = padded.masked_fill(padded.isnan(), 0.0).abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     # a subnormal absmax has an infinite reciprocal: 0 * inf is NaN, which bitsandbytes maps to
     # grid index 0, as -1
