@@ -6,9 +6,8 @@ not carry the negation over to words it has not seen (0.698 held-out accuracy he
 fitted to convergence reaches 0.69-0.74): where the mean-pooled sentence vector carries the
 word's polarity and the presence of a negation side by side, the label is their exclusive or,
 and the head can only learn it word by word. Adapters in the encoder can learn the
-composition. The test sentences use
-adjectives and subjects that training never saw, so the accuracy measures what the adapters
-learned, not what they memorised.
+composition. The test sentences use adjectives and subjects that training never saw, so the
+accuracy measures what the adapters learned, not what they memorised.
 
 For each method the script injects adapters into every attention and feed-forward Linear of the
 six layers, trains the adapters and the classifier head (``modules_to_save``) for a few hundred

@@ -9,8 +9,11 @@ errors.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import itertools
+import logging
+import weakref
 
 import pytest
 import torch
@@ -1384,9 +1387,6 @@ def test_from_bnb_linear8bit_refuses_row_statistics_of_the_wrong_length():
 def test_requantizing_a_wrapped_layer_lets_the_bitsandbytes_module_go():
     """After ``requantize_`` the layer holds codes of its own (``bnb_module`` is None) and must
     not keep the wrapped Linear4bit, and with it the old codes, alive."""
-    import gc
-    import weakref
-
     module, dense = _linear4bit("nf4", True)
     layer = QuantizedLinear.from_bnb(module)
     assert layer.bnb_module is module
@@ -1401,11 +1401,9 @@ def test_requantizing_a_wrapped_layer_lets_the_bitsandbytes_module_go():
 
 def test_a_weight_whose_absmax_mean_overflows_is_refused_by_the_reference_codec_too():
     """Double quantization decodes absmax around their float32 mean: when that mean overflows to
-    inf the layer must refuse the weight. Without bitsandbytes the reference codec's nested
-    absmax of ``absmax - inf`` comes out finite (FLT_MAX), so only the offset shows the overflow;
-    the refusal must not depend on which codec quantized."""
-    from peft_layers.quant import _bnb
-
+    inf the layer must refuse the weight, whichever codec quantized it (the reference codec's
+    nested absmax of ``absmax - inf`` once came out finite, FLT_MAX, and only the offset showed
+    the overflow)."""
     weight = torch.zeros(64, 64)
     weight[:40] = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).clamp(-3, 3) / 3 * 3e38
     for codec in ("bitsandbytes", "reference"):
@@ -1477,9 +1475,6 @@ def test_a_copy_of_a_wrapped_layer_leaves_the_bitsandbytes_module_behind_but_kee
     bitsandbytes module back and does not carry the module along (a pickle the size of a plain
     layer's), while ``from_bitsandbytes`` (the model was loaded quantized) is kept;
     ``from_linear`` layers say False."""
-    import copy
-    import io
-
     module, dense = _linear4bit("nf4", True)
     layer = QuantizedLinear.from_bnb(module)
     assert layer.from_bitsandbytes and layer.bnb_module is module
@@ -1499,10 +1494,6 @@ def test_loading_bitsandbytes_silences_its_cpu_ops_logger_only_during_the_import
     """``_bnb.load`` raises the level of bitsandbytes' CPU-ops logger to hide one misleading
     import-time warning, then puts the user's level back: logging configured by the user must not
     be changed for good."""
-    import logging
-
-    from peft_layers.quant import _bnb
-
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(_bnb, "AVAILABLE", None)
@@ -1516,9 +1507,6 @@ def test_loading_bitsandbytes_silences_its_cpu_ops_logger_only_during_the_import
 def test_casting_a_wrapped_layer_lets_the_bitsandbytes_module_go():
     """``.half()`` casts the layer's bias away from the module's (``bnb_module`` None): the layer
     must then drop its reference, not keep the module and its storage alive."""
-    import gc
-    import weakref
-
     module, _ = _linear4bit("nf4", True)
     layer = QuantizedLinear.from_bnb(module)
     gone = weakref.ref(module)

@@ -379,7 +379,7 @@ def quantize_blockwise(
     values are scaled by the float32 reciprocal of their absmax, clamped to [-1, 1], mapped to a
     grid index ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each step rounded to float32) and looked up
     in :func:`_lookup_table`. A block whose absmax is 0 stores index 0. NaNs do not enter absmax;
-an infinite value gives an infinite absmax, as in bitsandbytes.
+    an infinite value gives an infinite absmax, as in bitsandbytes.
     ``code`` defaults to :func:`dynamic_map`; a given one must hold 256 values.
     """
     _check_blocksize(blocksize)
