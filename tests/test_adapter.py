@@ -20,6 +20,8 @@ from reference import (
     lora_ref,
     materialised_weight,
     randomize_adapter,
+    run_layer,
+    run_reference,
 )
 from torch import nn
 
@@ -584,3 +586,161 @@ def test_merge_unmerge_and_delta_weight_use_the_rslora_scaling(cls):
     assert_close64(layer.weight, expected_w, 1e-5, what="merged weight")
     layer.unmerge()
     assert_close64(layer.weight, w0, 1e-5, what="W0 after unmerge")
+
+
+# ---- from a second mutation audit of the layers ------------------------------------------------
+LORA_AND_DORA = [pl.LoRALinear, pl.DoRALinear]
+
+
+@pytest.mark.parametrize("cls", LORA_AND_DORA)
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+def test_a_factor_frozen_alone_leaves_the_other_its_reference_gradient(cls, frozen):
+    """The fused backward computes ``dA`` only when ``A`` requires grad and ``dB`` only when ``B``
+    does (``need_A``/``need_B``): with one factor frozen, the other still gets the float64
+    reference gradient (and the frozen one none)."""
+    layer = _layer(cls)
+    getattr(layer, frozen).requires_grad_(False)
+    x = torch.randn(2, 3, 12, dtype=torch.float64).float()
+    g = torch.randn(2, 3, 10, dtype=torch.float64)
+    got = run_layer(layer, x, g)
+    ref = run_reference(layer, x, g)
+    trained = "lora_B" if frozen == "lora_A" else "lora_A"
+    assert got.grads[frozen] is None
+    assert got.grads[trained] is not None, f"{trained}: no gradient"
+    assert_close64(got.grads[trained], ref.grads[trained], 1e-5, what=f"grad of {trained}")
+    assert_close64(got.grads["x"], ref.grads["x"], 1e-5, what="grad of x")
+
+
+@pytest.mark.parametrize("cls", LORA_AND_DORA)
+@pytest.mark.parametrize("grad", [True, False])
+def test_non_contiguous_input_with_several_leading_dims(cls, grad):
+    """An input whose leading dims are transposed (not viewable as 2-D) gives the float64
+    reference output, and gradients when trained: the forward must ``reshape`` (copy where it
+    must), not ``view``."""
+    layer = _layer(cls)
+    x = torch.randn(3, 2, 12, dtype=torch.float64).float().transpose(0, 1)
+    assert not x.is_contiguous()
+    if grad:
+        g = torch.randn(2, 3, 10, dtype=torch.float64)
+        got, ref = run_layer(layer, x, g), run_reference(layer, x, g)
+        for key in ("x", "lora_A", "lora_B"):
+            assert_close64(got.grads[key], ref.grads[key], 1e-5, what=f"grad of {key}")
+        out = got.out
+    else:
+        with torch.no_grad():
+            out = layer(x)
+        ref = run_reference(layer, x)
+    assert out.shape == (2, 3, 10)
+    assert_close64(out, ref.out, 1e-5, what="output")
+
+
+@pytest.mark.parametrize("cls", LORA_AND_DORA)
+@pytest.mark.parametrize("state", ["merged", "disabled"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_input_into_a_merged_or_disabled_fp32_layer_returns_the_input_dtype(cls, state, half):
+    """A merged or disabled float32 layer computes ``base_layer(x.float())`` and hands the
+    result back in ``x``'s dtype, as the unmerged layer does (the output dtype must not depend
+    on the merge state)."""
+    layer = _layer(cls).eval()
+    x = torch.randn(4, 12, dtype=torch.float64).to(half)
+    with torch.no_grad():
+        unmerged = layer(x)
+        if state == "merged":
+            layer.merge()
+            got = layer(x)
+        else:
+            with layer.disable_adapter():
+                got = layer(x)
+    assert unmerged.dtype == half
+    assert got.dtype == half
+    if state == "merged":
+        assert_close64(got, unmerged.double(), 2e-2, what="merged output")
+    else:
+        expected = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        assert_close64(got, expected, 1e-2, what="disabled output")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_half_input_through_a_hooked_base_returns_the_input_dtype(grad):
+    """With a forward hook on the base (the plain-op path that calls ``base_layer``), a float16
+    input into a float32 LoRA layer gives a float16 output equal to the float64 reference, as
+    without the hook."""
+    layer = _layer(pl.LoRALinear)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    x = torch.randn(2, 3, 12, dtype=torch.float64).half()
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    assert seen == [torch.float32]  # the hook ran, on the compute dtype
+    assert y.dtype == torch.float16
+    assert_close64(y, run_reference(layer, x).out, 2e-3, what="output")
+
+
+@pytest.mark.parametrize("cls", LORA_AND_DORA)
+def test_a_merged_layer_loading_only_a_new_bias_stays_unmergeable_without_warning(cls):
+    """The merge never touches the bias, so a merged layer that loads a state dict differing only
+    in its bias neither warns nor forgets its merge (DoRA keeps the gain that unmerge() needs):
+    unmerge() then restores ``W0`` and the layer computes the float64 reference with the new
+    bias."""
+    layer = _layer(cls)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # the merged layer's own values
+    state["base_layer.bias"] = state["base_layer.bias"] + 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.load_state_dict(state)
+    layer.unmerge()
+    assert_close64(layer.weight, w0.double(), 1e-6, what="W0 after unmerge")
+    x = torch.randn(5, 12, dtype=torch.float64).float()
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(layer.bias, state["base_layer.bias"])
+    assert_close64(y, run_reference(layer, x).out, 1e-5, what="output with the loaded bias")
+
+
+@pytest.mark.parametrize("cls", LORA_AND_DORA)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_float16_base_gives_the_input_its_reference_gradient(cls, dropout):
+    """Over a float16 base the fused backward computes the adapter's gradients in float32 and
+    must bring ``dT`` back to float16 before ``dx = G W0 + dT A`` (a layer inside a model always
+    has an input that requires grad).
+    Checked against float64 with a fixed dropout mask."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(12, 10).half(), rank=3, alpha=6.0, dropout=dropout).train()
+    randomize_adapter(layer)
+    x = torch.randn(2, 3, 12, dtype=torch.float64).half()
+    mask = (torch.rand(6, 12) > dropout).float()  # the layer hands dropout the 2-D input
+    if dropout:
+        class Fixed(nn.Module):
+            p = dropout
+
+            def forward(self, t):
+                return t * mask.to(t.dtype) / (1 - dropout)
+        layer.lora_dropout = Fixed()
+    g = torch.randn(2, 3, 10, dtype=torch.float64)
+    got = run_layer(layer, x, g)
+    ref = run_reference(layer, x, g, dropout_mask=mask.reshape(2, 3, 12) if dropout else None, p=dropout)
+    assert got.grads["x"].dtype == torch.float16
+    assert layer.lora_A.grad.dtype == torch.float32
+    for key in ("x", *layer.adapter_parameter_names):
+        assert_close64(got.grads[key], ref.grads[key], 1e-2, what=f"grad of {key}")
+
+
+def test_disable_adapters_refuses_an_unmergeable_dora_layer_before_touching_any_other():
+    """``disable_adapters(model)`` asks every layer ``_check_disable()`` before the first change:
+    a merged DoRA layer that loaded a state dict (its merge gain is gone) refuses with the
+    model-level message, and the merged LoRA layer before it keeps its weight bit for bit (no
+    unmerge / merge round trip)."""
+    lora, dora = _layer(pl.LoRALinear), _layer(pl.DoRALinear, in_f=10, out_f=10)
+    model = nn.Sequential(lora, dora)
+    lora.merge()
+    dora.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dora.load_state_dict({k: v * 1.5 for k, v in dora.state_dict().items()})
+    before = lora.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^disable_adapters\(\): 1 layer\(s\) refuse it"):
+        with pl.disable_adapters(model):
+            pass
+    assert lora.merged and torch.equal(lora.weight, before)

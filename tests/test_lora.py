@@ -27,6 +27,7 @@ from torch import nn
 
 import peft_layers as pl
 from peft_layers.adapter import overrides_linear_forward
+from peft_layers.lora import ranks_above_features_allowed
 
 LORA_CLASSES = [pl.LoRALinear, pl.LoRAPlusLinear]
 # input shapes for in_features = 12: 1-D, 2-D, 3-D
@@ -958,3 +959,18 @@ def test_bf16_merge_forms_s_b_a_in_float32_then_rounds_twice_at_most(merge):
     bound = 2.0**-8 * (exact.abs() + delta.abs()) + 10 * torch.finfo(torch.float32).eps * s_ba
     err = (f64(merged) - exact).abs()
     assert torch.all(err <= bound), float((err / bound).max())
+
+
+def test_pissa_over_a_rank_above_the_layers_bound_is_refused_by_name() -> None:
+    # a layer built under ranks_above_features_allowed() (loading, "all-linear") may hold such a
+    # rank; PiSSA's split needs that many singular vectors and must say so, changing nothing
+    linear = nn.Linear(6, 3)
+    weight = linear.weight.detach().clone()
+    with ranks_above_features_allowed():
+        with pytest.raises(ValueError, match=r"^init='pissa': the split takes rank=5 singular vectors .* = 3$"):
+            pl.LoRALinear.from_linear(linear, rank=5, init="pissa")
+        layer = pl.LoRALinear.from_linear(linear, rank=5)
+    layer.init = "pissa"
+    with pytest.raises(ValueError, match=r"^init='pissa'"):
+        layer.reset_adapter_parameters()
+    assert torch.equal(layer.weight, weight) and torch.equal(linear.weight, weight)

@@ -633,6 +633,12 @@ class LoRALinear(AdapterMixin, nn.Module):
         # PiSSA (Meng et al., 2024): W = U S V^T; s B A = U_r S_r V_r^T; W0 <- W - s B A, where
         # W = W0 + s B A is the current weight (W0 itself at construction, where B = A = 0)
         self._check_base_writable("init='pissa'")
+        limit = min(self.in_features, self.out_features)
+        if self.rank > limit:  # only a layer built under ranks_above_features_allowed() gets here
+            raise ValueError(
+                f"init='pissa': the split takes rank={self.rank} singular vectors of the base weight, "
+                f"which has min(in_features, out_features) = {limit}"
+            )
         weight = self._read_base_weight()
         self._add_lora_product_(weight, self.scaling)
         u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)
