@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import re
 import warnings
@@ -1018,7 +1019,7 @@ def test_prepare_for_kbit_training_checkpoints_a_transformers_model_as_it_trains
     base = transformers.LlamaForCausalLM(config).train()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     grads = []
-    # plain, checkpointed (transformers' default: reentrant), and non-reentrant through the kwargs
+    # plain, checkpointed (transformers' default), and non-reentrant through the kwargs
     for checkpointed, kwargs in ((False, None), (True, None), (True, {"use_reentrant": False})):
         torch.manual_seed(1)  # the same A
         model = pl.inject_lora(copy.deepcopy(base), "q_proj", rank=2)
@@ -1911,3 +1912,303 @@ def test_the_first_matching_pattern_key_wins_as_in_hugging_face_peft() -> None:
     layers = dict(iter_adapter_layers(model))
     assert (layers["layers.0.attn.q_proj"].rank, layers["layers.1.attn.q_proj"].rank) == (2, 6)
     assert (layers["layers.0.attn.q_proj"].alpha, layers["layers.1.attn.q_proj"].alpha) == (5.0, 3.0)
+
+
+# ---- from a second mutation audit of model/ -------------------------------------------------------
+def test_pattern_key_must_match_a_whole_dotted_tail_not_a_head() -> None:
+    """A rank_pattern/alpha_pattern key matches a whole dotted tail of the name (``$``-anchored,
+    as Hugging Face PEFT's ``get_pattern_key``): ``layers\\.0`` or ``q`` names no layer
+    ``layers.0.attn.q_proj``, and a rank_pattern with such a key is refused as matching no
+    target."""
+    name = "layers.0.attn.q_proj"
+    for key in (r"layers\.0", "q", "attn", r"attn\.q"):
+        assert pattern_key({key: 1}, name) is None
+    assert pattern_key({r"attn\.q_proj": 1}, name) == r"attn\.q_proj"
+    peft_other = pytest.importorskip("peft.utils.other")
+    for key in (r"layers\.0", "q", r"attn\.q_proj"):  # the second implementation agrees
+        theirs = peft_other.get_pattern_key([key], name)
+        assert (pattern_key({key: 1}, name) or name) == theirs
+    with pytest.raises(ValueError, match=r"rank_pattern: key 'layers\\\\.0' matches none of the targets"):
+        pl.inject_lora(tiny_model(), "q_proj", rank=4, rank_pattern={r"layers\.0": 2})
+
+
+def test_all_linear_leaves_out_the_layers_inside_a_top_level_classifier_head() -> None:
+    """"all-linear" leaves out a top-level ``classifier``/``score`` head and what lies inside it
+    (documented in ``_AllLinear``): a RoBERTa-style head ``classifier.dense``/``classifier.out_proj``
+    gets no adapter, while the body does."""
+    model = nn.Module()
+    model.body = nn.Linear(8, 8)
+    model.classifier = nn.Sequential()
+    model.classifier.add_module("dense", nn.Linear(8, 8))
+    model.classifier.add_module("out_proj", nn.Linear(8, 2))
+    pl.inject_adapters(model, "all-linear", rank=2)
+    assert [name for name, _ in iter_adapter_layers(model)] == ["body"]
+    assert type(model.classifier.dense) is nn.Linear and type(model.classifier.out_proj) is nn.Linear
+
+
+def _wide_then_narrow() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+
+
+def test_all_linear_relaxes_the_rank_bound_only_for_layers_no_pattern_or_pissa_names() -> None:
+    """Under "all-linear" a layer narrower than the rank takes it (as Hugging Face PEFT), but a
+    rank_pattern entry names the layer, and PiSSA needs ``rank`` singular vectors: both keep the
+    bound ``rank <= min(in, out)`` and fail with the layer's error, leaving the model as it was."""
+    relaxed = pl.inject_adapters(_wide_then_narrow(), "all-linear", rank=4)
+    assert relaxed[1].rank == 4 and tuple(relaxed[1].lora_A.shape) == (4, 16)
+    bound = re.escape("inject_adapters(): module '1': rank: expected an int in [1, min(in_features, out_features)] = [1, 2]")
+    for kwargs in ({"rank_pattern": {"1": 8}}, {"init": "pissa"}):
+        model = _wide_then_narrow()
+        with pytest.raises(ValueError, match=bound):
+            pl.inject_adapters(model, "all-linear", rank=4, **kwargs)
+        assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+
+
+def test_a_regex_exclude_that_matches_nothing_is_reported() -> None:
+    """Like a str exclusion, a compiled-regex exclusion that matches no module is a typo and
+    raises ValueError (only a callable is exempt, being the caller's own test)."""
+    model = _wide_then_narrow()
+    with pytest.raises(ValueError, match=r"^exclude: re.compile\('nothing'\) matches no module of Sequential"):
+        pl.inject_adapters(model, ["0"], rank=2, exclude=re.compile("nothing"))
+    assert type(model[0]) is nn.Linear
+
+
+class _RootBias(nn.Module):
+    """A model whose own (top-level) parameter is named ``bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.bias
+
+
+def test_bias_all_trains_a_bias_held_by_the_model_itself() -> None:
+    """``bias="all"``: every bias of the model trains, including one the root module holds,
+    whose name is plain ``"bias"`` (no dot); gradients reach it."""
+    model = pl.inject_lora(_RootBias(), "fc", rank=2, bias="all")
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["bias", "fc.base_layer.bias", "fc.lora_A", "fc.lora_B"]
+    model(torch.randn(3, 4)).sum().backward()
+    torch.testing.assert_close(model.bias.grad, torch.full((4,), 3.0))
+
+
+class _KeepsWo(nn.Module):
+    """A model that keeps ``wo`` unquantized (transformers' ``_keep_in_fp32_modules``)."""
+
+    _keep_in_fp32_modules = ["wo"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wo, self.wo_gate = nn.Linear(64, 64), nn.Linear(64, 64)
+
+
+def test_keep_in_fp32_entries_match_whole_name_components_of_their_own_model_only() -> None:
+    """A ``_keep_in_fp32_modules`` entry keeps the layers of its own model whose names end in it
+    as whole dotted components: ``wo`` keeps ``t5.wo`` float (qlora refuses to quantize it), but
+    not ``t5.wo_gate`` (another name), nor ``t5x.wo`` (a sibling module whose name merely starts
+    with ``t5``): those two are quantized."""
+    holder = nn.Module()
+    holder.t5 = _KeepsWo()
+    holder.t5x = nn.Module()
+    holder.t5x.wo = nn.Linear(64, 64)
+    with pytest.raises(TypeError, match=r"'t5.wo' is kept unquantized .*\(\['wo'\]\)"):
+        pl.inject_adapters(holder, ["t5.wo"], method="qlora", rank=2)
+    pl.inject_adapters(holder, ["t5.wo_gate", "t5x.wo"], method="qlora", rank=2)
+    assert {n: type(l) for n, l in iter_adapter_layers(holder)} == {
+        "t5.wo_gate": pl.QLoRALinear, "t5x.wo": pl.QLoRALinear,
+    }
+
+
+def test_an_encoder_layer_with_an_odd_number_of_heads_never_takes_the_fast_path_and_is_adapted() -> None:
+    """torch's fast path of ``nn.TransformerEncoderLayer`` needs an even number of heads; with 3
+    heads the layer calls ``linear1``/``linear2`` in eval too, so they are valid targets and their
+    adapters change the eval output (checked against the same layer with the fast path off)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=6, nhead=3, dim_feedforward=8, batch_first=True).eval()
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        base_out = layer(x)
+    pl.inject_lora(layer, ["linear1", "linear2"], rank=2)
+    assert isinstance(layer.linear1, pl.LoRALinear) and isinstance(layer.linear2, pl.LoRALinear)
+    with torch.no_grad():
+        layer.linear2.lora_B.normal_()
+        adapted = layer(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            reference = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert not torch.allclose(adapted, base_out)
+    torch.testing.assert_close(adapted, reference)
+
+
+def test_linear2_of_a_fast_path_encoder_layer_is_refused_as_linear1_is() -> None:
+    """The fast path of an eval ``nn.TransformerEncoderLayer`` (batch_first, 2 heads) reads
+    ``linear2``'s weight directly, as ``linear1``'s: an adapter there would do nothing in eval, so
+    targeting ``linear2`` alone is refused too; first the fact itself: the eval output ignores a
+    change made through ``linear2``'s forward."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        before = layer(x)
+        handle = layer.linear2.register_forward_hook(lambda module, args, out: out + 1.0)
+        ignored = layer(x)  # the fast path never calls linear2
+        handle.remove()
+    torch.testing.assert_close(ignored, before)
+    with pytest.raises(TypeError, match=r"^targets: 'linear2' is the linear2 of an nn.TransformerEncoderLayer"):
+        pl.inject_lora(layer, ["linear2"], rank=2)
+    assert type(layer.linear2) is nn.Linear
+
+
+def test_alpha_pattern_takes_an_int_alpha() -> None:
+    """An alpha is a float, and an int is one (Hugging Face configs write ``{"q_proj": 16}``):
+    alpha_pattern takes it, and the layer's scale is alpha / rank = 3 / 2."""
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2, alpha=8.0, alpha_pattern={"q_proj": 3})
+    layers = dict(iter_adapter_layers(model))
+    assert layers["layers.0.attn.q_proj"].alpha == 3.0 and layers["layers.0.attn.v_proj"].alpha == 8.0
+    assert layers["layers.1.attn.q_proj"].scaling == pytest.approx(1.5)
+
+
+def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.base_layer.weight.detach().clone() for name, layer in iter_adapter_layers(model)}
+
+
+def test_merge_adapters_refuses_a_disabled_layer_and_changes_nothing() -> None:
+    """A disabled adapter (``adapter_enabled = False``) would be merged although the model does
+    not use it: merge_adapters() refuses, naming it, before any layer merges."""
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
+    for _, layer in iter_adapter_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    model.layers[1].attn.v_proj.adapter_enabled = False  # the last layer: the others come first
+    before = _base_weights(model)
+    with pytest.raises(ValueError) as raised:
+        pl.merge_adapters(model)
+    assert not any(layer.merged for _, layer in iter_adapter_layers(model))
+    after = _base_weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert re.search(r"already merged or disabled: \['layers.1.attn.v_proj'\]$", str(raised.value))
+
+
+def test_merge_adapters_refuses_non_finite_adapters_before_merging_any() -> None:
+    """A NaN in the last layer's adapter is refused with ValueError naming the layer and tensor,
+    and no earlier layer has merged (its base weight is bit-identical)."""
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
+    for _, layer in iter_adapter_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    with torch.no_grad():
+        model.layers[1].attn.v_proj.lora_B[0, 0] = float("nan")
+    before = _base_weights(model)
+    with pytest.raises(ValueError) as raised:
+        pl.merge_adapters(model)
+    assert not any(layer.merged for _, layer in iter_adapter_layers(model))
+    after = _base_weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert re.search(r"hold NaN or inf: \{'layers.1.attn.v_proj': \['lora_B'\]\}", str(raised.value))
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_merge_and_unload_of_a_quantized_base_gives_a_frozen_layer_in_the_models_mode(bias: str) -> None:
+    """A QLoRA layer's base is quantized, so merge_and_unload builds a new ``nn.Linear``: it
+    holds W0 + delta (compared with the dequantized base plus s B A in float64), its weight is
+    frozen as the base's was, its bias trains only if ``bias="all"`` trained it, and it keeps the
+    eval mode of the layer it replaces."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).eval()
+    pl.inject_adapters(model, ["0"], method="qlora", rank=2, bias=bias)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = layer.base_layer.dequantize().double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    pl.merge_and_unload(model)
+    merged = model[0]
+    assert type(merged) is nn.Linear and not merged.training
+    assert not merged.weight.requires_grad
+    assert merged.bias.requires_grad == (bias == "all")
+    torch.testing.assert_close(merged.weight.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_keeps_a_base_weight_the_caller_unfroze_trainable() -> None:
+    """The base module comes back holding the merged weight; a base weight the caller unfroze
+    (full fine-tuning of that layer alongside the adapter) stays trainable, a frozen one frozen."""
+    torch.manual_seed(0)
+    model = pl.inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], rank=2)
+    model[0].base_layer.weight.requires_grad_(True)
+    bases = [model[0].base_layer, model[1].base_layer]
+    pl.merge_and_unload(model)
+    assert model[0] is bases[0] and model[1] is bases[1]
+    assert model[0].weight.requires_grad and not model[1].weight.requires_grad
+
+
+def test_merge_and_unload_with_a_dtype_casts_the_kept_bases_bias_too() -> None:
+    """``merge_and_unload(dtype=torch.float64)`` on a float32 model: the base module that comes
+    back holds a float64 weight and a float64 bias, and computes ``x (W0 + s B A)^T + b`` in
+    float64 (checked against that product in float64)."""
+    torch.manual_seed(0)
+    model = pl.inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], rank=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = layer.base_layer.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    b = layer.base_layer.bias.detach().double()
+    pl.merge_and_unload(model, dtype=torch.float64)
+    assert model[0].weight.dtype == model[0].bias.dtype == torch.float64
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ w.T.detach() + b)
+
+
+class _Identity(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+def test_merge_and_unmerge_refuse_a_computed_base_weight_before_changing_any_layer() -> None:
+    """A base weight under a parametrization is computed on every forward, so a merge written into
+    it would be lost: merge_adapters() and unmerge_adapters() refuse it with ValueError, and do so
+    before the first layer changes (the other layer's base weight and merged flag stay as they
+    were)."""
+    torch.manual_seed(0)
+    model = pl.inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], rank=2)
+    for layer in model:
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    # merge: the second base is computed from the start
+    torch.nn.utils.parametrize.register_parametrization(model[1].base_layer, "weight", _Identity())
+    before = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError) as raised:
+        pl.merge_adapters(model)
+    assert not model[0].merged and torch.equal(model[0].base_layer.weight, before)
+    assert re.search(r"^merge_adapters\(\): '1': base_layer.weight is computed", str(raised.value))
+    # unmerge: both merged, then the second base becomes computed
+    torch.nn.utils.parametrize.remove_parametrizations(model[1].base_layer, "weight")
+    pl.merge_adapters(model)
+    merged = model[0].base_layer.weight.detach().clone()
+    torch.nn.utils.parametrize.register_parametrization(model[1].base_layer, "weight", _Identity())
+    with pytest.raises(ValueError) as raised:
+        pl.unmerge_adapters(model)
+    assert model[0].merged and torch.equal(model[0].base_layer.weight, merged)
+    assert re.search(r"^unmerge_adapters\(\): '1': base_layer.weight is computed", str(raised.value))
+
+
+def test_prepare_for_kbit_training_passes_checkpointing_kwargs_that_differ_from_the_default() -> None:
+    """``gradient_checkpointing_kwargs`` reach transformers' checkpointing call: the blocks'
+    checkpoint function carries exactly the given keywords. The kwargs differ from transformers'
+    default (``{"use_reentrant": False}`` in transformers 5, which the existing test passes, so a
+    call that dropped the kwargs looked the same)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    kwargs = {"use_reentrant": True, "preserve_rng_state": False}
+    pl.prepare_for_kbit_training(model, gradient_checkpointing=True, gradient_checkpointing_kwargs=dict(kwargs))
+    bound = getattr(model.model.layers[0], "_gradient_checkpointing_func", None)  # transformers' own
+    if not isinstance(bound, functools.partial):
+        pytest.skip("this transformers does not bind its checkpoint function with functools.partial")
+    assert bound.keywords == kwargs
