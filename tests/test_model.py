@@ -2078,39 +2078,34 @@ def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.base_layer.weight.detach().clone() for name, layer in iter_adapter_layers(model)}
 
 
-def test_merge_adapters_refuses_a_disabled_layer_and_changes_nothing() -> None:
-    """A disabled adapter (``adapter_enabled = False``) would be merged although the model does
-    not use it: merge_adapters() refuses, naming it, before any layer merges."""
-    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
-    for _, layer in iter_adapter_layers(model):
-        with torch.no_grad():
-            layer.lora_B.normal_()
-    model.layers[1].attn.v_proj.adapter_enabled = False  # the last layer: the others come first
-    before = _base_weights(model)
-    with pytest.raises(ValueError) as raised:
-        pl.merge_adapters(model)
-    assert not any(layer.merged for _, layer in iter_adapter_layers(model))
-    after = _base_weights(model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
-    assert re.search(r"already merged or disabled: \['layers.1.attn.v_proj'\]$", str(raised.value))
+def _spoil_disabled(layer: nn.Module) -> None:
+    layer.adapter_enabled = False  # the model does not use it, so merging it would change outputs
 
 
-def test_merge_adapters_refuses_non_finite_adapters_before_merging_any() -> None:
-    """A NaN in the last layer's adapter is refused with ValueError naming the layer and tensor,
-    and no earlier layer has merged (its base weight is bit-identical)."""
-    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
-    for _, layer in iter_adapter_layers(model):
-        with torch.no_grad():
-            layer.lora_B.normal_()
+def _spoil_nan(layer: nn.Module) -> None:
     with torch.no_grad():
-        model.layers[1].attn.v_proj.lora_B[0, 0] = float("nan")
+        layer.lora_B[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(("spoil", "message"), [
+    (_spoil_disabled, r"already merged or disabled: \['layers.1.attn.v_proj'\]$"),
+    (_spoil_nan, r"hold NaN or inf: \{'layers.1.attn.v_proj': \['lora_B'\]\}"),
+], ids=["disabled", "nan"])
+def test_merge_adapters_refuses_a_bad_last_layer_before_merging_any(spoil, message) -> None:
+    """A disabled adapter, or one holding NaN, in the last layer is refused with ValueError naming
+    it, and no earlier layer has merged (their base weights are bit-identical)."""
+    model = pl.inject_lora(tiny_model(), ["q_proj", "v_proj"], rank=2)
+    for _, layer in iter_adapter_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    spoil(model.layers[1].attn.v_proj)  # the last layer: the others come first
     before = _base_weights(model)
     with pytest.raises(ValueError) as raised:
         pl.merge_adapters(model)
     assert not any(layer.merged for _, layer in iter_adapter_layers(model))
     after = _base_weights(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert re.search(r"hold NaN or inf: \{'layers.1.attn.v_proj': \['lora_B'\]\}", str(raised.value))
+    assert re.search(message, str(raised.value))
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
