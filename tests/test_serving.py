@@ -21,6 +21,7 @@ from torch import Tensor, nn
 import peft_layers as pl
 from peft_layers.quant import QuantizedLinear
 from models import tiny_model, tokens
+from reference import f64, lora_ref
 
 
 def trained_adapter(tmp_path: Path, name: str, targets: list[str], seed: int, **kwargs) -> Path:
@@ -867,10 +868,8 @@ def test_a_float16_batch_scales_each_adapter_before_rounding():
 
 # ---- from a mutation audit of serving.py -------------------------------------------------------
 def _formula(x: Tensor, base: nn.Linear, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """base(x) + s (x A^T) B^T in float64."""
-    x = x.double()
-    out = x @ base.weight.double().t() + base.bias.double()
-    return out + scaling * (x @ lora_A.double().t()) @ lora_B.double().t()
+    """base(x) + s (x A^T) B^T in float64 (reference.lora_ref over ``base``'s tensors)."""
+    return lora_ref(f64(x), f64(base.weight), f64(base.bias), f64(lora_A), f64(lora_B), scaling)
 
 
 def test_add_adapter_keeps_a_copy_not_the_callers_tensors() -> None:
