@@ -410,6 +410,46 @@ def test_two_processes_train_like_one_process_on_the_whole_batch(method: str, wr
     assert run.stdout.split()[:1] == ["ok"] and int(run.stdout.split()[1]) >= 4
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "grad", "torch.func.grad"])
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+def test_torch_func_vmap_over_stacked_adapters_on_one_base(cls: type, grad_mode: str) -> None:
+    """``vmap`` over the adapter tensors alone (several adapters on one frozen base, as in
+    ensembles or hyper-parameter sweeps): each slice is that adapter's float64 output, and under
+    ``torch.func.grad`` its gradients. The base output is then unbatched while the adapter's
+    product is batched: LoRA's in-place add into the base output raised there."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = _layer(cls).eval()
+    x = torch.randn(TOKENS, IN)
+    names = layer.adapter_parameter_names
+    gen = torch.Generator().manual_seed(7)
+    adapters = [
+        {name: getattr(layer, name).detach() + 0.1 * k * torch.randn(getattr(layer, name).shape, generator=gen)
+         for name in names}
+        for k in range(3)
+    ]
+    stacked = {name: torch.stack([adapter[name] for adapter in adapters]) for name in names}
+
+    def output(params: dict) -> torch.Tensor:
+        return functional_call(layer, params, (x,))
+
+    if grad_mode == "torch.func.grad":
+        batched = vmap(grad(lambda params: output(params).sum()))(stacked)
+    else:
+        with torch.set_grad_enabled(grad_mode == "grad"):
+            batched = vmap(output)(stacked)
+    for k, adapter in enumerate(adapters):
+        with torch.no_grad():
+            for name in names:
+                getattr(layer, name).copy_(adapter[name])
+        expected, expected_grads = _reference(layer, x)
+        if grad_mode == "torch.func.grad":
+            for name in names:
+                assert_close64(batched[name][k], expected_grads[name], 1e-5, what=f"{cls.__name__} d{name}[{k}]")
+        else:
+            assert_close64(batched[k], expected, 1e-5, what=f"{cls.__name__} adapter {k}")
+
+
 @pytest.mark.parametrize("every_parameter", [False, True], ids=["trainable", "all"])
 @pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear, pl.QLoRALinear, pl.QDoRALinear])
 def test_torch_func_per_sample_gradients_match_autograd(cls: type, every_parameter: bool) -> None:

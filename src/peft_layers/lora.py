@@ -745,7 +745,9 @@ class LoRALinear(AdapterMixin, nn.Module):
                 return _adapted_mm(x, x_a, lora_A, lora_B, bias, self.scaling, weight)[0]
         out = self.base_layer(x)
         t = x_a @ lora_A.t()
-        if hooked:  # add out of place
+        # out of place where a hook may hold ``out``, and under torch.func: vmap over the adapter
+        # alone batches ``t B^T`` but not ``out``, which an in-place add cannot hold
+        if hooked or functorch_active():
             return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
