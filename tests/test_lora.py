@@ -16,6 +16,7 @@ from reference import (
     F64,
     assert_close64,
     assert_run_close,
+    direct_row_norm,
     f64,
     lora_ref,
     randomize_adapter,
@@ -937,27 +938,55 @@ def test_a_backward_hook_on_the_base_runs_once_per_backward(kind):
     assert calls == [linear]
 
 
-@pytest.mark.parametrize("merge", ["merge", "to_linear"])
-def test_bf16_merge_forms_s_b_a_in_float32_then_rounds_twice_at_most(merge):
-    """fp32 adapters over a bf16 W0: s B A is formed in float32 and meets bf16 twice (its own
-    cast, then the sum): |merged - (W0 + s B A)| <= u16 (|W0 + s B A| + |s B A|), u16 = 2^-8.
-    Formed from bf16-rounded A and B, it is off by u16 s |B| |A| (measured 44x the bound)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("merge", ["merge", "to_linear", "merge_and_unload"])
+@pytest.mark.parametrize("cls", [pl.LoRALinear, pl.DoRALinear])
+def test_16_bit_merge_is_the_float64_merge_rounded_once(cls, merge, dtype):
+    """fp32 adapters over a 16-bit ``W0``: the merge runs in float32 and meets the 16-bit dtype
+    once, when stored, as Hugging Face PEFT's does, so the merged weight is the float64 merge
+    correctly rounded: ``|merged - exact| <= u |exact|`` (``u`` = 2^-8 for bf16, 2^-11 for
+    float16), up to float32 noise. Rounding ``s B A`` (and DoRA's ``W'`` before its scaling) to
+    16 bits first was off by up to ``u (|exact| + |s B A|)``, and broke this bound."""
     torch.manual_seed(0)
-    layer = pl.LoRALinear.from_linear(nn.Linear(64, 32, dtype=torch.bfloat16), rank=8, alpha=16.0)
+    layer = cls.from_linear(nn.Linear(64, 32, dtype=dtype), rank=8, alpha=16.0)
     with torch.no_grad():
         layer.lora_A.normal_(0, 0.1)
         layer.lora_B.normal_(0, 0.3)  # an update as large as W0
-    delta = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
-    exact = f64(layer.weight) + delta
+        if cls is pl.DoRALinear:
+            layer.magnitude.mul_(torch.linspace(0.5, 2.0, 32))
+    w0, a, b = f64(layer.weight), f64(layer.lora_A), f64(layer.lora_B)
+    exact = w0 + layer.scaling * b @ a
+    plain_size = w0.abs() + layer.scaling * b.abs() @ a.abs()  # float32 noise scales with this
+    if cls is pl.DoRALinear:
+        gain = f64(layer.magnitude) / direct_row_norm(w0, a, b, layer.scaling, layer.epsilon)
+        exact, plain_size = gain[:, None] * exact, gain[:, None] * plain_size
     if merge == "merge":
         layer.merge()
         merged = layer.weight
-    else:
+    elif merge == "to_linear":
         merged = layer.to_linear().weight
-    assert merged.dtype == torch.bfloat16
-    s_ba = layer.scaling * f64(layer.lora_B).abs() @ f64(layer.lora_A).abs()
-    bound = 2.0**-8 * (exact.abs() + delta.abs()) + 10 * torch.finfo(torch.float32).eps * s_ba
+    else:
+        merged = pl.merge_and_unload(nn.Sequential(layer))[0].weight
+    assert merged.dtype == dtype
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    bound = u * exact.abs() + 64 * torch.finfo(torch.float32).eps * plain_size
     err = (f64(merged) - exact).abs()
+    assert torch.all(err <= bound), float((err / bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_pissa_residual_is_rounded_once(dtype):
+    """PiSSA over a 16-bit ``W0`` computes the residual ``W0 - s B A`` in float32 and rounds it
+    once, as Hugging Face PEFT does (rounding ``s B A`` to 16 bits first rounded twice)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, dtype=dtype)
+    w0 = f64(linear.weight)
+    layer = pl.LoRALinear.from_linear(linear, rank=8, alpha=16.0, init="pissa")
+    product = layer.scaling * f64(layer.lora_B) @ f64(layer.lora_A)
+    residual = w0 - product
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    bound = u * residual.abs() + 64 * torch.finfo(torch.float32).eps * (w0.abs() + product.abs())
+    err = (f64(layer.weight) - residual).abs()
     assert torch.all(err <= bound), float((err / bound).max())
 
 

@@ -10,7 +10,7 @@ The base is read through four small hooks, so that a quantized base reuses all o
 - ``_compute_weight()``: the dense (out, in) weight in compute dtype, possibly aliasing the base's
   storage (never mutated through this reference).
 - ``_read_base_weight(dtype=None)``: a fresh dense copy that the caller may mutate (in ``dtype``).
-- ``_write_base_weight(weight)``: store a dense weight back into the base.
+- ``_write_base_weight(weight)``: store a dense weight (of any float dtype) back into the base.
 - ``_base_matmul(x)``: ``x @ W0^T`` without bias.
 """
 
@@ -326,6 +326,18 @@ class AdapterMixin:
         weight = self._compute_weight().detach()
         return weight.to(dtype or weight.dtype, memory_format=torch.contiguous_format, copy=True)
 
+    def _merge_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a merge computes in for a weight stored in ``stored``: at least float32 and
+        the adapter's own dtype, so that ``W0 + delta`` (and DoRA's row scaling) meets a 16-bit
+        weight once, when it is stored, as Hugging Face PEFT's merge does. Rounding ``delta`` to
+        the weight's dtype first, or DoRA's ``W'`` before its scaling, would round two or three
+        times. Its float32 copy of ``W0`` takes less memory than the 16-bit copy and float32
+        ``B A`` that rounding route held: ``W0 += s B A`` then runs in place, in one GEMM."""
+        dtype = torch.promote_types(stored, torch.float32)
+        for parameter in self.adapter_parameters():
+            dtype = torch.promote_types(dtype, parameter.dtype)
+        return dtype
+
     #: whether merge() and unmerge() work on a base sharded by FSDP2's ``fully_shard`` (DTensors):
     #: LoRA's ``W0 += s B A`` runs shard by shard; DoRA's norms and requantizing need whole tensors
     _merges_sharded: bool = True
@@ -385,6 +397,9 @@ class AdapterMixin:
     def merge(self) -> None:
         """Fold the adapter into the base weight in place; ``forward`` then costs one matmul.
 
+        The merged weight is computed in float32 (or the adapter's dtype, if wider) and rounded
+        once to the base's dtype: a bf16 or float16 base holds ``W0 + delta`` correctly rounded.
+
         Raises ``ValueError`` if the layer is already merged, its adapter is disabled, its base
         weight is computed (a parametrization), or the adapter holds NaN or inf.
         """
@@ -403,7 +418,7 @@ class AdapterMixin:
             )
         self._warn_if_base_forward_is_its_own("merge()")
         with torch.no_grad():
-            weight = self._read_base_weight()
+            weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._merge_weight_(weight)
             self._write_base_weight(weight)
         self.merged = True
@@ -418,7 +433,7 @@ class AdapterMixin:
         self._check_unmergeable()
         self._check_base_writable("unmerge()")
         with torch.no_grad():
-            weight = self._read_base_weight()
+            weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._unmerge_weight_(weight)
             self._write_base_weight(weight)
         self.merged = False
@@ -513,18 +528,19 @@ class AdapterMixin:
         are both in ``dtype``, by default ``compute_dtype`` (the dtype the layer adds the bias in),
         so the result computes what the unmerged layer computes even when the base's bias has a
         dtype of its own (a quantized base keeps its bias apart from ``compute_dtype``). The merge
-        itself runs in ``dtype``: a wider one than the compute dtype (float32 for a bf16-compute
-        quantized layer) keeps the digits a merge in the compute dtype would round off. The layer
-        itself is left unchanged.
+        itself runs in float32 or wider (see :meth:`merge`) and is rounded to ``dtype`` once, so
+        a 16-bit result is ``W0 + delta`` correctly rounded. The layer itself is left unchanged.
         """
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self._check_not_sharded("to_linear()", "the new nn.Linear would hold shards outside fully_shard()")
         self._warn_if_base_forward_is_its_own("to_linear()")
+        dtype = dtype or self.compute_dtype
         with torch.no_grad():
-            weight = self._read_base_weight(dtype or self.compute_dtype)
+            weight = self._read_base_weight(self._merge_dtype(dtype))
             if not self.merged and self._adapter_enabled:
                 self._merge_weight_(weight)
+            weight = weight.to(dtype)
             bias = self.bias
             linear = nn.Linear(
                 self.in_features, self.out_features, bias=bias is not None, device="meta"

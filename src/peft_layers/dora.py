@@ -218,17 +218,10 @@ def _update_and_norm_terms(
 
 
 def _scale_rows_(weight: Tensor, gain: Tensor, *, divide: bool = False) -> Tensor:
-    """``W_i *= g_i`` (``divide``: ``W_i /= g_i``) in place, ``g`` in the norm's dtype. A 16-bit
-    ``W`` is multiplied by the float32 ``g`` (one rounding, no rounded gain: see
-    :func:`apply_gain`), a block of rows at a time: the mixed-dtype op computes in a float32
-    buffer of the block's size (:data:`NORM_BLOCK_ELEMENTS`)."""
-    if weight.dtype.itemsize >= 4:
-        gain = _cast(gain, weight.dtype)[:, None]
-        return weight.div_(gain) if divide else weight.mul_(gain)
-    for rows in _norm_row_blocks(weight):
-        block, block_gain = weight[rows], gain[rows, None]
-        block.div_(block_gain) if divide else block.mul_(block_gain)
-    return weight
+    """``W_i *= g_i`` (``divide``: ``W_i /= g_i``) in place, for the merge's ``W`` (float32 or
+    wider: :meth:`~peft_layers.adapter.AdapterMixin._merge_dtype`) and ``g`` in the norm's dtype."""
+    gain = _cast(gain, weight.dtype)[:, None]
+    return weight.div_(gain) if divide else weight.mul_(gain)
 
 
 class _DoRAFunction(torch.autograd.Function):
@@ -454,11 +447,11 @@ class DoRALinear(LoRALinear):
         self._add_lora_product_(weight, self.scaling)
         norm = torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype_for(weight.dtype))
         gain = self.magnitude.to(norm.dtype) / norm.clamp_min(self.epsilon)
-        applied = gain.to(weight.dtype)
-        # a row with m = 0 merges to zeros, as does one whose gain is 0 or subnormal in a 16-bit
-        # weight (its bits are lost); keep its W' so that unmerge() can restore it (a meta weight
-        # has no values, hence no such rows to find)
-        lost = applied.abs() < torch.finfo(weight.dtype).tiny
+        # a row with m = 0 merges to zeros, as does one whose gain is 0 or subnormal in the dtype
+        # the layer stores (its bits are lost; ``weight`` itself is the wider merge dtype); keep
+        # its W' so that unmerge() can restore it (a meta weight has no values, hence no such rows)
+        stored = self.compute_dtype
+        lost = gain.to(stored).abs() < torch.finfo(stored).tiny
         zero = None if weight.is_meta else lost.nonzero().flatten()
         self._merge_zero_rows = (zero, weight[zero].clone()) if zero is not None and zero.numel() else None
         self._merge_gain = gain

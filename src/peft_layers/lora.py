@@ -639,13 +639,14 @@ class LoRALinear(AdapterMixin, nn.Module):
                 f"init='pissa': the split takes rank={self.rank} singular vectors of the base weight, "
                 f"which has min(in_features, out_features) = {limit}"
             )
-        weight = self._read_base_weight()
+        # the residual is computed in float32 (or wider) and rounded once, as a merge is
+        weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
         self._add_lora_product_(weight, self.scaling)
         u, singular, vh = torch.linalg.svd(weight.to(self.lora_A.dtype), full_matrices=False)
         root = (singular[: self.rank] / self.scaling).sqrt()
         self.lora_A.copy_(vh[: self.rank] * root[:, None])
         self.lora_B.copy_(u[:, : self.rank] * root[None, :])
-        weight.sub_((self.lora_B @ self.lora_A).to(weight.dtype), alpha=self.scaling)
+        self._add_lora_product_(weight, -self.scaling)
         self._write_base_weight(weight)
 
     # ---- the delta ------------------------------------------------------------------------
@@ -666,8 +667,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         if weight.dtype == dtype:
             weight.addmm_(lora_B, lora_A, alpha=factor)
-        else:  # scaled before the cast: B A alone can overflow a 16-bit weight where s B A does not
-            weight.add_(torch.mm(lora_B, lora_A).mul_(factor).to(weight.dtype))
+        else:  # W + f B A computed in dtype and rounded once (merges pass a wide W: _merge_dtype)
+            weight.add_(torch.mm(lora_B, lora_A), alpha=factor)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
