@@ -1,5 +1,6 @@
 """The public surface: every name a module's ``__all__`` exports exists, carries a docstring and
-is listed in docs/api.md, so the reference page and the code cannot drift apart silently."""
+is listed in docs/api.md, and the defaults and constants the docs state are the code's, so the
+reference page and the code cannot drift apart silently."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+import peft_layers as pl
+import peft_layers.io as pio
+import peft_layers.model as plm
+import peft_layers.quant as plq
+from peft_layers.lora import LORA_INITS
+from peft_layers.optim import DEFAULT_LR_RATIO
+from peft_layers.quant import QuantizedLinear
+from peft_layers.quant.linear import COMPUTE_DTYPES, DECODE_BLOCK_BYTES
 
 API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -72,3 +84,57 @@ def test_the_word_match_is_strict() -> None:
     word = re.compile(r"(?<![\w])unload(?![\w])")
     assert not any(word.search(span) for span in spans)
     assert any(word.search(span) for span in _code_spans("`pl.unload(model)`"))
+
+
+def test_layer_defaults_are_the_documented_ones() -> None:
+    """docs/layers.md and docs/api.md ("ours are rank=8, alpha=16.0 (scaling 2)"): rank 8, alpha
+    16, scaling 2, no rsLoRA, dropout 0, kaiming init (B = 0); LoRA+'s ratio 16, DoRA's epsilon
+    1e-8; ``inject_adapters`` defaults to LoRA with no bias trained. ``from_linear`` takes
+    ``**kwargs``, so no signature shows these defaults."""
+    for layer in (pl.LoRALinear(16, 16), pl.LoRALinear.from_linear(nn.Linear(16, 16))):
+        assert (layer.rank, layer.alpha, layer.scaling) == (8, 16.0, 2.0)
+        assert (layer.dropout, layer.use_rslora, layer.init) == (0.0, False, "kaiming")
+        assert torch.count_nonzero(layer.lora_B) == 0
+    assert pl.LoRAPlusLinear.from_linear(nn.Linear(16, 16)).lr_ratio == 16.0
+    assert pl.DoRALinear.from_linear(nn.Linear(16, 16)).epsilon == 1e-8
+    assert pl.QDoRALinear.from_linear(nn.Linear(64, 16)).epsilon == 1e-8
+    model = pl.inject_adapters(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), "0")
+    assert type(model[0]) is pl.LoRALinear and model[0].scaling == 2.0
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_A", "0.lora_B"]
+
+
+def test_quantization_defaults_are_the_documented_ones() -> None:
+    """docs/api.md and docs/quantization.md: NF4, blocks of 64, double quantization, float32
+    compute, for ``QuantizedLinear`` and the QLoRA layers (a bf16 ``nn.Linear`` too); int8 has no
+    blocks and no double quantization, whatever it is given."""
+    linear = nn.Linear(128, 32)
+    for q in (
+        QuantizedLinear.from_linear(linear),
+        QuantizedLinear(128, 32),
+        pl.QLoRALinear.from_linear(linear).base_layer,
+        pl.QLoRALinear.from_linear(nn.Linear(128, 32).to(torch.bfloat16)).base_layer,
+        pl.QLoRALinear(128, 32).base_layer,
+    ):
+        assert (q.scheme, q.blocksize, q.double_quant, q.compute_dtype) == ("nf4", 64, True, torch.float32)
+        assert q.int8_activations is False
+    int8 = QuantizedLinear.from_linear(linear, "int8", blocksize=128, double_quant=True)
+    assert (int8.blocksize, int8.double_quant) == (None, False)
+
+
+def test_the_constants_are_the_documented_ones() -> None:
+    """The values docs/api.md (and docs/quantization.md, for the blocks) gives these constants."""
+    assert plm.METHODS == ("lora", "lora_plus", "dora", "qlora", "qdora")
+    assert plm.BIAS_MODES == ("none", "all", "adapter_only")
+    assert plm.ALL_LINEAR == "all-linear"
+    assert plm.FLOAT_METHOD == {"qlora": "lora", "qdora": "dora"}
+    assert plm.QUANTIZED_METHOD == {"lora": "qlora", "lora_plus": "qlora", "dora": "qdora"}
+    assert (pio.WEIGHTS_NAME, pio.WEIGHTS_BIN_NAME, pio.CONFIG_NAME) == (
+        "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+    assert (pio.KEY_PREFIX, pio.DEFAULT_ADAPTER, pio.METADATA_KEY, pio.FORMAT_VERSION) == (
+        "base_model.model.", "default", "peft_layers", 2)
+    assert plq.QUANT_SCHEMES == ("nf4", "fp4", "int8")
+    assert plq.BLOCKSIZES == (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    assert plq.DOUBLE_QUANT_BLOCKSIZE == 256
+    assert LORA_INITS == ("kaiming", "gaussian", "pissa") and DEFAULT_LR_RATIO == 16.0
+    assert set(COMPUTE_DTYPES) == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+    assert DECODE_BLOCK_BYTES == 8 * 2**20  # quantization.md: "8 MiB in the compute dtype"

@@ -440,6 +440,24 @@ def test_half_compute_dtype_returns_input_dtype(compute_dtype):
     torch.testing.assert_close(y.to(F64), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_compute_dtype_set_later_is_checked_and_used():
+    """``compute_dtype`` set after construction (docs/quantization.md: "to compute in another
+    dtype, set compute_dtype"): a dtype outside ``COMPUTE_DTYPES`` raises ``ValueError`` naming it
+    and keeps the old one (it was taken, and the next forward failed); a valid one changes the
+    dequantization and the forward, whose output is the float64 formula on the bf16 weight."""
+    layer = QuantizedLinear.from_linear(_linear(32, 64), "nf4")
+    for bad in (torch.int8, torch.float8_e4m3fn, "bfloat16"):
+        with pytest.raises(ValueError, match=r"^compute_dtype: expected one of .*, got"):
+            layer.compute_dtype = bad
+        assert layer.compute_dtype == torch.float32
+    layer.compute_dtype = torch.bfloat16
+    w = layer.dequantize()
+    assert w.dtype == torch.bfloat16
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    expected = x.to(F64) @ w.to(F64).T + layer.bias.to(F64)
+    torch.testing.assert_close(layer(x).to(F64), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_int8_forward_vs_its_dequantization():
     linear = _linear(48, 256)
     layer = QuantizedLinear.from_linear(linear, "int8")

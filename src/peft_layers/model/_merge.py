@@ -235,7 +235,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
 
     A float base is that layer: the base module itself comes back, with its hooks, holding the
     merged weight as a new tensor (a weight tied to other modules stays theirs). A quantized
-    base, a computed weight or a forward of the base's own gives a new ``nn.Linear``. No base
+    base gives a new float ``nn.Linear`` (a ``Conv1D`` where transformers quantized one, as in a
+    4-bit GPT-2); a computed weight or a forward of the base's own gives a new ``nn.Linear``. No base
     changes before every layer is merged, so an error changes nothing.
 
     The merge is exact in float: a quantized base is dequantized (never requantized). ``dtype``

@@ -833,6 +833,18 @@ class QuantizedLinear(nn.Module):
         return self._apply_matmul(x, None)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of dequantized weights and of the matmul: one of :data:`COMPUTE_DTYPES`.
+        Settable (the stored codes do not change); another value raises ``ValueError``."""
+        state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
+        return state.get("_compute_dtype", state.get("compute_dtype"))
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: torch.dtype) -> None:
+        _check_compute_dtype(value)
+        self._compute_dtype = value
+
+    @property
     def int8_activations(self) -> bool:
         """int8 only: multiply with bitsandbytes' int8 kernel, the activations quantized to int8
         too (faster, but no longer exactly ``x @ dequantize()^T``; see docs/quantization.md).
