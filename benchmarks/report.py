@@ -293,21 +293,28 @@ def noise_bound(results: Results, ratio: Ratio, shape: str) -> float:
 
 #: appended to a verdict that rests on the sequential medians (the ratio has no paired run)
 SEQUENTIAL_FLAG = " (sequential)"
+#: appended to a paired verdict without an interval: fewer than 6 rounds (a smoke run, e.g.
+#: PEFT_LAYERS_BENCH_ROUNDS_SCALE=0.2), so nothing says whether another run would flip it
+NO_CI_FLAG = " (no CI)"
 
 
 def verdict(target: float | str | None, measured: Measured, bound: float | None = None) -> str:
     """"PASS" or "MISS" against ``target`` ("" without a target), from the paired median, or from
-    the sequential medians when there is no paired run, then flagged " (sequential)"."""
+    the sequential medians when there is no paired run, then flagged " (sequential)"; a paired
+    verdict without an interval (too few rounds) is flagged " (no CI)"."""
     from_paired = measured.paired is not None
     value = measured.paired if from_paired else measured.sequential
     if target is None or value is None:
         return ""
-    source_flag = "" if from_paired else SEQUENTIAL_FLAG
+    if not from_paired:
+        source_flag = SEQUENTIAL_FLAG
+    else:
+        source_flag = "" if measured.ci else NO_CI_FLAG
     low, high = measured.ci if measured.ci else (value, value)
     if target == "noise":
         return ("PASS" if low <= (bound or 1.0 + NOISE_FLOOR) else "MISS") + source_flag
     ok = value <= target
-    ci_flag = " (CI)" if low <= target <= high else ""
+    ci_flag = " (CI)" if measured.ci and low <= target <= high else ""
     return ("PASS" if ok else "MISS") + ci_flag + source_flag
 
 
@@ -507,10 +514,13 @@ def verdict_summary(rows: list[dict[str, Any]], mem_rows: list[dict[str, Any]]) 
     misses = [r for r in rows if r["verdict"].startswith("MISS")] + [r for r in mem_rows if r["verdict"] == "MISS"]
     passes = [r for r in rows if r["verdict"].startswith("PASS")] + [r for r in mem_rows if r["verdict"] == "PASS"]
     sequential = [r for r in rows if r["verdict"].endswith(SEQUENTIAL_FLAG)]
+    without_ci = [r for r in rows if r["verdict"].endswith(NO_CI_FLAG)]
     missing = [r for r in mem_rows if r["verdict"] == MISSING]
     summary = f"Targets: {len(passes)} PASS, {len(misses)} MISS"
     if sequential:
         summary += f" ({len(sequential)} of these from sequential medians only: no paired run)"
+    if without_ci:
+        summary += f" ({len(without_ci)} of these from fewer than 6 paired rounds: no interval)"
     if missing:
         summary += f", {len(missing)} not measured (no (out, in)-sized allocation count: verdict \"{MISSING}\")"
     return (
