@@ -89,6 +89,14 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def plain_ops_only() -> bool:
+    """Whether the layers must compute with plain autograd ops rather than their fused autograd
+    functions: under a ``torch.func`` transform (:func:`functorch_active`), and while
+    ``torch.jit.trace`` records, which cannot record a custom backward (it failed with an
+    internal ``unordered_map::at`` error)."""
+    return functorch_active() or torch.jit.is_tracing()
+
+
 _optimizer_steps = 0
 
 

@@ -30,9 +30,9 @@ from .adapter import (
     autocast_enabled,
     autocast_off,
     class_path,
-    functorch_active,
     has_hooks,
     overrides_linear_forward,
+    plain_ops_only,
     version_key,
 )
 from .lora import (
@@ -481,7 +481,7 @@ class DoRALinear(LoRALinear):
     def _adapter_forward(self, x: Tensor) -> Tensor:
         if has_hooks(self.base_layer):
             self._warn_base_hooks_skipped()
-        plain = self._dropout_active() or functorch_active()
+        plain = self._dropout_active() or plain_ops_only()
         if not plain and torch.is_grad_enabled() and not self._base_weight_trainable():
             return _DoRAFunction.apply(  # A and B in their own dtype: it casts them
                 x, self.lora_A, self.lora_B, self.magnitude, self._bias_in(x.dtype), self.scaling,
@@ -581,6 +581,7 @@ class DoRALinear(LoRALinear):
         base_out = self._base_matmul(x)
         with torch.no_grad():  # n is detached: no gradient flows through the norm
             norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype))
+        norm = norm.detach()  # for torch.jit.trace too, which records ops but not no_grad blocks
         # the update and the gain in the dtype the adapter's gradients need (float32 over a
         # float16 computation, see lora._gradient_dtype); the caller casts the output back
         dtype = _gradient_dtype(x.dtype, self.lora_A)

@@ -31,11 +31,11 @@ from .adapter import (
     autocast_dtype,
     autocast_off,
     base_features,
-    functorch_active,
     global_forward_hooks,
     has_hooks,
     is_conv1d,
     overrides_linear_forward,
+    plain_ops_only,
     tracing,
 )
 
@@ -729,7 +729,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def _adapter_forward(self, x: Tensor) -> Tensor:
         """The adapted forward of a 2-D ``x``, computed in ``x``'s dtype."""
         x_drop = self.lora_dropout(x) if self._dropout_active() else None
-        if torch.is_grad_enabled() and not self._base_weight_trainable() and not functorch_active():
+        if torch.is_grad_enabled() and not self._base_weight_trainable() and not plain_ops_only():
             return _LoRAFunction.apply(  # A and B in their own dtype: it casts them
                 x, x_drop, self.lora_A, self.lora_B, self._bias_in(x.dtype), self.scaling,
                 self._weight_fn(x.dtype), self._refetch_key_fn(),
@@ -748,7 +748,7 @@ class LoRALinear(AdapterMixin, nn.Module):
         t = x_a @ lora_A.t()
         # out of place where a hook may hold ``out``, and under torch.func: vmap over the adapter
         # alone batches ``t B^T`` but not ``out``, which an in-place add cannot hold
-        if hooked or functorch_active():
+        if hooked or plain_ops_only():
             return torch.addmm(out, t, lora_B.t(), alpha=self.scaling)
         return out.addmm_(t, lora_B.t(), alpha=self.scaling)
 
@@ -756,8 +756,10 @@ class LoRALinear(AdapterMixin, nn.Module):
         """For a no-grad forward of the 2-D ``x``: a function giving ``W0`` in ``x``'s dtype when
         the base computes ``x W0^T + b`` from it (then the adapter's product can go first and the
         base GEMM accumulate into it), or None when the base multiplies otherwise (a quantized
-        base on one of bitsandbytes' kernels) or under torch.func's transforms."""
-        return None if functorch_active() else self._weight_fn(x.dtype)
+        base on one of bitsandbytes' kernels), or while the layers compute with plain ops
+        (:func:`~peft_layers.adapter.plain_ops_only`: a traced graph is then the same with and
+        without gradients)."""
+        return None if plain_ops_only() else self._weight_fn(x.dtype)
 
     def _runs_base_hooks(self) -> bool:
         """Whether the forward calls ``base_layer`` as a module, input shape and all, so that

@@ -810,7 +810,7 @@ class QuantizedLinear(nn.Module):
             bias = bias.to(dtype)
         if torch.is_grad_enabled() and (
             x2.requires_grad or (bias is not None and bias.requires_grad) or functorch_active()
-        ):
+        ) and not torch.jit.is_tracing():  # jit.trace cannot record a custom backward
             out = _QuantizedMatmul.apply(x2, bias, self)
         else:  # nothing to differentiate: skip the autograd function's bookkeeping
             out = self._matmul_2d(x2, bias)

@@ -127,6 +127,12 @@ def _code_on(quant_type: str, device: torch.device) -> Tensor:
         return four_bit_code(quant_type).to(device)
 
 
+# the CPU's copies made now, not on a first decode: torch.jit.trace would record that first call's
+# copy as ops and later calls' cached tensor as a constant, and its re-trace check then fails
+for _quant_type in _FOUR_BIT_TYPES:
+    _code_on(_quant_type, torch.device("cpu"))
+
+
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
     """The dynamic 8-bit quantization map of Dettmers (2016), as bitsandbytes builds it.
 
