@@ -130,3 +130,36 @@ def test_merging_a_4bit_model_warns_that_its_checkpoint_would_not_load(tmp_path:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # quantized by us, no transformers quantization config: no warning
         pl.merge_and_unload(plain)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_model_merged_in_full_saves_and_loads_as_a_float_model(bits: int, tmp_path: Path) -> None:
+    """Every quantized layer of a model transformers loaded in 4 or 8 bits merged back to float:
+    nothing quantized is left, so the model forgets its quantization (config, quantizer, flags),
+    without a warning, and ``save_pretrained`` writes a float checkpoint that ``from_pretrained``
+    loads with the merged model's logits. With the quantization kept, the reload built
+    bitsandbytes layers over the float weights and its forward failed."""
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quantization = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+                    if bits == 4 else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        )
+    model.train()  # bitsandbytes' CPU eval forward repacks 4-bit weights, which fails on these tiny shapes
+    pl.inject_adapters(model, "all-linear", method="qlora", rank=4)
+    set_adapters(model)
+    with torch.no_grad():
+        expected = model(IDS[:2]).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pl.merge_and_unload(model)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, f"is_loaded_in_{bits}bit", False)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").train()
+    assert all(type(m) is nn.Linear for m in reloaded.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS[:2]).logits, expected, rtol=1e-4, atol=1e-4)

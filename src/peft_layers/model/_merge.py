@@ -253,6 +253,10 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     (``model.to(dtype)``), as the merge casts only what it builds.
     A ``model`` that is itself an adapter layer or module to save raises ``ValueError`` (it has
     no parent to be replaced in): ``layer.to_linear()`` merges a single layer.
+    A model transformers loaded in 4 or 8 bits whose quantized layers are all merged becomes a
+    float model: its ``quantization_config`` and quantizer are cleared, as transformers'
+    ``dequantize()`` clears them, so ``save_pretrained`` writes a float checkpoint. Where some
+    stay quantized, it warns that such a mixed checkpoint does not load back.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -286,6 +290,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
+        if not any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in model.modules()):
+            _forget_quantization(model)  # nothing quantized is left: a float model, saved as one
+            return model
         _warn(
             f"merge_and_unload(): {dequantized} merged layer(s) are float now, inside a model that "
             "transformers loaded quantized (its config keeps quantization_config, its other layers "
@@ -294,6 +301,23 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             "'dora'), then merge_and_unload()",
         )
     return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Clear what transformers records of a 4- or 8-bit load (the config's
+    ``quantization_config``, ``hf_quantizer``, ``is_loaded_in_4bit``/``8bit``) on a model that
+    holds no quantized layer any more, as transformers' own ``dequantize()`` does: its
+    ``save_pretrained`` then writes a float checkpoint that ``from_pretrained`` loads. With the
+    record kept, it wrote a "quantized" one whose float weights failed to load."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    config = getattr(model, "config", None)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
 
 
 def _keeps_its_base(layer: LoRALinear) -> bool:
