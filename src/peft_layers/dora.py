@@ -321,8 +321,17 @@ class DoRALinear(LoRALinear):
     _norm_rides_with_input: bool = False
     _merges_sharded = False  # the merge reads whole rows of W0 + s B A
 
-    def __init__(self, in_features: int, out_features: int, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
-        super().__init__(in_features, out_features, epsilon=epsilon, **kwargs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        epsilon: float = 1e-8,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # device named in the signature: torch.nn.utils.skip_init looks for it there
+        super().__init__(in_features, out_features, epsilon=epsilon, device=device, **kwargs)
 
     def _init_adapter(self, base_layer: nn.Module, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
         _check_positive("epsilon", epsilon)

@@ -821,8 +821,17 @@ class LoRAPlusLinear(LoRALinear):
     ``peft_layers.loraplus_param_groups``.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, lr_ratio: float = 16.0, **kwargs: Any) -> None:
-        super().__init__(in_features, out_features, lr_ratio=lr_ratio, **kwargs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        lr_ratio: float = 16.0,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # device named in the signature: torch.nn.utils.skip_init looks for it there
+        super().__init__(in_features, out_features, lr_ratio=lr_ratio, device=device, **kwargs)
 
     def _init_adapter(self, base_layer: nn.Module, *, lr_ratio: float = 16.0, **kwargs: Any) -> None:
         _check_positive("lr_ratio", lr_ratio)

@@ -44,13 +44,15 @@ DEFAULT_ADAPTER = "default"
 
 
 class MultiLoRALinear(nn.Module):
-    r"""A frozen base layer with several LoRA adapters; each batch row uses one of them, or none.
+    r"""A base layer with several LoRA adapters; each batch row uses one of them, or none. The
+    adapters do not train; the base keeps its ``requires_grad`` (:func:`stack_adapters` leaves
+    the model's as they are: serving runs under ``torch.no_grad()``).
 
     .. math::
         y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top \quad\text{(row } b \text{ with adapter } k)
 
     Attributes:
-        base_layer: the frozen layer (``nn.Linear``, ``QuantizedLinear``, a bitsandbytes layer,
+        base_layer: the layer (``nn.Linear``, ``QuantizedLinear``, a bitsandbytes layer,
             a transformers ``Conv1D`` or a LoRA layer); any other module raises ``TypeError``.
         lora_A, lora_B: ``nn.ParameterDict`` of name -> ``(r, in)`` / ``(out, r)``, not trainable.
         scaling: name -> ``s`` (``alpha / r``, rsLoRA ``alpha / sqrt(r)``).
