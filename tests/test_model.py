@@ -16,7 +16,7 @@ from torch import nn
 import peft_layers as pl
 from peft_layers.model import iter_adapter_layers, method_of, pattern_key
 
-from models import tiny_model, tokens
+from models import bnb_linear4bit, tiny_model, tokens
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*ATTN, "up_proj", "down_proj")
@@ -1237,8 +1237,20 @@ def test_a_regex_written_as_a_string_gets_a_hint() -> None:
     with pytest.raises(ValueError, match=r"matches no module") as error:
         pl.inject_lora(tiny_model(), "nope_proj")
     assert "never a regex" not in str(error.value)
-    with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear or transformers Conv1D only"):
+    with pytest.raises(TypeError, match="'embed', an Embedding; method 'lora' wraps nn.Linear or transformers Conv1D only$"):
         pl.inject_lora(tiny_model(), "embed")
+
+
+@pytest.mark.parametrize(("method", "quantized"), [("lora", "qlora"), ("lora_plus", "qlora"), ("dora", "qdora")])
+def test_a_float_method_on_a_quantized_layer_names_the_quantized_one(method: str, quantized: str) -> None:
+    """A float method aimed at a bitsandbytes 4-bit layer (a model transformers loaded in 4 bits)
+    raises naming the method that wraps it; the model is left unchanged."""
+    pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(bnb_linear4bit(nn.Linear(64, 64)))
+    before = type(model[0])
+    with pytest.raises(TypeError, match=rf"a Linear4bit; method '{method}' wraps .* only: give it '{quantized}', which wraps quantized layers$"):
+        pl.inject_adapters(model, ["0"], method=method)
+    assert type(model[0]) is before
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -26,6 +26,7 @@ from ._methods import (
     ALL_LINEAR,
     BIAS_MODES,
     FLOAT_METHOD,
+    QUANTIZED_METHOD,
     TargetSpec,
     _LoadedQuantized,
     _accepts,
@@ -206,6 +207,8 @@ def inject_adapters(
                         f": give it {FLOAT_METHOD[method]!r}, or load the model in 4 or 8 bits with "
                         f"transformers, whose quantized layers {method!r} wraps"
                     )
+                elif method in QUANTIZED_METHOD and is_quantized_linear(module):
+                    way_out = f": give it {QUANTIZED_METHOD[method]!r}, which wraps quantized layers"
                 raise TypeError(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "
                     f"method {method!r} wraps {allowed} only{way_out}"
