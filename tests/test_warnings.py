@@ -54,7 +54,8 @@ def _merge_adapters_over_quantized_layers() -> None:
 def _merge_and_unload_of_a_model_loaded_quantized() -> None:
     from models import bnb_linear4bit
 
-    model = nn.Sequential(bnb_linear4bit(nn.Linear(64, 64)))  # as transformers loads it in 4 bits
+    # as transformers loads it in 4 bits; "1" stays quantized (merged in full, nothing would warn)
+    model = nn.Sequential(bnb_linear4bit(nn.Linear(64, 64)), bnb_linear4bit(nn.Linear(64, 64)))
     model.config = types.SimpleNamespace(quantization_config={"load_in_4bit": True})
     pl.inject_adapters(model, ["0"], method="qlora", rank=2)
     pl.merge_and_unload(model)
