@@ -837,7 +837,7 @@ class QuantizedLinear(nn.Module):
         """The dtype of dequantized weights and of the matmul: one of :data:`COMPUTE_DTYPES`.
         Settable (the stored codes do not change); another value raises ``ValueError``."""
         state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
-        return state.get("_compute_dtype", state.get("compute_dtype"))
+        return cast(torch.dtype, state.get("_compute_dtype", state.get("compute_dtype")))
 
     @compute_dtype.setter
     def compute_dtype(self, value: torch.dtype) -> None:
