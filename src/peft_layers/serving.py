@@ -46,7 +46,7 @@ DEFAULT_ADAPTER = "default"
 class MultiLoRALinear(nn.Module):
     r"""A base layer with several LoRA adapters; each batch row uses one of them, or none. The
     adapters do not train; the base keeps its ``requires_grad`` (:func:`stack_adapters` leaves
-    the model's as they are: serving runs under ``torch.no_grad()``).
+    the model's flags as they are).
 
     .. math::
         y_b = \mathrm{base}(x_b) + s_k\,(x_b A_k^\top) B_k^\top \quad\text{(row } b \text{ with adapter } k)
