@@ -340,7 +340,8 @@ class AdapterMixin:
         weight once, when it is stored, as Hugging Face PEFT's merge does. Rounding ``delta`` to
         the weight's dtype first, or DoRA's ``W'`` before its scaling, would round two or three
         times. Its float32 copy of ``W0`` takes less memory than the 16-bit copy and float32
-        ``B A`` that rounding route held: ``W0 += s B A`` then runs in place, in one GEMM."""
+        ``B A`` that rounding route held: ``W0 += s B A`` then runs in place, in one GEMM.
+        (LoRA's own override keeps a 16-bit dtype whose adapters share it: one ``addmm_``.)"""
         dtype = torch.promote_types(stored, torch.float32)
         for parameter in self.adapter_parameters():
             dtype = torch.promote_types(dtype, parameter.dtype)
@@ -406,7 +407,7 @@ class AdapterMixin:
         """Fold the adapter into the base weight in place; ``forward`` then costs one matmul.
 
         The merged weight is computed in float32 (or the adapter's dtype, if wider) and rounded
-        once to the base's dtype: a bf16 or float16 base holds ``W0 + delta`` correctly rounded.
+        once to the base's dtype: a bf16 or float16 base holds ``W0 + delta`` rounded once.
 
         Raises ``ValueError`` if the layer is already merged, its adapter is disabled, its base
         weight is computed (a parametrization), or the adapter holds NaN or inf.
@@ -536,8 +537,8 @@ class AdapterMixin:
         are both in ``dtype``, by default ``compute_dtype`` (the dtype the layer adds the bias in),
         so the result computes what the unmerged layer computes even when the base's bias has a
         dtype of its own (a quantized base keeps its bias apart from ``compute_dtype``). The merge
-        itself runs in float32 or wider (see :meth:`merge`) and is rounded to ``dtype`` once, so
-        a 16-bit result is ``W0 + delta`` correctly rounded. The layer itself is left unchanged.
+        itself runs in float32 or wider (see :meth:`merge`) and is rounded to ``dtype`` once. The
+        layer itself is left unchanged.
         """
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")

@@ -320,6 +320,7 @@ class DoRALinear(LoRALinear):
     #: pass over a base whose weight has to be decoded (quantized bases).
     _norm_rides_with_input: bool = False
     _merges_sharded = False  # the merge reads whole rows of W0 + s B A
+    _merge_is_one_addmm = False  # it also scales rows by m / ||W'||: in float32, then rounded once
 
     def __init__(
         self,
@@ -588,9 +589,12 @@ class DoRALinear(LoRALinear):
     def _dropout_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # y = x W0^T + b + (g - 1) (d W0^T) + g s (d A^T) B^T, with plain autograd
         base_out = self._base_matmul(x)
-        with torch.no_grad():  # n is detached: no gradient flows through the norm
-            norm = self._row_norm(lora_A, lora_B, self._weight_fn(x.dtype))
-        norm = norm.detach()  # for torch.jit.trace too, which records ops but not no_grad blocks
+        # n is detached: no gradient flows through the norm. torch.jit.trace records ops but not
+        # no_grad blocks, so the inputs are detached too (a 16-bit W0's norm uses out= products,
+        # which a graph with gradients cannot run) and so is the result
+        with torch.no_grad():
+            norm = self._row_norm(lora_A.detach(), lora_B.detach(), self._weight_fn(x.dtype))
+        norm = norm.detach()
         # the update and the gain in the dtype the adapter's gradients need (float32 over a
         # float16 computation, see lora._gradient_dtype); the caller casts the output back
         dtype = _gradient_dtype(x.dtype, self.lora_A)

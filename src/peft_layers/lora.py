@@ -654,6 +654,19 @@ class LoRALinear(AdapterMixin, nn.Module):
         """``s * B @ A``, shape (out_features, in_features), differentiable."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    #: whether the merge is the single ``W0 += s B A`` (DoRA's also scales rows)
+    _merge_is_one_addmm: bool = True
+
+    def _merge_dtype(self, stored: torch.dtype) -> torch.dtype:
+        # a dense base whose adapters share its dtype (a model cast whole, .half()): the merge is
+        # one addmm_, rounded once already; a float32 copy of W0 would double the memory for it
+        weight = cast(Tensor, self.base_layer.weight)
+        if self._merge_is_one_addmm and weight.dtype == stored and all(
+            parameter.dtype == stored for parameter in self.adapter_parameters()
+        ):
+            return stored
+        return super()._merge_dtype(stored)
+
     def _merge_weight_(self, weight: Tensor) -> None:
         self._add_lora_product_(weight, self.scaling)
 

@@ -207,7 +207,7 @@ def inject_adapters(
                         f": give it {FLOAT_METHOD[method]!r}, or load the model in 4 or 8 bits with "
                         f"transformers, whose quantized layers {method!r} wraps"
                     )
-                elif method in QUANTIZED_METHOD and is_quantized_linear(module):
+                elif method in QUANTIZED_METHOD and _accepts(module, QUANTIZED_METHOD[method]):
                     way_out = f": give it {QUANTIZED_METHOD[method]!r}, which wraps quantized layers"
                 raise TypeError(
                     f"targets: {_describe(part)} matches {name!r}, {article} {kind}; "

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._warnings import warn as _warn
-from ..adapter import is_conv1d, is_conv1d_class, is_sharded, overrides_linear_forward
+from ..adapter import is_conv1d, is_conv1d_class, is_sharded, is_transformers_subclass, overrides_linear_forward
 from ..lora import LoRALinear, is_bitsandbytes_module
 from ..modules_to_save import ModuleToSave
 from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
@@ -290,7 +290,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
-        if not any(is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in model.modules()):
+        if _records_bitsandbytes(model) and not any(
+            is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in model.modules()
+        ):
             _forget_quantization(model)  # nothing quantized is left: a float model, saved as one
             return model
         _warn(
@@ -301,6 +303,17 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
             "'dora'), then merge_and_unload()",
         )
     return model
+
+
+def _records_bitsandbytes(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model whose quantization record is bitsandbytes' (the
+    one ``_forget_quantization`` may clear: another method's, GPTQ's say, describes layers this
+    library never touches, and another kind of config may not let it go)."""
+    if not is_transformers_subclass(type(model), "PreTrainedModel"):
+        return False
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = record.get("quant_method") if isinstance(record, dict) else getattr(record, "quant_method", None)
+    return getattr(method, "value", method) == "bitsandbytes"
 
 
 def _forget_quantization(model: nn.Module) -> None:
