@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from reference import direct_row_norm, f64, materialised_weight
 from torch import nn
 
 import peft_layers as pl
@@ -25,10 +26,10 @@ def _set_adapters(layer: pl.LoRALinear, seed: int = 1) -> None:
 
 def _merged64(layer: pl.LoRALinear) -> torch.Tensor:
     """``W0 + s B A`` (DoRA: scaled to ``m / ||.||`` per row) in float64, from the layer's tensors."""
-    w0 = layer.base_layer.weight.detach().double()
-    merged = w0 + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    w0, a, b = f64(layer.base_layer.weight), f64(layer.lora_A), f64(layer.lora_B)
+    merged = materialised_weight(w0, a, b, layer.scaling)
     if isinstance(layer, pl.DoRALinear):
-        gain = layer.magnitude.double() / merged.norm(dim=1).clamp_min(layer.epsilon)
+        gain = f64(layer.magnitude) / direct_row_norm(w0, a, b, layer.scaling, layer.epsilon)
         merged = merged * gain[:, None]
     return merged
 

@@ -79,7 +79,7 @@ def tracing() -> bool:
     """Whether ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces, or a
     ``torch.func`` transform runs: no cache may be read or filled then (a traced graph must not
     bake one in, and fake or wrapped tensors have no storage or version counter)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active()
+    return torch.compiler.is_compiling() or plain_ops_only()
 
 
 def functorch_active() -> bool:

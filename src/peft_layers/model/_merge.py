@@ -17,6 +17,7 @@ from ..lora import LoRALinear, is_bitsandbytes_module
 from ..modules_to_save import ModuleToSave
 from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
 from ..quant import QuantizedLinear
+from ._methods import is_quantized_linear
 from ._state import _is_packed_4bit
 from ._tree import (
     _adapter_layers_or_raise,
@@ -290,9 +291,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     dequantized = sum(isinstance(layer.base_layer, QuantizedLinear) for _, layer in layers)
     config = getattr(model, "config", None)
     if dequantized and getattr(config, "quantization_config", None) is not None:
-        if _records_bitsandbytes(model) and not any(
-            is_bitsandbytes_module(m) or isinstance(m, QuantizedLinear) for m in model.modules()
-        ):
+        if _records_bitsandbytes(model) and not any(is_quantized_linear(m) for m in model.modules()):
             _forget_quantization(model)  # nothing quantized is left: a float model, saved as one
             return model
         _warn(
