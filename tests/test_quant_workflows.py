@@ -151,3 +151,24 @@ def test_qlora_files_served_per_row_over_a_4bit_base_equal_hugging_face_peft(tmp
                 expected = theirs(x[row:row + 1])
             torch.testing.assert_close(out[row:row + 1], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[0], out[2], atol=1e-2)  # the adapters really differ
+
+
+def test_inject_gives_a_bnb_layer_naming_no_dtype_the_models_dtype() -> None:
+    """A bias-less ``Linear8bitLt`` names no compute dtype: ``inject_adapters`` gives it the dtype
+    of most of the model's float parameters (bfloat16 here, from the embedding); a biased one keeps
+    its bias's dtype, and a model with no float parameter falls back to float32. The bfloat16
+    layer's output matches float64 on the decoded weight to bfloat16's precision."""
+    torch.manual_seed(3)
+    bias_less = bnb_linear8bit(nn.Linear(64, 32, bias=False))
+    biased = bnb_linear8bit(nn.Linear(32, 16).half())
+    model = nn.Sequential(nn.Embedding(10, 64).to(torch.bfloat16), bias_less, biased)
+    pl.inject_adapters(model, ["1", "2"], method="qlora", rank=4)
+    assert (model[1].compute_dtype, model[2].compute_dtype) == (torch.bfloat16, torch.float16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model[1](x)
+    reference = x.double() @ model[1].base_layer.dequantize(torch.float64).T
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference, rtol=2e-2, atol=2e-2)
+    alone = pl.inject_adapters(nn.Sequential(bnb_linear8bit(nn.Linear(64, 32, bias=False))), ["0"], method="qlora")
+    assert alone[0].compute_dtype == torch.float32

@@ -163,3 +163,47 @@ def test_a_quantized_model_merged_in_full_saves_and_loads_as_a_float_model(bits:
     assert all(type(m) is nn.Linear for m in reloaded.modules() if isinstance(m, nn.Linear))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS[:2]).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_less_8bit_model_computes_in_the_dtype_it_was_loaded_in(tmp_path: Path) -> None:
+    """Llama's ``Linear8bitLt`` layers name no compute dtype and have no bias to take one from:
+    the QLoRA layers compute in the dtype the model was loaded in (bfloat16 here; float32 after
+    ``prepare_for_kbit_training``), as a biased model's do through their bias, and as
+    bitsandbytes computes in its bfloat16 inputs' dtype. Before, they fell back to float32. An
+    explicit ``compute_dtype`` wins, and ``load_adapter`` rebuilds the layers the same way. The
+    output matches float64 on the decoded weight, to bfloat16's precision."""
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def load() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.LlamaForCausalLM.from_pretrained(
+                tmp_path / "base", quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+                device_map="cpu", dtype=torch.bfloat16,
+            )
+
+    def compute_dtypes(model: nn.Module) -> set[torch.dtype]:
+        return {m.compute_dtype for m in model.modules() if isinstance(m, pl.LoRALinear)}
+
+    model = pl.inject_adapters(load(), "all-linear", method="qlora", rank=4)
+    assert compute_dtypes(model) == {torch.bfloat16}
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    F64 = torch.float64
+    update = layer.scaling * (x.to(F64) @ layer.lora_A.to(F64).T) @ layer.lora_B.to(F64).T
+    reference = x.to(F64) @ layer.base_layer.dequantize(F64).T + update
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.to(F64), reference, rtol=2e-2, atol=2e-2)
+    pl.save_adapter(model, tmp_path / "adapter")
+    assert compute_dtypes(pl.load_adapter(load(), tmp_path / "adapter")) == {torch.bfloat16}
+
+    assert compute_dtypes(pl.inject_adapters(load(), "all-linear", method="qlora", compute_dtype=torch.float16)) == {
+        torch.float16
+    }
+    prepared = pl.inject_adapters(pl.prepare_for_kbit_training(load()), "all-linear", method="qdora", rank=4)
+    assert compute_dtypes(prepared) == {torch.float32}

@@ -19,9 +19,11 @@ from ..adapter import is_conv1d
 from ..lora import (
     LoRALinear,
     _layer_arguments,
+    is_bitsandbytes_module,
     ranks_above_features_allowed,
 )
 from ..modules_to_save import ModuleToSave
+from ..quant.linear import COMPUTE_DTYPES
 from ._methods import (
     ALL_LINEAR,
     BIAS_MODES,
@@ -36,6 +38,7 @@ from ._methods import (
     is_quantized_linear,
     method_class,
 )
+from ._state import _prevailing_float_dtype
 from ._tree import (
     _AllLinear,
     _check_pattern,
@@ -105,7 +108,9 @@ def inject_adapters(
         **layer_kwargs: passed to the layer's ``from_linear``: ``rank``, ``alpha``, ``dropout``,
             ``use_rslora``, ``init`` for every method, plus ``lr_ratio`` ("lora_plus"),
             ``epsilon`` ("dora", "qdora"), ``quant``, ``blocksize``, ``double_quant``,
-            ``compute_dtype`` ("qlora", "qdora").
+            ``compute_dtype`` ("qlora", "qdora"). Without ``compute_dtype``, a bitsandbytes layer
+            that implies none (no compute dtype of its own and no bias, as a bias-less
+            ``Linear8bitLt``) computes in the dtype of most of the model's float parameters.
 
     A module reachable under several names is wrapped once, and that one adapter layer is put
     under every name. Each new layer takes the training mode of the module it replaces (in an
@@ -260,6 +265,12 @@ def inject_adapters(
     if floats:
         _warn_tied(model, [(all_names[id(module)], module) for module in floats], pissa=pissa)
     _warn_tied_saved(model, [(all_names[id(module)], module) for module in saved])
+    # a bitsandbytes layer with neither a compute dtype nor a bias tells nothing of the dtype the
+    # model was loaded in (every Linear8bitLt of a bias-less model such as Llama): it takes the
+    # model's, as its biased neighbours do through their bias (see QuantizedLinear.from_bnb)
+    loaded_in = None
+    if "compute_dtype" not in layer_kwargs and any(map(_names_no_compute_dtype, wrapped)):
+        loaded_in = _prevailing_float_dtype(model)
     with _undo_on_error(model, [*wrapped, *saved], values=pissa):
         # every new layer is built before the first is installed
         replacements: list[tuple[list[str], LoRALinear]] = []
@@ -274,6 +285,8 @@ def inject_adapters(
             pattern = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
             if pattern is not None:
                 kwargs["alpha"] = alpha_pattern[pattern]
+            if loaded_in in COMPUTE_DTYPES and _names_no_compute_dtype(modules[first]):
+                kwargs["compute_dtype"] = loaded_in
             layer_cls = cls
             if chosen[module_id] != method:  # a float layer under a quantized method: no quant arguments
                 layer_cls = method_class(chosen[module_id])
@@ -292,6 +305,12 @@ def inject_adapters(
                 _set_module(model, name, new)
         _freeze_all_but_adapters(model, bias)
     return model
+
+
+def _names_no_compute_dtype(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes layer that implies no compute dtype: it names none
+    (every ``Linear8bitLt``; a ``Linear4bit`` built by hand) and has no bias to take it from."""
+    return is_bitsandbytes_module(module) and getattr(module, "compute_dtype", None) is None and module.bias is None
 
 
 def _refuse_nested_targets(modules: dict[str, nn.Module], chosen: Mapping[int, str], all_names: dict[int, list[str]]) -> None:

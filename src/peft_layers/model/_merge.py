@@ -18,7 +18,7 @@ from ..modules_to_save import ModuleToSave
 from ..qlora import REQUANTIZE_CONSEQUENCE, UNMERGE_REQUANTIZE_CONSEQUENCE, QLoRALinear
 from ..quant import QuantizedLinear
 from ._methods import is_quantized_linear
-from ._state import _is_packed_4bit
+from ._state import _prevailing_float_dtype
 from ._tree import (
     _adapter_layers_or_raise,
     _module_names,
@@ -272,7 +272,7 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
 
     _refuse_sharded_layers(layers, "merge_and_unload()")
     _refuse_root(model, "merge_and_unload()")
-    neighbours = _surrounding_dtype(model, layers)
+    neighbours = _prevailing_float_dtype(model, {id(p) for _, layer in layers for p in layer.parameters()})
 
     def build(layer: LoRALinear) -> nn.Module | _WithNewParameters:
         quantized = isinstance(layer.base_layer, QuantizedLinear)
@@ -417,17 +417,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for _, block in blocks:
             stack.enter_context(block.disable_adapter())
         yield model
-
-
-def _surrounding_dtype(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> torch.dtype | None:
-    """The dtype of most float values among ``model``'s parameters outside ``layers`` (packed
-    4-bit storage aside), or None when there are none."""
-    inside = {id(p) for _, layer in layers for p in layer.parameters()}
-    values: dict[torch.dtype, int] = {}
-    for parameter in model.parameters():
-        if parameter.is_floating_point() and id(parameter) not in inside and not _is_packed_4bit(parameter):
-            values[parameter.dtype] = values.get(parameter.dtype, 0) + parameter.numel()
-    return max(values, key=values.__getitem__) if values else None
 
 
 def unload(model: nn.Module) -> nn.Module:

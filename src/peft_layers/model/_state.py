@@ -1,9 +1,10 @@
 """Counting trainable parameters (and telling bitsandbytes' packed 4-bit storage, ``_is_packed_4bit``,
-which ``_merge`` and ``_kbit`` also ask); the adapter tensors of a model as a state dict."""
+which ``_merge`` and ``_kbit`` also ask, and a model's prevailing float dtype, which ``_merge`` and
+``_inject`` ask); the adapter tensors of a model as a state dict."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,18 @@ def _is_packed_4bit(parameter: Tensor) -> bool:
     """A bitsandbytes ``Params4bit``: packed 4-bit codes, whatever its storage dtype (by class
     name, so that bitsandbytes need not be imported)."""
     return type(parameter).__name__ == "Params4bit"
+
+
+def _prevailing_float_dtype(model: nn.Module, skip: Set[int] = frozenset()) -> torch.dtype | None:
+    """The dtype that holds most float values among ``model``'s parameters, the parameters whose
+    ids are in ``skip`` and bitsandbytes' packed 4-bit storage aside; None when there are none.
+    For a model transformers loaded in 4 or 8 bits it is the dtype it was loaded in (float32
+    after :func:`prepare_for_kbit_training`)."""
+    values: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in skip and not _is_packed_4bit(parameter):
+            values[parameter.dtype] = values.get(parameter.dtype, 0) + parameter.numel()
+    return max(values, key=values.__getitem__) if values else None
 
 
 def _value_count(module: nn.Module, name: str, parameter: Tensor) -> int:

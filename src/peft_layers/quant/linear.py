@@ -313,7 +313,8 @@ class QuantizedLinear(nn.Module):
         The packed codes and quantization statistics are taken over as they are (the tensors are
         shared, not copied). ``compute_dtype`` defaults to the module's ``compute_dtype`` (4-bit)
         if set, else the dtype of its bias (what transformers loaded the model in: bitsandbytes
-        computes in the input's dtype), else float32.
+        computes in the input's dtype), else float32 (``inject_adapters`` gives such a module the
+        model's dtype instead).
 
         bitsandbytes >= 0.48 repacks a 4-bit weight in place into a CPU-only layout on the first
         eval-mode forward on an AVX512-BF16 CPU (``quant_state.packing_format_for_cpu``), with
