@@ -744,3 +744,27 @@ def test_disable_adapters_refuses_an_unmergeable_dora_layer_before_touching_any_
         with pl.disable_adapters(model):
             pass
     assert lora.merged and torch.equal(lora.weight, before)
+
+
+def test_merged_is_read_only() -> None:
+    """``layer.merged`` says whether ``W0`` holds the update; set by hand it would disagree with
+    the weight (``merged = False`` on a merged layer added ``s B A`` a second time in forward, and
+    a second ``merge()`` wrote ``W0 + 2 s B A``). Assigning it raises, naming the calls that
+    change it, and the layer still computes the float64 reference afterwards."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 12).double()
+    layer = pl.LoRALinear.from_linear(linear, rank=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    reference = linear(x) + layer.scaling * (x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    w0 = linear.weight.detach().clone()
+    layer.eval().merge()
+    with pytest.raises(AttributeError, match=r"merged: read-only \(got False\); merge\(\) and unmerge\(\)"):
+        layer.merged = False
+    assert layer.merged
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference.detach(), rtol=0, atol=1e-12)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight.detach(), w0, rtol=0, atol=1e-14)

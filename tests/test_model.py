@@ -830,6 +830,51 @@ def test_adapter_state_dict_round_trip() -> None:
         torch.testing.assert_close(target(batch), source(batch), rtol=0, atol=0)
 
 
+def test_adapter_state_dict_keeps_the_biases_that_train(tmp_path) -> None:
+    """A bias that ``bias=`` trains belongs to the adapter, as in ``save_adapter``'s file and
+    Hugging Face PEFT's ``get_peft_model_state_dict``: ``adapter_state_dict`` gives it under its
+    ``model.state_dict()`` key, so the round trip through ``load_adapter_state_dict`` (the
+    documented way to keep a LoRA-beside-DoRA model, and the FSDP2 recipe) rebuilds the trained
+    model exactly. Before, the biases were dropped (outputs off by about 6) and refused when
+    added by hand. ``read_adapter(...).state_dict()`` names them as well, and combining a
+    state dict with a bias names the key."""
+
+    def build() -> nn.Module:
+        model = tiny_model().double()
+        pl.inject_adapters(model, "q_proj", bias="all")
+        return pl.inject_adapters(model, "v_proj", method="dora", bias="all")
+
+    torch.manual_seed(0)
+    trained = build()
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            if parameter.requires_grad:  # adapters and every bias, as training moves them
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    state = pl.adapter_state_dict(trained)
+    biases = {k for k, p in trained.named_parameters() if k.endswith("bias") and p.requires_grad}
+    assert biases and biases <= set(state)
+    assert "layers.0.attn.q_proj.base_layer.bias" in state
+    full = trained.state_dict()
+    assert all(torch.equal(full[k], v) for k, v in state.items())
+    fresh = build()
+    pl.load_adapter_state_dict(fresh, state)
+    batch = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch), trained(batch), rtol=0, atol=0)
+
+    lora = pl.inject_lora(tiny_model(), list(ATTN), bias="adapter_only", rank=2)
+    randomize_adapters(lora)
+    with torch.no_grad():
+        lora.layers[0].attn.q_proj.bias.add_(1.0)
+    pl.save_adapter(lora, tmp_path)
+    expected = pl.adapter_state_dict(lora)
+    from_file = pl.io.read_adapter(tmp_path).state_dict()
+    assert from_file.keys() == expected.keys()
+    assert all(torch.equal(from_file[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match=r"'layers.0.attn.q_proj.base_layer.bias' is a trained bias"):
+        pl.compose.combine_adapters([expected, expected], [0.5, 0.5])
+
+
 def test_load_adapter_state_dict_mismatch_changes_nothing() -> None:
     model = pl.inject_lora(tiny_model(), list(ATTN), rank=4)
     good = {k: torch.randn_like(v) for k, v in pl.adapter_state_dict(model).items()}

@@ -277,8 +277,22 @@ class AdapterMixin:
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self.merged = False
+        self._merged = False
         self._adapter_enabled = True
+
+    @property
+    def merged(self) -> bool:
+        """Whether the update is folded into the base weight (``W0 + delta`` stored there).
+        Read-only: :meth:`merge` and :meth:`unmerge` change it with the weight."""
+        state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
+        return bool(state.get("_merged", state.get("merged", False)))
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        # a flag set by hand would disagree with the weight: the update applied twice, or not at all
+        raise AttributeError(
+            f"merged: read-only (got {value!r}); merge() and unmerge() change the base weight and set it"
+        )
 
     # ---- pass-through to the base layer -------------------------------------------------
     @property
@@ -430,7 +444,7 @@ class AdapterMixin:
             weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._merge_weight_(weight)
             self._write_base_weight(weight)
-        self.merged = True
+        self._merged = True
 
     def unmerge(self) -> None:
         """Take the adapter back out of the base weight (exact up to float rounding).
@@ -445,7 +459,7 @@ class AdapterMixin:
             weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._unmerge_weight_(weight)
             self._write_base_weight(weight)
-        self.merged = False
+        self._merged = False
 
     def _warn_if_base_forward_is_its_own(self, call: str) -> None:
         # the merge writes W0 + delta into the weight; the subclass's forward need not apply it as

@@ -305,6 +305,11 @@ def lora_factors(
                 "replaces the model's own and cannot be combined or stacked; leave it out, or "
                 "load_adapter_state_dict() the adapter alone"
             )
+        if name == "bias":
+            raise ValueError(
+                f"{where}: {key!r} is a trained bias (bias='adapter_only' or 'all'), which is not part of "
+                "the low-rank update and cannot be combined or stacked; leave it out"
+            )
         if name not in ("lora_A", "lora_B"):
             raise ValueError(
                 f"{where}: unexpected key {key!r}; expected '<module>.lora_A' and '<module>.lora_B' "

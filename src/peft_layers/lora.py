@@ -586,7 +586,7 @@ class LoRALinear(AdapterMixin, nn.Module):
     def _set_scaling_setting(self, name: str, value: Any) -> None:
         state = self.__dict__
         current = state.get("_" + name, state.get(name))
-        if current is not None and value != current and state.get("merged", False):
+        if current is not None and value != current and self.merged:
             raise ValueError(
                 f"{name}: this {type(self).__name__} is merged with the scaling of its current {name}, "
                 "which unmerge() takes back out of W0; unmerge() before changing it"

@@ -124,8 +124,9 @@ class AdapterFile:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The adapter tensors under the keys of ``adapter_state_dict(model)``
-        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``, and
-        ``"<path>.trained.<key>"`` for a module to save)."""
+        (``"<path>.lora_A"``, ``"<path>.lora_B"``, ``"<path>.magnitude"``,
+        ``"<path>.trained.<key>"`` for a module to save, and the trained biases:
+        ``"<path>.base_layer.bias"`` in an adapter layer, ``"<path>.bias"`` elsewhere)."""
         state: dict[str, Tensor] = {}
         for path, module in self.modules.items():
             prefix = f"{path}." if path else ""
@@ -133,9 +134,13 @@ class AdapterFile:
             state[prefix + "lora_B"] = module.lora_B
             if module.magnitude is not None:
                 state[prefix + "magnitude"] = module.magnitude
+            if module.bias is not None:
+                state[prefix + "base_layer.bias"] = module.bias
         for path, saved in self.saved_modules.items():
             for key, tensor in saved.items():
                 state[f"{path}.trained.{key}"] = tensor
+        for path, bias in self.other_biases.items():
+            state[f"{path}.bias" if path else "bias"] = bias
         return state
 
     def scaling(self, path: str) -> float:

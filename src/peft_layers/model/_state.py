@@ -86,8 +86,11 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # ---- adapter state dict ----------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter entries of ``model.state_dict()``: ``"<path>.lora_A"``, ``"<path>.lora_B"``,
-    and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; and
-    the state of each module to save's trained copy (``"<path>.trained.weight"``, ...). Paths
+    and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; the
+    state of each module to save's trained copy (``"<path>.trained.weight"``, ...); and every
+    bias that trains (``requires_grad``: those ``bias="adapter_only"`` or ``"all"`` unfroze,
+    ``"<path>.base_layer.bias"`` in an adapter layer), which belongs to the adapter as it does
+    in :func:`save_adapter`'s file and Hugging Face PEFT's ``get_peft_model_state_dict``. Paths
     are those of the model inside ``torch.compile``'s and data-parallel wrappers
     (:func:`unwrapped`). Every key is a key of ``model.state_dict()``, so a model that is itself
     an adapter layer or module to save gives its own keys, unprefixed (``"lora_A"``,
@@ -104,6 +107,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         prefix = f"{name}." if name else ""
         for key, tensor in saved.trained.state_dict(prefix=f"{prefix}trained.").items():
             state[key] = tensor
+    for key, parameter in model.named_parameters():
+        if parameter.requires_grad and (key == "bias" or key.endswith(".bias")):
+            state.setdefault(key, parameter.detach())  # a trained copy's bias is in already
     return state
 
 
