@@ -1,10 +1,18 @@
-"""What a device can compute in."""
+"""What a device can compute in, and the float dtypes a layer can hold."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+
+#: the float dtypes a layer can hold and compute in (float8 dtypes have no matmul nor promotion)
+LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def is_layer_dtype(value: object) -> bool:
+    """Whether ``value`` is one of :data:`LAYER_DTYPES`."""
+    return isinstance(value, torch.dtype) and value in LAYER_DTYPES
 
 
 def widest_float(device: torch.device) -> torch.dtype:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._devices import LAYER_DTYPES, is_layer_dtype
 from ._warnings import warn as _warn
 
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
@@ -103,6 +104,12 @@ _optimizer_steps = 0
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
+
+
+def optimizer_steps() -> int:
+    """How many ``torch.optim`` optimizer steps this process has run (any optimizer, any
+    parameters): a cache key part that changes whenever any optimizer may have written."""
+    return _optimizer_steps
 
 
 # PyTorch's fused optimizers (fused=True: AdamW, SGD, ...) update parameters in place without
@@ -443,8 +450,26 @@ class AdapterMixin:
         with torch.no_grad():
             weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._merge_weight_(weight)
+            self._refuse_out_of_range(weight)
             self._write_base_weight(weight)
         self._merged = True
+
+    def _refuse_out_of_range(self, merged: Tensor) -> None:
+        """Raise ``ValueError`` if the merged weight (not yet written) holds NaN, inf or values
+        beyond the stored dtype's range: finite adapters can still overflow ``W0 + delta`` (a
+        float16 base past 65504), which the base would keep for good. One device sync."""
+        local = cast(Any, merged).to_local() if is_sharded(merged) else merged  # each rank checks its shard
+        if local.is_meta or local.numel() == 0:
+            return
+        stored = self.compute_dtype
+        limit = torch.finfo(stored).max
+        low, high = torch.aminmax(local)
+        if not (bool(low >= -limit) and bool(high <= limit)):  # NaN fails both comparisons
+            raise ValueError(
+                f"merge(): W0 + delta of this {type(self).__name__} holds values from {low.item():g} to "
+                f"{high.item():g}, beyond {stored}'s finite range (+-{limit:g}) or NaN; merging would "
+                "write them into the base weight, which unmerge() could not take back"
+            )
 
     def unmerge(self) -> None:
         """Take the adapter back out of the base weight (exact up to float rounding).
@@ -554,8 +579,8 @@ class AdapterMixin:
         itself runs in float32 or wider (see :meth:`merge`) and is rounded to ``dtype`` once. The
         layer itself is left unchanged.
         """
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if dtype is not None and not is_layer_dtype(dtype):
+            raise ValueError(f"dtype: expected None or one of {LAYER_DTYPES}, got {dtype!r}")
         self._check_not_sharded("to_linear()", "the new nn.Linear would hold shards outside fully_shard()")
         self._warn_if_base_forward_is_its_own("to_linear()")
         dtype = dtype or self.compute_dtype

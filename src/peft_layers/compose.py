@@ -159,7 +159,7 @@ def _combine_checked(
             c = weight * scaling
             lora_A.add_(a.to(device, dtype), alpha=math.copysign(math.sqrt(abs(c)), c))
             lora_B.add_(b.to(device, dtype), alpha=math.sqrt(abs(c)))
-        return lora_A, lora_B
+        return _refuse_overflow((lora_A, lora_B), weights, where)
 
     # "cat" and "svd" both start from the concatenated factors: B_cat A_cat = sum_i w_i s_i B_i A_i
     # float64 costs little on these (dim, R) matrices and keeps the SVD of near-equal singular
@@ -167,6 +167,7 @@ def _combine_checked(
     work = dtype if method == "cat" else widest_float(device)
     lora_A = torch.cat([a.to(device, work) * (w * s) for (a, _, s), w in zip(factors, weights)])
     lora_B = torch.cat([b.to(device, work) for _, b, _ in factors], dim=1)
+    _refuse_overflow((lora_A, lora_B), weights, where)  # before the SVD, which would raise a LinAlgError
     if method == "cat":
         return lora_A, lora_B
 
@@ -192,7 +193,18 @@ def _combine_checked(
     # U_k diag(S_k) and V_k^T of the update; components past the update's rank stay zero
     new_B[:, :kept] = q_B @ (u[:, :kept] * singular[:kept])
     new_A[:kept] = vh[:kept] @ q_A.t()
-    return new_A.to(dtype), new_B.to(dtype)
+    return _refuse_overflow((new_A.to(dtype), new_B.to(dtype)), weights, where)
+
+
+def _refuse_overflow(pair: tuple[Tensor, Tensor], weights: list[float], where: str) -> tuple[Tensor, Tensor]:
+    """``pair``, or ``ValueError`` naming ``weights`` if finite weights (and scalings) took the
+    combined factors past their dtype's range: the factors were checked finite before."""
+    if any(holds_non_finite(tensor) for tensor in pair):
+        raise ValueError(
+            f"{where}: weights {weights} scale the factors past {pair[0].dtype}'s range (the combined "
+            "factors hold inf); expected weights whose products with the scalings stay finite"
+        )
+    return pair
 
 
 def combine(

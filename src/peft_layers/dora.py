@@ -17,7 +17,7 @@ in which ``||W0||^2`` per row is cached (and refreshed whenever the base weight 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from .adapter import (
     autocast_off,
     class_path,
     has_hooks,
+    optimizer_steps,
     overrides_linear_forward,
     plain_ops_only,
     version_key,
@@ -335,8 +336,7 @@ class DoRALinear(LoRALinear):
         super().__init__(in_features, out_features, epsilon=epsilon, device=device, **kwargs)
 
     def _init_adapter(self, base_layer: nn.Module, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
-        _check_positive("epsilon", epsilon)
-        self.epsilon = float(epsilon)
+        self.epsilon = epsilon
         self._base_row_norm_sq: Tensor | None = None
         self._base_row_norm_key: tuple | None = None
         self._merge_gain: Tensor | None = None
@@ -364,6 +364,18 @@ class DoRALinear(LoRALinear):
         super().reset_adapter_parameters()
         with torch.no_grad():
             self.magnitude.copy_(self.weight_norm())
+
+    @property
+    def epsilon(self) -> float:
+        """The floor of the weight norm, ``n = max(||W'||, epsilon)``: a finite number > 0,
+        checked when set."""
+        state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
+        return cast(float, state.get("_epsilon", state.get("epsilon")))
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        _check_positive("epsilon", value)
+        self._epsilon = float(value)
 
     # ---- the norm -------------------------------------------------------------------------
     def base_row_norm_sq(self) -> Tensor:
@@ -417,6 +429,7 @@ class DoRALinear(LoRALinear):
     def _merged_values_replaced(self) -> None:
         # the per-row gain m / ||W'|| of a merge is in no state dict (it needs W', which the merged
         # weight no longer holds): a merged layer that loaded other values cannot be unmerged
+        super()._merged_values_replaced()
         self._merge_gain = None
         self._merge_zero_rows = None
 
@@ -483,7 +496,7 @@ class DoRALinear(LoRALinear):
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows
             weight[rows] = saved.to(weight.dtype)  # the layer may have been cast since the merge
-        self._add_lora_product_(weight, -self.scaling)
+        self._add_lora_product_(weight, -self.scaling, self._merged_factors)
         self._merge_gain = None
         self._merge_zero_rows = None
 
@@ -517,15 +530,19 @@ class DoRALinear(LoRALinear):
 
     def _inference_gain_key(self, dtype: torch.dtype) -> tuple | None:
         """What the no-grad gain ``m / n`` in ``dtype`` depends on: the base, A, B and m (their
-        :func:`~peft_layers.adapter.version_key`), s and epsilon; None when one of them has no
-        key (an inference tensor, tracing)."""
+        :func:`~peft_layers.adapter.version_key`), s, epsilon, and the process's optimizer step
+        count; None when one of them has no key (an inference tensor, tracing)."""
         parts = (
             self._base_weight_key(),
             version_key(self.lora_A), version_key(self.lora_B), version_key(self.magnitude),
         )
         if any(part is None for part in parts):
             return None
-        return (*parts, self.scaling, self.epsilon, dtype)
+        # version_key counts optimizer steps only while a tensor requires grad, and a fused
+        # optimizer writes without bumping the version: a gain cached while the adapter was
+        # frozen came back after unfreezing, fused steps and freezing again. Training forwards
+        # never read this cache, so the count costs one recomputation per step at most.
+        return (*parts, optimizer_steps(), self.scaling, self.epsilon, dtype)
 
     def _inference_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
         # Without grad, A, B and m only change between calls through an optimizer step or a load,

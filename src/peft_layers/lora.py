@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _row_blocks
+from ._devices import LAYER_DTYPES, is_layer_dtype
 from ._row_blocks import RowBlocks
 from ._warnings import warn as _warn
 from .adapter import (
@@ -161,8 +162,8 @@ _CONSTRUCTED_BASE = ("in_features", "out_features", "bias", "device", "dtype")
 def _check_float_dtype(dtype: Any) -> None:
     """``dtype`` of a constructed base: None or a real floating dtype (``nn.Linear`` also builds
     complex layers, whose imaginary part a real input would drop)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected None or a floating torch.dtype (float32, bfloat16, ...), got {dtype!r}")
+    if dtype is not None and not is_layer_dtype(dtype):
+        raise TypeError(f"dtype: expected None or one of {LAYER_DTYPES}, got {dtype!r}")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -656,6 +657,22 @@ class LoRALinear(AdapterMixin, nn.Module):
 
     #: whether the merge is the single ``W0 += s B A`` (DoRA's also scales rows)
     _merge_is_one_addmm: bool = True
+    #: copies of ``(A, B)`` as merged, while merged (a class default for layers pickled before it)
+    _merged_factors: tuple[Tensor, Tensor] | None = None
+
+    def merge(self) -> None:
+        """Fold the update into the base weight (see :meth:`AdapterMixin.merge`). The layer keeps
+        copies of ``A`` and ``B`` as merged (``rank * (in + out)`` values) until :meth:`unmerge`,
+        which takes out exactly what went in even if they moved since (an optimizer step with
+        zeroed gradients still moves them through momentum and weight decay)."""
+        super().merge()
+        self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone())
+
+    def unmerge(self) -> None:
+        """Take the merged update back out of the base weight (see :meth:`AdapterMixin.unmerge`),
+        with ``A`` and ``B`` as they were merged."""
+        super().unmerge()
+        self._merged_factors = None
 
     def _merge_dtype(self, stored: torch.dtype) -> torch.dtype:
         # a dense base whose adapters share its dtype (a model cast whole, .half()): the merge is
@@ -671,13 +688,15 @@ class LoRALinear(AdapterMixin, nn.Module):
         self._add_lora_product_(weight, self.scaling)
 
     def _unmerge_weight_(self, weight: Tensor) -> None:
-        self._add_lora_product_(weight, -self.scaling)
+        self._add_lora_product_(weight, -self.scaling, self._merged_factors)
 
-    def _add_lora_product_(self, weight: Tensor, factor: float) -> None:
+    def _add_lora_product_(self, weight: Tensor, factor: float, factors: tuple[Tensor, Tensor] | None = None) -> None:
         """``weight += factor * B @ A`` in place, the product in the wider of the two precisions
-        (float32 adapters over a bf16 base, or a float32 dequantized base under bf16 adapters)."""
-        dtype = torch.promote_types(weight.dtype, self.lora_A.dtype)
-        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        (float32 adapters over a bf16 base, or a float32 dequantized base under bf16 adapters);
+        ``factors`` is ``(A, B)`` to use instead of the layer's own."""
+        lora_A, lora_B = factors or (self.lora_A, self.lora_B)
+        dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         if weight.dtype == dtype:
             weight.addmm_(lora_B, lora_A, alpha=factor)
         else:  # W + f B A computed in dtype and rounded once (merges pass a wide W: _merge_dtype)
@@ -816,7 +835,22 @@ class LoRALinear(AdapterMixin, nn.Module):
             )
 
     def _merged_values_replaced(self) -> None:
-        """Called after a merged layer loaded other values (DoRA forgets its merge gain)."""
+        """Called after a merged layer loaded other values: the loaded ``A`` and ``B`` are taken
+        as the merged ones (DoRA also forgets its merge gain)."""
+        self._merged_factors = None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> LoRALinear:
+        super()._apply(fn, *args, **kwargs)
+        factors = self._merged_factors
+        if factors is not None:
+            if factors[0].is_meta and not self.lora_A.is_meta:
+                self._merged_factors = None  # to_empty() after a move to meta: no values to keep
+            else:  # the copies follow the factors' device and dtype (.to(), .half())
+                self._merged_factors = (
+                    factors[0].to(self.lora_A.device, self.lora_A.dtype),
+                    factors[1].to(self.lora_B.device, self.lora_B.dtype),
+                )
+        return self
 
     def extra_repr(self) -> str:
         return (

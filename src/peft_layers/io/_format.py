@@ -207,8 +207,8 @@ def list_adapters(directory: str | os.PathLike[str]) -> list[str]:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a valid JSON adapter config ({error})") from None
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, an over-long int, deep nesting
+        raise ValueError(f"{path}: not a valid JSON adapter config ({type(error).__name__}: {error})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -252,6 +252,9 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         if tensor.layout != torch.strided or tensor.is_meta:
             where = "on the meta device (no values)" if tensor.is_meta else f"of layout {tensor.layout}"
             raise ValueError(f"{path}: tensor {key!r} is {where}; expected a dense tensor with values")
+        # complex passes as "not floating", as an integer buffer does, and loses its imaginary part
+        if tensor.is_complex():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter files hold real tensors")
         if not tensor.is_floating_point():
             continue
         if tensor.dtype not in _DTYPES.values():  # float8: no isfinite, and no adapter layer holds it
@@ -654,7 +657,7 @@ def _parse(
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"{cp}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     bias = _config_value(config, "bias", "none")
-    if bias not in _BIAS_FROM_HF:
+    if not isinstance(bias, str) or bias not in _BIAS_FROM_HF:
         raise ValueError(f"{cp}: bias must be one of {tuple(_BIAS_FROM_HF)}, got {bias!r}")
     init_weights = _config_value(config, "init_lora_weights", True)
     if init_weights == "pissa":

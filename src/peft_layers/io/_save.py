@@ -255,6 +255,16 @@ def _build_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], d
             f"save_adapter(): {non_finite[:5]} hold NaN or inf (training diverged?); load_adapter() refuses "
             "non-finite tensors, so the file would not load back. Nothing was written"
         )
+    float32_max = torch.finfo(torch.float32).max
+    too_wide = sorted(
+        k for k, v in tensors.items() if v.dtype == torch.float64 and v.numel() and float(v.abs().max()) > float32_max
+    )
+    if too_wide:  # load_adapter refuses them too: a float32 or 16-bit model would load them as inf
+        raise ValueError(
+            f"save_adapter(): {too_wide[:5]} (float64) hold values beyond float32's range, which "
+            "load_adapter() refuses (a float32 or half-precision layer would load them as inf), so the "
+            "file would not load back. Nothing was written"
+        )
 
     config: dict[str, Any] = {
         "alpha_pattern": alpha_pattern,

@@ -11,6 +11,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .._devices import LAYER_DTYPES, is_layer_dtype
 from .._warnings import warn as _warn
 from ..adapter import is_conv1d, is_conv1d_class, is_sharded, is_transformers_subclass, overrides_linear_forward
 from ..lora import LoRALinear, is_bitsandbytes_module
@@ -36,7 +37,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter layer: ``W0 <- W0 + delta`` (see ``layer.merge()``); returns ``model``.
 
     Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled, if a base
-    weight is computed (a parametrization), or if an adapter holds NaN or inf.
+    weight is computed (a parametrization), or if an adapter holds NaN or inf. A layer whose
+    ``W0 + delta`` leaves its dtype's range refuses during the merge; the layers merged before it
+    are then unmerged (restored up to rounding) before the error propagates.
     """
     layers = _adapter_layers_or_raise(model, "merge_adapters()")
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
@@ -51,9 +54,18 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             f"merge_adapters(): these layers' adapters hold NaN or inf: {non_finite}; merging would "
             "write them into the base weights, which unmerge_adapters() could not take back"
         )
+    done: list[LoRALinear] = []
     with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
-        for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
-            layer.merge()
+        try:
+            for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
+                layer.merge()
+                done.append(layer)
+        except BaseException:
+            # a layer refused what only its merge can show (W0 + delta out of its dtype's range):
+            # the layers merged before it are unmerged, which restores them up to rounding
+            for layer in reversed(done):
+                layer.unmerge()
+            raise
     return model
 
 
@@ -259,8 +271,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None) -> n
     ``dequantize()`` clears them, so ``save_pretrained`` writes a float checkpoint. Where some
     stay quantized, it warns that such a mixed checkpoint does not load back.
     """
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    if dtype is not None and not is_layer_dtype(dtype):
+        raise ValueError(f"dtype: expected None or one of {LAYER_DTYPES}, got {dtype!r}")
     layers = _adapter_layers_or_raise(model, "merge_and_unload()")
     # a disabled adapter would be dropped from the merged weight: ambiguous, so refused
     disabled = [name for name, layer in layers if not layer.adapter_enabled]

@@ -49,6 +49,16 @@ def load(cuda: bool = False) -> tuple[ModuleType, ModuleType] | None:
     return _MODULES
 
 
+def loaded() -> tuple[ModuleType, ModuleType]:
+    """:func:`load`'s pair where the caller knows bitsandbytes is there (a path it chose after
+    asking :func:`load`). Unpacked without ``typing.cast``: ``torch.compile`` loses track of the
+    modules through it and breaks the graph at ``functional.QuantState``."""
+    modules = load()
+    if modules is None:
+        raise RuntimeError("bitsandbytes cannot be imported here")
+    return modules
+
+
 def native_library_loaded(bitsandbytes: ModuleType) -> bool:
     """Whether ``bitsandbytes.cextension.lib`` is the compiled library, not the stand-in that
     bitsandbytes >= 0.46 installs when loading it fails (versions without one: True)."""

@@ -32,6 +32,7 @@ bitsandbytes does the arithmetic when it can be imported; otherwise the pure-PyT
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 
 from .._warnings import warn as _warn
 from .. import _row_blocks
+from .._devices import LAYER_DTYPES, is_layer_dtype
 from ..adapter import autocast_dtype, autocast_off, functorch_active, has_hooks, tracing
 from ..lora import _check_features
 from . import _bnb
@@ -103,7 +105,8 @@ def _check_scheme(scheme: Any) -> None:
 
 
 def _check_blocksize(blocksize: Any) -> None:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+    # any integer type (numpy's too, as rank takes), but not bool
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or blocksize not in BLOCKSIZES:
         raise ValueError(
             f"blocksize: expected a power of two bitsandbytes supports, one of {BLOCKSIZES}, "
             f"got {blocksize!r}"
@@ -228,7 +231,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        self.blocksize: int | None = blocksize
+        self.blocksize: int | None = None if blocksize is None else int(blocksize)
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
         #: changes whenever the stored weight may have changed (requantize_, load_state_dict, .to)
@@ -252,7 +255,7 @@ class QuantizedLinear(nn.Module):
             self.weight = nn.Parameter(
                 torch.zeros(out_f, in_f, dtype=torch.int8, device=device), requires_grad=False
             )
-            self.register_buffer("absmax", torch.zeros(out_f, device=device))
+            self.register_buffer("absmax", torch.zeros(out_f, dtype=torch.float32, device=device))
             return
         numel = out_f * in_f
         n_blocks = -(-numel // cast(int, self.blocksize))
@@ -267,11 +270,11 @@ class QuantizedLinear(nn.Module):
         if self.double_quant:
             n_nested = -(-n_blocks // ref.DOUBLE_QUANT_BLOCKSIZE)
             self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
-            self.register_buffer("nested_absmax", torch.zeros(n_nested, device=device))
+            self.register_buffer("nested_absmax", torch.zeros(n_nested, dtype=torch.float32, device=device))
             self.register_buffer("nested_code", ref.dynamic_map().to(self.weight.device))
-            self.register_buffer("offset", torch.zeros((), device=device))
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
         else:
-            self.register_buffer("absmax", torch.zeros(n_blocks, device=device))
+            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, device=device))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -645,8 +648,8 @@ class QuantizedLinear(nn.Module):
         float32 and casting.
         """
         dtype = dtype or self.compute_dtype
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        if not is_layer_dtype(dtype):
+            raise TypeError(f"dtype: expected one of {LAYER_DTYPES}, got {dtype!r}")
         # bitsandbytes' kernels produce 16/32-bit floats; float64 is the exact float32 result cast
         kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
         if self.scheme == "int8":
@@ -708,7 +711,7 @@ class QuantizedLinear(nn.Module):
         as bitsandbytes' ``dequantize_4bit`` decodes it (the same ops, the same bits)."""
         if self.scheme == "int8":
             return lambda rows: ref.dequantize_int8_rowwise(self.weight[rows], self.absmax[rows], dtype)
-        functional = cast(tuple, _bnb.load())[1]
+        functional = _bnb.loaded()[1]
         kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
         absmax = self.absmax
         if self.double_quant:
@@ -740,9 +743,10 @@ class QuantizedLinear(nn.Module):
         # bitsandbytes' kernels take raw pointers and check no device: an input on another device
         # than the weight goes to F.linear, which raises PyTorch's own error (get_device() builds
         # no torch.device: -1 on the CPU)
+        # under torch.func (vmap, grad) too: bitsandbytes' ops have no batching rules
         if (
             _bnb.load(cuda=x.is_cuda) is None or x.shape[0] == 0 or x.dtype == torch.float64
-            or x.get_device() != self.weight.get_device()
+            or x.get_device() != self.weight.get_device() or functorch_active()
         ):
             return None
         if self.scheme == "int8":
@@ -762,7 +766,7 @@ class QuantizedLinear(nn.Module):
             with autocast_off(x):
                 return self._int8_matmul_2d(x, bias)
         if kernel is not None:
-            bnb, functional = cast(tuple, _bnb.load())
+            bnb, functional = _bnb.loaded()
             state = self._bnb_quant_state(functional, x.dtype)
             return bnb.matmul_4bit(x, self.weight.t(), quant_state=state, bias=bias)
         return _row_blocks.linear(x, self._decode_blocks(x.dtype), bias, self.out_features)
@@ -771,7 +775,7 @@ class QuantizedLinear(nn.Module):
         """``x W^T + b`` through bitsandbytes' int8 GEMM (``int8_activations``): LLM.int8()
         without outliers, as ``bnb.matmul`` runs it in eval: ``x`` row-wise to int8 (through
         float16), an int32 GEMM, both row scales applied to the result."""
-        functional = cast(tuple, _bnb.load())[1]
+        functional = _bnb.loaded()[1]
         # contiguous: bitsandbytes' CUDA kernel reads rows at A + row * cols (.to with a
         # memory format returns a float16 view as it is, strides and all)
         x16 = x.to(torch.float16).contiguous()

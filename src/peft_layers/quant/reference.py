@@ -35,6 +35,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from .._devices import LAYER_DTYPES, is_layer_dtype
+
 __all__ = [
     "DOUBLE_QUANT_BLOCKSIZE",
     "FP4_CODE",
@@ -201,8 +203,8 @@ def _check_float_statistics(absmax: object, count: int, argument: str, what: Cal
 
 
 def _check_float_dtype(dtype: object) -> None:
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if not is_layer_dtype(dtype):
+        raise TypeError(f"dtype: expected one of {LAYER_DTYPES}, got {dtype!r}")
 
 
 def _check_code(code: Tensor) -> None:
