@@ -219,3 +219,53 @@ def test_complex_buffer_in_file_is_refused_before_anything_is_copied(tmp_path):
         with pytest.raises(ValueError, match="num_batches_tracked"):
             pl.load_adapter(model, folder)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_stack_adapters_refuses_non_finite_factors_from_a_state_dict() -> None:
+    """``combine_adapters`` and ``load_adapter`` refuse NaN or inf factors, but ``stack_adapters``
+    took them from a state dict, and every row served with that adapter came out NaN. It raises
+    a ValueError naming the adapter, the module and the factor now, with the model unchanged."""
+    model = _Two()
+    state = {"q.lora_A": torch.randn(2, 16), "q.lora_B": torch.randn(16, 2)}
+    state["q.lora_B"][3, 1] = float("nan")
+    before, types = _state(model), _types(model)
+    with pytest.raises(ValueError, match=r"adapters\['bad'\]: module 'q' has NaN or inf in its factor B"):
+        pl.stack_adapters(model, {"good": {k: v.nan_to_num() for k, v in state.items()}, "bad": state})
+    assert _types(model) == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules", "layers_pattern"])
+@pytest.mark.parametrize("value", [0, False])
+def test_config_fields_that_are_falsy_but_of_the_wrong_type_are_refused(tmp_path, field, value):
+    """``config.get(field) or {}`` read a 0 or false in these fields as "none" and loaded the
+    file as if the field were absent; each is a ValueError naming the file and the field now,
+    with the model unchanged (``null``, ``{}``/``[]`` and ``""`` still mean none)."""
+    folder = _saved(tmp_path)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config[field] = value
+    _rewrite_config(folder, json.dumps(config).encode())
+    model = _Two()
+    before, types = _state(model), _types(model)
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: (peft_layers\.)?{field}"):
+        pl.load_adapter(model, folder)
+    assert _types(model) == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_path_under_a_file_or_too_long_is_a_clear_error(tmp_path) -> None:
+    """``save_adapter`` and ``load_adapter`` at a path under a file raised a bare
+    ``FileExistsError``/"does not exist", and at a 5000-character path the OS error itself
+    ("File name too long"); they name the argument now: ``NotADirectoryError`` naming the file,
+    ``ValueError`` for the long path. Nothing is written and the model is unchanged."""
+    model = _Two()
+    pl.inject_adapters(model, ["q"], rank=2)
+    before = _state(model)
+    (tmp_path / "file").write_text("x")
+    for call in (pl.save_adapter, pl.load_adapter):
+        with pytest.raises(NotADirectoryError, match=r"^directory: '.*file/sub' lies under '.*file', which is a file$"):
+            call(model, tmp_path / "file" / "sub")
+        with pytest.raises(ValueError, match=r"^directory: '.*'\.\.\. cannot be a path here \(File name too long\)$"):
+            call(model, tmp_path / ("a" * 5000))
+    assert (tmp_path / "file").read_text() == "x"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -26,7 +26,15 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from .adapter import autocast_enabled, autocast_off, base_features, global_forward_hooks, has_hooks, is_conv1d
+from .adapter import (
+    autocast_enabled,
+    autocast_off,
+    base_features,
+    global_forward_hooks,
+    has_hooks,
+    holds_non_finite,
+    is_conv1d,
+)
 from .compose import lora_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
@@ -301,6 +309,15 @@ def stack_adapters(
         name: lora_factors(adapters[name], f"adapters[{name!r}]", base_weights=file_base_weights[name])
         for name in names
     }
+    # as combine_adapters and load_adapter refuse them (a file's are refused on reading already)
+    for name, modules in factors.items():
+        for path, (lora_A, lora_B, _) in modules.items():
+            for label, tensor in (("A", lora_A), ("B", lora_B)):
+                if holds_non_finite(tensor):
+                    raise ValueError(
+                        f"adapters[{name!r}]: module {path!r} has NaN or inf in its factor {label}; "
+                        "expected finite values (a diverged run?)"
+                    )
 
     # the model's own LoRA layers become stacks too, keeping their adapter as "default"
     own_layers = list(iter_adapter_layers(model))

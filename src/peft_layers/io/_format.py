@@ -173,11 +173,19 @@ def _check_directory(directory: Any) -> Path:
     if "\0" in str(os.fspath(directory)):
         raise ValueError(f"directory: a path cannot hold a NUL character, got {os.fspath(directory)!r}")
     path = Path(directory)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as error:  # a name longer than the file system takes (ENAMETOOLONG), ...
+        shown = repr(str(path)) if len(str(path)) <= 80 else f"{str(path)[:80]!r}..."
+        raise ValueError(f"directory: {shown} cannot be a path here ({error.strerror})") from None
+    if is_file:
         raise NotADirectoryError(
             f"directory: {str(path)!r} is a file; an adapter is a directory holding {WEIGHTS_NAME} and "
             f"{CONFIG_NAME} (pass the directory that holds them)"
         )
+    inside_file = next((parent for parent in path.parents if parent.is_file()), None)
+    if inside_file is not None:
+        raise NotADirectoryError(f"directory: {str(path)!r} lies under {str(inside_file)!r}, which is a file")
     return path
 
 
@@ -291,7 +299,8 @@ def _check_alpha(value: Any, name: str, path: Path) -> float:
 
 
 def _check_patterns(config: Mapping[str, Any], name: str, path: Path, check) -> dict[str, Any]:
-    patterns = config.get(name) or {}
+    patterns = config.get(name)
+    patterns = {} if patterns is None else patterns  # not `or {}`: a 0 or false is an error, not "none"
     if not isinstance(patterns, dict):
         raise ValueError(f"{path}: {name} must be an object of name pattern -> value, got {patterns!r}")
     for key, value in patterns.items():
@@ -326,7 +335,9 @@ class _LayerSelection:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], path: Path) -> _LayerSelection:
-        exclude = config.get("exclude_modules") or None
+        exclude = config.get("exclude_modules")
+        if isinstance(exclude, (str, list)) and not exclude:
+            exclude = None  # "" or []: none, as Hugging Face PEFT reads them (a 0 or false is refused)
         if exclude is not None:
             names = [exclude] if isinstance(exclude, str) else exclude
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -340,7 +351,8 @@ class _LayerSelection:
             _is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers))
         ):  # a negative index matches no layer, as in Hugging Face PEFT
             raise ValueError(f"{path}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
-        patterns = config.get("layers_pattern") or []
+        patterns = config.get("layers_pattern")
+        patterns = [] if patterns is None or patterns == "" else patterns
         patterns = [patterns] if isinstance(patterns, str) else patterns
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"{path}: layers_pattern must be a name or a list of names, got {config.get('layers_pattern')!r}")
@@ -690,7 +702,8 @@ def _parse(
     # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
     # more modules than were saved (see _build_files)
     exact_saved = isinstance(ours, dict) and "modules_to_save" in ours
-    saved_names = (ours["modules_to_save"] if exact_saved else config.get("modules_to_save")) or []
+    saved_names = ours["modules_to_save"] if exact_saved else config.get("modules_to_save")
+    saved_names = [] if saved_names is None else saved_names  # a 0 or false is refused below
     if not isinstance(saved_names, list) or not all(isinstance(name, str) and name for name in saved_names):
         where = f"{ours_path}: peft_layers." if exact_saved else f"{cp}: "
         raise ValueError(f"{where}modules_to_save must be a list of module names, got {saved_names!r}")
