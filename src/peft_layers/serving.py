@@ -310,8 +310,8 @@ def stack_adapters(
         for name in names
     }
     # as combine_adapters and load_adapter refuse them (a file's are refused on reading already)
-    for name, modules in factors.items():
-        for path, (lora_A, lora_B, _) in modules.items():
+    for name, by_path in factors.items():
+        for path, (lora_A, lora_B, _) in by_path.items():
             for label, tensor in (("A", lora_A), ("B", lora_B)):
                 if holds_non_finite(tensor):
                     raise ValueError(
