@@ -50,21 +50,27 @@ def _types(model: nn.Module) -> list[tuple[str, str]]:
 
 
 # ---- adapter_config.json -----------------------------------------------------------------------
+def _assert_config_field_refused(tmp_path, field: str, value: object, match: str) -> None:
+    """A saved adapter whose config holds ``value`` in ``field``: ``load_adapter`` raises a
+    ValueError matching ``match`` and leaves the model's modules and state as they were."""
+    folder = _saved(tmp_path)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config[field] = value
+    _rewrite_config(folder, json.dumps(config).encode())
+    model = _Two()
+    before, types = _state(model), _types(model)
+    with pytest.raises(ValueError, match=match):
+        pl.load_adapter(model, folder)
+    assert _types(model) == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("bias", [[], ["none"], {}, {"x": 1}])
 def test_config_bias_of_unhashable_type_is_a_clear_error(tmp_path, bias):
     """A config ``bias`` that is a JSON list/object must give the ValueError every other bad
     ``bias`` gets ("bias must be one of ..."), naming the file; ``bias not in dict`` raises a bare
     ``TypeError: unhashable type`` instead (io/_format.py, ``_parse``)."""
-    folder = _saved(tmp_path)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["bias"] = bias
-    _rewrite_config(folder, json.dumps(config).encode())
-    model = _Two()
-    before, types = _state(model), _types(model)
-    with pytest.raises(ValueError, match=r"adapter_config\.json: bias must be one of"):
-        pl.load_adapter(model, folder)
-    assert _types(model) == types
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _assert_config_field_refused(tmp_path, "bias", bias, r"adapter_config\.json: bias must be one of")
 
 
 def test_deeply_nested_config_json_is_a_clear_error(tmp_path):
@@ -241,16 +247,7 @@ def test_config_fields_that_are_falsy_but_of_the_wrong_type_are_refused(tmp_path
     """``config.get(field) or {}`` read a 0 or false in these fields as "none" and loaded the
     file as if the field were absent; each is a ValueError naming the file and the field now,
     with the model unchanged (``null``, ``{}``/``[]`` and ``""`` still mean none)."""
-    folder = _saved(tmp_path)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config[field] = value
-    _rewrite_config(folder, json.dumps(config).encode())
-    model = _Two()
-    before, types = _state(model), _types(model)
-    with pytest.raises(ValueError, match=rf"adapter_config\.json: (peft_layers\.)?{field}"):
-        pl.load_adapter(model, folder)
-    assert _types(model) == types
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _assert_config_field_refused(tmp_path, field, value, rf"adapter_config\.json: (peft_layers\.)?{field}")
 
 
 def test_a_path_under_a_file_or_too_long_is_a_clear_error(tmp_path) -> None:
