@@ -266,3 +266,24 @@ def test_a_path_under_a_file_or_too_long_is_a_clear_error(tmp_path) -> None:
             call(model, tmp_path / ("a" * 5000))
     assert (tmp_path / "file").read_text() == "x"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_to_linear_and_merge_and_unload_refuse_a_delta_that_overflows_the_dtype() -> None:
+    """As ``merge()`` refuses a ``W0 + s B A`` past a float16 base's range, ``to_linear()`` refuses
+    it for the dtype it builds (it returned a layer full of inf), and ``merge_and_unload`` changes
+    nothing then. A float32 ``to_linear`` of the same layer holds the exact float64 merge."""
+    model = nn.Sequential(nn.Linear(8, 8)).half()
+    pl.inject_adapters(model, ["0"], rank=2, alpha=2)
+    with torch.no_grad():
+        model[0].lora_A.fill_(300.0)
+        model[0].lora_B.fill_(300.0)
+    before, types = _state(model), _types(model)
+    with pytest.raises(ValueError, match=r"^to_linear\(\): W0 \+ delta of this LoRALinear holds values .* torch.float16's"):
+        model[0].to_linear()
+    with pytest.raises(ValueError, match=r"to_linear\(\): W0 \+ delta"):
+        pl.merge_and_unload(model)
+    assert _types(model) == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    wide = model[0].to_linear(torch.float32)
+    expected = model[0].base_layer.weight.double() + 300.0 * 300.0 * 2
+    torch.testing.assert_close(wide.weight.double(), expected, rtol=1e-6, atol=0)

@@ -450,25 +450,26 @@ class AdapterMixin:
         with torch.no_grad():
             weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
             self._merge_weight_(weight)
-            self._refuse_out_of_range(weight)
+            self._refuse_out_of_range(weight, self.compute_dtype, "merge()")
             self._write_base_weight(weight)
         self._merged = True
 
-    def _refuse_out_of_range(self, merged: Tensor) -> None:
-        """Raise ``ValueError`` if the merged weight (not yet written) holds NaN, inf or values
-        beyond the stored dtype's range: finite adapters can still overflow ``W0 + delta`` (a
-        float16 base past 65504), which the base would keep for good. One device sync."""
+    def _refuse_out_of_range(self, merged: Tensor, stored: torch.dtype, call: str) -> None:
+        """Raise ``ValueError`` naming ``call`` if the merged weight (not yet written) holds NaN,
+        inf or values beyond the range of ``stored``, the dtype it is to be kept in: finite
+        adapters can still overflow ``W0 + delta`` (a float16 base past 65504), which a merged
+        base would keep for good. One device sync."""
         local = cast(Any, merged).to_local() if is_sharded(merged) else merged  # each rank checks its shard
         if local.is_meta or local.numel() == 0:
             return
-        stored = self.compute_dtype
         limit = torch.finfo(stored).max
         low, high = torch.aminmax(local)
         if not (bool(low >= -limit) and bool(high <= limit)):  # NaN fails both comparisons
             raise ValueError(
-                f"merge(): W0 + delta of this {type(self).__name__} holds values from {low.item():g} to "
-                f"{high.item():g}, beyond {stored}'s finite range (+-{limit:g}) or NaN; merging would "
-                "write them into the base weight, which unmerge() could not take back"
+                f"{call}: W0 + delta of this {type(self).__name__} holds values from {low.item():g} to "
+                f"{high.item():g}, beyond {stored}'s finite range (+-{limit:g}) or NaN; the merged "
+                "weight would hold inf"
+                + (", which unmerge() could not take back" if call == "merge()" else "")
             )
 
     def unmerge(self) -> None:
@@ -588,6 +589,7 @@ class AdapterMixin:
             weight = self._read_base_weight(self._merge_dtype(dtype))
             if not self.merged and self._adapter_enabled:
                 self._merge_weight_(weight)
+                self._refuse_out_of_range(weight, dtype, "to_linear()")
             weight = weight.to(dtype)
             bias = self.bias
             linear = nn.Linear(
