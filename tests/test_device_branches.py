@@ -159,3 +159,25 @@ def test_constructed_layer_keeps_float32_statistics_under_another_default_dtype(
             assert tensor.dtype == torch.float32, name
     layer.load_state_dict(source.state_dict())
     assert torch.equal(layer.dequantize(), source.dequantize())
+
+
+def test_which_devices_decode_4bit_weights_with_the_reference_codec(monkeypatch):
+    """Known answers of the routing: MPS always takes the reference codec (bitsandbytes' MPS op is
+    a Hub-fetched kernel or a function compiled again per layer shape), the CPU where
+    bitsandbytes' kernel misreads (a row split across blocks) or compiles (blocksize >= 2048),
+    CUDA never. And the reference route gives bitsandbytes' bits: a layer forced onto it decodes
+    exactly as the bitsandbytes route does."""
+    from peft_layers.quant import linear as qlinear
+
+    assert qlinear._decodes_with_reference("mps", 128, 64)
+    assert qlinear._decodes_with_reference("cpu", 96, 64)
+    assert qlinear._decodes_with_reference("cpu", 4096, 4096)
+    assert not qlinear._decodes_with_reference("cpu", 128, 64)
+    assert not qlinear._decodes_with_reference("cuda", 96, 64)
+    for scheme, double_quant in (("nf4", True), ("fp4", False)):
+        layer = QuantizedLinear.from_linear(nn.Linear(128, 48), scheme=scheme, double_quant=double_quant)
+        through_bnb = layer.dequantize()
+        with monkeypatch.context() as patch:
+            patch.setattr(qlinear, "_decodes_with_reference", lambda *args: True)
+            assert torch.equal(layer.dequantize(), through_bnb)
+            assert torch.equal(layer.dequantize(torch.bfloat16), through_bnb.to(torch.bfloat16))

@@ -123,6 +123,20 @@ def _bias_compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _decodes_with_reference(device_type: str, in_features: int, blocksize: int) -> bool:
+    """Whether a 4-bit weight on ``device_type`` decodes through the reference codec rather than
+    bitsandbytes' ``dequantize_4bit`` (the same bits either way). On the CPU, bitsandbytes 0.50's
+    kernel reads the absmax of a block that spans two rows from the wrong place (``in_features``
+    not a multiple of ``blocksize``), and for ``blocksize >= 2048`` it falls back to a
+    ``torch.compile``'d function (seconds to compile per shape). On MPS its op is either a kernel
+    fetched from the Hugging Face Hub on first use (macOS 26 with the ``kernels`` package) or that
+    same compiled function, compiled again for every layer shape; the reference is plain tensor
+    ops. CUDA (and any other device bitsandbytes serves) keeps bitsandbytes' kernel."""
+    if device_type == "mps":
+        return True
+    return device_type == "cpu" and bool(in_features % blocksize or blocksize >= 2048)
+
+
 def _check_compute_dtype(compute_dtype: Any) -> None:
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
@@ -656,21 +670,19 @@ class QuantizedLinear(nn.Module):
             # bitsandbytes' int8_vectorwise_dequant is this formula in plain torch ops on every
             # device; the reference gives the same bits with one allocation instead of two
             return ref.dequantize_int8_rowwise(self.weight, self.absmax, dtype)
-        modules = _bnb.load(cuda=self.weight.is_cuda)
-        # On the CPU, bitsandbytes 0.50's dequantize_4bit kernel reads the absmax of a block that
-        # spans two rows from the wrong place (in_features not a multiple of blocksize), and for
-        # blocksize >= 2048 it falls back to a torch.compile'd function (seconds to compile per
-        # shape). The reference codec gives the same bits in both cases, without either problem.
-        on_cpu = self.weight.is_cpu  # a bool, no torch.device built (see adapter._device_type)
+        weight = self.weight
+        modules = _bnb.load(cuda=weight.is_cuda)
+        # the flags first: building a torch.device costs more than the checks (see adapter._device_type)
+        device_type = "cpu" if weight.is_cpu else "cuda" if weight.is_cuda else weight.device.type
         blocksize = cast(int, self.blocksize)  # None only for int8, handled above
-        if modules is None or (on_cpu and (self.in_features % blocksize or blocksize >= 2048)):
+        if modules is None or _decodes_with_reference(device_type, self.in_features, blocksize):
             return ref.dequantize(self._reference_state(), kernel_dtype).to(dtype)
         functional = modules[1]
         state = self._bnb_quant_state(functional, kernel_dtype)
         # reshape: for out * in <= 2 the packed weight is (1, 1), and bitsandbytes then transposes
         # its result (a shim for an old layout)
-        weight = functional.dequantize_4bit(self.weight, state)
-        return weight.reshape(self.out_features, self.in_features).to(dtype)
+        decoded = functional.dequantize_4bit(weight, state)
+        return decoded.reshape(self.out_features, self.in_features).to(dtype)
 
     def _decode_rows_per_block(self, dtype: torch.dtype) -> int | None:
         """How many rows :meth:`_decode_blocks` decodes at a time, or None to decode whole: on
