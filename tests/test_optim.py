@@ -69,7 +69,9 @@ def test_a_lora_b_shared_by_two_layers_steps_once() -> None:
 def test_layer_ratio_wins_then_argument_then_default() -> None:
     model = pl.inject_adapters(tiny_model(), "q_proj", method="lora_plus", lr_ratio=4.0, rank=2)
     pl.inject_lora(model, "k_proj", rank=2)
-    groups = pl.loraplus_param_groups(model, 1.0, lr_ratio=2.0)
+    # an explicit ratio that a LoRAPlusLinear's own overrides says so (it was ignored silently)
+    with pytest.warns(UserWarning, match=r"lr_ratio=2.0 applies to the plain LoRA layers only; .*own lr_ratio \(4.0\)"):
+        groups = pl.loraplus_param_groups(model, 1.0, lr_ratio=2.0)
     layers = dict(iter_adapter_layers(model))
     assert group_of(groups, layers["layers.0.attn.q_proj"].lora_B)["lr"] == 4.0
     assert group_of(groups, layers["layers.0.attn.k_proj"].lora_B)["lr"] == 2.0
@@ -183,3 +185,11 @@ def test_bitsandbytes_8bit_adam_keeps_embedding_state_in_32_bits() -> None:
 
     assert state_dtypes(model[0].trained.weight) == {torch.float32}  # 12800 values: 8-bit otherwise
     assert state_dtypes(model[2].trained.weight) == {torch.uint8}  # 8192 values, no embedding
+
+
+def test_an_explicit_ratio_equal_to_the_layers_own_or_without_lora_plus_layers_does_not_warn(recwarn) -> None:
+    model = pl.inject_adapters(tiny_model(), "q_proj", method="lora_plus", lr_ratio=4.0, rank=2)
+    groups = pl.loraplus_param_groups(model, 1.0, lr_ratio=4.0)
+    assert group_of(groups, dict(iter_adapter_layers(model))["layers.0.attn.q_proj"].lora_B)["lr"] == 4.0
+    pl.loraplus_param_groups(pl.inject_lora(tiny_model(), "q_proj", rank=2), 1.0, lr_ratio=2.0)
+    assert not [w for w in recwarn if "lr_ratio" in str(w.message)]

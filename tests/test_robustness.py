@@ -287,3 +287,14 @@ def test_to_linear_and_merge_and_unload_refuse_a_delta_that_overflows_the_dtype(
     wide = model[0].to_linear(torch.float32)
     expected = model[0].base_layer.weight.double() + 300.0 * 300.0 * 2
     torch.testing.assert_close(wide.weight.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_inject_lora_names_a_method_argument() -> None:
+    """``inject_lora(model, t, method="dora")`` raised Python's own "got multiple values for
+    keyword argument 'method'"; it names the argument, the value and the way out now, with the
+    model unchanged."""
+    model = _Two()
+    types = _types(model)
+    with pytest.raises(TypeError, match=r"^method: inject_lora\(\) always injects 'lora', got method='dora'; .*inject_adapters"):
+        pl.inject_lora(model, ["q"], method="dora")
+    assert _types(model) == types

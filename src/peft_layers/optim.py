@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._warnings import warn as _warn
 from .lora import LoRAPlusLinear, _check_non_negative, _check_positive
 from .model import iter_adapter_layers
 
@@ -63,6 +64,13 @@ def loraplus_param_groups(
         ratio = layer.lr_ratio if isinstance(layer, LoRAPlusLinear) else default_ratio
         b_by_ratio.setdefault(ratio, []).append(layer.lora_B)
         placed.add(id(layer.lora_B))
+    own = sorted({layer.lr_ratio for _, layer in layers if isinstance(layer, LoRAPlusLinear)} - {default_ratio})
+    if lr_ratio is not None and own:
+        _warn(
+            f"loraplus_param_groups(): lr_ratio={lr_ratio} applies to the plain LoRA layers only; the "
+            f"LoRAPlusLinear layers keep their own lr_ratio ({', '.join(map(str, own))}). Set layer.lr_ratio "
+            "to change theirs",
+        )
 
     decayed: list[nn.Parameter] = []
     not_decayed: list[nn.Parameter] = []

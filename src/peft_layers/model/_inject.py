@@ -593,6 +593,11 @@ def _build_saved(name: str, module: nn.Module) -> ModuleToSave:
 
 def inject_lora(model: nn.Module, targets: TargetSpec, **kwargs: Any) -> nn.Module:
     """:func:`inject_adapters` with ``method="lora"``: the plain LoRA layers of the model."""
+    if "method" in kwargs:
+        raise TypeError(
+            f"method: inject_lora() always injects 'lora', got method={kwargs['method']!r}; call "
+            "inject_adapters(model, targets, method=...) for another method"
+        )
     return inject_adapters(model, targets, method="lora", **kwargs)
 
 
