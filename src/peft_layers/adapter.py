@@ -16,6 +16,7 @@ The base is read through four small hooks, so that a quantized base reuses all o
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,10 @@ def plain_ops_only() -> bool:
 
 
 _optimizer_steps = 0
+
+#: serialises the entries and exits of disable_adapter() blocks (layers' and modules to save's):
+#: each reads, then writes, the layer's state, and blocks of several threads may overlap
+DISABLE_LOCK = threading.RLock()
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -535,22 +540,30 @@ class AdapterMixin:
         """Context manager: inside the block the layer computes ``base_layer(x)`` only.
 
         A merged layer is unmerged on entry and merged again on exit (a merged quantized layer
-        refuses: see ``QLoRALinear``).
+        refuses: see ``QLoRALinear``). Blocks may nest or overlap (several threads): the first
+        entry saves the layer's state and the last exit restores it, whatever order they end in.
+        The state is the layer's, so every thread's forward sees the adapter disabled while any
+        block is open.
         """
-        self._check_disable()
-        was_merged = self.merged
-        was_enabled = self._adapter_enabled
-        if was_merged:
-            self.unmerge()
-        self._adapter_enabled = False
-        self._disable_blocks = self.disable_blocks + 1
+        with DISABLE_LOCK:
+            if self.disable_blocks == 0:
+                self._check_disable()
+                saved = (self.merged, self._adapter_enabled)
+                if saved[0]:
+                    self.unmerge()
+                self._adapter_enabled = False
+                self._disable_saved = saved
+            self._disable_blocks = self.disable_blocks + 1
         try:
             yield cast(nn.Module, self)  # mixed into an nn.Module subclass
         finally:
-            self._disable_blocks -= 1
-            self._adapter_enabled = was_enabled
-            if was_merged:
-                self.merge()
+            with DISABLE_LOCK:
+                self._disable_blocks -= 1
+                if self._disable_blocks == 0:
+                    was_merged, was_enabled = self._disable_saved
+                    self._adapter_enabled = was_enabled
+                    if was_merged:
+                        self.merge()
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy or pickle taken inside a disable_adapter() block is outside it: only the live
@@ -559,6 +572,7 @@ class AdapterMixin:
         parent = getattr(super(), "__getstate__", None)  # nn.Module's, or object's (Python >= 3.11)
         state = dict(parent()) if parent is not None else self.__dict__.copy()
         state.pop("_disable_blocks", None)
+        state.pop("_disable_saved", None)
         return state
 
     @property

@@ -337,8 +337,7 @@ class DoRALinear(LoRALinear):
 
     def _init_adapter(self, base_layer: nn.Module, *, epsilon: float = 1e-8, **kwargs: Any) -> None:
         self.epsilon = epsilon
-        self._base_row_norm_sq: Tensor | None = None
-        self._base_row_norm_key: tuple | None = None
+        self._base_row_norm_cache: tuple[tuple, Tensor] | None = None
         self._merge_gain: Tensor | None = None
         self._merge_zero_rows: tuple[Tensor, Tensor] | None = None
         self._inference_gain_cache: tuple[tuple, Tensor] | None = None
@@ -388,8 +387,9 @@ class DoRALinear(LoRALinear):
         ``weight.data`` bypasses the version counter: call :meth:`reset_norm_cache` after one.
         """
         key = self._base_weight_key()
-        if key is not None and self._base_row_norm_key == key and self._base_row_norm_sq is not None:
-            return self._base_row_norm_sq
+        cached = self.__dict__.get("_base_row_norm_cache")  # none in layers pickled before it
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():  # a large quantized W0 on the CPU a block of rows at a time
             blocks = _row_blocks.weight_blocks(self._weight_fn(self.compute_dtype))
             norm_sq = torch.cat([
@@ -397,14 +397,13 @@ class DoRALinear(LoRALinear):
                 for _, block in blocks
             ])
         if key is not None:  # no key (tracing, torch.func, inference tensors): nothing is stored
-            self._base_row_norm_sq, self._base_row_norm_key = norm_sq, key
+            self._base_row_norm_cache = (key, norm_sq)  # one store: never a norm under another key
         return norm_sq
 
     def reset_norm_cache(self) -> None:
         """Drop the cached norms (``||W0||^2``, and ``m / n`` of the no-grad forward); the next
         forward recomputes them."""
-        self._base_row_norm_sq = None
-        self._base_row_norm_key = None
+        self._base_row_norm_cache = None
         self._inference_gain_cache = None
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> DoRALinear:

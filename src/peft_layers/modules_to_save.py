@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ._errors import errors_restated
+from .adapter import DISABLE_LOCK
 
 # the public names (the rest is internal, underscore or not); docs/api.md lists them all
 __all__ = [
@@ -60,13 +61,30 @@ class ModuleToSave(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: ``original`` computes inside the block."""
-        enabled = self.enabled
-        self.enabled = False
+        """Context manager: ``original`` computes inside the block. Blocks may nest or overlap
+        (several threads): the first entry saves ``enabled`` and the last exit restores it."""
+        # through __dict__: a missing attribute would be looked up on the active module (__getattr__)
+        state = self.__dict__
+        with DISABLE_LOCK:
+            blocks = state.get("_disable_blocks", 0)
+            if blocks == 0:
+                state["_enabled_before"] = self.enabled
+                self.enabled = False
+            state["_disable_blocks"] = blocks + 1
         try:
             yield
         finally:
-            self.enabled = enabled
+            with DISABLE_LOCK:
+                state["_disable_blocks"] -= 1
+                if state["_disable_blocks"] == 0:
+                    self.enabled = state["_enabled_before"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or pickle taken inside a block is outside it: only the live block's exit counts down
+        state = dict(super().__getstate__())
+        state.pop("_disable_blocks", None)
+        state.pop("_enabled_before", None)
+        return state
 
     def __getattr__(self, name: str) -> Any:
         try:

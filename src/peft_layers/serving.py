@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from numbers import Real
 from typing import cast
 
@@ -46,6 +47,10 @@ from .model._tree import _module_names, _set_module
 from .quant import QuantizedLinear
 
 __all__ = ["MultiLoRALinear", "adapter_batch", "set_adapter", "stack_adapters"]
+
+#: adapter_batch()'s per-row choices of the running thread (or asyncio task): id(stack) -> names.
+#: Context-local, so that requests served at once from a thread pool do not see each other's.
+_ROW_CHOICE: ContextVar[dict[int, list] | None] = ContextVar("peft_layers_row_choice", default=None)
 
 #: the adapter name an existing LoRA layer's own adapter gets when its model is stacked
 DEFAULT_ADAPTER = "default"
@@ -83,6 +88,19 @@ class MultiLoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.row_adapters: list[str | None] | None = None
+
+    @property
+    def row_adapters(self) -> list[str | None] | None:
+        """The per-row adapter names: the running context's :func:`adapter_batch` choice for this
+        stack, else the one assigned here (None: :attr:`active_adapter` for every row)."""
+        choice = _ROW_CHOICE.get()
+        if choice is not None and id(self) in choice:
+            return choice[id(self)]
+        return self.__dict__.get("_row_adapters")
+
+    @row_adapters.setter
+    def row_adapters(self, rows: list[str | None] | None) -> None:
+        self.__dict__["_row_adapters"] = rows
 
     @property
     def weight(self) -> Tensor:
@@ -489,7 +507,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     The inputs' first dimension must have ``len(names)`` rows, or ``k * len(names)``: then each
     name covers ``k`` consecutive rows, as ``generate(num_beams=k)`` or
     ``num_return_sequences=k`` repeat every prompt ``k`` times in place. The previous choice comes
-    back when the block ends, also on error. Raises ``TypeError`` for a ``model`` that is not an
+    back when the block ends, also on error. The choice belongs to the running thread (or asyncio
+    task, a ``contextvars`` context): requests served at once from a thread pool each see their
+    own. :func:`set_adapter` is the model's, for every thread. Raises ``TypeError`` for a ``model`` that is not an
     ``nn.Module``, ``ValueError`` for an unknown name.
     """
     stacks = _stacks(model, "adapter_batch()")
@@ -497,11 +517,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
         raise TypeError(f"names: expected a non-empty sequence of adapter names or None, one per row, got {names!r}")
     for i, name in enumerate(names):
         _check_adapter_name(name, stacks, f"names[{i}]")
-    previous = [stack.row_adapters for stack in stacks]
-    for stack in stacks:
-        stack.row_adapters = list(names)
+    rows = list(names)
+    token = _ROW_CHOICE.set({**(_ROW_CHOICE.get() or {}), **{id(stack): rows for stack in stacks}})
     try:
         yield model
     finally:
-        for stack, rows in zip(stacks, previous):
-            stack.row_adapters = rows
+        _ROW_CHOICE.reset(token)
