@@ -464,17 +464,27 @@ class AdapterMixin:
         inf or values beyond the range of ``stored``, the dtype it is to be kept in: finite
         adapters can still overflow ``W0 + delta`` (a float16 base past 65504), which a merged
         base would keep for good. One device sync."""
-        local = cast(Any, merged).to_local() if is_sharded(merged) else merged  # each rank checks its shard
-        if local.is_meta or local.numel() == 0:
+        if merged.is_meta or merged.numel() == 0:
             return
         limit = torch.finfo(stored).max
-        low, high = torch.aminmax(local)
+        consequence = ", which unmerge() could not take back" if call == "merge()" else ""
+        if is_sharded(merged):
+            # one verdict for every rank (a reduction over the mesh): a rank refusing alone would
+            # leave its peers merging on, into the next layer's collectives, and hang
+            outside = (merged.abs() <= limit).logical_not().to(torch.float32).amax()
+            if bool(cast(Any, outside).full_tensor() > 0):
+                raise ValueError(
+                    f"{call}: W0 + delta of this {type(self).__name__} holds values beyond {stored}'s "
+                    f"finite range (+-{limit:g}) or NaN on some rank's shard; the merged weight would "
+                    f"hold inf{consequence}"
+                )
+            return
+        low, high = torch.aminmax(merged)
         if not (bool(low >= -limit) and bool(high <= limit)):  # NaN fails both comparisons
             raise ValueError(
                 f"{call}: W0 + delta of this {type(self).__name__} holds values from {low.item():g} to "
                 f"{high.item():g}, beyond {stored}'s finite range (+-{limit:g}) or NaN; the merged "
-                "weight would hold inf"
-                + (", which unmerge() could not take back" if call == "merge()" else "")
+                f"weight would hold inf{consequence}"
             )
 
     def unmerge(self) -> None:

@@ -495,7 +495,7 @@ class DoRALinear(LoRALinear):
         if self._merge_zero_rows is not None:
             rows, saved = self._merge_zero_rows
             weight[rows] = saved.to(weight.dtype)  # the layer may have been cast since the merge
-        self._add_lora_product_(weight, -self.scaling, self._merged_factors)
+        self._add_lora_product_(weight, -self.scaling, self._factors_as_merged())
         self._merge_gain = None
         self._merge_zero_rows = None
 

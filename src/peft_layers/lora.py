@@ -35,6 +35,7 @@ from .adapter import (
     global_forward_hooks,
     has_hooks,
     is_conv1d,
+    is_sharded,
     overrides_linear_forward,
     plain_ops_only,
     tracing,
@@ -688,7 +689,22 @@ class LoRALinear(AdapterMixin, nn.Module):
         self._add_lora_product_(weight, self.scaling)
 
     def _unmerge_weight_(self, weight: Tensor) -> None:
-        self._add_lora_product_(weight, -self.scaling, self._merged_factors)
+        self._add_lora_product_(weight, -self.scaling, self._factors_as_merged())
+
+    def _factors_as_merged(self) -> tuple[Tensor, Tensor] | None:
+        """The copies of ``(A, B)`` taken at the merge, sharded as ``A`` and ``B`` are now: a layer
+        merged before ``fully_shard()`` holds whole copies, which would meet DTensors."""
+        factors = self._merged_factors
+        if factors is None or not is_sharded(self.lora_A) or is_sharded(factors[0]):
+            return factors
+        from torch.distributed.tensor import distribute_tensor
+
+        # every rank holds the same whole copy: each keeps its own shard, no communication
+        lora_A, lora_B = (
+            distribute_tensor(copy, cast(Any, param).device_mesh, cast(Any, param).placements, src_data_rank=None)
+            for copy, param in zip(factors, (self.lora_A, self.lora_B))
+        )
+        return lora_A, lora_B
 
     def _add_lora_product_(self, weight: Tensor, factor: float, factors: tuple[Tensor, Tensor] | None = None) -> None:
         """``weight += factor * B @ A`` in place, the product in the wider of the two precisions

@@ -112,7 +112,7 @@ def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
     their first names as the plain model names them: a serving stack's base parameters
     (``<p>.base_layer.bias``) under the stacked layer's own (``<p>.bias``), its adapters left out."""
     holders = [*iter_adapter_layers(model), *iter_modules_to_save(model)]
-    prefixes = tuple(f"{name}." for name, _ in holders)
+    prefixes = tuple(f"{name}." if name else "" for name, _ in holders)  # "": the model is one
     stacks = tuple(f"{name}." for name, _ in _stacked_layers(model))
     for name, parameter in model.named_parameters():
         if name.startswith(prefixes):

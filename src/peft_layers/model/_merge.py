@@ -37,9 +37,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter layer: ``W0 <- W0 + delta`` (see ``layer.merge()``); returns ``model``.
 
     Raises ``ValueError`` (changing nothing) if a layer is already merged or disabled, if a base
-    weight is computed (a parametrization), or if an adapter holds NaN or inf. A layer whose
-    ``W0 + delta`` leaves its dtype's range refuses during the merge; the layers merged before it
-    are then unmerged (restored up to rounding) before the error propagates.
+    weight is computed (a parametrization), if an adapter holds NaN or inf, or if a layer's
+    ``W0 + delta`` leaves its dtype's range (every merged weight is computed and checked before
+    the first is written).
     """
     layers = _adapter_layers_or_raise(model, "merge_adapters()")
     bad = [name for name, layer in layers if layer.merged or not layer.adapter_enabled]
@@ -54,18 +54,18 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             f"merge_adapters(): these layers' adapters hold NaN or inf: {non_finite}; merging would "
             "write them into the base weights, which unmerge_adapters() could not take back"
         )
-    done: list[LoRALinear] = []
+    # W0 + delta out of its dtype's range shows only in the merged weight: computed and checked for
+    # every layer before the first write, so that the refusal changes nothing (undoing merges would
+    # requantize a quantized base twice, and round a 16-bit one). One more merge's work per layer.
+    with torch.no_grad():
+        for name, layer in layers:
+            weight = layer._read_base_weight(layer._merge_dtype(layer.compute_dtype))
+            layer._merge_weight_(weight)
+            layer._refuse_out_of_range(weight, layer.compute_dtype, f"merge_adapters(): {name!r}")
+            del weight
     with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
-        try:
-            for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
-                layer.merge()
-                done.append(layer)
-        except BaseException:
-            # a layer refused what only its merge can show (W0 + delta out of its dtype's range):
-            # the layers merged before it are unmerged, which restores them up to rounding
-            for layer in reversed(done):
-                layer.unmerge()
-            raise
+        for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
+            layer.merge()
     return model
 
 

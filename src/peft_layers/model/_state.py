@@ -87,10 +87,11 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter entries of ``model.state_dict()``: ``"<path>.lora_A"``, ``"<path>.lora_B"``,
     and ``"<path>.magnitude"`` for DoRA; each layer once (under its first name), detached; the
-    state of each module to save's trained copy (``"<path>.trained.weight"``, ...); and every
-    bias that trains (``requires_grad``: those ``bias="adapter_only"`` or ``"all"`` unfroze,
-    ``"<path>.base_layer.bias"`` in an adapter layer), which belongs to the adapter as it does
-    in :func:`save_adapter`'s file and Hugging Face PEFT's ``get_peft_model_state_dict``. Paths
+    state of each module to save's trained copy (``"<path>.trained.weight"``, ...); and the
+    biases that :func:`save_adapter`'s file holds, by its rule: where a bias of an adapter layer
+    trains (``bias="adapter_only"``), those layers' (``"<path>.base_layer.bias"``); where another
+    trains (``bias="all"``), every bias of the model as well. A trained bias belongs to the
+    adapter, as in Hugging Face PEFT's ``get_peft_model_state_dict``. Paths
     are those of the model inside ``torch.compile``'s and data-parallel wrappers
     (:func:`unwrapped`). Every key is a key of ``model.state_dict()``, so a model that is itself
     an adapter layer or module to save gives its own keys, unprefixed (``"lora_A"``,
@@ -107,9 +108,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         prefix = f"{name}." if name else ""
         for key, tensor in saved.trained.state_dict(prefix=f"{prefix}trained.").items():
             state[key] = tensor
-    for key, parameter in model.named_parameters():
-        if parameter.requires_grad and (key == "bias" or key.endswith(".bias")):
-            state.setdefault(key, parameter.detach())  # a trained copy's bias is in already
+    # the biases save_adapter's file holds, by its rule (io._save._bias_mode), under the model's
+    # own keys; a module to save's original is no part of the adapter
+    from ..io._save import _bias_mode  # io imports this module
+
+    layers = list(iter_adapter_layers(model))
+    mode = _bias_mode(model, layers)
+    if mode != "none":
+        for name, layer in layers:
+            if layer.bias is not None:
+                state[f"{name}.base_layer.bias" if name else "base_layer.bias"] = layer.bias.detach()
+    if mode == "all":
+        # a model that is itself the holder ("") holds every key
+        holders = tuple(f"{name}." if name else "" for name, _ in [*layers, *iter_modules_to_save(model)])
+        for key, parameter in model.named_parameters():
+            if (key == "bias" or key.endswith(".bias")) and not key.startswith(holders):
+                state.setdefault(key, parameter.detach())
     return state
 
 
@@ -167,6 +181,8 @@ def load_adapter_state_dict(
         if value.is_meta or value.layout != torch.strided:
             kind = "on the meta device (no values)" if value.is_meta else f"of layout {value.layout}"
             raise ValueError(f"state_dict[{key!r}]: expected a dense tensor with values, got one {kind}")
+        if value.is_complex():  # passes as "not floating"; its cast would warn after earlier copies
+            raise ValueError(f"state_dict[{key!r}]: expected a real tensor, got dtype {value.dtype}")
         if value.is_floating_point() != expected[key].is_floating_point():
             kind = "a floating tensor" if expected[key].is_floating_point() else f"a {expected[key].dtype} tensor"
             raise ValueError(f"state_dict[{key!r}]: expected {kind}, got dtype {value.dtype}")
