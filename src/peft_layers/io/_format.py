@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model import METHODS, pattern_key
+from ..model import METHODS
 from ..model._methods import QUANTIZED_BASE_METHODS
-from ..model._tree import _suffix_matches
+from ..model._tree import _PatternKeys, _suffix_matches
 
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -314,10 +314,22 @@ def _check_patterns(config: Mapping[str, Any], name: str, path: Path, check) -> 
 
 def _target_matches(target_modules: Any, name: str) -> bool:
     """Hugging Face PEFT's ``target_modules`` rule: a string is a regex that must match the whole
-    name; a list holds exact names and name suffixes (whole dotted components)."""
+    name; a list holds exact names and name suffixes (whole dotted components). Give a long list
+    as a set (:func:`_target_lookup`): each of the name's dotted tails is looked up in it."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(_suffix_matches(t, name) for t in target_modules)
+    return any(tail in target_modules for tail in _dotted_tails(name))
+
+
+def _dotted_tails(name: str) -> list[str]:
+    """``name`` and each of its whole-component suffixes: those ``t`` with ``_suffix_matches(t, name)``."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _target_lookup(target_modules: Any) -> Any:
+    """``target_modules`` as :func:`_target_matches` asks it fastest: a list as a frozenset."""
+    return frozenset(target_modules) if isinstance(target_modules, list) else target_modules
 
 
 @dataclass(frozen=True)
@@ -383,13 +395,16 @@ class _LayerSelection:
         return f"{where}, not in layers_to_transform={self.layers!r} (layers_pattern={self.patterns or None!r})"
 
 
-def _may_be_adapted(module: str, target_modules: str | list[str] | None, selection: _LayerSelection) -> bool:
+def _may_be_adapted(
+    module: str, target_modules: str | list[str] | None, selection: _LayerSelection, lookup: Any = None
+) -> bool:
     """Whether Hugging Face PEFT, under the config, could put an adapter at ``module``:
     ``target_modules`` matches it (or is unset, which decides nothing) and no other field leaves
     it out."""
     if target_modules is None:
         return True
-    return _target_matches(target_modules, module) and selection.why_left_out(module, target_modules) is None
+    lookup = _target_lookup(target_modules) if lookup is None else lookup
+    return _target_matches(lookup, module) and selection.why_left_out(module, target_modules) is None
 
 
 def _layer_index_regex(layers_pattern: str) -> str:
@@ -697,6 +712,8 @@ def _parse(
         except re.error as error:
             raise ValueError(f"{cp}: target_modules {target_modules!r} is not a valid regex ({error})") from None
     selection = _LayerSelection.from_config(config, cp)
+    target_lookup = _target_lookup(target_modules)
+    rank_keys, alpha_keys = _PatternKeys(rank_pattern), _PatternKeys(alpha_pattern)
     ours, ours_path = _our_field(config, metadata, cp, weights_path)
     method, layer_kwargs = _parse_our_field(ours, use_dora, ours_path)
     # our field names the modules to save exactly where Hugging Face PEFT's suffix rule would take
@@ -745,7 +762,7 @@ def _parse(
     modules: dict[str, ModuleAdapter] = {}
     for module, parts in grouped.items():
         if "lora_A" not in parts and "lora_B" not in parts:
-            if "base_bias" in parts and not _may_be_adapted(module, target_modules, selection):
+            if "base_bias" in parts and not _may_be_adapted(module, target_modules, selection, target_lookup):
                 # no adapter can be at `module`: the key is the bias of the model's own module
                 # named base_layer inside it (bias="all"), as Hugging Face PEFT loads it
                 other_biases[f"{module}.base_layer" if module else "base_layer"] = parts.pop("base_bias")
@@ -811,16 +828,16 @@ def _parse(
                 f"{wp}: {module!r}: base_layer.weight {tuple(base_weight.shape)} should be "
                 f"({b.shape[0]}, {a.shape[1]}) (out_features of lora_B, in_features of lora_A)"
             )
-        pattern = pattern_key(rank_pattern, module)
+        pattern = rank_keys(module)
         rank = rank_pattern[pattern] if pattern is not None else r
         if a.shape[0] != rank:
             raise ValueError(
                 f"{wp}: {module!r} has rank {a.shape[0]} but {cp.name} gives it rank {rank} "
                 f"({'rank_pattern[' + repr(pattern) + ']' if pattern is not None else 'r'})"
             )
-        pattern = pattern_key(alpha_pattern, module)
+        pattern = alpha_keys(module)
         alpha = float(alpha_pattern[pattern]) if pattern is not None else lora_alpha
-        if target_modules is not None and not _target_matches(target_modules, module):
+        if target_modules is not None and not _target_matches(target_lookup, module):
             raise ValueError(
                 f"{wp}: module {module!r} is not matched by target_modules={target_modules!r} of {cp.name}"
             )

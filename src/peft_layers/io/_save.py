@@ -111,13 +111,18 @@ def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
     """Parameters of ``model`` that are not inside an adapter layer or a module to save, under
     their first names as the plain model names them: a serving stack's base parameters
     (``<p>.base_layer.bias``) under the stacked layer's own (``<p>.bias``), its adapters left out."""
-    holders = [*iter_adapter_layers(model), *iter_modules_to_save(model)]
-    prefixes = tuple(f"{name}." if name else "" for name, _ in holders)  # "": the model is one
-    stacks = tuple(f"{name}." for name, _ in _stacked_layers(model))
+    # looked up by each dotted prefix of a name: a scan of every holder per parameter is quadratic
+    holders = {name for name, _ in [*iter_adapter_layers(model), *iter_modules_to_save(model)]}
+    if "" in holders:
+        return  # the model is itself an adapter layer or a module to save: it holds every parameter
+    stacks = {name: order for order, (name, _) in reversed(list(enumerate(_stacked_layers(model))))}
     for name, parameter in model.named_parameters():
-        if name.startswith(prefixes):
+        parts = name.split(".")
+        owners = [".".join(parts[:end]) for end in range(1, len(parts))]
+        if any(owner in holders for owner in owners):
             continue
-        stack = next((prefix for prefix in stacks if name.startswith(prefix)), None)
+        # the first stack (in named_modules order) that holds the parameter
+        stack = min(((stacks[o], f"{o}.") for o in owners if o in stacks), default=(0, None))[1]
         if stack is not None:
             inner = name[len(stack):]
             if not inner.startswith("base_layer."):
@@ -137,7 +142,8 @@ def _target_modules(paths: list[str], plain_names: list[str]) -> list[str] | str
     dotted suffix of another module's name), a full-match regex of exactly these paths."""
     wanted = set(paths)
     others = [n for n in plain_names if n and n not in wanted]
-    if any(n.endswith("." + p) for n in others for p in paths):
+    # n.endswith("." + p) for some p, as a lookup of each proper dotted tail of n (linear, not n * p)
+    if any(".".join(n.split(".")[i:]) in wanted for n in others for i in range(1, n.count(".") + 1)):
         return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
     return sorted(paths)
 

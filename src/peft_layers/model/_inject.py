@@ -41,6 +41,7 @@ from ._methods import (
 from ._state import _prevailing_float_dtype
 from ._tree import (
     _AllLinear,
+    _PatternKeys,
     _check_pattern,
     _describe,
     _enclosing_adapter,
@@ -56,7 +57,6 @@ from ._tree import (
     _undo_on_error,
     iter_adapter_layers,
     iter_modules_to_save,
-    pattern_key,
 )
 
 
@@ -242,14 +242,14 @@ def inject_adapters(
                 f"its linear layers are (nearest first): {nearest}"
             )
     target_names = [name for module_id in chosen for name in all_names[module_id]]
-    for argument, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key in patterns:
-            if not any(pattern_key({key: None}, name) for name in target_names):
-                nearest = _nearest_names(key, target_names)[:20]
-                raise ValueError(
-                    f"{argument}: key {key!r} matches none of the targets (as a regex on a whole dotted "
-                    f"tail of their names); the targets are (nearest first): {nearest}"
-                )
+    rank_keys, alpha_keys = _PatternKeys(rank_pattern), _PatternKeys(alpha_pattern)
+    for argument, keys in (("rank_pattern", rank_keys), ("alpha_pattern", alpha_keys)):
+        for key in keys.unmatched(target_names)[:1]:
+            nearest = _nearest_names(key, target_names)[:20]
+            raise ValueError(
+                f"{argument}: key {key!r} matches none of the targets (as a regex on a whole dotted "
+                f"tail of their names); the targets are (nearest first): {nearest}"
+            )
 
     saved = _choose_modules_to_save(model, modules_to_save, modules, chosen) if modules_to_save is not None else []
 
@@ -279,10 +279,10 @@ def inject_adapters(
             first = names[0]
             kwargs = dict(layer_kwargs)
             # a shared module's names are tried in order: a key may name any of them
-            rank_key = next(filter(None, (pattern_key(rank_pattern, name) for name in names)), None)
+            rank_key = next(filter(None, map(rank_keys, names)), None)
             if rank_key is not None:
                 kwargs["rank"] = rank_pattern[rank_key]
-            pattern = next(filter(None, (pattern_key(alpha_pattern, name) for name in names)), None)
+            pattern = next(filter(None, map(alpha_keys, names)), None)
             if pattern is not None:
                 kwargs["alpha"] = alpha_pattern[pattern]
             if loaded_in in COMPUTE_DTYPES and _names_no_compute_dtype(modules[first]):

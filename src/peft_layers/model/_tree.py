@@ -98,6 +98,57 @@ def pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
+def _anchored_path(key: str) -> str | None:
+    """The path ``p`` if ``key`` is ``"^" + re.escape(p)`` (the keys that ``save_adapter`` and
+    ``load_adapter`` write, which match ``p`` only), else None."""
+    if not key.startswith("^"):
+        return None
+    path = re.sub(r"\\(.)", r"\1", key[1:], flags=re.DOTALL)
+    return path if re.escape(path) == key[1:] else None
+
+
+class _PatternKeys:
+    """:func:`pattern_key` of one ``patterns`` mapping, asked for many names: every key compiled
+    once, and the anchored keys (:func:`_anchored_path`) looked up by name rather than tried one
+    by one, so that a file with a key per layer loads in linear time."""
+
+    def __init__(self, patterns: Mapping[str, Any]) -> None:
+        self.exact: dict[str, tuple[int, str]] = {}
+        self.scanned: list[tuple[int, str, re.Pattern[str]]] = []
+        for order, key in enumerate(patterns):
+            path = _anchored_path(key)
+            if path is not None:
+                self.exact.setdefault(path, (order, key))
+            else:
+                self.scanned.append((order, key, re.compile(rf"(.*\.)?({key})$")))
+
+    def _exact(self, name: str) -> tuple[int, str] | None:
+        # "$" also matches before a final newline: "^p" matches "p\n" too
+        hits = [self.exact[n] for n in (name, name[:-1] if name.endswith("\n") else None) if n in self.exact]
+        return min(hits) if hits else None
+
+    def __call__(self, name: str) -> str | None:
+        exact = self._exact(name)
+        for order, key, compiled in self.scanned:
+            if exact is not None and order > exact[0]:
+                break
+            if compiled.match(name):
+                return key
+        return exact[1] if exact is not None else None
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """The keys that match none of ``names`` (in order), an empty key always among them
+        (``pattern_key`` gives it back as ``""``, which tells no match)."""
+        names = list(names)
+        matched = {
+            self.exact[n][1] for name in names
+            for n in (name, name[:-1] if name.endswith("\n") else None) if n in self.exact
+        }
+        matched.update(key for _, key, compiled in self.scanned if any(compiled.match(n) for n in names))
+        ordered = sorted([*self.exact.values(), *((o, k) for o, k, _ in self.scanned)])
+        return [key for _, key in ordered if not key or key not in matched]
+
+
 def _check_pattern(argument: str, patterns: Any, kind: type) -> dict[str, Any]:
     if patterns is None:
         return {}
