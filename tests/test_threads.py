@@ -52,9 +52,9 @@ def _stacked_ref64(model: nn.Module, adapters: dict, x: torch.Tensor, names: lis
 def test_adapter_batch_choices_of_two_threads_do_not_mix() -> None:
     """Two requests served at once, each in its own adapter_batch block (the documented per-request
     API): A enters, B enters, A computes and leaves, B computes and leaves. Each must get its own
-    adapters, and no choice may outlive the blocks. Now the choice is one attribute per layer for
-    the whole model: A computes with B's adapters, B with none, and A's choice stays set after
-    both blocks (every later call uses it; another batch size raises)."""
+    adapters, and no choice may outlive the blocks. Before the fix the choice was one attribute
+    per layer for the whole model: A computed with B's adapters, B with none, and A's choice stayed
+    set after both blocks (every later call uses it; another batch size raises)."""
     model, adapters = _stacked_model()
     x = torch.randn(2, D, generator=torch.Generator().manual_seed(5))
     names = {"a": ["math", None], "b": ["code", "math"]}
@@ -122,9 +122,9 @@ def _model_ref64(model: nn.Module, x: torch.Tensor, adapted: bool) -> torch.Tens
 def test_disable_blocks_exited_out_of_order_restore_the_adapters() -> None:
     """Two disable_adapters() blocks that overlap and end in the order they began (two threads
     computing a DPO reference policy, or two asyncio tasks): after both, the model must be its
-    adapted self again, merged layers merged and enabled. Now each block restores what it saw on
-    entry, so the second one, which saw the adapters disabled by the first, leaves them disabled
-    for good (a merged layer ends merged yet disabled, a state adapter_enabled's setter refuses,
+    adapted self again, merged layers merged and enabled. Before the fix each block restored what
+    it saw on entry, so the second one, which saw the adapters disabled by the first, left them
+    disabled for good (a merged layer ends merged yet disabled, a state adapter_enabled's setter refuses,
     and its next disable block fails on exit)."""
     for merged in (False, True):
         model = _lora_model(merged)
@@ -166,7 +166,7 @@ class _PausingDoRA(pl.DoRALinear):
 
 
 def test_dora_base_norm_cache_keeps_no_old_norm_under_a_new_key() -> None:
-    """base_row_norm_sq() stores its cache as two attributes, the norm then its key. A forward
+    """base_row_norm_sq() stored its cache as two attributes, the norm then its key. A forward
     that computed ||W0||^2 before a write to the base weight, storing while a forward after the
     write stores, can leave the old norm under the new weight's key: every later no-grad forward
     then uses the old norm (until the base changes again). Interleaved here by pausing the two
