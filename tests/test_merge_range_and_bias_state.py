@@ -27,6 +27,10 @@ def model(dtype):
     net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
     return pl.inject_adapters(net, ["0", "2"], method="lora", rank=2)
 
+def report(word, rank):
+    # one write(2) of a short line is atomic on a pipe: print()'s pieces from two ranks interleaved
+    os.write(1, f"{word} {rank}\n".encode())
+
 def worker(rank, path, mode, world):
     faulthandler.dump_traceback_later(90, exit=True)  # a rank left waiting in a collective ends
     dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=world,
@@ -45,7 +49,7 @@ def worker(rank, path, mode, world):
         pl.unmerge_adapters(net)
         for i, w in zip((0, 2), W0):
             torch.testing.assert_close(net[i].weight.full_tensor().double(), w, rtol=0, atol=1e-6)
-        print("ok", rank, flush=True)
+        report("ok", rank)
     else:  # W0 + s B A past float16's range in the rows of rank 1's shard only
         net = model(torch.float16)
         with torch.no_grad():
@@ -59,9 +63,9 @@ def worker(rank, path, mode, world):
             pl.merge_adapters(net)
         except ValueError:
             assert not any(net[i].merged for i in (0, 2))
-            print("refused", rank, flush=True)
+            report("refused", rank)
         else:
-            print("merged", rank, flush=True)
+            report("merged", rank)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
