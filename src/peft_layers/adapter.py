@@ -453,11 +453,17 @@ class AdapterMixin:
             )
         self._warn_if_base_forward_is_its_own("merge()")
         with torch.no_grad():
-            weight = self._read_base_weight(self._merge_dtype(self.compute_dtype))
-            self._merge_weight_(weight)
+            weight = self._merged_weight(self.compute_dtype)
             self._refuse_out_of_range(weight, self.compute_dtype, "merge()")
             self._write_base_weight(weight)
         self._merged = True
+
+    def _merged_weight(self, stored: torch.dtype) -> Tensor:
+        """A new dense ``W0 + delta`` in the merge dtype for a weight kept in ``stored``
+        (:meth:`_merge_dtype`), not yet rounded to it nor written anywhere."""
+        weight = self._read_base_weight(self._merge_dtype(stored))
+        self._merge_weight_(weight)
+        return weight
 
     def _refuse_out_of_range(self, merged: Tensor, stored: torch.dtype, call: str) -> None:
         """Raise ``ValueError`` naming ``call`` if the merged weight (not yet written) holds NaN,
@@ -610,10 +616,11 @@ class AdapterMixin:
         self._warn_if_base_forward_is_its_own("to_linear()")
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
-            weight = self._read_base_weight(self._merge_dtype(dtype))
             if not self.merged and self._adapter_enabled:
-                self._merge_weight_(weight)
+                weight = self._merged_weight(dtype)
                 self._refuse_out_of_range(weight, dtype, "to_linear()")
+            else:
+                weight = self._read_base_weight(self._merge_dtype(dtype))
             weight = weight.to(dtype)
             bias = self.bias
             linear = nn.Linear(

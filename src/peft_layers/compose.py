@@ -109,6 +109,13 @@ def _factors_of(adapter: object, where: str) -> tuple[Tensor, Tensor, float]:
     raise TypeError(f"{where}: expected a pair (A, B) of tensors or a LoRA layer, got {got}")
 
 
+def _refuse_non_finite_factors(lora_A: Tensor, lora_B: Tensor, subject: str) -> None:
+    """Raise ``ValueError`` "``subject`` has NaN or inf in its factor A (or B)" if one does."""
+    for factor, tensor in (("A", lora_A), ("B", lora_B)):
+        if holds_non_finite(tensor):
+            raise ValueError(f"{subject} has NaN or inf in its factor {factor}; expected finite values")
+
+
 def _check_pair(lora_A: Tensor, lora_B: Tensor, where: str) -> None:
     if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
         raise ValueError(f"{where}: A and B must be floating tensors, got {lora_A.dtype} and {lora_B.dtype}")
@@ -139,9 +146,7 @@ def _combine_checked(
             )
     for label, (lora_A, lora_B, _) in zip(labels, factors):
         # NaN or inf would come out as a NaN result ("cat", "linear") or a LinAlgError ("svd")
-        for factor, tensor in (("A", lora_A), ("B", lora_B)):
-            if holds_non_finite(tensor):
-                raise ValueError(f"{where}: {label} has NaN or inf in its factor {factor}; expected finite values")
+        _refuse_non_finite_factors(lora_A, lora_B, f"{where}: {label}")
     dtype = factors[0][0].dtype
     for lora_A, lora_B, _ in factors:
         dtype = torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))

@@ -368,13 +368,12 @@ class DoRALinear(LoRALinear):
     def epsilon(self) -> float:
         """The floor of the weight norm, ``n = max(||W'||, epsilon)``: a finite number > 0,
         checked when set."""
-        state = self.__dict__  # layers pickled by older versions hold the plain attribute instead
-        return cast(float, state.get("_epsilon", state.get("epsilon")))
+        return cast(float, self._scaling_setting("epsilon"))
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
         _check_positive("epsilon", value)
-        self._epsilon = float(value)
+        self._store_setting("epsilon", float(value))
 
     # ---- the norm -------------------------------------------------------------------------
     def base_row_norm_sq(self) -> Tensor:

@@ -577,8 +577,8 @@ class LoRALinear(AdapterMixin, nn.Module):
         self._set_scaling_setting("use_rslora", value)
 
     def _scaling_setting(self, name: str) -> Any:
-        # "_alpha" (and "_rank", "_init", "_lr_ratio"); layers pickled before these were properties
-        # hold "alpha" in their __dict__
+        # "_alpha" (and "_rank", "_init", "_lr_ratio", DoRA's "_epsilon"); layers pickled before
+        # these were properties hold "alpha" in their __dict__
         state = self.__dict__
         for key in ("_" + name, name):
             if key in state:

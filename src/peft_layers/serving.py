@@ -33,10 +33,9 @@ from .adapter import (
     base_features,
     global_forward_hooks,
     has_hooks,
-    holds_non_finite,
     is_conv1d,
 )
-from .compose import lora_factors
+from .compose import lora_factors, _refuse_non_finite_factors
 from .dora import DoRALinear
 from .io._save import _bias_mode
 from .lora import LoRALinear, _scaled_mm, is_bitsandbytes_module
@@ -330,12 +329,7 @@ def stack_adapters(
     # as combine_adapters and load_adapter refuse them (a file's are refused on reading already)
     for name, by_path in factors.items():
         for path, (lora_A, lora_B, _) in by_path.items():
-            for label, tensor in (("A", lora_A), ("B", lora_B)):
-                if holds_non_finite(tensor):
-                    raise ValueError(
-                        f"adapters[{name!r}]: module {path!r} has NaN or inf in its factor {label}; "
-                        "expected finite values (a diverged run?)"
-                    )
+            _refuse_non_finite_factors(lora_A, lora_B, f"adapters[{name!r}]: module {path!r}")
 
     # the model's own LoRA layers become stacks too, keeping their adapter as "default"
     own_layers = list(iter_adapter_layers(model))

@@ -107,10 +107,11 @@ def _bias_mode(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> str:
     return "none"
 
 
-def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def _plain_named_parameters(model: nn.Module, rename_stacks: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters of ``model`` that are not inside an adapter layer or a module to save, under
     their first names as the plain model names them: a serving stack's base parameters
-    (``<p>.base_layer.bias``) under the stacked layer's own (``<p>.bias``), its adapters left out."""
+    (``<p>.base_layer.bias``) under the stacked layer's own (``<p>.bias``), its adapters left out.
+    With ``rename_stacks=False``, every such parameter under its ``model.state_dict()`` name."""
     # looked up by each dotted prefix of a name: a scan of every holder per parameter is quadratic
     holders = {name for name, _ in [*iter_adapter_layers(model), *iter_modules_to_save(model)]}
     if "" in holders:
@@ -120,6 +121,9 @@ def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
         parts = name.split(".")
         owners = [".".join(parts[:end]) for end in range(1, len(parts))]
         if any(owner in holders for owner in owners):
+            continue
+        if not rename_stacks:
+            yield name, parameter
             continue
         # the first stack (in named_modules order) that holds the parameter
         stack = min(((stacks[o], f"{o}.") for o in owners if o in stacks), default=(0, None))[1]

@@ -59,10 +59,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     # requantize a quantized base twice, and round a 16-bit one). One more merge's work per layer.
     with torch.no_grad():
         for name, layer in layers:
-            weight = layer._read_base_weight(layer._merge_dtype(layer.compute_dtype))
-            layer._merge_weight_(weight)
-            layer._refuse_out_of_range(weight, layer.compute_dtype, f"merge_adapters(): {name!r}")
-            del weight
+            merged = layer._merged_weight(layer.compute_dtype)
+            layer._refuse_out_of_range(merged, layer.compute_dtype, f"merge_adapters(): {name!r}")
+            del merged
     with _one_requantize_warning([layer for _, layer in layers], "merge_adapters()"):
         for _, layer in _progress(layers, "merge_adapters()"):  # a quantized base requantizes: slow
             layer.merge()

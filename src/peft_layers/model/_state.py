@@ -110,7 +110,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             state[key] = tensor
     # the biases save_adapter's file holds, by its rule (io._save._bias_mode), under the model's
     # own keys; a module to save's original is no part of the adapter
-    from ..io._save import _bias_mode  # io imports this module
+    from ..io._save import _bias_mode, _plain_named_parameters  # io imports this module
 
     layers = list(iter_adapter_layers(model))
     mode = _bias_mode(model, layers)
@@ -119,10 +119,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             if layer.bias is not None:
                 state[f"{name}.base_layer.bias" if name else "base_layer.bias"] = layer.bias.detach()
     if mode == "all":
-        # a model that is itself the holder ("") holds every key
-        holders = tuple(f"{name}." if name else "" for name, _ in [*layers, *iter_modules_to_save(model)])
-        for key, parameter in model.named_parameters():
-            if (key == "bias" or key.endswith(".bias")) and not key.startswith(holders):
+        for key, parameter in _plain_named_parameters(model, rename_stacks=False):
+            if key == "bias" or key.endswith(".bias"):
                 state.setdefault(key, parameter.detach())
     return state
 

@@ -58,7 +58,7 @@ __all__ = [
 QUANT_SCHEMES = ("nf4", "fp4", "int8")
 #: block sizes bitsandbytes' quantize_4bit accepts
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+COMPUTE_DTYPES = LAYER_DTYPES  # the dtypes any layer of the library computes in
 
 # How the matmul runs. Measured on this project's 2-core AVX512 (VNNI, BF16) CPU, bitsandbytes
 # 0.50.2, torch 2.13: x (512, in) float32, 2 threads, each path timed in 15 interleaved rounds and
