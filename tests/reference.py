@@ -216,7 +216,7 @@ def assert_double_backward_refused(layer: torch.nn.Module, x: Tensor) -> None:
     with pytest.raises(
         RuntimeError,
         match=r"^double backward \(create_graph=True\) through a LoRA/DoRA layer's fused training step "
-        r"is not supported; .*base_layer\.weight\.requires_grad_\(True\)",
+        r"is not supported; for second-order gradients use torch\.func .*base_layer\.weight\.requires_grad_\(True\)",
     ):
         g_b, = torch.autograd.grad(y.square().sum(), layer.lora_B, create_graph=True)
         torch.autograd.grad(g_b.sum(), layer.lora_A)

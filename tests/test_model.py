@@ -72,6 +72,38 @@ def test_callable_target_and_exclude() -> None:
     ]
 
 
+def test_targets_that_are_callable_but_no_predicate_name_the_argument() -> None:
+    """A module is callable, so it was taken for a predicate and failed inside torch ("forward()
+    takes 2 positional arguments but 3 were given"); a one-argument lambda failed the same way;
+    ``bytes`` iterated as ints ("got 113 (int)"). Each now names the argument and what it takes,
+    before anything changes; a predicate with defaults or ``*args`` still works."""
+    model = tiny_model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    q_proj = model.layers[0].attn.q_proj
+    allowed = r"expected a name suffix, a list of them, a compiled regex or a callable \(name, module\) -> bool"
+    cases = [
+        (dict(targets=q_proj), rf"^targets: {allowed}, got a module \(Linear\); pass its name$"),
+        (dict(targets="q_proj", exclude=q_proj), rf"^exclude: {allowed}, got a module \(Linear\); pass its name$"),
+        (dict(targets=lambda name: True), r"^targets: a callable must take two arguments \(name, module\) and return a bool; .*<lambda> takes \(name\)$"),
+        (dict(targets="q_proj", exclude=lambda: True), r"^exclude: a callable must take two arguments .* takes \(\)$"),
+        (dict(targets=b"q_proj"), rf"^targets: {allowed}, got b'q_proj' \(bytes\); decode it to str$"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(TypeError, match=message):
+            pl.inject_lora(model, **arguments)
+    assert adapter_names(model) == []
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert model.state_dict().keys() == before.keys()
+
+    def with_defaults(name, module, extra=None) -> bool:
+        return name.endswith("q_proj")
+
+    assert adapter_names(pl.inject_lora(tiny_model(), with_defaults)) == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+    assert adapter_names(pl.inject_lora(tiny_model(), lambda *args: args[0].endswith("v_proj"))) == [
+        "layers.0.attn.v_proj", "layers.1.attn.v_proj",
+    ]
+
+
 def test_rank_and_alpha_patterns_follow_hugging_face_matching() -> None:
     model = pl.inject_lora(
         tiny_model(), list(ATTN), rank=4, alpha=8.0,
@@ -873,6 +905,22 @@ def test_adapter_state_dict_keeps_the_biases_that_train(tmp_path) -> None:
     assert all(torch.equal(from_file[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match=r"'layers.0.attn.q_proj.base_layer.bias' is a trained bias"):
         pl.compose.combine_adapters([expected, expected], [0.5, 0.5])
+
+
+def test_a_model_without_adapters_has_no_adapter_state() -> None:
+    """A fresh model trains every bias, which the bias rule read as ``bias="all"``: its
+    ``adapter_state_dict`` was every bias, and ``load_adapter_state_dict`` copied biases into a
+    model never injected, or blamed missing bias keys. As documented, the state is empty and
+    loading raises "no adapter layers", leaving the model as it was."""
+    model = tiny_model()
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    assert pl.adapter_state_dict(model) == {}
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    bias = {"layers.0.attn.q_proj.bias": torch.full_like(model.layers[0].attn.q_proj.bias, 7.0)}
+    for state, strict in (({}, True), ({}, False), (bias, True), (bias, False)):
+        with pytest.raises(ValueError, match="model has no adapter layers; inject_adapters"):
+            pl.load_adapter_state_dict(model, state, strict=strict)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
 def test_load_adapter_state_dict_mismatch_changes_nothing() -> None:

@@ -370,3 +370,39 @@ def test_a_file_saved_from_a_pretrained_model_opens_with_auto_peft_model(tmp_pat
                                    rtol=1e-5, atol=1e-5)
     pl.save_adapter(pl.inject_lora(transformers.LlamaForCausalLM(config), ["q_proj"], rank=2), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_a_model_holding_hugging_face_peft_modules_is_refused(tmp_path) -> None:
+    """A ``PeftModel``'s LoRA layers are not ``nn.Linear``: ``"all-linear"`` wrapped the parts
+    inside them (``q_proj.base_layer``, ``q_proj.lora_A.default``), nesting adapters in another
+    library's silently, and a named target got "a Linear; ... wraps nn.Linear only", which reads
+    as a contradiction. Injecting, and loading a file into such a model, now refuse, naming the
+    module and how to take the base model out; the model is unchanged."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    source = pl.inject_lora(copy.deepcopy(base), ["0"], rank=2)
+    pl.save_adapter(source, tmp_path / "ours")
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
+    before = {key: value.clone() for key, value in wrapped.state_dict().items()}
+    outer = r"holds Hugging Face PEFT's modules \(the model: peft\.peft_model\.PeftModel\).*merge_and_unload\(\)"
+    inner = r"holds Hugging Face PEFT's modules \(0: peft\.tuners\.lora\.layer\.Linear\)"
+    for model, message in ((wrapped, outer), (wrapped.base_model.model, inner)):  # the PeftModel, or inside it
+        for call in (
+            lambda: pl.inject_adapters(model, "all-linear", rank=1),
+            lambda: pl.inject_adapters(model, ["0"], rank=1),
+            lambda: pl.inject_adapters(model, re.compile(r".*lora_[AB]\.default"), rank=1),
+            lambda: pl.load_adapter(model, tmp_path / "ours"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                call()
+    assert next(pl.model.iter_adapter_layers(wrapped), None) is None
+    assert wrapped.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[key]) for key, value in wrapped.state_dict().items())
+    # the way out the message gives works: the merged base takes our adapter
+    merged = wrapped.merge_and_unload()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = merged(x)
+        pl.inject_lora(merged, ["0"], rank=2)  # B starts at zero: the same function
+        torch.testing.assert_close(merged(x), expected, rtol=0, atol=0)
+    assert [name for name, _ in pl.model.iter_adapter_layers(merged)] == ["0"]

@@ -943,3 +943,20 @@ def test_adapter_batch_takes_the_names_as_they_were_when_the_block_began() -> No
         out = model(x).double()
     expected = torch.stack([_formula(x[0], base, lora_A, lora_B, 1.0), _formula(x[1], base, lora_A, 0 * lora_B, 1.0)])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stacked_layer_refuses_integer_input_as_the_adapter_layers_do() -> None:
+    """An integer input reached the base ``nn.Linear`` and came back as torch's "mat1 and mat2
+    must have the same dtype"; like every adapter layer and ``QuantizedLinear`` (one shared
+    check), the stack names the input and what it takes."""
+    stack = pl.MultiLoRALinear(nn.Linear(5, 4))
+    stack.add_adapter("a", torch.randn(2, 5), torch.randn(4, 2), 1.0)
+    stack.active_adapter = "a"
+    layers = [stack, pl.LoRALinear.from_linear(nn.Linear(5, 4), rank=2), QuantizedLinear.from_linear(nn.Linear(64, 4), scheme="nf4")]
+    for layer in layers:
+        with pytest.raises(TypeError, match=r"^input: expected a floating-point tensor, got torch.int64$"):
+            layer(torch.ones(2, layer.in_features, dtype=torch.int64))
+        with pytest.raises(TypeError, match=r"^input: expected a floating-point tensor, got list$"):
+            layer([[0.0] * layer.in_features])
+        with pytest.raises(ValueError, match=rf"^input: expected shape \(\*, in_features={layer.in_features}\), got \(2, 3\)$"):
+            layer(torch.ones(2, 3))

@@ -497,3 +497,85 @@ def test_torch_func_per_sample_gradients_match_autograd(cls: type, every_paramet
             if p.requires_grad:
                 # float32, two summation orders (plain ops here, the fused function in autograd)
                 torch.testing.assert_close(per_sample[name][index], p.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---- batched, forward-mode and second-order gradients (float64) -----------------------------
+def _layer64(cls: type) -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT, dtype=torch.float64)
+    kwargs = {"compute_dtype": torch.float64} if cls in QUANTIZED else {}
+    layer = cls.from_linear(linear, rank=4, alpha=8.0, **kwargs)
+    randomize_adapter(layer, scale=0.3)
+    return layer
+
+
+def _function64(layer: nn.Module):
+    """The layer as a float64 function of ``(x, A, B[, m])`` on its (dequantized) base weight."""
+    w0, bias = _base_weight(layer), f64(layer.bias)
+
+    def function(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        if m is None:
+            return lora_ref(x, w0, bias, a, b, layer.scaling)
+        return dora_ref(x, w0, bias, a, b, m, layer.scaling, layer.epsilon)
+
+    return function
+
+
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+def test_batched_gradients_and_vectorized_jacobians_match_float64(cls: type) -> None:
+    """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)`` run the
+    backward on batched gradients. DoRA's backward reused its saved ``z`` as scratch whenever the
+    graph was freed, and an in-place product of a plain tensor with a batched gradient cannot be
+    written: DoRA and QDoRA raised a vmap error. Their values are the float64 ones now."""
+    layer = _layer64(cls)
+    names = layer.adapter_parameter_names
+    reference = _function64(layer)
+    x = torch.randn(3, IN, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    cotangents = torch.randn(4, *y.shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, *(getattr(layer, n) for n in names)], cotangents, is_grads_batched=True)
+    inputs = [f64(x, True), *(f64(getattr(layer, n), True) for n in names)]
+    y64 = reference(*inputs)
+    for index, target in enumerate(inputs):
+        expected = torch.stack([torch.autograd.grad(y64, target, v, retain_graph=True)[0] for v in cotangents])
+        torch.testing.assert_close(got[index], expected, rtol=1e-10, atol=1e-12)
+    params = [f64(getattr(layer, n)) for n in names]
+    x = torch.randn(3, IN, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.autograd.functional.jacobian(layer, x, vectorize=True),
+        torch.autograd.functional.jacobian(lambda v: reference(v, *params), x),
+        rtol=1e-10, atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("cls", DENSE + QUANTIZED)
+def test_second_order_and_forward_mode_gradients_through_torch_func_match_float64(cls: type) -> None:
+    """The fused step refuses ``create_graph=True`` and its message names ``torch.func``, the
+    remedy that works for every layer (a quantized base's codes cannot require grad, the other
+    remedy it names). Under ``torch.func``: the gradient of a gradient penalty w.r.t. ``A``
+    (reverse over reverse), and the Hessian in the input (``hessian``, forward over reverse: the
+    quantized product had no ``jvp`` and raised), against float64."""
+    from torch.func import functional_call, grad, hessian
+
+    layer = _layer64(cls)
+    names = layer.adapter_parameter_names
+    reference = _function64(layer)
+    x = torch.randn(3, IN, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"use torch\.func \(grad of grad, jacrev, hessian\)"):
+        g_x, = torch.autograd.grad(layer(x.requires_grad_()).square().sum(), x, create_graph=True)
+        torch.autograd.grad(g_x.square().sum(), layer.lora_A)
+    x = x.detach()
+    params = {n: getattr(layer, n).detach() for n in names}
+
+    def penalty(p: dict, function) -> torch.Tensor:  # ||d/dx sum(y^2)||^2
+        return grad(lambda v: function(p, v).square().sum())(x).square().sum()
+
+    ours = grad(penalty)(params, lambda p, v: functional_call(layer, p, (v,)))
+    expected = grad(penalty)(params, lambda p, v: reference(v, *(p[n] for n in names)))
+    for name in names:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        hessian(lambda v: functional_call(layer, params, (v,)).pow(3).sum())(x),
+        hessian(lambda v: reference(v, *params.values()).pow(3).sum())(x),
+        rtol=1e-10, atol=1e-12,
+    )

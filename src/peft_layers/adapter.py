@@ -264,6 +264,17 @@ def base_features(module: nn.Module) -> tuple[int, int]:
     return int(linear.in_features), int(linear.out_features)
 
 
+def check_linear_input(x: object, in_features: int) -> None:
+    """Refuse what a linear layer of ``in_features`` inputs cannot take: anything but a
+    floating-point tensor of shape ``(*, in_features)`` (as ``nn.Linear`` requires: an integer
+    input would otherwise be cast to the compute dtype and the output truncated)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"input: expected a floating-point tensor, got {kind}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"input: expected shape (*, in_features={in_features}), got {tuple(x.shape)}")
+
+
 class AdapterMixin:
     """Base layer handling, merge state machine and enable/disable for adapter layers.
 
@@ -638,13 +649,4 @@ class AdapterMixin:
             yield getattr(self, name)
 
     def _check_input(self, x: Tensor) -> None:
-        """A floating-point ``x`` of shape ``(*, in_features)`` (as ``nn.Linear`` requires: an
-        integer input would otherwise be cast to the compute dtype and the output truncated)."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"input: expected a floating-point tensor, got {kind}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input: expected shape (*, in_features={self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
+        check_linear_input(x, self.in_features)

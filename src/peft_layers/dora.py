@@ -281,7 +281,7 @@ class _DoRAFunction(torch.autograd.Function):
         # z is read only here: when the graph goes after this backward, G * z and then G * g are
         # written over it, which saves two output-sized allocations (on a CPU, fresh pages cost
         # page faults: about 3% of a DoRA step at 1024, see docs/benchmarks.md)
-        reuse_z = z.dtype == grad.dtype and _graph_freed_after_backward()
+        reuse_z = z.dtype == grad.dtype and _graph_freed_after_backward(grad)
         if need_m:
             product = z.mul_(grad) if reuse_z else grad * z
             grad_m = (product.sum(0).to(norm.dtype) / norm).to(ctx.magnitude_dtype)

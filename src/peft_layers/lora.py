@@ -202,8 +202,9 @@ def _refuse_double_backward() -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             "double backward (create_graph=True) through a LoRA/DoRA layer's fused training step is "
-            "not supported; for second-order gradients run the layer with its base weight "
-            "trainable (base_layer.weight.requires_grad_(True)), which uses plain autograd ops"
+            "not supported; for second-order gradients use torch.func (grad of grad, jacrev, "
+            "hessian), under which every layer computes with plain autograd ops, or, over a float "
+            "base, make its weight trainable (base_layer.weight.requires_grad_(True))"
         )
 
 
@@ -238,16 +239,22 @@ def _base_weight_blocks_for_backward(ctx: Any, saved: tuple[Tensor, ...]) -> Row
     return _row_blocks.weight_blocks(ctx.weight_fn)
 
 
-def _graph_freed_after_backward() -> bool:
-    """Whether the backward now running frees the graph after it (no ``retain_graph``), so a
-    fused backward may overwrite a temporary it saved: nothing will read it again.
+def _graph_freed_after_backward(grad: Tensor) -> bool:
+    """Whether the backward now running, with incoming gradient ``grad``, frees the graph after
+    it (no ``retain_graph``), so a fused backward may overwrite a temporary it saved with a
+    product of ``grad``: nothing will read the temporary again.
 
     False when torch cannot tell (outside a backward, a torch without the query, or a backward
     being traced, where the query cannot be compiled and the graph's buffers are the compiler's):
-    the safe answer, which only costs the fresh buffers.
+    the safe answer, which only costs the fresh buffers. False as well for a batched ``grad``
+    (``autograd.grad(..., is_grads_batched=True)``, vectorized ``jacobian``/``hessian``): an
+    in-place product of a plain tensor with a batched one cannot be written.
     """
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not tracing() and not keep_graph()
+    is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if keep_graph is None or is_batched is None or tracing() or is_batched(grad):
+        return False
+    return not keep_graph()
 
 
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float, *, shape_of: Tensor) -> Tensor:

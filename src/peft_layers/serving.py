@@ -31,6 +31,7 @@ from .adapter import (
     autocast_enabled,
     autocast_off,
     base_features,
+    check_linear_input,
     global_forward_hooks,
     has_hooks,
     is_conv1d,
@@ -173,10 +174,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in_features) -> (*, out_features)``; with a per-row choice, ``x`` is
         ``(batch, *, in_features)`` with one entry of ``row_adapters`` per batch row."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input: expected a Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}")
+        check_linear_input(x, self.in_features)
         # as the adapter layers do: compute in the base's dtype, return the input's (autocast
         # decides both inside the base layer)
         input_dtype = x.dtype

@@ -29,7 +29,7 @@ from ..model import (
 )
 from ..model._inject import _module_to_save_refusal
 from ..model._methods import QUANTIZED_BASE_METHODS, _LoadedQuantized, _layer_method
-from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error
+from ..model._tree import _refuse_sharded, _stacked_layers, _undo_on_error, refuse_foreign_wrapping
 from ._format import _DORA_EPSILON, AdapterFile, ModuleAdapter, read_adapter
 from ._save import _anchored, _most_common, _warn_shared
 
@@ -590,7 +590,9 @@ def load_adapter(
         FileNotFoundError: the adapter folder or its files do not exist.
         NotADirectoryError: ``directory`` is a file (such as the weights file itself).
         ValueError: bad files (JSON, truncated or corrupt weights, keys, shapes, ranks, dtypes,
-            config against tensors) or files that do not fit the model.
+            config against tensors) or files that do not fit the model; a model without adapters
+            wrapped in ``DistributedDataParallel`` or holding Hugging Face PEFT's modules (as
+            :func:`~peft_layers.inject_adapters`).
         TypeError: a bad argument type, an ``inject_kwargs`` argument the file decides, or
             ``inject_kwargs`` with a model that has adapters.
     """
@@ -611,6 +613,7 @@ def load_adapter(
             "unload(model) takes the stacks off first"
         )
     else:
+        refuse_foreign_wrapping(wrapper, "load_adapter()")
         _inject_and_fill(model, adapter, inject_kwargs)  # a failure, a warning as error too, undoes it
     return wrapper
 

@@ -52,6 +52,7 @@ from ._tree import (
     _progress,
     _set_module,
     _spec_parts,
+    refuse_foreign_wrapping,
     _stack_class,
     _suffix_matches,
     _undo_on_error,
@@ -119,10 +120,13 @@ def inject_adapters(
     lies inside one; ``TypeError`` if a match is not a linear layer the method can wrap or a layer
     argument is not one the method takes; and the layer's own error, prefixed with the module's
     name, for a value it rejects; ``ValueError`` for a model with lazy modules not yet run
-    (``nn.LazyLinear``: run a forward first). Nothing is changed when an error is raised (no
-    flag, no weight, not even a PiSSA residual).
+    (``nn.LazyLinear``: run a forward first), a model wrapped in ``DistributedDataParallel``
+    (inject first, then wrap: DDP would not average the new parameters' gradients) or holding
+    Hugging Face PEFT's modules. Nothing is changed when an error is raised (no flag, no weight,
+    not even a PiSSA residual).
     """
     _check_model(model)
+    refuse_foreign_wrapping(model, "inject_adapters()")
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, (str, re.Pattern)):
         # read once (a generator is asked twice under "all-linear"); [] saves none, as in Hugging Face PEFT
         modules_to_save = list(modules_to_save) or None

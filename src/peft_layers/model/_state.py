@@ -113,6 +113,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     from ..io._save import _bias_mode, _plain_named_parameters  # io imports this module
 
     layers = list(iter_adapter_layers(model))
+    if not state:  # no adapter layers nor modules to save: no bias belongs to an adapter
+        return state
     mode = _bias_mode(model, layers)
     if mode != "none":
         for name, layer in layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,6 +40,15 @@ def _suffix_matches(suffix: str, name: str) -> bool:
 
 def _spec_parts(spec: TargetSpec, argument: str, *, allow_empty: bool = False) -> list[Any]:
     """Split a spec into parts that are each checked for matching something."""
+    allowed = "a name suffix, a list of them, a compiled regex or a callable (name, module) -> bool"
+    if isinstance(spec, nn.Module):  # callable, but not the predicate a callable stands for
+        raise TypeError(
+            f"{argument}: expected {allowed}, got a module ({type(spec).__name__}); pass its name"
+        )
+    if isinstance(spec, (bytes, bytearray)):  # iterable, but of ints
+        raise TypeError(f"{argument}: expected {allowed}, got {spec!r} ({type(spec).__name__}); decode it to str")
+    if callable(spec) and not isinstance(spec, re.Pattern):
+        _check_predicate(spec, argument)
     if isinstance(spec, (str, re.Pattern)) or callable(spec):
         return [spec]
     if isinstance(spec, Iterable):
@@ -52,10 +62,23 @@ def _spec_parts(spec: TargetSpec, argument: str, *, allow_empty: bool = False) -
                     f"({type(part).__name__})"
                 )
         return parts
-    raise TypeError(
-        f"{argument}: expected a name suffix, a list of them, a compiled regex or a callable "
-        f"(name, module) -> bool, got {type(spec).__name__}"
-    )
+    raise TypeError(f"{argument}: expected {allowed}, got {type(spec).__name__}")
+
+
+def _check_predicate(predicate: Callable[..., Any], argument: str) -> None:
+    """Refuse a callable that cannot be called as ``predicate(name, module)``, before it is
+    called (its own TypeError would name neither the argument nor what it must take)."""
+    try:
+        signature = inspect.signature(predicate)
+    except (TypeError, ValueError):  # no signature to read (some builtins): calling it will tell
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        raise TypeError(
+            f"{argument}: a callable must take two arguments (name, module) and return a bool; "
+            f"{_describe(predicate)} takes {signature}"
+        ) from None
 
 
 def _part_matches(part: Any, name: str, module: nn.Module) -> bool:
@@ -379,6 +402,41 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def refuse_foreign_wrapping(model: nn.Module, caller: str) -> None:
+    """Refuse to add adapters to a model where they would not work as documented:
+
+    - inside ``DistributedDataParallel`` (also under ``torch.compile``): its gradient reducer
+      covers only the parameters present when it was built, so adapters added later would train
+      apart on each rank, silently;
+    - holding Hugging Face PEFT's modules (a ``PeftModel``): its adapter layers are not
+      ``nn.Linear``, and peft_layers does not nest adapters inside another library's.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    wrapper = model
+    while True:
+        if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"{caller}: the model is wrapped in DistributedDataParallel, whose gradient reducer "
+                "covers only the parameters present when it was built, so adapters added now would "
+                "train apart on each rank; add them to the model first, then wrap it in DDP"
+            )
+        if compiled and isinstance(wrapper, compiled):
+            wrapper = wrapper._orig_mod
+        elif isinstance(wrapper, nn.DataParallel):
+            wrapper = wrapper.module
+        else:
+            break
+    for name, module in wrapper.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            raise ValueError(
+                f"{caller}: the model holds Hugging Face PEFT's modules ({name or 'the model'}: "
+                f"{type(module).__module__}.{type(module).__qualname__}); peft_layers does not add "
+                "adapters inside another library's. Take the base model out of the PeftModel "
+                "first: merge_and_unload() keeps its adapters merged, unload() drops them"
+            )
 
 
 def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

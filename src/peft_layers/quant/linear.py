@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .._warnings import warn as _warn
 from .. import _row_blocks
 from .._devices import LAYER_DTYPES, is_layer_dtype
-from ..adapter import autocast_dtype, autocast_off, functorch_active, has_hooks, tracing
+from ..adapter import autocast_dtype, autocast_off, check_linear_input, functorch_active, has_hooks, tracing
 from ..lora import _check_features
 from . import _bnb
 from . import reference as ref
@@ -164,6 +164,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         layer = inputs[2]
         ctx.layer = layer
         ctx.version = layer.version
+        ctx.rows = inputs[0].shape[0]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -177,6 +178,18 @@ class _QuantizedMatmul(torch.autograd.Function):
         grad_x = _row_blocks.grad_times_weight(grad_out, layer._decode_blocks(grad_out.dtype)) if need_x else None
         grad_bias = grad_out.sum(0) if need_bias else None
         return grad_x, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent_x: Tensor | None, tangent_bias: Tensor | None, _: None) -> Tensor:
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): the product is linear, so
+        its tangent is ``dx W^T + db``, with the ``W`` backward uses."""
+        layer: QuantizedLinear = ctx.layer
+        dtype = (tangent_x if tangent_x is not None else tangent_bias).dtype
+        weight = layer.dequantize(dtype)
+        tangent = tangent_x @ weight.t() if tangent_x is not None else None
+        if tangent_bias is not None:
+            tangent = tangent_bias.expand(ctx.rows, -1) if tangent is None else tangent + tangent_bias
+        return tangent
 
 
 class QuantizedLinear(nn.Module):
@@ -811,13 +824,7 @@ class QuantizedLinear(nn.Module):
         return out.to(x.dtype)
 
     def _apply_matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"input: expected a floating-point tensor, got {kind}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input: expected shape (*, in_features={self.in_features}), got {tuple(x.shape)}"
-            )
+        check_linear_input(x, self.in_features)
         dtype = autocast_dtype(x, self.compute_dtype) or self.compute_dtype
         # reshape and cast only when needed: each is a node in the autograd graph otherwise
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
