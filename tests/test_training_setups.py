@@ -579,3 +579,43 @@ def test_second_order_and_forward_mode_gradients_through_torch_func_match_float6
         hessian(lambda v: reference(v, *params.values()).pow(3).sum())(x),
         rtol=1e-10, atol=1e-12,
     )
+
+
+_DDP_REFUSAL_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+import peft_layers as pl
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+pl.save_adapter(pl.inject_lora(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)), ["0"]), sys.argv[1] + ".adapter")
+before = {k: v.clone() for k, v in net.state_dict().items()}
+wrapped = torch.nn.parallel.DistributedDataParallel(net)
+refused = []
+for call in (lambda: pl.inject_adapters(wrapped, ["0"]), lambda: pl.inject_adapters(torch.compile(wrapped), "all-linear"),
+             lambda: pl.load_adapter(wrapped, sys.argv[1] + ".adapter")):
+    try:
+        call()
+    except ValueError as error:
+        refused.append("wrapped in DistributedDataParallel" in str(error) and "then wrap it in DDP" in str(error))
+unchanged = net.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+del wrapped
+dist.destroy_process_group()
+print("refused", refused, "unchanged", unchanged)
+"""
+
+
+def test_adding_adapters_under_ddp_is_refused(tmp_path) -> None:
+    """DDP's reducer covers the parameters present when it was built: adapters injected into a
+    wrapped model never had their gradients averaged, so each rank trained its own, silently
+    (seen with two ranks). Injecting, also through ``torch.compile``, and loading a file into a
+    wrapped model without adapters now refuse, saying to add adapters first; nothing changes."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_refusal.py"
+    script.write_text(_DDP_REFUSAL_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-2] == "refused [True, True, True] unchanged True", run.stdout
