@@ -786,7 +786,7 @@ class ServingMachine(RuleBasedStateMachine):
                 self.check_refused(
                     ValueError, rf"^input: expected shape \(\*, in_features={IN}\), got {re.escape(str(tuple(y.shape)))}$",
                     lambda: stack(y), f"{layer} forward of shape {tuple(y.shape)}", before)
-            self.check_refused(TypeError, r"^input: expected a Tensor, got ndarray$",
+            self.check_refused(TypeError, r"^input: expected a floating-point tensor, got ndarray$",
                                lambda: stack(np.ones((2, IN), dtype=np.float32)), f"{layer} forward of a numpy array",
                                before)
 

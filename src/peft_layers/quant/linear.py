@@ -180,16 +180,13 @@ class _QuantizedMatmul(torch.autograd.Function):
         return grad_x, grad_bias, None
 
     @staticmethod
-    def jvp(ctx: Any, tangent_x: Tensor | None, tangent_bias: Tensor | None, _: None) -> Tensor:
+    def jvp(ctx: Any, tangent_x: Tensor | None, tangent_bias: Tensor | None, _: None) -> Tensor | None:
         """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): the product is linear, so
         its tangent is ``dx W^T + db``, with the ``W`` backward uses."""
-        layer: QuantizedLinear = ctx.layer
-        dtype = (tangent_x if tangent_x is not None else tangent_bias).dtype
-        weight = layer.dequantize(dtype)
-        tangent = tangent_x @ weight.t() if tangent_x is not None else None
-        if tangent_bias is not None:
-            tangent = tangent_bias.expand(ctx.rows, -1) if tangent is None else tangent + tangent_bias
-        return tangent
+        if tangent_x is None:
+            return None if tangent_bias is None else tangent_bias.expand(ctx.rows, -1)
+        tangent = tangent_x @ ctx.layer.dequantize(tangent_x.dtype).t()
+        return tangent if tangent_bias is None else tangent + tangent_bias
 
 
 class QuantizedLinear(nn.Module):
