@@ -47,7 +47,7 @@ def _spec_parts(spec: TargetSpec, argument: str, *, allow_empty: bool = False) -
         )
     if isinstance(spec, (bytes, bytearray)):  # iterable, but of ints
         raise TypeError(f"{argument}: expected {allowed}, got {spec!r} ({type(spec).__name__}); decode it to str")
-    if callable(spec) and not isinstance(spec, re.Pattern):
+    if callable(spec):
         _check_predicate(spec, argument)
     if isinstance(spec, (str, re.Pattern)) or callable(spec):
         return [spec]
@@ -392,16 +392,23 @@ def unwrapped(model: nn.Module) -> nn.Module:
     ``DataParallel`` (under ``module.``). Adapter files and adapter state dicts use the model's own
     names, so that a compiled or data-parallel model saves files a plain one loads, both ways."""
     _check_model(model)
+    *_, inner = _wrapper_chain(model)
+    return inner
+
+
+def _wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module inside the wrappers :func:`unwrapped` sees through, in turn."""
     # torch._dynamo is imported by torch.compile: a model it wrapped finds it in sys.modules
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     compiled = getattr(eval_frame, "OptimizedModule", ())
     while True:
+        yield model
         if compiled and isinstance(model, compiled):
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
-            return model
+            return
 
 
 def refuse_foreign_wrapping(model: nn.Module, caller: str) -> None:
@@ -413,23 +420,14 @@ def refuse_foreign_wrapping(model: nn.Module, caller: str) -> None:
     - holding Hugging Face PEFT's modules (a ``PeftModel``): its adapter layers are not
       ``nn.Linear``, and peft_layers does not nest adapters inside another library's.
     """
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    compiled = getattr(eval_frame, "OptimizedModule", ())
-    wrapper = model
-    while True:
+    for wrapper in _wrapper_chain(model):
         if isinstance(wrapper, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 f"{caller}: the model is wrapped in DistributedDataParallel, whose gradient reducer "
                 "covers only the parameters present when it was built, so adapters added now would "
                 "train apart on each rank; add them to the model first, then wrap it in DDP"
             )
-        if compiled and isinstance(wrapper, compiled):
-            wrapper = wrapper._orig_mod
-        elif isinstance(wrapper, nn.DataParallel):
-            wrapper = wrapper.module
-        else:
-            break
-    for name, module in wrapper.named_modules():
+    for name, module in wrapper.named_modules():  # the model inside the wrappers
         if type(module).__module__.split(".")[0] == "peft":
             raise ValueError(
                 f"{caller}: the model holds Hugging Face PEFT's modules ({name or 'the model'}: "
